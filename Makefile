@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrapped
+
+.PHONY: all test demo lint typecheck unit bench bootstrap clean
+
+all: test
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	@./scripts/bootstrap.sh $(VENV)
+	@touch $(STAMP)
+
+bootstrap: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(VENV)/bin/pytest
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest tests/unit -q
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+bench: $(STAMP)
+	$(PY) bench/bench_sign.py
+
+clean:
+	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Key-store backends behind the ``SigningKey`` / ``DecryptionKey`` Protocols (see ``base``)."""

@@ -1,0 +1,1 @@
+"""The CCF client: governance requests over TLS pinned to the service certificate."""

@@ -1,0 +1,372 @@
+"""Load and validate the agent's TOML configuration into frozen dataclasses.
+
+Security configuration must not guess: an unknown key is an error that names its dotted path, a wrong type is an
+error that says what was expected, and relative paths resolve from the config file's folder. Secrets are never
+inline: a PKCS#11 PIN comes from ``pin_file`` (mode 0600 or stricter) or ``pin_env``. ``config.example.toml`` is the
+documented source of truth and a unit test loads it, so it cannot rot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from signing_agent.errors import ConfigError
+
+DEFAULT_SOCKET = Path("/run/signing-agent/agent.sock")
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_API_VERSION = "2024-07-01"
+SUPPORTED_API_VERSIONS = ("2023-06-01-preview", "2024-07-01")
+AZURE_CREDENTIALS = (
+    "default",
+    "managed-identity",
+    "workload-identity",
+    "client-secret",
+    "client-certificate",
+    "azure-cli",
+)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileKeyConfig:
+    """A PEM private key on disk. Development only: the daemon warns."""
+
+    backend: Literal["file"] = "file"
+    path: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PKCS11KeyConfig:
+    """A key in a PKCS#11 token, named by token label plus key label or id, or by an RFC 7512 URI."""
+
+    backend: Literal["pkcs11"] = "pkcs11"
+    module: Path | None = None
+    token_label: str | None = None
+    key_label: str | None = None
+    key_id: bytes | None = None
+    uri: str | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+    init_params: str | None = None
+    """Module-specific C_Initialize parameters (NSS softoken: ``configdir='sql:/path' ...``)."""
+    oaep: Literal["token", "host"] = "token"
+    """For encryption keys: ``host`` opts in to raw RSA in the token and OAEP decoding on the host."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AzureKeyVaultKeyConfig:
+    """A key in Azure Key Vault or Managed HSM."""
+
+    backend: Literal["azure-keyvault"] = "azure-keyvault"
+    vault_url: str
+    key_name: str
+    key_version: str | None = None
+    credential: str = "default"
+    client_id: str | None = None
+    tenant_id: str | None = None
+    client_secret_env: str | None = None
+    client_certificate: Path | None = None
+    ca_bundle: Path | None = None
+    api_version: str | None = None
+
+
+KeyConfig = FileKeyConfig | PKCS11KeyConfig | AzureKeyVaultKeyConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityConfig:
+    name: str
+    certificate: Path
+    signing_key: KeyConfig
+    encryption_key: KeyConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSection:
+    socket: Path = DEFAULT_SOCKET
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    allowed_uids: tuple[int, ...] = ()
+    """Extra peer uids allowed besides the daemon's own uid and root."""
+    allowed_gids: tuple[int, ...] = ()
+    """Peers whose primary gid is listed are allowed too."""
+    request_timeout: float = 60.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceConfig:
+    """A CCF service the agent forwards governance to, with TLS pinned to its service certificate."""
+
+    name: str
+    url: str
+    service_certificate: Path | None = None
+    identity_url: str | None = None
+    api_version: str = DEFAULT_API_VERSION
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+    max_attempts: int = 5
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    path: Path | None
+    agent: AgentSection
+    identities: Mapping[str, IdentityConfig]
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+
+
+_MISSING: Any = object()
+
+
+class _Table:
+    """A TOML table being read: typed getters, path resolution, and an unknown-key check at the end."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, base_dir: Path) -> None:
+        self._data = dict(data)
+        self._path = path
+        self._base = base_dir
+        self._seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def _get(self, key: str, types: tuple[type, ...], what: str, default: Any) -> Any:
+        self._seen.add(key)
+        if key not in self._data:
+            if default is _MISSING:
+                raise ConfigError(f"{self._key(key)}: required key is missing")
+            return default
+        value = self._data[key]
+        # bool is an int in Python; never accept one for the other.
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+            raise ConfigError(f"{self._key(key)}: expected {what}, got {type(value).__name__} {value!r}")
+        return value
+
+    def get_str(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, (str,), "a string", default)
+        if isinstance(value, str) and not value:
+            raise ConfigError(f"{self._key(key)}: must not be empty")
+        return value
+
+    def get_choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.get_str(key, default)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{self._key(key)}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def get_int(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> Any:
+        value = self._get(key, (int,), "an integer", default)
+        if minimum is not None and isinstance(value, int) and value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be at least {minimum}, got {value}")
+        return value
+
+    def get_number(self, key: str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
+        value = self._get(key, (int, float), "a number", default)
+        if isinstance(value, int | float) and value <= minimum:
+            raise ConfigError(f"{self._key(key)}: must be greater than {minimum}, got {value}")
+        return float(value) if value is not None else None
+
+    def get_int_list(self, key: str) -> tuple[int, ...]:
+        value = self._get(key, (list,), "a list of integers", [])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of non-negative integers")
+        return tuple(value)
+
+    def get_path(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.get_str(key, default)
+        if value is None or isinstance(value, Path):
+            return value
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self._base / p)
+
+    def get_table(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, (dict,), "a table", default)
+        if value is None:
+            return None
+        return _Table(value, self._key(key), self._base)
+
+    def get_tables(self, key: str) -> dict[str, _Table]:
+        value = self._get(key, (dict,), "a table of tables", {})
+        out: dict[str, _Table] = {}
+        for name, sub in value.items():
+            if not _NAME_RE.match(name):
+                raise ConfigError(f"{self._key(key)}.{name}: names use letters, digits, '_', '.', '-' (max 64)")
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{self._key(key)}.{name}: expected a table")
+            out[name] = _Table(sub, f"{self._key(key)}.{name}", self._base)
+        return out
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            names = ", ".join(self._key(k) for k in unknown)
+            raise ConfigError(
+                f"unknown configuration key: {names}", hint="check the spelling against config.example.toml"
+            )
+
+
+def _socket_mode(t: _Table) -> int:
+    t._seen.add("socket_mode")
+    raw = t._data.get("socket_mode", "0600")
+    if isinstance(raw, str) and re.fullmatch(r"0?[0-7]{3}", raw):
+        mode = int(raw, 8)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        mode = raw
+    else:
+        raise ConfigError(f'{t._key("socket_mode")}: expected an octal string such as "0660"')
+    if mode & 0o7007 or not mode & 0o600 == 0o600:
+        raise ConfigError(
+            f"{t._key('socket_mode')}: {oct(mode)} is not allowed: the owner needs rw and 'other' gets nothing"
+        )
+    return mode
+
+
+def _key_config(t: _Table) -> KeyConfig:
+    backend = t.get_choice("backend", ("file", "pkcs11", "azure-keyvault"))
+    result: KeyConfig
+    match backend:
+        case "file":
+            result = FileKeyConfig(path=t.get_path("path"))
+        case "pkcs11":
+            key_id = t.get_str("key_id", None)
+            try:
+                key_id_bytes = bytes.fromhex(key_id) if key_id is not None else None
+            except ValueError:
+                raise ConfigError(f'{t._key("key_id")}: expected hex, e.g. "01a2"') from None
+            result = PKCS11KeyConfig(
+                module=t.get_path("module", None),
+                token_label=t.get_str("token_label", None),
+                key_label=t.get_str("key_label", None),
+                key_id=key_id_bytes,
+                uri=t.get_str("uri", None),
+                pin_file=t.get_path("pin_file", None),
+                pin_env=t.get_str("pin_env", None),
+                init_params=t.get_str("init_params", None),
+                oaep=t.get_choice("oaep", ("token", "host"), "token"),
+            )
+            if t.has("pin"):
+                raise ConfigError(f"{t._key('pin')}: a PIN is never written inline; use pin_file or pin_env")
+            if result.uri is None:
+                if result.module is None:
+                    raise ConfigError(f"{t._key('module')}: required unless a pkcs11: uri names the module")
+                if result.key_label is None and result.key_id is None:
+                    raise ConfigError(f"{t._key('key_label')}: name the key by key_label, key_id or uri")
+            elif not result.uri.startswith("pkcs11:"):
+                raise ConfigError(f"{t._key('uri')}: must be an RFC 7512 'pkcs11:' URI")
+            if result.pin_file is not None and result.pin_env is not None:
+                raise ConfigError(f"{t._key('pin_file')}: give pin_file or pin_env, not both")
+        case "azure-keyvault":
+            vault_url = t.get_str("vault_url")
+            if not vault_url.startswith("https://"):
+                raise ConfigError(f"{t._key('vault_url')}: must be an https:// URL")
+            result = AzureKeyVaultKeyConfig(
+                vault_url=vault_url.rstrip("/"),
+                key_name=t.get_str("key_name"),
+                key_version=t.get_str("key_version", None),
+                credential=t.get_choice("credential", AZURE_CREDENTIALS, "default"),
+                client_id=t.get_str("client_id", None),
+                tenant_id=t.get_str("tenant_id", None),
+                client_secret_env=t.get_str("client_secret_env", None),
+                client_certificate=t.get_path("client_certificate", None),
+                ca_bundle=t.get_path("ca_bundle", None),
+                api_version=t.get_str("api_version", None),
+            )
+            if t.has("client_secret"):
+                raise ConfigError(f"{t._key('client_secret')}: secrets are never inline; use client_secret_env")
+        case _:  # pragma: no cover -- choice() already refused anything else
+            raise ConfigError(f"{t._key('backend')}: unknown backend {backend!r}")
+    t.finish()
+    return result
+
+
+def _service(name: str, t: _Table) -> ServiceConfig:
+    url = t.get_str("url")
+    if not url.startswith("https://"):
+        raise ConfigError(f"{t._key('url')}: must be an https:// URL (CCF only speaks TLS)")
+    svc = ServiceConfig(
+        name=name,
+        url=url.rstrip("/"),
+        service_certificate=t.get_path("service_certificate", None),
+        identity_url=t.get_str("identity_url", None),
+        api_version=t.get_choice("api_version", SUPPORTED_API_VERSIONS, DEFAULT_API_VERSION),
+        connect_timeout=t.get_number("connect_timeout", 5.0),
+        request_timeout=t.get_number("request_timeout", 30.0),
+        max_attempts=t.get_int("max_attempts", 5, minimum=1),
+        backoff_initial=t.get_number("backoff_initial", 0.2),
+        backoff_max=t.get_number("backoff_max", 5.0),
+    )
+    if svc.service_certificate is None and svc.identity_url is None:
+        raise ConfigError(
+            f"{t._key('service_certificate')}: required (or identity_url for Azure Managed CCF): "
+            "the agent only talks to a service whose certificate it pins"
+        )
+    if svc.identity_url is not None and not svc.identity_url.startswith("https://"):
+        raise ConfigError(f"{t._key('identity_url')}: must be an https:// URL")
+    t.finish()
+    return svc
+
+
+def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentConfig:
+    """Validate an already-parsed TOML document. ``path`` anchors relative paths (default: the cwd)."""
+    base = path.parent if path is not None else Path.cwd()
+    root = _Table(data, "", base)
+
+    agent_t = root.get_table("agent", None) or _Table({}, "agent", base)
+    agent = AgentSection(
+        socket=agent_t.get_path("socket", DEFAULT_SOCKET),
+        socket_mode=_socket_mode(agent_t),
+        socket_group=agent_t.get_str("socket_group", None),
+        max_request_bytes=agent_t.get_int("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES, minimum=1024),
+        allowed_uids=agent_t.get_int_list("allowed_uids"),
+        allowed_gids=agent_t.get_int_list("allowed_gids"),
+        request_timeout=agent_t.get_number("request_timeout", 60.0),
+        log_level=agent_t.get_choice("log_level", ("debug", "info", "warning", "error"), "info"),
+    )
+    agent_t.finish()
+
+    identities: dict[str, IdentityConfig] = {}
+    for name, t in root.get_tables("identities").items():
+        enc = t.get_table("encryption_key", None)
+        identities[name] = IdentityConfig(
+            name=name,
+            certificate=t.get_path("certificate"),
+            signing_key=_key_config(t.get_table("signing_key")),
+            encryption_key=_key_config(enc) if enc is not None else None,
+        )
+        t.finish()
+
+    services = {name: _service(name, t) for name, t in root.get_tables("services").items()}
+    root.finish()
+    return AgentConfig(path=path, agent=agent, identities=identities, services=services)
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate a TOML config file."""
+    p = Path(path).absolute()
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: the configuration is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    return parse_config(data, path=p)

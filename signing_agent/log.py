@@ -1,0 +1,43 @@
+"""Logging set-up: JSON lines to stderr for journald, readable text on a TTY. Only the package logger is configured.
+
+Nothing secret is ever passed to a logger (PINs, tokens, keys, payloads and decrypted shares are kept out at the
+call sites); this module adds no redaction magic that would make that look optional.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import TextIO
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lines: bool | None = None) -> None:
+    """Configure the ``signing_agent`` logger. ``json_lines`` defaults to "not a TTY"."""
+    stream = stream or sys.stderr
+    if json_lines is None:
+        json_lines = not stream.isatty()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        JSONFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    logger = logging.getLogger("signing_agent")
+    logger.handlers[:] = [handler]
+    logger.setLevel(_LEVELS.get(level, logging.INFO))
+    logger.propagate = False

@@ -1,0 +1,229 @@
+"""The API on a real Unix socket: routes, errors, peer credentials (SO_PEERCRED) and hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from ccf.cose import validate_cose_sign1
+
+from signing_agent.client import AgentClient, AgentRequestError
+from tests.support.agent import agent_config, file_identity, running_agent
+from tests.support.pki import Member, make_member
+from tests.support.prereq import missing
+
+REPO = Path(__file__).resolve().parents[2]
+PROPOSAL = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "n"}}]}
+
+
+@pytest.fixture(scope="module")
+def members() -> dict[str, Member]:
+    return {"m0": make_member("m0", "secp384r1"), "m1": make_member("m1", "secp256r1")}
+
+
+@pytest.fixture
+async def agent(workdir: Path, members: dict[str, Member]) -> AsyncIterator[Path]:
+    tables: dict[str, dict[str, object]] = {
+        "agent": {"socket": workdir / "run" / "agent.sock", "max_request_bytes": 4096}
+    }
+    for name, member in members.items():
+        key, cert = member.write(workdir)
+        tables.update(file_identity(name, cert, key))
+    async with running_agent(agent_config(workdir, tables)) as sock:
+        yield sock
+
+
+async def call(sock: Path, method: str, path: str, body: object = None) -> tuple[int, dict[str, str], bytes]:
+    """A blocking client in a thread, so the in-process server keeps serving."""
+    client = AgentClient(sock, timeout=10)
+    resp = await asyncio.to_thread(client.request, method, path, body)
+    return resp.status, resp.headers, resp.body
+
+
+async def raw_exchange(sock: Path, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_health_and_identities(agent: Path, members: dict[str, Member]) -> None:
+    status, _, body = await call(agent, "GET", "/v1/health")
+    assert status == 200
+    assert json.loads(body)["status"] == "ok"
+    status, _, body = await call(agent, "GET", "/v1/identities")
+    idents = {i["name"]: i for i in json.loads(body)["identities"]}
+    assert idents["m0"]["member_id"] == members["m0"].member_id
+    assert idents["m0"]["algorithm"] == "ES384"
+    assert idents["m1"]["algorithm"] == "ES256"
+    assert idents["m0"]["backend"] == "file"
+    assert idents["m0"]["certificate"].encode() == members["m0"].cert_pem
+
+
+@pytest.mark.parametrize("name", ["m0", "m1"])
+async def test_sign_returns_cose_that_ccf_verifies(agent: Path, members: dict[str, Member], name: str) -> None:
+    status, headers, body = await call(
+        agent,
+        "POST",
+        "/v1/sign",
+        {"identity": name, "msg_type": "proposal", "payload": PROPOSAL, "created_at": 7},
+    )
+    assert status == 200, body
+    assert headers["content-type"] == "application/cose"
+    assert headers["x-member-id"] == members[name].member_id
+    validate_cose_sign1(members[name].cert.public_key(), body)
+
+
+async def test_created_at_defaults_to_now(agent: Path) -> None:
+    import time
+
+    before = int(time.time())
+    status, headers, _ = await call(agent, "POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest"})
+    assert status == 200
+    assert before <= int(headers["x-created-at"]) <= int(time.time())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"identity": "nobody", "msg_type": "ack", "payload": {"stateDigest": "x"}}, 404, "UnknownIdentity"),
+        ({"identity": "m0", "msg_type": "ballot", "payload": {"ballot": "x"}}, 400, "InvalidRequest"),
+        ({"identity": "m0", "msg_type": "proposal", "payload": {"actions": "all"}}, 400, "InvalidRequest"),
+        ({"identity": "m0", "msg_type": "proposal", "payload_base64": "%%%"}, 400, "InvalidRequest"),
+        ({"identity": "m0", "msg_type": "proposal", "surprise": 1}, 400, "InvalidRequest"),
+        ({"identity": ["m0"], "msg_type": "proposal"}, 400, "InvalidRequest"),
+    ],
+)
+async def test_errors_are_json_with_a_code(agent: Path, body: object, status: int, code: str) -> None:
+    got, headers, raw = await call(agent, "POST", "/v1/sign", body)
+    assert got == status
+    error = json.loads(raw)["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert error["request_id"] == headers["x-request-id"]
+
+
+async def test_unknown_route_and_method(agent: Path) -> None:
+    status, _, raw = await call(agent, "GET", "/v1/nope")
+    assert (status, json.loads(raw)["error"]["code"]) == (404, "NotFound")
+    status, _, raw = await call(agent, "GET", "/v1/sign")
+    assert (status, json.loads(raw)["error"]["code"]) == (405, "MethodNotAllowed")
+
+
+async def test_oversized_body_is_413_and_the_agent_keeps_serving(agent: Path) -> None:
+    big = {
+        "identity": "m0",
+        "msg_type": "proposal",
+        "payload_base64": base64.b64encode(os.urandom(8000)).decode(),
+    }
+    status, _, raw = await call(agent, "POST", "/v1/sign", big)
+    assert (status, json.loads(raw)["error"]["code"]) == (413, "PayloadTooLarge")
+    assert (await call(agent, "GET", "/v1/health"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST /v1/sign HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n\xff\xfe\x00\x01\x02",
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * 20000 + b"\r\n\r\n",
+    ],
+)
+async def test_malformed_http_gets_a_4xx_and_never_crashes(agent: Path, data: bytes) -> None:
+    reply = await raw_exchange(agent, data)
+    assert re.match(rb"HTTP/1\.[01] 4\d\d ", reply), reply[:100]
+    assert (await call(agent, "GET", "/v1/health"))[0] == 200
+
+
+async def test_a_client_that_hangs_up_mid_request_does_no_harm(agent: Path) -> None:
+    _reader, writer = await asyncio.open_unix_connection(str(agent))
+    writer.write(b'POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"identity":')
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    assert (await call(agent, "GET", "/v1/health"))[0] == 200
+
+
+def _as_other_user(sock: Path, uid: int, gid: int) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import sys, json; from signing_agent.client import AgentClient; "
+        f"r = AgentClient({str(sock)!r}).request('GET', '/v1/identities'); "
+        "print(r.status); print(r.body.decode())"
+    )
+    # The interpreter must be one another user may execute (the venv's may live under a private home); the
+    # client module needs only the standard library, which this also proves.
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
+    if python is None:
+        missing("a system python3 that another uid can run")
+    return subprocess.run(
+        [python, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); " + code, str(REPO)],
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.mark.parametrize(("allowed_gids", "expected"), [((), 403), ((0,), 200)])
+async def test_peer_credentials_decide_who_may_use_the_agent(
+    workdir: Path, members: dict[str, Member], allowed_gids: tuple[int, ...], expected: int
+) -> None:
+    """A real client process running as another uid (nobody, primary gid root) over the real socket."""
+    if os.getuid() != 0:
+        missing("switching to another uid needs root")
+    key, cert = members["m0"].write(workdir)
+    run = workdir / "run"
+    run.mkdir(mode=0o750)
+    workdir.chmod(0o750)
+    config = agent_config(
+        workdir,
+        {
+            "agent": {"socket": run / "a.sock", "socket_mode": "0660", "allowed_gids": list(allowed_gids)},
+            **file_identity("m0", cert, key),
+        },
+    )
+    async with running_agent(config) as sock:
+        assert oct(sock.stat().st_mode & 0o777) == "0o660"
+        result = await asyncio.to_thread(_as_other_user, sock, 65534, 0)
+    assert result.returncode == 0, result.stderr
+    status, body = result.stdout.split("\n", 1)
+    assert int(status) == expected, body
+    if expected == 403:
+        error = json.loads(body)["error"]
+        assert error["code"] == "PolicyDenied"
+        assert "uid 65534" in error["message"]
+
+
+async def test_client_error_mapping(agent: Path) -> None:
+    client = AgentClient(agent)
+    with pytest.raises(AgentRequestError) as info:
+        await asyncio.to_thread(client.sign, "ghost", "proposal", b"{}")
+    assert info.value.code == "UnknownIdentity"
+    assert info.value.status == 404
+
+
+def test_peer_of_a_socketpair_is_ourselves() -> None:
+    import struct
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        pid, uid, gid = struct.unpack("3i", a.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    assert (pid, uid, gid) == (os.getpid(), os.getuid(), os.getgid())

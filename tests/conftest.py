@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import short_dir
+
+
+@pytest.fixture(autouse=True)
+def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's agent."""
+    for name in ("SIGNING_AGENT_SOCK", "SIGNING_AGENT_CONFIG", "SIGNING_AGENT_LOGLEVEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private folder with a short path (Unix sockets), removed afterwards."""
+    path = short_dir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,158 @@
+"""Run the agent for tests: in-process on a real Unix socket, or as a real daemon subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from signing_agent.api.app import APISettings, make_app
+from signing_agent.api.peer import PeerAllowList
+from signing_agent.backends.factory import KeyStores
+from signing_agent.config import AgentConfig, parse_config
+from signing_agent.daemon import bind_unix_socket, open_identities
+from signing_agent.service import SigningService
+
+
+def short_dir(prefix: str = "sa-") -> Path:
+    """A private (0700) folder with a short path: Unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Path):
+        value = str(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def write_toml(path: Path, tables: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write ``{"agent": {...}, "identities.m0": {...}, ...}`` as TOML."""
+    lines: list[str] = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def file_identity(name: str, cert: Path, key: Path) -> dict[str, dict[str, Any]]:
+    return {
+        f"identities.{name}": {"certificate": cert},
+        f"identities.{name}.signing_key": {"backend": "file", "path": key},
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_agent(config: AgentConfig, *, allow: PeerAllowList | None = None) -> AsyncIterator[Path]:
+    """The real API app on a real Unix socket, in this process. Yields the socket path."""
+    stores = KeyStores()
+    identities = await open_identities(config, stores)
+    service = SigningService(identities)
+    settings = APISettings(
+        max_request_bytes=config.agent.max_request_bytes,
+        request_timeout=config.agent.request_timeout,
+        allow=allow or PeerAllowList.default(config.agent.allowed_uids, config.agent.allowed_gids),
+    )
+    runner = web.AppRunner(make_app(service, settings), handle_signals=False, access_log=None)
+    await runner.setup()
+    sock = bind_unix_socket(config.agent.socket, config.agent.socket_mode, config.agent.socket_group)
+    try:
+        await web.SockSite(runner, sock).start()
+        yield config.agent.socket
+    finally:
+        await runner.cleanup()
+        await service.aclose()
+        await stores.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            config.agent.socket.unlink()
+
+
+def agent_config(folder: Path, tables: Mapping[str, Mapping[str, Any]]) -> AgentConfig:
+    import tomllib
+
+    path = write_toml(folder / "agent.toml", tables)
+    return parse_config(tomllib.loads(path.read_text()), path=path)
+
+
+class DaemonProcess:
+    """``python -m signing_agent serve`` as a subprocess."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], socket: Path, stderr_path: Path) -> None:
+        self.proc = proc
+        self.socket = socket
+        self.stderr_path = stderr_path
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNING_AGENT_")}
+    env.update(extra or {})
+    return env
+
+
+@contextlib.contextmanager
+def daemon(
+    config_path: Path, *, env: Mapping[str, str] | None = None, timeout: float = 20.0
+) -> Iterator[DaemonProcess]:
+    """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr."""
+    ready = config_path.parent / f"ready-{time.monotonic_ns()}"
+    stderr_path = config_path.parent / f"daemon-{time.monotonic_ns()}.stderr"
+    with stderr_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "signing_agent",
+                "serve",
+                "--config",
+                str(config_path),
+                "--ready-file",
+                str(ready),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=cli_env(env),
+        )
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"the daemon did not start (rc={proc.returncode}):\n{stderr_path.read_text()}")
+        time.sleep(0.02)
+    handle = DaemonProcess(proc, Path(ready.read_text()), stderr_path)
+    try:
+        yield handle
+    finally:
+        handle.stop()
