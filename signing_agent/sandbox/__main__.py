@@ -1,0 +1,86 @@
+"""Command line of the CCF governance sandbox: ``python -m signing_agent.sandbox`` (or ``signing-agent
+sandbox``).
+
+Runs the HTTPS test double until SIGTERM/SIGINT and logs every request. This is NOT a CCF node: it has an
+unauthenticated ``/_sandbox/`` control API and must never face a network you do not control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from signing_agent.sandbox.server import SandboxServer, serve_until_signalled
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="signing-agent sandbox",
+        description="CCF governance sandbox: an HTTPS test double of CCF's /gov API "
+        "(api-version 2024-07-01). For tests and demos only.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="listen port (default: a free port)")
+    parser.add_argument(
+        "--member-cert",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="PEM certificate of an initial Active member (repeatable)",
+    )
+    parser.add_argument("--service-key", type=Path, metavar="FILE", help="service identity private key (PEM)")
+    parser.add_argument(
+        "--service-cert",
+        type=Path,
+        metavar="FILE",
+        help="service identity certificate (PEM); needs --service-key. With only --service-key, a new "
+        "certificate is issued for that key",
+    )
+    parser.add_argument(
+        "--service-cert-out",
+        type=Path,
+        metavar="FILE",
+        help="write the service certificate (the CA to pin) here",
+    )
+    parser.add_argument(
+        "--ready-file", type=Path, metavar="FILE", help="write the URL here once the sandbox is listening"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logger = logging.getLogger("signing_agent.sandbox")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s ccf-sandbox %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.service_cert is not None and args.service_key is None:
+        print("error: --service-cert needs --service-key", file=sys.stderr)
+        return 2
+    try:
+        members = [path.read_bytes() for path in args.member_cert]
+        key = args.service_key.read_bytes() if args.service_key is not None else None
+        cert = args.service_cert.read_bytes() if args.service_cert is not None else None
+        server = SandboxServer(args.host, args.port, members, key, cert)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(
+            serve_until_signalled(server, ready_file=args.ready_file, service_cert_out=args.service_cert_out)
+        )
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

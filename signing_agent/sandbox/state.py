@@ -1,0 +1,571 @@
+"""Pure governance state of the CCF sandbox: members, ack records, proposals, ballots, the replay table.
+
+No I/O and no HTTP here. Every write runs as a transaction (:meth:`GovernanceState._write`): it works on the
+live data, and if it raises, the data is restored from a snapshot, so an error response never leaves a
+change behind (CCF rolls back the KV on error responses). A successful write advances the transaction id
+(``view.seqno``) and the sandbox's stand-in for the Merkle root (a hash chain over the writes), which is
+what state digests and proposal ids are derived from.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from signing_agent.sandbox.constitution import (
+    BALLOT_NOT_SUPPORTED,
+    SANDBOX_CONSTITUTION,
+    Action,
+    evaluate_ballot,
+    resolve,
+    validate_proposal,
+)
+from signing_agent.sandbox.cose import GovEnvelope
+from signing_agent.sandbox.errors import GovError, internal_error, invalid_input
+
+MemberStatus = Literal["Accepted", "Active"]
+ProposalState = Literal["Open", "Accepted", "Withdrawn", "Rejected", "Failed", "Dropped"]
+ServiceStatus = Literal["Opening", "Open", "Recovering", "WaitingForRecoveryShares"]
+
+VIEW: Final = 2
+MAX_CREATED_AT: Final = 9_999_999_999
+DEFAULT_WINDOW_SIZE: Final = 100
+
+_T = TypeVar("_T")
+
+
+def member_id_of(cert_pem: str | bytes) -> str:
+    """CCF's member id: lowercase hex SHA-256 of the certificate's DER encoding."""
+    data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
+    cert = x509.load_pem_x509_certificate(data)
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def _same_cert(a: str, b: str) -> bool:
+    try:
+        return member_id_of(a) == member_id_of(b)
+    except ValueError:
+        return False
+
+
+@dataclass(slots=True)
+class Member:
+    member_id: str
+    cert_pem: str
+    status: MemberStatus
+    member_data: Any = None
+    encryption_pub_key: str | None = None
+    recovery_role: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "memberId": self.member_id,
+            "status": self.status,
+            "memberData": self.member_data,
+            "certificate": self.cert_pem,
+        }
+        if self.encryption_pub_key is not None:
+            body["publicEncryptionKey"] = self.encryption_pub_key
+            body["recoveryRole"] = self.recovery_role or "Participant"
+        else:
+            body["recoveryRole"] = "NonParticipant"
+        return body
+
+
+@dataclass(slots=True)
+class AckRecord:
+    state_digest: str
+    cose_sign1_req: bytes | None = None
+
+
+@dataclass(slots=True)
+class Proposal:
+    proposal_id: str
+    proposer_id: str
+    body: bytes
+    actions: list[Action]
+    state: ProposalState = "Open"
+    ballots: dict[str, str] = field(default_factory=dict)
+    final_votes: dict[str, bool] = field(default_factory=dict)
+    vote_failures: dict[str, dict[str, str]] = field(default_factory=dict)
+    failure: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "proposalId": self.proposal_id,
+            "proposerId": self.proposer_id,
+            "proposalState": self.state,
+            "ballotCount": len(self.ballots),
+        }
+        if self.state != "Open":
+            body["finalVotes"] = dict(self.final_votes)
+            body["voteFailures"] = {k: dict(v) for k, v in self.vote_failures.items()}
+            if self.failure is not None:
+                body["failure"] = dict(self.failure)
+        return body
+
+
+@dataclass(slots=True)
+class _Data:
+    """Everything a transaction may change (deep-copied as the rollback snapshot)."""
+
+    members: dict[str, Member] = field(default_factory=dict)
+    acks: dict[str, AckRecord] = field(default_factory=dict)
+    proposals: dict[str, Proposal] = field(default_factory=dict)
+    recent_proposals: dict[str, str] = field(default_factory=dict)
+    cose_history: dict[str, bytes] = field(default_factory=dict)
+    service_status: ServiceStatus = "Open"
+    service_cert_pem: str = ""
+    previous_service_cert_pem: str | None = None
+    constitution: str = SANDBOX_CONSTITUTION
+    window_size: int = DEFAULT_WINDOW_SIZE
+    recovery_threshold: int = 1
+    recovery_count: int = 0
+    service_data: Any = field(default_factory=dict)
+
+
+class GovernanceState:
+    """The sandbox's KV store and governance logic. Not thread-safe: use it from one event loop."""
+
+    def __init__(self, service_cert_pem: str, *, service_status: ServiceStatus = "Open") -> None:
+        self._data = _Data(service_cert_pem=service_cert_pem, service_status=service_status)
+        self._seqno = 1
+        self._root = hashlib.sha256(b"ccf-sandbox-genesis" + service_cert_pem.encode()).digest()
+        self.creation_txid = f"{VIEW}.1"
+        self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        self.node_id = ""
+
+    def set_node_identity(self, node_cert: x509.Certificate) -> None:
+        """CCF's node id: hex SHA-256 of the node's public key (DER)."""
+        der = node_cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        self.node_id = hashlib.sha256(der).hexdigest()
+
+    # -- transactions ---
+
+    @property
+    def seqno(self) -> int:
+        return self._seqno
+
+    @property
+    def txid(self) -> str:
+        return f"{VIEW}.{self._seqno}"
+
+    @property
+    def root_hex(self) -> str:
+        return self._root.hex()
+
+    def _write(self, description: str, fn: Callable[[], _T]) -> _T:
+        snapshot = copy.deepcopy(self._data)
+        try:
+            result = fn()
+        except BaseException:
+            self._data = snapshot
+            raise
+        self._seqno += 1
+        self._root = hashlib.sha256(self._root + f"{self._seqno}:{description}".encode()).digest()
+        return result
+
+    def transaction_status(self, view: int, seqno: int) -> str:
+        if view == VIEW and 1 <= seqno <= self._seqno:
+            return "Committed"
+        if view < VIEW and seqno <= self._seqno:
+            return "Invalid"
+        return "Unknown"
+
+    # -- members ---
+
+    def add_member(
+        self,
+        cert_pem: str | bytes,
+        *,
+        status: MemberStatus = "Active",
+        encryption_pub_key: str | bytes | None = None,
+        member_data: Any = None,
+        recovery_role: str | None = None,
+    ) -> str:
+        """Register a member directly (control API / initial members). Returns its member id."""
+        cert = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
+        enc = encryption_pub_key.decode() if isinstance(encryption_pub_key, bytes) else encryption_pub_key
+
+        def tx() -> str:
+            member_id = self._set_member(cert, enc, member_data, recovery_role)
+            self._data.members[member_id].status = status
+            return member_id
+
+        return self._write("add_member", tx)
+
+    def member(self, member_id: str) -> Member | None:
+        return self._data.members.get(member_id)
+
+    def members(self) -> list[Member]:
+        return list(self._data.members.values())
+
+    def active_member_ids(self) -> list[str]:
+        return [m.member_id for m in self._data.members.values() if m.status == "Active"]
+
+    def public_key(self, member_id: str) -> ec.EllipticCurvePublicKey | None:
+        """The member's EC public key (None for unknown members or non-EC certificates)."""
+        member = self._data.members.get(member_id)
+        if member is None:
+            return None
+        key = self._keys.get(member_id)
+        if key is None:
+            public = x509.load_pem_x509_certificate(member.cert_pem.encode()).public_key()
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                return None
+            key = self._keys[member_id] = public
+        return key
+
+    def _set_member(
+        self, cert_pem: str, encryption_pub_key: str | None, member_data: Any, recovery_role: str | None
+    ) -> str:
+        member_id = member_id_of(cert_pem)
+        if member_id in self._data.members:
+            return member_id  # CCF's add_member leaves an existing member unchanged
+        self._data.members[member_id] = Member(
+            member_id=member_id,
+            cert_pem=cert_pem,
+            status="Accepted",
+            member_data=member_data,
+            encryption_pub_key=encryption_pub_key,
+            recovery_role=recovery_role if encryption_pub_key is not None else None,
+        )
+        self._data.acks[member_id] = AckRecord(state_digest=self.root_hex)
+        return member_id
+
+    # -- service ---
+
+    @property
+    def service_status(self) -> ServiceStatus:
+        return self._data.service_status
+
+    @property
+    def service_cert_pem(self) -> str:
+        return self._data.service_cert_pem
+
+    @property
+    def constitution(self) -> str:
+        return self._data.constitution
+
+    @property
+    def window_size(self) -> int:
+        return self._data.window_size
+
+    def service_info(self) -> dict[str, Any]:
+        d = self._data
+        info: dict[str, Any] = {
+            "status": d.service_status,
+            "certificate": d.service_cert_pem,
+            "recoveryCount": d.recovery_count,
+            "creationTransactionId": self.creation_txid,
+            "serviceData": d.service_data,
+            "configuration": {
+                "recoveryThreshold": d.recovery_threshold,
+                "maximumNodeCertificateValidityDays": 365,
+                "maximumServiceCertificateValidityDays": 365,
+                "recentCoseProposalsWindowSize": d.window_size,
+            },
+        }
+        return info
+
+    # -- proposals ---
+
+    def proposal(self, proposal_id: str) -> Proposal | None:
+        return self._data.proposals.get(proposal_id)
+
+    def proposals(self) -> list[Proposal]:
+        return list(self._data.proposals.values())
+
+    def recent_proposal_keys(self) -> list[str]:
+        return sorted(self._data.recent_proposals)
+
+    def create_proposal(self, envelope: GovEnvelope, signer: str, raw: bytes) -> Proposal:
+        """``proposals:create`` after authentication, in CCF's handler order."""
+        proposal_id = hashlib.sha256(self._root + hashlib.sha256(envelope.signature).digest()).hexdigest()
+
+        def tx() -> Proposal:
+            actions = validate_proposal(envelope.payload)
+            if proposal_id in self._data.proposals:
+                raise internal_error("Proposal ID collision.")
+            self._check_replay(envelope, proposal_id)
+            proposal = Proposal(proposal_id, signer, envelope.payload, actions)
+            self._data.proposals[proposal_id] = proposal
+            self._data.cose_history[signer] = raw
+            self._resolve(proposal)
+            return copy.deepcopy(proposal)
+
+        return self._write(f"proposal:{proposal_id}", tx)
+
+    def _check_replay(self, envelope: GovEnvelope, proposal_id: str) -> None:
+        if envelope.created_at > MAX_CREATED_AT:
+            raise GovError(400, "InvalidCreatedAt", "Header parameter created_at value is too large")
+        created_at = f"{envelope.created_at:010d}"
+        key = f"{created_at}:{hashlib.sha256(envelope.signature).hexdigest()}"
+        recent = self._data.recent_proposals
+        if key in recent:
+            raise GovError(
+                400,
+                "ProposalReplay",
+                f"Proposal submission replay, already exists as proposal {recent[key]}",
+            )
+        keys = sorted(recent)
+        if keys:
+            median = keys[len(keys) // 2].split(":", 1)[0]
+            if created_at < median:
+                raise GovError(
+                    400,
+                    "ProposalCreatedTooLongAgo",
+                    f"Proposal created too long ago, created_at must be greater than {median}",
+                )
+        recent[key] = proposal_id
+        excess = len(recent) - self._data.window_size
+        for old in sorted(recent)[: max(excess, 0)]:
+            del recent[old]
+
+    def submit_ballot(
+        self, envelope: GovEnvelope, signer: str, url_proposal_id: str, url_member_id: str, raw: bytes
+    ) -> Proposal:
+        _check_hex_id(url_proposal_id, "proposal")
+        if envelope.proposal_id != url_proposal_id:
+            raise GovError(400, "InvalidResourceName", "Authenticated proposal id does not match URL")
+        _check_hex_id(url_member_id, "member")
+        if url_member_id.lower() != signer:
+            raise GovError(400, "InvalidResourceName", "Authenticated member id does not match URL")
+        proposal_id = url_proposal_id.lower()
+        existing = self._data.proposals.get(proposal_id)
+        if existing is None:
+            raise GovError(404, "ProposalNotFound", f"Could not find proposal {proposal_id}.")
+        if existing.state != "Open":
+            raise GovError(
+                400,
+                "ProposalNotOpen",
+                f"Proposal {proposal_id} is currently in state {existing.state} - "
+                "only Open proposals can receive votes",
+            )
+        try:
+            params = json.loads(envelope.payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid_input(str(exc)) from exc
+        ballot = params.get("ballot") if isinstance(params, dict) else None
+        if not isinstance(ballot, str):
+            raise invalid_input(
+                'Signed request body is not a JSON object containing required string field "ballot"'
+            )
+        previous = existing.ballots.get(signer)
+        if previous is not None:
+            if previous == ballot:
+                return copy.deepcopy(existing)
+            raise GovError(
+                400, "VoteAlreadyExists", f"Different ballot already submitted by {signer} for {proposal_id}."
+            )
+
+        def tx() -> Proposal:
+            proposal = self._data.proposals[proposal_id]
+            proposal.ballots[signer] = ballot
+            self._data.cose_history[signer] = raw
+            self._resolve(proposal)
+            return copy.deepcopy(proposal)
+
+        return self._write(f"ballot:{proposal_id}:{signer}", tx)
+
+    def withdraw(
+        self, envelope: GovEnvelope, signer: str, url_proposal_id: str, raw: bytes
+    ) -> Proposal | None:
+        """``:withdraw``; None means "unknown proposal" (204)."""
+        _check_hex_id(url_proposal_id, "proposal")
+        if envelope.proposal_id != url_proposal_id:
+            raise GovError(400, "InvalidResourceName", "Authenticated proposal id does not match URL")
+        proposal_id = url_proposal_id.lower()
+        existing = self._data.proposals.get(proposal_id)
+        if existing is None:
+            return None
+        if existing.proposer_id != signer:
+            raise GovError(
+                403,
+                "AuthorizationFailed",
+                f"Proposal {proposal_id} can only be withdrawn by proposer {existing.proposer_id}, "
+                f"not caller {signer}.",
+            )
+        if existing.state == "Withdrawn":
+            return copy.deepcopy(existing)
+        if existing.state != "Open":
+            raise GovError(
+                400,
+                "ProposalNotOpen",
+                f"Proposal {proposal_id} is currently in state {existing.state} and cannot be withdrawn.",
+            )
+
+        def tx() -> Proposal:
+            proposal = self._data.proposals[proposal_id]
+            proposal.state = "Withdrawn"
+            self._data.cose_history[signer] = raw
+            self._drop_other_closed(proposal_id)
+            return copy.deepcopy(proposal)
+
+        return self._write(f"withdraw:{proposal_id}", tx)
+
+    def _resolve(self, proposal: Proposal) -> None:
+        active = set(self.active_member_ids())
+        votes: dict[str, bool] = {}
+        failures: dict[str, dict[str, str]] = {}
+        for member_id, ballot in proposal.ballots.items():
+            if member_id not in active:
+                continue
+            vote = evaluate_ballot(ballot)
+            if vote is None:
+                failures[member_id] = {"reason": BALLOT_NOT_SUPPORTED}
+            else:
+                votes[member_id] = vote
+        outcome = resolve(votes, len(active))
+        if outcome == "Open":
+            return
+        proposal.state = outcome
+        proposal.final_votes = votes
+        proposal.vote_failures = failures
+        if outcome == "Accepted":
+            for action in proposal.actions:
+                try:
+                    self._apply(action)
+                except _ApplyError as exc:
+                    raise internal_error(f"Failed to apply(): Error: {exc}") from exc
+        self._drop_other_closed(proposal.proposal_id)
+
+    def _drop_other_closed(self, keep: str) -> None:
+        for other in [
+            p for p in self._data.proposals.values() if p.state != "Open" and p.proposal_id != keep
+        ]:
+            del self._data.proposals[other.proposal_id]
+
+    def _apply(self, action: Action) -> None:
+        d = self._data
+        args: dict[str, Any] = action.args
+        match action.name:
+            case "set_member":
+                self._set_member(
+                    args["cert"],
+                    args.get("encryption_pub_key"),
+                    args.get("member_data"),
+                    args.get("recovery_role"),
+                )
+            case "remove_member":
+                member_id = args.get("member_id") or member_id_of(args["cert"])
+                d.members.pop(member_id, None)
+                d.acks.pop(member_id, None)
+            case "set_member_data":
+                member = d.members.get(args["member_id"])
+                if member is None:
+                    raise _ApplyError(f"Member {args['member_id']} does not exist")
+                member.member_data = args["member_data"]
+            case "transition_service_to_open":
+                self._transition_to_open(args)
+            case "set_constitution":
+                d.constitution = args["constitution"]
+            case "set_service_recent_cose_proposals_window_size":
+                d.window_size = int(args["proposal_count"])
+            case "set_recovery_threshold":
+                d.recovery_threshold = int(args["recovery_threshold"])
+            case "transition_node_to_trusted" | "trigger_recovery_shares_refresh":
+                pass  # NOTE: single-node sandbox without recovery shares: nothing to do
+            case _:
+                raise _ApplyError(f"{action.name}: no such action")
+
+    def _transition_to_open(self, args: dict[str, Any]) -> None:
+        d = self._data
+        if not _same_cert(args["next_service_identity"], d.service_cert_pem):
+            raise _ApplyError("Next service identity does not match the current service identity")
+        if d.service_status == "Recovering":
+            previous = args.get("previous_service_identity")
+            if previous is None:
+                raise _ApplyError(
+                    "Opening a recovering network requires both, the previous and the next service identity"
+                )
+            d.previous_service_cert_pem = previous
+            d.service_status = "WaitingForRecoveryShares"
+        elif d.service_status == "Opening":
+            d.service_status = "Open"
+
+    # -- state digests ---
+
+    def state_digest(self, member_id: str) -> str | None:
+        record = self._data.acks.get(member_id)
+        return None if record is None else record.state_digest
+
+    def update_state_digest(self, signer: str, url_member_id: str) -> dict[str, str]:
+        _check_path_signer(url_member_id, signer)
+        if signer not in self._data.acks:
+            raise GovError(403, "AuthorizationFailed", f"No ACK record exists for member {signer}.")
+        digest = self.root_hex
+
+        def tx() -> dict[str, str]:
+            self._data.acks[signer].state_digest = digest
+            return {"memberId": signer, "stateDigest": digest}
+
+        return self._write(f"update:{signer}", tx)
+
+    def ack(self, envelope: GovEnvelope, signer: str, url_member_id: str, raw: bytes) -> None:
+        _check_path_signer(url_member_id, signer)
+        record = self._data.acks.get(signer)
+        if record is None:
+            raise GovError(403, "AuthorizationFailed", f"No ACK record exists for member {signer}.")
+        try:
+            params = json.loads(envelope.payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid_input(str(exc)) from exc
+        submitted = params.get("stateDigest") if isinstance(params, dict) else None
+        if not isinstance(submitted, str):
+            raise invalid_input(
+                'Signed request body is not a JSON object containing required string field "stateDigest"'
+            )
+        if submitted != record.state_digest:
+            raise GovError(
+                400,
+                "StateDigestMismatch",
+                "Submitted state digest is not valid.\n"
+                f"Expected\n {record.state_digest}\nReceived\n {submitted}",
+            )
+        member = self._data.members[signer]
+        if (
+            self._data.service_status in ("Recovering", "WaitingForRecoveryShares")
+            and member.status != "Active"
+            and member.encryption_pub_key is not None
+        ):
+            raise invalid_input("Recovery members cannot be activated during recovery.")
+
+        def tx() -> None:
+            self._data.acks[signer].cose_sign1_req = raw
+            self._data.members[signer].status = "Active"
+
+        self._write(f"ack:{signer}", tx)
+
+
+class _ApplyError(Exception):
+    pass
+
+
+def _check_path_signer(url_member_id: str, signer: str) -> None:
+    if url_member_id != signer:
+        raise GovError(
+            400,
+            "InvalidAuthenticationInfo",
+            f"Member ID from path parameter ({url_member_id}) does not match member ID from body signature "
+            f"({signer}).",
+        )
+
+
+def _check_hex_id(value: str, kind: str) -> None:
+    if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise GovError(400, "InvalidResourceName", f"'{value}' is not a valid hex-encoded {kind} ID")
+
+
+def check_hex_id(value: str, kind: str) -> str:
+    """Validate a path id as CCF's parser does (64 hex, any case) and return it lowercased."""
+    _check_hex_id(value, kind)
+    return value.lower()
