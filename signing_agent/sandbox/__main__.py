@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(
-            serve_until_signalled(server, ready_file=args.ready_file, service_cert_out=args.service_cert_out)
-        )
+        asyncio.run(serve_until_signalled(server, ready_file=args.ready_file, service_cert_out=args.service_cert_out))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

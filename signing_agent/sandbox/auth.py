@@ -67,14 +67,11 @@ def authenticate(
     if key is None or not verify_envelope(envelope, key):
         raise unauthorized(policy, "Failed to validate COSE Sign1")
     if envelope.msg_type is None:
-        raise unauthorized(
-            policy, f"Missing ccf.gov.msg.type, expected ccf.gov.msg.type to be {expected_type}"
-        )
+        raise unauthorized(policy, f"Missing ccf.gov.msg.type, expected ccf.gov.msg.type to be {expected_type}")
     if envelope.msg_type != expected_type:
         raise unauthorized(
             policy,
-            f"Found ccf.gov.msg.type set to {envelope.msg_type}, "
-            f"expected ccf.gov.msg.type to be {expected_type}",
+            f"Found ccf.gov.msg.type set to {envelope.msg_type}, expected ccf.gov.msg.type to be {expected_type}",
         )
     if policy == ACTIVE_MEMBER_POLICY and member.status != "Active":
         raise unauthorized(policy, "Signer is not an ACTIVE member")

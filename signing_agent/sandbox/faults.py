@@ -50,9 +50,7 @@ class FaultRule:
 
     def matches(self, method: str, path: str) -> bool:
         return (
-            self.hits < self.count
-            and self.method in ("*", method.upper())
-            and self._pattern.search(path) is not None
+            self.hits < self.count and self.method in ("*", method.upper()) and self._pattern.search(path) is not None
         )
 
     @property

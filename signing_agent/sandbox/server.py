@@ -118,9 +118,7 @@ def _withdraw(call: _Call) -> web.Response:
 
 def _ballot(call: _Call) -> web.Response:
     auth = call.signer
-    proposal = call.state.submit_ballot(
-        auth.envelope, auth.member_id, call.params[0], call.params[1], call.body
-    )
+    proposal = call.state.submit_ballot(auth.envelope, auth.member_id, call.params[0], call.params[1], call.body)
     return _json(call.state, proposal.to_json())
 
 
@@ -136,9 +134,7 @@ def _ack(call: _Call) -> web.Response:
 
 def _recover(call: _Call) -> web.Response:
     if call.state.service_status != "WaitingForRecoveryShares":
-        raise GovError(
-            403, "ServiceNotWaitingForRecoveryShares", "Service is not waiting for recovery shares."
-        )
+        raise GovError(403, "ServiceNotWaitingForRecoveryShares", "Service is not waiting for recovery shares.")
     # NOTE: recovery (phase 2) is not implemented: the sandbox never enters WaitingForRecoveryShares.
     raise internal_error("Error submitting recovery shares.")
 
@@ -260,9 +256,7 @@ def _node_network(call: _Call) -> web.Response:
     )
 
 
-def _route(
-    method: str, path: str, handler: _Handler, policy: Policy | None = None, msg_type: str = ""
-) -> _Route:
+def _route(method: str, path: str, handler: _Handler, policy: Policy | None = None, msg_type: str = "") -> _Route:
     return _Route(method, re.compile(path), handler, policy, msg_type)
 
 
@@ -345,9 +339,7 @@ class SandboxApp:
             body = await request.read()
             auth = None
             if route.policy is not None:
-                auth = authenticate(
-                    self.state, request.headers.get("Content-Type"), body, route.policy, route.msg_type
-                )
+                auth = authenticate(self.state, request.headers.get("Content-Type"), body, route.policy, route.msg_type)
             if request.path.startswith("/gov/"):
                 _check_api_version(request)
             return route.handler(_Call(self.state, params, auth, body))
@@ -367,9 +359,7 @@ class SandboxApp:
                 return route, match.groups()
             allowed.append(route.method)
         if allowed:
-            raise GovError(
-                405, "MethodNotAllowed", f"Allowed methods for '{request.path}' are: {', '.join(allowed)}"
-            )
+            raise GovError(405, "MethodNotAllowed", f"Allowed methods for '{request.path}' are: {', '.join(allowed)}")
         raise GovError(404, "ResourceNotFound", f"Unknown path: {request.path}.")
 
     def _record(self, request: web.Request, status: int | None, rule: FaultRule | None) -> None:

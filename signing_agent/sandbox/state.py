@@ -356,9 +356,7 @@ class GovernanceState:
             raise invalid_input(str(exc)) from exc
         ballot = params.get("ballot") if isinstance(params, dict) else None
         if not isinstance(ballot, str):
-            raise invalid_input(
-                'Signed request body is not a JSON object containing required string field "ballot"'
-            )
+            raise invalid_input('Signed request body is not a JSON object containing required string field "ballot"')
         previous = existing.ballots.get(signer)
         if previous is not None:
             if previous == ballot:
@@ -376,9 +374,7 @@ class GovernanceState:
 
         return self._write(f"ballot:{proposal_id}:{signer}", tx)
 
-    def withdraw(
-        self, envelope: GovEnvelope, signer: str, url_proposal_id: str, raw: bytes
-    ) -> Proposal | None:
+    def withdraw(self, envelope: GovEnvelope, signer: str, url_proposal_id: str, raw: bytes) -> Proposal | None:
         """``:withdraw``; None means "unknown proposal" (204)."""
         _check_hex_id(url_proposal_id, "proposal")
         if envelope.proposal_id != url_proposal_id:
@@ -439,9 +435,7 @@ class GovernanceState:
         self._drop_other_closed(proposal.proposal_id)
 
     def _drop_other_closed(self, keep: str) -> None:
-        for other in [
-            p for p in self._data.proposals.values() if p.state != "Open" and p.proposal_id != keep
-        ]:
+        for other in [p for p in self._data.proposals.values() if p.state != "Open" and p.proposal_id != keep]:
             del self._data.proposals[other.proposal_id]
 
     def _apply(self, action: Action) -> None:
@@ -528,8 +522,7 @@ class GovernanceState:
             raise GovError(
                 400,
                 "StateDigestMismatch",
-                "Submitted state digest is not valid.\n"
-                f"Expected\n {record.state_digest}\nReceived\n {submitted}",
+                f"Submitted state digest is not valid.\nExpected\n {record.state_digest}\nReceived\n {submitted}",
             )
         member = self._data.members[signer]
         if (
@@ -555,8 +548,7 @@ def _check_path_signer(url_member_id: str, signer: str) -> None:
         raise GovError(
             400,
             "InvalidAuthenticationInfo",
-            f"Member ID from path parameter ({url_member_id}) does not match member ID from body signature "
-            f"({signer}).",
+            f"Member ID from path parameter ({url_member_id}) does not match member ID from body signature ({signer}).",
         )
 
 

@@ -147,8 +147,7 @@ async def test_api_version_missing_and_unsupported(gov: GovClient, alice: Member
     assert bad.status == 400
     assert bad.error == (
         "UnsupportedApiVersionValue",
-        "Unsupported api-version '2022-01-01'. "
-        "The supported api-versions are: 2023-06-01-preview, 2024-07-01",
+        "Unsupported api-version '2022-01-01'. The supported api-versions are: 2023-06-01-preview, 2024-07-01",
     )
     preview = await gov.get("/gov/service/info", api="api-version=2023-06-01-preview")
     assert preview.status == 200
@@ -226,9 +225,7 @@ def _malformed(alice: Member) -> list[tuple[str, bytes, str]]:
     ]
 
 
-async def test_malformed_cose_is_a_500_internal_error(
-    gov: GovClient, sandbox: SandboxServer, alice: Member
-) -> None:
+async def test_malformed_cose_is_a_500_internal_error(gov: GovClient, sandbox: SandboxServer, alice: Member) -> None:
     before = sandbox.state.txid
     for name, body, text in _malformed(alice):
         reply = await gov.post(CREATE, body)
@@ -288,9 +285,7 @@ async def test_bad_signatures(gov: GovClient, alice: Member, bob: Member) -> Non
         assert reply.auth_reason == ("active_member_cose_sign1", "Failed to validate COSE Sign1"), name
     # correct hand-built envelopes are accepted (P-384 and P-256): the cases above fail for their reason
     assert (await gov.post(CREATE, raw_cose(alice, gov_header(alice), b'{"actions":[]}'))).status == 200
-    assert (
-        await gov.post(CREATE, raw_cose(bob, gov_header(bob), b'{"actions":[]}', sign_alg=-7))
-    ).status == 200
+    assert (await gov.post(CREATE, raw_cose(bob, gov_header(bob), b'{"actions":[]}', sign_alg=-7))).status == 200
 
 
 async def test_message_type_per_endpoint(gov: GovClient, alice: Member) -> None:
@@ -339,9 +334,7 @@ async def test_accepted_member_is_not_active_but_may_update(
     ]:
         reply = await gov.post(path, sign(carol, msg_type, {"ballot": YES}, proposal_id=pid))
         assert reply.auth_reason == ("active_member_cose_sign1", "Signer is not an ACTIVE member")
-    update = await gov.post(
-        f"/gov/members/state-digests/{carol.member_id}:update", sign(carol, "state_digest")
-    )
+    update = await gov.post(f"/gov/members/state-digests/{carol.member_id}:update", sign(carol, "state_digest"))
     assert update.status == 200
 
 
@@ -427,9 +420,7 @@ async def test_byte_identical_resend_is_a_replay_naming_the_original(gov: GovCli
     )
     # the same content re-signed (same created_at) by CCF's deterministic signer is the same bytes: a replay
     created_at = next_created_at()
-    resigned = await gov.post(
-        CREATE, sign(alice, "proposal", {"actions": noop_action()}, created_at=created_at)
-    )
+    resigned = await gov.post(CREATE, sign(alice, "proposal", {"actions": noop_action()}, created_at=created_at))
     assert resigned.status == 200
     again = await gov.post(CREATE, sign(alice, "proposal", {"actions": noop_action()}, created_at=created_at))
     assert again.error[0] == "ProposalReplay"
@@ -561,9 +552,7 @@ async def test_majority_accepts_and_applies_set_member(
         [{"name": "set_member", "args": {"cert": carol.cert_pem.decode(), "member_data": {"n": 3}}}],
     )
     one = await gov.vote(alice, pid)
-    assert (
-        one.json["proposalState"] == "Open"
-    )  # 1 of 2 is not a strict majority; proposer has no implicit vote
+    assert one.json["proposalState"] == "Open"  # 1 of 2 is not a strict majority; proposer has no implicit vote
     assert sandbox.state.member(carol.member_id) is None
     two = await gov.vote(bob, pid)
     assert two.status == 200
@@ -591,9 +580,7 @@ async def test_rejection_and_unsupported_ballots(gov: GovClient, alice: Member, 
     weird = "export function vote (proposal, proposerId) { return proposal.length > 0 }"
     assert (await gov.vote(bob, pid, weird)).json["proposalState"] == "Open"
     pid2 = await _open_proposal(gov, alice)
-    assert (
-        await gov.vote(alice, pid2, "export function vote(proposal,proposerId){return false;}")
-    ).status == 200
+    assert (await gov.vote(alice, pid2, "export function vote(proposal,proposerId){return false;}")).status == 200
     rejected = await gov.vote(bob, pid2, NO)
     assert rejected.json["proposalState"] == "Rejected"
     assert rejected.json["finalVotes"] == {alice.member_id: False, bob.member_id: False}
@@ -621,9 +608,7 @@ async def test_vote_failures_are_reported_once_closed(
     assert "reason" in closed.json["voteFailures"][bob.member_id]
 
 
-async def test_leaving_open_deletes_other_closed_proposals(
-    gov: GovClient, alice: Member, bob: Member
-) -> None:
+async def test_leaving_open_deletes_other_closed_proposals(gov: GovClient, alice: Member, bob: Member) -> None:
     first = await _open_proposal(gov, alice)
     assert (await gov.withdraw(alice, first)).json["proposalState"] == "Withdrawn"
     still_open = await _open_proposal(gov, alice)
@@ -647,9 +632,7 @@ async def test_withdraw_rules(gov: GovClient, sandbox: SandboxServer, alice: Mem
     reply = await gov.withdraw(alice, unknown)
     assert reply.status == 204
     pid = await _open_proposal(gov, alice)
-    mismatch = await gov.post(
-        f"/gov/members/proposals/{pid}:withdraw", sign(alice, "withdrawal", proposal_id=unknown)
-    )
+    mismatch = await gov.post(f"/gov/members/proposals/{pid}:withdraw", sign(alice, "withdrawal", proposal_id=unknown))
     assert mismatch.error == ("InvalidResourceName", "Authenticated proposal id does not match URL")
     not_proposer = await gov.withdraw(bob, pid)
     assert not_proposer.status == 403
@@ -682,22 +665,17 @@ async def test_withdraw_rules(gov: GovClient, sandbox: SandboxServer, alice: Mem
 async def test_member_activation_flow(
     gov: GovClient, sandbox: SandboxServer, alice: Member, bob: Member, carol: Member
 ) -> None:
-    pid = await _open_proposal(
-        gov, alice, [{"name": "set_member", "args": {"cert": carol.cert_pem.decode()}}]
-    )
+    pid = await _open_proposal(gov, alice, [{"name": "set_member", "args": {"cert": carol.cert_pem.decode()}}])
     await gov.vote(alice, pid)
     assert (await gov.vote(bob, pid)).json["proposalState"] == "Accepted"
     cid = carol.member_id
     record = await gov.get(f"/gov/members/state-digests/{cid}")
     assert record.status == 200
-    wrong = await gov.post(
-        f"/gov/members/state-digests/{alice.member_id}:update", sign(carol, "state_digest")
-    )
+    wrong = await gov.post(f"/gov/members/state-digests/{alice.member_id}:update", sign(carol, "state_digest"))
     assert wrong.status == 400
     assert wrong.error == (
         "InvalidAuthenticationInfo",
-        f"Member ID from path parameter ({alice.member_id}) does not match member ID "
-        f"from body signature ({cid}).",
+        f"Member ID from path parameter ({alice.member_id}) does not match member ID from body signature ({cid}).",
     )
     update = await gov.post(f"/gov/members/state-digests/{cid}:update", sign(carol, "state_digest"))
     assert update.status == 200
@@ -740,9 +718,7 @@ async def test_ack_without_record_is_403(gov: GovClient, sandbox: SandboxServer,
 # -- reads ---
 
 
-async def test_service_and_node_reads(
-    gov: GovClient, sandbox: SandboxServer, alice: Member, bob: Member
-) -> None:
+async def test_service_and_node_reads(gov: GovClient, sandbox: SandboxServer, alice: Member, bob: Member) -> None:
     info = await gov.get("/gov/service/info")
     assert info.json["status"] == "Open"
     assert info.json["certificate"] == sandbox.service_cert_pem.decode()
@@ -795,15 +771,11 @@ async def test_governance_actions_change_the_service(gov: GovClient, alice: Memb
     assert info["configuration"]["recoveryThreshold"] == 2
     assert (await gov.get("/gov/service/constitution")).body == b"export function resolve() {}"
     assert (await gov.get(f"/gov/service/members/{bob.member_id}")).json["memberData"] == {"role": "ops"}
-    remove = await _open_proposal(
-        gov, alice, [{"name": "remove_member", "args": {"member_id": bob.member_id}}]
-    )
+    remove = await _open_proposal(gov, alice, [{"name": "remove_member", "args": {"member_id": bob.member_id}}])
     await gov.vote(alice, remove)
     assert (await gov.vote(bob, remove)).json["proposalState"] == "Accepted"
     assert (await gov.get(f"/gov/service/members/{bob.member_id}")).status == 404
-    assert_401(
-        await gov.propose(bob, noop_action()), "active_member_cose_sign1", "Signer is not a known member"
-    )
+    assert_401(await gov.propose(bob, noop_action()), "active_member_cose_sign1", "Signer is not a known member")
 
 
 async def test_failed_apply_is_a_500_and_records_nothing(
@@ -829,16 +801,12 @@ async def test_failed_apply_is_a_500_and_records_nothing(
 # -- fault injection ---
 
 
-async def test_fault_reset_closes_before_processing(
-    gov: GovClient, sandbox: SandboxServer, alice: Member
-) -> None:
+async def test_fault_reset_closes_before_processing(gov: GovClient, sandbox: SandboxServer, alice: Member) -> None:
     sandbox.faults.reset(r":create$", method="POST")
     with pytest.raises(aiohttp.ClientError):
         await gov.propose(alice, noop_action())
     assert sandbox.state.proposals() == []
-    assert [(r.method, r.path, r.status, r.fault) for r in sandbox.requests] == [
-        ("POST", CREATE, None, "reset")
-    ]
+    assert [(r.method, r.path, r.status, r.fault) for r in sandbox.requests] == [("POST", CREATE, None, "reset")]
     assert (await gov.propose(alice, noop_action())).status == 200  # count=1: used up
 
 
@@ -859,9 +827,7 @@ async def test_fault_drop_after_applies_then_loses_the_response(
     assert [(r.status, r.fault) for r in sandbox.requests] == [(200, "drop_after"), (400, None)]
 
 
-async def test_fault_status_answers_without_processing(
-    gov: GovClient, sandbox: SandboxServer, alice: Member
-) -> None:
+async def test_fault_status_answers_without_processing(gov: GovClient, sandbox: SandboxServer, alice: Member) -> None:
     sandbox.faults.status(r":create$", 503, retry_after="1", count=2)
     sandbox.faults.status(r":create$", 429, code="TooManyRequests", message="slow down")
     for _ in range(2):
@@ -894,9 +860,7 @@ async def test_fault_delay_and_method_filter(gov: GovClient, sandbox: SandboxSer
 async def test_control_api_over_http(gov: GovClient, sandbox: SandboxServer, carol: Member) -> None:
     session = gov.session
     base = f"{sandbox.url}/_sandbox"
-    async with session.post(
-        f"{base}/members", json={"cert": carol.cert_pem.decode(), "status": "Accepted"}
-    ) as r:
+    async with session.post(f"{base}/members", json={"cert": carol.cert_pem.decode(), "status": "Accepted"}) as r:
         assert r.status == 200
         assert (await r.json()) == {"memberId": carol.member_id}
     assert sandbox.state.member(carol.member_id).status == "Accepted"  # type: ignore[union-attr]

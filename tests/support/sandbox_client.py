@@ -43,9 +43,7 @@ def sign(
     proposal_id: str | None = None,
 ) -> bytes:
     body = json.dumps(payload).encode() if isinstance(payload, dict) else payload
-    headers: dict[str, Any] = {
-        "ccf.gov.msg.created_at": next_created_at() if created_at is None else created_at
-    }
+    headers: dict[str, Any] = {"ccf.gov.msg.created_at": next_created_at() if created_at is None else created_at}
     if msg_type is not None:
         headers["ccf.gov.msg.type"] = msg_type
     if proposal_id is not None:
@@ -82,9 +80,7 @@ def raw_cose(
     return cbor2.dumps(value if tag is None else cbor2.CBORTag(tag, value))
 
 
-def gov_header(
-    member: Member, msg_type: str = "proposal", overrides: dict[Any, Any] | None = None
-) -> dict[Any, Any]:
+def gov_header(member: Member, msg_type: str = "proposal", overrides: dict[Any, Any] | None = None) -> dict[Any, Any]:
     alg = {"secp256r1": -7, "secp384r1": -35, "secp521r1": -36}[member.key.curve.name]
     header: dict[Any, Any] = {
         1: alg,
@@ -151,15 +147,11 @@ class GovClient:
     # -- governance shortcuts ---
 
     async def propose(self, member: Member, actions: list[dict[str, Any]], **kw: Any) -> Reply:
-        return await self.post(
-            "/gov/members/proposals:create", sign(member, "proposal", {"actions": actions}, **kw)
-        )
+        return await self.post("/gov/members/proposals:create", sign(member, "proposal", {"actions": actions}, **kw))
 
     async def vote(self, member: Member, proposal_id: str, ballot: str = YES) -> Reply:
         cose = sign(member, "ballot", {"ballot": ballot}, proposal_id=proposal_id)
-        return await self.post(
-            f"/gov/members/proposals/{proposal_id}/ballots/{member.member_id}:submit", cose
-        )
+        return await self.post(f"/gov/members/proposals/{proposal_id}/ballots/{member.member_id}:submit", cose)
 
     async def withdraw(self, member: Member, proposal_id: str) -> Reply:
         cose = sign(member, "withdrawal", proposal_id=proposal_id)
