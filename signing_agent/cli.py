@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime
 import hashlib
 import json
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the COSE_Sign1 here instead of stdout")
     p.set_defaults(func=cmd_sign)
 
+    register_governance(sub)
     _register_optional(sub)
     return parser
 
@@ -274,22 +276,17 @@ def _register_optional(sub: Any) -> None:
     else:
         cli_keys.register(sub)
 
-    p = sub.add_parser(
-        "sandbox",
-        help="run the local CCF governance sandbox (a test double of CCF's /gov API)",
-        add_help=False,
-    )
-    p.add_argument("sandbox_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_sandbox)
-
-
-def _cmd_sandbox(args: argparse.Namespace) -> int:
-    from signing_agent.sandbox.__main__ import main as sandbox_main
-
-    return sandbox_main(list(args.sandbox_args))
+    # Listed for --help only: main() hands "sandbox ..." to the sandbox's own parser.
+    sub.add_parser("sandbox", help="run the local CCF governance sandbox (a test double of CCF's /gov API)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sandbox"]:
+        # The sandbox has its own parser; argparse.REMAINDER cannot pass leading options through.
+        from signing_agent.sandbox.__main__ import main as sandbox_main
+
+        return sandbox_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -310,3 +307,180 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentUnreachableError as exc:
         print(f"signing-agent: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# -- governance with a CCF service ---------------------------------------------------------------------------------
+
+ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
+REJECT_BALLOT = "export function vote (proposal, proposerId) { return false }"
+
+
+def _pick_service(client: AgentClient, service: str | None) -> str:
+    if service is not None:
+        return service
+    services = [s["name"] for s in client.call("GET", "/v1/services").json()["services"]]
+    if len(services) == 1:
+        return str(services[0])
+    if "default" in services:
+        return "default"
+    raise InvalidRequestError(f"the agent knows several services ({', '.join(services) or 'none'}): pick --service")
+
+
+def _gov_context(args: argparse.Namespace, *, identity: bool = True) -> tuple[AgentClient, str, str]:
+    client = _client(args)
+    service = _pick_service(client, args.service)
+    ident = resolve_identity(client, args.identity, None) if identity else ""
+    return client, service, ident
+
+
+def _describe_proposal(p: dict[str, Any]) -> str:
+    ballots = p.get("ballotCount", 0)
+    text = f"proposal {p.get('proposalId')} is {p.get('proposalState')} ({ballots} ballot{'s' if ballots != 1 else ''})"
+    if p.get("failure"):
+        text += f": {p['failure'].get('reason')}"
+    return text
+
+
+def _tx(resp_headers: dict[str, str]) -> str:
+    tx = resp_headers.get("x-ms-ccf-transaction-id")
+    return f" [tx {tx}]" if tx else ""
+
+
+def cmd_propose(args: argparse.Namespace) -> int:
+    client, service, identity = _gov_context(args)
+    payload = _read_content(args.file)
+    resp = client.call(
+        "POST",
+        f"/v1/services/{service}/proposals",
+        {"identity": identity, "proposal_base64": base64.b64encode(payload).decode("ascii")},
+    )
+    body = resp.json()
+    if args.json:
+        _print_json(body)
+    else:
+        print(_describe_proposal(body) + _tx(resp.headers))
+    return EXIT_OK
+
+
+def cmd_vote(args: argparse.Namespace) -> int:
+    if args.ballot is not None:
+        ballot = _read_content(args.ballot).decode("utf-8")
+    else:
+        ballot = REJECT_BALLOT if args.reject else ACCEPT_BALLOT
+    client, service, identity = _gov_context(args)
+    resp = client.call(
+        "POST", f"/v1/services/{service}/proposals/{args.proposal_id}/ballots", {"identity": identity, "ballot": ballot}
+    )
+    body = resp.json()
+    if args.json:
+        _print_json(body)
+    else:
+        print(f"ballot submitted by {identity}: " + _describe_proposal(body) + _tx(resp.headers))
+    return EXIT_OK
+
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    client, service, identity = _gov_context(args)
+    resp = client.call("POST", f"/v1/services/{service}/proposals/{args.proposal_id}/withdraw", {"identity": identity})
+    body = resp.json() if resp.status != 204 else None
+    if args.json:
+        _print_json(body)
+    elif body is None:
+        print(f"proposal {args.proposal_id} does not exist: nothing to withdraw")
+    else:
+        print(_describe_proposal(body) + _tx(resp.headers))
+    return EXIT_OK
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    client, service, identity = _gov_context(args)
+    resp = client.call("POST", f"/v1/services/{service}/members/{identity}/activate")
+    body = resp.json()
+    if args.json:
+        _print_json(body)
+    else:
+        print(f"member {identity} ({body['memberId']}) is {body['status']}{_tx(resp.headers)}")
+    return EXIT_OK
+
+
+def cmd_proposals(args: argparse.Namespace) -> int:
+    client, service, _ = _gov_context(args, identity=False)
+    if args.proposal_id:
+        body = client.call("GET", f"/v1/services/{service}/proposals/{args.proposal_id}").json()
+        if args.json:
+            _print_json(body)
+            return EXIT_OK
+        print(_describe_proposal(body))
+        print(f"  proposer: {body.get('proposerId')}")
+        print("  actions:")
+        for action in body.get("actions") or []:
+            print(f"    - {json.dumps(action, sort_keys=True)}")
+        for member, ballot in (body.get("ballots") or {}).items():
+            print(f"  ballot from {member}: {ballot}")
+        return EXIT_OK
+    body = client.call("GET", f"/v1/services/{service}/proposals").json()
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    proposals = body.get("value", [])
+    if not proposals:
+        print("no proposals")
+    for p in proposals:
+        print(
+            f"{p.get('proposalId')}  {p.get('proposalState'):<9}  ballots={p.get('ballotCount')}  "
+            f"proposer={str(p.get('proposerId'))[:16]}"
+        )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client, service, _ = _gov_context(args, identity=False)
+    body = client.call("GET", f"/v1/services/{service}/status").json()
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    print(f"service {service} ({body.get('url')}): {body.get('status')}, recovery count {body.get('recoveryCount')}")
+    for ident in body.get("identities", []):
+        print(f"  {ident['name']}: member {ident['memberId'][:16]}… {ident['status']}")
+    return EXIT_OK
+
+
+def register_governance(sub: Any) -> None:
+    def common(p: argparse.ArgumentParser, *, identity: bool = True) -> None:
+        _add_client_options(p)
+        p.add_argument("--service", help="the configured service (default: the only one, or 'default')")
+        if identity:
+            p.add_argument("--identity", help="the identity to act as (default: the only one)")
+        p.add_argument("--json", action="store_true", help="print CCF's JSON answer")
+
+    p = sub.add_parser("propose", help="sign a proposal and submit it to CCF")
+    p.add_argument("file", help='proposal JSON ({"actions": [...]}), or - for stdin')
+    common(p)
+    p.set_defaults(func=cmd_propose)
+
+    p = sub.add_parser("vote", help="sign a ballot for an Open proposal and submit it")
+    p.add_argument("proposal_id")
+    choice = p.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--accept", action="store_true", help="the canonical accepting ballot")
+    choice.add_argument("--reject", action="store_true", help="the canonical rejecting ballot")
+    choice.add_argument("--ballot", help="a ballot JavaScript module file")
+    common(p)
+    p.set_defaults(func=cmd_vote)
+
+    p = sub.add_parser("withdraw", help="withdraw one of your proposals")
+    p.add_argument("proposal_id")
+    common(p)
+    p.set_defaults(func=cmd_withdraw)
+
+    p = sub.add_parser("activate", help="activate an Accepted member (state digest update, then ack)")
+    common(p)
+    p.set_defaults(func=cmd_activate)
+
+    p = sub.add_parser("proposals", help="list proposals, or show one with its actions and ballots")
+    p.add_argument("proposal_id", nargs="?")
+    common(p, identity=False)
+    p.set_defaults(func=cmd_proposals)
+
+    p = sub.add_parser("status", help="the service's status and the member status of each identity")
+    common(p, identity=False)
+    p.set_defaults(func=cmd_status)

@@ -29,9 +29,11 @@ class AgentRequestError(Exception):
     code: str
     message: str
     body: Any = None
+    from_ccf: bool = False
 
     def __str__(self) -> str:
-        return f"{self.code} ({self.status}): {self.message}"
+        origin = "CCF: " if self.from_ccf else ""
+        return f"{origin}{self.code} ({self.status}): {self.message}"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -97,9 +99,11 @@ class AgentClient:
             except ValueError:
                 parsed = None
             err = parsed.get("error") if isinstance(parsed, dict) else None
+            from_ccf = resp.headers.get("x-relayed-from") == "ccf"
             if isinstance(err, dict):
-                raise AgentRequestError(resp.status, str(err.get("code")), str(err.get("message")), parsed)
-            raise AgentRequestError(resp.status, "HTTPError", resp.body.decode("utf-8", "replace")[:500], parsed)
+                raise AgentRequestError(resp.status, str(err.get("code")), str(err.get("message")), parsed, from_ccf)
+            text = resp.body.decode("utf-8", "replace")[:500]
+            raise AgentRequestError(resp.status, "HTTPError", text, parsed, from_ccf)
         return resp
 
     def health(self) -> Any:

@@ -27,6 +27,7 @@ from signing_agent.api.peer import PeerAllowList
 from signing_agent.backends.factory import KeyStores
 from signing_agent.config import AgentConfig, FileKeyConfig
 from signing_agent.errors import ConfigError
+from signing_agent.governance import GovernanceService
 from signing_agent.identity import Identity, open_identity
 from signing_agent.service import SigningService
 
@@ -151,12 +152,14 @@ async def serve(config: AgentConfig, *, on_ready: Callable[[Path], None] | None 
     try:
         identities = await open_identities(config, stores)
         service = SigningService(identities)
+        governance = GovernanceService(service, config.services)
+        await governance.open_pinned()
         settings = APISettings(
             max_request_bytes=config.agent.max_request_bytes,
             request_timeout=config.agent.request_timeout,
             allow=PeerAllowList.default(config.agent.allowed_uids, config.agent.allowed_gids),
         )
-        app = make_app(service, settings)
+        app = make_app(service, settings, governance)
         sock_path = config.agent.socket
         sock = bind_unix_socket(sock_path, config.agent.socket_mode, config.agent.socket_group)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
@@ -187,6 +190,7 @@ async def serve(config: AgentConfig, *, on_ready: Callable[[Path], None] | None 
             if not await in_flight.drain(SHUTDOWN_TIMEOUT):
                 _logger.warning("%d request(s) still running after %.0f s; closing", in_flight.count, SHUTDOWN_TIMEOUT)
             await runner.cleanup()
+            await governance.aclose()
             await service.aclose()
     finally:
         await stores.aclose()

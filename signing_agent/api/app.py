@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from signing_agent import __version__
+from signing_agent.api.governance_routes import add_governance_routes
 from signing_agent.api.peer import Peer, PeerAllowList, peer_of
 from signing_agent.api.schemas import parse_sign_request
 from signing_agent.errors import AgentError, BackendUnavailableError, PolicyDeniedError, ShuttingDownError
+from signing_agent.governance import GovernanceService
 from signing_agent.service import SigningService
 
 _logger = logging.getLogger(__name__)
@@ -193,8 +195,10 @@ async def sign(request: web.Request) -> web.Response:
     )
 
 
-def make_app(service: SigningService, settings: APISettings) -> web.Application:
-    """The API application. The daemon owns the service's lifecycle."""
+def make_app(
+    service: SigningService, settings: APISettings, governance: GovernanceService | None = None
+) -> web.Application:
+    """The API application. The daemon owns the services' lifecycles."""
     app = web.Application(
         middlewares=[error_middleware, peer_middleware],
         client_max_size=settings.max_request_bytes,
@@ -205,4 +209,6 @@ def make_app(service: SigningService, settings: APISettings) -> web.Application:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/identities", identities)
     app.router.add_post("/v1/sign", sign)
+    if governance is not None:
+        add_governance_routes(app, governance)
     return app

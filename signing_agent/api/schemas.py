@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from signing_agent.cose.governance import MsgType, check_created_at, check_proposal_id
+from signing_agent.cose.governance import MsgType, check_created_at, check_proposal_id, compact_json
 from signing_agent.errors import InvalidRequestError
 
 
@@ -54,11 +54,6 @@ def get_str(body: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidRequestError(f"{key} must be a non-empty string")
     return value
-
-
-def compact_json(value: Any) -> bytes:
-    """A JSON value serialised compactly as UTF-8: the exact bytes that get signed."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def decode_base64(value: object, key: str) -> bytes:

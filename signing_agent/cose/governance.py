@@ -128,6 +128,11 @@ def summarise_payload(msg_type: MsgType, payload: bytes) -> PayloadSummary:
             return PayloadSummary(sha256=digest)
 
 
+def compact_json(value: Any) -> bytes:
+    """A JSON value serialised compactly as UTF-8: the exact payload bytes that get signed."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def check_proposal_id(value: object) -> str:
     if not isinstance(value, str) or not _HEX64.match(value):
         raise InvalidRequestError("proposal_id must be the 64 lowercase hex characters of a CCF proposal id")

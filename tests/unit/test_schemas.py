@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from signing_agent.api.schemas import compact_json, parse_sign_request
-from signing_agent.cose.governance import MsgType
+from signing_agent.api.schemas import parse_sign_request
+from signing_agent.cose.governance import MsgType, compact_json
 from signing_agent.errors import InvalidRequestError
 
 

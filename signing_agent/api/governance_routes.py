@@ -1,0 +1,110 @@
+"""Routes that sign and forward governance to a CCF service, and the reads a member needs before voting.
+
+CCF's answers (success or error) are relayed with CCF's status, body and ``x-ms-ccf-transaction-id`` unchanged and
+the header ``X-Relayed-From: ccf``; the agent's own errors use its ``{"error": {"code", "message"}}`` shape.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from signing_agent.api.schemas import decode_base64, get_str, parse_object
+from signing_agent.cose.governance import compact_json
+from signing_agent.errors import InvalidRequestError
+from signing_agent.governance import GovernanceService, Relay
+
+GOVERNANCE = web.AppKey("governance", GovernanceService)
+
+_PROPOSAL_FIELDS = frozenset({"identity", "proposal", "proposal_base64"})
+_BALLOT_FIELDS = frozenset({"identity", "ballot"})
+_IDENTITY_ONLY = frozenset({"identity"})
+
+
+def relay_response(relay: Relay) -> web.Response:
+    headers: dict[str, str] = {}
+    if relay.transaction_id:
+        headers["x-ms-ccf-transaction-id"] = relay.transaction_id
+    if relay.from_ccf:
+        headers["X-Relayed-From"] = "ccf"
+    if relay.raw is not None:
+        if relay.content_type:
+            headers["Content-Type"] = relay.content_type
+        return web.Response(status=relay.status, body=relay.raw, headers=headers)
+    if relay.status == 204:
+        return web.Response(status=204, headers=headers)
+    return web.json_response(relay.body, status=relay.status, headers=headers)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    gov = request.app[GOVERNANCE]
+    return web.json_response(
+        {
+            "services": [
+                {"name": s.name, "url": s.url, "api_version": s.api_version}
+                for s in sorted(gov.services.values(), key=lambda s: s.name)
+            ]
+        }
+    )
+
+
+async def propose(request: web.Request) -> web.Response:
+    body = parse_object(await request.read(), _PROPOSAL_FIELDS, frozenset({"identity"}))
+    if ("proposal" in body) == ("proposal_base64" in body):
+        raise InvalidRequestError("give proposal (a JSON object) or proposal_base64 (exact bytes)")
+    payload = (
+        decode_base64(body["proposal_base64"], "proposal_base64")
+        if "proposal_base64" in body
+        else compact_json(body["proposal"])
+    )
+    gov = request.app[GOVERNANCE]
+    return relay_response(await gov.propose(request.match_info["svc"], get_str(body, "identity"), payload))
+
+
+async def vote(request: web.Request) -> web.Response:
+    body = parse_object(await request.read(), _BALLOT_FIELDS, _BALLOT_FIELDS)
+    gov = request.app[GOVERNANCE]
+    relay = await gov.vote(
+        request.match_info["svc"], get_str(body, "identity"), request.match_info["pid"], get_str(body, "ballot")
+    )
+    return relay_response(relay)
+
+
+async def withdraw(request: web.Request) -> web.Response:
+    body = parse_object(await request.read(), _IDENTITY_ONLY, _IDENTITY_ONLY)
+    gov = request.app[GOVERNANCE]
+    relay = await gov.withdraw(request.match_info["svc"], get_str(body, "identity"), request.match_info["pid"])
+    return relay_response(relay)
+
+
+async def activate(request: web.Request) -> web.Response:
+    raw = await request.read()
+    if raw.strip():
+        parse_object(raw, frozenset())
+    gov = request.app[GOVERNANCE]
+    return relay_response(await gov.activate(request.match_info["svc"], request.match_info["identity"]))
+
+
+async def status(request: web.Request) -> web.Response:
+    return relay_response(await request.app[GOVERNANCE].status(request.match_info["svc"]))
+
+
+async def proposals(request: web.Request) -> web.Response:
+    return relay_response(await request.app[GOVERNANCE].proposals(request.match_info["svc"]))
+
+
+async def proposal(request: web.Request) -> web.Response:
+    gov = request.app[GOVERNANCE]
+    return relay_response(await gov.proposal(request.match_info["svc"], request.match_info["pid"]))
+
+
+def add_governance_routes(app: web.Application, governance: GovernanceService) -> None:
+    app[GOVERNANCE] = governance
+    r = app.router
+    r.add_get("/v1/services", list_services)
+    r.add_get("/v1/services/{svc}/status", status)
+    r.add_get("/v1/services/{svc}/proposals", proposals)
+    r.add_post("/v1/services/{svc}/proposals", propose)
+    r.add_get("/v1/services/{svc}/proposals/{pid}", proposal)
+    r.add_post("/v1/services/{svc}/proposals/{pid}/ballots", vote)
+    r.add_post("/v1/services/{svc}/proposals/{pid}/withdraw", withdraw)
+    r.add_post("/v1/services/{svc}/members/{identity}/activate", activate)

@@ -1,0 +1,220 @@
+"""Governance with a CCF service: sign once, forward, and relay CCF's answer (its status and body unchanged).
+
+Use cases: propose, vote (only on an Open proposal: checked before anything is signed), withdraw, activate a member
+(state digest update, then ack), and the reads a member needs to review before voting. Each message is signed exactly
+once; ``CCFClient`` resends the identical bytes when the network or CCF asks for a retry. A proposal whose response
+was lost comes back from CCF as ``ProposalReplay`` on the resend; that is turned into success with the original
+proposal, so one submission never becomes two proposals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from signing_agent.ccf.client import CCFClient, CCFResponse
+from signing_agent.config import ServiceConfig
+from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json
+from signing_agent.errors import CCFError, ConflictError, UnknownServiceError
+from signing_agent.service import SignedMessage, SigningService
+
+_logger = logging.getLogger(__name__)
+
+_REPLAY_ID = re.compile(r"\b([0-9a-f]{64})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """An answer for the API client. ``raw`` set means CCF's bytes, relayed unchanged."""
+
+    status: int
+    body: Any = None
+    raw: bytes | None = None
+    content_type: str = "application/json"
+    transaction_id: str | None = None
+    from_ccf: bool = False
+
+    @classmethod
+    def of(cls, resp: CCFResponse) -> Relay:
+        return cls(
+            status=resp.status,
+            body=resp.body,
+            raw=resp.raw,
+            content_type=resp.content_type or "application/octet-stream",
+            transaction_id=resp.transaction_id,
+            from_ccf=True,
+        )
+
+
+class GovernanceService:
+    """Forwards signed governance messages to the configured CCF services."""
+
+    def __init__(self, signer: SigningService, services: Mapping[str, ServiceConfig]) -> None:
+        self.signer = signer
+        self.services = dict(services)
+        self._clients: dict[str, CCFClient] = {}
+        self._lock = asyncio.Lock()
+
+    async def open_pinned(self) -> None:
+        """Open the clients whose service certificate is a file now, so a bad path fails at start-up."""
+        for name, cfg in self.services.items():
+            if cfg.service_certificate is not None:
+                await self.client(name)
+
+    async def client(self, service: str) -> CCFClient:
+        if service not in self.services:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise UnknownServiceError(f"unknown service {service!r} (configured: {known})")
+        async with self._lock:
+            client = self._clients.get(service)
+            if client is None:
+                client = await CCFClient.open(self.services[service])
+                self._clients[service] = client
+            return client
+
+    async def _submit(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
+        client = await self.client(service)
+        resp = await client.post_cose(path, signed.cose)
+        _logger.info(
+            "forwarded %s from %s to %s: %d%s (tx %s, %d attempt%s)",
+            signed.msg_type,
+            signed.identity,
+            service,
+            resp.status,
+            f" {resp.error_code}" if resp.error_code else "",
+            resp.transaction_id,
+            resp.attempts,
+            "" if resp.attempts == 1 else "s",
+        )
+        return resp
+
+    async def propose(self, service: str, identity: str, proposal: bytes) -> Relay:
+        await self.client(service)  # an unknown service fails before anything is signed
+        signed = await self.signer.sign(identity, MsgType.PROPOSAL, proposal)
+        resp = await self._submit(service, "/gov/members/proposals:create", signed)
+        if resp.error_code == "ProposalReplay" and resp.attempts > 1:
+            recovered = await self._replayed_proposal(service, resp, signed)
+            if recovered is not None:
+                return recovered
+        return Relay.of(resp)
+
+    async def _replayed_proposal(self, service: str, resp: CCFResponse, signed: SignedMessage) -> Relay | None:
+        """Our first attempt created the proposal and its answer was lost: return that proposal."""
+        match = _REPLAY_ID.search(resp.error_message)
+        if match is None:
+            return None
+        client = await self.client(service)
+        got = await client.get(f"/gov/members/proposals/{match.group(1)}")
+        if not got.ok or not isinstance(got.body, dict) or got.body.get("proposerId") != signed.member_id:
+            return None
+        _logger.info("proposal %s was created by an earlier attempt whose answer was lost", match.group(1))
+        return Relay(status=200, body=got.body, transaction_id=got.transaction_id, from_ccf=True)
+
+    async def vote(self, service: str, identity: str, proposal_id: str, ballot: str) -> Relay:
+        check_proposal_id(proposal_id)
+        ident = self.signer.identity(identity)
+        client = await self.client(service)
+        got = await client.get(f"/gov/members/proposals/{proposal_id}")
+        if not got.ok:
+            return Relay.of(got)
+        state = got.body.get("proposalState") if isinstance(got.body, dict) else None
+        if state != "Open":
+            raise ConflictError(f"proposal {proposal_id} is {state}, not Open: no ballot was signed")
+        signed = await self.signer.sign(
+            identity, MsgType.BALLOT, compact_json({"ballot": ballot}), proposal_id=proposal_id
+        )
+        path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
+        return Relay.of(await self._submit(service, path, signed))
+
+    async def withdraw(self, service: str, identity: str, proposal_id: str) -> Relay:
+        check_proposal_id(proposal_id)
+        await self.client(service)
+        signed = await self.signer.sign(identity, MsgType.WITHDRAWAL, b"", proposal_id=proposal_id)
+        return Relay.of(await self._submit(service, f"/gov/members/proposals/{proposal_id}:withdraw", signed))
+
+    async def activate(self, service: str, identity: str) -> Relay:
+        """State-digest update, then ack: an Accepted member becomes Active."""
+        ident = self.signer.identity(identity)
+        client = await self.client(service)
+        base = f"/gov/members/state-digests/{ident.member_id}"
+        update = await self._submit(
+            service, f"{base}:update", await self.signer.sign(identity, MsgType.STATE_DIGEST, b"")
+        )
+        if not update.ok:
+            return Relay.of(update)
+        digest = update.body.get("stateDigest") if isinstance(update.body, dict) else None
+        if not isinstance(digest, str):
+            raise CCFError(f"service {service!r} answered :update without a stateDigest")
+        # The ack signs the :update answer as it came (CCF reads its stateDigest and ignores the rest).
+        ack = await self._submit(service, f"{base}:ack", await self.signer.sign(identity, MsgType.ACK, update.raw))
+        if not ack.ok:
+            return Relay.of(ack)
+        member = await client.get(f"/gov/service/members/{ident.member_id}")
+        status = member.body.get("status") if member.ok and isinstance(member.body, dict) else "Active"
+        return Relay(
+            status=200,
+            body={"memberId": ident.member_id, "status": status, "stateDigest": digest},
+            transaction_id=ack.transaction_id,
+        )
+
+    async def status(self, service: str) -> Relay:
+        client = await self.client(service)
+        info = await client.get("/gov/service/info")
+        if not info.ok or not isinstance(info.body, dict):
+            return Relay.of(info)
+        identities = []
+        for ident in self.signer.identities.values():
+            member = await client.get(f"/gov/service/members/{ident.member_id}")
+            if member.ok and isinstance(member.body, dict):
+                member_status = member.body.get("status")
+            elif member.status == 404:
+                member_status = "NotAMember"
+            else:
+                member_status = None
+            identities.append({"name": ident.name, "memberId": ident.member_id, "status": member_status})
+        return Relay(
+            status=200,
+            body={**info.body, "service": service, "url": client.config.url, "identities": identities},
+            transaction_id=info.transaction_id,
+        )
+
+    async def proposals(self, service: str) -> Relay:
+        client = await self.client(service)
+        return Relay.of(await client.get("/gov/members/proposals"))
+
+    async def proposal(self, service: str, proposal_id: str) -> Relay:
+        """A proposal with its actions and the ballots cast so far, to review before voting."""
+        check_proposal_id(proposal_id)
+        client = await self.client(service)
+        got = await client.get(f"/gov/members/proposals/{proposal_id}")
+        if not got.ok or not isinstance(got.body, dict):
+            return Relay.of(got)
+        actions = await client.get(f"/gov/members/proposals/{proposal_id}/actions")
+        body: dict[str, Any] = dict(got.body)
+        if actions.ok:
+            try:
+                body["actions"] = json.loads(actions.raw).get("actions")
+            except (ValueError, AttributeError):
+                body["actions"] = actions.raw.decode("utf-8", "replace")
+        ballots: dict[str, str] = {}
+        members = await client.get("/gov/service/members")
+        if members.ok and isinstance(members.body, dict):
+            for member in members.body.get("value", []):
+                mid = member.get("memberId") if isinstance(member, dict) else None
+                if not isinstance(mid, str):
+                    continue
+                ballot = await client.get(f"/gov/members/proposals/{proposal_id}/ballots/{mid}")
+                if ballot.ok:
+                    ballots[mid] = ballot.raw.decode("utf-8", "replace")
+        body["ballots"] = ballots
+        return Relay(status=200, body=body, transaction_id=got.transaction_id, from_ccf=True)
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
