@@ -1,0 +1,586 @@
+"""The PKCS#11 backend: signing keys (EC) and decryption keys (RSA) in HSMs and tokens, through python-pkcs11.
+
+Owns loaded modules and token connections (``PKCS11Registry``). Connections are keyed by (module realpath,
+init_params, token label), so every identity whose keys live in one token shares one session and one login.
+Each token has one dedicated worker thread (``ThreadPoolExecutor(max_workers=1)``) that makes every PKCS#11
+call, behind an ``asyncio.Lock`` (yubikey-agent's mutex): the event loop never blocks on the token. Modules
+are initialised through ctypes with ``CKF_OS_LOCKING_OK`` (and NSS-style init parameters) before python-pkcs11
+sees them; see ``_p11init``.
+
+Key selection, from ``PKCS11KeyConfig`` and its optional RFC 7512 ``uri`` (parsed by ``pkcs11_uri``):
+
+- ``module`` / URI ``module-path``; ``token_label`` / URI ``token``; ``key_label`` / URI ``object``;
+  ``key_id`` / URI ``id``; ``pin_file`` or ``pin_env`` / URI ``pin-source=file:...``. A config field
+  *complements* the URI: when a value is given in both places the two must agree, otherwise it is a
+  ``ConfigError`` (no silent precedence in security configuration). URI ``type`` must be ``private`` if
+  present. ``init_params`` and ``oaep`` exist only in the config.
+- Exactly one private key of the right type (EC to sign, RSA to decrypt) must match label and/or id: none is a
+  ``KeyNotFoundError``, several is a ``KeyNotFoundError`` that says to add ``key_id``.
+
+Signing is always CKM_ECDSA over the digest the host computed (SoftHSM2 has no CKM_ECDSA_SHA384), and the
+result must be exactly ``alg.signature_size`` bytes of raw ``r||s``. Decryption is CKM_RSA_PKCS_OAEP with
+SHA-256/MGF1-SHA-256 in the token; a token that refuses those parameters raises ``UnsupportedOperationError``
+unless the key has ``oaep = "host"``, which uses raw RSA (CKM_RSA_X_509) in the token and decodes OAEP on the
+host (opt-in, because a host-side decoder is a potential padding oracle: it reports one uniform error for
+every failure).
+
+A lost session or token (``SessionHandleInvalid``, ``DeviceRemoved``, ``UserNotLoggedIn`` ...) drops the
+session and its cached handles; the operation is retried once on a fresh session and login, and then fails
+with the retryable ``BackendUnavailableError``. A rejected PIN is not retried (repeated failures can lock a
+token) until ``reset()``.
+
+``pkcs11`` and ``asn1crypto`` are imported here and in ``_p11init``/``pkcs11_admin`` only, and their
+exceptions never leave this package: they are wrapped into ``signing_agent.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from signing_agent.algorithms import SignatureAlgorithm, for_curve
+from signing_agent.backends import _p11init
+from signing_agent.backends._p11init import (
+    DEFAULT_MODULE_DIRS,
+    PinSource,
+    check_module_path,
+    describe_error,
+    require_pkcs11,
+)
+from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority, SigningKey
+from signing_agent.backends.pkcs11_uri import PKCS11URI, format_uri, parse_uri
+from signing_agent.config import PKCS11KeyConfig
+from signing_agent.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    KeyNotFoundError,
+    SigningFailedError,
+    UnsupportedOperationError,
+)
+
+__all__ = ["DECRYPTION_FAILED", "KeySelector", "PKCS11Registry", "TokenStatus", "resolve_key_config"]
+
+_logger = logging.getLogger("signing_agent.backend")
+
+T = TypeVar("T")
+
+DECRYPTION_FAILED = "RSA-OAEP decryption failed"
+"""The one message for every decryption failure (padding-oracle hygiene: nothing about where it failed)."""
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeySelector:
+    """A fully resolved key selection: which module, token and key, and where the PIN comes from."""
+
+    module: str
+    """The module's realpath (already checked)."""
+    init_params: str | None
+    token_label: str | None
+    key_label: str | None
+    key_id: bytes | None
+    pin: PinSource
+    oaep: Literal["token", "host"]
+
+    def uri(self) -> str:
+        """A ``pkcs11:`` URI for logs and ``KeyInfo.location`` (no PIN, ever)."""
+        return format_uri(
+            token=self.token_label,
+            object=self.key_label,
+            id=self.key_id,
+            type="private",
+            module_path=self.module,
+        )
+
+
+def _merge(name: str, field: str, uri_field: str, cfg_value: T | None, uri_value: T | None) -> T | None:
+    if cfg_value is not None and uri_value is not None and cfg_value != uri_value:
+        raise ConfigError(
+            f"{name}.{field}: disagrees with the uri's {uri_field}",
+            hint=f"give {field} in one place only, or make both say the same",
+        )
+    return cfg_value if cfg_value is not None else uri_value
+
+
+def resolve_key_config(
+    cfg: PKCS11KeyConfig, *, name: str, allowed_module_dirs: tuple[str, ...] | None = DEFAULT_MODULE_DIRS
+) -> KeySelector:
+    """Merge the config fields and the optional URI (see the module docstring) and check module path and PIN
+    source."""
+    uri = PKCS11URI()
+    if cfg.uri is not None:
+        try:
+            uri = parse_uri(cfg.uri)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.uri: {exc.message}", hint=exc.hint) from None
+        if uri.type not in (None, "private"):
+            raise ConfigError(f"{name}.uri: type={uri.type} cannot sign or decrypt; use type=private")
+        if uri.module_name is not None and uri.module_path is None and cfg.module is None:
+            raise ConfigError(f"{name}.uri: module-name is not supported; give module-path or module")
+    module = _merge(name, "module", "module-path", cfg.module, uri.module_path)
+    if module is None:
+        raise ConfigError(f"{name}.module: required (or module-path in the uri)")
+    token_label = _merge(name, "token_label", "token", cfg.token_label, uri.token)
+    key_label = _merge(name, "key_label", "object", cfg.key_label, uri.object)
+    key_id = _merge(name, "key_id", "id", cfg.key_id, uri.id)
+    if key_label is None and key_id is None:
+        raise ConfigError(f"{name}: name the key by key_label, key_id, or object=/id= in the uri")
+    uri_pin = uri.pin_file
+    if uri_pin is not None and cfg.pin_env is not None:
+        raise ConfigError(f"{name}.pin_env: the uri has a pin-source too; give one PIN source")
+    pin_file = _merge(name, "pin_file", "pin-source", cfg.pin_file, uri_pin)
+    pin = PinSource(pin_file=pin_file, pin_env=cfg.pin_env)
+    try:
+        real = check_module_path(module, allowed_dirs=allowed_module_dirs)
+        pin.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc.message}", hint=exc.hint) from None
+    return KeySelector(
+        module=real,
+        init_params=cfg.init_params,
+        token_label=token_label,
+        key_label=key_label,
+        key_id=key_id,
+        pin=pin,
+        oaep=cfg.oaep,
+    )
+
+
+# --- token connections --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    """What the registry knows about one token connection (for health checks and tests). No secrets."""
+
+    module: str
+    token_label: str | None
+    connected: bool
+    logins: int
+    """How many times a session was opened and logged in (1 plus one per reconnect)."""
+    reconnects: int
+
+
+class _TokenConnection:
+    """One token: one worker thread, one asyncio lock, one session and login, cached key handles."""
+
+    def __init__(self, module: str, init_params: str | None, token_label: str | None, pin: PinSource,
+                 allowed_module_dirs: tuple[str, ...] | None) -> None:  # fmt: skip
+        self.module = module
+        self.init_params = init_params
+        self.token_label = token_label
+        self.pin = pin
+        self._allowed = allowed_module_dirs
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pkcs11-{token_label or 'token'}")
+        self._lock = asyncio.Lock()
+        self._session: Any = None
+        self.slot_id: int | None = None
+        self.handles: dict[tuple[object, ...], Any] = {}
+        self._refused: ConfigError | None = None
+        self._closed = False
+        self.logins = 0
+        self.reconnects = 0
+
+    def status(self) -> TokenStatus:
+        return TokenStatus(self.module, self.token_label, self._session is not None, self.logins, self.reconnects)
+
+    async def run(self, fn: Callable[[Any], T], *, where: str) -> T:
+        """Run ``fn(session)`` on the token's thread, reconnecting once if the session or token was lost."""
+        if self._closed:
+            raise BackendUnavailableError(f"{where}: the PKCS#11 backend is closed")
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            # NOTE: a PKCS#11 call cannot be cancelled; if the caller is cancelled the call still finishes on
+            # the worker thread, and the next call queues behind it on the same thread.
+            return await loop.run_in_executor(self._executor, self._run_sync, fn, where)
+
+    def _run_sync(self, fn: Callable[[Any], T], where: str) -> T:
+        p11exc = require_pkcs11().exceptions
+        reconnectable = _p11init.reconnectable_errors()
+        for attempt in (1, 2):
+            try:
+                return fn(self._ensure(where))
+            except reconnectable as exc:
+                self._drop()
+                if attempt == 2:
+                    raise BackendUnavailableError(
+                        f"{where}: token {self.token_label!r} is unavailable ({describe_error(exc)})",
+                        hint="check that the token is present and the HSM reachable; next calls reconnect",
+                    ) from None
+                _logger.warning(
+                    "%s: PKCS#11 session lost (%s); reopening and retrying once", where, describe_error(exc)
+                )
+                self.reconnects += 1
+            except p11exc.PKCS11Error as exc:
+                raise BackendError(f"{where}: the token failed: {describe_error(exc)}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ensure(self, where: str) -> Any:
+        if self._session is not None:
+            return self._session
+        if self._refused is not None:
+            raise ConfigError(self._refused.message, hint=self._refused.hint)
+        lib = _p11init.load_module(self.module, self.init_params, allowed_dirs=self._allowed)
+        token = _p11init.find_token(lib, self.token_label, where=where)
+        try:
+            session = _p11init.open_session(token, self.pin, rw=False, where=where)
+        except ConfigError as exc:
+            if "PIN" in exc.message:
+                self._refused = exc
+            raise
+        self._session = session
+        self.slot_id = token.slot.slot_id
+        self.logins += 1
+        return session
+
+    def _drop(self) -> None:
+        self.handles.clear()
+        session, self._session = self._session, None
+        if session is not None:
+            _p11init.close_session(session)
+
+    async def reset(self) -> None:
+        """Drop the session (the next call reconnects) and forget a refused PIN (SIGHUP)."""
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+            self._refused = None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        async with self._lock:
+            self._closed = True
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+        self._executor.shutdown(wait=False)
+
+
+# --- keys ---------------------------------------------------------------------------------------------------
+
+
+def _ec_public_key(params: bytes, point: bytes, *, where: str) -> ec.EllipticCurvePublicKey:
+    from asn1crypto import core, keys
+
+    try:
+        domain = keys.ECDomainParameters.load(params)
+        if domain.name != "named":
+            raise KeyNotFoundError(f"{where}: the key uses explicit EC parameters; only named curves are supported")
+        curve_name = domain.chosen.native
+    except ValueError as exc:
+        raise KeyNotFoundError(f"{where}: unreadable CKA_EC_PARAMS: {exc}") from None
+    alg = for_curve(curve_name)
+    raw = point
+    # CKA_EC_POINT is a DER OCTET STRING around the X9.62 point (SoftHSM, NSS, tpm2-pkcs11); some tokens
+    # return it bare.
+    if not (len(point) == 1 + 2 * alg.field_bytes and point[0] == 4):
+        try:
+            raw = core.OctetString.load(point).native
+        except ValueError as exc:
+            raise KeyNotFoundError(f"{where}: unreadable CKA_EC_POINT: {exc}") from None
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(alg.curve(), raw)
+    except ValueError as exc:
+        raise KeyNotFoundError(f"{where}: CKA_EC_POINT is not a point on {curve_name}: {exc}") from None
+
+
+def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, key_type: Any, where: str) -> Any:
+    """The one private key of ``key_type`` with this label and/or id, else ``KeyNotFoundError``."""
+    p11 = require_pkcs11()
+    template: dict[Any, Any] = {
+        p11.Attribute.CLASS: p11.ObjectClass.PRIVATE_KEY,
+        p11.Attribute.KEY_TYPE: key_type,
+    }
+    if label is not None:
+        template[p11.Attribute.LABEL] = label
+    if key_id is not None:
+        template[p11.Attribute.ID] = key_id
+    found = list(session.get_objects(template))
+    what = " and ".join(
+        x for x in (f"label {label!r}" if label is not None else "", f"id {key_id.hex()}" if key_id else "") if x
+    )
+    kind = "EC" if key_type == p11.KeyType.EC else "RSA"
+    if not found:
+        raise KeyNotFoundError(
+            f"{where}: no {kind} private key with {what} in the token",
+            hint="list the token's keys with `signing-agent keys list`",
+        )
+    if len(found) > 1:
+        raise KeyNotFoundError(
+            f"{where}: {len(found)} {kind} private keys match {what}",
+            hint="select the key by key_id as well (see `signing-agent keys list`)",
+        )
+    return found[0]
+
+
+def read_public_key(session: Any, key: Any, *, where: str) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """The public half of a private key object: from its public key object (same id, else label), or itself
+    (RSA)."""
+    p11 = require_pkcs11()
+    attr = p11.Attribute
+    key_type = key[attr.KEY_TYPE]
+    key_id = bytes(key[attr.ID] or b"")
+    template: dict[Any, Any] = {attr.CLASS: p11.ObjectClass.PUBLIC_KEY, attr.KEY_TYPE: key_type}
+    if key_id:
+        template[attr.ID] = key_id
+    else:
+        template[attr.LABEL] = key[attr.LABEL]
+    publics = list(session.get_objects(template))
+    if key_type == p11.KeyType.RSA:
+        source = publics[0] if len(publics) == 1 else key
+        try:
+            n = int.from_bytes(source[attr.MODULUS], "big")
+            e = int.from_bytes(source[attr.PUBLIC_EXPONENT], "big")
+        except p11.exceptions.PKCS11Error as exc:
+            raise KeyNotFoundError(f"{where}: cannot read the RSA public key ({describe_error(exc)})") from None
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    if len(publics) != 1:
+        raise KeyNotFoundError(
+            f"{where}: found {len(publics)} public key objects for the private key; need exactly one to read "
+            "the public key",
+            hint="import or generate keys with `signing-agent keys`, which creates the public object",
+        )
+    return _ec_public_key(bytes(publics[0][attr.EC_PARAMS]), bytes(publics[0][attr.EC_POINT]), where=where)
+
+
+def _mgf1_sha256(seed: bytes, length: int) -> bytes:
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def oaep_sha256_decode(em: bytes, k: int) -> bytes:
+    """EME-OAEP decoding (RFC 8017 §7.1.2 step 3) with SHA-256, MGF1-SHA-256 and an empty label.
+
+    Written in constant-time style: every byte is examined whatever it holds, checks are combined without
+    early exits, and every failure raises the same ``BackendError(DECRYPTION_FAILED)``. (Python cannot promise
+    true constant time; the opt-in ``oaep = "host"`` exists for tokens without OAEP-SHA256 such as SoftHSM2.)
+    """
+    h_len = 32
+    if k < 2 * h_len + 2 or len(em) != k:
+        raise BackendError(DECRYPTION_FAILED)
+    y = em[0]
+    masked_seed = em[1 : 1 + h_len]
+    masked_db = em[1 + h_len :]
+    seed = bytes(a ^ b for a, b in zip(masked_seed, _mgf1_sha256(masked_db, h_len), strict=True))
+    db = bytes(a ^ b for a, b in zip(masked_db, _mgf1_sha256(seed, k - h_len - 1), strict=True))
+    good = hmac.compare_digest(db[:h_len], hashlib.sha256(b"").digest()) & (y == 0)
+    looking = 1
+    index = 0
+    invalid = 0
+    for i, b in enumerate(db[h_len:]):
+        is_zero = int(b == 0)
+        is_one = int(b == 1)
+        # The first 0x01 after the zero run marks the message; any other byte before it is a padding error.
+        index |= (looking & is_one) * i
+        invalid |= looking & (1 - is_zero) & (1 - is_one)
+        looking &= 1 - is_one
+    if not good or invalid or looking:
+        raise BackendError(DECRYPTION_FAILED)
+    return db[h_len + index + 1 :]
+
+
+class _PKCS11Key:
+    """One private key in a token; shares the token connection with every other key in the same token."""
+
+    def __init__(self, conn: _TokenConnection, sel: KeySelector, *, name: str, kind: Literal["ec", "rsa"]) -> None:
+        self._conn = conn
+        self._sel = sel
+        self._name = name
+        self._kind = kind
+        self._info: KeyInfo | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name} {self._sel.uri()}>"
+
+    def _handle(self, session: Any) -> Any:
+        p11 = require_pkcs11()
+        cache_key = (self._kind, self._sel.key_label, self._sel.key_id)
+        key = self._conn.handles.get(cache_key)
+        if key is None:
+            key_type = p11.KeyType.EC if self._kind == "ec" else p11.KeyType.RSA
+            key = find_private_key(
+                session,
+                label=self._sel.key_label,
+                key_id=self._sel.key_id,
+                key_type=key_type,
+                where=self._name,
+            )
+            self._conn.handles[cache_key] = key
+        return key
+
+    async def describe(self) -> KeyInfo:
+        if self._info is None:
+            public = await self._conn.run(lambda s: read_public_key(s, self._handle(s), where=self._name),
+                                          where=self._name)  # fmt: skip
+            self._info = KeyInfo(backend="pkcs11", location=self._sel.uri(), public_key=public)
+        return self._info
+
+    async def aclose(self) -> None:
+        """Nothing to do: the registry owns the token connection (``PKCS11Registry.aclose``)."""
+
+
+class PKCS11SigningKey(_PKCS11Key):
+    """An EC key in a token that signs digests with CKM_ECDSA."""
+
+    async def sign_digest(
+        self, alg: SignatureAlgorithm, digest: bytes, *, priority: Priority = Priority.NORMAL
+    ) -> bytes:
+        """Raw ``r||s`` over ``digest``. ``priority`` is unused: a local token has no quota."""
+        if len(digest) != alg.digest_size:
+            raise SigningFailedError(
+                f"{self._name}: {alg.name} needs a {alg.digest_size}-byte digest, got {len(digest)}"
+            )
+        info = await self.describe()
+        public = info.public_key
+        if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != alg.curve_name:
+            raise SigningFailedError(f"{self._name}: {alg.name} does not match the key in the token")
+        raw = await self._conn.run(lambda s: self._sign_sync(s, digest), where=self._name)
+        if len(raw) != alg.signature_size:
+            raise SigningFailedError(
+                f"{self._name}: the token returned a {len(raw)}-byte signature; {alg.name} needs {alg.signature_size}"
+            )
+        return raw
+
+    def _sign_sync(self, session: Any, digest: bytes) -> bytes:
+        p11 = require_pkcs11()
+        key = self._handle(session)
+        try:
+            return bytes(key.sign(digest, mechanism=p11.Mechanism.ECDSA))
+        except p11.exceptions.PKCS11Error as exc:
+            if isinstance(exc, _p11init.reconnectable_errors()):
+                raise
+            if isinstance(exc, p11.exceptions.MechanismInvalid | p11.exceptions.FunctionNotSupported):
+                raise UnsupportedOperationError(f"{self._name}: the token cannot sign with CKM_ECDSA") from None
+            raise SigningFailedError(f"{self._name}: the token refused to sign: {describe_error(exc)}") from None
+
+
+class PKCS11DecryptionKey(_PKCS11Key):
+    """An RSA key in a token that decrypts RSA-OAEP-SHA256 (in the token, or raw RSA plus host decoding)."""
+
+    async def decrypt_oaep_sha256(self, ciphertext: bytes, *, priority: Priority = Priority.HIGH) -> bytes:
+        info = await self.describe()
+        if not isinstance(info.public_key, rsa.RSAPublicKey):  # pragma: no cover -- the key type is filtered on
+            raise UnsupportedOperationError(f"{self._name}: not an RSA key")
+        k = (info.public_key.key_size + 7) // 8
+        if self._sel.oaep == "host":
+            if len(ciphertext) != k:
+                raise BackendError(DECRYPTION_FAILED)
+            em = await self._conn.run(lambda s: self._raw_rsa_sync(s, ciphertext), where=self._name)
+            # Some tokens strip leading zero bytes from a raw RSA result; restore the fixed width.
+            return oaep_sha256_decode(em.rjust(k, b"\0"), k)
+        return await self._conn.run(lambda s: self._oaep_sync(s, ciphertext), where=self._name)
+
+    def _oaep_sync(self, session: Any, ciphertext: bytes) -> bytes:
+        p11 = require_pkcs11()
+        key = self._handle(session)
+        x = p11.exceptions
+        try:
+            return bytes(
+                key.decrypt(
+                    ciphertext,
+                    mechanism=p11.Mechanism.RSA_PKCS_OAEP,
+                    mechanism_param=(p11.Mechanism.SHA256, p11.MGF.SHA256, None),
+                )
+            )
+        except x.PKCS11Error as exc:
+            if isinstance(exc, _p11init.reconnectable_errors()):
+                raise
+            if isinstance(exc, x.ArgumentsBad | x.MechanismInvalid | x.MechanismParamInvalid | x.FunctionNotSupported):
+                raise UnsupportedOperationError(
+                    f"{self._name}: token {self._conn.token_label!r} lacks RSA-OAEP with SHA-256 "
+                    f"({type(exc).__name__}); SoftHSM2 2.6 only does OAEP with SHA-1",
+                    hint='set oaep = "host" on this key to opt in to raw RSA in the token and OAEP decoding '
+                    "on the host, or use a token that supports OAEP-SHA256 (NSS softoken, most HSMs)",
+                ) from None
+            raise BackendError(DECRYPTION_FAILED) from None
+
+    def _raw_rsa_sync(self, session: Any, ciphertext: bytes) -> bytes:
+        p11 = require_pkcs11()
+        key = self._handle(session)
+        x = p11.exceptions
+        try:
+            return bytes(key.decrypt(ciphertext, mechanism=p11.Mechanism.RSA_X_509))
+        except x.PKCS11Error as exc:
+            if isinstance(exc, _p11init.reconnectable_errors()):
+                raise
+            if isinstance(exc, x.MechanismInvalid | x.FunctionNotSupported):
+                raise UnsupportedOperationError(
+                    f"{self._name}: token {self._conn.token_label!r} does not allow raw RSA (CKM_RSA_X_509), "
+                    "which "
+                    'oaep = "host" needs'
+                ) from None
+            raise BackendError(DECRYPTION_FAILED) from None
+
+
+# --- the registry -------------------------------------------------------------------------------------------
+
+
+class PKCS11Registry:
+    """Owns PKCS#11 modules and token connections; hands out ``SigningKey``/``DecryptionKey`` objects.
+
+    ``signing_key``/``decryption_key`` only validate (module path, PIN source, URI) and never touch the token;
+    the first ``describe()`` or operation connects. Keys in one token share one connection (one session, one
+    login).
+    """
+
+    def __init__(self, *, allowed_module_dirs: tuple[str, ...] | None = DEFAULT_MODULE_DIRS) -> None:
+        require_pkcs11()
+        self._allowed = allowed_module_dirs
+        self._tokens: dict[tuple[str, str | None, str | None], _TokenConnection] = {}
+
+    def _connection(self, sel: KeySelector, *, name: str) -> _TokenConnection:
+        key = (sel.module, sel.init_params, sel.token_label)
+        conn = self._tokens.get(key)
+        for other in self._tokens.values():
+            if other.module == sel.module and other.init_params != sel.init_params:
+                raise ConfigError(
+                    f"{name}.init_params: differs from another key on module {sel.module}",
+                    hint="a module is initialised once per process: give all its keys the same init_params",
+                )
+        if conn is None:
+            conn = _TokenConnection(sel.module, sel.init_params, sel.token_label, sel.pin, self._allowed)
+            self._tokens[key] = conn
+        elif conn.pin != sel.pin:
+            raise ConfigError(
+                f"{name}: token {sel.token_label!r} is already used with {conn.pin.describe()}, "
+                f"this key names {sel.pin.describe()}",
+                hint="keys in one token share one login: give them the same PIN source",
+            )
+        return conn
+
+    def signing_key(self, cfg: PKCS11KeyConfig, *, name: str) -> SigningKey:
+        """A signing key (EC private key) as configured under the dotted config path ``name``."""
+        sel = resolve_key_config(cfg, name=name, allowed_module_dirs=self._allowed)
+        return PKCS11SigningKey(self._connection(sel, name=name), sel, name=name, kind="ec")
+
+    def decryption_key(self, cfg: PKCS11KeyConfig, *, name: str) -> DecryptionKey:
+        """A decryption key (RSA private key) as configured under the dotted config path ``name``."""
+        sel = resolve_key_config(cfg, name=name, allowed_module_dirs=self._allowed)
+        return PKCS11DecryptionKey(self._connection(sel, name=name), sel, name=name, kind="rsa")
+
+    def status(self) -> tuple[TokenStatus, ...]:
+        """One entry per token connection."""
+        return tuple(c.status() for c in self._tokens.values())
+
+    async def reset(self) -> None:
+        """Drop every session (reconnect on next use) and forget refused PINs. For SIGHUP."""
+        for conn in self._tokens.values():
+            await conn.reset()
+
+    async def aclose(self) -> None:
+        """Close every session (this logs out) and stop the worker threads. Modules stay initialised."""
+        for conn in self._tokens.values():
+            await conn.aclose()

@@ -1,0 +1,392 @@
+"""Key management in PKCS#11 tokens: generate, import, list, delete member keys; self-signed member certs.
+
+Owns what ``signing-agent keys`` does to a token (``cli_keys`` is only its argument parsing and printing).
+This is synchronous code for a command-line tool, not for the daemon's event loop. Keys are created
+non-extractable and sensitive; the member certificate (what CCF's ``keygenerator.sh`` makes: ``CN=<name>``,
+self-signed with the hash that matches the curve) is assembled with asn1crypto and its TBSCertificate is
+signed **by the token**, so the private key never leaves it. Module-specific template quirks live in
+``_template_quirks``.
+
+Vendor imports (``pkcs11``, ``asn1crypto``) stay in ``signing_agent.backends``; PKCS#11 exceptions are
+wrapped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from signing_agent.algorithms import der_to_raw, for_curve, raw_to_der, verify_digest
+from signing_agent.backends import _p11init
+from signing_agent.backends._p11init import PinSource, describe_error, require_pkcs11
+from signing_agent.backends.pkcs11 import find_private_key, read_public_key
+from signing_agent.errors import AgentError, BackendError, ConfigError, IdentityError
+
+CURVES: dict[str, str] = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
+"""Curve names on the command line -> names as ``cryptography`` and asn1crypto spell them."""
+
+_ASN1_SIG_ALGS = {"sha256": "sha256_ecdsa", "sha384": "sha384_ecdsa", "sha512": "sha512_ecdsa"}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTarget:
+    """Which token to administer and how to log in (the PIN source, never the PIN)."""
+
+    module: str
+    token_label: str | None
+    pin: PinSource
+    init_params: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    """A key in a token, as the tooling reports it."""
+
+    label: str
+    key_id: bytes
+    key_type: Literal["EC", "RSA", "other"]
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | None
+    member_id: str | None = None
+
+    @property
+    def description(self) -> str:
+        """``P-384`` / ``RSA-2048`` / ``EC (no public object)``."""
+        if isinstance(self.public_key, ec.EllipticCurvePublicKey):
+            names = {v: k for k, v in CURVES.items()}
+            return names.get(self.public_key.curve.name, self.public_key.curve.name)
+        if isinstance(self.public_key, rsa.RSAPublicKey):
+            return f"RSA-{self.public_key.key_size}"
+        return f"{self.key_type} (no public key object)"
+
+
+def member_id(cert: x509.Certificate) -> str:
+    """CCF's member id: the lowercase hex SHA-256 of the certificate's DER."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@contextmanager
+def admin_session(target: TokenTarget, *, rw: bool = True) -> Iterator[Any]:
+    """A logged-in session to the target token (rw by default); PKCS#11 errors become ``AgentError``."""
+    p11 = require_pkcs11()
+    where = f"token {target.token_label!r}" if target.token_label else "token"
+    lib = _p11init.load_module(target.module, target.init_params)
+    try:
+        token = _p11init.find_token(lib, target.token_label, where=where)
+        session = _p11init.open_session(token, target.pin, rw=rw, where=where)
+    except p11.exceptions.PKCS11Error as exc:
+        raise BackendError(f"{where}: {describe_error(exc)}") from None
+    try:
+        yield session
+    except p11.exceptions.PKCS11Error as exc:
+        raise BackendError(f"{where}: the token failed: {describe_error(exc)}") from None
+    finally:
+        _p11init.close_session(session)
+
+
+def _template_quirks(manufacturer_id: str) -> dict[str, bool]:
+    """Key-generation template differences between modules (all verified in testing-real-components.md)."""
+    # NSS softoken rejects EC key-pair templates that set CKA_ENCRYPT/CKA_DECRYPT; SoftHSM2 does not care. We
+    # leave those attributes out for EC everywhere. tpm2-pkcs11 wants the full set
+    # (ENCRYPT/DECRYPT/SIGN/VERIFY) or its attribute check fails with CKR_GENERAL_ERROR.
+    return {"ec_encrypt_flags": "tpm2" in manufacturer_id.lower()}
+
+
+def _new_id(key_id: bytes | None) -> bytes:
+    return key_id if key_id is not None else secrets.token_bytes(8)
+
+
+def _refuse_duplicates(session: Any, *, label: str, key_id: bytes) -> None:
+    p11 = require_pkcs11()
+    for template in ({p11.Attribute.LABEL: label}, {p11.Attribute.ID: key_id}):
+        template[p11.Attribute.CLASS] = p11.ObjectClass.PRIVATE_KEY
+        if list(session.get_objects(template)):
+            what = f"label {label!r}" if p11.Attribute.LABEL in template else f"id {key_id.hex()}"
+            raise ConfigError(
+                f"the token already has a private key with {what}",
+                hint="choose another --label/--id, or delete the old key first",
+            )
+
+
+def _ec_params(curve_name: str) -> bytes:
+    from asn1crypto import keys
+
+    return bytes(keys.ECDomainParameters(name="named", value=curve_name).dump())
+
+
+def _ec_point(public: ec.EllipticCurvePublicKey) -> bytes:
+    from asn1crypto import core
+
+    raw = public.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return bytes(core.OctetString(raw).dump())
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def generate_ec_key(
+    target: TokenTarget, *, label: str, key_id: bytes | None = None, curve: str = "secp384r1"
+) -> TokenKey:
+    """Generate a non-extractable EC signing key pair in the token (token objects, private key sensitive)."""
+    p11 = require_pkcs11()
+    a, default = p11.Attribute, p11.DEFAULT
+    for_curve(curve)  # refuse curves CCF does not accept before touching the token
+    key_id = _new_id(key_id)
+    with admin_session(target) as session:
+        _refuse_duplicates(session, label=label, key_id=key_id)
+        quirks = _template_quirks(_lib_manufacturer(target))
+        enc: Any = True if quirks["ec_encrypt_flags"] else default
+        public_template = {
+            a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: False,
+            a.VERIFY: True, a.ENCRYPT: enc, a.WRAP: default, a.EC_PARAMS: _ec_params(curve),
+        }  # fmt: skip
+        private_template = {
+            a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: True,
+            a.SENSITIVE: True, a.EXTRACTABLE: False, a.SIGN: True, a.DECRYPT: enc, a.UNWRAP: default,
+            a.DERIVE: default,
+        }  # fmt: skip
+        _pub, priv = session.generate_keypair(
+            p11.KeyType.EC,
+            id=key_id,
+            label=label,
+            store=True,
+            capabilities=p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY,
+            mechanism=p11.Mechanism.EC_KEY_PAIR_GEN,
+            public_template=public_template,
+            private_template=private_template,
+        )
+        public = read_public_key(session, priv, where=f"key {label!r}")
+    return TokenKey(label=label, key_id=key_id, key_type="EC", public_key=public)
+
+
+def generate_rsa_key(target: TokenTarget, *, label: str, key_id: bytes | None = None, bits: int = 2048) -> TokenKey:
+    """Generate a non-extractable RSA decryption key pair (DECRYPT, UNWRAP) in the token."""
+    p11 = require_pkcs11()
+    a, default = p11.Attribute, p11.DEFAULT
+    key_id = _new_id(key_id)
+    with admin_session(target) as session:
+        _refuse_duplicates(session, label=label, key_id=key_id)
+        public_template = {
+            a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: False,
+            a.ENCRYPT: True, a.WRAP: True, a.VERIFY: default,
+        }  # fmt: skip
+        private_template = {
+            a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: True,
+            a.SENSITIVE: True, a.EXTRACTABLE: False, a.DECRYPT: True, a.UNWRAP: True, a.SIGN: default,
+            a.DERIVE: default,
+        }  # fmt: skip
+        _pub, priv = session.generate_keypair(
+            p11.KeyType.RSA,
+            bits,
+            id=key_id,
+            label=label,
+            store=True,
+            capabilities=p11.MechanismFlag.DECRYPT | p11.MechanismFlag.UNWRAP,
+            public_template=public_template,
+            private_template=private_template,
+        )
+        public = read_public_key(session, priv, where=f"key {label!r}")
+    return TokenKey(label=label, key_id=key_id, key_type="RSA", public_key=public)
+
+
+def _lib_manufacturer(target: TokenTarget) -> str:
+    lib = _p11init.load_module(target.module, target.init_params)
+    return str(lib.manufacturer_id)
+
+
+def import_ec_key(
+    target: TokenTarget, key: ec.EllipticCurvePrivateKey, *, label: str, key_id: bytes | None = None
+) -> TokenKey:
+    """Copy an EC private key into the token (C_CreateObject: private non-extractable, sensitive; public)."""
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    alg = for_curve(key.curve.name)
+    key_id = _new_id(key_id)
+    params = _ec_params(key.curve.name)
+    d = key.private_numbers().private_value.to_bytes(alg.field_bytes, "big")
+    with admin_session(target) as session:
+        _refuse_duplicates(session, label=label, key_id=key_id)
+        session.create_object({
+            a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: True,
+            a.SENSITIVE: True, a.EXTRACTABLE: False, a.SIGN: True, a.EC_PARAMS: params, a.VALUE: d,
+            a.LABEL: label, a.ID: key_id,
+        })  # fmt: skip
+        session.create_object({
+            a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: False,
+            a.VERIFY: True, a.EC_PARAMS: params, a.EC_POINT: _ec_point(key.public_key()), a.LABEL: label,
+            a.ID: key_id,
+        })  # fmt: skip
+    return TokenKey(label=label, key_id=key_id, key_type="EC", public_key=key.public_key())
+
+
+def import_rsa_key(target: TokenTarget, key: rsa.RSAPrivateKey, *, label: str, key_id: bytes | None = None) -> TokenKey:
+    """Copy an RSA private key into the token for decryption (DECRYPT, UNWRAP), plus its public object."""
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    key_id = _new_id(key_id)
+    n = key.private_numbers()
+    pub = n.public_numbers
+    with admin_session(target) as session:
+        _refuse_duplicates(session, label=label, key_id=key_id)
+        session.create_object({
+            a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: True,
+            a.SENSITIVE: True, a.EXTRACTABLE: False, a.DECRYPT: True, a.UNWRAP: True,
+            a.MODULUS: _int_bytes(pub.n), a.PUBLIC_EXPONENT: _int_bytes(pub.e),
+            a.PRIVATE_EXPONENT: _int_bytes(n.d),
+            a.PRIME_1: _int_bytes(n.p), a.PRIME_2: _int_bytes(n.q), a.EXPONENT_1: _int_bytes(n.dmp1),
+            a.EXPONENT_2: _int_bytes(n.dmq1), a.COEFFICIENT: _int_bytes(n.iqmp), a.LABEL: label, a.ID: key_id,
+        })  # fmt: skip
+        session.create_object({
+            a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: False,
+            a.ENCRYPT: True, a.WRAP: True, a.MODULUS: _int_bytes(pub.n), a.PUBLIC_EXPONENT: _int_bytes(pub.e),
+            a.LABEL: label, a.ID: key_id,
+        })  # fmt: skip
+    return TokenKey(label=label, key_id=key_id, key_type="RSA", public_key=key.public_key())
+
+
+def sign_digest(target: TokenTarget, *, label: str | None, key_id: bytes | None, digest: bytes) -> bytes:
+    """Sign a digest with CKM_ECDSA in the token (raw ``r||s``); used for certificates and self-tests."""
+    p11 = require_pkcs11()
+    with admin_session(target, rw=False) as session:
+        key = find_private_key(session, label=label, key_id=key_id, key_type=p11.KeyType.EC, where="key")
+        return bytes(key.sign(digest, mechanism=p11.Mechanism.ECDSA))
+
+
+def check_signs(target: TokenTarget, key: TokenKey) -> None:
+    """Sign a random digest with the key in the token and verify it with the public key we expect."""
+    if not isinstance(key.public_key, ec.EllipticCurvePublicKey):
+        raise IdentityError(f"key {key.label!r} is not an EC key")
+    alg = for_curve(key.public_key.curve.name)
+    digest = alg.digest(secrets.token_bytes(32))
+    raw = sign_digest(target, label=key.label, key_id=key.key_id, digest=digest)
+    verify_digest(key.public_key, alg, digest, raw)
+
+
+def self_signed_certificate(
+    target: TokenTarget, key: TokenKey, *, common_name: str, days: int = 365
+) -> x509.Certificate:
+    """A member certificate like ``keygenerator.sh`` makes (CN, self-signed, v3 CA), signed in the token."""
+    from asn1crypto import algos, keys
+    from asn1crypto import x509 as ax
+
+    public = key.public_key
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise IdentityError(f"key {key.label!r} is not an EC key")
+    alg = for_curve(public.curve.name)
+    spki = keys.PublicKeyInfo.load(
+        public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    name = ax.Name.build({"common_name": common_name})
+    sig_alg = algos.SignedDigestAlgorithm({"algorithm": _ASN1_SIG_ALGS[alg.hash_name]})
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    ski = spki.sha1
+    tbs = ax.TbsCertificate(
+        {
+            "version": "v3",
+            "serial_number": int.from_bytes(secrets.token_bytes(16), "big") >> 1 or 1,
+            "signature": sig_alg,
+            "issuer": name,
+            "validity": {
+                "not_before": ax.Time({"utc_time": now}),
+                "not_after": ax.Time({"utc_time": now + datetime.timedelta(days=days)}),
+            },
+            "subject": name,
+            "subject_public_key_info": spki,
+            "extensions": [
+                {"extn_id": "basic_constraints", "critical": True, "extn_value": {"ca": True}},
+                {"extn_id": "key_identifier", "critical": False, "extn_value": ski},
+                {
+                    "extn_id": "authority_key_identifier",
+                    "critical": False,
+                    "extn_value": {"key_identifier": ski},
+                },
+            ],
+        }
+    )
+    digest = alg.digest(tbs.dump())
+    raw = sign_digest(target, label=key.label, key_id=key.key_id, digest=digest)
+    signature = raw_to_der(alg, raw)
+    cert_der = ax.Certificate(
+        {"tbs_certificate": tbs, "signature_algorithm": sig_alg, "signature_value": signature}
+    ).dump()
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise IdentityError(f"the token's certificate signature does not verify: {exc}") from None
+    der_to_raw(alg, signature)  # round-trip sanity: DER re-encodes to the same width
+    return cert
+
+
+def list_keys(target: TokenTarget, *, certificates: Sequence[x509.Certificate] = ()) -> list[TokenKey]:
+    """Every private key in the token (label, id, type, public key) and member ids of given certs."""
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    result: list[TokenKey] = []
+    by_spki = {
+        c.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo): c
+        for c in certificates
+    }
+    with admin_session(target, rw=False) as session:
+        for obj in list(session.get_objects({a.CLASS: p11.ObjectClass.PRIVATE_KEY})):
+            label = str(obj[a.LABEL] or "")
+            key_id = bytes(obj[a.ID] or b"")
+            kt = obj[a.KEY_TYPE]
+            key_type: Literal["EC", "RSA", "other"] = (
+                "EC" if kt == p11.KeyType.EC else "RSA" if kt == p11.KeyType.RSA else "other"
+            )
+            public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | None = None
+            if key_type != "other":
+                try:
+                    public = read_public_key(session, obj, where=f"key {label!r}")
+                except AgentError:
+                    public = None
+            mid = None
+            if public is not None:
+                spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+                if spki in by_spki:
+                    mid = member_id(by_spki[spki])
+            result.append(TokenKey(label=label, key_id=key_id, key_type=key_type, public_key=public, member_id=mid))
+    return sorted(result, key=lambda k: (k.label, k.key_id))
+
+
+def delete_keys(target: TokenTarget, *, label: str | None = None, key_id: bytes | None = None) -> int:
+    """Destroy every key object (private and public) with this label and/or id; returns the count."""
+    if label is None and key_id is None:
+        raise ConfigError("delete_keys needs a label or an id")
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    count = 0
+    with admin_session(target) as session:
+        for cls in (p11.ObjectClass.PRIVATE_KEY, p11.ObjectClass.PUBLIC_KEY):
+            template: dict[Any, Any] = {a.CLASS: cls}
+            if label is not None:
+                template[a.LABEL] = label
+            if key_id is not None:
+                template[a.ID] = key_id
+            for obj in list(session.get_objects(template)):
+                obj.destroy()
+                count += 1
+    return count
+
+
+def find_key(target: TokenTarget, *, label: str | None, key_id: bytes | None, kind: Literal["EC", "RSA"]) -> TokenKey:
+    """The one private key with this label and/or id, with its public key (``KeyNotFoundError`` otherwise)."""
+    p11 = require_pkcs11()
+    key_type = p11.KeyType.EC if kind == "EC" else p11.KeyType.RSA
+    with admin_session(target, rw=False) as session:
+        obj = find_private_key(session, label=label, key_id=key_id, key_type=key_type, where="key")
+        public = read_public_key(session, obj, where="key")
+        found_label = str(obj[p11.Attribute.LABEL] or "")
+        found_id = bytes(obj[p11.Attribute.ID] or b"")
+    return TokenKey(label=found_label, key_id=found_id, key_type=kind, public_key=public)

@@ -1,0 +1,297 @@
+"""``signing-agent keys generate|import|list``: member keys in PKCS#11 tokens, from the command line.
+
+Owns argument parsing, PIN prompting and printing for the key tooling; the work is done by
+``signing_agent.backends.pkcs11_admin``. Errors print ``diagnostics()`` to stderr and return a non-zero exit
+code, never a traceback. A PIN is read from ``--pin-file`` (mode 0600), ``--pin-env``, or an interactive
+prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from signing_agent.errors import AgentError, ConfigError, IdentityError
+
+if TYPE_CHECKING:
+    from signing_agent.backends.pkcs11_admin import TokenTarget
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``keys`` command with ``generate``, ``import`` and ``list`` subcommands."""
+    keys = subparsers.add_parser("keys", help="generate, import and list member keys in a PKCS#11 token")
+    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{generate,import,list}")
+
+    def token_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--module", required=True, help="path of the PKCS#11 module (.so)")
+        p.add_argument("--token-label", help="label of the token (required when the module has several)")
+        pin = p.add_mutually_exclusive_group()
+        pin.add_argument("--pin-file", type=Path, help="file holding the user PIN (mode 0600)")
+        pin.add_argument("--pin-env", metavar="VAR", help="environment variable holding the user PIN")
+        p.add_argument("--init-params", help="module init parameters (NSS softoken: \"configdir='sql:DIR' ...\")")
+
+    gen = sub.add_parser("generate", help="create a member key pair in the token and its self-signed certificate")
+    token_args(gen)
+    gen.add_argument("--label", required=True, help="label of the new key (also the certificate CN by default)")
+    gen.add_argument("--id", help="CKA_ID of the new key, hex (default: random 8 bytes)")
+    gen.add_argument("--curve", choices=("P-256", "P-384", "P-521"), default="P-384")
+    gen.add_argument("--common-name", help="certificate CN (default: the label)")
+    gen.add_argument("--cert-out", type=Path, help="where to write the certificate (default: <label>_cert.pem)")
+    gen.add_argument("--encryption-key", action="store_true", help="also create an RSA-2048 encryption key")
+    gen.add_argument("--enc-pub-out", type=Path, help="encryption public key PEM (default: <label>_enc_pubk.pem)")
+    gen.set_defaults(func=run_generate)
+
+    imp = sub.add_parser("import", help="move an existing PEM member key (and encryption key) into the token")
+    token_args(imp)
+    imp.add_argument("--label", required=True, help="label for the imported key")
+    imp.add_argument("--id", help="CKA_ID for the imported key, hex (default: random 8 bytes)")
+    imp.add_argument("--key", type=Path, required=True, help="PEM private key of the member (EC)")
+    imp.add_argument("--cert", type=Path, help="the member certificate: checked against the key")
+    imp.add_argument("--encryption-key", type=Path, metavar="FILE", help="PEM RSA encryption private key to import")
+    imp.add_argument("--delete-pem", action="store_true", help="delete the PEM file(s) after a verified import")
+    imp.set_defaults(func=run_import)
+
+    lst = sub.add_parser("list", help="list the private keys in the token")
+    token_args(lst)
+    lst.add_argument("--cert", type=Path, action="append", default=[], help="certificate(s) to show member ids for")
+    lst.set_defaults(func=run_list)
+
+
+def _target(args: argparse.Namespace) -> TokenTarget:
+    from signing_agent.backends._p11init import PinSource
+    from signing_agent.backends.pkcs11_admin import TokenTarget
+
+    pin = PinSource(pin_file=args.pin_file, pin_env=args.pin_env)
+    if args.pin_file is None and args.pin_env is None:
+        if not sys.stdin.isatty():
+            raise ConfigError("no PIN source: give --pin-file or --pin-env (no terminal to prompt on)")
+        # An interactive PIN lives only in this process's environment, under a private name.
+        var = "_SIGNING_AGENT_KEYS_PIN"
+        os.environ[var] = getpass.getpass(f"User PIN for token {args.token_label or ''}: ")
+        pin = PinSource(pin_env=var)
+    return TokenTarget(module=args.module, token_label=args.token_label, pin=pin, init_params=args.init_params)
+
+
+def _key_id(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        value = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        raise ConfigError(f"--id {text!r}: expected hex, e.g. 01a2") from None
+    if not value:
+        raise ConfigError("--id must not be empty")
+    return value
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a new file atomically; refuse to overwrite an existing one."""
+    if path.exists():
+        raise ConfigError(f"{path} already exists; refusing to overwrite it")
+    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def _q(value: object) -> str:
+    return json.dumps(str(value))
+
+
+def _snippet(args: argparse.Namespace, *, name: str, cert: Path | None, label: str, key_id: bytes,
+             enc_label: str | None, enc_id: bytes | None) -> str:  # fmt: skip
+    pin = (
+        f"pin_file = {_q(Path(args.pin_file).absolute())}"
+        if args.pin_file
+        else f"pin_env = {_q(args.pin_env or 'SIGNING_AGENT_PIN')}"
+    )
+    common = [f"module = {_q(args.module)}"]
+    if args.token_label:
+        common.append(f"token_label = {_q(args.token_label)}")
+    common.append(pin)
+    if args.init_params:
+        common.append(f"init_params = {_q(args.init_params)}")
+    lines = [f"[identities.{name}]"]
+    lines.append(f"certificate = {_q(cert.absolute()) if cert else _q('PATH/TO/' + name + '_cert.pem')}")
+    lines += ["", f"[identities.{name}.signing_key]", 'backend = "pkcs11"', *common]
+    lines += [f"key_label = {_q(label)}", f"key_id = {_q(key_id.hex())}"]
+    if enc_label is not None and enc_id is not None:
+        lines += ["", f"[identities.{name}.encryption_key]", 'backend = "pkcs11"', *common]
+        lines += [f"key_label = {_q(enc_label)}", f"key_id = {_q(enc_id.hex())}"]
+    return "\n".join(lines)
+
+
+def _fail(exc: AgentError, err: TextIO) -> int:
+    print(f"error: {exc.diagnostics()}", file=err)
+    return EXIT_ERROR
+
+
+def _config_name(label: str) -> str:
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in label)
+    return name or "member0"
+
+
+def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``keys generate``: EC key pair + self-signed member certificate (+ optional RSA encryption key)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        from signing_agent.backends import pkcs11_admin
+
+        target = _target(args)
+        key_id = _key_id(args.id)
+        cert_out = args.cert_out or Path(f"{args.label}_cert.pem")
+        enc_out = args.enc_pub_out or Path(f"{args.label}_enc_pubk.pem")
+        for path in (cert_out, *((enc_out,) if args.encryption_key else ())):
+            if path.exists():
+                raise ConfigError(f"{path} already exists; refusing to overwrite it")
+        key = pkcs11_admin.generate_ec_key(
+            target,
+            label=args.label,
+            key_id=key_id,
+            curve=pkcs11_admin.CURVES[args.curve],
+        )
+        cert = pkcs11_admin.self_signed_certificate(
+            target,
+            key,
+            common_name=args.common_name or args.label,
+        )
+        _write_new(cert_out, cert.public_bytes(serialization.Encoding.PEM))
+        print(f"created {args.curve} key {key.label!r} (id {key.key_id.hex()}) in the token", file=out)
+        print(f"wrote the member certificate to {cert_out}", file=out)
+        enc_label = enc_id = None
+        if args.encryption_key:
+            enc = pkcs11_admin.generate_rsa_key(target, label=f"{args.label}-enc")
+            if not isinstance(enc.public_key, rsa.RSAPublicKey):  # pragma: no cover -- generate_rsa_key made it
+                raise IdentityError("the generated encryption key is not RSA")
+            pem = enc.public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            _write_new(enc_out, pem)
+            enc_label, enc_id = enc.label, enc.key_id
+            print(
+                f"created RSA-2048 encryption key {enc.label!r} id {enc.key_id.hex()}, public key {enc_out}",
+                file=out,
+            )
+        print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
+        print("\nconfiguration to paste:\n", file=out)
+        name = _config_name(args.label)
+        snippet = _snippet(
+            args,
+            name=name,
+            cert=cert_out,
+            label=key.label,
+            key_id=key.key_id,
+            enc_label=enc_label,
+            enc_id=enc_id,
+        )
+        print(snippet, file=out)
+    except AgentError as exc:
+        return _fail(exc, err)
+    return EXIT_OK
+
+
+def _load_pem_key(path: Path) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(f"{path}: the key is encrypted; decrypt it first (openssl pkey -in ... -out ...)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ConfigError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``keys import``: copy a PEM member key (and encryption key) into the token, then check it signs."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        from signing_agent.backends import pkcs11_admin
+
+        target = _target(args)
+        key = _load_pem_key(args.key)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{args.key}: a member key must be EC (P-256/P-384/P-521)")
+        cert = None
+        if args.cert is not None:
+            try:
+                cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{args.cert}: cannot read the certificate ({exc})") from None
+            if cert.public_key() != key.public_key():
+                raise IdentityError(f"{args.key} does not match the certificate {args.cert}")
+        enc_key = None
+        if args.encryption_key is not None:
+            loaded = _load_pem_key(args.encryption_key)
+            if not isinstance(loaded, rsa.RSAPrivateKey):
+                raise ConfigError(f"{args.encryption_key}: an encryption key must be RSA")
+            enc_key = loaded
+        imported = pkcs11_admin.import_ec_key(target, key, label=args.label, key_id=_key_id(args.id))
+        pkcs11_admin.check_signs(target, imported)
+        print(f"imported {args.key} as key {imported.label!r} (id {imported.key_id.hex()}); it signs", file=out)
+        enc_label = enc_id = None
+        if enc_key is not None:
+            enc = pkcs11_admin.import_rsa_key(target, enc_key, label=f"{args.label}-enc")
+            enc_label, enc_id = enc.label, enc.key_id
+            print(f"imported {args.encryption_key} as key {enc.label!r} (id {enc.key_id.hex()})", file=out)
+        if cert is not None:
+            print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
+        pems = [args.key, *((args.encryption_key,) if enc_key is not None else ())]
+        if args.delete_pem:
+            for pem in pems:
+                pem.unlink()
+                print(f"deleted {pem} (it may survive in backups and on disk blocks)", file=out)
+        else:
+            print(
+                "the key is now in the token: delete " + " and ".join(str(p) for p in pems)
+                + " (and its backups), e.g. with shred -u",
+                file=out,
+            )  # fmt: skip
+        print("\nconfiguration to paste:\n", file=out)
+        print(_snippet(args, name=_config_name(args.label), cert=args.cert, label=imported.label,
+                       key_id=imported.key_id, enc_label=enc_label, enc_id=enc_id), file=out)  # fmt: skip
+    except AgentError as exc:
+        return _fail(exc, err)
+    return EXIT_OK
+
+
+def run_list(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``keys list``: the token's private keys (label, id, type, curve/size, member id if a cert matches)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        from signing_agent.backends import pkcs11_admin
+
+        certs = []
+        for path in args.cert:
+            try:
+                certs.append(x509.load_pem_x509_certificate(Path(path).read_bytes()))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{path}: cannot read the certificate ({exc})") from None
+        keys = pkcs11_admin.list_keys(_target(args), certificates=certs)
+        print(f"{'LABEL':<24} {'ID':<18} {'TYPE':<10} MEMBER ID", file=out)
+        for k in keys:
+            print(f"{k.label:<24} {k.key_id.hex():<18} {k.description:<10} {k.member_id or '-'}", file=out)
+    except AgentError as exc:
+        return _fail(exc, err)
+    return EXIT_OK

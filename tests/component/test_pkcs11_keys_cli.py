@@ -1,0 +1,166 @@
+"""``signing-agent keys generate|import|list`` against real tokens (SoftHSM2 and NSS softoken)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from signing_agent.algorithms import ES384, verify_digest
+from signing_agent.backends.pkcs11 import PKCS11Registry
+from signing_agent.cli_keys import register
+from tests.support import pki, tokens
+from tests.support.tokens import TokenInfo, unique_label
+
+# The token fixtures live in tests.support.tokens (session-scoped); bind them here so pytest finds them.
+softhsm = tokens.softhsm
+nss_token = tokens.nss_token
+p11_token = tokens.p11_token
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="signing-agent")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    rc = args.func(args, out=out, err=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _token_argv(token: TokenInfo) -> list[str]:
+    argv = ["--module", str(token.module), "--token-label", token.token_label, "--pin-file", str(token.pin_file)]
+    if token.init_params:
+        argv += ["--init-params", token.init_params]
+    return argv
+
+
+async def test_generate_writes_a_token_signed_member_cert(p11_token: TokenInfo, tmp_path: Path) -> None:
+    label = unique_label("member")
+    cert_out, enc_out = tmp_path / "m_cert.pem", tmp_path / "m_enc_pubk.pem"
+    rc, out, err = _run(
+        ["keys", "generate", *_token_argv(p11_token), "--label", label, "--common-name", "member0",
+         "--cert-out", str(cert_out), "--encryption-key", "--enc-pub-out", str(enc_out)]
+    )  # fmt: skip
+    assert rc == 0, err
+    cert = x509.load_pem_x509_certificate(cert_out.read_bytes())
+    cert.verify_directly_issued_by(cert)  # the self-signature, made in the token, verifies
+    assert cert.signature_hash_algorithm is not None
+    assert cert.signature_hash_algorithm.name == "sha384"
+    assert cert.subject.rfc4514_string() == "CN=member0" == cert.issuer.rfc4514_string()
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.curve.name == "secp384r1"
+    member_id = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert f"member id: {member_id}" in out
+    assert f'key_label = "{label}"' in out
+    assert "[identities." in out
+
+    reg = PKCS11Registry()
+    try:
+        signer = reg.signing_key(p11_token.key_config(label), name="m0.signing_key")
+        assert (await signer.describe()).public_key == public  # the cert's key is the token's key
+        digest = ES384.digest(b"proposal")
+        verify_digest(public, ES384, digest, await signer.sign_digest(ES384, digest))
+        enc_pub = serialization.load_pem_public_key(enc_out.read_bytes())
+        assert isinstance(enc_pub, rsa.RSAPublicKey)
+        assert enc_pub.key_size == 2048
+        dec = reg.decryption_key(p11_token.key_config(f"{label}-enc"), name="m0.encryption_key")
+        assert (await dec.describe()).public_key == enc_pub
+        if p11_token.kind == "nss":  # SoftHSM2 has no OAEP-SHA256 in the token
+            oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+            assert await dec.decrypt_oaep_sha256(enc_pub.encrypt(b"share", oaep)) == b"share"
+    finally:
+        await reg.aclose()
+
+    # The same label again is refused, and nothing is overwritten.
+    rc, _, err = _run(["keys", "generate", *_token_argv(p11_token), "--label", label,
+                       "--cert-out", str(tmp_path / "other.pem")])  # fmt: skip
+    assert rc == 1
+    assert "already has a private key" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("curve", "hash_name"), [("P-256", "sha256"), ("P-521", "sha512")])
+def test_generate_other_curves(p11_token: TokenInfo, tmp_path: Path, curve: str, hash_name: str) -> None:
+    cert_out = tmp_path / "c.pem"
+    rc, _, err = _run(["keys", "generate", *_token_argv(p11_token), "--label", unique_label(), "--curve", curve,
+                       "--cert-out", str(cert_out)])  # fmt: skip
+    assert rc == 0, err
+    cert = x509.load_pem_x509_certificate(cert_out.read_bytes())
+    cert.verify_directly_issued_by(cert)
+    assert cert.signature_hash_algorithm is not None
+    assert cert.signature_hash_algorithm.name == hash_name
+
+
+async def test_import_then_list(p11_token: TokenInfo, tmp_path: Path) -> None:
+    member = pki.make_member(unique_label("m"))
+    key_path, cert_path = member.write(tmp_path)
+    enc_path = tmp_path / "enc.pem"
+    enc_path.write_bytes(pki.pem_private(pki.make_rsa_key()))
+    label = member.name
+    rc, out, err = _run(["keys", "import", *_token_argv(p11_token), "--label", label, "--id", "c0ffee",
+                         "--key", str(key_path), "--cert", str(cert_path),
+                         "--encryption-key", str(enc_path)])  # fmt: skip
+    assert rc == 0, err
+    assert "it signs" in out
+    assert f"member id: {member.member_id}" in out
+    assert re.search(r"delete .*_privk\.pem", out)
+    assert key_path.exists()
+
+    reg = PKCS11Registry()
+    try:
+        signer = reg.signing_key(p11_token.key_config(key_id=bytes.fromhex("c0ffee")), name="m.signing_key")
+        digest = ES384.digest(b"vote")
+        cert_key = member.cert.public_key()
+        assert isinstance(cert_key, ec.EllipticCurvePublicKey)
+        verify_digest(cert_key, ES384, digest, await signer.sign_digest(ES384, digest))
+    finally:
+        await reg.aclose()
+
+    rc, out, err = _run(["keys", "list", *_token_argv(p11_token), "--cert", str(cert_path)])
+    assert rc == 0, err
+    row = next(line for line in out.splitlines() if line.startswith(label + " "))
+    assert "c0ffee" in row
+    assert "P-384" in row
+    assert member.member_id in row
+    assert any(line.startswith(f"{label}-enc ") and "RSA-2048" in line for line in out.splitlines())
+
+
+def test_import_checks_the_certificate_and_can_delete_the_pem(p11_token: TokenInfo, tmp_path: Path) -> None:
+    member, other = pki.make_member(unique_label("m")), pki.make_member("other")
+    key_path, _ = member.write(tmp_path)
+    _, other_cert = other.write(tmp_path)
+    rc, _, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
+                       "--cert", str(other_cert)])  # fmt: skip
+    assert rc == 1
+    assert "does not match the certificate" in err
+    rc, out, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
+                         "--delete-pem"])  # fmt: skip
+    assert rc == 0, err
+    assert not key_path.exists()
+    assert "deleted" in out
+
+
+def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pin"
+    bad.write_text("0000\n")
+    bad.chmod(0o644)
+    argv = _token_argv(p11_token)
+    argv[argv.index("--pin-file") + 1] = str(bad)
+    rc, _, err = _run(["keys", "list", *argv])
+    assert rc == 1
+    assert err.startswith("error: ")
+    assert "chmod 600" in err
+    assert "Traceback" not in err
+    argv = _token_argv(p11_token)
+    argv[argv.index("--token-label") + 1] = "no-such-token"
+    rc, _, err = _run(["keys", "list", *argv])
+    assert rc == 1
+    assert "no token labelled 'no-such-token'" in err
