@@ -1,0 +1,773 @@
+"""Keys in Azure Key Vault or Managed HSM: ECDSA signing over a digest and RSA-OAEP-256 decryption, remotely.
+
+Owns: everything that touches the Azure SDK (``azure-keyvault-keys``' async
+``KeyClient``/``CryptographyClient`` and ``azure-identity``'s async credentials). Vendor imports stay in this
+module and vendor exceptions never leave it: they are wrapped into ``signing_agent.errors``. It must not
+import COSE, CCF or the API layers.
+
+Design notes (why it is built this way):
+
+- **One vault request per signature.** ``describe()`` GETs the key once (the pinned version if configured) and
+  builds the ``CryptographyClient`` from the returned ``KeyVaultKey``. Built from a key-id string instead, the
+  SDK would GET the key before the first operation, and before *every* operation while that GET fails. The
+  client is bound to the key's versioned id, so an unpinned key keeps using the version resolved at start-up:
+  the public key we cached (and that the identity layer compared with the certificate) is the one that signs
+  until the agent restarts.
+- **Our retry loop, not the SDK's.** The SDK's ``AsyncRetryPolicy`` retries POST only for 500/503/504, retries
+  a 429 only when ``Retry-After`` is present, and retries a failing GET with 0.8 s, 1.6 s, ... backoff up to
+  10 times. That makes throttling behaviour depend on a header. We set ``retry_total=0`` on every client and
+  run one loop: 429, 408, 5xx, connection errors and timeouts are retried, ``Retry-After`` (also
+  ``retry-after-ms`` and ``x-ms-retry-after-ms``) is honoured, otherwise jittered exponential backoff;
+  attempts and total time are bounded. Sign and decrypt are safe to repeat: neither changes vault state.
+- **Throttle per vault host.** Every attempt first takes a slot from a ``PriorityThrottle`` shared by all keys
+  on the host (concurrency cap + token bucket). A 429 also drains that bucket, so the other requests to the
+  same vault back off too. ``Priority.HIGH`` (recovery shares, acks) is served before ``Priority.NORMAL``.
+- **TLS.** ``ca_bundle`` is *extra* trust: we build one ``SSLContext`` with the system roots plus the bundle
+  and give the SDK an aiohttp session that uses it. (``connection_verify=<file>`` would replace the system
+  roots, and azure-core rebuilds an ``SSLContext`` from the file on every request: a blocking file read per
+  signature.)
+- **Secrets.** No token ever appears in a log line or an error: authentication errors are rebuilt from what we
+  know (credential kind, tenant, scope) plus the vendor's message with anything token-like redacted, and are
+  raised ``from None`` because the vendor exception's response object can carry the request's
+  ``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.utils
+import logging
+import re
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from signing_agent.algorithms import SignatureAlgorithm, verify_digest
+from signing_agent.backends.base import KeyInfo, Priority
+from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
+from signing_agent.config import AzureKeyVaultKeyConfig
+from signing_agent.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    IdentityError,
+    InvalidRequestError,
+    KeyNotFoundError,
+    SigningFailedError,
+)
+
+try:
+    import aiohttp
+    from azure.core.credentials_async import AsyncTokenCredential
+    from azure.core.exceptions import (
+        AzureError,
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+    from azure.core.pipeline.transport import AioHttpTransport
+    from azure.identity.aio import (
+        AzureCliCredential,
+        CertificateCredential,
+        ClientSecretCredential,
+        DefaultAzureCredential,
+        ManagedIdentityCredential,
+        WorkloadIdentityCredential,
+    )
+    from azure.keyvault.keys import KeyVaultKey
+    from azure.keyvault.keys.aio import KeyClient
+    from azure.keyvault.keys.crypto import EncryptionAlgorithm
+    from azure.keyvault.keys.crypto import SignatureAlgorithm as AzureSignatureAlgorithm
+    from azure.keyvault.keys.crypto.aio import CryptographyClient
+except ImportError as _exc:  # pragma: no cover -- exercised only without the [azure] extra
+    _IMPORT_ERROR: ImportError | None = _exc
+else:
+    _IMPORT_ERROR = None
+
+__all__ = [
+    "AzureKeyVaultDecryptionKey",
+    "AzureKeyVaultRegistry",
+    "AzureKeyVaultSettings",
+    "AzureKeyVaultSigningKey",
+    "ThrottleSettings",
+]
+
+_logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_TOKENISH = (
+    re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"),  # JWTs
+    re.compile(r"(?i)(bearer\s+)[^\s,\"']+"),
+    re.compile(r"(?i)(\"?(?:access_token|refresh_token|client_secret|authorization)\"?\s*[:=]\s*\"?)[^\s,\"'}]+"),
+)
+_SYSTEM_RANDOM = secrets.SystemRandom()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AzureKeyVaultSettings:
+    """Retry, timeout and throttle settings shared by every key of one registry (tests inject short ones)."""
+
+    max_attempts: int = 5
+    """Attempts per operation, the first included."""
+    total_timeout: float = 30.0
+    """Upper bound for one operation: queueing in the throttle, all attempts and all waits between them."""
+    attempt_timeout: float = 10.0
+    """Upper bound for one HTTP attempt (connect + answer)."""
+    connect_timeout: float = 5.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+    max_retry_after: float = 30.0
+    """A ``Retry-After`` longer than this fails the operation at once instead of waiting."""
+    throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for name in ("total_timeout", "attempt_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def _redact(text: str, limit: int = 400) -> str:
+    """Strip anything that looks like a token or secret from a vendor message and bound its length."""
+    for pattern in _TOKENISH:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expected_scope(vault_url: str) -> str:
+    """The token scope Key Vault asks for: the vault host without its first label (``vault.azure.net``)."""
+    netloc = urlsplit(vault_url).netloc
+    _, _, parent = netloc.partition(".")
+    return f"https://{parent or netloc}/.default"
+
+
+def _challenge_info(vault_url: str) -> tuple[str | None, str | None]:
+    """(tenant, scope) from the SDK's challenge cache, if the vault already answered a challenge.
+
+    The cache is a private SDK module, so failure to read it is not an error: we fall back to what we can
+    derive.
+    """
+    try:
+        from azure.keyvault.keys._shared import http_challenge_cache
+
+        challenge = http_challenge_cache.get_challenge_for_url(vault_url)
+    except Exception:  # noqa: BLE001 -- best effort diagnostics from a private module
+        return None, None
+    if challenge is None:
+        return None, None
+    scope = challenge.get_scope() or (challenge.get_resource() + "/.default" if challenge.get_resource() else None)
+    return challenge.tenant_id, scope
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms``, ``x-ms-retry-after-ms`` or ``Retry-After`` (seconds or an HTTP
+    date)."""
+    if headers is None:
+        return None
+    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+        value: str | None = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) / 1000.0)
+            except ValueError:
+                continue
+    value = headers.get("Retry-After")
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+
+
+def _jwk_text(jwk: object, name: str) -> str:
+    value = getattr(jwk, name, None)
+    value = getattr(value, "value", value)  # the SDK hands out str-valued enums (KeyType, KeyCurveName)
+    return str(value) if value is not None else ""
+
+
+def _jwk_bytes(jwk: object, name: str) -> bytes | None:
+    value = getattr(jwk, name, None)  # JsonWebKey sets its fields dynamically: no static attributes to type-check
+    return bytes(value) if isinstance(value, bytes | bytearray) else None
+
+
+def _public_key_from_jwk(key: KeyVaultKey) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    jwk = key.key
+    kty = _jwk_text(jwk, "kty")
+    if kty.startswith("EC"):
+        curves: dict[str, ec.EllipticCurve] = {
+            "P-256": ec.SECP256R1(),
+            "P-384": ec.SECP384R1(),
+            "P-521": ec.SECP521R1(),
+        }
+        crv = _jwk_text(jwk, "crv")
+        x, y = _jwk_bytes(jwk, "x"), _jwk_bytes(jwk, "y")
+        if crv not in curves or x is None or y is None:
+            raise IdentityError(
+                f"Key Vault key {key.id} is an EC key on curve {crv or '?'}: CCF governance needs P-256, P-384 or P-521"
+            )
+        return ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x, "big"), int.from_bytes(y, "big"), curves[crv]
+        ).public_key()
+    n, e = _jwk_bytes(jwk, "n"), _jwk_bytes(jwk, "e")
+    if kty.startswith("RSA") and n is not None and e is not None:
+        return rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
+    raise IdentityError(f"Key Vault key {key.id} has key type {kty or '?'}: expected EC or RSA")
+
+
+@dataclass(frozen=True, slots=True)
+class _CredentialKey:
+    kind: str
+    client_id: str | None
+    tenant_id: str | None
+    client_secret_env: str | None
+    client_certificate: Path | None
+
+
+_CHECKS: dict[str, str] = {
+    "default": (
+        "which credential of DefaultAzureCredential's chain applies on this host (AZURE_* environment "
+        "variables, workload identity, managed identity, 'az login'); set the log level to debug to see "
+        "each attempt"
+    ),
+    "managed-identity": (
+        "that a managed identity is assigned to this host (for a user-assigned identity, that client_id is "
+        "its client id) and that its token endpoint answers (IMDS, or IDENTITY_ENDPOINT/IDENTITY_HEADER)"
+    ),
+    "workload-identity": (
+        "AZURE_FEDERATED_TOKEN_FILE (exists, fresh), AZURE_CLIENT_ID and AZURE_TENANT_ID, and the federated "
+        "credential's subject on the app registration"
+    ),
+    "client-secret": "that the secret in client_secret_env's variable is current and belongs to client_id",
+    "client-certificate": (
+        "that client_certificate holds the private key and a certificate registered on the app (client_id)"
+    ),
+    "azure-cli": "that 'az login' was run as the agent's user and 'az account show' names the right tenant",
+}
+
+
+class _Vault:
+    """Per vault host: the throttle that every key on that host shares."""
+
+    def __init__(self, host: str, settings: ThrottleSettings) -> None:
+        self.host = host
+        self.throttle = PriorityThrottle(settings)
+
+
+class AzureKeyVaultRegistry:
+    """Makes Key Vault keys and shares what they should share: one credential per distinct credential config,
+    one throttle per vault host, one TLS context per CA bundle. Close it with ``aclose()`` after the keys' own
+    ``aclose()`` (calling it first also closes every key it made)."""
+
+    def __init__(self, *, settings: AzureKeyVaultSettings | None = None) -> None:
+        if _IMPORT_ERROR is not None:  # pragma: no cover -- exercised only without the [azure] extra
+            raise ConfigError(
+                f"the azure-keyvault backend needs the Azure SDK (missing: {_IMPORT_ERROR.name or 'azure'})",
+                hint="pip install 'signing-agent[azure]'",
+            )
+        self.settings = settings or AzureKeyVaultSettings()
+        self._vaults: dict[str, _Vault] = {}
+        self._credentials: dict[_CredentialKey, AsyncTokenCredential] = {}
+        self._credential_lock = asyncio.Lock()
+        self._ssl_contexts: dict[Path | None, ssl.SSLContext] = {}
+        self._keys: list[_AzureKey] = []
+        self._closed = False
+
+    def signing_key(self, cfg: AzureKeyVaultKeyConfig, *, name: str) -> AzureKeyVaultSigningKey:
+        """A signing key (EC) for identity ``name``. No I/O until ``describe()`` or the first signature."""
+        key = AzureKeyVaultSigningKey(self, cfg, name=name)
+        self._keys.append(key)
+        return key
+
+    def decryption_key(self, cfg: AzureKeyVaultKeyConfig, *, name: str) -> AzureKeyVaultDecryptionKey:
+        """A recovery-share decryption key (RSA) for identity ``name``."""
+        key = AzureKeyVaultDecryptionKey(self, cfg, name=name)
+        self._keys.append(key)
+        return key
+
+    def throttle_for(self, vault_url: str) -> PriorityThrottle:
+        """The throttle shared by every key on ``vault_url``'s host."""
+        return self._vault(vault_url).throttle
+
+    def _vault(self, vault_url: str) -> _Vault:
+        host = urlsplit(vault_url).netloc.lower()
+        vault = self._vaults.get(host)
+        if vault is None:
+            vault = self._vaults[host] = _Vault(host, self.settings.throttle)
+        return vault
+
+    async def _ssl_context(self, ca_bundle: Path | None) -> ssl.SSLContext:
+        ctx = self._ssl_contexts.get(ca_bundle)
+        if ctx is None:
+            ctx = await asyncio.to_thread(_make_ssl_context, ca_bundle)
+            self._ssl_contexts[ca_bundle] = ctx
+        return ctx
+
+    async def _credential(self, cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCredential:
+        ck = _CredentialKey(cfg.credential, cfg.client_id, cfg.tenant_id, cfg.client_secret_env, cfg.client_certificate)
+        async with self._credential_lock:
+            cred = self._credentials.get(ck)
+            if cred is None:
+                # Constructors may read files (a certificate, a token cache): keep them off the event loop.
+                cred = await asyncio.to_thread(_make_credential, cfg, where)
+                self._credentials[ck] = cred
+            return cred
+
+    async def aclose(self) -> None:
+        """Close every key, credential and throttle. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for key in self._keys:
+            await key.aclose()
+        for cred in self._credentials.values():
+            try:
+                await cred.close()
+            except Exception:  # closing must not fail the shutdown (logged with its traceback)
+                _logger.warning("closing an Azure credential failed", exc_info=True)
+        self._credentials.clear()
+        for vault in self._vaults.values():
+            vault.throttle.close()
+
+
+def _make_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if ca_bundle is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"ca_bundle: cannot load {ca_bundle}: {exc}") from exc
+    return ctx
+
+
+def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCredential:
+    import os
+
+    match cfg.credential:
+        case "default":
+            kwargs: dict[str, Any] = {}
+            if cfg.client_id:
+                kwargs["managed_identity_client_id"] = cfg.client_id
+                kwargs["workload_identity_client_id"] = cfg.client_id
+            if cfg.tenant_id:
+                kwargs["workload_identity_tenant_id"] = cfg.tenant_id
+            return DefaultAzureCredential(**kwargs)
+        case "managed-identity":
+            return ManagedIdentityCredential(client_id=cfg.client_id) if cfg.client_id else ManagedIdentityCredential()
+        case "workload-identity":
+            wkwargs: dict[str, Any] = {}
+            if cfg.client_id:
+                wkwargs["client_id"] = cfg.client_id
+            if cfg.tenant_id:
+                wkwargs["tenant_id"] = cfg.tenant_id
+            try:
+                return WorkloadIdentityCredential(**wkwargs)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.credential: workload identity is not configured: {exc}") from exc
+        case "client-secret":
+            if not (cfg.tenant_id and cfg.client_id and cfg.client_secret_env):
+                raise ConfigError(
+                    f"{where}: credential 'client-secret' needs tenant_id, client_id and client_secret_env"
+                )
+            secret = os.environ.get(cfg.client_secret_env)
+            if not secret:
+                raise ConfigError(f"{where}.client_secret_env: variable {cfg.client_secret_env} is not set or is empty")
+            return ClientSecretCredential(cfg.tenant_id, cfg.client_id, secret)
+        case "client-certificate":
+            if not (cfg.tenant_id and cfg.client_id and cfg.client_certificate):
+                raise ConfigError(
+                    f"{where}: credential 'client-certificate' needs tenant_id, client_id and client_certificate"
+                )
+            try:
+                return CertificateCredential(cfg.tenant_id, cfg.client_id, str(cfg.client_certificate))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"{where}.client_certificate: cannot load {cfg.client_certificate}: {_redact(str(exc))}"
+                ) from None
+        case "azure-cli":
+            return AzureCliCredential(tenant_id=cfg.tenant_id) if cfg.tenant_id else AzureCliCredential()
+        case other:
+            raise ConfigError(f"{where}.credential: unknown credential kind {other!r}")
+
+
+class _AzureKey:
+    """What signing and decryption keys share: the one-time describe, the clients, the retry loop, error
+    mapping."""
+
+    _purpose: Literal["sign", "decrypt"]
+
+    def __init__(self, registry: AzureKeyVaultRegistry, cfg: AzureKeyVaultKeyConfig, *, name: str) -> None:
+        self._registry = registry
+        self._cfg = cfg
+        self._name = name
+        self._settings = registry.settings
+        self._throttle = registry.throttle_for(cfg.vault_url)
+        self._where = name  # the key's dotted config path, e.g. identities.m0.signing_key
+        self._info: KeyInfo | None = None
+        self._crypto: CryptographyClient | None = None
+        self._describe_lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def config(self) -> AzureKeyVaultKeyConfig:
+        return self._cfg
+
+    def _client_kwargs(self, ctx: ssl.SSLContext) -> dict[str, Any]:
+        # NOTE: a fresh session per client because each client closes its transport; they share the
+        # SSLContext.
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=self._settings.throttle.max_concurrency),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=True,
+        )
+        kwargs: dict[str, Any] = {
+            "transport": AioHttpTransport(
+                session=session,
+                session_owner=True,
+                connection_timeout=self._settings.connect_timeout,
+                read_timeout=self._settings.attempt_timeout,
+            ),
+            "retry_total": 0,  # our loop retries (see the module docstring)
+        }
+        if self._cfg.api_version:
+            kwargs["api_version"] = self._cfg.api_version
+        return kwargs
+
+    async def describe(self) -> KeyInfo:
+        """GET the key once (and the latest version when pinned, to report drift); cached afterwards."""
+        if self._info is not None:
+            return self._info
+        async with self._describe_lock:
+            if self._info is None:
+                if self._closed:
+                    raise BackendUnavailableError(f"Key Vault key {self._cfg.key_name} is closed")
+                self._info = await self._load()
+            return self._info
+
+    async def _load(self) -> KeyInfo:
+        cfg = self._cfg
+        credential = await self._registry._credential(cfg, self._where)
+        ctx = await self._registry._ssl_context(cfg.ca_bundle)
+        kwargs = self._client_kwargs(ctx)
+        try:
+            key_client = KeyClient(cfg.vault_url, credential, **kwargs)
+        except NotImplementedError as exc:  # the SDK's answer to an unknown api_version
+            await kwargs["transport"].close()
+            raise ConfigError(f"{self._where}.api_version: {exc}") from None
+        try:
+            version = cfg.key_version or None
+            key = await self._call("get key", lambda: key_client.get_key(cfg.key_name, version), priority=Priority.HIGH)
+            public_key = _public_key_from_jwk(key)
+            warnings = self._check_key(key, public_key)
+            if cfg.key_version:
+                warnings += await self._check_drift(key_client, key, public_key)
+            else:
+                warnings.append(
+                    f"key_version is not pinned: using version {key.properties.version}, the vault's current "
+                    "one at start-up. A rotation (e.g. AutoRenew) is picked up only at the next start and "
+                    "then no longer matches the registered certificate; pin key_version"
+                )
+        finally:
+            await key_client.close()
+        # Built from the KeyVaultKey: no GET before the first operation, so one request per signature.
+        self._crypto = CryptographyClient(key, credential, **self._client_kwargs(ctx))
+        info = KeyInfo(backend="azure-keyvault", location=str(key.id), public_key=public_key, warnings=tuple(warnings))
+        for w in info.warnings:
+            _logger.warning("Key Vault key %s: %s", key.id, w)
+        return info
+
+    def _check_key(self, key: KeyVaultKey, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> list[str]:
+        warnings: list[str] = []
+        if self._purpose == "sign" and not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise IdentityError(
+                f"{self._where}: Key Vault key {key.id} is {key.key_type}, but governance signing needs an "
+                "EC key (P-256/P-384/P-521)"
+            )
+        if self._purpose == "decrypt" and not isinstance(public_key, rsa.RSAPublicKey):
+            raise IdentityError(f"{self._where}: Key Vault key {key.id} is {key.key_type}; recovery shares need RSA")
+        ops = {str(op) for op in (key.key_operations or [])}
+        needed = "sign" if self._purpose == "sign" else "decrypt"
+        if ops and needed not in ops:
+            warnings.append(f"the key's key_ops {sorted(ops)} do not include {needed!r}: the vault will refuse it")
+        props = key.properties
+        if props.enabled is False:
+            warnings.append("the key is disabled in the vault: every operation will be refused")
+        now = datetime.datetime.now(datetime.UTC)
+        if props.expires_on is not None and props.expires_on <= now:
+            warnings.append(f"the key expired on {props.expires_on.isoformat()}")
+        elif props.expires_on is not None and props.expires_on - now < datetime.timedelta(days=30):
+            warnings.append(f"the key expires on {props.expires_on.isoformat()}")
+        return warnings
+
+    async def _check_drift(
+        self,
+        key_client: KeyClient,
+        key: KeyVaultKey,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    ) -> list[str]:
+        try:
+            latest = await self._call(
+                "get latest key version",
+                lambda: key_client.get_key(self._cfg.key_name),
+                priority=Priority.HIGH,
+            )
+        except BackendError as exc:
+            return [f"could not check the vault's current version of the key: {exc.message}"]
+        if latest.properties.version == key.properties.version:
+            return []
+        same_key = _public_key_from_jwk(latest).public_numbers() == public_key.public_numbers()
+        return [
+            f"drift: the vault's current version of key {self._cfg.key_name!r} is "
+            f"{latest.properties.version}, but key_version pins {key.properties.version}"
+            + (" (same key material: a reuseKey renewal)" if same_key else " (a different key)")
+            + ". The agent keeps using the pinned version and the configured certificate; the member id "
+            "comes from that certificate. If the certificate was renewed (AutoRenew), its DER and so the "
+            "member id changed: register the new certificate in CCF before switching to it"
+        ]
+
+    async def _client(self) -> CryptographyClient:
+        if self._crypto is None:
+            await self.describe()
+        if self._crypto is None:  # pragma: no cover -- describe() always sets it or raises
+            raise BackendUnavailableError(f"Key Vault key {self._cfg.key_name} is not available")
+        return self._crypto
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]], *, priority: Priority) -> T:
+        """Run one vault operation under the throttle with bounded, jittered retries (see the module
+        docstring)."""
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.total_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._throttle.acquire(priority)
+            except TimeoutError:
+                raise BackendUnavailableError(
+                    f"Key Vault {self._cfg.vault_url}: {what} for key {self._cfg.key_name!r} waited "
+                    f"{s.total_timeout:g}s for the local rate limit",
+                    hint="the agent is sending more than the configured Key Vault budget; raise "
+                    "rate_per_second or max_concurrency if the vault's quota allows",
+                ) from None
+            timeout = min(s.attempt_timeout, max(0.0, deadline - loop.time()))
+            try:
+                async with asyncio.timeout(timeout):
+                    return await fn()
+            except TimeoutError:
+                reason = f"no answer within {timeout:.3g}s"
+            except ClientAuthenticationError as exc:
+                raise self._auth_error(exc, what) from None
+            except ResourceNotFoundError:
+                version = self._cfg.key_version or "latest"
+                raise KeyNotFoundError(
+                    f"Key Vault {self._cfg.vault_url} has no key {self._cfg.key_name!r} (version {version})",
+                    hint=f"check {self._where}.key_name and key_version; a soft-deleted key must be recovered first",
+                ) from None
+            except HttpResponseError as exc:
+                status = exc.status_code or 0
+                detail = self._vault_message(exc)
+                if status not in _RETRYABLE_STATUSES:
+                    raise self._rejected(status, detail, what) from None
+                reason = f"HTTP {status} {detail}"
+                retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
+                if status == 429:
+                    self._throttle_penalty(retry_after)
+            except ServiceRequestError as exc:
+                text = _redact(str(exc))
+                if "CERTIFICATE_VERIFY_FAILED" in text or "SSLCertVerificationError" in text:
+                    raise BackendError(
+                        f"Key Vault {self._cfg.vault_url}: TLS certificate verification failed: {text}",
+                        hint=f"for a private CA or a test vault set {self._where}.ca_bundle to its CA (PEM)",
+                    ) from None
+                reason = f"cannot reach the vault: {text}"
+            except ServiceResponseError as exc:
+                reason = f"the connection failed: {_redact(str(exc))}"
+            except ValueError as exc:
+                # The SDK's challenge check: the vault asked for a token scope outside its own domain.
+                raise ConfigError(
+                    f"{self._where}.vault_url: {self._cfg.vault_url}: {_redact(str(exc))}",
+                    hint="vault_url must be the vault's own DNS name (https://<name>.vault.azure.net)",
+                ) from None
+            except AzureError as exc:
+                raise BackendError(f"Key Vault {self._cfg.vault_url}: {what} failed: {_redact(str(exc))}") from None
+            finally:
+                self._throttle.release()
+
+            remaining = deadline - loop.time()
+            if attempt >= s.max_attempts:
+                raise BackendUnavailableError(
+                    f"Key Vault {self._cfg.vault_url}: {what} for key {self._cfg.key_name!r} failed after "
+                    f"{attempt} attempts: {reason}",
+                    hint="the vault is throttling or unavailable; a later retry may succeed",
+                )
+            if retry_after is not None and retry_after > s.max_retry_after:
+                raise BackendUnavailableError(
+                    f"Key Vault {self._cfg.vault_url}: {what}: the vault asked to retry after "
+                    f"{retry_after:g}s (more than max_retry_after={s.max_retry_after:g}s): {reason}",
+                    hint="the vault's quota is exhausted; lower the agent's rate or raise the vault's limits",
+                )
+            delay = retry_after if retry_after is not None else self._backoff(attempt)
+            if delay >= remaining:
+                raise BackendUnavailableError(
+                    f"Key Vault {self._cfg.vault_url}: {what} for key {self._cfg.key_name!r} failed within "
+                    f"{s.total_timeout:g}s ({attempt} attempts): {reason}",
+                    hint="the vault is throttling or unavailable; a later retry may succeed",
+                )
+            _logger.warning(
+                "Key Vault %s: %s for key %s: %s; attempt %d/%d, retrying in %.2fs",
+                self._cfg.vault_url, what, self._cfg.key_name, reason, attempt, s.max_attempts, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with equal jitter: half fixed, half random, so retries of many callers spread
+        out."""
+        s = self._settings
+        cap = min(s.backoff_max, s.backoff_initial * 2.0 ** (attempt - 1))
+        return cap / 2 + _SYSTEM_RANDOM.uniform(0, cap / 2)
+
+    def _throttle_penalty(self, retry_after: float | None) -> None:
+        # The vault throttles per vault, not per request: make every caller of this host slow down.
+        self._throttle.penalize(retry_after if retry_after is not None else self._settings.backoff_initial)
+
+    @staticmethod
+    def _vault_message(exc: HttpResponseError) -> str:
+        err = getattr(exc, "error", None)
+        code = getattr(err, "code", None)
+        message = getattr(err, "message", None)
+        if code or message:
+            return _redact(f"{code or ''}: {message or ''}".strip(": "))
+        return _redact(str(exc.reason or ""))
+
+    def _rejected(self, status: int, detail: str, what: str) -> BackendError:
+        cfg = self._cfg
+        if status == 403:
+            op = "sign" if self._purpose == "sign" else "decrypt"
+            return BackendError(
+                f"Key Vault {cfg.vault_url} refused {what} for key {cfg.key_name!r} (HTTP 403 {detail})",
+                hint=(
+                    f"the principal of credential {cfg.credential!r} needs keys/get and keys/{op} on this "
+                    "vault (RBAC role 'Key Vault Crypto User', or an access policy); also check the vault's "
+                    "firewall and that the key is enabled"
+                ),
+            )
+        if self._purpose == "decrypt" and what == "decrypt":
+            # One uniform message for a failed decryption: nothing that could help a padding oracle.
+            return BackendError(f"Key Vault {cfg.vault_url}: decryption with key {cfg.key_name!r} failed")
+        if self._purpose == "sign" and what == "sign":
+            return SigningFailedError(
+                f"Key Vault {cfg.vault_url} refused to sign with key {cfg.key_name!r}: HTTP {status} {detail}"
+            )
+        return BackendError(
+            f"Key Vault {cfg.vault_url}: {what} for key {cfg.key_name!r} failed: HTTP {status} {detail}"
+        )
+
+    def _auth_error(self, exc: ClientAuthenticationError, what: str) -> BackendError:
+        cfg = self._cfg
+        challenge_tenant, challenge_scope = _challenge_info(cfg.vault_url)
+        tenant = cfg.tenant_id or challenge_tenant or "(the vault's tenant: not known yet)"
+        scope = challenge_scope or _expected_scope(cfg.vault_url)
+        who = repr(cfg.credential) + (f" (client_id {cfg.client_id})" if cfg.client_id else "")
+        response = exc.response
+        vault_host = urlsplit(cfg.vault_url).netloc.lower()
+        from_vault = (
+            response is not None
+            and response.status_code == 401
+            and urlsplit(str(getattr(response.request, "url", ""))).netloc.lower() == vault_host
+        )
+        stage = "the vault rejected the token from" if from_vault else "no token could be obtained with"
+        message = (
+            f"Azure Key Vault authentication failed for {what} on {cfg.vault_url} (key {cfg.key_name!r}): "
+            f"{stage} credential {who}, tenant {tenant}, scope {scope}: {_redact(exc.message or str(exc))}"
+        )
+        hint = (
+            f"check {_CHECKS.get(cfg.credential, 'the credential configuration')}; the principal needs "
+            "access to the vault (RBAC role 'Key Vault Crypto User' or an access policy with keys/get and "
+            "keys/sign|decrypt)"
+        )
+        if from_vault:
+            hint += "; a token for the wrong tenant is rejected too: set tenant_id to the vault's tenant"
+        return BackendError(message, hint=hint)
+
+    async def aclose(self) -> None:
+        """Close the SDK client. The credential belongs to the registry. Idempotent."""
+        self._closed = True
+        crypto, self._crypto = self._crypto, None
+        if crypto is not None:
+            await crypto.close()
+
+
+class AzureKeyVaultSigningKey(_AzureKey):
+    """An EC key in Key Vault / Managed HSM that signs digests (``SigningKey``)."""
+
+    _purpose = "sign"
+
+    async def sign_digest(
+        self, alg: SignatureAlgorithm, digest: bytes, *, priority: Priority = Priority.NORMAL
+    ) -> bytes:
+        """Sign ``digest`` remotely with ``alg`` (ES256/ES384/ES512) and return raw ``r||s``, verified
+        locally."""
+        if len(digest) != alg.digest_size:
+            raise SigningFailedError(f"an {alg.name} digest is {alg.digest_size} bytes, got {len(digest)}")
+        info = await self.describe()
+        public_key = info.public_key
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != alg.curve_name:
+            raise SigningFailedError(f"{alg.name} does not match Key Vault key {info.location}")
+        crypto = await self._client()
+        result = await self._call(
+            "sign", lambda: crypto.sign(AzureSignatureAlgorithm(alg.name), digest), priority=priority
+        )
+        signature = bytes(result.signature)
+        if len(signature) != alg.signature_size:
+            raise SigningFailedError(
+                f"Key Vault returned a {len(signature)}-byte {alg.name} signature; expected raw r||s of "
+                f"{alg.signature_size} bytes"
+            )
+        verify_digest(public_key, alg, digest, signature)
+        return signature
+
+
+class AzureKeyVaultDecryptionKey(_AzureKey):
+    """An RSA key in Key Vault / Managed HSM that decrypts recovery shares with RSA-OAEP-256
+    (``DecryptionKey``)."""
+
+    _purpose = "decrypt"
+
+    async def decrypt_oaep_sha256(self, ciphertext: bytes, *, priority: Priority = Priority.HIGH) -> bytes:
+        """RSA-OAEP with SHA-256 (Key Vault's ``RSA-OAEP-256``) inside the vault."""
+        info = await self.describe()
+        public_key = info.public_key
+        if isinstance(public_key, rsa.RSAPublicKey) and len(ciphertext) != (public_key.key_size + 7) // 8:
+            raise InvalidRequestError(
+                f"RSA-{public_key.key_size} ciphertext must be {(public_key.key_size + 7) // 8} bytes, got "
+                f"{len(ciphertext)}"
+            )
+        crypto = await self._client()
+        result = await self._call(
+            "decrypt", lambda: crypto.decrypt(EncryptionAlgorithm.rsa_oaep_256, ciphertext), priority=priority
+        )
+        return bytes(result.plaintext)
