@@ -173,7 +173,12 @@ class TokenStatus:
 
 
 class _TokenConnection:
-    """One token: one worker thread, one asyncio lock, one session and login, cached key handles."""
+    """One token: one worker thread, one session and login, cached key handles.
+
+    The single-thread executor is the mutex (yubikey-agent's): every PKCS#11 call for the token runs on it, in
+    submission order. No asyncio lock on top: calls queue inside the executor, so the token is never idle while the
+    event loop is busy with other requests (a lock would stall that pipeline between calls).
+    """
 
     def __init__(self, module: str, init_params: str | None, token_label: str | None, pin: PinSource,
                  allowed_module_dirs: tuple[str, ...] | None) -> None:  # fmt: skip
@@ -183,7 +188,6 @@ class _TokenConnection:
         self.pin = pin
         self._allowed = allowed_module_dirs
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pkcs11-{token_label or 'token'}")
-        self._lock = asyncio.Lock()
         self._session: Any = None
         self.slot_id: int | None = None
         self.handles: dict[tuple[object, ...], Any] = {}
@@ -199,11 +203,10 @@ class _TokenConnection:
         """Run ``fn(session)`` on the token's thread, reconnecting once if the session or token was lost."""
         if self._closed:
             raise BackendUnavailableError(f"{where}: the PKCS#11 backend is closed")
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            # NOTE: a PKCS#11 call cannot be cancelled; if the caller is cancelled the call still finishes on
-            # the worker thread, and the next call queues behind it on the same thread.
-            return await loop.run_in_executor(self._executor, self._run_sync, fn, where)
+        loop = asyncio.get_running_loop()
+        # NOTE: a PKCS#11 call cannot be cancelled; if the caller is cancelled the call still finishes on the
+        # worker thread, and the next call queues behind it on the same thread.
+        return await loop.run_in_executor(self._executor, self._run_sync, fn, where)
 
     def _run_sync(self, fn: Callable[[Any], T], where: str) -> T:
         p11exc = require_pkcs11().exceptions
@@ -252,16 +255,14 @@ class _TokenConnection:
 
     async def reset(self) -> None:
         """Drop the session (the next call reconnects) and forget a refused PIN (SIGHUP)."""
-        async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
-            self._refused = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+        self._refused = None
 
     async def aclose(self) -> None:
         if self._closed:
             return
-        async with self._lock:
-            self._closed = True
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
         self._executor.shutdown(wait=False)
 
 

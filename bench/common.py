@@ -1,0 +1,130 @@
+"""Shared helpers for the benchmarks: a private SoftHSM2 token, the daemon and sandbox as subprocesses, load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PIN = "1234"
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="sa-bench-", dir="/tmp"))
+
+
+def softhsm_token(folder: Path, label: str = "bench") -> dict[str, str]:
+    """A SoftHSM2 token in ``folder``; returns the environment for processes that use it."""
+    tokens = folder / "tokens"
+    tokens.mkdir(parents=True)
+    conf = folder / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", "5678", "--pin", PIN],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    (folder / "token.pin").write_text(PIN)
+    (folder / "token.pin").chmod(0o600)
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    return env
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    start_seconds: float
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+@contextlib.contextmanager
+def daemon(config: Path, env: dict[str, str]) -> Iterator[Daemon]:
+    ready = config.parent / "ready"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signing_agent", "serve", "--config", str(config), "--ready-file", str(ready),
+         "--log-level", "warning"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(config.parent / "agent.log").open("wb"),
+    )  # fmt: skip
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise SystemExit((config.parent / "agent.log").read_text())
+        time.sleep(0.005)
+    handle = Daemon(proc, Path(ready.read_text()), time.monotonic() - started)
+    try:
+        yield handle
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+@dataclass
+class LoadResult:
+    count: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
+
+
+async def run_load(
+    make_session: Callable[[], aiohttp.ClientSession],
+    request: Callable[[aiohttp.ClientSession], Awaitable[bool]],
+    *,
+    clients: int,
+    seconds: float,
+) -> LoadResult:
+    """``clients`` concurrent keep-alive clients calling ``request`` until ``seconds`` have passed."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        async with make_session() as session:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                ok = await request(session)
+                latencies.append(time.perf_counter() - t0)
+                if not ok:
+                    errors += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return LoadResult(len(latencies), errors, time.monotonic() - started, latencies)
+
+
+def unix_session(socket_path: Path) -> Callable[[], aiohttp.ClientSession]:
+    return lambda: aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path)))
