@@ -115,8 +115,17 @@ class ServiceIdentity:
 
 
 def server_ssl_context(node_key: ec.EllipticCurvePrivateKey, node_cert: x509.Certificate) -> ssl.SSLContext:
-    """A TLS server context presenting the node certificate (ssl needs files: use a temp dir)."""
+    """A TLS server context presenting the node certificate."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load_node_cert(context, node_key, node_cert)
+    return context
+
+
+def load_node_cert(context: ssl.SSLContext, node_key: ec.EllipticCurvePrivateKey, node_cert: x509.Certificate) -> None:
+    """Load (or replace) the certificate a server context presents; connections accepted later use it.
+
+    ssl needs files: use a temp dir.
+    """
     with tempfile.TemporaryDirectory(prefix="ccf-sandbox-") as folder:
         cert_path = Path(folder) / "node_cert.pem"
         key_path = Path(folder) / "node_key.pem"
@@ -124,7 +133,6 @@ def server_ssl_context(node_key: ec.EllipticCurvePrivateKey, node_cert: x509.Cer
         key_path.touch(mode=0o600)
         key_path.write_bytes(_pem_key(node_key))
         context.load_cert_chain(cert_path, key_path)
-    return context
 
 
 def client_ssl_context(service_cert_pem: bytes) -> ssl.SSLContext:

@@ -13,11 +13,23 @@ like it. It adds members, injects faults and exposes the request log:
   regex, "method"?: "POST"|"*", "count"?: n, "status"?: n, "retry_after"?: str, "code"?: str, "message"?:
   str, "delay"?: seconds}`` → the rule with its ``id``)
 - ``GET|DELETE /_sandbox/requests`` → ``{"value": [{"method","path","query","status","fault"}]}``
+- ``POST /_sandbox/recover`` ``{"service_key"?: PEM, "service_cert"?: PEM}`` (body optional) → ``{"status":
+  "Recovering", "recoveryCount", "serviceCertificate", "previousServiceCertificate", "creationTransactionId",
+  "previousServiceCreationTransactionId", "nodeId"}``: the disaster of :meth:`SandboxServer.recover`. The response
+  is sent over the old TLS session with ``Connection: close``; every later connection gets the new node
+  certificate.
+
+Recovery identity switch: the live server keeps its port and its ``ssl.SSLContext`` object; ``recover()`` loads
+the new node key and certificate into that context (OpenSSL copies the certificate into each connection when it
+is accepted, so only new connections see the new one) and drops every open connection, as the restart of a real
+node would (the control call's own connection closes right after its response). Clients pinned to the old
+service identity then fail the TLS handshake; clients pinned to the new one succeed. Nothing needs restarting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -41,7 +53,7 @@ from signing_agent.sandbox.auth import (
 )
 from signing_agent.sandbox.errors import GovError, internal_error
 from signing_agent.sandbox.faults import FaultRule, Faults, RequestRecord
-from signing_agent.sandbox.identity import ServiceIdentity, client_ssl_context, server_ssl_context
+from signing_agent.sandbox.identity import ServiceIdentity, client_ssl_context, load_node_cert, server_ssl_context
 from signing_agent.sandbox.state import GovernanceState, MemberStatus, ServiceStatus, check_hex_id
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +69,7 @@ class _Call:
     params: tuple[str, ...]
     auth: Authenticated | None
     body: bytes
+    app: SandboxApp | None = None
 
     @property
     def signer(self) -> Authenticated:
@@ -133,10 +146,11 @@ def _ack(call: _Call) -> web.Response:
 
 
 def _recover(call: _Call) -> web.Response:
-    if call.state.service_status != "WaitingForRecoveryShares":
-        raise GovError(403, "ServiceNotWaitingForRecoveryShares", "Service is not waiting for recovery shares.")
-    # NOTE: recovery (phase 2) is not implemented: the sandbox never enters WaitingForRecoveryShares.
-    raise internal_error("Error submitting recovery shares.")
+    auth = call.signer
+    body, initiated = call.state.submit_recovery_share(auth.envelope, auth.member_id, call.params[0])
+    if initiated and call.app is not None:
+        call.app.start_private_recovery()
+    return _json(call.state, body)
 
 
 def _find_proposal(call: _Call) -> tuple[str, Any]:
@@ -225,19 +239,24 @@ def _transaction(call: _Call) -> web.Response:
 
 def _encrypted_share(call: _Call) -> web.Response:
     member_id = check_hex_id(call.params[0], "member")
-    raise GovError(404, "ResourceNotFound", f"Recovery share not found for member {member_id}.")
+    encrypted = call.state.encrypted_share(member_id)
+    if encrypted is None:
+        raise GovError(404, "ResourceNotFound", f"Recovery share not found for member {member_id}.")
+    return _json(call.state, {"memberId": member_id, "encryptedShare": base64.b64encode(encrypted).decode()})
 
 
 def _node_state(call: _Call) -> web.Response:
-    return _json(
-        call.state,
-        {
-            "node_id": call.state.node_id,
-            "state": "PartOfNetwork",
-            "last_signed_seqno": call.state.seqno,
-            "startup_seqno": 0,
-        },
-    )
+    state = call.state
+    body: dict[str, Any] = {
+        "node_id": state.node_id,
+        "state": state.node_state,
+        "last_signed_seqno": state.seqno,
+        "startup_seqno": 0,
+    }
+    if state.node_state == "ReadingPrivateLedger" and state.recovery_target_seqno is not None:
+        body["recovery_target_seqno"] = state.recovery_target_seqno
+        body["last_recovered_seqno"] = max(state.recovery_target_seqno - 1, 0)
+    return _json(state, body)
 
 
 def _node_network(call: _Call) -> web.Response:
@@ -249,7 +268,7 @@ def _node_network(call: _Call) -> web.Response:
             "service_certificate": state.service_cert_pem,
             "current_view": 2,
             "primary_id": state.node_id,
-            "recovery_count": 0,
+            "recovery_count": state.recovery_count,
             "service_data": {},
             "current_service_create_txid": state.creation_txid,
         },
@@ -305,10 +324,20 @@ def _check_api_version(request: web.Request) -> None:
 class SandboxApp:
     """The aiohttp application around one :class:`GovernanceState`."""
 
-    def __init__(self, state: GovernanceState, faults: Faults) -> None:
+    def __init__(
+        self,
+        state: GovernanceState,
+        faults: Faults,
+        *,
+        private_recovery_seconds: float = 0.2,
+        on_recover: Callable[[dict[str, Any], object], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
         self.state = state
         self.faults = faults
         self.requests: list[RequestRecord] = []
+        self.private_recovery_seconds = private_recovery_seconds
+        self.on_recover = on_recover
+        self._replay: asyncio.TimerHandle | None = None
         self.app = web.Application(client_max_size=1024 * 1024)
         self.app.router.add_route("*", "/_sandbox/{tail:.*}", self._control)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -342,7 +371,7 @@ class SandboxApp:
                 auth = authenticate(self.state, request.headers.get("Content-Type"), body, route.policy, route.msg_type)
             if request.path.startswith("/gov/"):
                 _check_api_version(request)
-            return route.handler(_Call(self.state, params, auth, body))
+            return route.handler(_Call(self.state, params, auth, body, self))
         except GovError as error:
             return _error(error)
         except Exception as exc:
@@ -370,6 +399,23 @@ class SandboxApp:
         suffix = f" [fault: {rule.kind}]" if rule is not None else ""
         _logger.info("%s %s -> %s%s", request.method, request.path, status or "no response", suffix)
 
+    # -- private recovery (the replay of the private ledger, simulated by a timer) ---
+
+    def start_private_recovery(self) -> None:
+        self.cancel_private_recovery()
+        loop = asyncio.get_running_loop()
+        self._replay = loop.call_later(self.private_recovery_seconds, self._finish_private_recovery)
+
+    def cancel_private_recovery(self) -> None:
+        if self._replay is not None:
+            self._replay.cancel()
+            self._replay = None
+
+    def _finish_private_recovery(self) -> None:
+        self._replay = None
+        if self.state.complete_private_recovery():
+            _logger.info("private ledger recovered: service is Open (recovery count %d)", self.state.recovery_count)
+
     # -- control API (test double only) ---
 
     async def _control(self, request: web.Request) -> web.StreamResponse:
@@ -384,8 +430,6 @@ class SandboxApp:
             case ("POST", "members"):
                 body = await request.json()
                 status: MemberStatus = body.get("status", "Active")
-                if status not in ("Accepted", "Active"):
-                    raise ValueError("status must be Accepted or Active")
                 member_id = self.state.add_member(
                     body["cert"],
                     status=status,
@@ -426,6 +470,18 @@ class SandboxApp:
             case ("DELETE", "requests"):
                 self.requests.clear()
                 return web.Response(status=204)
+            case ("POST", "recover"):
+                if self.on_recover is None:
+                    raise ValueError("this sandbox cannot recover")
+                raw = await request.read()
+                body = json.loads(raw) if raw.strip() else {}
+                if not isinstance(body, dict):
+                    raise TypeError("the body must be a JSON object")
+                unknown = set(body) - {"service_key", "service_cert"}
+                if unknown:
+                    raise ValueError(f"unknown recover fields: {', '.join(sorted(unknown))}")
+                result = await self.on_recover(body, request.protocol)
+                return web.json_response(result, headers={"Connection": "close"})
             case _:
                 return web.json_response(
                     {"error": {"code": "ResourceNotFound", "message": f"Unknown control call {what}"}},
@@ -453,6 +509,7 @@ class SandboxServer:
         service_cert_pem: bytes | None = None,
         *,
         service_status: ServiceStatus = "Open",
+        private_recovery_seconds: float = 0.2,
     ) -> None:
         if service_key_pem is None and service_cert_pem is not None:
             raise ValueError("a service certificate needs its key (service_key_pem)")
@@ -467,9 +524,24 @@ class SandboxServer:
         self.faults = Faults()
         for cert in members:
             self.state.add_member(cert, status="Active")
-        self._app = SandboxApp(self.state, self.faults)
+        self._app = SandboxApp(
+            self.state, self.faults, private_recovery_seconds=private_recovery_seconds, on_recover=self._control_recover
+        )
         self._runner: web.AppRunner | None = None
+        self._ssl_context: ssl.SSLContext | None = None
         self.url = ""
+        self.service_cert_out: Path | None = None
+        """If set, :meth:`recover` rewrites the service certificate there (the CLI sets it from
+        ``--service-cert-out``)."""
+
+    @property
+    def private_recovery_seconds(self) -> float:
+        """How long the node stays ``ReadingPrivateLedger`` once the recovery threshold is reached."""
+        return self._app.private_recovery_seconds
+
+    @private_recovery_seconds.setter
+    def private_recovery_seconds(self, seconds: float) -> None:
+        self._app.private_recovery_seconds = seconds
 
     @property
     def service_cert_pem(self) -> bytes:
@@ -487,10 +559,81 @@ class SandboxServer:
         status: MemberStatus = "Active",
         encryption_pub_key: bytes | str | None = None,
         member_data: Any = None,
+        recovery_role: str | None = None,
     ) -> str:
+        """Register a member directly. With ``encryption_pub_key`` (RSA PEM) it is a recovery member (role
+        Participant unless ``recovery_role`` says Owner/NonParticipant); an Active one gets a share at once."""
         return self.state.add_member(
-            cert_pem, status=status, encryption_pub_key=encryption_pub_key, member_data=member_data
+            cert_pem,
+            status=status,
+            encryption_pub_key=encryption_pub_key,
+            member_data=member_data,
+            recovery_role=recovery_role,
         )
+
+    def issued_share(self, member_id: str) -> bytes | None:
+        """The plaintext (44 bytes) of the share currently issued to ``member_id``, or None.
+
+        In-process only (never over HTTP): lets tests check what a member must submit, and that the agent never
+        leaks it.
+        """
+        return self.state.issued_share(member_id)
+
+    async def recover(self, service_key_pem: bytes | None = None, service_cert_pem: bytes | None = None) -> None:
+        """Simulate a disaster and a node restarted in Recover mode.
+
+        The service gets a new identity (generated, or loaded from ``service_key_pem``/``service_cert_pem``), a
+        new node certificate endorsed by it, status ``Recovering`` (node ``PartOfPublicNetwork``), recovery count
+        + 1 and ``previousServiceCreationTransactionId``. Members keep their status and the issued encrypted shares
+        stay readable. A running server switches its TLS certificate in place and drops open connections (see
+        the module docstring); it keeps its URL.
+        """
+        await self._recover(service_key_pem, service_cert_pem, None)
+
+    async def _recover(self, service_key_pem: bytes | None, service_cert_pem: bytes | None, keep: object) -> None:
+        """:meth:`recover`; ``keep`` is the connection of the control call, closed after its response."""
+        if service_key_pem is None and service_cert_pem is not None:
+            raise ValueError("a service certificate needs its key (service_key_pem)")
+        identity = (
+            ServiceIdentity.generate()
+            if service_key_pem is None
+            else ServiceIdentity.load(service_key_pem, service_cert_pem)
+        )
+        if identity.cert_pem == self.identity.cert_pem:
+            raise ValueError("the recovered service needs a new service identity")
+        node_key, node_cert = identity.issue_node_cert()
+        self._app.cancel_private_recovery()
+        self.identity = identity
+        self.state.recover(identity.cert_pem.decode())
+        self.state.set_node_identity(node_cert)
+        if self._ssl_context is not None:
+            load_node_cert(self._ssl_context, node_key, node_cert)
+        if self._runner is not None and self._runner.server is not None:
+            for connection in self._runner.server.connections:
+                if connection is keep:
+                    connection.close()  # after the control call's response (sent with Connection: close)
+                else:
+                    connection.force_close()  # a restarted node has no connections left
+        if self.service_cert_out is not None:
+            self.write_service_cert(self.service_cert_out)
+        _logger.info("service recovering with a new identity (recovery count %d)", self.state.recovery_count)
+
+    async def _control_recover(self, body: dict[str, Any], connection: object) -> dict[str, Any]:
+        key = body.get("service_key")
+        cert = body.get("service_cert")
+        previous = self.state.service_cert_pem
+        await self._recover(
+            None if key is None else str(key).encode(), None if cert is None else str(cert).encode(), connection
+        )
+        return {
+            "status": self.state.service_status,
+            "recoveryCount": self.state.recovery_count,
+            "serviceCertificate": self.state.service_cert_pem,
+            "previousServiceCertificate": previous,
+            "creationTransactionId": self.state.creation_txid,
+            "previousServiceCreationTransactionId": self.state.previous_creation_txid,
+            "nodeId": self.state.node_id,
+        }
 
     def write_service_cert(self, path: str | Path) -> Path:
         target = Path(path)
@@ -506,7 +649,8 @@ class SandboxServer:
         self.state.set_node_identity(node_cert)
         runner = web.AppRunner(self._app.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=server_ssl_context(node_key, node_cert))
+        self._ssl_context = server_ssl_context(node_key, node_cert)
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl_context)
         try:
             await site.start()
         except BaseException:
@@ -518,6 +662,7 @@ class SandboxServer:
         self.url = f"https://{host}:{port}"
 
     async def close(self) -> None:
+        self._app.cancel_private_recovery()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -547,6 +692,7 @@ async def serve_until_signalled(
     try:
         async with server:
             if service_cert_out is not None:
+                server.service_cert_out = service_cert_out
                 server.write_service_cert(service_cert_out)
             if ready_file is not None:
                 partial = ready_file.with_name(ready_file.name + ".partial")

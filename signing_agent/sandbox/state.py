@@ -1,14 +1,25 @@
-"""Pure governance state of the CCF sandbox: members, ack records, proposals, ballots, the replay table.
+"""Pure governance state of the CCF sandbox: members, ack records, proposals, ballots, the replay table, recovery.
 
 No I/O and no HTTP here. Every write runs as a transaction (:meth:`GovernanceState._write`): it works on the
 live data, and if it raises, the data is restored from a snapshot, so an error response never leaves a
 change behind (CCF rolls back the KV on error responses). A successful write advances the transaction id
 (``view.seqno``) and the sandbox's stand-in for the Merkle root (a hash chain over the writes), which is
 what state digests and proposal ids are derived from.
+
+Recovery (see :mod:`.recovery` for the share cryptography): while the service is Open, every change of the set
+of Active recovery members (activation by ack, removal, ``trigger_recovery_shares_refresh``,
+``set_recovery_threshold``) issues fresh shares. :meth:`GovernanceState.recover` is the disaster: a new
+service identity, status ``Recovering``, node ``PartOfPublicNetwork``; members and the encrypted shares (public
+tables in CCF) survive. ``transition_service_to_open`` then moves to ``WaitingForRecoveryShares``, members submit
+shares, and at the threshold the node is ``ReadingPrivateLedger`` until :meth:`complete_private_recovery`
+(called by the server after a short delay) opens the service and issues new shares.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import copy
 import hashlib
 import json
@@ -30,10 +41,21 @@ from signing_agent.sandbox.constitution import (
 )
 from signing_agent.sandbox.cose import GovEnvelope
 from signing_agent.sandbox.errors import GovError, internal_error, invalid_input
+from signing_agent.sandbox.recovery import (
+    Share,
+    is_full_key,
+    load_encryption_key,
+    recover_secret,
+    rsa_oaep_wrap,
+    sample_secret_and_shares,
+)
 
 MemberStatus = Literal["Accepted", "Active"]
 ProposalState = Literal["Open", "Accepted", "Withdrawn", "Rejected", "Failed", "Dropped"]
 ServiceStatus = Literal["Opening", "Open", "Recovering", "WaitingForRecoveryShares"]
+NodeState = Literal["PartOfNetwork", "PartOfPublicNetwork", "ReadingPrivateLedger"]
+RecoveryRole = Literal["NonParticipant", "Participant", "Owner"]
+RECOVERY_ROLES: Final[tuple[RecoveryRole, ...]] = ("NonParticipant", "Participant", "Owner")
 
 VIEW: Final = 2
 MAX_CREATED_AT: Final = 9_999_999_999
@@ -65,6 +87,17 @@ class Member:
     encryption_pub_key: str | None = None
     recovery_role: str | None = None
 
+    @property
+    def role(self) -> RecoveryRole:
+        """The effective recovery role: Participant when a key is registered without a role."""
+        if self.encryption_pub_key is None:
+            return "NonParticipant"
+        if self.recovery_role == "Owner":
+            return "Owner"
+        if self.recovery_role == "NonParticipant":
+            return "NonParticipant"
+        return "Participant"
+
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "memberId": self.member_id,
@@ -74,9 +107,7 @@ class Member:
         }
         if self.encryption_pub_key is not None:
             body["publicEncryptionKey"] = self.encryption_pub_key
-            body["recoveryRole"] = self.recovery_role or "Participant"
-        else:
-            body["recoveryRole"] = "NonParticipant"
+        body["recoveryRole"] = self.role
         return body
 
 
@@ -130,6 +161,13 @@ class _Data:
     recovery_threshold: int = 1
     recovery_count: int = 0
     service_data: Any = field(default_factory=dict)
+    # public:ccf.internal.recovery_shares: member id -> RSA-OAEP ciphertext of its share
+    encrypted_shares: dict[str, bytes] = field(default_factory=dict)
+    # sandbox-only: the plaintext issued to each member, and the full key they reconstruct
+    issued_shares: dict[str, bytes] = field(default_factory=dict)
+    recovery_secret: bytes | None = None
+    # public:ccf.gov.recovery.submitted_shares (CCF encrypts them under the ledger secret)
+    submitted_shares: dict[str, bytes] = field(default_factory=dict)
 
 
 class GovernanceState:
@@ -140,8 +178,11 @@ class GovernanceState:
         self._seqno = 1
         self._root = hashlib.sha256(b"ccf-sandbox-genesis" + service_cert_pem.encode()).digest()
         self.creation_txid = f"{VIEW}.1"
+        self.previous_creation_txid: str | None = None
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         self.node_id = ""
+        self.node_state: NodeState = "PartOfNetwork"
+        self.recovery_target_seqno: int | None = None
 
     def set_node_identity(self, node_cert: x509.Certificate) -> None:
         """CCF's node id: hex SHA-256 of the node's public key (DER)."""
@@ -191,13 +232,33 @@ class GovernanceState:
         member_data: Any = None,
         recovery_role: str | None = None,
     ) -> str:
-        """Register a member directly (control API / initial members). Returns its member id."""
+        """Register a member directly (control API / initial members). Returns its member id.
+
+        A member with ``encryption_pub_key`` (RSA public key, PEM) is a recovery member, by default a
+        Participant. Adding an Active recovery member to an Open service issues fresh recovery shares, as
+        activating one does. Raises ValueError for a bad key, role or status.
+        """
         cert = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
         enc = encryption_pub_key.decode() if isinstance(encryption_pub_key, bytes) else encryption_pub_key
+        if status not in ("Accepted", "Active"):
+            raise ValueError("status must be Accepted or Active")
+        if recovery_role is not None and recovery_role not in RECOVERY_ROLES:
+            raise ValueError(f"recovery_role must be one of {', '.join(RECOVERY_ROLES)}")
+        if enc is not None:
+            load_encryption_key(enc)
+        elif recovery_role not in (None, "NonParticipant"):
+            raise ValueError("recovery_role requires encryption_pub_key")
 
         def tx() -> str:
             member_id = self._set_member(cert, enc, member_data, recovery_role)
-            self._data.members[member_id].status = status
+            member = self._data.members[member_id]
+            newly_active = member.status != "Active" and status == "Active"
+            member.status = status
+            if newly_active and member.role != "NonParticipant" and self._data.service_status == "Open":
+                try:
+                    self._issue_recovery_shares()
+                except _ApplyError as exc:
+                    raise ValueError(str(exc)) from exc
             return member_id
 
         return self._write("add_member", tx)
@@ -274,7 +335,21 @@ class GovernanceState:
                 "recentCoseProposalsWindowSize": d.window_size,
             },
         }
+        if self.previous_creation_txid is not None:
+            info["previousServiceCreationTransactionId"] = self.previous_creation_txid
         return info
+
+    @property
+    def recovery_count(self) -> int:
+        return self._data.recovery_count
+
+    @property
+    def recovery_threshold(self) -> int:
+        return self._data.recovery_threshold
+
+    @property
+    def previous_service_cert_pem(self) -> str | None:
+        return self._data.previous_service_cert_pem
 
     # -- proposals ---
 
@@ -451,8 +526,23 @@ class GovernanceState:
                 )
             case "remove_member":
                 member_id = args.get("member_id") or member_id_of(args["cert"])
+                removed = d.members.get(member_id)
+                active_recovery = (
+                    removed is not None and removed.status == "Active" and removed.encryption_pub_key is not None
+                )
+                if active_recovery:
+                    after = self._active_recovery_member_count() - 1
+                    if after < d.recovery_threshold:
+                        raise _ApplyError(
+                            f"Number of active recovery members ({after}) would be less than recovery threshold "
+                            f"({d.recovery_threshold})"
+                        )
                 d.members.pop(member_id, None)
                 d.acks.pop(member_id, None)
+                d.encrypted_shares.pop(member_id, None)
+                d.issued_shares.pop(member_id, None)
+                if active_recovery and d.service_status == "Open":
+                    self._issue_recovery_shares()  # CCF rekeys the ledger, which issues new shares
             case "set_member_data":
                 member = d.members.get(args["member_id"])
                 if member is None:
@@ -465,26 +555,241 @@ class GovernanceState:
             case "set_service_recent_cose_proposals_window_size":
                 d.window_size = int(args["proposal_count"])
             case "set_recovery_threshold":
-                d.recovery_threshold = int(args["recovery_threshold"])
-            case "transition_node_to_trusted" | "trigger_recovery_shares_refresh":
-                pass  # NOTE: single-node sandbox without recovery shares: nothing to do
+                self._set_recovery_threshold(int(args["recovery_threshold"]))
+            case "trigger_recovery_shares_refresh":
+                if d.service_status == "Open":
+                    self._issue_recovery_shares()
+            case "transition_node_to_trusted":
+                pass  # NOTE: single-node sandbox: nothing to do
             case _:
                 raise _ApplyError(f"{action.name}: no such action")
 
+    def _set_recovery_threshold(self, threshold: int) -> None:
+        d = self._data
+        if threshold == d.recovery_threshold:
+            return  # no effect, as in CCF's constitution
+        if d.service_status in ("Recovering", "WaitingForRecoveryShares"):
+            raise _ApplyError(f"Cannot set recovery threshold if service is {d.service_status}")
+        if d.service_status == "Open":
+            count = self._active_recovery_member_count()
+            if threshold > count:
+                raise _ApplyError(
+                    f"Cannot set recovery threshold to {threshold}: recovery threshold would be greater than the "
+                    f"number of recovery members {count}"
+                )
+        d.recovery_threshold = threshold
+        if d.service_status == "Open":
+            self._issue_recovery_shares()
+
     def _transition_to_open(self, args: dict[str, Any]) -> None:
         d = self._data
-        if not _same_cert(args["next_service_identity"], d.service_cert_pem):
-            raise _ApplyError("Next service identity does not match the current service identity")
+        if d.service_status == "WaitingForRecoveryShares":
+            return  # CCF: idempotent while waiting for shares
         if d.service_status == "Recovering":
             previous = args.get("previous_service_identity")
             if previous is None:
                 raise _ApplyError(
                     "Opening a recovering network requires both, the previous and the next service identity"
                 )
-            d.previous_service_cert_pem = previous
+            if d.previous_service_cert_pem is None or not _same_cert(previous, d.previous_service_cert_pem):
+                raise _ApplyError(
+                    f"Previous service identity does not match.\nActual:\n{d.previous_service_cert_pem}\n"
+                    f"In proposal:\n{previous}"
+                )
+        if not _same_cert(args["next_service_identity"], d.service_cert_pem):
+            raise _ApplyError(
+                "Service identity mismatch: the next service identity in the transition_service_to_open proposal "
+                f"does not match the current service identity:\nNext:\n{args['next_service_identity']}\n"
+                f"Current:\n{d.service_cert_pem}"
+            )
+        if d.service_status == "Recovering":
+            d.submitted_shares.clear()
             d.service_status = "WaitingForRecoveryShares"
         elif d.service_status == "Opening":
             d.service_status = "Open"
+            if self._recovery_members("Participant") or self._recovery_members("Owner"):
+                self._issue_recovery_shares()
+
+    # -- recovery shares ---
+
+    def _recovery_members(self, role: RecoveryRole) -> list[Member]:
+        """Active members with this recovery role, in member id order (CCF iterates a sorted map)."""
+        return sorted(
+            (m for m in self._data.members.values() if m.status == "Active" and m.role == role),
+            key=lambda m: m.member_id,
+        )
+
+    def _active_recovery_member_count(self) -> int:
+        """The constitution's getActiveRecoveryMembersCount: Active members with an encryption key."""
+        return sum(1 for m in self._data.members.values() if m.status == "Active" and m.encryption_pub_key)
+
+    def _issue_recovery_shares(self) -> None:
+        """CCF's ShareManager::shuffle_recovery_shares: a fresh secret, split k-of-n over the participants."""
+        d = self._data
+        participants = self._recovery_members("Participant")
+        owners = self._recovery_members("Owner")
+        threshold = d.recovery_threshold
+        if not participants and not owners:
+            raise _ApplyError("There should be at least one active recovery member to issue recovery shares")
+        if participants:
+            if threshold > len(participants):
+                raise _ApplyError(
+                    f"Recovery threshold {threshold} should be equal to or less than the number of active recovery "
+                    f"members {len(participants)}"
+                )
+            num_shares = len(participants)
+        else:
+            if threshold > 1:
+                raise _ApplyError(
+                    f"Recovery threshold {threshold} cannot be greater than 1 when the consortium consists of only "
+                    f"active recovery owner members ({len(owners)})"
+                )
+            num_shares = 1
+        secret, shares = sample_secret_and_shares(num_shares, threshold)
+        issued: dict[str, bytes] = {}
+        for member, share in zip(participants, shares, strict=False):
+            issued[member.member_id] = share.serialise()
+        for owner in owners:
+            issued[owner.member_id] = secret.serialise()
+        keys = {m.member_id: m.encryption_pub_key or "" for m in [*participants, *owners]}
+        encrypted = {member_id: rsa_oaep_wrap(keys[member_id], plaintext) for member_id, plaintext in issued.items()}
+        d.issued_shares = issued
+        d.encrypted_shares = encrypted
+        d.recovery_secret = secret.serialise()
+
+    def encrypted_share(self, member_id: str) -> bytes | None:
+        return self._data.encrypted_shares.get(member_id)
+
+    def issued_share(self, member_id: str) -> bytes | None:
+        """The plaintext share currently issued to ``member_id`` (sandbox only; CCF never stores it)."""
+        return self._data.issued_shares.get(member_id)
+
+    def submitted_share_members(self) -> list[str]:
+        return sorted(self._data.submitted_shares)
+
+    def recover(self, service_cert_pem: str) -> None:
+        """The disaster: the service restarts from its ledger in Recover mode with a new service identity.
+
+        Members (and their Active status), proposals, configuration and the encrypted recovery shares are in
+        public tables and survive. Submitted shares are dropped.
+        """
+        d = self._data
+        previous_cert = d.service_cert_pem
+        previous_creation = self.creation_txid
+
+        def tx() -> None:
+            d.previous_service_cert_pem = previous_cert
+            d.service_cert_pem = service_cert_pem
+            d.service_status = "Recovering"
+            d.recovery_count += 1
+            d.submitted_shares.clear()
+
+        self._write("recovery_genesis", tx)
+        self.previous_creation_txid = previous_creation
+        self.creation_txid = self.txid
+        self.node_state = "PartOfPublicNetwork"
+        self.recovery_target_seqno = None
+
+    def submit_recovery_share(
+        self, envelope: GovEnvelope, signer: str, url_member_id: str
+    ) -> tuple[dict[str, Any], bool]:
+        """``:recover`` after authentication, in CCF's handler order. Returns (response body, recovery started).
+
+        As in CCF, a share is stored whatever its bytes; it is checked only when the threshold is reached and the
+        shares are combined. A failed combination clears all submitted shares (and that clearing is kept) and is
+        a 500 "Failed to initiate private recovery.".
+        """
+        d = self._data
+        if d.service_status != "WaitingForRecoveryShares":
+            raise GovError(403, "ServiceNotWaitingForRecoveryShares", "Service is not waiting for recovery shares.")
+        if self.node_state == "ReadingPrivateLedger":
+            raise GovError(403, "NodeAlreadyRecovering", "Node is already recovering private ledger.")
+        _check_hex_id(url_member_id, "member")
+        try:
+            params = json.loads(envelope.payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid_input(str(exc)) from exc
+        _check_path_signer(url_member_id, signer)
+        if not isinstance(params, dict):
+            raise invalid_input(
+                "[json.exception.type_error.305] cannot use operator[] with a string argument with "
+                + _json_type(params)
+            )
+        share_b64 = params.get("share")
+        if not isinstance(share_b64, str):
+            raise invalid_input(f"[json.exception.type_error.302] type must be string, but is {_json_type(share_b64)}")
+        try:
+            raw = base64.b64decode(share_b64, validate=True)
+        except binascii.Error as exc:
+            raise internal_error(f"Failed to decode base64 recovery share: {exc}") from exc
+        threshold = d.recovery_threshold
+        full_key = is_full_key(raw)
+        submitted = {**d.submitted_shares, signer: raw}
+        count = len(submitted)
+        message = (
+            "Full recovery key successfully submitted"
+            if full_key
+            else f"{count}/{threshold} recovery shares successfully submitted"
+        )
+        initiate = count >= threshold or full_key
+        if initiate:
+            message += "\nEnd of recovery procedure initiated"
+            if not self._combines_to_secret(submitted, threshold):
+                self._write("clear_submitted_shares", d.submitted_shares.clear)
+                raise internal_error("Failed to initiate private recovery.")
+
+        def tx() -> None:
+            d.submitted_shares[signer] = raw
+
+        self._write(f"recovery_share:{signer}", tx)
+        if initiate:
+            self.node_state = "ReadingPrivateLedger"
+            self.recovery_target_seqno = self.seqno
+        body = {
+            "message": message,
+            "submittedCount": count,
+            "recoveryThreshold": threshold,
+            "fullKeySubmitted": full_key,
+        }
+        return body, initiate
+
+    def _combines_to_secret(self, submitted: dict[str, bytes], threshold: int) -> bool:
+        """CCF's combine_from_encrypted_submitted_shares + unwrap: does this set of shares give the secret?"""
+        secret = self._data.recovery_secret
+        if secret is None:
+            return False
+        partial: list[Share] = []
+        for member_id in sorted(submitted):
+            try:
+                share = Share.parse(submitted[member_id])
+            except ValueError:
+                return False  # "Error combining recovery shares: decrypted share of N bytes is not ..."
+            if share.x == 0:
+                return share.serialise() == secret
+            partial.append(share)
+        try:
+            return recover_secret(partial, threshold).serialise() == secret
+        except ValueError:
+            return False
+
+    def complete_private_recovery(self) -> bool:
+        """End of the private ledger replay: the service is Open again, with new shares. False if not replaying."""
+        if self.node_state != "ReadingPrivateLedger":
+            return False
+        d = self._data
+
+        def tx() -> None:
+            d.service_status = "Open"
+            d.submitted_shares.clear()
+            if self._recovery_members("Participant") or self._recovery_members("Owner"):
+                # if the threshold is above the remaining participants, keep the previous shares
+                with contextlib.suppress(_ApplyError):
+                    self._issue_recovery_shares()
+
+        self._write("private_recovery_complete", tx)
+        self.node_state = "PartOfNetwork"
+        self.recovery_target_seqno = None
+        return True
 
     # -- state digests ---
 
@@ -534,7 +839,13 @@ class GovernanceState:
 
         def tx() -> None:
             self._data.acks[signer].cose_sign1_req = raw
-            self._data.members[signer].status = "Active"
+            newly_active = member.status != "Active"
+            member.status = "Active"
+            if newly_active and member.role != "NonParticipant" and self._data.service_status == "Open":
+                try:
+                    self._issue_recovery_shares()
+                except _ApplyError as exc:
+                    raise internal_error(str(exc)) from exc
 
         self._write(f"ack:{signer}", tx)
 
@@ -550,6 +861,18 @@ def _check_path_signer(url_member_id: str, signer: str) -> None:
             "InvalidAuthenticationInfo",
             f"Member ID from path parameter ({url_member_id}) does not match member ID from body signature ({signer}).",
         )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _check_hex_id(value: str, kind: str) -> None:

@@ -759,7 +759,6 @@ async def test_service_and_node_reads(gov: GovClient, sandbox: SandboxServer, al
 async def test_governance_actions_change_the_service(gov: GovClient, alice: Member, bob: Member) -> None:
     actions = [
         {"name": "set_service_recent_cose_proposals_window_size", "args": {"proposal_count": 1}},
-        {"name": "set_recovery_threshold", "args": {"recovery_threshold": 2}},
         {"name": "set_constitution", "args": {"constitution": "export function resolve() {}"}},
         {"name": "set_member_data", "args": {"member_id": bob.member_id, "member_data": {"role": "ops"}}},
     ]
@@ -768,7 +767,7 @@ async def test_governance_actions_change_the_service(gov: GovClient, alice: Memb
     assert (await gov.vote(bob, pid)).json["proposalState"] == "Accepted"
     info = (await gov.get("/gov/service/info")).json
     assert info["configuration"]["recentCoseProposalsWindowSize"] == 1
-    assert info["configuration"]["recoveryThreshold"] == 2
+    assert info["configuration"]["recoveryThreshold"] == 1  # set_recovery_threshold: test_sandbox_recovery.py
     assert (await gov.get("/gov/service/constitution")).body == b"export function resolve() {}"
     assert (await gov.get(f"/gov/service/members/{bob.member_id}")).json["memberData"] == {"role": "ops"}
     remove = await _open_proposal(gov, alice, [{"name": "remove_member", "args": {"member_id": bob.member_id}}])

@@ -7,6 +7,7 @@ make.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import time
@@ -17,7 +18,7 @@ import aiohttp
 import cbor2
 from ccf.cose import create_cose_sign1
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tests.support.pki import Member
@@ -156,3 +157,41 @@ class GovClient:
     async def withdraw(self, member: Member, proposal_id: str) -> Reply:
         cose = sign(member, "withdrawal", proposal_id=proposal_id)
         return await self.post(f"/gov/members/proposals/{proposal_id}:withdraw", cose)
+
+    async def pass_proposal(self, proposer: Member, voters: list[Member], actions: list[dict[str, Any]]) -> Reply:
+        """Propose, then vote yes with each voter until the proposal leaves Open; the last reply."""
+        reply = await self.propose(proposer, actions)
+        assert reply.status == 200, reply.body
+        proposal_id = reply.json["proposalId"]
+        for voter in voters:
+            reply = await self.vote(voter, proposal_id)
+            if reply.status != 200 or reply.json["proposalState"] != "Open":
+                break
+        return reply
+
+    async def activate(self, member: Member) -> None:
+        """:update then :ack (signing the :update response as-is), as a new member does."""
+        base = f"/gov/members/state-digests/{member.member_id}"
+        update = await self.post(f"{base}:update", sign(member, "state_digest"))
+        assert update.status == 200, update.body
+        ack = await self.post(f"{base}:ack", sign(member, "ack", update.body))
+        assert ack.status == 204, ack.body
+
+    # -- recovery ---
+
+    async def encrypted_share(self, member_id: str) -> Reply:
+        return await self.get(f"/gov/recovery/encrypted-shares/{member_id}")
+
+    async def submit_share(self, member: Member, share: bytes | str, *, url_member_id: str | None = None) -> Reply:
+        """POST :recover, signed by ``member``; ``share`` is the plaintext (bytes) or its base64 (str)."""
+        value = base64.b64encode(share).decode() if isinstance(share, bytes) else share
+        cose = sign(member, "recovery_share", {"share": value})
+        return await self.post(f"/gov/recovery/members/{url_member_id or member.member_id}:recover", cose)
+
+
+OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def decrypt_share(encryption_key: rsa.RSAPrivateKey, encrypted_share_b64: str) -> bytes:
+    """What submit_recovery_share.sh does: base64-decode, then RSA-OAEP-256 decrypt."""
+    return encryption_key.decrypt(base64.b64decode(encrypted_share_b64, validate=True), OAEP_SHA256)
