@@ -83,6 +83,26 @@ KeyConfig = FileKeyConfig | PKCS11KeyConfig | AzureKeyVaultKeyConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeyVaultConfig:
+    """``[keyvault]``: the throttle and retry budget of Azure Key Vault operations, per vault host.
+
+    The defaults equal ``ThrottleSettings`` and ``AzureKeyVaultSettings`` (a unit test keeps them in step): this
+    module cannot import those, because the backends depend on config and not the other way round.
+    """
+
+    max_concurrency: int = 16
+    """Requests in flight at once to one vault host."""
+    rate_per_second: float = 150.0
+    """Sustained operations per second to one vault host (Key Vault's quota is per vault and per 10 s)."""
+    burst: int = 150
+    """Operations that may go at once after a quiet period."""
+    max_attempts: int = 5
+    """Attempts per operation, the first included."""
+    total_timeout: float = 30.0
+    """Seconds for one operation: queueing in the throttle, every attempt and every wait between attempts."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class IdentityConfig:
     name: str
     certificate: Path
@@ -101,7 +121,53 @@ class AgentSection:
     allowed_gids: tuple[int, ...] = ()
     """Peers whose primary gid is listed are allowed too."""
     request_timeout: float = 60.0
+    header_timeout: float = 10.0
+    """A connection must deliver its complete request line and headers within this (slowloris guard)."""
+    body_timeout: float = 30.0
+    """A request body must arrive completely within this."""
     log_level: str = "info"
+
+
+DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+BALLOT_ALIASES = ("accept", "reject")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditConfig:
+    """The hash-chained audit log. ``path`` defaults to ``audit.jsonl`` in the socket's folder."""
+
+    path: Path
+    max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    """Rotate the file before it grows past this; the chain continues into the new file."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyRuleConfig:
+    """One ``[[policy.rules]]`` entry. A list left out means "any"; an empty list means "none"."""
+
+    name: str
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    executables: tuple[str, ...] | None = None
+    identities: tuple[str, ...] | None = None
+    msg_types: tuple[str, ...] | None = None
+    actions_allow: tuple[str, ...] | None = None
+    actions_deny: tuple[str, ...] = ()
+    ballots: tuple[str, ...] | None = None
+    """Allowed ballot scripts: lowercase hex SHA-256 of the JavaScript, or the aliases ``accept`` / ``reject``."""
+    services: tuple[str, ...] | None = None
+    raw_sign: bool = True
+    """Whether ``POST /v1/sign`` (signature returned to the caller, not forwarded) is allowed."""
+    rate_limit: int | None = None
+    rate_window: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    rules: tuple[PolicyRuleConfig, ...] = ()
+    default_rule: bool = True
+    """Keep the built-in last rule: root, the daemon's uid, agent.allowed_uids/gids may do everything."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +192,10 @@ class AgentConfig:
     agent: AgentSection
     identities: Mapping[str, IdentityConfig]
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+    audit: AuditConfig | None = None
+    """None only when built by hand in tests; ``parse_config`` always sets it."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    keyvault: KeyVaultConfig = field(default_factory=KeyVaultConfig)
 
 
 _MISSING: Any = object()
@@ -186,6 +256,18 @@ class _Table:
         value = self._get(key, (list,), "a list of integers", [])
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise ConfigError(f"{self._key(key)}: expected a list of non-negative integers")
+        return tuple(value)
+
+    def get_bool(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, (bool,), "true or false", default)
+
+    def get_str_list(self, key: str) -> tuple[str, ...] | None:
+        """A list of non-empty strings, or None when the key is absent."""
+        value = self._get(key, (list,), "a list of strings", None)
+        if value is None:
+            return None
+        if not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of non-empty strings")
         return tuple(value)
 
     def get_path(self, key: str, default: Any = _MISSING) -> Any:
@@ -322,6 +404,107 @@ def _service(name: str, t: _Table) -> ServiceConfig:
     return svc
 
 
+def _audit(root: _Table, socket: Path) -> AuditConfig:
+    t = root.get_table("audit", None) or _Table({}, "audit", root._base)
+    audit = AuditConfig(
+        path=t.get_path("path", socket.parent / "audit.jsonl"),
+        max_bytes=t.get_int("max_bytes", DEFAULT_AUDIT_MAX_BYTES, minimum=4096),
+    )
+    t.finish()
+    return audit
+
+
+def _policy_rule(t: _Table, index: int, known_services: Mapping[str, Any]) -> PolicyRuleConfig:
+    name = t.get_str("name", f"rule{index}")
+    services = t.get_str_list("services")
+    rule = PolicyRuleConfig(
+        name=name,
+        uids=t.get_int_list("uids"),
+        gids=t.get_int_list("gids"),
+        executables=t.get_str_list("executables"),
+        identities=t.get_str_list("identities"),
+        msg_types=t.get_str_list("msg_types"),
+        actions_allow=t.get_str_list("actions_allow"),
+        actions_deny=t.get_str_list("actions_deny") or (),
+        ballots=t.get_str_list("ballots"),
+        services=services,
+        # A rule limited to some services forwards only: a raw signature could be sent anywhere.
+        raw_sign=t.get_bool("raw_sign", services is None),
+        rate_limit=t.get_int("rate_limit", None, minimum=1),
+        rate_window=t.get_number("rate_window", 60.0),
+    )
+    t.finish()
+    if not rule.uids and not rule.gids:
+        raise ConfigError(f"{t._key('uids')}: a rule must name the callers it is for (uids and/or gids)")
+    for exe in rule.executables or ():
+        if not exe.startswith("/"):
+            raise ConfigError(f"{t._key('executables')}: {exe!r} is not an absolute path")
+    for ballot in rule.ballots or ():
+        if ballot not in BALLOT_ALIASES and not _HEX64_RE.match(ballot):
+            raise ConfigError(
+                f"{t._key('ballots')}: {ballot!r} is neither 'accept', 'reject' nor a lowercase hex SHA-256"
+            )
+    valid_types = ("proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share")
+    for msg_type in rule.msg_types or ():
+        if msg_type not in valid_types:
+            raise ConfigError(f"{t._key('msg_types')}: {msg_type!r} is not one of {', '.join(valid_types)}")
+    for svc in rule.services or ():
+        if svc not in known_services:
+            raise ConfigError(f"{t._key('services')}: no service named {svc!r} is configured")
+    return rule
+
+
+def _policy(root: _Table, known_services: Mapping[str, Any]) -> PolicyConfig:
+    t = root.get_table("policy", None)
+    if t is None:
+        return PolicyConfig()
+    raw_rules = t._get("rules", (list,), "an array of tables ([[policy.rules]])", [])
+    rules: list[PolicyRuleConfig] = []
+    for i, raw in enumerate(raw_rules):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{t._key('rules')}[{i}]: expected a table")
+        rules.append(_policy_rule(_Table(raw, f"{t._key('rules')}[{i}]", root._base), i, known_services))
+    names = [r.name for r in rules]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{t._key('rules')}: duplicate rule name(s): {', '.join(duplicates)}")
+    policy = PolicyConfig(rules=tuple(rules), default_rule=t.get_bool("default_rule", True))
+    t.finish()
+    return policy
+
+
+# Upper bounds catch unit slips (milliseconds written as seconds) and retry budgets that would hide an outage.
+_KEYVAULT_MAX_CONCURRENCY = 256
+_KEYVAULT_MAX_ATTEMPTS = 10
+_KEYVAULT_MAX_TOTAL_TIMEOUT = 300.0
+
+
+def _keyvault(root: _Table) -> KeyVaultConfig:
+    defaults = KeyVaultConfig()
+    t = root.get_table("keyvault", None)
+    if t is None:
+        return defaults
+    cfg = KeyVaultConfig(
+        max_concurrency=t.get_int("max_concurrency", defaults.max_concurrency, minimum=1),
+        rate_per_second=t.get_number("rate_per_second", defaults.rate_per_second),
+        burst=t.get_int("burst", defaults.burst, minimum=1),
+        max_attempts=t.get_int("max_attempts", defaults.max_attempts, minimum=1),
+        total_timeout=t.get_number("total_timeout", defaults.total_timeout),
+    )
+    t.finish()
+    if cfg.max_concurrency > _KEYVAULT_MAX_CONCURRENCY:
+        raise ConfigError(
+            f"{t._key('max_concurrency')}: must be at most {_KEYVAULT_MAX_CONCURRENCY}, got {cfg.max_concurrency}"
+        )
+    if cfg.max_attempts > _KEYVAULT_MAX_ATTEMPTS:
+        raise ConfigError(f"{t._key('max_attempts')}: must be at most {_KEYVAULT_MAX_ATTEMPTS}, got {cfg.max_attempts}")
+    if cfg.total_timeout > _KEYVAULT_MAX_TOTAL_TIMEOUT:
+        raise ConfigError(
+            f"{t._key('total_timeout')}: must be at most {_KEYVAULT_MAX_TOTAL_TIMEOUT:g} s, got {cfg.total_timeout:g}"
+        )
+    return cfg
+
+
 def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentConfig:
     """Validate an already-parsed TOML document. ``path`` anchors relative paths (default: the cwd)."""
     base = path.parent if path is not None else Path.cwd()
@@ -336,6 +519,8 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentC
         allowed_uids=agent_t.get_int_list("allowed_uids"),
         allowed_gids=agent_t.get_int_list("allowed_gids"),
         request_timeout=agent_t.get_number("request_timeout", 60.0),
+        header_timeout=agent_t.get_number("header_timeout", 10.0),
+        body_timeout=agent_t.get_number("body_timeout", 30.0),
         log_level=agent_t.get_choice("log_level", ("debug", "info", "warning", "error"), "info"),
     )
     agent_t.finish()
@@ -352,8 +537,17 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentC
         t.finish()
 
     services = {name: _service(name, t) for name, t in root.get_tables("services").items()}
+    audit = _audit(root, agent.socket)
+    policy = _policy(root, services)
+    keyvault = _keyvault(root)
+    for i, rule in enumerate(policy.rules):
+        for ident in rule.identities or ():
+            if ident not in identities:
+                raise ConfigError(f"policy.rules[{i}].identities: no identity named {ident!r} is configured")
     root.finish()
-    return AgentConfig(path=path, agent=agent, identities=identities, services=services)
+    return AgentConfig(
+        path=path, agent=agent, identities=identities, services=services, audit=audit, policy=policy, keyvault=keyvault
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:

@@ -20,7 +20,8 @@ from typing import Any
 from signing_agent.ccf.client import CCFClient, CCFResponse
 from signing_agent.config import ServiceConfig
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json
-from signing_agent.errors import CCFError, ConflictError, UnknownServiceError
+from signing_agent.errors import AgentError, CCFError, CCFRejectedError, ConflictError, UnknownServiceError
+from signing_agent.policy import Caller
 from signing_agent.service import SignedMessage, SigningService
 
 _logger = logging.getLogger(__name__)
@@ -78,8 +79,24 @@ class GovernanceService:
             return client
 
     async def _submit(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
+        """Send and audit the outcome: ``forwarded`` with CCF's status and transaction id, or ``failed``."""
         client = await self.client(service)
-        resp = await client.post_cose(path, signed.cose)
+        try:
+            resp = await client.post_cose(path, signed.cose)
+        except AgentError as exc:
+            status = exc.status if isinstance(exc, CCFRejectedError) else None
+            await self.signer.record("failed", {**signed.audit_fields(), "error": exc.code, "ccf_status": status})
+            raise
+        await self.signer.record(
+            "forwarded",
+            {
+                **signed.audit_fields(),
+                "ccf_status": resp.status,
+                "ccf_error": resp.error_code,
+                "transaction_id": resp.transaction_id,
+                "attempts": resp.attempts,
+            },
+        )
         _logger.info(
             "forwarded %s from %s to %s: %d%s (tx %s, %d attempt%s)",
             signed.msg_type,
@@ -93,9 +110,19 @@ class GovernanceService:
         )
         return resp
 
-    async def propose(self, service: str, identity: str, proposal: bytes) -> Relay:
+    async def propose(
+        self,
+        service: str,
+        identity: str,
+        proposal: bytes,
+        *,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> Relay:
         await self.client(service)  # an unknown service fails before anything is signed
-        signed = await self.signer.sign(identity, MsgType.PROPOSAL, proposal)
+        signed = await self.signer.sign(
+            identity, MsgType.PROPOSAL, proposal, service=service, caller=caller, request_id=request_id
+        )
         resp = await self._submit(service, "/gov/members/proposals:create", signed)
         if resp.error_code == "ProposalReplay" and resp.attempts > 1:
             recovered = await self._replayed_proposal(service, resp, signed)
@@ -115,7 +142,16 @@ class GovernanceService:
         _logger.info("proposal %s was created by an earlier attempt whose answer was lost", match.group(1))
         return Relay(status=200, body=got.body, transaction_id=got.transaction_id, from_ccf=True)
 
-    async def vote(self, service: str, identity: str, proposal_id: str, ballot: str) -> Relay:
+    async def vote(
+        self,
+        service: str,
+        identity: str,
+        proposal_id: str,
+        ballot: str,
+        *,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> Relay:
         check_proposal_id(proposal_id)
         ident = self.signer.identity(identity)
         client = await self.client(service)
@@ -126,32 +162,60 @@ class GovernanceService:
         if state != "Open":
             raise ConflictError(f"proposal {proposal_id} is {state}, not Open: no ballot was signed")
         signed = await self.signer.sign(
-            identity, MsgType.BALLOT, compact_json({"ballot": ballot}), proposal_id=proposal_id
+            identity,
+            MsgType.BALLOT,
+            compact_json({"ballot": ballot}),
+            proposal_id=proposal_id,
+            service=service,
+            caller=caller,
+            request_id=request_id,
         )
         path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
         return Relay.of(await self._submit(service, path, signed))
 
-    async def withdraw(self, service: str, identity: str, proposal_id: str) -> Relay:
+    async def withdraw(
+        self,
+        service: str,
+        identity: str,
+        proposal_id: str,
+        *,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> Relay:
         check_proposal_id(proposal_id)
         await self.client(service)
-        signed = await self.signer.sign(identity, MsgType.WITHDRAWAL, b"", proposal_id=proposal_id)
+        signed = await self.signer.sign(
+            identity,
+            MsgType.WITHDRAWAL,
+            b"",
+            proposal_id=proposal_id,
+            service=service,
+            caller=caller,
+            request_id=request_id,
+        )
         return Relay.of(await self._submit(service, f"/gov/members/proposals/{proposal_id}:withdraw", signed))
 
-    async def activate(self, service: str, identity: str) -> Relay:
+    async def activate(
+        self, service: str, identity: str, *, caller: Caller | None = None, request_id: str | None = None
+    ) -> Relay:
         """State-digest update, then ack: an Accepted member becomes Active."""
         ident = self.signer.identity(identity)
         client = await self.client(service)
         base = f"/gov/members/state-digests/{ident.member_id}"
-        update = await self._submit(
-            service, f"{base}:update", await self.signer.sign(identity, MsgType.STATE_DIGEST, b"")
+        update_msg = await self.signer.sign(
+            identity, MsgType.STATE_DIGEST, b"", service=service, caller=caller, request_id=request_id
         )
+        update = await self._submit(service, f"{base}:update", update_msg)
         if not update.ok:
             return Relay.of(update)
         digest = update.body.get("stateDigest") if isinstance(update.body, dict) else None
         if not isinstance(digest, str):
             raise CCFError(f"service {service!r} answered :update without a stateDigest")
         # The ack signs the :update answer as it came (CCF reads its stateDigest and ignores the rest).
-        ack = await self._submit(service, f"{base}:ack", await self.signer.sign(identity, MsgType.ACK, update.raw))
+        ack_msg = await self.signer.sign(
+            identity, MsgType.ACK, update.raw, service=service, caller=caller, request_id=request_id
+        )
+        ack = await self._submit(service, f"{base}:ack", ack_msg)
         if not ack.ok:
             return Relay.of(ack)
         member = await client.get(f"/gov/service/members/{ident.member_id}")

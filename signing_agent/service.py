@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from signing_agent.algorithms import verify_digest
+from signing_agent.audit import AuditEvent, AuditSink
 from signing_agent.backends.base import Priority
 from signing_agent.cose.governance import (
     GovernanceRequest,
     MsgType,
     PayloadSummary,
     prepare_governance,
+    protected_headers,
     summarise_payload,
 )
 from signing_agent.cose.sign1 import finish
-from signing_agent.errors import UnknownIdentityError
+from signing_agent.errors import AgentError, AuditError, PolicyDeniedError, UnknownIdentityError
 from signing_agent.identity import Identity
+from signing_agent.policy import Action, Caller, Decision, Policy, default_policy
 
 _logger = logging.getLogger(__name__)
 
@@ -43,17 +48,80 @@ class SignedMessage:
     cose: bytes
     summary: PayloadSummary
 
+    request_id: str | None = None
+    caller: Caller | None = None
+    service: str | None = None
+
     @property
     def cose_sha256(self) -> str:
         return hashlib.sha256(self.cose).hexdigest()
 
+    def audit_fields(self) -> dict[str, Any]:
+        return {
+            **_who(self.request_id, self.caller),
+            "identity": self.identity,
+            "member_id": self.member_id,
+            "msg_type": str(self.msg_type),
+            "proposal_id": self.proposal_id,
+            "service": self.service,
+            "payload_sha256": self.summary.sha256,
+            "cose_sha256": self.cose_sha256,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What would be signed and what the policy says, computed without touching the key."""
+
+    identity: str
+    member_id: str
+    algorithm: str
+    headers: Mapping[str, Any]
+    summary: PayloadSummary
+    service: str | None
+    decision: Decision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity,
+            "member_id": self.member_id,
+            "algorithm": self.algorithm,
+            "protected_headers": dict(self.headers),
+            "payload_sha256": self.summary.sha256,
+            "proposal_actions": list(self.summary.actions) if self.summary.actions else None,
+            "ballot_sha256": self.summary.ballot_sha256,
+            "service": self.service,
+            "decision": {
+                "allowed": self.decision.allowed,
+                "rule": self.decision.rule,
+                "reason": self.decision.reason,
+            },
+        }
+
+
+def _who(request_id: str | None, caller: Caller | None) -> dict[str, Any]:
+    return {"request_id": request_id, "peer": caller.as_dict() if caller is not None else None}
+
 
 class SigningService:
-    """Signs governance messages for the configured identities."""
+    """Signs governance messages for the configured identities, as the policy allows, with every step audited.
 
-    def __init__(self, identities: Mapping[str, Identity], *, clock: Callable[[], float] = time.time) -> None:
+    ``audit=None`` keeps no audit trail: for unit tests and embedding only; the daemon always passes a file sink.
+    ``caller=None`` in ``sign`` means the agent itself (its own uid and pid), e.g. an internal watcher.
+    """
+
+    def __init__(
+        self,
+        identities: Mapping[str, Identity],
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: Policy | None = None,
+        audit: AuditSink | None = None,
+    ) -> None:
         self._identities = dict(identities)
         self._clock = clock
+        self.policy = policy if policy is not None else default_policy(os.getuid())
+        self.audit = audit
 
     @property
     def identities(self) -> Mapping[str, Identity]:
@@ -69,7 +137,21 @@ class SigningService:
     def now(self) -> int:
         return int(self._clock())
 
-    async def sign(
+    def _self_caller(self) -> Caller:
+        return Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), exe=None)
+
+    async def record(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
+        """Write one audit record; raises ``AuditError`` (fail closed). A no-op without a sink."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.record(event, fields)
+        except AuditError:
+            raise
+        except Exception as exc:
+            raise AuditError(f"the audit log cannot be written: {exc}") from exc
+
+    async def explain(
         self,
         identity: str,
         msg_type: MsgType,
@@ -77,8 +159,10 @@ class SigningService:
         *,
         created_at: int | None = None,
         proposal_id: str | None = None,
-    ) -> SignedMessage:
-        """Sign one governance message. ``created_at`` defaults to now (integer seconds, UTC)."""
+        service: str | None = None,
+        caller: Caller | None = None,
+    ) -> Explanation:
+        """What ``sign`` would sign and whether the policy allows it. Touches no key and charges no rate limit."""
         ident = self.identity(identity)
         request = GovernanceRequest(
             msg_type=msg_type,
@@ -87,10 +171,84 @@ class SigningService:
             proposal_id=proposal_id,
         )
         summary = summarise_payload(msg_type, payload)
+        action = self._action(ident.name, msg_type, summary, proposal_id, service)
+        decision = self.policy.decide(caller or self._self_caller(), action, consume=False)
+        headers = {"alg": ident.alg.name, "kid": ident.member_id}
+        headers.update({str(k): v for k, v in protected_headers(ident.member_id, request).items() if k != 4})
+        return Explanation(
+            identity=ident.name,
+            member_id=ident.member_id,
+            algorithm=ident.alg.name,
+            headers=headers,
+            summary=summary,
+            service=service,
+            decision=decision,
+        )
+
+    @staticmethod
+    def _action(
+        identity: str, msg_type: MsgType, summary: PayloadSummary, proposal_id: str | None, service: str | None
+    ) -> Action:
+        return Action(
+            identity=identity,
+            msg_type=str(msg_type),
+            service=service,
+            proposal_actions=summary.actions,
+            ballot_sha256=summary.ballot_sha256,
+            proposal_id=proposal_id,
+        )
+
+    async def sign(
+        self,
+        identity: str,
+        msg_type: MsgType,
+        payload: bytes,
+        *,
+        created_at: int | None = None,
+        proposal_id: str | None = None,
+        service: str | None = None,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> SignedMessage:
+        """Sign one governance message, if the policy allows ``caller`` to; ``service`` is None for a raw signature.
+
+        ``created_at`` defaults to now (integer seconds, UTC). The ``received`` record, then ``denied``, ``failed``
+        or ``signed``, is durable in the audit log before this returns; if it cannot be written, ``AuditError`` is
+        raised and the signature is dropped.
+        """
+        ident = self.identity(identity)
+        request = GovernanceRequest(
+            msg_type=msg_type,
+            created_at=self.now() if created_at is None else created_at,
+            payload=payload,
+            proposal_id=proposal_id,
+        )
+        summary = summarise_payload(msg_type, payload)
+        who = caller or self._self_caller()
+        base = {
+            **_who(request_id, who),
+            "identity": ident.name,
+            "member_id": ident.member_id,
+            "msg_type": str(msg_type),
+            "proposal_id": proposal_id,
+            "service": service,
+            "payload_sha256": summary.sha256,
+            "proposal_actions": list(summary.actions) if summary.actions else None,
+            "ballot_sha256": summary.ballot_sha256,
+        }
+        await self.record("received", base)
+        decision = self.policy.decide(who, self._action(ident.name, msg_type, summary, proposal_id, service))
+        if not decision.allowed:
+            await self.record("denied", {**base, "rule": decision.rule, "reason": decision.reason})
+            raise PolicyDeniedError(f"policy: {decision.describe()}")
         tbs = prepare_governance(ident.alg, ident.member_id, request)
         priority = Priority.HIGH if msg_type in _HIGH_PRIORITY else Priority.NORMAL
-        signature = await ident.signing_key.sign_digest(ident.alg, tbs.digest, priority=priority)
-        verify_digest(ident.public_key, ident.alg, tbs.digest, signature)
+        try:
+            signature = await ident.signing_key.sign_digest(ident.alg, tbs.digest, priority=priority)
+            verify_digest(ident.public_key, ident.alg, tbs.digest, signature)
+        except AgentError as exc:
+            await self.record("failed", {**base, "rule": decision.rule, "error": exc.code})
+            raise
         message = SignedMessage(
             identity=ident.name,
             member_id=ident.member_id,
@@ -99,7 +257,11 @@ class SigningService:
             proposal_id=proposal_id,
             cose=finish(tbs, signature),
             summary=summary,
+            request_id=request_id,
+            caller=who,
+            service=service,
         )
+        await self.record("signed", {**base, "rule": decision.rule, "cose_sha256": message.cose_sha256})
         _logger.info(
             "signed %s for %s (member %s, payload sha256 %s)",
             msg_type,

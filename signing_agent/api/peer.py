@@ -1,4 +1,7 @@
-"""Who is on the other end of the Unix socket: SO_PEERCRED, as the kernel reports it (it cannot be forged)."""
+"""Who is on the other end of the Unix socket: SO_PEERCRED, as the kernel reports it (it cannot be forged).
+
+What a peer may do is decided by ``signing_agent.policy``; this module only finds out who it is.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import struct
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from signing_agent.policy import Caller
 
 _UCRED = struct.Struct("3i")
 
@@ -34,16 +39,18 @@ def peer_of(request: web.Request) -> Peer | None:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
-@dataclass(frozen=True, slots=True)
-class PeerAllowList:
-    """By default only the daemon's own uid and root may use the agent (ssh-agent's rule)."""
+def executable_of(pid: int) -> str | None:
+    """The peer's executable from ``/proc/<pid>/exe``, or None when it cannot be read.
 
-    uids: frozenset[int]
-    gids: frozenset[int]
+    Reading another user's link needs the daemon to be root (or ptrace-capable); when it fails, rules that name
+    executables simply do not match (fail closed). The pid is the one at connect time: a same-uid process could
+    exec something else afterwards, so an executable match is a guard against mistakes, not against that uid.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
-    @classmethod
-    def default(cls, extra_uids: tuple[int, ...] = (), extra_gids: tuple[int, ...] = ()) -> PeerAllowList:
-        return cls(uids=frozenset({0, os.getuid(), *extra_uids}), gids=frozenset(extra_gids))
 
-    def allows(self, peer: Peer) -> bool:
-        return peer.uid in self.uids or peer.gid in self.gids
+def caller_of(peer: Peer) -> Caller:
+    return Caller(uid=peer.uid, gid=peer.gid, pid=peer.pid, exe=executable_of(peer.pid))

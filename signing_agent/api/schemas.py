@@ -97,3 +97,29 @@ def parse_sign_request(raw: bytes) -> SignRequest:
         created_at=None if created_at is None else check_created_at(created_at),
         proposal_id=None if proposal_id is None else check_proposal_id(proposal_id),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainRequest:
+    identity: str
+    msg_type: MsgType
+    payload: bytes
+    created_at: int | None
+    proposal_id: str | None
+    service: str | None
+
+
+def parse_explain_request(raw: bytes) -> ExplainRequest:
+    """``POST /v1/explain``: the fields of ``/v1/sign`` plus an optional ``service`` it would be submitted to."""
+    body = parse_object(raw, _SIGN_FIELDS | {"service"}, frozenset({"identity", "msg_type"}))
+    service = get_str(body, "service") if "service" in body else None
+    body.pop("service", None)
+    req = parse_sign_request(compact_json(body))
+    return ExplainRequest(
+        identity=req.identity,
+        msg_type=req.msg_type,
+        payload=req.payload,
+        created_at=req.created_at,
+        proposal_id=req.proposal_id,
+        service=service,
+    )

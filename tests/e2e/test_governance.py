@@ -260,3 +260,22 @@ def test_pinned_tls_refuses_a_wrong_service_certificate_before_any_request(
             assert error["code"] == "CCFTrustError"
             assert "nothing was sent" in error["message"]
         assert real.requests() == []
+
+
+def test_forwarded_and_failed_submissions_are_audited_with_ccf_status_and_transaction(world: World) -> None:
+    from signing_agent.audit import verify_audit
+
+    created = world.propose("m0")
+    resp = world.client.request("POST", "/v1/services/default/proposals", {"identity": "m2", "proposal": TRUST_NODE})
+    assert resp.status == 401  # m2 is not a member: CCF refuses, and that is audited too
+    audit_path = world.folder / "run" / "audit.jsonl"
+    report = verify_audit([audit_path])
+    assert report.ok, report.first_break
+    records = [json.loads(line) for line in audit_path.read_bytes().splitlines()]
+    forwarded = [r for r in records if r["event"] == "forwarded"]
+    assert [(r["identity"], r["ccf_status"]) for r in forwarded] == [("m0", 200), ("m2", 401)]
+    assert forwarded[0]["transaction_id"]
+    assert forwarded[0]["service"] == "default"
+    signed = {r["request_id"]: r for r in records if r["event"] == "signed"}
+    assert signed[forwarded[0]["request_id"]]["cose_sha256"] == forwarded[0]["cose_sha256"]
+    assert created["proposalId"]

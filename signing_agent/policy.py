@@ -1,0 +1,253 @@
+"""Who may ask the agent to sign what: a pure decision over the caller and what would be signed.
+
+The caller is the Unix-socket peer as the kernel reports it (``SO_PEERCRED`` uid, gid, pid) plus the executable the
+API layer read from ``/proc/<pid>/exe``. The action is what would be signed, read from the payload itself: the
+proposal's action names and the ballot script's SHA-256 come from the bytes that get signed, never from a label the
+caller chose, so a caller allowed only ``transition_node_to_trusted`` cannot get ``set_constitution`` signed through
+``/v1/sign`` either.
+
+Evaluation (documented in config.example.toml and docs/security-model.md):
+
+1. Rules are tried in order; the **first rule whose caller match fits decides** (uid in ``uids`` or primary gid in
+   ``gids``, and, when ``executables`` is given, the peer's executable is one of them). Later rules are not tried,
+   so a restrictive rule for a uid cannot be widened by a later, broader one.
+2. Within that rule, every constraint must hold: identity, message type, service (or ``raw_sign`` for
+   ``/v1/sign``), proposal actions (``actions_deny`` wins over ``actions_allow``), ballot script hash; then the rate
+   limit (a token bucket per rule and uid) is charged.
+3. The built-in ``default`` rule comes last (unless ``policy.default_rule = false``): root, the daemon's own uid and
+   ``agent.allowed_uids`` / ``agent.allowed_gids`` may do everything. With no ``[policy]`` this is the whole policy.
+4. A caller no rule matches may not use the agent at all (not even reads).
+
+Pure: no I/O, no clock except the injected one, no aiohttp/asyncio. Must not import ``signing_agent.cose``
+(a sibling layer): message types are plain strings here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from signing_agent.config import PolicyConfig, PolicyRuleConfig
+
+# The canonical ballots ``signing-agent vote --accept / --reject`` send (CCF's documented always-accept/reject).
+ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
+REJECT_BALLOT = "export function vote (proposal, proposerId) { return false }"
+BALLOT_ALIASES = {
+    "accept": hashlib.sha256(ACCEPT_BALLOT.encode("utf-8")).hexdigest(),
+    "reject": hashlib.sha256(REJECT_BALLOT.encode("utf-8")).hexdigest(),
+}
+
+DEFAULT_RULE = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The process on the other end of the socket. ``exe`` is None when it could not be read."""
+
+    uid: int
+    gid: int
+    pid: int
+    exe: str | None = None
+
+    def as_dict(self) -> dict[str, int | str | None]:
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "exe": self.exe}
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What would be signed, as read from the message itself."""
+
+    identity: str
+    msg_type: str
+    service: str | None = None
+    """The CCF service it is forwarded to; None for ``POST /v1/sign`` (the signature goes back to the caller)."""
+    proposal_actions: tuple[str, ...] = ()
+    ballot_sha256: str | None = None
+    proposal_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: str | None
+    """The rule that decided, or None when no rule matched the caller."""
+    reason: str
+
+    def describe(self) -> str:
+        verdict = "allowed" if self.allowed else "denied"
+        return f"{verdict} by rule {self.rule!r}: {self.reason}" if self.rule else f"{verdict}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A compiled rule. ``None`` in a constraint means "any"."""
+
+    name: str
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    executables: frozenset[str] | None = None
+    identities: frozenset[str] | None = None
+    msg_types: frozenset[str] | None = None
+    actions_allow: frozenset[str] | None = None
+    actions_deny: frozenset[str] = frozenset()
+    ballots: frozenset[str] | None = None
+    services: frozenset[str] | None = None
+    raw_sign: bool = True
+    rate_limit: int | None = None
+    rate_window: float = 60.0
+
+    @classmethod
+    def from_config(cls, cfg: PolicyRuleConfig) -> Rule:
+        def opt(values: Iterable[str] | None) -> frozenset[str] | None:
+            return None if values is None else frozenset(values)
+
+        ballots = None if cfg.ballots is None else frozenset(BALLOT_ALIASES.get(b, b) for b in cfg.ballots)
+        return cls(
+            name=cfg.name,
+            uids=frozenset(cfg.uids),
+            gids=frozenset(cfg.gids),
+            executables=opt(cfg.executables),
+            identities=opt(cfg.identities),
+            msg_types=opt(cfg.msg_types),
+            actions_allow=opt(cfg.actions_allow),
+            actions_deny=frozenset(cfg.actions_deny),
+            ballots=ballots,
+            services=opt(cfg.services),
+            raw_sign=cfg.raw_sign,
+            rate_limit=cfg.rate_limit,
+            rate_window=cfg.rate_window,
+        )
+
+    def matches(self, caller: Caller) -> bool:
+        if caller.uid not in self.uids and caller.gid not in self.gids:
+            return False
+        return self.executables is None or (caller.exe is not None and caller.exe in self.executables)
+
+    def refusal(self, action: Action) -> str | None:
+        """Why this rule refuses the action, or None when it allows it (rate limit aside)."""
+        if self.identities is not None and action.identity not in self.identities:
+            return f"identity {action.identity!r} is not allowed (allowed: {_names(self.identities)})"
+        if self.msg_types is not None and action.msg_type not in self.msg_types:
+            return f"message type {action.msg_type!r} is not allowed (allowed: {_names(self.msg_types)})"
+        if action.service is None:
+            if not self.raw_sign:
+                return "raw signing (POST /v1/sign) is not allowed: submit through a service"
+        elif self.services is not None and action.service not in self.services:
+            return f"service {action.service!r} is not allowed (allowed: {_names(self.services)})"
+        if action.msg_type == "proposal":
+            denied = [a for a in action.proposal_actions if a in self.actions_deny]
+            if denied:
+                return f"proposal action(s) denied: {', '.join(denied)}"
+            if self.actions_allow is not None:
+                outside = [a for a in action.proposal_actions if a not in self.actions_allow]
+                if outside:
+                    return f"proposal action(s) not allowed: {', '.join(outside)}"
+        if action.msg_type == "ballot" and self.ballots is not None and action.ballot_sha256 not in self.ballots:
+            return f"ballot script sha256 {action.ballot_sha256} is not one of the allowed ballots"
+        return None
+
+
+def _names(values: frozenset[str]) -> str:
+    return ", ".join(sorted(values)) or "none"
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets keyed by (rule, uid): ``limit`` signatures per ``window`` seconds, bursts up to ``limit``."""
+
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
+
+    def _refill(self, key: tuple[str, int], limit: int, window: float) -> _Bucket:
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(tokens=float(limit), stamp=now)
+        else:
+            bucket.tokens = min(float(limit), bucket.tokens + (now - bucket.stamp) * limit / window)
+            bucket.stamp = now
+        return bucket
+
+    def available(self, key: tuple[str, int], limit: int, window: float) -> bool:
+        return self._refill(key, limit, window).tokens >= 1.0
+
+    def take(self, key: tuple[str, int], limit: int, window: float) -> bool:
+        bucket = self._refill(key, limit, window)
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+
+class Policy:
+    """Ordered rules; the first one matching the caller decides (see the module docstring)."""
+
+    def __init__(self, rules: Iterable[Rule], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rules = tuple(rules)
+        self._limiter = RateLimiter(clock)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: PolicyConfig,
+        *,
+        daemon_uid: int,
+        allowed_uids: Iterable[int] = (),
+        allowed_gids: Iterable[int] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Policy:
+        rules = [Rule.from_config(r) for r in cfg.rules]
+        if cfg.default_rule:
+            rules.append(default_rule(daemon_uid, allowed_uids, allowed_gids))
+        return cls(rules, clock=clock)
+
+    def rule_for(self, caller: Caller) -> Rule | None:
+        return next((r for r in self.rules if r.matches(caller)), None)
+
+    def admits(self, caller: Caller) -> Decision:
+        """May this caller use the agent at all (reads included)?"""
+        rule = self.rule_for(caller)
+        if rule is None:
+            exe = f", exe {caller.exe}" if caller.exe else ""
+            return Decision(
+                False, None, f"no policy rule matches peer uid {caller.uid} (gid {caller.gid}, pid {caller.pid}{exe})"
+            )
+        return Decision(True, rule.name, "the caller matches this rule")
+
+    def decide(self, caller: Caller, action: Action, *, consume: bool = True) -> Decision:
+        """Allow or deny ``action`` for ``caller``. ``consume=False`` (explain) checks the rate limit, uncharged."""
+        rule = self.rule_for(caller)
+        if rule is None:
+            return self.admits(caller)
+        why = rule.refusal(action)
+        if why is not None:
+            return Decision(False, rule.name, why)
+        if rule.rate_limit is not None:
+            key = (rule.name, caller.uid)
+            ok = (
+                self._limiter.take(key, rule.rate_limit, rule.rate_window)
+                if consume
+                else self._limiter.available(key, rule.rate_limit, rule.rate_window)
+            )
+            if not ok:
+                return Decision(
+                    False, rule.name, f"rate limit of {rule.rate_limit} per {rule.rate_window:g} s for uid {caller.uid}"
+                )
+        return Decision(True, rule.name, "every constraint of the rule holds")
+
+
+def default_rule(daemon_uid: int, allowed_uids: Iterable[int] = (), allowed_gids: Iterable[int] = ()) -> Rule:
+    """Root, the daemon's own uid and the configured extra uids/gids may do everything (ssh-agent's rule)."""
+    return Rule(name=DEFAULT_RULE, uids=frozenset({0, daemon_uid, *allowed_uids}), gids=frozenset(allowed_gids))
+
+
+def default_policy(daemon_uid: int, *, clock: Callable[[], float] = time.monotonic) -> Policy:
+    return Policy([default_rule(daemon_uid)], clock=clock)
