@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: all test demo lint typecheck unit bench bootstrap clean
+.PHONY: all test demo lint typecheck unit bench soak bootstrap clean
 
 all: test
 
@@ -33,6 +33,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_sign.py
+
+soak: $(STAMP)
+	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-60}
 
 clean:
 	rm -rf $(VENV) .demo .bench .mypy_cache .ruff_cache .pytest_cache

@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from signing_agent import __version__
+from signing_agent import __version__, policy
 from signing_agent.client import AgentClient, AgentRequestError, AgentUnreachableError, default_socket
 from signing_agent.config import AgentConfig, load_config
 from signing_agent.cose.governance import MsgType
@@ -119,13 +119,14 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from signing_agent.daemon import harden_process, serve
+    from signing_agent.daemon import harden_process, serve, tune_interpreter
 
     path = _config_path(args, required=True)
     assert path is not None  # noqa: S101 -- required=True
     config = load_config(path)
     setup_logging(args.log_level or config.agent.log_level)
     harden_process()
+    tune_interpreter()
     if sys.stdin.isatty() and not args.foreground:
         _logger.warning("serving in the foreground of a terminal; pass --foreground to silence this")
 
@@ -133,36 +134,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.ready_file:
             Path(args.ready_file).write_text(str(sock))
 
-    asyncio.run(serve(config, on_ready=ready))
+    asyncio.run(serve(config, on_ready=ready, allow_degraded=args.allow_degraded))
     return EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Open every key store and self-test each identity (its key matches its certificate, a probe signature
+    verifies), and read every pinned service certificate. Every failure is listed; any failure exits 1."""
     from signing_agent.backends.factory import KeyStores
-    from signing_agent.daemon import open_identities
+    from signing_agent.ccf.client import CCFClient
+    from signing_agent.daemon import open_identities_degraded
 
     path = _config_path(args, required=True)
     assert path is not None  # noqa: S101 -- required=True
     config = load_config(path)
-    setup_logging("warning")
+    setup_logging("critical")  # each failure is printed below, once
 
     async def check(config: AgentConfig) -> int:
-        stores = KeyStores()
+        stores = KeyStores(keyvault=config.keyvault)
         try:
-            idents = await open_identities(config, stores)
+            idents, failed = await open_identities_degraded(config, stores)
             for ident in idents.values():
-                print(f"ok  {ident.name}: member {ident.member_id} {ident.alg.name} {ident.backend} {ident.location}")
+                print(f"ok    {ident.name}: member {ident.member_id} {ident.alg.name} {ident.backend} {ident.location}")
                 for warning in ident.warnings:
-                    print(f"    warning: {warning}")
+                    print(f"      warning: {warning}")
                 await ident.signing_key.aclose()
                 if ident.decryption_key is not None:
                     await ident.decryption_key.aclose()
         finally:
             await stores.aclose()
+        for name, reason in sorted(failed.items()):
+            print(f"FAIL  {name}: {reason}")
+        for name, svc in sorted(config.services.items()):
+            if svc.service_certificate is None:
+                print(f"ok    service {name}: {svc.url} (identity fetched from {svc.identity_url} at first use)")
+                continue
+            try:
+                await (await CCFClient.open(svc)).aclose()
+            except AgentError as exc:
+                failed[f"service {name}"] = exc.message
+                print(f"FAIL  service {name}: {exc.message}")
+            else:
+                print(f"ok    service {name}: {svc.url}, pinned {svc.service_certificate}")
+        if failed:
+            print(
+                f"signing-agent: configuration {path}: {len(failed)} check(s) failed: {', '.join(sorted(failed))}",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         print(f"configuration {path} is valid: {len(config.identities)} identities, socket {config.agent.socket}")
         return EXIT_OK
 
     return asyncio.run(check(config))
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the agent is healthy (``--live``: when it answers at all), 1 otherwise: for probes."""
+    client = _client(args)
+    client.timeout = args.timeout
+    report = client.health()
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{report.get('status')} (signing-agent {report.get('version')}, generation {report.get('generation')})")
+        for check in [*report.get("identities", []), *report.get("services", [])]:
+            line = f"  {check.get('status'):<11} {check.get('name')}"
+            if check.get("error"):
+                line += f": {check['error']}"
+            if check.get("members"):
+                line += "  members: " + ", ".join(f"{k}={v}" for k, v in sorted(check["members"].items()))
+            print(line)
+    if args.live:
+        return EXIT_OK
+    return EXIT_OK if report.get("status") == "ok" else EXIT_ERROR
 
 
 def cmd_identities(args: argparse.Namespace) -> int:
@@ -184,6 +228,17 @@ def cmd_sign(args: argparse.Namespace) -> int:
     msg_type = MsgType.parse(args.msg_type)
     client = _client(args)
     identity = resolve_identity(client, args.identity, args.signing_cert)
+    if args.explain:
+        explanation = client.explain(
+            identity,
+            msg_type,
+            _read_content(args.content),
+            created_at=parse_created_at(args.created_at) if args.created_at else None,
+            proposal_id=args.proposal_id,
+            service=args.service,
+        )
+        _print_json(explanation)
+        return EXIT_OK if explanation["decision"]["allowed"] else EXIT_ERROR
     cose = client.sign(
         identity,
         msg_type,
@@ -223,11 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--foreground", action="store_true", help="you mean to run it in a terminal")
     p.add_argument("--ready-file", help="write the socket path to this file once listening")
+    p.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="start even if an identity fails its self-test (it is left out and health reports 'degraded')",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate the config, open every key and self-test each identity")
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("health", help="the agent's health; exit 0 only when healthy (for probes)")
+    _add_client_options(p)
+    p.add_argument("--live", action="store_true", help="exit 0 whenever the agent answers (liveness)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default: 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("identities", help="list the agent's identities")
     _add_client_options(p)
@@ -260,9 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--content", help="payload file, or - for stdin (default: empty)")
     p.add_argument("--out", help="write the COSE_Sign1 here instead of stdout")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print what would be signed and the policy decision as JSON; sign nothing (exit 1 when denied)",
+    )
+    p.add_argument("--service", help="with --explain: decide as if submitting to this service")
     p.set_defaults(func=cmd_sign)
 
     register_governance(sub)
+    register_audit(sub)
     _register_optional(sub)
     return parser
 
@@ -311,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- governance with a CCF service ---------------------------------------------------------------------------------
 
-ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
-REJECT_BALLOT = "export function vote (proposal, proposerId) { return false }"
+# The canonical ballots live with the policy, whose "accept"/"reject" ballot aliases are their hashes.
+ACCEPT_BALLOT = policy.ACCEPT_BALLOT
+REJECT_BALLOT = policy.REJECT_BALLOT
 
 
 def _pick_service(client: AgentClient, service: str | None) -> str:
@@ -484,3 +559,35 @@ def register_governance(sub: Any) -> None:
     p = sub.add_parser("status", help="the service's status and the member status of each identity")
     common(p, identity=False)
     p.set_defaults(func=cmd_status)
+
+
+# -- audit log -----------------------------------------------------------------------------------------------------
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from signing_agent.audit import verify_audit
+
+    report = verify_audit([Path(f) for f in args.files])
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        for note in report.notes:
+            print(f"note: {note}")
+        if report.ok:
+            print(f"ok: {report.records} records in {len(report.files)} file(s); last hash {report.last_hash}")
+        else:
+            print(f"BROKEN after {report.records} good records: {report.first_break}")
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def register_audit(sub: Any) -> None:
+    p = sub.add_parser("audit", help="work with the hash-chained audit log")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    v = audit_sub.add_parser(
+        "verify",
+        help="check the hash chain and report the first break",
+        description="Files are checked in the order given, oldest first: rotated files, then the current one.",
+    )
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_audit_verify)

@@ -1,4 +1,5 @@
-"""The composition root and lifecycle: open identities, bind the socket safely, serve, drain on SIGTERM.
+"""The composition root and lifecycle: open identities, bind the socket safely, serve, reload on SIGHUP, drain on
+SIGTERM, and tell systemd (sd_notify: READY, RELOADING, STOPPING, WATCHDOG) when it is listening.
 
 The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is not
 world-writable; a stale socket left by a crash is replaced, a live agent's socket is never stolen.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import grp
 import logging
@@ -17,23 +19,36 @@ import resource
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from signing_agent.api.app import IN_FLIGHT, APISettings, make_app
-from signing_agent.api.peer import PeerAllowList
+from signing_agent.api.runtime import RUNTIME, Generation, Runtime
+from signing_agent.audit import FileAuditSink
 from signing_agent.backends.factory import KeyStores
-from signing_agent.config import AgentConfig, FileKeyConfig
-from signing_agent.errors import ConfigError
+from signing_agent.config import AgentConfig, FileKeyConfig, load_config
+from signing_agent.errors import AgentError, ConfigError
 from signing_agent.governance import GovernanceService
+from signing_agent.health import HealthChecker
 from signing_agent.identity import Identity, open_identity
+from signing_agent.log import set_level
+from signing_agent.metrics import METRICS, Metrics
+from signing_agent.policy import Policy
 from signing_agent.service import SigningService
+from signing_agent.systemd import Notifier, inherited_socket
 
 _logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
+
+
+def tune_interpreter() -> None:
+    """Hand the GIL over quickly: key-store calls return in worker threads (PKCS#11 releases the GIL while the token
+    signs) and must not wait the default 5 ms for the event loop's thread, which is busy verifying signatures."""
+    sys.setswitchinterval(0.0002)
 
 
 def harden_process() -> None:
@@ -146,51 +161,322 @@ async def open_identities(config: AgentConfig, stores: KeyStores) -> dict[str, I
     return opened
 
 
-async def serve(config: AgentConfig, *, on_ready: Callable[[Path], None] | None = None) -> None:
-    """Run the agent until SIGTERM or SIGINT, then drain in-flight requests and remove the socket."""
-    stores = KeyStores()
+def make_policy(config: AgentConfig) -> Policy:
+    """The configured rules, then (unless disabled) the default rule: root, our uid, agent.allowed_uids/gids."""
+    return Policy.from_config(
+        config.policy,
+        daemon_uid=os.getuid(),
+        allowed_uids=config.agent.allowed_uids,
+        allowed_gids=config.agent.allowed_gids,
+    )
+
+
+async def open_audit(config: AgentConfig) -> FileAuditSink:
+    """Open the audit log and write a ``started`` record, so an unwritable log stops the agent at start-up."""
+    if config.audit is None:  # pragma: no cover -- parse_config always sets it
+        raise ConfigError("audit: no audit log is configured")
+    sink = await FileAuditSink.open(config.audit.path, max_bytes=config.audit.max_bytes)
     try:
-        identities = await open_identities(config, stores)
-        service = SigningService(identities)
-        governance = GovernanceService(service, config.services)
+        await sink.record("started", {"pid": os.getpid(), "config": str(config.path) if config.path else None})
+    except BaseException:
+        await sink.aclose()
+        raise
+    return sink
+
+
+def api_settings(config: AgentConfig) -> APISettings:
+    return APISettings(
+        max_request_bytes=config.agent.max_request_bytes,
+        request_timeout=config.agent.request_timeout,
+        body_timeout=config.agent.body_timeout,
+    )
+
+
+async def open_identities_degraded(
+    config: AgentConfig, stores: KeyStores
+) -> tuple[dict[str, Identity], dict[str, str]]:
+    """Open each identity on its own: the ones that pass their self-test, and why each of the others failed."""
+    opened: dict[str, Identity] = {}
+    failed: dict[str, str] = {}
+    for name in config.identities:
+        single = dataclasses.replace(config, identities={name: config.identities[name]})
+        try:
+            opened.update(await open_identities(single, stores))
+        except AgentError as exc:
+            _logger.error(  # noqa: TRY400 -- the message says it all; a traceback would only add noise
+                "identity %s failed its self-test; serving without it (degraded): %s", name, exc.message
+            )
+            failed[name] = exc.message
+    return opened, failed
+
+
+async def build_generation(
+    config: AgentConfig,
+    stores: KeyStores,
+    audit: FileAuditSink | None,
+    *,
+    number: int,
+    allow_degraded: bool,
+    metrics: Metrics,
+) -> Generation:
+    """Everything one configuration serves with: identities (self-tested), policy, CCF clients, health checks."""
+    if allow_degraded:
+        identities, failed = await open_identities_degraded(config, stores)
+    else:
+        identities, failed = await open_identities(config, stores), {}
+    service = SigningService(identities, policy=make_policy(config), audit=audit)
+    governance = GovernanceService(service, config.services)
+    try:
         await governance.open_pinned()
-        settings = APISettings(
-            max_request_bytes=config.agent.max_request_bytes,
-            request_timeout=config.agent.request_timeout,
-            allow=PeerAllowList.default(config.agent.allowed_uids, config.agent.allowed_gids),
+    except BaseException:
+        await governance.aclose()
+        await service.aclose()
+        raise
+    health = HealthChecker(service, governance, stores=stores, unavailable=failed, metrics=metrics)
+    for name in identities:
+        metrics.identity_up.labels(name).set(1.0)
+    for name in failed:
+        metrics.identity_up.labels(name).set(0.0)
+    return Generation(number, service, governance, health)
+
+
+async def close_generation(gen: Generation) -> None:
+    if gen.governance is not None:
+        await gen.governance.aclose()
+    await gen.service.aclose()
+
+
+# Settings the running listener and HTTP server were built with; a reload keeps them and says so.
+_FIXED_AGENT_SETTINGS = ("socket", "socket_mode", "socket_group", "max_request_bytes", "request_timeout",
+                         "header_timeout", "body_timeout")  # fmt: skip
+
+
+def _fixed_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
+    changed = [
+        f"agent.{name}"
+        for name in _FIXED_AGENT_SETTINGS
+        if getattr(old.agent, name, None) != getattr(new.agent, name, None)
+    ]
+    changed += [f"[{s}]" for s in ("audit", "keyvault") if getattr(old, s, None) != getattr(new, s, None)]
+    return changed
+
+
+def listening_socket(config: AgentConfig) -> tuple[socket.socket, bool]:
+    """The socket systemd passed (socket activation), else a freshly bound one. True when we bound it (and own
+    its path): an inherited socket's path belongs to the ``.socket`` unit and is never unlinked by us."""
+    inherited = inherited_socket()
+    if inherited is None:
+        return bind_unix_socket(config.agent.socket, config.agent.socket_mode, config.agent.socket_group), True
+    name = inherited.getsockname()
+    if isinstance(name, str) and name and Path(name) != config.agent.socket:
+        _logger.warning(
+            "serving the socket-activated %s; agent.socket (%s) is what clients are told by default: keep them equal",
+            name,
+            config.agent.socket,
         )
-        app = make_app(service, settings, governance)
+    _logger.info("using the socket passed by systemd (%s)", name or "unnamed")
+    return inherited, False
+
+
+class Reloader:
+    """SIGHUP: load and self-test the new configuration while the old one serves, swap, then retire the old one.
+
+    A configuration that does not load, or whose identities or services fail to open, is rejected with a log line
+    and the running one keeps serving. Reloads never overlap: a SIGHUP during a reload runs one more afterwards.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: AgentConfig,
+        stores: KeyStores,
+        audit: FileAuditSink | None,
+        *,
+        allow_degraded: bool,
+        metrics: Metrics,
+        notifier: Notifier,
+    ) -> None:
+        self.runtime = runtime
+        self.config = config
+        self._stores = stores
+        self._audit = audit
+        self._allow_degraded = allow_degraded
+        self._metrics = metrics
+        self._notifier = notifier
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def request(self) -> None:
+        """Schedule a reload (the SIGHUP handler)."""
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            await self.reload()
+            if not self._again:
+                return
+
+    async def reload(self) -> bool:
+        """One reload. True when the new configuration now serves."""
+        path = self.config.path
+        if path is None:
+            _logger.error("configuration reload: the agent was started without a config file; nothing to reload")
+            return False
+        self._notifier.reloading()
+        current = self.runtime.current
+        try:
+            new_config = await asyncio.to_thread(load_config, path)
+            # New sessions and logins for every PKCS#11 token, and refused PINs forgotten: a replaced token or a
+            # corrected PIN file takes effect now. The serving generation reconnects on its next operation.
+            await self._stores.reset()
+            gen = await build_generation(
+                new_config,
+                self._stores,
+                self._audit,
+                number=current.number + 1,
+                allow_degraded=self._allow_degraded,
+                metrics=self._metrics,
+            )
+        except Exception as exc:  # noqa: BLE001 -- a bad new config must never take the serving agent down
+            message = exc.diagnostics() if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+            _logger.error(  # noqa: TRY400 -- an expected outcome, explained in one line
+                "configuration reload rejected; still serving configuration generation %d: %s", current.number, message
+            )
+            self._metrics.reloads.labels("rejected").inc()
+            self._notifier.ready(f"reload rejected; serving generation {current.number}")
+            return False
+        for setting in _fixed_changes(self.config, new_config):
+            _logger.warning(
+                "configuration reload: %s changed, which needs a restart; keeping the running value", setting
+            )
+        if new_config.agent.log_level != self.config.agent.log_level:
+            set_level(new_config.agent.log_level)
+        old = self.runtime.swap(gen)
+        self.config = new_config
+        self._metrics.reloads.labels("ok").inc()
+        _logger.info(
+            "configuration reloaded from %s: generation %d, %d identities, %d services",
+            path,
+            gen.number,
+            len(gen.service.identities),
+            len(new_config.services),
+        )
+        self._notifier.ready(f"serving generation {gen.number}")
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return True
+
+    async def _retire(self, old: Generation) -> None:
+        limit = self.config.agent.request_timeout + 1.0
+        if not await old.in_flight.drain(limit):
+            _logger.warning("generation %d: %d request(s) still running after %.0f s; closing it", old.number,
+                            old.in_flight.count, limit)  # fmt: skip
+        await close_generation(old)
+        _logger.info("configuration generation %d closed", old.number)
+
+    async def aclose(self) -> None:
+        """Wait for a running reload and for old generations to close."""
+        if self._task is not None:
+            await self._task
+        while self._retiring:
+            await asyncio.gather(*self._retiring)
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def serve(
+    config: AgentConfig,
+    *,
+    on_ready: Callable[[Path], None] | None = None,
+    allow_degraded: bool = False,
+    metrics: Metrics | None = None,
+) -> None:
+    """Run the agent until SIGTERM or SIGINT, then drain in-flight requests and remove the socket.
+
+    Every identity self-tests at start-up (its key matches its certificate and a probe signature verifies); one
+    that fails stops the start, unless ``allow_degraded`` (then it is left out and health says ``degraded``).
+    SIGHUP reloads the configuration (``Reloader``). systemd: sd_notify and socket activation when present.
+    """
+    metrics = metrics or METRICS
+    notifier = Notifier()
+    notifier.status("starting: opening identities")
+    audit = await open_audit(config)
+    stores = KeyStores(
+        keyvault=config.keyvault, on_sign=metrics.observe_sign, on_throttle_wait=metrics.observe_throttle_wait
+    )
+    try:
+        first = await build_generation(config, stores, audit, number=1, allow_degraded=allow_degraded, metrics=metrics)
+        app = make_app(
+            first.service, api_settings(config), first.governance, health_checker=first.health, metrics=metrics
+        )
+        runtime = app[RUNTIME]
+        reloader = Reloader(
+            runtime, config, stores, audit, allow_degraded=allow_degraded, metrics=metrics, notifier=notifier
+        )
+        owned = False
+        try:
+            sock, owned = listening_socket(config)
+        except BaseException:
+            await close_generation(runtime.current)
+            raise
         sock_path = config.agent.socket
-        sock = bind_unix_socket(sock_path, config.agent.socket_mode, config.agent.socket_group)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            access_log=None,
+            keepalive_timeout=config.agent.header_timeout,
+        )
         await runner.setup()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: _logger.warning("SIGHUP: configuration reload is not supported yet")
-        )
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        watchdog: asyncio.Task[None] | None = None
         try:
             site = web.SockSite(runner, sock)
             await site.start()
-            _logger.info("listening on %s (%d identities)", sock_path, len(identities))
+            failed = len(first.health.unavailable)
+            state = f"{len(first.service.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
+            _logger.info("listening on %s (%s)", sock_path, state)
+            if notifier.watchdog_interval is not None:
+                watchdog = loop.create_task(_watchdog(notifier, notifier.watchdog_interval))
+            notifier.ready(f"serving: {state}")
             if on_ready is not None:
                 on_ready(sock_path)
             await stop.wait()
         finally:
             # Stop accepting, then let in-flight requests finish with their connections still open (aiohttp's own
             # shutdown would drop the rest of a body still being uploaded), then close everything.
+            notifier.stopping()
+            loop.remove_signal_handler(signal.SIGHUP)
             for listening in list(runner.sites):
                 await listening.stop()
-            with contextlib.suppress(FileNotFoundError):
-                sock_path.unlink()
+            if owned:
+                with contextlib.suppress(FileNotFoundError):
+                    sock_path.unlink()
             in_flight = app[IN_FLIGHT]
             _logger.info("shutting down: draining %d in-flight request(s)", in_flight.count)
             if not await in_flight.drain(SHUTDOWN_TIMEOUT):
                 _logger.warning("%d request(s) still running after %.0f s; closing", in_flight.count, SHUTDOWN_TIMEOUT)
             await runner.cleanup()
-            await governance.aclose()
-            await service.aclose()
+            await reloader.aclose()
+            await close_generation(runtime.current)
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
     finally:
         await stores.aclose()
+        await audit.aclose()

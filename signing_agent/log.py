@@ -12,7 +12,13 @@ import sys
 import time
 from typing import TextIO
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 class JSONFormatter(logging.Formatter):
@@ -41,3 +47,8 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
     logger.handlers[:] = [handler]
     logger.setLevel(_LEVELS.get(level, logging.INFO))
     logger.propagate = False
+
+
+def set_level(level: str) -> None:
+    """Change the package logger's level (a configuration reload)."""
+    logging.getLogger("signing_agent").setLevel(_LEVELS.get(level, logging.INFO))

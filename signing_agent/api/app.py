@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,11 +16,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from signing_agent import __version__
+from signing_agent.api.context import BODY_TIMEOUT, CALLER, REQUEST_ID, read_body
 from signing_agent.api.governance_routes import add_governance_routes
-from signing_agent.api.peer import Peer, PeerAllowList, peer_of
-from signing_agent.api.schemas import parse_sign_request
+from signing_agent.api.peer import Peer, caller_of, peer_of
+from signing_agent.api.runtime import GENERATION, RUNTIME, Generation, InFlight, Runtime, generation_of, service_of
+from signing_agent.api.schemas import parse_explain_request, parse_sign_request
 from signing_agent.errors import AgentError, BackendUnavailableError, PolicyDeniedError, ShuttingDownError
 from signing_agent.governance import GovernanceService
+from signing_agent.health import HealthChecker
+from signing_agent.metrics import CONTENT_TYPE_LATEST, METRICS, Metrics
 from signing_agent.service import SigningService
 
 _logger = logging.getLogger(__name__)
@@ -28,49 +33,19 @@ _access = logging.getLogger("signing_agent.access")
 
 @dataclass(frozen=True, slots=True)
 class APISettings:
+    """Who may do what is the service's policy (``SigningService.policy``), not a setting of the HTTP layer."""
+
     max_request_bytes: int
     request_timeout: float
-    allow: PeerAllowList
+    body_timeout: float = 30.0
 
 
-class InFlight:
-    """Counts requests being handled, so shutdown can wait for them while their connections stay open."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
-
-    def enter(self) -> None:
-        self._count += 1
-        self._idle.clear()
-
-    def exit(self) -> None:
-        self._count -= 1
-        if self._count == 0:
-            self._idle.set()
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    async def drain(self, limit: float) -> bool:
-        """Refuse new requests and wait for the current ones. False if some were still running at the timeout."""
-        self.draining = True
-        try:
-            async with asyncio.timeout(limit):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-SERVICE = web.AppKey("service", SigningService)
+# The current SigningService, GovernanceService and HealthChecker live in app[RUNTIME] (api/runtime.py), swapped on
+# reload; handlers reach them with service_of(request) / governance_of(request), never through an app key.
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 SETTINGS = web.AppKey("settings", APISettings)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 PEER = web.RequestKey("peer", Peer)
-REQUEST_ID = web.RequestKey("request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -95,6 +70,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if not (0 < len(request_id) <= 64 and request_id.replace("-", "").isalnum()):
         request_id = uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    started = time.monotonic()
     try:
         response = await handler(request)
     except AgentError as exc:
@@ -112,6 +88,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         _logger.exception("request %s: unexpected error", request_id)
         response = error_response(500, "InternalError", "internal error; see the agent's log", request_id)
     response.headers["X-Request-Id"] = request_id
+    resource = request.match_info.route.resource
+    # The route template ("/v1/services/{svc}/status"), never the raw path: labels must stay a small, fixed set.
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS_KEY]
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(time.monotonic() - started)
     peer: Peer | None = request.get(PEER)
     _access.info(
         "%s %s -> %d (request %s, peer %s)",
@@ -134,12 +116,20 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
     in_flight = request.app[IN_FLIGHT]
     if in_flight.draining:
         raise ShuttingDownError("the agent is shutting down; retry against its successor")
-    if not settings.allow.allows(peer):
+    # Pin the configuration generation for the whole request (a reload swaps it for later requests only).
+    gen = request.app[RUNTIME].current
+    request[GENERATION] = gen
+    who = caller_of(peer)
+    admitted = gen.service.policy.admits(who)
+    if not admitted.allowed:
         raise PolicyDeniedError(
-            f"peer uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) may not use this agent",
-            hint="by default only the agent's own user and root may; see agent.allowed_uids / allowed_gids",
+            f"peer uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) may not use this agent: {admitted.reason}",
+            hint="by default only the agent's own user and root may; see agent.allowed_uids / allowed_gids "
+            "and [[policy.rules]]",
         )
+    request[CALLER] = who
     in_flight.enter()
+    gen.in_flight.enter()
     try:
         async with asyncio.timeout(settings.request_timeout):
             return await handler(request)
@@ -148,15 +138,25 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
             f"the request took longer than agent.request_timeout ({settings.request_timeout:g} s)"
         ) from None
     finally:
+        gen.in_flight.exit()
         in_flight.exit()
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    """Key stores, CCF services and member status: ``status`` is ``ok`` or ``degraded`` (200 either way)."""
+    gen = generation_of(request)
+    report = await gen.health.check()
+    return web.json_response({**report, "version": __version__, "generation": gen.number})
+
+
+async def metrics_exposition(request: web.Request) -> web.Response:
+    """Prometheus text format."""
+    body = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def identities(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
+    service = service_of(request)
     return web.json_response(
         {
             "identities": [
@@ -179,10 +179,16 @@ async def identities(request: web.Request) -> web.Response:
 
 
 async def sign(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    req = parse_sign_request(await request.read())
+    service = service_of(request)
+    req = parse_sign_request(await read_body(request))
     signed = await service.sign(
-        req.identity, req.msg_type, req.payload, created_at=req.created_at, proposal_id=req.proposal_id
+        req.identity,
+        req.msg_type,
+        req.payload,
+        created_at=req.created_at,
+        proposal_id=req.proposal_id,
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
     )
     return web.Response(
         body=signed.cose,
@@ -195,20 +201,47 @@ async def sign(request: web.Request) -> web.Response:
     )
 
 
+async def explain(request: web.Request) -> web.Response:
+    """What ``/v1/sign`` (or a submission to ``service``) would sign and the policy decision; no key is used."""
+    service = service_of(request)
+    req = parse_explain_request(await read_body(request))
+    explanation = await service.explain(
+        req.identity,
+        req.msg_type,
+        req.payload,
+        created_at=req.created_at,
+        proposal_id=req.proposal_id,
+        service=req.service,
+        caller=request[CALLER],
+    )
+    return web.json_response(explanation.as_dict())
+
+
 def make_app(
-    service: SigningService, settings: APISettings, governance: GovernanceService | None = None
+    service: SigningService,
+    settings: APISettings,
+    governance: GovernanceService | None = None,
+    *,
+    health_checker: HealthChecker | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The API application. The daemon owns the services' lifecycles."""
+    """The API application. The daemon owns the services' lifecycles and swaps them through ``app[RUNTIME]``."""
     app = web.Application(
         middlewares=[error_middleware, peer_middleware],
         client_max_size=settings.max_request_bytes,
     )
-    app[SERVICE] = service
+    metrics = metrics or METRICS
+    checker = health_checker or HealthChecker(service, governance, metrics=metrics)
+    app[RUNTIME] = Runtime(Generation(1, service, governance, checker))
+    app[METRICS_KEY] = metrics
     app[SETTINGS] = settings
+    app[BODY_TIMEOUT] = settings.body_timeout
     app[IN_FLIGHT] = InFlight()
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/metrics", metrics_exposition)
     app.router.add_get("/v1/identities", identities)
     app.router.add_post("/v1/sign", sign)
+    app.router.add_post("/v1/explain", explain)
     if governance is not None:
         add_governance_routes(app, governance)
     return app

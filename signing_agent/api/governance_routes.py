@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from signing_agent.api.context import CALLER, REQUEST_ID, read_body
+from signing_agent.api.runtime import governance_of
 from signing_agent.api.schemas import decode_base64, get_str, parse_object
 from signing_agent.cose.governance import compact_json
 from signing_agent.errors import InvalidRequestError
 from signing_agent.governance import GovernanceService, Relay
-
-GOVERNANCE = web.AppKey("governance", GovernanceService)
 
 _PROPOSAL_FIELDS = frozenset({"identity", "proposal", "proposal_base64"})
 _BALLOT_FIELDS = frozenset({"identity", "ballot"})
@@ -36,7 +36,7 @@ def relay_response(relay: Relay) -> web.Response:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    gov = request.app[GOVERNANCE]
+    gov = governance_of(request)
     return web.json_response(
         {
             "services": [
@@ -48,7 +48,7 @@ async def list_services(request: web.Request) -> web.Response:
 
 
 async def propose(request: web.Request) -> web.Response:
-    body = parse_object(await request.read(), _PROPOSAL_FIELDS, frozenset({"identity"}))
+    body = parse_object(await read_body(request), _PROPOSAL_FIELDS, frozenset({"identity"}))
     if ("proposal" in body) == ("proposal_base64" in body):
         raise InvalidRequestError("give proposal (a JSON object) or proposal_base64 (exact bytes)")
     payload = (
@@ -56,49 +56,73 @@ async def propose(request: web.Request) -> web.Response:
         if "proposal_base64" in body
         else compact_json(body["proposal"])
     )
-    gov = request.app[GOVERNANCE]
-    return relay_response(await gov.propose(request.match_info["svc"], get_str(body, "identity"), payload))
+    gov = governance_of(request)
+    relay = await gov.propose(
+        request.match_info["svc"],
+        get_str(body, "identity"),
+        payload,
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
+    )
+    return relay_response(relay)
 
 
 async def vote(request: web.Request) -> web.Response:
-    body = parse_object(await request.read(), _BALLOT_FIELDS, _BALLOT_FIELDS)
-    gov = request.app[GOVERNANCE]
+    body = parse_object(await read_body(request), _BALLOT_FIELDS, _BALLOT_FIELDS)
+    gov = governance_of(request)
     relay = await gov.vote(
-        request.match_info["svc"], get_str(body, "identity"), request.match_info["pid"], get_str(body, "ballot")
+        request.match_info["svc"],
+        get_str(body, "identity"),
+        request.match_info["pid"],
+        get_str(body, "ballot"),
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
     )
     return relay_response(relay)
 
 
 async def withdraw(request: web.Request) -> web.Response:
-    body = parse_object(await request.read(), _IDENTITY_ONLY, _IDENTITY_ONLY)
-    gov = request.app[GOVERNANCE]
-    relay = await gov.withdraw(request.match_info["svc"], get_str(body, "identity"), request.match_info["pid"])
+    body = parse_object(await read_body(request), _IDENTITY_ONLY, _IDENTITY_ONLY)
+    gov = governance_of(request)
+    relay = await gov.withdraw(
+        request.match_info["svc"],
+        get_str(body, "identity"),
+        request.match_info["pid"],
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
+    )
     return relay_response(relay)
 
 
 async def activate(request: web.Request) -> web.Response:
-    raw = await request.read()
+    raw = await read_body(request)
     if raw.strip():
         parse_object(raw, frozenset())
-    gov = request.app[GOVERNANCE]
-    return relay_response(await gov.activate(request.match_info["svc"], request.match_info["identity"]))
+    gov = governance_of(request)
+    relay = await gov.activate(
+        request.match_info["svc"],
+        request.match_info["identity"],
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
+    )
+    return relay_response(relay)
 
 
 async def status(request: web.Request) -> web.Response:
-    return relay_response(await request.app[GOVERNANCE].status(request.match_info["svc"]))
+    return relay_response(await governance_of(request).status(request.match_info["svc"]))
 
 
 async def proposals(request: web.Request) -> web.Response:
-    return relay_response(await request.app[GOVERNANCE].proposals(request.match_info["svc"]))
+    return relay_response(await governance_of(request).proposals(request.match_info["svc"]))
 
 
 async def proposal(request: web.Request) -> web.Response:
-    gov = request.app[GOVERNANCE]
+    gov = governance_of(request)
     return relay_response(await gov.proposal(request.match_info["svc"], request.match_info["pid"]))
 
 
 def add_governance_routes(app: web.Application, governance: GovernanceService) -> None:
-    app[GOVERNANCE] = governance
+    """The routes; handlers use the current generation's ``GovernanceService`` (``governance`` is the first)."""
     r = app.router
     r.add_get("/v1/services", list_services)
     r.add_get("/v1/services/{svc}/status", status)

@@ -269,9 +269,12 @@ _CHECKS: dict[str, str] = {
 class _Vault:
     """Per vault host: the throttle that every key on that host shares."""
 
-    def __init__(self, host: str, settings: ThrottleSettings) -> None:
+    def __init__(
+        self, host: str, settings: ThrottleSettings, on_wait: Callable[[str, float], None] | None = None
+    ) -> None:
         self.host = host
-        self.throttle = PriorityThrottle(settings)
+        report = None if on_wait is None else (lambda seconds: on_wait(host, seconds))
+        self.throttle = PriorityThrottle(settings, on_wait=report)
 
 
 class AzureKeyVaultRegistry:
@@ -279,7 +282,14 @@ class AzureKeyVaultRegistry:
     one throttle per vault host, one TLS context per CA bundle. Close it with ``aclose()`` after the keys' own
     ``aclose()`` (calling it first also closes every key it made)."""
 
-    def __init__(self, *, settings: AzureKeyVaultSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: AzureKeyVaultSettings | None = None,
+        on_throttle_wait: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``on_throttle_wait(host, seconds)`` is told how long an operation queued in a vault's throttle."""
+        self._on_throttle_wait = on_throttle_wait
         if _IMPORT_ERROR is not None:  # pragma: no cover -- exercised only without the [azure] extra
             raise ConfigError(
                 f"the azure-keyvault backend needs the Azure SDK (missing: {_IMPORT_ERROR.name or 'azure'})",
@@ -313,7 +323,7 @@ class AzureKeyVaultRegistry:
         host = urlsplit(vault_url).netloc.lower()
         vault = self._vaults.get(host)
         if vault is None:
-            vault = self._vaults[host] = _Vault(host, self.settings.throttle)
+            vault = self._vaults[host] = _Vault(host, self.settings.throttle, self._on_throttle_wait)
         return vault
 
     async def _ssl_context(self, ca_bundle: Path | None) -> ssl.SSLContext:

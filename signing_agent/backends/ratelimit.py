@@ -54,9 +54,17 @@ class PriorityThrottle:
     vault's quota).
     """
 
-    def __init__(self, settings: ThrottleSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: ThrottleSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
+        self._on_wait = on_wait
+        """Told how long each queued acquisition waited (metrics); not called when a slot was free at once."""
         self._tokens = float(settings.burst)
         self._refilled_at = clock()
         self._in_flight = 0
@@ -124,6 +132,7 @@ class PriorityThrottle:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (int(priority), next(self._seq), fut))
+        queued_at = time.monotonic()
         self._pump()
         try:
             await fut
@@ -132,6 +141,8 @@ class PriorityThrottle:
                 # Granted, but the caller was cancelled before it could use the slot: give it back untouched.
                 self._release(refund=True)
             raise
+        if self._on_wait is not None:
+            self._on_wait(time.monotonic() - queued_at)
 
     def penalize(self, seconds: float) -> None:
         """The service said "slow down" (a 429): admit nothing new for ``seconds``, then resume at the set

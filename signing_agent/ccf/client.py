@@ -29,6 +29,7 @@ import aiohttp
 
 from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFTimeoutError, CCFTrustError, CCFUnavailableError, ConfigError
+from signing_agent.metrics import METRICS, Metrics
 
 _logger = logging.getLogger(__name__)
 
@@ -105,8 +106,10 @@ class CCFClient:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics or METRICS
         self.service_cert_pem = service_cert_pem
         self._sleep = sleep
         self._rng = rng
@@ -152,32 +155,42 @@ class CCFClient:
         body: bytes | None = None,
         content_type: str | None = None,
         gov: bool = True,
+        max_attempts: int | None = None,
     ) -> CCFResponse:
         """Send ``body`` (the same bytes on every attempt) and return CCF's answer, retrying what is retryable.
 
         ``gov`` adds ``?api-version=``. Raises ``CCFTrustError`` (never retried: the peer is not the pinned service),
-        ``CCFTimeoutError`` or ``CCFUnavailableError`` when every attempt failed.
+        ``CCFTimeoutError`` or ``CCFUnavailableError`` when every attempt failed. ``max_attempts`` lowers the
+        configured number (health checks make one attempt).
         """
+        attempts = min(max_attempts or self.config.max_attempts, self.config.max_attempts)
+        service = self.config.name
         params = {"api-version": self.config.api_version} if gov else {}
         headers = {"Content-Type": content_type} if content_type else {}
         last_problem = "no attempt made"
         timed_out = False
-        for attempt in range(1, self.config.max_attempts + 1):
+        for attempt in range(1, attempts + 1):
             delay: float | None = None
+            outcome = "unreachable"
+            started = time.monotonic()
             try:
                 session = self._session_or_new()
                 async with session.request(method, self.url(path), params=params, data=body, headers=headers) as resp:
+                    outcome = str(resp.status)
                     raw = await resp.read()
                     result = _response(resp, raw, attempt)
             except aiohttp.ClientConnectorCertificateError as exc:
+                outcome = "untrusted"
                 raise CCFTrustError(
                     f"{self.config.url} did not present a certificate endorsed by the pinned service certificate of "
                     f"service {self.config.name!r}; nothing was sent ({exc.certificate_error})",
                     hint="if the service was recovered it has a new identity: update service_certificate deliberately",
                 ) from None
             except aiohttp.ClientSSLError as exc:
+                outcome = "untrusted"
                 raise CCFTrustError(f"TLS with {self.config.url} failed; nothing was sent: {exc}") from None
             except TimeoutError:
+                outcome = "timeout"
                 timed_out, last_problem = True, f"no answer within {self.config.request_timeout:g} s"
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 timed_out, last_problem = False, _describe(exc)
@@ -187,10 +200,14 @@ class CCFClient:
                 timed_out = False
                 last_problem = f"CCF answered {result.status} {result.error_code or ''}".strip()
                 delay = retry_after_seconds(resp.headers.get("Retry-After"))
-                if attempt == self.config.max_attempts:
+                if attempt == attempts:
                     # Out of attempts: CCF's own answer is the most useful thing to relay.
                     return result
-            if attempt < self.config.max_attempts:
+            finally:
+                self._metrics.ccf_seconds.labels(service).observe(time.monotonic() - started)
+                self._metrics.ccf_responses.labels(service, outcome).inc()
+            if attempt < attempts:
+                self._metrics.ccf_retries.labels(service).inc()
                 wait = delay if delay is not None else self._backoff(attempt)
                 _logger.warning(
                     "%s %s to service %s: %s; resending the same bytes in %.2f s (attempt %d of %d)",
@@ -200,19 +217,16 @@ class CCFClient:
                     last_problem,
                     wait,
                     attempt + 1,
-                    self.config.max_attempts,
+                    attempts,
                 )
                 await self._sleep(wait)
-        message = (
-            f"service {self.config.name!r} at {self.config.url}: {last_problem} "
-            f"(after {self.config.max_attempts} attempts)"
-        )
+        message = f"service {self.config.name!r} at {self.config.url}: {last_problem} (after {attempts} attempts)"
         if timed_out:
             raise CCFTimeoutError(message)
         raise CCFUnavailableError(message)
 
-    async def get(self, path: str, *, gov: bool = True) -> CCFResponse:
-        return await self.request("GET", path, gov=gov)
+    async def get(self, path: str, *, gov: bool = True, max_attempts: int | None = None) -> CCFResponse:
+        return await self.request("GET", path, gov=gov, max_attempts=max_attempts)
 
     async def post_cose(self, path: str, cose: bytes) -> CCFResponse:
         return await self.request("POST", path, body=cose, content_type="application/cose")

@@ -9,17 +9,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from signing_agent.api.app import APISettings, make_app
-from signing_agent.api.peer import PeerAllowList
+from signing_agent.api.app import make_app
 from signing_agent.backends.factory import KeyStores
 from signing_agent.config import AgentConfig, parse_config
-from signing_agent.daemon import bind_unix_socket, open_identities
+from signing_agent.daemon import (
+    api_settings,
+    bind_unix_socket,
+    make_policy,
+    open_audit,
+    open_identities,
+)
+from signing_agent.governance import GovernanceService
+from signing_agent.policy import Policy
 from signing_agent.service import SigningService
 
 
@@ -41,13 +48,15 @@ def toml_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
-def write_toml(path: Path, tables: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write ``{"agent": {...}, "identities.m0": {...}, ...}`` as TOML."""
+def write_toml(path: Path, tables: Mapping[str, Any]) -> Path:
+    """Write ``{"agent": {...}, "identities.m0": {...}, ...}`` as TOML; a list of dicts is an array of tables."""
     lines: list[str] = []
     for table, values in tables.items():
-        lines.append(f"[{table}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
-        lines.append("")
+        entries = values if isinstance(values, list) else [values]
+        for entry in entries:
+            lines.append(f"[[{table}]]" if isinstance(values, list) else f"[{table}]")
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in entry.items())
+            lines.append("")
     path.write_text("\n".join(lines))
     return path
 
@@ -60,17 +69,18 @@ def file_identity(name: str, cert: Path, key: Path) -> dict[str, dict[str, Any]]
 
 
 @contextlib.asynccontextmanager
-async def running_agent(config: AgentConfig, *, allow: PeerAllowList | None = None) -> AsyncIterator[Path]:
-    """The real API app on a real Unix socket, in this process. Yields the socket path."""
+async def running_agent(config: AgentConfig, *, policy: Policy | None = None) -> AsyncIterator[Path]:
+    """The real API app (with the configured policy and audit log) on a real Unix socket, in this process.
+
+    Yields the socket path. Services in the config are wired up as in the daemon (their clients open lazily).
+    """
+    audit = await open_audit(config)
     stores = KeyStores()
     identities = await open_identities(config, stores)
-    service = SigningService(identities)
-    settings = APISettings(
-        max_request_bytes=config.agent.max_request_bytes,
-        request_timeout=config.agent.request_timeout,
-        allow=allow or PeerAllowList.default(config.agent.allowed_uids, config.agent.allowed_gids),
-    )
-    runner = web.AppRunner(make_app(service, settings), handle_signals=False, access_log=None)
+    service = SigningService(identities, policy=policy or make_policy(config), audit=audit)
+    governance = GovernanceService(service, config.services)
+    app = make_app(service, api_settings(config), governance)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=config.agent.header_timeout)
     await runner.setup()
     sock = bind_unix_socket(config.agent.socket, config.agent.socket_mode, config.agent.socket_group)
     try:
@@ -78,13 +88,15 @@ async def running_agent(config: AgentConfig, *, allow: PeerAllowList | None = No
         yield config.agent.socket
     finally:
         await runner.cleanup()
+        await governance.aclose()
         await service.aclose()
         await stores.aclose()
+        await audit.aclose()
         with contextlib.suppress(FileNotFoundError):
             config.agent.socket.unlink()
 
 
-def agent_config(folder: Path, tables: Mapping[str, Mapping[str, Any]]) -> AgentConfig:
+def agent_config(folder: Path, tables: Mapping[str, Any]) -> AgentConfig:
     import tomllib
 
     path = write_toml(folder / "agent.toml", tables)
@@ -122,7 +134,11 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def daemon(
-    config_path: Path, *, env: Mapping[str, str] | None = None, timeout: float = 20.0
+    config_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+    args: Sequence[str] = (),
 ) -> Iterator[DaemonProcess]:
     """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr."""
     ready = config_path.parent / f"ready-{time.monotonic_ns()}"
@@ -138,6 +154,7 @@ def daemon(
                 str(config_path),
                 "--ready-file",
                 str(ready),
+                *args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

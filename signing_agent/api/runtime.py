@@ -1,0 +1,100 @@
+"""What the API serves with: the current configuration generation, swapped atomically on reload.
+
+Owns the ``Runtime`` holder, the per-generation ``InFlight`` counters, and the accessors handlers use. A request
+pins the generation that is current when it arrives (``peer_middleware``) and uses only that one until it ends, so a
+reload never mixes an old identity with a new policy; the daemon closes an old generation once its requests drained.
+
+Must not import ``signing_agent.api.app`` (which imports this module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from signing_agent.governance import GovernanceService
+from signing_agent.health import HealthChecker
+from signing_agent.service import SigningService
+
+
+class InFlight:
+    """Counts requests being handled, so shutdown can wait for them while their connections stay open."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    def enter(self) -> None:
+        self._count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    async def drain(self, limit: float) -> bool:
+        """Refuse new requests and wait for the current ones. False if some were still running at the timeout."""
+        self.draining = True
+        try:
+            async with asyncio.timeout(limit):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(eq=False)
+class Generation:
+    """One loaded configuration: the services built from it and the requests still using them."""
+
+    number: int
+    service: SigningService
+    governance: GovernanceService | None
+    health: HealthChecker
+    in_flight: InFlight = field(default_factory=InFlight)
+
+
+class Runtime:
+    """Holds the current ``Generation``; ``swap`` replaces it in one step (no await in between)."""
+
+    def __init__(self, first: Generation) -> None:
+        self._current = first
+
+    @property
+    def current(self) -> Generation:
+        return self._current
+
+    def swap(self, new: Generation) -> Generation:
+        """Make ``new`` current for requests that arrive from now on; returns the old one to drain and close."""
+        old, self._current = self._current, new
+        return old
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+GENERATION = web.RequestKey("generation", Generation)
+
+
+def generation_of(request: web.Request) -> Generation:
+    """The generation this request pinned on arrival (the current one before the middleware ran)."""
+    gen = request.get(GENERATION)
+    return gen if gen is not None else request.app[RUNTIME].current
+
+
+def service_of(request: web.Request) -> SigningService:
+    return generation_of(request).service
+
+
+def governance_of(request: web.Request) -> GovernanceService:
+    gov = generation_of(request).governance
+    if gov is None:
+        raise web.HTTPNotFound()
+    return gov

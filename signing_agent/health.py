@@ -1,0 +1,148 @@
+"""Health: can each identity still sign, is each CCF service reachable, and what is each member's status there.
+
+Owns the checks behind ``GET /v1/health`` and ``signing-agent health``. Every check has a short timeout and a
+result cache, so a probe every few seconds costs at most one key store signature per identity (a fixed probe
+digest, verified against the certificate) and two small GETs per service per ``cache_seconds``. A real signature in
+between counts as a passed self-test only through the probe; nothing here reads a payload or a secret.
+
+Must not import aiohttp or the API: it reports plain dicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from signing_agent.algorithms import verify_digest
+from signing_agent.backends.factory import KeyStores
+from signing_agent.errors import AgentError
+from signing_agent.governance import GovernanceService
+from signing_agent.identity import Identity
+from signing_agent.metrics import METRICS, Metrics
+from signing_agent.service import SigningService
+
+_logger = logging.getLogger(__name__)
+
+_PROBE = b"signing-agent health probe"
+
+Check = dict[str, Any]
+
+
+class HealthChecker:
+    """Runs (and caches) the health checks of one configuration generation."""
+
+    def __init__(
+        self,
+        service: SigningService,
+        governance: GovernanceService | None = None,
+        *,
+        stores: KeyStores | None = None,
+        unavailable: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
+        timeout: float = 3.0,
+        cache_seconds: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``unavailable`` names identities that failed their self-test at start-up (``--allow-degraded``)."""
+        self.service = service
+        self.governance = governance
+        self.stores = stores
+        self.unavailable = dict(unavailable or {})
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self._metrics = metrics or METRICS
+        self._clock = clock
+        self._cache: dict[str, tuple[float, Check]] = {}
+        self._lock = asyncio.Lock()
+
+    def forget(self) -> None:
+        """Drop cached results: the next check runs every probe again."""
+        self._cache.clear()
+
+    async def _cached(self, key: str, run: Callable[[], Awaitable[Check]]) -> Check:
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await run()
+        except TimeoutError:
+            result = {"status": "unavailable", "error": f"no answer within {self.timeout:g} s"}
+        except AgentError as exc:
+            result = {"status": "unavailable", "error": exc.message}
+        result["checked_at"] = round(time.time(), 3)
+        self._cache[key] = (now + self.cache_seconds, result)
+        return result
+
+    async def _identity(self, ident: Identity) -> Check:
+        async def probe() -> Check:
+            digest = ident.alg.digest(_PROBE + ident.name.encode())
+            verify_digest(ident.public_key, ident.alg, digest, await ident.signing_key.sign_digest(ident.alg, digest))
+            return {"status": "ok"}
+
+        result = await self._cached(f"identity:{ident.name}", probe)
+        self._metrics.identity_up.labels(ident.name).set(1.0 if result["status"] == "ok" else 0.0)
+        if result["status"] != "ok":
+            _logger.warning("health: identity %s failed its self-test: %s", ident.name, result.get("error"))
+        return {"name": ident.name, "member_id": ident.member_id, "backend": ident.backend, **result}
+
+    async def _service(self, governance: GovernanceService, name: str) -> Check:
+        async def probe() -> Check:
+            client = await governance.client(name)
+            node = await client.get("/node/state", gov=False, max_attempts=1)
+            if not node.ok:
+                return {"status": "unavailable", "error": f"GET /node/state answered {node.status}"}
+            result: Check = {"status": "ok"}
+            if isinstance(node.body, dict) and isinstance(node.body.get("state"), str):
+                result["node_state"] = node.body["state"]
+            members: dict[str, str | None] = {}
+            for ident in self.service.identities.values():
+                got = await client.get(f"/gov/service/members/{ident.member_id}", max_attempts=1)
+                if got.ok and isinstance(got.body, dict):
+                    status = got.body.get("status")
+                    members[ident.name] = status if isinstance(status, str) else None
+                else:
+                    members[ident.name] = "NotAMember" if got.status == 404 else None
+            result["members"] = members
+            return result
+
+        result = await self._cached(f"service:{name}", probe)
+        self._metrics.service_up.labels(name).set(1.0 if result["status"] == "ok" else 0.0)
+        url = governance.services[name].url
+        return {"name": name, "url": url, **result}
+
+    async def check(self) -> dict[str, Any]:
+        """The report: ``status`` is ``ok`` when every check passed, else ``degraded``."""
+        async with self._lock:  # concurrent probes share one round of checks
+            identities = await asyncio.gather(*(self._identity(i) for i in self.service.identities.values()))
+            services: list[Check] = []
+            if (gov := self.governance) is not None:
+                services = list(await asyncio.gather(*(self._service(gov, n) for n in sorted(gov.services))))
+        failed = [
+            {"name": name, "status": "unavailable", "error": f"failed its self-test at start-up: {reason}"}
+            for name, reason in sorted(self.unavailable.items())
+        ]
+        all_identities = sorted([*identities, *failed], key=lambda c: str(c["name"]))
+        healthy = all(c["status"] == "ok" for c in [*all_identities, *services])
+        report: dict[str, Any] = {
+            "status": "ok" if healthy else "degraded",
+            "identities": all_identities,
+            "services": services,
+        }
+        registry = self.stores.pkcs11 if self.stores is not None else None
+        if registry is not None:
+            report["pkcs11_tokens"] = [
+                {
+                    "module": t.module,
+                    "token_label": t.token_label,
+                    "connected": t.connected,
+                    "logins": t.logins,
+                    "reconnects": t.reconnects,
+                }
+                for t in registry.status()
+            ]
+        return report

@@ -1,0 +1,149 @@
+"""The deployment files: systemd units (parsed, and verified by ``systemd-analyze`` where it exists), the
+Kubernetes sidecar manifest and the Dockerfile. They are data the project ships, so they are tested like code."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def unit(name: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values...]}} (keys repeat, e.g. SystemCallFilter)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in (DEPLOY / "systemd" / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            current = sections.setdefault(m.group(1), {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{name}: cannot parse {raw!r}"
+        assert current is not None, f"{name}: {raw!r} is outside a section"
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key)
+    assert values is not None, f"{key} is missing"
+    assert len(values) == 1, f"{key} is set {len(values)} times"
+    return values[0]
+
+
+def test_the_service_unit_is_notify_hardened_and_reloadable() -> None:
+    svc = unit("signing-agent.service")["Service"]
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "User": "signing-agent",
+        "RuntimeDirectory": "signing-agent",
+        "StateDirectory": "signing-agent",
+        "UMask": "0177",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "LimitCORE": "0",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "CapabilityBoundingSet": "",
+    }
+    assert {k: one(svc, k) for k in expected} == expected
+    assert "@system-service" in svc["SystemCallFilter"]
+    # harden_process() calls setrlimit (in @resources): the filter must not deny it.
+    assert not any("@resources" in v for v in svc["SystemCallFilter"])
+    assert int(one(svc, "WatchdogSec")) > 0
+    assert "serve" in one(svc, "ExecStart").split()
+    assert unit("signing-agent.service")["Unit"]["Requires"] == ["signing-agent.socket"]
+
+
+def test_the_socket_unit_passes_one_private_unix_stream_socket() -> None:
+    sock = unit("signing-agent.socket")["Socket"]
+    assert one(sock, "ListenStream") == "/run/signing-agent/agent.sock"
+    assert one(sock, "Accept") == "no"
+    mode = int(one(sock, "SocketMode"), 8)
+    assert mode & 0o007 == 0, "other users must get nothing"
+    assert [k for k in sock if k.startswith("Listen")] == ["ListenStream"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
+    # verify insists that ExecStart= exists: point it at this environment's entry point.
+    exe = Path(sys.executable).parent / "signing-agent"
+    for name in ("signing-agent.service", "signing-agent.socket"):
+        text = (DEPLOY / "systemd" / name).read_text().replace("/usr/bin/signing-agent", str(exe))
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "signing-agent.service", "signing-agent.socket"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # It exits 0 on unknown keys and bad values, and only warns: any output is a finding.
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+def test_the_kubernetes_sidecar_shares_its_socket_and_uses_workload_identity() -> None:
+    docs = {d["kind"]: d for d in manifests()}
+    assert set(docs) >= {"Deployment", "ServiceAccount", "ConfigMap"}
+    account = docs["ServiceAccount"]
+    assert "azure.workload.identity/client-id" in account["metadata"]["annotations"]
+    pod = docs["Deployment"]["spec"]["template"]
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    containers = {c["name"]: c for c in spec["containers"]}
+    agent = containers.pop("signing-agent")
+    (client,) = containers.values()
+
+    def socket_volume(container: dict[str, Any]) -> str:
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/run/signing-agent"]
+        return str(mount["name"])
+
+    shared = socket_volume(agent)
+    assert shared == socket_volume(client)
+    assert "emptyDir" in volumes[shared]
+    for probe, live in (("readinessProbe", False), ("livenessProbe", True)):
+        command = agent[probe]["exec"]["command"]
+        assert command[:2] == ["signing-agent", "health"]
+        assert command[command.index("--socket") + 1] == "/run/signing-agent/agent.sock"
+        assert ("--live" in command) is live
+    assert agent["securityContext"]["allowPrivilegeEscalation"] is False
+    config = docs["ConfigMap"]["data"]["agent.toml"]
+    assert 'credential = "workload-identity"' in config
+    assert not re.search(r"(?i)(secret|pin)\s*=", config)
+
+
+def test_the_dockerfile_runs_unprivileged_without_secrets() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    final = text.split("\nFROM ")[-1]
+    assert final.startswith("python:3.11-slim")
+    user = re.findall(r"^USER\s+(\S+)", final, re.M)
+    assert user, "the final stage sets no USER"
+    assert user[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r'^HEALTHCHECK [^\n]*\\\n\s*CMD \["signing-agent", "health"', text, re.M)
+    for line in re.findall(r"^(?:ENV|ARG)\b.*$", text, re.M):
+        assert not re.search(r"(?i)secret|password|pin\b|token", line), line
