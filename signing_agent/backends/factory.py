@@ -6,11 +6,14 @@ backends, and a config that names a missing one gets a ``ConfigError`` that says
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, assert_never
 
-from signing_agent.backends.base import DecryptionKey, SigningKey
+from signing_agent.algorithms import SignatureAlgorithm
+from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority, SigningKey
 from signing_agent.backends.file import FileDecryptionKey, FileSigningKey
-from signing_agent.config import AzureKeyVaultKeyConfig, FileKeyConfig, KeyConfig, PKCS11KeyConfig
+from signing_agent.config import AzureKeyVaultKeyConfig, FileKeyConfig, KeyConfig, KeyVaultConfig, PKCS11KeyConfig
 from signing_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,12 +21,70 @@ if TYPE_CHECKING:
     from signing_agent.backends.pkcs11 import PKCS11Registry
 
 
-class KeyStores:
-    """Opens signing and decryption keys, and owns what they share (PKCS#11 logins, Key Vault credentials)."""
+SignObserver = Callable[[str, float, bool], None]
+"""``(backend, seconds, ok)`` after every signature a key store made (metrics)."""
 
-    def __init__(self) -> None:
+
+class ObservedSigningKey:
+    """A signing key that reports each signature's latency and outcome; everything else is delegated."""
+
+    def __init__(self, key: SigningKey, backend: str, observer: SignObserver) -> None:
+        self.inner = key
+        self.backend = backend
+        self._observer = observer
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    async def describe(self) -> KeyInfo:
+        return await self.inner.describe()
+
+    async def sign_digest(
+        self, alg: SignatureAlgorithm, digest: bytes, *, priority: Priority = Priority.NORMAL
+    ) -> bytes:
+        started = time.monotonic()
+        ok = False
+        try:
+            signature = await self.inner.sign_digest(alg, digest, priority=priority)
+            ok = True
+        finally:
+            self._observer(self.backend, time.monotonic() - started, ok)
+        return signature
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class KeyStores:
+    """Opens signing and decryption keys, and owns what they share (PKCS#11 logins, Key Vault credentials).
+
+    ``on_sign`` observes every signature and ``on_throttle_wait(host, seconds)`` every wait in a Key Vault throttle:
+    hooks for metrics that keep this package free of them.
+    """
+
+    def __init__(
+        self,
+        *,
+        keyvault: KeyVaultConfig | None = None,
+        on_sign: SignObserver | None = None,
+        on_throttle_wait: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``keyvault`` is the config's ``[keyvault]`` table (default: its defaults)."""
+        self._keyvault = keyvault if keyvault is not None else KeyVaultConfig()
         self._pkcs11: PKCS11Registry | None = None
         self._azure: AzureKeyVaultRegistry | None = None
+        self._on_sign = on_sign
+        self._on_throttle_wait = on_throttle_wait
+
+    @property
+    def pkcs11(self) -> PKCS11Registry | None:
+        """The PKCS#11 registry, once a pkcs11 key was opened (its ``status()`` feeds health checks)."""
+        return self._pkcs11
+
+    async def reset(self) -> None:
+        """Drop PKCS#11 sessions (the next operation logs in again) and forget refused PINs: for SIGHUP."""
+        if self._pkcs11 is not None:
+            await self._pkcs11.reset()
 
     def _pkcs11_registry(self, name: str) -> PKCS11Registry:
         if self._pkcs11 is None:
@@ -40,17 +101,33 @@ class KeyStores:
     def _azure_registry(self, name: str) -> AzureKeyVaultRegistry:
         if self._azure is None:
             try:
-                from signing_agent.backends.azure_keyvault import AzureKeyVaultRegistry
+                from signing_agent.backends.azure_keyvault import (
+                    AzureKeyVaultRegistry,
+                    AzureKeyVaultSettings,
+                    ThrottleSettings,
+                )
             except ImportError as exc:
                 raise ConfigError(
                     f"{name}: the azure-keyvault backend needs the Azure SDK",
                     hint="pip install 'signing-agent[azure]'",
                 ) from exc
-            self._azure = AzureKeyVaultRegistry()
+            kv = self._keyvault
+            settings = AzureKeyVaultSettings(
+                max_attempts=kv.max_attempts,
+                total_timeout=kv.total_timeout,
+                throttle=ThrottleSettings(
+                    max_concurrency=kv.max_concurrency, rate_per_second=kv.rate_per_second, burst=kv.burst
+                ),
+            )
+            self._azure = AzureKeyVaultRegistry(settings=settings, on_throttle_wait=self._on_throttle_wait)
         return self._azure
 
     def signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         """Open a signing key; ``name`` is its dotted config path, for messages."""
+        key = self._signing_key(cfg, name=name)
+        return key if self._on_sign is None else ObservedSigningKey(key, cfg.backend, self._on_sign)
+
+    def _signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         match cfg:
             case FileKeyConfig():
                 return FileSigningKey(cfg.path, name=name)

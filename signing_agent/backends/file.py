@@ -63,6 +63,8 @@ class FileSigningKey:
             raise BackendError("the file key was closed")
         if len(digest) != alg.digest_size:
             raise SigningFailedError(f"{alg.name} needs a {alg.digest_size}-byte digest, got {len(digest)}")
+        if self._key.curve.name != alg.curve_name:
+            raise SigningFailedError(f"{alg.name} does not match the key's curve {self._key.curve.name}")
         der = self._key.sign(digest, ec.ECDSA(Prehashed(alg.hash_algorithm())))
         return der_to_raw(alg, der)
 

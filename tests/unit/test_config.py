@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from signing_agent.config import (
     AzureKeyVaultKeyConfig,
     FileKeyConfig,
+    KeyVaultConfig,
     PKCS11KeyConfig,
     load_config,
     parse_config,
@@ -146,3 +148,79 @@ def test_example_is_valid_toml_with_no_inline_secrets() -> None:
     tomllib.loads(text)
     assert "pin =" not in text
     assert "client_secret =" not in text
+
+
+# ----- [keyvault] -----
+
+
+def test_keyvault_defaults_are_the_backend_defaults() -> None:
+    from signing_agent.backends.azure_keyvault import AzureKeyVaultSettings, ThrottleSettings
+
+    config = parse_config(minimal(), path=Path("/etc/x/agent.toml"))
+    assert config.keyvault == KeyVaultConfig()
+    throttle, settings = ThrottleSettings(), AzureKeyVaultSettings()
+    assert (config.keyvault.max_concurrency, config.keyvault.rate_per_second, config.keyvault.burst) == (
+        throttle.max_concurrency,
+        throttle.rate_per_second,
+        throttle.burst,
+    )
+    assert (config.keyvault.max_attempts, config.keyvault.total_timeout) == (
+        settings.max_attempts,
+        settings.total_timeout,
+    )
+
+
+def test_the_example_documents_every_keyvault_key_at_its_default() -> None:
+    text = (ROOT / "config.example.toml").read_text()
+    table = tomllib.loads(text)["keyvault"]
+    assert set(table) == {f.name for f in dataclasses.fields(KeyVaultConfig)}
+    assert load_config(ROOT / "config.example.toml").keyvault == KeyVaultConfig()
+
+
+def test_keyvault_table_is_parsed() -> None:
+    data = minimal()
+    data["keyvault"] = {
+        "max_concurrency": 4,
+        "rate_per_second": 20,
+        "burst": 8,
+        "max_attempts": 2,
+        "total_timeout": 7.5,
+    }
+    kv = parse_config(data, path=Path("/etc/x/agent.toml")).keyvault
+    assert kv == KeyVaultConfig(max_concurrency=4, rate_per_second=20.0, burst=8, max_attempts=2, total_timeout=7.5)
+    assert isinstance(kv.rate_per_second, float)
+    data["keyvault"] = {"max_attempts": 1}
+    assert parse_config(data, path=Path("/etc/x/agent.toml")).keyvault == KeyVaultConfig(max_attempts=1)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"max_concurency": 4}, r"unknown configuration key: keyvault\.max_concurency"),
+        ({"retry_after_max": 4}, r"keyvault\.retry_after_max"),
+        ({"max_concurrency": 0}, r"keyvault\.max_concurrency: must be at least 1, got 0"),
+        ({"max_concurrency": 257}, r"keyvault\.max_concurrency: must be at most 256, got 257"),
+        ({"max_concurrency": 4.0}, r"keyvault\.max_concurrency: expected an integer"),
+        ({"rate_per_second": 0}, r"keyvault\.rate_per_second: must be greater than 0"),
+        ({"rate_per_second": -1.5}, r"keyvault\.rate_per_second: must be greater than 0"),
+        ({"rate_per_second": "fast"}, r"keyvault\.rate_per_second: expected a number"),
+        ({"burst": 0}, r"keyvault\.burst: must be at least 1, got 0"),
+        ({"burst": True}, r"keyvault\.burst: expected an integer"),
+        ({"max_attempts": 0}, r"keyvault\.max_attempts: must be at least 1, got 0"),
+        ({"max_attempts": 11}, r"keyvault\.max_attempts: must be at most 10, got 11"),
+        ({"total_timeout": 0}, r"keyvault\.total_timeout: must be greater than 0"),
+        ({"total_timeout": 30000}, r"keyvault\.total_timeout: must be at most 300 s, got 30000"),
+    ],
+)
+def test_invalid_keyvault_settings_name_the_key(table: dict[str, Any], message: str) -> None:
+    data = minimal()
+    data["keyvault"] = table
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, path=Path("/etc/x/agent.toml"))
+
+
+def test_keyvault_must_be_a_table() -> None:
+    data = minimal()
+    data["keyvault"] = 5
+    with pytest.raises(ConfigError, match=r"keyvault: expected a table"):
+        parse_config(data, path=Path("/etc/x/agent.toml"))
