@@ -59,6 +59,7 @@ class Daemon:
 @contextlib.contextmanager
 def daemon(config: Path, env: dict[str, str]) -> Iterator[Daemon]:
     ready = config.parent / "ready"
+    ready.unlink(missing_ok=True)
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "signing_agent", "serve", "--config", str(config), "--ready-file", str(ready),

@@ -34,7 +34,19 @@ from signing_agent.errors import AuditError
 _logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-AuditEvent = Literal["received", "denied", "signed", "forwarded", "failed", "explained", "rotated", "started"]
+AuditEvent = Literal[
+    "received",
+    "denied",
+    "signed",
+    "forwarded",
+    "failed",
+    "explained",
+    "rotated",
+    "started",
+    "share_submitted",
+    "share_failed",
+    "identity_adopted",
+]
 
 
 def line_hash(line: bytes) -> str:
@@ -96,7 +108,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class FileAuditSink:
-    """Appends hash-chained JSON lines to a file (mode 0600), one ``fsync`` per record, serialised by a lock."""
+    """Appends hash-chained JSON lines to a file (mode 0600), fsynced before ``record`` returns.
+
+    Group commit: records that arrive while a write is in flight are written together with one ``write`` and one
+    ``fsync``, so concurrent requests share the cost of the sync and each still returns only once its own record
+    is durable. If the write fails, the whole group is taken back and every record in it fails (fail closed).
+    """
 
     def __init__(self, path: Path, *, max_bytes: int, clock: Any = time.time) -> None:
         self.path = path
@@ -109,6 +126,8 @@ class FileAuditSink:
         self._prev = GENESIS
         self._seq = 0
         self._broken: str | None = None
+        self._pending: list[tuple[AuditEvent, dict[str, Any], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def last_hash(self) -> str:
@@ -164,50 +183,91 @@ class FileAuditSink:
         await asyncio.shield(self._record(event, dict(fields)))
 
     async def _record(self, event: AuditEvent, fields: dict[str, Any]) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._append_sync, event, fields)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, fields, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+        await done
 
-    def _encode(self, event: AuditEvent, fields: Mapping[str, Any]) -> bytes:
+    async def _write_pending(self) -> None:
+        async with self._lock:
+            while self._pending:
+                group, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self._append_sync, [(event, fields) for event, fields, _ in group])
+                except AuditError as exc:
+                    for _, _, done in group:
+                        if not done.done():
+                            done.set_exception(exc)
+                except BaseException as exc:  # pragma: no cover -- a bug or cancellation: never leave waiters hanging
+                    failure = AuditError(f"cannot write the audit log {self.path}: {type(exc).__name__}")
+                    for _, _, done in group:
+                        if not done.done():
+                            done.set_exception(failure)
+                    raise
+                else:
+                    for _, _, done in group:
+                        if not done.done():
+                            done.set_result(None)
+
+    def _encode(self, event: AuditEvent, fields: Mapping[str, Any], seq: int, prev: str) -> bytes:
         record = {
             **{k: v for k, v in fields.items() if v is not None},
             "event": event,
-            "seq": self._seq,
-            "prev": self._prev,
+            "seq": seq,
+            "prev": prev,
             "ts": f"{self._clock():.6f}",
         }
         return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n"
 
-    def _append_sync(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
+    def _append_sync(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]]) -> None:
+        """Chain and write ``records`` with one write and one fsync (rotating first where the size says so)."""
         with self._thread_lock:
             if self._broken is not None:
                 raise AuditError(f"the audit log is unusable: {self._broken}", hint="fix it, then SIGHUP or restart")
             if self._fd is None:
                 raise AuditError("the audit log is closed")
-            line = self._encode(event, fields)
-            if self._size > 0 and self._size + len(line) > self.max_bytes:
-                self._rotate_sync()
-                line = self._encode(event, fields)
-            self._write_line(line)
+            chunk: list[bytes] = []
+            chunk_size = 0
+            seq, prev = self._seq, self._prev
+            for event, fields in records:
+                line = self._encode(event, fields, seq, prev)
+                if self._size + chunk_size > 0 and self._size + chunk_size + len(line) > self.max_bytes:
+                    if chunk:
+                        self._write_lines(b"".join(chunk), seq, prev)
+                        chunk, chunk_size = [], 0
+                    self._rotate_sync()
+                    seq, prev = self._seq, self._prev
+                    line = self._encode(event, fields, seq, prev)
+                chunk.append(line)
+                chunk_size += len(line)
+                seq, prev = seq + 1, line_hash(line)
+            if chunk:
+                self._write_lines(b"".join(chunk), seq, prev)
 
     def _write_line(self, line: bytes) -> None:
+        self._write_lines(line, self._seq + 1, line_hash(line))
+
+    def _write_lines(self, data: bytes, next_seq: int, last_hash: str) -> None:
+        """Write already-chained lines and fsync; on success the chain advances to (next_seq, last_hash)."""
         fd = self._fd
         if fd is None:  # pragma: no cover -- checked by the callers
             raise AuditError("the audit log is closed")
         before = self._size
         try:
-            _write_all(fd, line)
+            _write_all(fd, data)
             os.fsync(fd)
         except OSError as exc:
-            # Take back a partial line so the chain stays intact; if even that fails, stop for good.
+            # Take back a partial group so the chain stays intact; if even that fails, stop for good.
             try:
                 os.ftruncate(fd, before)
                 os.fsync(fd)
             except OSError as again:
                 self._broken = f"a partial record could not be removed: {again.strerror}"
             raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}") from None
-        self._size = before + len(line)
-        self._prev = line_hash(line)
-        self._seq += 1
+        self._size = before + len(data)
+        self._prev = last_hash
+        self._seq = next_seq
 
     def _rotate_sync(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
@@ -227,7 +287,7 @@ class FileAuditSink:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        self._write_line(self._encode("rotated", {"prev_file": old.name}))
+        self._write_line(self._encode("rotated", {"prev_file": old.name}, self._seq, self._prev))
         _logger.info("audit log rotated: %s -> %s", self.path, old)
 
     def _close_sync(self) -> None:
@@ -237,6 +297,8 @@ class FileAuditSink:
                 self._fd = None
 
     async def aclose(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            await self._writer
         async with self._lock:
             await asyncio.to_thread(self._close_sync)
 

@@ -141,3 +141,45 @@ async def test_a_cancelled_caller_cannot_leave_half_a_record(tmp_path: Path) -> 
     assert report.ok, report.first_break
     # Shielded writes finish even for cancelled callers.
     assert report.records == 50
+
+
+async def test_concurrent_records_share_fsyncs_and_stay_chained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: 200 concurrent records need far fewer fsyncs, and each waiter returns only after its sync."""
+    syncs = 0
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        real_fsync(fd)
+
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    monkeypatch.setattr("signing_agent.audit.os.fsync", counting_fsync)
+    durable: list[int] = []
+
+    async def one(i: int) -> None:
+        await sink.record("signed", {"request_id": str(i)})
+        durable.append(syncs)  # at least one fsync happened before this record was acknowledged
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    await sink.aclose()
+    assert 0 < syncs < 200
+    assert min(durable) >= 1
+    report = verify_audit([tmp_path / "audit.jsonl"])
+    assert report.ok, report.as_dict()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["request_id"] for line in lines) == sorted(str(i) for i in range(200))
+
+
+async def test_rotation_inside_a_group_keeps_the_chain(tmp_path: Path) -> None:
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096)
+    await asyncio.gather(*(sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100}) for i in range(120)))
+    await sink.aclose()
+    rotated = sorted(tmp_path.glob("audit.jsonl.*"), key=lambda f: int(f.name.rsplit("-", 1)[1]))  # by first seq
+    files = [*rotated, tmp_path / "audit.jsonl"]
+    assert len(files) > 2
+    report = verify_audit(files)
+    assert report.ok, report.as_dict()
+    assert all(f.stat().st_size <= 4096 for f in files)
