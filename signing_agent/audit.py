@@ -54,9 +54,11 @@ def line_hash(line: bytes) -> str:
 
 
 class AuditSink(Protocol):
-    """**Protocol:** where audit records go. ``record`` returns only once the record is durable."""
+    """**Protocol:** where audit records go. ``record`` returns once the record is written, and durable (fsynced)
+    unless ``sync=False``: such a record becomes durable with the next synced one, which is always written before
+    a signature leaves the agent (``received`` is written unsynced; ``signed`` syncs both)."""
 
-    async def record(self, event: AuditEvent, fields: Mapping[str, Any]) -> None: ...
+    async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -69,7 +71,7 @@ class MemoryAuditSink:
     fail: bool = False
     """Set to make every record fail, to test fail-closed paths."""
 
-    async def record(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
+    async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
         if self.fail:
             raise AuditError("the audit log cannot be written (test)")
         self.records.append({"event": event, **fields})
@@ -126,7 +128,7 @@ class FileAuditSink:
         self._prev = GENESIS
         self._seq = 0
         self._broken: str | None = None
-        self._pending: list[tuple[AuditEvent, dict[str, Any], asyncio.Future[None]]] = []
+        self._pending: list[tuple[AuditEvent, dict[str, Any], bool, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
     @property
@@ -178,13 +180,14 @@ class FileAuditSink:
             await asyncio.to_thread(self._close_sync)
             await asyncio.to_thread(self._open_sync)
 
-    async def record(self, event: AuditEvent, fields: Mapping[str, Any]) -> None:
-        """Append one record and fsync it. Shielded: a cancelled caller cannot leave half a record."""
-        await asyncio.shield(self._record(event, dict(fields)))
+    async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
+        """Append one record (and fsync it unless ``sync=False``). Shielded: a cancelled caller cannot leave half a
+        record."""
+        await asyncio.shield(self._record(event, dict(fields), sync))
 
-    async def _record(self, event: AuditEvent, fields: dict[str, Any]) -> None:
+    async def _record(self, event: AuditEvent, fields: dict[str, Any], sync: bool) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, fields, done))
+        self._pending.append((event, fields, sync, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_pending())
         await done
@@ -193,20 +196,21 @@ class FileAuditSink:
         async with self._lock:
             while self._pending:
                 group, self._pending = self._pending, []
+                sync = any(wants_sync for _, _, wants_sync, _ in group)
                 try:
-                    await asyncio.to_thread(self._append_sync, [(event, fields) for event, fields, _ in group])
+                    await asyncio.to_thread(self._append_sync, [(e, f) for e, f, _, _ in group], sync=sync)
                 except AuditError as exc:
-                    for _, _, done in group:
+                    for _, _, _, done in group:
                         if not done.done():
                             done.set_exception(exc)
                 except BaseException as exc:  # pragma: no cover -- a bug or cancellation: never leave waiters hanging
                     failure = AuditError(f"cannot write the audit log {self.path}: {type(exc).__name__}")
-                    for _, _, done in group:
+                    for _, _, _, done in group:
                         if not done.done():
                             done.set_exception(failure)
                     raise
                 else:
-                    for _, _, done in group:
+                    for _, _, _, done in group:
                         if not done.done():
                             done.set_result(None)
 
@@ -220,8 +224,8 @@ class FileAuditSink:
         }
         return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n"
 
-    def _append_sync(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]]) -> None:
-        """Chain and write ``records`` with one write and one fsync (rotating first where the size says so)."""
+    def _append_sync(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]], *, sync: bool = True) -> None:
+        """Chain and write ``records`` with one write and (``sync``) one fsync, rotating first where needed."""
         with self._thread_lock:
             if self._broken is not None:
                 raise AuditError(f"the audit log is unusable: {self._broken}", hint="fix it, then SIGHUP or restart")
@@ -243,20 +247,21 @@ class FileAuditSink:
                 chunk_size += len(line)
                 seq, prev = seq + 1, line_hash(line)
             if chunk:
-                self._write_lines(b"".join(chunk), seq, prev)
+                self._write_lines(b"".join(chunk), seq, prev, sync=sync)
 
     def _write_line(self, line: bytes) -> None:
         self._write_lines(line, self._seq + 1, line_hash(line))
 
-    def _write_lines(self, data: bytes, next_seq: int, last_hash: str) -> None:
-        """Write already-chained lines and fsync; on success the chain advances to (next_seq, last_hash)."""
+    def _write_lines(self, data: bytes, next_seq: int, last_hash: str, *, sync: bool = True) -> None:
+        """Write already-chained lines (and fsync); on success the chain advances to (next_seq, last_hash)."""
         fd = self._fd
         if fd is None:  # pragma: no cover -- checked by the callers
             raise AuditError("the audit log is closed")
         before = self._size
         try:
             _write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             # Take back a partial group so the chain stays intact; if even that fails, stop for good.
             try:

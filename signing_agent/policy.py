@@ -6,7 +6,7 @@ proposal's action names and the ballot script's SHA-256 come from the bytes that
 caller chose, so a caller allowed only ``transition_node_to_trusted`` cannot get ``set_constitution`` signed through
 ``/v1/sign`` either.
 
-Evaluation (documented in config.example.toml and docs/security-model.md):
+Evaluation (documented in config.example.toml and the README's Security model):
 
 1. Rules are tried in order; the **first rule whose caller match fits decides** (uid in ``uids`` or primary gid in
    ``gids``, and, when ``executables`` is given, the peer's executable is one of them). Later rules are not tried,

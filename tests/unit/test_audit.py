@@ -183,3 +183,19 @@ async def test_rotation_inside_a_group_keeps_the_chain(tmp_path: Path) -> None:
     report = verify_audit(files)
     assert report.ok, report.as_dict()
     assert all(f.stat().st_size <= 4096 for f in files)
+
+
+async def test_an_unsynced_record_becomes_durable_with_the_next_synced_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=1 << 20)
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr("signing_agent.audit.os.fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+    await sink.record("received", {"request_id": "r1"}, sync=False)
+    assert syncs == []  # written (the chain advanced), not synced yet
+    assert json.loads((tmp_path / "audit.jsonl").read_text())["event"] == "received"
+    await sink.record("signed", {"request_id": "r1"})
+    assert len(syncs) == 1
+    await sink.aclose()
+    assert verify_audit([tmp_path / "audit.jsonl"]).ok
