@@ -12,11 +12,14 @@ Vendor imports (``pkcs11``) stay in ``signing_agent.backends``; nothing here may
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import gc
 import importlib
 import os
 import stat
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,6 +165,22 @@ class _Module:
 
 _modules: dict[str, _Module] = {}
 _modules_lock = threading.Lock()
+
+
+@atexit.register
+def _release_modules() -> None:
+    """Drop python-pkcs11's module objects while the interpreter is still whole.
+
+    Left to interpreter teardown, their deallocation runs when half of Python is already gone and prints
+    "Error in sys.excepthook" on the way out. (Worker threads are joined before atexit handlers run.)
+    """
+    p11 = sys.modules.get("pkcs11")
+    with _modules_lock:
+        for mod in _modules.values():
+            if p11 is not None:
+                p11._loaded.pop(mod.real_path, None)
+            mod.lib = None
+    gc.collect()
 
 
 def _preinitialise(real_path: str, init_params: str | None) -> _Module:
