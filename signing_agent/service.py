@@ -163,14 +163,7 @@ class SigningService:
         caller: Caller | None = None,
     ) -> Explanation:
         """What ``sign`` would sign and whether the policy allows it. Touches no key and charges no rate limit."""
-        ident = self.identity(identity)
-        request = GovernanceRequest(
-            msg_type=msg_type,
-            created_at=self.now() if created_at is None else created_at,
-            payload=payload,
-            proposal_id=proposal_id,
-        )
-        summary = summarise_payload(msg_type, payload)
+        ident, request, summary = self._request(identity, msg_type, payload, created_at, proposal_id)
         action = self._action(ident.name, msg_type, summary, proposal_id, service)
         decision = self.policy.decide(caller or self._self_caller(), action, consume=False)
         headers = {"alg": ident.alg.name, "kid": ident.member_id}
@@ -184,6 +177,19 @@ class SigningService:
             service=service,
             decision=decision,
         )
+
+    def _request(
+        self, identity: str, msg_type: MsgType, payload: bytes, created_at: int | None, proposal_id: str | None
+    ) -> tuple[Identity, GovernanceRequest, PayloadSummary]:
+        """The identity, the validated request (created_at defaults to now) and what its payload says."""
+        ident = self.identity(identity)
+        request = GovernanceRequest(
+            msg_type=msg_type,
+            created_at=self.now() if created_at is None else created_at,
+            payload=payload,
+            proposal_id=proposal_id,
+        )
+        return ident, request, summarise_payload(msg_type, payload)
 
     @staticmethod
     def _action(
@@ -216,14 +222,7 @@ class SigningService:
         or ``signed``, is durable in the audit log before this returns; if it cannot be written, ``AuditError`` is
         raised and the signature is dropped.
         """
-        ident = self.identity(identity)
-        request = GovernanceRequest(
-            msg_type=msg_type,
-            created_at=self.now() if created_at is None else created_at,
-            payload=payload,
-            proposal_id=proposal_id,
-        )
-        summary = summarise_payload(msg_type, payload)
+        ident, request, summary = self._request(identity, msg_type, payload, created_at, proposal_id)
         who = caller or self._self_caller()
         base = {
             **_who(request_id, who),
