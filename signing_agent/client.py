@@ -122,15 +122,7 @@ class AgentClient:
         created_at: int | None = None,
         proposal_id: str | None = None,
     ) -> bytes:
-        body: dict[str, Any] = {
-            "identity": identity,
-            "msg_type": msg_type,
-            "payload_base64": base64.b64encode(payload).decode("ascii"),
-        }
-        if created_at is not None:
-            body["created_at"] = created_at
-        if proposal_id is not None:
-            body["proposal_id"] = proposal_id
+        body = _sign_body(identity, msg_type, payload, created_at, proposal_id)
         return self.call("POST", "/v1/sign", body).body
 
     def explain(
@@ -144,19 +136,26 @@ class AgentClient:
         service: str | None = None,
     ) -> dict[str, Any]:
         """What ``sign`` would sign and the policy's decision; nothing is signed."""
-        body: dict[str, Any] = {
-            "identity": identity,
-            "msg_type": msg_type,
-            "payload_base64": base64.b64encode(payload).decode("ascii"),
-        }
-        if created_at is not None:
-            body["created_at"] = created_at
-        if proposal_id is not None:
-            body["proposal_id"] = proposal_id
+        body = _sign_body(identity, msg_type, payload, created_at, proposal_id)
         if service is not None:
             body["service"] = service
         result: dict[str, Any] = self.call("POST", "/v1/explain", body).json()
         return result
+
+
+def _sign_body(
+    identity: str, msg_type: str, payload: bytes, created_at: int | None, proposal_id: str | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "identity": identity,
+        "msg_type": msg_type,
+        "payload_base64": base64.b64encode(payload).decode("ascii"),
+    }
+    if created_at is not None:
+        body["created_at"] = created_at
+    if proposal_id is not None:
+        body["proposal_id"] = proposal_id
+    return body
 
 
 def default_socket(config_socket: Path | None = None) -> Path:
