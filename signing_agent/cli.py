@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sign)
 
     register_governance(sub)
+    register_recovery(sub)
     register_audit(sub)
     _register_optional(sub)
     return parser
@@ -561,13 +562,71 @@ def register_governance(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
 
+# -- recovery shares -----------------------------------------------------------------------------------------------
+
+
+def cmd_recovery_submit(args: argparse.Namespace) -> int:
+    client, service, identity = _gov_context(args)
+    resp = client.call("POST", f"/v1/services/{service}/recovery/{identity}/share")
+    body = resp.json()
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    message = str(body.get("message", "")).replace("\n", "; ")
+    print(
+        f"recovery share of {identity} submitted to {service}: {message} "
+        f"({body.get('submittedCount')}/{body.get('recoveryThreshold')}){_tx(resp.headers)}"
+    )
+    return EXIT_OK
+
+
+def cmd_recovery_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    body = client.call("GET", "/v1/recovery").json()
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    watchers = body.get("watchers", [])
+    if not body.get("enabled"):
+        print("unattended recovery is off ([recovery] enabled = false)")
+    for w in watchers:
+        line = f"{w['service']}/{w['identity']}: {w['state']}"
+        if w.get("service_status"):
+            line += f" (service {w['service_status']})"
+        last = w.get("last_submission")
+        if last:
+            line += f"; share submitted for recovery {last.get('recoveryCount')} at {last.get('submittedAt')}"
+        if w.get("last_error"):
+            line += f"; error: {w['last_error']}"
+        print(line)
+    return EXIT_OK
+
+
+def register_recovery(sub: Any) -> None:
+    p = sub.add_parser("recovery", help="recovery shares: submit on request, or see the unattended watchers")
+    rec_sub = p.add_subparsers(dest="recovery_command", required=True, metavar="COMMAND")
+    s = rec_sub.add_parser(
+        "submit-share",
+        help="fetch, decrypt (in the key store), sign and submit an identity's recovery share",
+    )
+    _add_client_options(s)
+    s.add_argument("--service", help="the configured service (default: the only one, or 'default')")
+    s.add_argument("--identity", help="the identity whose share to submit (default: the only one)")
+    s.add_argument("--json", action="store_true", help="print CCF's JSON answer")
+    s.set_defaults(func=cmd_recovery_submit)
+    st = rec_sub.add_parser("status", help="the state of each recovery watcher")
+    _add_client_options(st)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_recovery_status)
+
+
 # -- audit log -----------------------------------------------------------------------------------------------------
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from signing_agent.audit import verify_audit
 
-    report = verify_audit([Path(f) for f in args.files])
+    report = verify_audit(_chain_order([Path(f) for f in args.files]))
     if args.json:
         _print_json(report.as_dict())
     else:
@@ -580,13 +639,29 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_ERROR
 
 
+def _chain_order(files: list[Path]) -> list[Path]:
+    """Files in chain order (by the seq of their first record), so `audit verify audit.jsonl*` just works.
+
+    A file whose first line cannot be read keeps its place at the end; verify then reports it."""
+
+    def first_seq(path: Path) -> int:
+        try:
+            with path.open("rb") as f:
+                return int(json.loads(f.readline())["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1 << 62
+
+    return sorted(files, key=first_seq)
+
+
 def register_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="work with the hash-chained audit log")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     v = audit_sub.add_parser(
         "verify",
         help="check the hash chain and report the first break",
-        description="Files are checked in the order given, oldest first: rotated files, then the current one.",
+        description="Give the rotated files and the current one in any order (e.g. audit.jsonl*): they are checked "
+        "in chain order, oldest first.",
     )
     v.add_argument("files", nargs="+", metavar="FILE")
     v.add_argument("--json", action="store_true")
