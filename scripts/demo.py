@@ -1,8 +1,17 @@
-"""`make demo`: a governance round between CCF members whose keys live in a SoftHSM2 token.
+"""`make demo`: a governance round between CCF members whose keys live in a SoftHSM2 token, then a disaster.
 
 It starts the local CCF governance sandbox and the agent (keys made in a SoftHSM2 token on the first run, kept in
 .demo/), then drives the agent through its CLI, as a member would: sign a message and verify it with CCF's own
-tooling, propose a new member, vote it in, activate it, and withdraw a proposal. Re-runs reuse the token.
+tooling, propose a new member, vote it in, activate it, and withdraw a proposal. Then the disaster: the service
+restarts into recovery with a new identity, the operator trusts that identity (``accepted_service_certificates``,
+then SIGHUP), the members open the recovered service through the agent, and the agent's unattended watchers decrypt
+member0's and member1's recovery shares in the token and submit them: the service is Open again. Re-runs reuse the
+token.
+
+The encryption keys are in the same SoftHSM2 token with ``oaep = "host"``: SoftHSM2 2.6 has no RSA-OAEP with
+SHA-256, so the token does raw RSA and the agent decodes OAEP on the host. That is the opt-in for such tokens (see
+the README's "Recovery" section for its risk); an HSM or an NSS softoken does OAEP-SHA256 itself (``oaep = "token"``,
+the default), and the end-to-end tests use both.
 """
 
 from __future__ import annotations
@@ -12,9 +21,11 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +34,8 @@ DEMO = ROOT / ".demo"
 TOKEN_LABEL = "signing-agent-demo"  # noqa: S105 -- a label, not a secret
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 MEMBERS = ("member0", "member1", "member2")
+RECOVERY_MEMBERS = ("member0", "member1")
+PROCS: dict[str, subprocess.Popen[bytes]] = {}
 
 BOLD, DIM, GREEN, RESET = ("\033[1m", "\033[2m", "\033[32m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
 
@@ -53,7 +66,7 @@ def ensure_token(env: dict[str, str]) -> None:
     tokens = DEMO / "softhsm" / "tokens"
     conf = DEMO / "softhsm" / "softhsm2.conf"
     pin = DEMO / "token.pin"
-    if not (DEMO / "member2_cert.pem").exists():
+    if not (DEMO / "member1_enc_pubk.pem").exists():
         step("first run: creating a SoftHSM2 token and member keys inside it")
         shutil.rmtree(DEMO / "softhsm", ignore_errors=True)
         tokens.mkdir(parents=True)
@@ -68,23 +81,33 @@ def ensure_token(env: dict[str, str]) -> None:
             env=env, check=True, capture_output=True,
         )  # fmt: skip
         for name in MEMBERS:
+            for old in (DEMO / f"{name}_cert.pem", DEMO / f"{name}_enc_pubk.pem"):
+                old.unlink(missing_ok=True)
+            enc = ["--encryption-key", "--enc-pub-out", str(DEMO / f"{name}_enc_pubk.pem")]
             run(
                 "keys", "generate", "--module", SOFTHSM_MODULE, "--token-label", TOKEN_LABEL,
                 "--pin-file", str(pin), "--label", name, "--common-name", name,
-                "--cert-out", str(DEMO / f"{name}_cert.pem"),
+                "--cert-out", str(DEMO / f"{name}_cert.pem"), *(enc if name in RECOVERY_MEMBERS else []),
                 env=env, show=name == "member0",
             )  # fmt: skip
             print(f"{GREEN}created {name}'s P-384 key in the token; its certificate is .demo/{name}_cert.pem{RESET}")
 
 
-def write_config(service_url: str) -> Path:
+def write_config(service_url: str, *, accepted: str | None = None) -> Path:
     lines = [
         "[agent]",
         'socket = "run/agent.sock"',
         "",
+        "[recovery]",
+        "enabled = true",
+        "poll_interval = 0.5",
+        'state_dir = "state"',
+        "",
         "[services.default]",
         f'url = "{service_url}"',
-        'service_certificate = "sandbox/service_cert.pem"',
+        'service_certificate = "service_cert.pem"        # a copy: the sandbox rewrites its own on recovery',
+        f"recovery_identities = {json.dumps(list(RECOVERY_MEMBERS))}",
+        *([f'accepted_service_certificates = ["{accepted}"]'] if accepted else []),
         "",
     ]
     for name in MEMBERS:
@@ -100,6 +123,17 @@ def write_config(service_url: str) -> Path:
             'pin_file = "token.pin"',
             "",
         ]
+        if name in RECOVERY_MEMBERS:
+            lines += [
+                f"[identities.{name}.encryption_key]",
+                'backend = "pkcs11"',
+                f'module = "{SOFTHSM_MODULE}"',
+                f'token_label = "{TOKEN_LABEL}"',
+                f'key_label = "{name}-enc"',
+                'pin_file = "token.pin"',
+                'oaep = "host"                     # SoftHSM2 2.6 lacks OAEP-SHA256: raw RSA in the token',
+                "",
+            ]
     path = DEMO / "agent.toml"
     path.write_text("\n".join(lines))
     return path
@@ -121,6 +155,7 @@ def background(name: str, args: list[str], ready: Path, env: dict[str, str]) -> 
             sys.stderr.write(log.read_text())
             raise SystemExit(f"demo: the {name} did not start (log: {log})")
         time.sleep(0.05)
+    PROCS[name] = proc
     try:
         yield ready.read_text().strip()
     finally:
@@ -129,6 +164,79 @@ def background(name: str, args: list[str], ready: Path, env: dict[str, str]) -> 
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def sandbox_control(url: str, path: str, body: object) -> dict[str, object]:
+    """The sandbox's control API (a test double's back door: a real CCF has nothing like it)."""
+    ctx = ssl.create_default_context(cafile=str(DEMO / "sandbox" / "service_cert.pem"))
+    req = urllib.request.Request(  # noqa: S310 -- https to loopback
+        url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:  # noqa: S310
+        result: dict[str, object] = json.loads(resp.read())
+    return result
+
+
+def wait_for(env: dict[str, str], status: str, timeout: float = 20.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, object] = json.loads(run("status", "--json", env=env, show=False))
+        if body.get("status") == status or time.monotonic() > deadline:
+            return body
+        time.sleep(0.2)
+
+
+def disaster(url: str, config_url: str, env: dict[str, str]) -> None:
+    """The service restarts into recovery; the members open it through the agent; the watchers submit shares."""
+    step("recovery shares: member0 and member1 hold them (threshold 2), sealed to RSA keys in the token")
+    threshold = DEMO / "threshold.json"
+    threshold.write_text(json.dumps({"actions": [{"name": "set_recovery_threshold",
+                                                  "args": {"recovery_threshold": 2}}]}))  # fmt: skip
+    created = json.loads(run("propose", str(threshold), "--identity", "member0", "--json", env=env, show=False))
+    print(f"{DIM}$ signing-agent propose {threshold} --identity member0{RESET}  (set_recovery_threshold 2)")
+    run("vote", created["proposalId"], "--accept", "--identity", "member0", env=env, show=False)
+    run("vote", created["proposalId"], "--accept", "--identity", "member1", env=env)
+    run("recovery", "status", env=env)
+
+    step("DISASTER: the service restarts in recovery mode with a new service identity")
+    previous = (DEMO / "service_cert.pem").read_text()
+    answer = sandbox_control(url, "/_sandbox/recover", {})
+    new_cert = str(answer["serviceCertificate"])
+    print(f"service is {answer['status']}, recovery count {answer['recoveryCount']}")
+    result = subprocess.run([sys.executable, "-m", "signing_agent", "status"], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    print(f"{DIM}$ signing-agent status{RESET}\n{result.stderr.strip().splitlines()[0]}")
+    print(f"{GREEN}the agent refuses the new identity: nothing is sent to a service it does not trust{RESET}")
+
+    step("the operator checks the new service certificate out of band, lists it, and reloads the agent (SIGHUP)")
+    (DEMO / "recovered_service_cert.pem").write_text(new_cert)
+    write_config(config_url, accepted="recovered_service_cert.pem")
+    print('accepted_service_certificates = ["recovered_service_cert.pem"]')
+    PROCS["agent"].send_signal(signal.SIGHUP)
+    wait_for(env, "Recovering")
+    run("status", env=env)
+
+    step("the members open the recovered service: transition_service_to_open, previous and next identity")
+    opening = DEMO / "transition.json"
+    args = {"previous_service_identity": previous, "next_service_identity": new_cert}
+    opening.write_text(json.dumps({"actions": [{"name": "transition_service_to_open", "args": args}]}))
+    created = json.loads(run("propose", str(opening), "--identity", "member0", "--json", env=env, show=False))
+    print(f"{DIM}$ signing-agent propose {opening} --identity member0{RESET}")
+    print(f"proposal {created['proposalId']} is {created['proposalState']}")
+    run("vote", created["proposalId"], "--accept", "--identity", "member0", env=env)
+    run("vote", created["proposalId"], "--accept", "--identity", "member1", env=env)
+
+    step("the agent's watchers see WaitingForRecoveryShares, decrypt each share in the token, sign and submit it")
+    body = wait_for(env, "Open")
+    run("recovery", "status", env=env)
+    run("status", env=env)
+    if body.get("status") != "Open":
+        raise SystemExit("demo: the service did not open again")
+    print(f"{GREEN}the service is Open again, recovery count {body.get('recoveryCount')}{RESET}")
+    log = (DEMO / "agent.log").read_text()
+    for line in log.splitlines():
+        if "recovery share of" in line:
+            print(f"{DIM}agent.log: {json.loads(line)['msg']}{RESET}")
 
 
 def verify_with_ccf(cose: Path, cert: Path) -> None:
@@ -146,13 +254,21 @@ def main() -> int:
     env["SOFTHSM2_CONF"] = str(DEMO / "softhsm" / "softhsm2.conf")
     ensure_token(env)
 
-    step("starting the CCF governance sandbox (member0 and member1 are its active members)")
+    step("starting the CCF governance sandbox (member0 and member1 are its active members, and recovery members)")
     sandbox_args = ["sandbox", "--service-cert-out", str(DEMO / "sandbox" / "service_cert.pem")]
-    sandbox_args += ["--member-cert", str(DEMO / "member0_cert.pem"), "--member-cert", str(DEMO / "member1_cert.pem")]
     (DEMO / "sandbox").mkdir(exist_ok=True)
+    shutil.rmtree(DEMO / "state", ignore_errors=True)  # each run is a new service
+    for stale in ("recovered_service_cert.pem", "agent.log"):
+        (DEMO / stale).unlink(missing_ok=True)
     with background("sandbox", [*sandbox_args, "--ready-file", str(DEMO / "sandbox.ready")], DEMO / "sandbox.ready",
                     env) as url:  # fmt: skip
-        print(f"CCF sandbox at {url}, TLS pinned to .demo/sandbox/service_cert.pem")
+        for name in RECOVERY_MEMBERS:
+            sandbox_control(url, "/_sandbox/members", {
+                "cert": (DEMO / f"{name}_cert.pem").read_text(),
+                "encryption_pub_key": (DEMO / f"{name}_enc_pubk.pem").read_text(),
+            })  # fmt: skip
+        shutil.copyfile(DEMO / "sandbox" / "service_cert.pem", DEMO / "service_cert.pem")
+        print(f"CCF sandbox at {url}, TLS pinned to .demo/service_cert.pem")
         config = write_config(url)
 
         step("starting signing-agent (keys stay in the SoftHSM2 token)")
@@ -199,6 +315,8 @@ def main() -> int:
             print(f"{DIM}$ signing-agent propose {proposal} --identity member2{RESET}")
             print(f"proposal {created['proposalId']} is {created['proposalState']}")
             run("withdraw", created["proposalId"], "--identity", "member2", env=env)
+
+            disaster(url, url, env)
 
     step(f"done in {time.monotonic() - started:.1f} s: logs in .demo/agent.log and .demo/sandbox.log")
     return 0

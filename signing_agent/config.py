@@ -184,6 +184,31 @@ class ServiceConfig:
     max_attempts: int = 5
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
+    accepted_service_certificates: tuple[Path, ...] = ()
+    """Further service identities trusted for this service (forwarding and recovery): e.g. the identity the
+    service will have after a planned disaster recovery, distributed out of band."""
+    accept_transition_to: bool = False
+    """Trust a new service identity when an Accepted ``transition_service_to_open`` proposal names a trusted
+    identity as ``previous_service_identity`` and the presented one as ``next_service_identity``."""
+    recovery_identities: tuple[str, ...] = ()
+    """Identities (each with an ``encryption_key``) whose recovery share the watcher submits unattended."""
+
+
+DEFAULT_RECOVERY_POLL_INTERVAL = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryConfig:
+    """``[recovery]``: the unattended recovery-share watchers."""
+
+    enabled: bool = False
+    poll_interval: float = DEFAULT_RECOVERY_POLL_INTERVAL
+    """Seconds between status polls of a healthy service (jittered +-20%)."""
+    max_backoff: float = 60.0
+    """After failures the interval doubles, jittered, up to this."""
+    state_dir: Path | None = None
+    """Where submitted recoveries and adopted service identities are remembered (never a share).
+    Default: the audit log's folder."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,6 +221,7 @@ class AgentConfig:
     """None only when built by hand in tests; ``parse_config`` always sets it."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     keyvault: KeyVaultConfig = field(default_factory=KeyVaultConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 _MISSING: Any = object()
@@ -269,6 +295,12 @@ class _Table:
         if not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{self._key(key)}: expected a list of non-empty strings")
         return tuple(value)
+
+    def get_path_list(self, key: str) -> list[Path]:
+        """A list of paths (relative ones resolve from the config file's folder); empty when absent."""
+        values = self.get_str_list(key) or ()
+        paths = [Path(os.path.expanduser(v)) for v in values]
+        return [p if p.is_absolute() else (self._base / p) for p in paths]
 
     def get_path(self, key: str, default: Any = _MISSING) -> Any:
         value = self.get_str(key, default)
@@ -392,6 +424,9 @@ def _service(name: str, t: _Table) -> ServiceConfig:
         max_attempts=t.get_int("max_attempts", 5, minimum=1),
         backoff_initial=t.get_number("backoff_initial", 0.2),
         backoff_max=t.get_number("backoff_max", 5.0),
+        accepted_service_certificates=tuple(t.get_path_list("accepted_service_certificates")),
+        accept_transition_to=t.get_bool("accept_transition_to", False),
+        recovery_identities=t.get_str_list("recovery_identities") or (),
     )
     if svc.service_certificate is None and svc.identity_url is None:
         raise ConfigError(
@@ -505,6 +540,37 @@ def _keyvault(root: _Table) -> KeyVaultConfig:
     return cfg
 
 
+def _recovery(
+    root: _Table,
+    audit: AuditConfig,
+    services: Mapping[str, ServiceConfig],
+    identities: Mapping[str, IdentityConfig],
+) -> RecoveryConfig:
+    t = root.get_table("recovery", None)
+    cfg = RecoveryConfig(state_dir=audit.path.parent)
+    if t is not None:
+        cfg = RecoveryConfig(
+            enabled=t.get_bool("enabled", False),
+            poll_interval=t.get_number("poll_interval", DEFAULT_RECOVERY_POLL_INTERVAL),
+            max_backoff=t.get_number("max_backoff", 60.0),
+            state_dir=t.get_path("state_dir", audit.path.parent),
+        )
+        t.finish()
+        if cfg.max_backoff < cfg.poll_interval:
+            raise ConfigError(f"{t._key('max_backoff')}: must be at least poll_interval ({cfg.poll_interval:g})")
+    for svc in services.values():
+        for ident in svc.recovery_identities:
+            where = f"services.{svc.name}.recovery_identities"
+            if ident not in identities:
+                raise ConfigError(f"{where}: no identity named {ident!r} is configured")
+            if identities[ident].encryption_key is None:
+                raise ConfigError(
+                    f"{where}: identity {ident!r} has no encryption_key, so it cannot decrypt a recovery share",
+                    hint=f"add [identities.{ident}.encryption_key]",
+                )
+    return cfg
+
+
 def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentConfig:
     """Validate an already-parsed TOML document. ``path`` anchors relative paths (default: the cwd)."""
     base = path.parent if path is not None else Path.cwd()
@@ -540,13 +606,21 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentC
     audit = _audit(root, agent.socket)
     policy = _policy(root, services)
     keyvault = _keyvault(root)
+    recovery = _recovery(root, audit, services, identities)
     for i, rule in enumerate(policy.rules):
         for ident in rule.identities or ():
             if ident not in identities:
                 raise ConfigError(f"policy.rules[{i}].identities: no identity named {ident!r} is configured")
     root.finish()
     return AgentConfig(
-        path=path, agent=agent, identities=identities, services=services, audit=audit, policy=policy, keyvault=keyvault
+        path=path,
+        agent=agent,
+        identities=identities,
+        services=services,
+        audit=audit,
+        policy=policy,
+        keyvault=keyvault,
+        recovery=recovery,
     )
 
 

@@ -37,6 +37,7 @@ from signing_agent.identity import Identity, open_identity
 from signing_agent.log import set_level
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import Policy
+from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 from signing_agent.systemd import Notifier, inherited_socket
 
@@ -226,7 +227,9 @@ async def build_generation(
         identities, failed = await open_identities(config, stores), {}
     service = SigningService(identities, policy=make_policy(config), audit=audit)
     governance = GovernanceService(service, config.services)
+    recovery = RecoveryService(service, governance, config.recovery, metrics=metrics)
     try:
+        await recovery.open()  # identities adopted after earlier recoveries are pinned before the clients open
         await governance.open_pinned()
     except BaseException:
         await governance.aclose()
@@ -237,10 +240,12 @@ async def build_generation(
         metrics.identity_up.labels(name).set(1.0)
     for name in failed:
         metrics.identity_up.labels(name).set(0.0)
-    return Generation(number, service, governance, health)
+    return Generation(number, service, governance, health, recovery=recovery)
 
 
 async def close_generation(gen: Generation) -> None:
+    if gen.recovery is not None:
+        await gen.recovery.stop_watchers()
     if gen.governance is not None:
         await gen.governance.aclose()
     await gen.service.aclose()
@@ -358,6 +363,11 @@ class Reloader:
             set_level(new_config.agent.log_level)
         old = self.runtime.swap(gen)
         self.config = new_config
+        # One set of watchers at a time: the old ones finish their current step before the new ones start.
+        if old.recovery is not None:
+            await old.recovery.stop_watchers()
+        if gen.recovery is not None:
+            gen.recovery.start_watchers()
         self._metrics.reloads.labels("ok").inc()
         _logger.info(
             "configuration reloaded from %s: generation %d, %d identities, %d services",
@@ -417,7 +427,12 @@ async def serve(
     try:
         first = await build_generation(config, stores, audit, number=1, allow_degraded=allow_degraded, metrics=metrics)
         app = make_app(
-            first.service, api_settings(config), first.governance, health_checker=first.health, metrics=metrics
+            first.service,
+            api_settings(config),
+            first.governance,
+            health_checker=first.health,
+            metrics=metrics,
+            recovery=first.recovery,
         )
         runtime = app[RUNTIME]
         reloader = Reloader(
@@ -452,6 +467,8 @@ async def serve(
             _logger.info("listening on %s (%s)", sock_path, state)
             if notifier.watchdog_interval is not None:
                 watchdog = loop.create_task(_watchdog(notifier, notifier.watchdog_interval))
+            if first.recovery is not None:
+                first.recovery.start_watchers()
             notifier.ready(f"serving: {state}")
             if on_ready is not None:
                 on_ready(sock_path)
@@ -461,6 +478,8 @@ async def serve(
             # shutdown would drop the rest of a body still being uploaded), then close everything.
             notifier.stopping()
             loop.remove_signal_handler(signal.SIGHUP)
+            if runtime.current.recovery is not None:
+                await runtime.current.recovery.stop_watchers()
             for listening in list(runner.sites):
                 await listening.stop()
             if owned:

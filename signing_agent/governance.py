@@ -59,7 +59,21 @@ class GovernanceService:
         self.signer = signer
         self.services = dict(services)
         self._clients: dict[str, CCFClient] = {}
+        self._pinned: dict[str, bytes] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+
+    def pin(self, service: str, pem: bytes) -> None:
+        """Pin ``pem`` instead of the configured service certificate (an identity adopted after a recovery).
+
+        The service's client is rebuilt on its next use; requests already under way finish on the old one.
+        """
+        self._pinned[service] = pem
+        old = self._clients.pop(service, None)
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def open_pinned(self) -> None:
         """Open the clients whose service certificate is a file now, so a bad path fails at start-up."""
@@ -74,9 +88,13 @@ class GovernanceService:
         async with self._lock:
             client = self._clients.get(service)
             if client is None:
-                client = await CCFClient.open(self.services[service])
+                client = await CCFClient.open(self.services[service], pinned=self._pinned.get(service))
                 self._clients[service] = client
             return client
+
+    async def forward(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
+        """Send a signed message to ``path`` of ``service`` and audit the outcome (``forwarded`` or ``failed``)."""
+        return await self._submit(service, path, signed)
 
     async def _submit(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
         """Send and audit the outcome: ``forwarded`` with CCF's status and transaction id, or ``failed``."""
@@ -282,3 +300,5 @@ class GovernanceService:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing)

@@ -17,7 +17,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "METRICS", "RECOVERY_STATES", "Metrics"]
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-RECOVERY_STATES = ("stopped", "watching", "recovering", "failed")
+RECOVERY_STATES = ("stopped", "watching", "recovering", "submitted", "untrusted", "failed")
 """The states of a recovery watcher, exported one time series per state (1 for the current one, else 0)."""
 
 
@@ -65,6 +65,11 @@ class Metrics:
             "signing_agent_recovery_watcher_state",
             "Recovery watcher state per service and identity: 1 for the current state, 0 for the others.",
             ("service", "identity", "state"), registry=r,
+        )  # fmt: skip
+        self.recovery_shares = Counter(
+            "signing_agent_recovery_shares",
+            "Recovery share submissions by service, identity and result: 'submitted' or 'failed'.",
+            ("service", "identity", "result"), registry=r,
         )  # fmt: skip
         self.audit_write_failures = Counter(
             "signing_agent_audit_write_failures", "Audit records that could not be written (the request failed).",

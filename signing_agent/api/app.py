@@ -25,6 +25,7 @@ from signing_agent.errors import AgentError, BackendUnavailableError, PolicyDeni
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
 from signing_agent.metrics import CONTENT_TYPE_LATEST, METRICS, Metrics
+from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 
 _logger = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ def make_app(
     *,
     health_checker: HealthChecker | None = None,
     metrics: Metrics | None = None,
+    recovery: RecoveryService | None = None,
 ) -> web.Application:
     """The API application. The daemon owns the services' lifecycles and swaps them through ``app[RUNTIME]``."""
     app = web.Application(
@@ -232,7 +234,7 @@ def make_app(
     )
     metrics = metrics or METRICS
     checker = health_checker or HealthChecker(service, governance, metrics=metrics)
-    app[RUNTIME] = Runtime(Generation(1, service, governance, checker))
+    app[RUNTIME] = Runtime(Generation(1, service, governance, checker, recovery=recovery))
     app[METRICS_KEY] = metrics
     app[SETTINGS] = settings
     app[BODY_TIMEOUT] = settings.body_timeout

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from signing_agent.api.context import CALLER, REQUEST_ID, read_body
-from signing_agent.api.runtime import governance_of
+from signing_agent.api.runtime import generation_of, governance_of, recovery_of
 from signing_agent.api.schemas import decode_base64, get_str, parse_object
 from signing_agent.cose.governance import compact_json
 from signing_agent.errors import InvalidRequestError
@@ -109,7 +109,37 @@ async def activate(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return relay_response(await governance_of(request).status(request.match_info["svc"]))
+    service = request.match_info["svc"]
+    relay = await governance_of(request).status(service)
+    recovery = generation_of(request).recovery
+    if relay.raw is None and isinstance(relay.body, dict) and recovery is not None:
+        relay = Relay(
+            status=relay.status,
+            body={**relay.body, "recovery_watchers": recovery.status(service)},
+            transaction_id=relay.transaction_id,
+        )
+    return relay_response(relay)
+
+
+async def submit_share(request: web.Request) -> web.Response:
+    """Fetch, decrypt (in the key store), sign and submit the identity's recovery share; CCF's answer relayed."""
+    raw = await read_body(request)
+    if raw.strip():
+        parse_object(raw, frozenset())
+    result = await recovery_of(request).submit_share(
+        request.match_info["svc"],
+        request.match_info["identity"],
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
+    )
+    return relay_response(result.relay)
+
+
+async def recovery_status(request: web.Request) -> web.Response:
+    gen = generation_of(request)
+    watchers = gen.recovery.status() if gen.recovery is not None else []
+    enabled = gen.recovery.config.enabled if gen.recovery is not None else False
+    return web.json_response({"enabled": enabled, "watchers": watchers})
 
 
 async def proposals(request: web.Request) -> web.Response:
@@ -132,3 +162,5 @@ def add_governance_routes(app: web.Application, governance: GovernanceService) -
     r.add_post("/v1/services/{svc}/proposals/{pid}/ballots", vote)
     r.add_post("/v1/services/{svc}/proposals/{pid}/withdraw", withdraw)
     r.add_post("/v1/services/{svc}/members/{identity}/activate", activate)
+    r.add_post("/v1/services/{svc}/recovery/{identity}/share", submit_share)
+    r.add_get("/v1/recovery", recovery_status)

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from signing_agent.config import RecoveryConfig
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
+from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 
 
@@ -61,6 +63,7 @@ class Generation:
     governance: GovernanceService | None
     health: HealthChecker
     in_flight: InFlight = field(default_factory=InFlight)
+    recovery: RecoveryService | None = None
 
 
 class Runtime:
@@ -91,6 +94,16 @@ def generation_of(request: web.Request) -> Generation:
 
 def service_of(request: web.Request) -> SigningService:
     return generation_of(request).service
+
+
+def recovery_of(request: web.Request) -> RecoveryService:
+    gen = generation_of(request)
+    if gen.recovery is None:
+        if gen.governance is None:
+            raise web.HTTPNotFound()
+        # Built by hand (tests, embedding): recovery on request works, with no watchers and no state file.
+        gen.recovery = RecoveryService(gen.service, gen.governance, RecoveryConfig())
+    return gen.recovery
 
 
 def governance_of(request: web.Request) -> GovernanceService:

@@ -21,8 +21,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -70,7 +71,7 @@ class CCFResponse:
 
 
 def pinned_ssl_context(service_cert_pem: bytes) -> ssl.SSLContext:
-    """A client TLS context whose only trust anchor is the service certificate."""
+    """A client TLS context whose only trust anchors are the service certificate(s) (one PEM, or a bundle)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -107,29 +108,31 @@ class CCFClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
+        also_trusted: Sequence[bytes] = (),
     ) -> None:
         self.config = config
         self._metrics = metrics or METRICS
         self.service_cert_pem = service_cert_pem
+        """The pinned service identity (the configured one, or one adopted after a recovery)."""
+        self.trusted_pems: tuple[bytes, ...] = (service_cert_pem, *also_trusted)
+        """Every service identity this client's TLS accepts: the pinned one and the accepted list."""
         self._sleep = sleep
         self._rng = rng
-        self._ssl = pinned_ssl_context(service_cert_pem)
+        self._ssl = pinned_ssl_context(b"\n".join(p.strip() for p in self.trusted_pems) + b"\n")
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    async def open(cls, config: ServiceConfig) -> CCFClient:
-        """Pin the configured service certificate, or fetch it once from ``identity_url`` (Azure Managed CCF)."""
-        if config.service_certificate is not None:
-            try:
-                pem = config.service_certificate.read_bytes()
-            except OSError as exc:
-                raise ConfigError(
-                    f"services.{config.name}.service_certificate: cannot read {config.service_certificate}: "
-                    f"{exc.strerror}"
-                ) from None
+    async def open(cls, config: ServiceConfig, *, pinned: bytes | None = None) -> CCFClient:
+        """Pin the configured service certificate (or ``pinned``, an identity adopted after a recovery that
+        replaces it), or fetch it once from ``identity_url`` (Azure Managed CCF); plus every certificate in
+        ``accepted_service_certificates``. ``service_cert_pem`` stays the one pinned identity."""
+        if pinned is not None:
+            pem = pinned
         else:
-            pem = await fetch_identity_certificate(config)
-        return cls(config, pem)
+            pem = await configured_service_certificate(config)
+        accepted = [_read_cert(path, f"services.{config.name}.accepted_service_certificates") for path in
+                    config.accepted_service_certificates]  # fmt: skip
+        return cls(config, pem, also_trusted=accepted)
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -285,4 +288,49 @@ async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     pem = data.get("ledgerTlsCertificate") if isinstance(data, dict) else None
     if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
         raise CCFUnavailableError(f"identity endpoint {url} returned no ledgerTlsCertificate")
+    return pem.encode("ascii")
+
+
+def _read_cert(path: Path, where: str) -> bytes:
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    if b"BEGIN CERTIFICATE" not in pem:
+        raise ConfigError(f"{where}: {path} is not a PEM certificate")
+    return pem
+
+
+async def configured_service_certificate(config: ServiceConfig) -> bytes:
+    """The service certificate the configuration pins: its file, or fetched once from ``identity_url``."""
+    if config.service_certificate is not None:
+        return _read_cert(config.service_certificate, f"services.{config.name}.service_certificate")
+    return await fetch_identity_certificate(config)
+
+
+async def fetch_presented_service_certificate(config: ServiceConfig) -> bytes:
+    """The service certificate the endpoint *claims* (``GET /node/network`` over TLS that verifies nothing).
+
+    Only a candidate: nothing is sent but this GET, and the caller must then verify that the endpoint proves
+    possession (a TLS connection pinned to the candidate) and that governance approved it. Never trust the answer
+    as such.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # a candidate only; verified by a pinned connection next
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=config.connect_timeout)
+    url = config.url + "/node/network"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+            session.get(url) as resp,
+        ):
+            data = await resp.json(content_type=None)
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise CCFUnavailableError(f"cannot read the service identity from {url}: {type(exc).__name__}") from None
+    pem = data.get("service_certificate") if isinstance(data, dict) and status == 200 else None
+    if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
+        raise CCFUnavailableError(f"{url} answered {status} without a service_certificate")
     return pem.encode("ascii")

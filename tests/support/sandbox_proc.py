@@ -55,6 +55,31 @@ class SandboxProcess:
     def clear_requests(self) -> None:
         self.control("DELETE", "/_sandbox/requests")
 
+    def recover(self, service_key_pem: bytes | None = None, service_cert_pem: bytes | None = None) -> dict[str, Any]:
+        """The disaster (``POST /_sandbox/recover``): the service restarts Recovering with a new identity (the
+        given one, or a generated one), rewritten into ``service_cert``. Returns the sandbox's answer."""
+        body: dict[str, str] = {}
+        if service_key_pem is not None:
+            body["service_key"] = service_key_pem.decode()
+        if service_cert_pem is not None:
+            body["service_cert"] = service_cert_pem.decode()
+        result: dict[str, Any] = self.control("POST", "/_sandbox/recover", body)
+        return result
+
+    def service_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = self.gov_get("/gov/service/info")
+        return info
+
+    def wait_for_status(self, status: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll ``/gov/service/info`` until the service is ``status``; the last info."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.service_info()
+            if info["status"] == status or time.monotonic() > deadline:
+                assert info["status"] == status, f"service is {info['status']}, not {status}"
+                return info
+            time.sleep(0.05)
+
     def proposals(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.gov_get("/gov/members/proposals")["value"]
         return result

@@ -191,7 +191,12 @@ async def test_an_unsynced_record_becomes_durable_with_the_next_synced_one(
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=1 << 20)
     syncs: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr("signing_agent.audit.os.fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+
+    def counting_fsync(fd: int) -> None:
+        syncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr("signing_agent.audit.os.fsync", counting_fsync)
     await sink.record("received", {"request_id": "r1"}, sync=False)
     assert syncs == []  # written (the chain advanced), not synced yet
     assert json.loads((tmp_path / "audit.jsonl").read_text())["event"] == "received"

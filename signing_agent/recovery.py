@@ -1,0 +1,722 @@
+"""Recovery shares: fetch a member's encrypted share, decrypt it in the key store, sign it, submit it to ``:recover``.
+
+Two ways in: ``RecoveryService.submit_share`` on request (the API and ``signing-agent recovery submit-share``), and a
+``RecoveryWatcher`` per configured (service, identity) that polls the service and submits the share once per recovery
+(a recovery is keyed by the service's ``recoveryCount`` and ``creationTransactionId``, remembered in a small state
+file so that a restart never submits again).
+
+The share is secret. Its plaintext and base64 live in local bytearrays for the few statements between decryption and
+signing, and are zeroed afterwards; they never reach a log line, an audit record, an exception message, the state file
+or metrics. The signed COSE message necessarily carries it (that is the protocol), so it goes to the service and
+nowhere else: audit records hold its SHA-256 only. The daemon disables core dumps (``daemon.harden_process``).
+
+Only ciphertexts fetched from a configured service over pinned TLS are ever decrypted, and the agent exposes no
+generic decryption API: that is what makes the opt-in ``oaep = "host"`` PKCS#11 mode (raw RSA in the token, OAEP
+decoded on the host, a potential padding oracle) acceptable. Keep it that way. On top of that, decryption for an
+identity is suspended after ``MAX_DECRYPTION_FAILURES`` failures until the next reload: a padding-oracle attack needs
+thousands of failing queries.
+
+Trust after a disaster recovery (the service comes back with a new identity): see ``RecoveryService.adopt_by_proposal``
+and the README's "Recovery" section. The watcher submits only to a service whose TLS identity is trusted by
+configuration: the pinned certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new
+identity that an Accepted ``transition_service_to_open`` proposal names as next after a trusted one.
+
+Must not import aiohttp or the API (the API and the daemon call in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from signing_agent.backends.base import Priority
+from signing_agent.ccf.client import (
+    CCFClient,
+    CCFResponse,
+    configured_service_certificate,
+    fetch_presented_service_certificate,
+)
+from signing_agent.config import RecoveryConfig, ServiceConfig
+from signing_agent.cose.governance import MsgType
+from signing_agent.errors import (
+    AgentError,
+    BackendError,
+    BackendUnavailableError,
+    CCFError,
+    CCFTrustError,
+    ConfigError,
+    InvalidRequestError,
+    PolicyDeniedError,
+    UnknownServiceError,
+    UnsupportedOperationError,
+)
+from signing_agent.governance import GovernanceService, Relay
+from signing_agent.metrics import METRICS, Metrics
+from signing_agent.policy import Caller
+from signing_agent.service import SignedMessage, SigningService
+
+_logger = logging.getLogger(__name__)
+
+WAITING = "WaitingForRecoveryShares"
+MAX_DECRYPTION_FAILURES = 3
+STATE_VERSION = 1
+
+# A well-formed stand-in for the policy pre-check (the real payload does not exist before decryption).
+_POLICY_PROBE = b'{"share":"AAAA"}'
+# Anything in a CCF message that could be a share in base64, urlsafe base64 or hex is cut out before it is kept.
+_SECRET_LIKE = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
+
+
+def _der(pem: bytes | str) -> bytes | None:
+    """A certificate's DER, or None when it is not a PEM certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    except ValueError:
+        return None
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _fingerprint(pem: bytes) -> str:
+    der = _der(pem)
+    return hashlib.sha256(der if der is not None else pem).hexdigest()
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """CCF's message as safe to keep: anything long and base64/hex-like removed, and cut to ``limit``."""
+    return _SECRET_LIKE.sub("[redacted]", text)[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryKey:
+    """Which recovery a share belongs to."""
+
+    recovery_count: int | None
+    creation_txid: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"recoveryCount": self.recovery_count, "creationTransactionId": self.creation_txid}
+
+    def matches(self, record: Mapping[str, Any] | None) -> bool:
+        return (
+            record is not None
+            and record.get("recoveryCount") == self.recovery_count
+            and record.get("creationTransactionId") == self.creation_txid
+        )
+
+
+# --- the state file -----------------------------------------------------------------------------------------------
+
+
+class RecoveryStateStore:
+    """One JSON file per service (mode 0600, replaced atomically): submitted recoveries per identity, and the service
+    identity adopted after a recovery. Never a share. One store object per file per process (``for_path``)."""
+
+    _stores: dict[Path, RecoveryStateStore] = {}  # noqa: RUF012 -- a process-wide registry, on purpose
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        """None keeps the state in memory only (an agent built without a configuration file)."""
+        self._lock = asyncio.Lock()
+        self._data: dict[str, Any] | None = None
+
+    @classmethod
+    def for_path(cls, path: Path) -> RecoveryStateStore:
+        store = cls._stores.get(path)
+        if store is None:
+            store = cls._stores[path] = cls(path)
+        return store
+
+    def _read_sync(self) -> dict[str, Any]:
+        if self.path is None:
+            return {"version": STATE_VERSION, "submissions": {}}
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {"version": STATE_VERSION, "submissions": {}}
+        except OSError as exc:
+            raise ConfigError(f"recovery.state_dir: cannot read {self.path}: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"recovery.state_dir: {self.path} is not JSON; move it aside") from None
+        if not isinstance(data, dict) or not isinstance(data.get("submissions"), dict):
+            raise ConfigError(f"recovery.state_dir: {self.path} is not a recovery state file; move it aside")
+        return data
+
+    def _write_sync(self, data: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        folder = self.path.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = folder / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        encoded = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, encoded)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        with contextlib.suppress(OSError):
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    async def load(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._data is None:
+                self._data = await asyncio.to_thread(self._read_sync)
+            copy: dict[str, Any] = json.loads(json.dumps(self._data))
+            return copy
+
+    async def update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        async with self._lock:
+            data = self._data if self._data is not None else await asyncio.to_thread(self._read_sync)
+            data = json.loads(json.dumps(data))
+            change(data)
+            try:
+                await asyncio.to_thread(self._write_sync, data)
+            except OSError as exc:
+                raise ConfigError(f"recovery.state_dir: cannot write {self.path}: {exc.strerror}") from None
+            self._data = data
+
+
+# --- the use case -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShareResult:
+    """What a submission did: CCF's answer to relay, and the facts the watcher needs."""
+
+    relay: Relay
+    submitted: bool
+    key: RecoveryKey
+    ccf_error: str | None = None
+    skipped: bool = False
+    """The share for this recovery had already been submitted (unattended mode only); nothing was sent."""
+
+
+@dataclass
+class _Stats:
+    decryption_failures: dict[str, int] = field(default_factory=dict)
+
+
+class RecoveryService:
+    """Recovery-share submission for the identities of one configuration generation, and its watchers."""
+
+    def __init__(
+        self,
+        signer: SigningService,
+        governance: GovernanceService,
+        config: RecoveryConfig,
+        *,
+        metrics: Metrics | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.signer = signer
+        self.governance = governance
+        self.config = config
+        self._metrics = metrics or METRICS
+        self._rng = rng
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._adopt_lock = asyncio.Lock()
+        self._stats = _Stats()
+        self._memory: dict[str, RecoveryStateStore] = {}
+        self.watchers: list[RecoveryWatcher] = []
+        if config.enabled:
+            for svc in governance.services.values():
+                for ident in svc.recovery_identities:
+                    if ident in signer.identities:
+                        self.watchers.append(RecoveryWatcher(self, svc.name, ident))
+                    else:  # the identity failed its self-test (--allow-degraded)
+                        _logger.error(
+                            "recovery watcher for %s on %s not started: identity unavailable", ident, svc.name
+                        )
+
+    def store(self, service: str) -> RecoveryStateStore:
+        if self.config.state_dir is None:
+            return self._memory.setdefault(service, RecoveryStateStore(None))
+        return RecoveryStateStore.for_path(self.config.state_dir / f"recovery-{service}.json")
+
+    def _service(self, service: str) -> ServiceConfig:
+        cfg = self.governance.services.get(service)
+        if cfg is None:
+            known = ", ".join(sorted(self.governance.services)) or "none"
+            raise UnknownServiceError(f"unknown service {service!r} (configured: {known})")
+        return cfg
+
+    async def open(self) -> None:
+        """Re-pin identities adopted after earlier recoveries (unless the configured certificate changed since)."""
+        for name, cfg in self.governance.services.items():
+            store = self.store(name)
+            if store.path is None or not store.path.exists():
+                continue
+            data = await store.load()
+            adopted = data.get("adopted_identity")
+            if not isinstance(adopted, dict) or not isinstance(adopted.get("certificate"), str):
+                continue
+            configured = await configured_service_certificate(cfg)
+            if adopted.get("configured_sha256") != _fingerprint(configured):
+                _logger.warning(
+                    "service %s: the configured service_certificate changed since identity %s was adopted; "
+                    "using the configured one",
+                    name,
+                    str(adopted.get("sha256"))[:16],
+                )
+                continue
+            self.governance.pin(name, adopted["certificate"].encode("ascii"))
+            _logger.info("service %s: pinning identity %s adopted after a recovery", name, adopted.get("sha256"))
+
+    # -- trust ---
+
+    async def _get(self, service: str, path: str) -> CCFResponse:
+        """GET through the pinned client; on a trust failure, the proposal rule may adopt a new identity once."""
+        try:
+            client = await self.governance.client(service)
+            return await client.get(path)
+        except CCFTrustError:
+            if not self._service(service).accept_transition_to or not await self.adopt_by_proposal(service):
+                raise
+        client = await self.governance.client(service)
+        return await client.get(path)
+
+    async def adopt_by_proposal(self, service: str) -> bool:
+        """The ``accept_transition_to`` rule. True when a new service identity was adopted and is now pinned.
+
+        1. Read the identity the endpoint claims (``/node/network``, over TLS that verifies nothing; nothing but
+           that GET is sent).
+        2. Connect again with TLS pinned to that claim alone: the endpoint must present a node certificate endorsed
+           by it, and ``/gov/service/info`` must report the same certificate.
+        3. Over that connection, an Accepted ``transition_service_to_open`` proposal must name an identity this
+           agent trusts as ``previous_service_identity`` and the claimed one as ``next_service_identity``
+           (certificates compared as DER).
+
+        This trusts the service's own governance answers: it keeps shares from an unrelated service and from a
+        recovery the consortium did not approve, not from an attacker who holds the endpoint and can answer
+        governance reads as they like (use ``accepted_service_certificates`` for that).
+        """
+        cfg = self._service(service)
+        async with self._adopt_lock:
+            current = await self.governance.client(service)
+            trusted = {d for d in (_der(p) for p in current.trusted_pems) if d is not None}
+            candidate = await fetch_presented_service_certificate(cfg)
+            candidate_der = _der(candidate)
+            if candidate_der is None:
+                raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
+            if candidate_der in trusted:
+                return False  # already trusted: the TLS failure was something else
+            probe = CCFClient(cfg, candidate)
+            try:
+                info = await probe.get("/gov/service/info", max_attempts=1)
+                reported = info.body.get("certificate") if info.ok and isinstance(info.body, dict) else None
+                if not isinstance(reported, str) or _der(reported) != candidate_der:
+                    _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
+                    return False
+                proposal_id = await self._approving_proposal(probe, trusted, candidate_der)
+            finally:
+                await probe.aclose()
+            if proposal_id is None:
+                _logger.warning(
+                    "service %s presents identity %s, which no Accepted transition_service_to_open proposal "
+                    "approves after a trusted identity: not trusted",
+                    service,
+                    _fingerprint(candidate)[:16],
+                )
+                return False
+            configured = await configured_service_certificate(cfg)
+            record: dict[str, Any] = {
+                "certificate": candidate.decode("ascii"),
+                "sha256": _fingerprint(candidate),
+                "previous_sha256": _fingerprint(current.service_cert_pem),
+                "configured_sha256": _fingerprint(configured),
+                "proposal_id": proposal_id,
+                "adopted_at": int(time.time()),
+            }
+
+            def change(data: dict[str, Any]) -> None:
+                data["adopted_identity"] = record
+
+            await self.store(service).update(change)
+            await self.signer.record(
+                "identity_adopted",
+                {
+                    "service": service,
+                    "certificate_sha256": record["sha256"],
+                    "previous_sha256": record["previous_sha256"],
+                    "proposal_id": proposal_id,
+                },
+            )
+            self.governance.pin(service, candidate)
+            _logger.warning(
+                "service %s: adopted the new service identity %s (was %s), approved by Accepted proposal %s",
+                service,
+                record["sha256"][:16],
+                record["previous_sha256"][:16],
+                proposal_id,
+            )
+            return True
+
+    @staticmethod
+    async def _approving_proposal(probe: CCFClient, trusted: set[bytes], candidate_der: bytes) -> str | None:
+        listed = await probe.get("/gov/members/proposals", max_attempts=1)
+        values = listed.body.get("value") if listed.ok and isinstance(listed.body, dict) else None
+        for proposal in values if isinstance(values, list) else []:
+            if not isinstance(proposal, dict) or proposal.get("proposalState") != "Accepted":
+                continue
+            pid = proposal.get("proposalId")
+            if not isinstance(pid, str) or not re.fullmatch(r"[0-9a-f]{64}", pid):
+                continue
+            got = await probe.get(f"/gov/members/proposals/{pid}/actions", max_attempts=1)
+            try:
+                actions = json.loads(got.raw).get("actions") if got.ok else None
+            except (ValueError, AttributeError):
+                actions = None
+            for action in actions if isinstance(actions, list) else []:
+                if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
+                    continue
+                args = action.get("args")
+                if not isinstance(args, dict):
+                    continue
+                previous, nxt = args.get("previous_service_identity"), args.get("next_service_identity")
+                if not isinstance(previous, str) or not isinstance(nxt, str):
+                    continue
+                if _der(previous) in trusted and _der(nxt) == candidate_der:
+                    return pid
+        return None
+
+    # -- submission ---
+
+    async def service_info(self, service: str) -> dict[str, Any]:
+        """``/gov/service/info`` through the trust guard; a non-200 answer is a ``CCFError``."""
+        info = await self._get(service, "/gov/service/info")
+        if not info.ok or not isinstance(info.body, dict):
+            raise CCFError(f"service {service!r}: /gov/service/info answered {info.status}")
+        return info.body
+
+    async def submit_share(
+        self,
+        service: str,
+        identity: str,
+        *,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+        unattended: bool = False,
+    ) -> ShareResult:
+        """Fetch, decrypt (in the key store), sign and submit ``identity``'s share; CCF's answer is relayed.
+
+        ``unattended`` (the watcher): skip when the share for the service's current recovery was submitted already.
+        """
+        ident = self.signer.identity(identity)
+        self._service(service)
+        if ident.decryption_key is None:
+            raise InvalidRequestError(
+                f"identity {identity!r} has no encryption_key: it cannot decrypt a recovery share",
+                hint=f"configure [identities.{identity}.encryption_key]",
+            )
+        # Decide before any key is used: a caller the policy refuses never makes the key store decrypt.
+        explained = await self.signer.explain(
+            identity, MsgType.RECOVERY_SHARE, _POLICY_PROBE, service=service, caller=caller
+        )
+        if not explained.decision.allowed:
+            await self.signer.record(
+                "denied",
+                {
+                    "request_id": request_id,
+                    "peer": caller.as_dict() if caller is not None else None,
+                    "identity": identity,
+                    "member_id": ident.member_id,
+                    "msg_type": str(MsgType.RECOVERY_SHARE),
+                    "service": service,
+                    "rule": explained.decision.rule,
+                    "reason": explained.decision.reason,
+                },
+            )
+            raise PolicyDeniedError(f"policy: {explained.decision.describe()}")
+        lock = self._locks.setdefault((service, identity), asyncio.Lock())
+        async with lock:
+            return await self._submit_locked(service, identity, caller, request_id, unattended=unattended)
+
+    async def _submit_locked(
+        self, service: str, identity: str, caller: Caller | None, request_id: str | None, *, unattended: bool
+    ) -> ShareResult:
+        ident = self.signer.identity(identity)
+        info = await self.service_info(service)
+        key = RecoveryKey(
+            info.get("recoveryCount") if isinstance(info.get("recoveryCount"), int) else None,
+            info.get("creationTransactionId") if isinstance(info.get("creationTransactionId"), str) else None,
+        )
+        store = self.store(service)
+        if unattended:
+            data = await store.load()
+            if key.matches(data["submissions"].get(identity)):
+                return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
+        facts: dict[str, Any] = {
+            "request_id": request_id,
+            "peer": caller.as_dict() if caller is not None else None,
+            "service": service,
+            "identity": identity,
+            "member_id": ident.member_id,
+            "recovery_count": key.recovery_count,
+            "creation_transaction_id": key.creation_txid,
+            "unattended": unattended,
+        }
+        enc = await self._get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
+        if not enc.ok:
+            await self._failed(facts, ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
+            return ShareResult(Relay.of(enc), submitted=False, key=key, ccf_error=enc.error_code)
+        encoded = enc.body.get("encryptedShare") if isinstance(enc.body, dict) else None
+        try:
+            ciphertext = base64.b64decode(encoded if isinstance(encoded, str) else "-", validate=True)
+        except ValueError:
+            await self._failed(facts, error="CCFError", message="malformed encryptedShare")
+            raise CCFError(f"service {service!r} answered an encrypted share that is not base64") from None
+        try:
+            signed = await self._decrypt_and_sign(service, identity, ciphertext, caller, request_id)
+            resp = await self.governance.forward(service, f"/gov/recovery/members/{ident.member_id}:recover", signed)
+        except AgentError as exc:
+            await self._failed(facts, error=exc.code)
+            raise
+        del signed
+        facts.update(
+            ccf_status=resp.status,
+            transaction_id=resp.transaction_id,
+            attempts=resp.attempts,
+        )
+        if not resp.ok:
+            await self._failed(facts, ccf_status=resp.status, ccf_error=resp.error_code, message=resp.error_message)
+            return ShareResult(Relay.of(resp), submitted=False, key=key, ccf_error=resp.error_code)
+        body = resp.body if isinstance(resp.body, dict) else {}
+        facts.update(
+            ccf_message=scrub(str(body.get("message", ""))),
+            submitted_count=body.get("submittedCount"),
+            recovery_threshold=body.get("recoveryThreshold"),
+        )
+        await self.signer.record("share_submitted", facts)
+        self._metrics.recovery_shares.labels(service, identity, "submitted").inc()
+
+        def change(data: dict[str, Any]) -> None:
+            data["submissions"][identity] = {
+                **key.as_dict(),
+                "memberId": ident.member_id,
+                "submittedAt": int(time.time()),
+                "transactionId": resp.transaction_id,
+            }
+
+        await store.update(change)
+        _logger.info(
+            "recovery share of %s submitted to %s (recovery %s): %s",
+            identity,
+            service,
+            key.recovery_count,
+            facts["ccf_message"].replace("\n", "; "),
+        )
+        return ShareResult(Relay.of(resp), submitted=True, key=key)
+
+    async def _failed(
+        self,
+        facts: Mapping[str, Any],
+        *,
+        ccf_status: int | None = None,
+        ccf_error: str | None = None,
+        message: str = "",
+        error: str | None = None,
+    ) -> None:
+        await self.signer.record(
+            "share_failed",
+            {**facts, "ccf_status": ccf_status, "ccf_error": ccf_error, "error": error, "ccf_message": scrub(message)},
+        )
+        self._metrics.recovery_shares.labels(facts["service"], facts["identity"], "failed").inc()
+
+    async def _decrypt_and_sign(
+        self, service: str, identity: str, ciphertext: bytes, caller: Caller | None, request_id: str | None
+    ) -> SignedMessage:
+        """The only place the agent decrypts: a ciphertext fetched from a configured service over pinned TLS."""
+        ident = self.signer.identity(identity)
+        key = ident.decryption_key
+        if key is None:  # pragma: no cover -- checked by submit_share
+            raise InvalidRequestError(f"identity {identity!r} has no encryption_key")
+        failures = self._stats.decryption_failures.get(identity, 0)
+        if failures >= MAX_DECRYPTION_FAILURES:
+            raise BackendError(
+                f"identity {identity}: decryption of recovery shares is suspended after {failures} failures",
+                hint="a service that serves bad ciphertexts may be probing for a padding oracle: investigate, "
+                "then reload the agent (SIGHUP)",
+            )
+        share = bytearray()
+        payload = bytearray()
+        try:
+            try:
+                share += await key.decrypt_oaep_sha256(ciphertext, priority=Priority.HIGH)
+            except (UnsupportedOperationError, BackendUnavailableError):
+                raise  # the token cannot do it, or cannot be reached: messages about the key store, not the data
+            except Exception:  # noqa: BLE001 -- every failure gets one message that says nothing about the data
+                self._stats.decryption_failures[identity] = failures + 1
+                raise BackendError(
+                    f"identity {identity}: the recovery share could not be decrypted with its encryption_key"
+                ) from None
+            payload += b'{"share":"'
+            payload += base64.b64encode(share)
+            payload += b'"}'
+            return await self.signer.sign(
+                identity,
+                MsgType.RECOVERY_SHARE,
+                bytes(payload),
+                service=service,
+                caller=caller,
+                request_id=request_id,
+            )
+        finally:
+            share[:] = bytes(len(share))
+            payload[:] = bytes(len(payload))
+            del share, payload
+
+    # -- watchers ---
+
+    def start_watchers(self) -> None:
+        for watcher in self.watchers:
+            watcher.start()
+
+    async def stop_watchers(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.watchers))
+
+    def status(self, service: str | None = None) -> list[dict[str, Any]]:
+        return [w.status() for w in self.watchers if service is None or w.service == service]
+
+
+class RecoveryWatcher:
+    """Polls one service for one identity and submits its share once per recovery."""
+
+    def __init__(self, recovery: RecoveryService, service: str, identity: str) -> None:
+        self.recovery = recovery
+        self.service = service
+        self.identity = identity
+        self.state = "stopped"
+        self.service_status: str | None = None
+        self.last_error: str | None = None
+        self.last_checked_at: float | None = None
+        self.last_submission: dict[str, Any] | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._set("stopped")
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        self.last_error = error
+        self.recovery._metrics.set_recovery_state(self.service, self.identity, state)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stop.clear()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"recovery:{self.service}")
+            self._set("watching")
+            _logger.info("recovery watcher for %s on service %s started", self.identity, self.service)
+
+    async def stop(self) -> None:
+        """Stop after the current step (a submission under way completes, so its state is recorded)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stop.set()
+        limit = self.recovery.governance.services[self.service].request_timeout + 5.0
+        try:
+            async with asyncio.timeout(limit):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._set("stopped")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "identity": self.identity,
+            "state": self.state,
+            "service_status": self.service_status,
+            "last_error": self.last_error,
+            "last_checked_at": self.last_checked_at,
+            "last_submission": self.last_submission,
+        }
+
+    async def _run(self) -> None:
+        cfg = self.recovery.config
+        failures = 0
+        reported: str | None = None
+        while not self._stop.is_set():
+            try:
+                await self.tick()
+            except AgentError as exc:
+                failures += 1
+                untrusted = isinstance(exc, CCFTrustError)
+                self._set("untrusted" if untrusted else "failed", exc.message)
+                if exc.message != reported:
+                    _logger.warning("recovery watcher for %s on %s: %s", self.identity, self.service, exc.message)
+                    reported = exc.message
+            except Exception as exc:
+                failures += 1
+                self._set("failed", f"internal error: {type(exc).__name__}")
+                _logger.exception("recovery watcher for %s on %s failed", self.identity, self.service)
+            else:
+                failures = 0
+                reported = None
+            delay = min(cfg.max_backoff, cfg.poll_interval * 2.0**failures) if failures else cfg.poll_interval
+            delay *= 0.8 + 0.4 * self.recovery._rng()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+
+    async def tick(self) -> None:
+        """One poll: submit when the service waits for shares and ours for this recovery is not in yet."""
+        info = await self.recovery.service_info(self.service)
+        self.last_checked_at = round(time.time(), 3)
+        status = info.get("status")
+        self.service_status = status if isinstance(status, str) else None
+        if status != WAITING:
+            self._set("watching")
+            return
+        data = await self.recovery.store(self.service).load()
+        previous = data["submissions"].get(self.identity)
+        key = RecoveryKey(info.get("recoveryCount"), info.get("creationTransactionId"))
+        if key.matches(previous):
+            self.last_submission = previous
+            self._set("submitted")
+            return
+        self._set("recovering")
+        result = await self.recovery.submit_share(
+            self.service, self.identity, request_id=f"watcher-{secrets.token_hex(6)}", unattended=True
+        )
+        if result.submitted or result.skipped:
+            data = await self.recovery.store(self.service).load()
+            self.last_submission = data["submissions"].get(self.identity)
+            self._set("submitted")
+            return
+        if result.ccf_error in ("NodeAlreadyRecovering", "ServiceNotWaitingForRecoveryShares"):
+            # The threshold was reached without us, or the service moved on: nothing to submit now.
+            self._set("watching")
+            return
+        raise CCFError(
+            f"service {self.service!r} refused the recovery share: {result.relay.status} {result.ccf_error or ''}"
+        )
