@@ -178,6 +178,8 @@ class ServiceConfig:
     url: str
     service_certificate: Path | None = None
     identity_url: str | None = None
+    identity_ca_bundle: Path | None = None
+    """Trust for the identity endpoint instead of the system CAs (private endpoints, tests)."""
     api_version: str = DEFAULT_API_VERSION
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
@@ -418,6 +420,7 @@ def _service(name: str, t: _Table) -> ServiceConfig:
         url=url.rstrip("/"),
         service_certificate=t.get_path("service_certificate", None),
         identity_url=t.get_str("identity_url", None),
+        identity_ca_bundle=t.get_path("identity_ca_bundle", None),
         api_version=t.get_choice("api_version", SUPPORTED_API_VERSIONS, DEFAULT_API_VERSION),
         connect_timeout=t.get_number("connect_timeout", 5.0),
         request_timeout=t.get_number("request_timeout", 30.0),

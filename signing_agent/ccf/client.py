@@ -272,14 +272,24 @@ def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int) -> CCFResp
 async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     """Azure Managed CCF: ``GET identity_url`` → ``.ledgerTlsCertificate``, fetched once and then pinned.
 
-    The identity service itself is a public Azure endpoint, trusted through the system CAs.
+    The identity service itself is a public Azure endpoint, trusted through the system CAs (or
+    ``identity_ca_bundle``). The certificate is fetched when the agent first talks to the service, and pinned for
+    the life of the process.
     """
     url = config.identity_url
     if url is None:  # pragma: no cover -- config guarantees one of the two
         raise ConfigError(f"services.{config.name}: neither service_certificate nor identity_url is set")
     timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=config.connect_timeout)
+    bundle = config.identity_ca_bundle
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
+        trust = ssl.create_default_context(cafile=str(bundle) if bundle is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"services.{config.name}.identity_ca_bundle: cannot load {bundle}: {exc}") from None
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=trust)) as session,
+            session.get(url) as resp,
+        ):
             data = await resp.json(content_type=None)
             if resp.status != 200:
                 raise CCFUnavailableError(f"identity endpoint {url} answered {resp.status}")
