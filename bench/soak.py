@@ -1,9 +1,10 @@
 """Compressed soak: mixed traffic against the real daemon for a minute or so, with faults on a timer.
 
-Faults: the CCF sandbox is killed and restarted on the same port and service key (a CCF restart), the daemon is sent
-SIGHUP (a configuration reload, which also drops and reopens every PKCS#11 session), and the config alternates
-between two identity sets so reloads really swap generations. At the end it prints the error counts by kind, the
-daemon's RSS growth after warm-up, and its open file descriptors, and exits 1 on unexpected errors or leaks.
+Faults: the CCF sandbox is killed and restarted on the same port and service key (a CCF restart), and the daemon is
+sent SIGHUP (a configuration reload, which also drops every PKCS#11 session: the identity whose key is in a SoftHSM2
+token then reconnects and logs in again under load, the key-store session loss of this soak). At the end it prints
+the error counts by kind, the daemon's RSS growth after warm-up, and its open file descriptors, and exits 1 on
+unexpected errors or leaks.
 
     .venv/bin/python -m bench.soak --seconds 60 --workers 8
 """
@@ -106,6 +107,7 @@ def world(folder: Path) -> Iterator[tuple[Sandbox, Path, dict[str, dict[str, obj
         key, cert = member.write(folder / "keys")
         identities.update(file_identity(name, cert, key))
         certs.append(cert)
+    env = softhsm_identity(folder, identities)
     sb = Sandbox(folder, certs)
     sb.start()
     try:
@@ -122,10 +124,29 @@ def world(folder: Path) -> Iterator[tuple[Sandbox, Path, dict[str, dict[str, obj
             },
         }
         config = write_toml(folder / "agent.toml", tables)
-        with daemon(config) as agent:
+        with daemon(config, env=env) as agent:
             yield sb, config, tables, agent.proc.pid
     finally:
         sb.stop()
+
+
+def softhsm_identity(folder: Path, identities: dict[str, dict[str, object]]) -> dict[str, str]:
+    """Identity ``hsm`` with its key imported into a SoftHSM2 token under ``folder``; the daemon's environment."""
+    from bench.common import SOFTHSM_MODULE, softhsm_token
+    from signing_agent.backends._p11init import PinSource
+    from signing_agent.backends.pkcs11_admin import TokenTarget, import_ec_key
+
+    env = softhsm_token(folder / "hsm")
+    member = make_member("hsm")
+    _, cert = member.write(folder / "keys")
+    pin = folder / "hsm" / "token.pin"
+    import_ec_key(TokenTarget(module=SOFTHSM_MODULE, token_label="bench", pin=PinSource(pin_file=pin)), member.key,
+                  label="hsm")  # fmt: skip
+    identities["identities.hsm"] = {"certificate": cert}
+    identities["identities.hsm.signing_key"] = {
+        "backend": "pkcs11", "module": SOFTHSM_MODULE, "token_label": "bench", "key_label": "hsm", "pin_file": pin,
+    }  # fmt: skip
+    return {"SOFTHSM2_CONF": env["SOFTHSM2_CONF"]}
 
 
 def worker(sock: Path, stop: threading.Event, errors: collections.Counter[str], ok: list[int], n: int) -> None:
@@ -138,7 +159,7 @@ def worker(sock: Path, stop: threading.Event, errors: collections.Counter[str], 
                 proposal = {"actions": [{"name": "set_constitution", "args": {"constitution": f"w{n} {i}"}}]}
                 client.call("POST", "/v1/services/default/proposals", {"identity": "m0", "proposal": proposal})
             elif i % 4 == 1:
-                client.sign("m1", "state_digest")
+                client.sign("m1" if i % 8 == 1 else "hsm", "state_digest")
             else:
                 proposal = {"actions": [{"name": "set_constitution", "args": {"constitution": f"s{n} {i}"}}]}
                 client.sign("m0", "proposal", json.dumps(proposal).encode())
