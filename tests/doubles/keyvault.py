@@ -659,7 +659,7 @@ class RunningKeyVault:
 
 # Variables that would send azure-identity elsewhere than our token endpoint (or make DefaultAzureCredential
 # pick another credential first). ``managed_identity_env`` clears them.
-_OTHER_AZURE_ENV = (
+OTHER_AZURE_ENV = (
     "IDENTITY_SERVER_THUMBPRINT",
     "IMDS_ENDPOINT",
     "MSI_ENDPOINT",
@@ -732,7 +732,7 @@ def _bound_port(runner: web.AppRunner) -> int:
 
 def managed_identity_env(monkeypatch: pytest.MonkeyPatch, kv: RunningKeyVault) -> None:
     """Point azure-identity's managed-identity flow (App Service style) at the double's token endpoint."""
-    for name in _OTHER_AZURE_ENV:
+    for name in OTHER_AZURE_ENV:
         monkeypatch.delenv(name, raising=False)
     for name, value in kv.env.items():
         monkeypatch.setenv(name, value)

@@ -29,6 +29,7 @@ import pytest
 from ccf.cose import validate_cose_sign1
 
 from signing_agent.client import AgentClient
+from tests.doubles.keyvault import OTHER_AZURE_ENV
 from tests.support.agent import DaemonProcess, cli_env, daemon, short_dir, write_toml
 from tests.support.keyvault_proc import KeyVaultProcess, keyvault
 from tests.support.pki import Member, make_member
@@ -39,21 +40,6 @@ pytestmark = pytest.mark.e2e
 PROPOSAL_ID = "c" * 64
 KEYVAULT_MAX_ATTEMPTS = 3
 KEYVAULT_MAX_CONCURRENCY = 4
-
-# Variables that would send azure-identity somewhere other than the double's token endpoint.
-_FOREIGN_AZURE_ENV = (
-    "IDENTITY_SERVER_THUMBPRINT",
-    "IMDS_ENDPOINT",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-    "AZURE_CLIENT_ID",
-    "AZURE_TENANT_ID",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_CLIENT_CERTIFICATE_PATH",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_AUTHORITY_HOST",
-    "AZURE_TOKEN_CREDENTIALS",
-)
 
 
 @dataclass
@@ -112,7 +98,7 @@ def world() -> Iterator[World]:
             keyvault(folder / "vault", {name: key for name, (key, _) in paths.items()}) as vault,
             sandbox(folder / "sandbox", [paths["m0"][1], paths["m1"][1]]) as sb,
         ):
-            for name in _FOREIGN_AZURE_ENV:
+            for name in OTHER_AZURE_ENV:
                 mp.delenv(name, raising=False)
             service = {
                 "url": sb.url,

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from signing_agent.client import AgentClient, AgentRequestError
 from signing_agent.sandbox.identity import ServiceIdentity
+from tests.doubles.keyvault import OTHER_AZURE_ENV
 from tests.support import tokens
 from tests.support.agent import DaemonProcess, cli_env, daemon, short_dir, write_toml
 from tests.support.keyvault_proc import KeyVaultProcess, keyvault
@@ -47,20 +48,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.softhsm, pytest.mark.nss]
 # The token fixtures are session-scoped in tests.support.tokens; bind them here so pytest finds them.
 softhsm = tokens.softhsm
 nss_token = tokens.nss_token
-
-_FOREIGN_AZURE_ENV = (
-    "IDENTITY_SERVER_THUMBPRINT",
-    "IMDS_ENDPOINT",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-    "AZURE_CLIENT_ID",
-    "AZURE_TENANT_ID",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_CLIENT_CERTIFICATE_PATH",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_AUTHORITY_HOST",
-    "AZURE_TOKEN_CREDENTIALS",
-)
 
 
 @dataclass
@@ -264,7 +251,7 @@ class Setup:
                             enc_path.write_bytes(pem_private(people[name].enc))
                             seeds[name], seeds[f"{name}-enc"] = key_path, enc_path
                     vault = stack.enter_context(keyvault(folder / "vault", seeds))
-                    for var in _FOREIGN_AZURE_ENV:
+                    for var in OTHER_AZURE_ENV:
                         mp.delenv(var, raising=False)
                     env.update(vault.env, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
                 sb = stack.enter_context(sandbox(folder / "sandbox"))
