@@ -123,6 +123,19 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
     who = caller_of(peer)
     admitted = gen.service.policy.admits(who)
     if not admitted.allowed:
+        # Audited, but not synced on its own: nothing leaves the agent on a denial, and an unauthorised peer must
+        # not be able to make the agent fsync at will. The next synced record makes it durable.
+        await gen.service.record(
+            "denied",
+            {
+                "request_id": request[REQUEST_ID],
+                "peer": who.as_dict(),
+                "route": f"{request.method} {request.path}",
+                "rule": admitted.rule,
+                "reason": admitted.reason,
+            },
+            sync=False,
+        )
         raise PolicyDeniedError(
             f"peer uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) may not use this agent: {admitted.reason}",
             hint="by default only the agent's own user and root may; see agent.allowed_uids / allowed_gids "

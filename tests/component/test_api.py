@@ -206,10 +206,14 @@ async def test_peer_credentials_decide_who_may_use_the_agent(
     assert result.returncode == 0, result.stderr
     status, body = result.stdout.split("\n", 1)
     assert int(status) == expected, body
+    denials = [r for r in map(json.loads, (run / "audit.jsonl").read_text().splitlines()) if r["event"] == "denied"]
     if expected == 403:
         error = json.loads(body)["error"]
         assert error["code"] == "PolicyDenied"
         assert "uid 65534" in error["message"]
+        assert [(d["peer"]["uid"], d["route"]) for d in denials] == [(65534, "GET /v1/identities")]
+    else:
+        assert denials == []
 
 
 async def test_client_error_mapping(agent: Path) -> None:
