@@ -47,6 +47,27 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
     logger.handlers[:] = [handler]
     logger.setLevel(_LEVELS.get(level, logging.INFO))
     logger.propagate = False
+    # aiohttp's server logs a malformed request from a client with a traceback; left unconfigured that goes raw to
+    # stderr. Route it through our formatter, as one line without the traceback.
+    server = logging.getLogger("aiohttp.server")
+    quiet = logging.StreamHandler(stream)
+    quiet.setFormatter(handler.formatter)
+    quiet.addFilter(ClientErrorFilter())
+    server.handlers[:] = [quiet]
+    server.setLevel(logging.WARNING)
+    server.propagate = False
+
+
+class ClientErrorFilter(logging.Filter):
+    """Turns aiohttp's "Error handling request" for a malformed client request into a one-line warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__.startswith("aiohttp"):
+            record.msg, record.args = "malformed request from a client: %s", (" ".join(str(exc).split())[:200],)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def set_level(level: str) -> None:

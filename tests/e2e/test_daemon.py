@@ -191,6 +191,9 @@ def test_garbage_on_the_socket_does_not_hurt_the_daemon(agent: DaemonProcess) ->
             s.recv(4096)
     assert cli("identities", sock=agent.socket).returncode == 0
     assert agent.proc.poll() is None
+    # aiohttp's complaint about the junk goes through our log format, one line, no traceback.
+    assert "Traceback" not in agent.stderr
+    assert "malformed request from a client" in agent.stderr
 
 
 def test_sigterm_drains_in_flight_requests_and_removes_the_socket(agent: DaemonProcess) -> None:
