@@ -29,6 +29,7 @@ from signing_agent.cose.governance import (
 from signing_agent.cose.sign1 import finish
 from signing_agent.errors import AgentError, AuditError, PolicyDeniedError, UnknownIdentityError
 from signing_agent.identity import Identity
+from signing_agent.metrics import METRICS
 from signing_agent.policy import Action, Caller, Decision, Policy, default_policy
 
 _logger = logging.getLogger(__name__)
@@ -147,8 +148,10 @@ class SigningService:
         try:
             await self.audit.record(event, fields, sync=sync)
         except AuditError:
+            METRICS.audit_write_failures.inc()
             raise
         except Exception as exc:
+            METRICS.audit_write_failures.inc()
             raise AuditError(f"the audit log cannot be written: {exc}") from exc
 
     async def explain(
