@@ -18,7 +18,7 @@ from aiohttp import web
 from signing_agent import __version__
 from signing_agent.api.context import BODY_TIMEOUT, CALLER, REQUEST_ID, read_body
 from signing_agent.api.governance_routes import add_governance_routes
-from signing_agent.api.peer import Peer, caller_of, peer_of
+from signing_agent.api.peer import peer_of
 from signing_agent.api.runtime import GENERATION, RUNTIME, Generation, InFlight, Runtime, generation_of, service_of
 from signing_agent.api.schemas import parse_explain_request, parse_sign_request
 from signing_agent.errors import AgentError, BackendUnavailableError, PolicyDeniedError, ShuttingDownError
@@ -46,16 +46,15 @@ class APISettings:
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 SETTINGS = web.AppKey("settings", APISettings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
-PEER = web.RequestKey("peer", Peer)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(status: int, code: str, message: str, request_id: str | None) -> web.Response:
-    body: dict[str, object] = {"error": {"code": code, "message": message}}
+    error: dict[str, str] = {"code": code, "message": message}
     if request_id is not None:
-        body["error"] = {"code": code, "message": message, "request_id": request_id}
-    return web.json_response(body, status=status)
+        error["request_id"] = request_id
+    return web.json_response({"error": error}, status=status)
 
 
 _HTTP_CODES = {
@@ -95,7 +94,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics = request.app[METRICS_KEY]
     metrics.requests.labels(route, request.method, str(response.status)).inc()
     metrics.request_seconds.labels(route).observe(time.monotonic() - started)
-    peer: Peer | None = request.get(PEER)
+    peer = request.get(CALLER)
     _access.info(
         "%s %s -> %d (request %s, peer %s)",
         request.method,
@@ -110,17 +109,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    peer = peer_of(request)
-    if peer is None:
+    who = peer_of(request)
+    if who is None:
         raise PolicyDeniedError("the agent only serves local Unix-socket peers")
-    request[PEER] = peer
+    request[CALLER] = who
     in_flight = request.app[IN_FLIGHT]
     if in_flight.draining:
         raise ShuttingDownError("the agent is shutting down; retry against its successor")
     # Pin the configuration generation for the whole request (a reload swaps it for later requests only).
     gen = request.app[RUNTIME].current
     request[GENERATION] = gen
-    who = caller_of(peer)
     admitted = gen.service.policy.admits(who)
     if not admitted.allowed:
         # Audited, but not synced on its own: nothing leaves the agent on a denial, and an unauthorised peer must
@@ -137,11 +135,10 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
             sync=False,
         )
         raise PolicyDeniedError(
-            f"peer uid {peer.uid} (gid {peer.gid}, pid {peer.pid}) may not use this agent: {admitted.reason}",
+            f"peer uid {who.uid} (gid {who.gid}, pid {who.pid}) may not use this agent: {admitted.reason}",
             hint="by default only the agent's own user and root may; see agent.allowed_uids / allowed_gids "
             "and [[policy.rules]]",
         )
-    request[CALLER] = who
     in_flight.enter()
     gen.in_flight.enter()
     try:

@@ -30,11 +30,3 @@ async def read_body(request: web.Request) -> bytes:
             return await request.read()
     except TimeoutError:
         raise BodyTimeoutError(f"the request body did not arrive within agent.body_timeout ({limit:g} s)") from None
-
-
-def caller(request: web.Request) -> Caller:
-    return request[CALLER]
-
-
-def request_id(request: web.Request) -> str:
-    return request[REQUEST_ID]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -17,18 +16,9 @@ from signing_agent.policy import Caller
 _UCRED = struct.Struct("3i")
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-    def as_dict(self) -> dict[str, int]:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid}
-
-
-def peer_of(request: web.Request) -> Peer | None:
-    """The peer's credentials, or None when the transport is not a Unix socket (never the case in the daemon)."""
+def peer_of(request: web.Request) -> Caller | None:
+    """The peer's credentials and executable, or None when the transport is not a Unix socket (never the case in
+    the daemon)."""
     transport = request.transport
     if transport is None:
         return None
@@ -36,7 +26,7 @@ def peer_of(request: web.Request) -> Peer | None:
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return Peer(pid=pid, uid=uid, gid=gid)
+    return Caller(uid=uid, gid=gid, pid=pid, exe=executable_of(pid))
 
 
 def executable_of(pid: int) -> str | None:
@@ -50,7 +40,3 @@ def executable_of(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
-
-
-def caller_of(peer: Peer) -> Caller:
-    return Caller(uid=peer.uid, gid=peer.gid, pid=peer.pid, exe=executable_of(peer.pid))
