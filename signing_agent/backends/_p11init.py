@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from signing_agent.backends._secrets import check_secret_file, read_secret_file
 from signing_agent.errors import BackendUnavailableError, ConfigError
 
 
@@ -294,7 +295,7 @@ class PinSource:
         if self.pin_file is not None and self.pin_env is not None:
             raise ConfigError("give pin_file or pin_env, not both")
         if self.pin_file is not None:
-            _check_pin_file(self.pin_file)
+            check_secret_file(self.pin_file, "pin_file")
         elif self.pin_env is not None and not os.environ.get(self.pin_env):
             raise ConfigError(f"pin_env: the environment variable {self.pin_env} is not set or empty")
 
@@ -314,31 +315,8 @@ class PinSource:
         return None
 
 
-def _check_pin_file(path: Path) -> os.stat_result:
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(f"pin_file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"pin_file {path}: not a regular file")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"pin_file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others read or write it",
-            hint=f"chmod 600 {path} (ssh refuses private keys with such modes too)",
-        )
-    return st
-
-
 def _read_pin_file(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            # Check the opened file, not just the path, so a swap between stat and open does not slip through.
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
-                raise ConfigError(f"pin_file {path}: not a private regular file")
-            raw = f.read(4096)
-    except OSError as exc:
-        raise ConfigError(f"pin_file {path}: {exc.strerror}") from None
+    raw = read_secret_file(path, "pin_file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

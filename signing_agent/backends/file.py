@@ -6,8 +6,6 @@ kept in memory. Signing runs inline: ``cryptography`` signs a digest in about 0.
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,26 +13,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from signing_agent.algorithms import SignatureAlgorithm, der_to_raw
+from signing_agent.backends._secrets import read_secret_file
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.errors import BackendError, ConfigError, SigningFailedError
 
 
 def _load_private_key(path: Path, name: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    data = read_secret_file(path, f"{name}.path:")
     try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"{name}.path: cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{name}.path: {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{name}.path: {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
-            hint=f"chmod 600 {path}",
-        )
-    if st.st_uid not in (os.getuid(), 0):
-        raise ConfigError(f"{name}.path: {path} is owned by uid {st.st_uid}, not by the agent's user")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         # Never echo the parser's text: it may quote key material.
         raise ConfigError(f"{name}.path: {path} is not an unencrypted PEM private key") from None

@@ -1,0 +1,47 @@
+"""Secret files (a PEM private key, a PIN file): the one place that decides whether one may be used.
+
+The rule is ssh's for private keys: a regular file owned by the agent's user (or root) that neither group nor others
+may read or write. The checks run on the opened file, so a swap between the check and the read cannot slip through.
+Messages name the file and the fix, never its content.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from signing_agent.errors import ConfigError
+
+MAX_SECRET_BYTES = 1 << 20
+
+
+def _check(st: os.stat_result, path: Path, what: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {path}: not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others read or write it",
+            hint=f"chmod 600 {path} (ssh refuses private keys with such modes too)",
+        )
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{what} {path}: owned by uid {st.st_uid}, not by the agent's user or root")
+
+
+def check_secret_file(path: Path, what: str) -> None:
+    """Refuse (``ConfigError``) a secret file that is missing or not private, without reading it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    _check(st, path, what)
+
+
+def read_secret_file(path: Path, what: str) -> bytes:
+    """The content of a private secret file (at most 1 MiB), checked as it is opened."""
+    try:
+        with open(path, "rb") as f:
+            _check(os.fstat(f.fileno()), path, what)
+            return f.read(MAX_SECRET_BYTES)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
