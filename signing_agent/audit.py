@@ -334,6 +334,21 @@ class AuditReport:
         }
 
 
+def chain_order(paths: Sequence[Path]) -> list[Path]:
+    """Files in chain order (by the ``seq`` of their first record), whatever order a shell glob gave them in.
+
+    A file whose first line is not a record goes last, where ``verify_audit`` reports it."""
+
+    def first_seq(path: Path) -> int:
+        try:
+            with path.open("rb") as f:
+                return int(json.loads(f.readline())["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1 << 62
+
+    return sorted(paths, key=first_seq)
+
+
 def verify_audit(paths: Sequence[Path]) -> AuditReport:
     """Check the chain through ``paths`` in order (oldest first). Reports the first break; never raises on content."""
     report = AuditReport(files=[str(p) for p in paths])

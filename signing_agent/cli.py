@@ -624,9 +624,9 @@ def register_recovery(sub: Any) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from signing_agent.audit import verify_audit
+    from signing_agent.audit import chain_order, verify_audit
 
-    report = verify_audit(_chain_order([Path(f) for f in args.files]))
+    report = verify_audit(chain_order([Path(f) for f in args.files]))
     if args.json:
         _print_json(report.as_dict())
     else:
@@ -637,21 +637,6 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         else:
             print(f"BROKEN after {report.records} good records: {report.first_break}")
     return EXIT_OK if report.ok else EXIT_ERROR
-
-
-def _chain_order(files: list[Path]) -> list[Path]:
-    """Files in chain order (by the seq of their first record), so `audit verify audit.jsonl*` just works.
-
-    A file whose first line cannot be read keeps its place at the end; verify then reports it."""
-
-    def first_seq(path: Path) -> int:
-        try:
-            with path.open("rb") as f:
-                return int(json.loads(f.readline())["seq"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 1 << 62
-
-    return sorted(files, key=first_seq)
 
 
 def register_audit(sub: Any) -> None:

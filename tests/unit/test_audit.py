@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.audit import GENESIS, FileAuditSink, line_hash, verify_audit
+from signing_agent.audit import GENESIS, FileAuditSink, chain_order, line_hash, verify_audit
 from signing_agent.errors import AuditError
 
 
@@ -177,9 +177,10 @@ async def test_rotation_inside_a_group_keeps_the_chain(tmp_path: Path) -> None:
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096)
     await asyncio.gather(*(sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100}) for i in range(120)))
     await sink.aclose()
-    rotated = sorted(tmp_path.glob("audit.jsonl.*"), key=lambda f: int(f.name.rsplit("-", 1)[1]))  # by first seq
-    files = [*rotated, tmp_path / "audit.jsonl"]
+    files = chain_order([tmp_path / "audit.jsonl", *tmp_path.glob("audit.jsonl.*")])
+    assert files[-1] == tmp_path / "audit.jsonl"
     assert len(files) > 2
+    assert chain_order(list(reversed(files))) == files
     report = verify_audit(files)
     assert report.ok, report.as_dict()
     assert all(f.stat().st_size <= 4096 for f in files)
