@@ -4,7 +4,7 @@
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
-DEB_PACKAGES=(softhsm2 libnss3 libnss3-tools p11-kit p11-kit-modules)
+DEB_PACKAGES=(softhsm2 libnss3 libnss3-tools p11-kit p11-kit-modules systemd)  # systemd: systemd-analyze verify
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

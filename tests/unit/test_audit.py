@@ -11,6 +11,7 @@ import pytest
 
 from signing_agent.audit import GENESIS, FileAuditSink, chain_order, line_hash, verify_audit
 from signing_agent.errors import AuditError
+from tests.support.prereq import missing
 
 
 async def write(path: Path, n: int, *, max_bytes: int = 1 << 20) -> FileAuditSink:
@@ -116,7 +117,7 @@ async def test_an_unwritable_log_fails_closed_at_open(tmp_path: Path) -> None:
 async def test_a_write_error_fails_closed_and_leaves_no_partial_record(tmp_path: Path) -> None:
     """/dev/full accepts the open and fails every write with ENOSPC, as a full disk would."""
     if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
+        missing("/dev/full (a device every Linux has)")
     sink = FileAuditSink(Path("/dev/full"), max_bytes=1 << 40)
     sink._fd = os.open("/dev/full", os.O_WRONLY)
     try:
