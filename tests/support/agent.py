@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from signing_agent.daemon import (
 from signing_agent.governance import GovernanceService
 from signing_agent.policy import Policy
 from signing_agent.service import SigningService
+from tests.support import procs
 
 
 def short_dir(prefix: str = "sa-") -> Path:
@@ -116,14 +116,7 @@ class DaemonProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return procs.stop(self.proc, timeout)
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -105,12 +107,7 @@ def keyvault(folder: Path, keys: Mapping[str, Path | str], *, timeout: float = 2
         )
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        procs.stop(proc)
         proc.stdout.close()
 
 

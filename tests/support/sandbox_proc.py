@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support import procs
+
 
 @dataclass
 class SandboxProcess:
@@ -116,9 +118,4 @@ def sandbox(folder: Path, member_certs: Sequence[Path] = (), *, timeout: float =
     try:
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        procs.stop(proc)
