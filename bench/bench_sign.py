@@ -14,6 +14,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SOFTHSM_MODULE, daemon, run_load, softhsm_token, unix_session, workdir
+from bench.common import SOFTHSM_MODULE, LoadResult, daemon, run_load, softhsm_token, unix_session, workdir
 from signing_agent.algorithms import ES256, ES384, SignatureAlgorithm
 from tests.support.pki import make_member
 
@@ -30,12 +31,11 @@ BALLOT = {"ballot": "export function vote (proposal, proposerId) { return true }
 PROPOSAL_ID = "ab" * 32
 
 
-def rate_of(fn: object, seconds: float) -> float:
-    call = fn  # a zero-argument callable
+def rate_of(fn: Callable[[], object], seconds: float) -> float:
     count, deadline = 0, time.monotonic() + seconds
     started = time.monotonic()
     while time.monotonic() < deadline:
-        call()  # type: ignore[operator]
+        fn()
         count += 1
     return count / (time.monotonic() - started)
 
@@ -80,7 +80,7 @@ def ccf_cli_seconds(folder: Path, key: Path, cert: Path, runs: int = 5) -> float
     return (time.monotonic() - started) / runs
 
 
-async def socket_load(sock: Path, identity: str, clients: int, seconds: float):  # type: ignore[no-untyped-def]
+async def socket_load(sock: Path, identity: str, clients: int, seconds: float) -> LoadResult:
     body = {"identity": identity, "msg_type": "ballot", "proposal_id": PROPOSAL_ID, "payload": BALLOT}
 
     async def one(session: aiohttp.ClientSession) -> bool:
