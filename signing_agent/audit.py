@@ -139,6 +139,11 @@ class FileAuditSink:
     def next_seq(self) -> int:
         return self._seq
 
+    @property
+    def broken(self) -> bool:
+        """A partial record could not be taken back: nothing is written until an operator fixes it and reloads."""
+        return self._broken is not None
+
     @classmethod
     async def open(cls, path: Path, *, max_bytes: int) -> FileAuditSink:
         sink = cls(path, max_bytes=max_bytes)

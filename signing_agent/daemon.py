@@ -336,6 +336,10 @@ class Reloader:
         current = self.runtime.current
         try:
             new_config = await asyncio.to_thread(load_config, path)
+            if self._audit is not None and self._audit.broken:
+                # The operator fixed the log (the 503s said: fix it, then SIGHUP): start writing again.
+                await self._audit.reopen()
+                _logger.warning("audit log %s reopened after it was unusable", self._audit.path)
             # New sessions and logins for every PKCS#11 token, and refused PINs forgotten: a replaced token or a
             # corrected PIN file takes effect now. The serving generation reconnects on its next operation.
             await self._stores.reset()

@@ -206,3 +206,17 @@ async def test_an_unsynced_record_becomes_durable_with_the_next_synced_one(
     assert len(syncs) == 1
     await sink.aclose()
     assert verify_audit([tmp_path / "audit.jsonl"]).ok
+
+
+async def test_a_broken_log_refuses_records_until_it_is_reopened(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = await write(path, 2)
+    sink._broken = "a partial record could not be removed"  # what a failed ftruncate after a failed write leaves
+    assert sink.broken
+    with pytest.raises(AuditError, match="unusable"):
+        await sink.record("signed", {"request_id": "refused"})
+    await sink.reopen()  # the daemon does this on SIGHUP when the log is broken
+    await sink.record("signed", {"request_id": "after"})
+    await sink.aclose()
+    assert verify_audit([path]).ok
+    assert "refused" not in path.read_text()
