@@ -103,13 +103,6 @@ def from_cose_id(cose_id: int) -> SignatureAlgorithm:
         raise ValueError(f"unsupported COSE algorithm {cose_id}") from None
 
 
-def from_name(name: str) -> SignatureAlgorithm:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unsupported algorithm {name!r}") from None
-
-
 def raw_to_der(alg: SignatureAlgorithm, raw: bytes) -> bytes:
     """Raw ``r||s`` (COSE, JWS, PKCS#11 CKM_ECDSA) to the DER that ``cryptography`` verifies."""
     if len(raw) != alg.signature_size:

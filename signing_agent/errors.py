@@ -12,10 +12,8 @@ an adapter boundary: adapters wrap them with ``raise XError(...) from exc``.
     │  └─ IdentityError                IdentityError     500   key and certificate disagree, bad cert
     ├─ RequestError                    InvalidRequest    400   the client's fault
     │  ├─ InvalidRequestError          InvalidRequest    400
-    │  ├─ PayloadTooLargeError         PayloadTooLarge   413
     │  ├─ UnknownIdentityError         UnknownIdentity   404
     │  ├─ UnknownServiceError          UnknownService    404
-    │  ├─ NotFoundError                NotFound          404
     │  ├─ ConflictError                Conflict          409   e.g. a ballot for a proposal that is not Open
     │  └─ PolicyDeniedError            PolicyDenied      403
     ├─ BackendError                    BackendError      500
@@ -26,15 +24,18 @@ an adapter boundary: adapters wrap them with ``raise XError(...) from exc``.
     ├─ CCFError                        CCFError          502
     │  ├─ CCFUnavailableError          CCFUnavailable    502   retryable: connection failed, 503/429
     │  ├─ CCFTimeoutError              CCFTimeout        504   retryable
-    │  ├─ CCFTrustError                CCFTrustError     502   the service certificate is not the pinned one
-    │  └─ CCFRejectedError             (CCF's own)       (CCF's own status; relayed unchanged)
+    │  └─ CCFTrustError                CCFTrustError     502   the service certificate is not the pinned one
     ├─ AuditError                      AuditUnavailable  503   fail closed: nothing is signed
     └─ ShuttingDownError               ShuttingDown      503   retryable: the agent is draining
+
+CCF's own errors are not agent errors: they are answers, relayed with CCF's status and body. The API adds three codes
+of its own for HTTP-level failures: ``NotFound`` (404, no such route), ``MethodNotAllowed`` (405) and
+``PayloadTooLarge`` (413), and ``RequestTimeout`` (408, a body that does not arrive in time).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class AgentError(Exception):
@@ -79,11 +80,6 @@ class InvalidRequestError(RequestError):
     code = "InvalidRequest"
 
 
-class PayloadTooLargeError(RequestError):
-    code = "PayloadTooLarge"
-    http_status = 413
-
-
 class UnknownIdentityError(RequestError):
     code = "UnknownIdentity"
     http_status = 404
@@ -91,11 +87,6 @@ class UnknownIdentityError(RequestError):
 
 class UnknownServiceError(RequestError):
     code = "UnknownService"
-    http_status = 404
-
-
-class NotFoundError(RequestError):
-    code = "NotFound"
     http_status = 404
 
 
@@ -162,18 +153,6 @@ class CCFTrustError(CCFError):
     """The service did not present the pinned service certificate. Nothing was sent."""
 
     code = "CCFTrustError"
-
-
-class CCFRejectedError(CCFError):
-    """CCF answered with an error. The API relays CCF's status and body unchanged."""
-
-    code = "CCFRejected"
-
-    def __init__(self, status: int, body: Any, *, ccf_code: str | None = None, message: str | None = None) -> None:
-        super().__init__(message or f"CCF answered {status}: {ccf_code or 'error'}")
-        self.status = status
-        self.body = body
-        self.ccf_code = ccf_code
 
 
 class AuditError(AgentError):

@@ -20,7 +20,7 @@ from typing import Any
 from signing_agent.ccf.client import CCFClient, CCFResponse
 from signing_agent.config import ServiceConfig
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json
-from signing_agent.errors import AgentError, CCFError, CCFRejectedError, ConflictError, UnknownServiceError
+from signing_agent.errors import AgentError, CCFError, ConflictError, UnknownServiceError
 from signing_agent.policy import Caller
 from signing_agent.service import SignedMessage, SigningService
 
@@ -93,17 +93,13 @@ class GovernanceService:
             return client
 
     async def forward(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
-        """Send a signed message to ``path`` of ``service`` and audit the outcome (``forwarded`` or ``failed``)."""
-        return await self._submit(service, path, signed)
-
-    async def _submit(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
-        """Send and audit the outcome: ``forwarded`` with CCF's status and transaction id, or ``failed``."""
+        """Send a signed message to ``path`` of ``service`` and audit the outcome: ``forwarded`` with CCF's status
+        and transaction id (CCF's errors included: they are answers), or ``failed`` when no answer came."""
         client = await self.client(service)
         try:
             resp = await client.post_cose(path, signed.cose)
         except AgentError as exc:
-            status = exc.status if isinstance(exc, CCFRejectedError) else None
-            await self.signer.record("failed", {**signed.audit_fields(), "error": exc.code, "ccf_status": status})
+            await self.signer.record("failed", {**signed.audit_fields(), "error": exc.code})
             raise
         await self.signer.record(
             "forwarded",
@@ -141,7 +137,7 @@ class GovernanceService:
         signed = await self.signer.sign(
             identity, MsgType.PROPOSAL, proposal, service=service, caller=caller, request_id=request_id
         )
-        resp = await self._submit(service, "/gov/members/proposals:create", signed)
+        resp = await self.forward(service, "/gov/members/proposals:create", signed)
         if resp.error_code == "ProposalReplay" and resp.attempts > 1:
             recovered = await self._replayed_proposal(service, resp, signed)
             if recovered is not None:
@@ -189,7 +185,7 @@ class GovernanceService:
             request_id=request_id,
         )
         path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
-        return Relay.of(await self._submit(service, path, signed))
+        return Relay.of(await self.forward(service, path, signed))
 
     async def withdraw(
         self,
@@ -211,7 +207,7 @@ class GovernanceService:
             caller=caller,
             request_id=request_id,
         )
-        return Relay.of(await self._submit(service, f"/gov/members/proposals/{proposal_id}:withdraw", signed))
+        return Relay.of(await self.forward(service, f"/gov/members/proposals/{proposal_id}:withdraw", signed))
 
     async def activate(
         self, service: str, identity: str, *, caller: Caller | None = None, request_id: str | None = None
@@ -223,7 +219,7 @@ class GovernanceService:
         update_msg = await self.signer.sign(
             identity, MsgType.STATE_DIGEST, b"", service=service, caller=caller, request_id=request_id
         )
-        update = await self._submit(service, f"{base}:update", update_msg)
+        update = await self.forward(service, f"{base}:update", update_msg)
         if not update.ok:
             return Relay.of(update)
         digest = update.body.get("stateDigest") if isinstance(update.body, dict) else None
@@ -233,7 +229,7 @@ class GovernanceService:
         ack_msg = await self.signer.sign(
             identity, MsgType.ACK, update.raw, service=service, caller=caller, request_id=request_id
         )
-        ack = await self._submit(service, f"{base}:ack", ack_msg)
+        ack = await self.forward(service, f"{base}:ack", ack_msg)
         if not ack.ok:
             return Relay.of(ack)
         member = await client.get(f"/gov/service/members/{ident.member_id}")

@@ -58,10 +58,6 @@ class HealthChecker:
         self._cache: dict[str, tuple[float, Check]] = {}
         self._lock = asyncio.Lock()
 
-    def forget(self) -> None:
-        """Drop cached results: the next check runs every probe again."""
-        self._cache.clear()
-
     async def _cached(self, key: str, run: Callable[[], Awaitable[Check]]) -> Check:
         now = self._clock()
         hit = self._cache.get(key)

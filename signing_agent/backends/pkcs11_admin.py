@@ -358,35 +358,3 @@ def list_keys(target: TokenTarget, *, certificates: Sequence[x509.Certificate] =
                     mid = member_id(by_spki[spki])
             result.append(TokenKey(label=label, key_id=key_id, key_type=key_type, public_key=public, member_id=mid))
     return sorted(result, key=lambda k: (k.label, k.key_id))
-
-
-def delete_keys(target: TokenTarget, *, label: str | None = None, key_id: bytes | None = None) -> int:
-    """Destroy every key object (private and public) with this label and/or id; returns the count."""
-    if label is None and key_id is None:
-        raise ConfigError("delete_keys needs a label or an id")
-    p11 = require_pkcs11()
-    a = p11.Attribute
-    count = 0
-    with admin_session(target) as session:
-        for cls in (p11.ObjectClass.PRIVATE_KEY, p11.ObjectClass.PUBLIC_KEY):
-            template: dict[Any, Any] = {a.CLASS: cls}
-            if label is not None:
-                template[a.LABEL] = label
-            if key_id is not None:
-                template[a.ID] = key_id
-            for obj in list(session.get_objects(template)):
-                obj.destroy()
-                count += 1
-    return count
-
-
-def find_key(target: TokenTarget, *, label: str | None, key_id: bytes | None, kind: Literal["EC", "RSA"]) -> TokenKey:
-    """The one private key with this label and/or id, with its public key (``KeyNotFoundError`` otherwise)."""
-    p11 = require_pkcs11()
-    key_type = p11.KeyType.EC if kind == "EC" else p11.KeyType.RSA
-    with admin_session(target, rw=False) as session:
-        obj = find_private_key(session, label=label, key_id=key_id, key_type=key_type, where="key")
-        public = read_public_key(session, obj, where="key")
-        found_label = str(obj[p11.Attribute.LABEL] or "")
-        found_id = bytes(obj[p11.Attribute.ID] or b"")
-    return TokenKey(label=found_label, key_id=found_id, key_type=kind, public_key=public)

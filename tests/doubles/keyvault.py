@@ -738,15 +738,6 @@ def managed_identity_env(monkeypatch: pytest.MonkeyPatch, kv: RunningKeyVault) -
         monkeypatch.setenv(name, value)
 
 
-@pytest.fixture
-async def keyvault_double(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RunningKeyVault]:
-    """A running vault double with the managed-identity environment set. Use via ``pytest_plugins`` or a
-    wrapper."""
-    async with running_keyvault(tmp_path / "keyvault") as kv:
-        managed_identity_env(monkeypatch, kv)
-        yield kv
-
-
 # ----- standalone -----
 
 
