@@ -119,14 +119,13 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from signing_agent.daemon import harden_process, serve, tune_interpreter
+    from signing_agent.daemon import harden_process, serve
 
     path = _config_path(args, required=True)
     assert path is not None  # noqa: S101 -- required=True
     config = load_config(path)
     setup_logging(args.log_level or config.agent.log_level)
     harden_process()
-    tune_interpreter()
     if sys.stdin.isatty() and not args.foreground:
         _logger.warning("serving in the foreground of a terminal; pass --foreground to silence this")
 

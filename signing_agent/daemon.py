@@ -19,7 +19,6 @@ import resource
 import signal
 import socket
 import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,12 +43,6 @@ from signing_agent.systemd import Notifier, inherited_socket
 _logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
-
-
-def tune_interpreter() -> None:
-    """Hand the GIL over quickly: key-store calls return in worker threads (PKCS#11 releases the GIL while the token
-    signs) and must not wait the default 5 ms for the event loop's thread, which is busy verifying signatures."""
-    sys.setswitchinterval(0.0002)
 
 
 def harden_process() -> None:
