@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import re
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -222,12 +221,3 @@ async def test_client_error_mapping(agent: Path) -> None:
         await asyncio.to_thread(client.sign, "ghost", "proposal", b"{}")
     assert info.value.code == "UnknownIdentity"
     assert info.value.status == 404
-
-
-def test_peer_of_a_socketpair_is_ourselves() -> None:
-    import struct
-
-    a, b = socket.socketpair(socket.AF_UNIX)
-    with a, b:
-        pid, uid, gid = struct.unpack("3i", a.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    assert (pid, uid, gid) == (os.getpid(), os.getuid(), os.getgid())
