@@ -4,7 +4,9 @@ The caller is the Unix-socket peer as the kernel reports it (``SO_PEERCRED`` uid
 API layer read from ``/proc/<pid>/exe``. The action is what would be signed, read from the payload itself: the
 proposal's action names and the ballot script's SHA-256 come from the bytes that get signed, never from a label the
 caller chose, so a caller allowed only ``transition_node_to_trusted`` cannot get ``set_constitution`` signed through
-``/v1/sign`` either.
+``/v1/sign`` either. A ballot is judged by the proposal it votes on: its action names are the ones the governance
+layer read from the service (over pinned TLS) before asking; a ballot whose proposal the agent could not read, such
+as one through ``/v1/sign``, is refused by any rule that constrains actions.
 
 Evaluation (documented in config.example.toml and the README's Security model):
 
@@ -12,8 +14,8 @@ Evaluation (documented in config.example.toml and the README's Security model):
    ``gids``, and, when ``executables`` is given, the peer's executable is one of them). Later rules are not tried,
    so a restrictive rule for a uid cannot be widened by a later, broader one.
 2. Within that rule, every constraint must hold: identity, message type, service (or ``raw_sign`` for
-   ``/v1/sign``), proposal actions (``actions_deny`` wins over ``actions_allow``), ballot script hash; then the rate
-   limit (a token bucket per rule and uid) is charged.
+   ``/v1/sign``), proposal actions (``actions_deny`` wins over ``actions_allow``; for a ballot, the actions of the
+   proposal it votes on), ballot script hash; then the rate limit (a token bucket per rule and uid) is charged.
 3. The built-in ``default`` rule comes last (unless ``policy.default_rule = false``): root, the daemon's own uid and
    ``agent.allowed_uids`` / ``agent.allowed_gids`` may do everything. With no ``[policy]`` this is the whole policy.
 4. A caller no rule matches may not use the agent at all (not even reads).
@@ -63,7 +65,13 @@ class Action:
     msg_type: str
     service: str | None = None
     """The CCF service it is forwarded to; None for ``POST /v1/sign`` (the signature goes back to the caller)."""
-    proposal_actions: tuple[str, ...] = ()
+    proposal_actions: tuple[str, ...] | None = None
+    """The action names of the proposal the message is about: a proposal's own (from the payload that gets signed),
+    or, for a ballot, those of the proposal it votes on, as the governance layer read them from the service. None
+    when the agent does not know them (a ballot through ``/v1/sign``, or actions that could not be read): a rule
+    that constrains actions then refuses (fail closed)."""
+    actions_unknown: str | None = None
+    """Why ``proposal_actions`` is None, for the refusal (e.g. what the service answered when asked for them)."""
     ballot_sha256: str | None = None
     proposal_id: str | None = None
 
@@ -137,16 +145,50 @@ class Rule:
         elif self.services is not None and action.service not in self.services:
             return f"service {action.service!r} is not allowed (allowed: {_names(self.services)})"
         if action.msg_type == "proposal":
-            denied = [a for a in action.proposal_actions if a in self.actions_deny]
-            if denied:
-                return f"proposal action(s) denied: {', '.join(denied)}"
-            if self.actions_allow is not None:
-                outside = [a for a in action.proposal_actions if a not in self.actions_allow]
-                if outside:
-                    return f"proposal action(s) not allowed: {', '.join(outside)}"
-        if action.msg_type == "ballot" and self.ballots is not None and action.ballot_sha256 not in self.ballots:
-            return f"ballot script sha256 {action.ballot_sha256} is not one of the allowed ballots"
+            why = self._actions_refusal(action, "proposal action(s)")
+            if why is not None:
+                return why
+        if action.msg_type == "ballot":
+            if self.ballots is not None and action.ballot_sha256 not in self.ballots:
+                return f"ballot script sha256 {action.ballot_sha256} is not one of the allowed ballots"
+            # A ballot is what makes a proposal's actions happen, so it passes the same action constraints as the
+            # proposal would. A withdrawal needs no such check: CCF lets a member withdraw only its own proposal,
+            # and withdrawing makes nothing happen (it can only stop that member's own proposal).
+            return self._actions_refusal(action, f"the ballot's proposal {action.proposal_id} has action(s)")
         return None
+
+    @property
+    def constrains_actions(self) -> bool:
+        return self.actions_allow is not None or bool(self.actions_deny)
+
+    def _actions_refusal(self, action: Action, what: str) -> str | None:
+        """Why ``actions_deny`` / ``actions_allow`` refuse the action names ``what`` introduces, if they do."""
+        if not self.constrains_actions:
+            return None
+        if action.proposal_actions is None:
+            return _unknown_actions(action)
+        denied = [a for a in action.proposal_actions if a in self.actions_deny]
+        if denied:
+            return f"{what} denied: {', '.join(denied)}"
+        if self.actions_allow is not None:
+            outside = [a for a in action.proposal_actions if a not in self.actions_allow]
+            if outside:
+                return f"{what} not allowed: {', '.join(outside)}"
+        return None
+
+
+def _unknown_actions(action: Action) -> str:
+    """The refusal for a message whose proposal actions the agent does not know, under a rule constraining them."""
+    if action.msg_type == "ballot" and action.service is None:
+        return (
+            "this rule constrains proposal actions, and a ballot signed through POST /v1/sign cannot be checked "
+            "against the actions of the proposal it votes on: vote through the agent instead "
+            "(POST /v1/services/{svc}/proposals/{id}/ballots, or signing-agent vote), which reads them from the "
+            "service first"
+        )
+    why = f" ({action.actions_unknown})" if action.actions_unknown else ""
+    subject = f"proposal {action.proposal_id}" if action.proposal_id else "the proposal"
+    return f"this rule constrains proposal actions, and the actions of {subject} are unknown{why}"
 
 
 def _names(values: frozenset[str]) -> str:

@@ -101,29 +101,31 @@ async def test_each_rule_is_enforced_for_a_real_peer_of_another_uid(workdir: Pat
         "msg_types": ["proposal", "ballot"],
         "actions_allow": ["transition_node_to_trusted"],
         "ballots": ["accept"],
-        "rate_limit": 3,
+        "rate_limit": 2,
         "rate_window": 3600.0,
     }
     config = config_for(workdir, members, [rule])
     calls: list[tuple[str, str, Any]] = [
         ("POST", "/v1/sign", sign_body("m0", "proposal", TRUST)),  # 0 allowed (token 1)
         ("POST", "/v1/sign", sign_body("m0", "proposal", CONSTITUTION)),  # 1 action not allowed
-        ("POST", "/v1/sign", sign_body("m0", "ballot", {"ballot": ACCEPT_BALLOT}, proposal_id=PID)),  # 2 (token 2)
+        ("POST", "/v1/sign", sign_body("m0", "ballot", {"ballot": ACCEPT_BALLOT}, proposal_id=PID)),  # 2 raw ballot
         ("POST", "/v1/sign", sign_body("m0", "ballot", {"ballot": REJECT_BALLOT}, proposal_id=PID)),  # 3 ballot
         ("POST", "/v1/sign", sign_body("m1", "proposal", TRUST)),  # 4 identity
         ("POST", "/v1/sign", sign_body("m0", "withdrawal", None, proposal_id=PID)),  # 5 msg type
         ("POST", "/v1/explain", sign_body("m0", "proposal", CONSTITUTION)),  # 6 explain, no key, no token
-        ("POST", "/v1/sign", sign_body("m0", "proposal", TRUST)),  # 7 allowed (token 3)
+        ("POST", "/v1/sign", sign_body("m0", "proposal", TRUST)),  # 7 allowed (token 2)
         ("POST", "/v1/sign", sign_body("m0", "proposal", TRUST)),  # 8 rate limited
     ]
     async with running_agent(config) as sock:
         results = await asyncio.to_thread(as_nobody, sock, calls)
     statuses = [status for status, _ in results]
-    assert statuses == [200, 403, 200, 403, 403, 403, 200, 200, 403], results
-    reasons = {i: results[i][1]["error"]["message"] for i in (1, 3, 4, 5, 8)}
+    assert statuses == [200, 403, 403, 403, 403, 403, 200, 200, 403], results
+    reasons = {i: results[i][1]["error"]["message"] for i in (1, 2, 3, 4, 5, 8)}
     assert all(results[i][1]["error"]["code"] == "PolicyDenied" for i in reasons)
     assert all("nobody-trust" in reason for reason in reasons.values())
     assert "set_constitution" in reasons[1]
+    # The agent cannot see which proposal a raw ballot accepts, and this rule constrains actions.
+    assert "ballot signed through POST /v1/sign" in reasons[2]
     assert "ballot script" in reasons[3]
     assert "identity 'm1'" in reasons[4]
     assert "withdrawal" in reasons[5]
@@ -140,8 +142,8 @@ async def test_each_rule_is_enforced_for_a_real_peer_of_another_uid(workdir: Pat
     records = audit_records(config)
     denied = [r for r in records if r["event"] == "denied"]
     signed = [r for r in records if r["event"] == "signed"]
-    assert len(denied) == 5
-    assert len(signed) == 3
+    assert len(denied) == 6
+    assert len(signed) == 2
     assert {r["peer"]["uid"] for r in denied + signed} == {NOBODY}
     assert all(r["rule"] == "nobody-trust" and r["reason"] for r in denied)
     assert all(len(r["cose_sha256"]) == 64 and r["request_id"] for r in signed)

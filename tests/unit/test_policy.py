@@ -192,3 +192,100 @@ def test_policy_config_errors_name_the_key(rule: dict[str, Any], message: str) -
 def test_duplicate_rule_names_are_refused() -> None:
     with pytest.raises(ConfigError, match="duplicate rule name"):
         parse_config(_config([{"name": "a", "uids": [1]}, {"name": "a", "uids": [2]}]))
+
+
+ACCEPT_SHA = hashlib.sha256(ACCEPT_BALLOT.encode()).hexdigest()
+PID = "a" * 64
+
+
+def ballot_on(actions: tuple[str, ...] | None, *, service: str | None = "prod", unknown: str | None = None) -> Action:
+    """An accepting ballot for proposal PID whose actions the governance layer read as ``actions``."""
+    return Action(
+        identity="m0",
+        msg_type="ballot",
+        service=service,
+        proposal_actions=actions,
+        actions_unknown=unknown,
+        ballot_sha256=ACCEPT_SHA,
+        proposal_id=PID,
+    )
+
+
+NODE_OPERATOR = {
+    "name": "ops",
+    "uids": (1000,),
+    "actions_allow": ("transition_node_to_trusted",),
+    "ballots": ("accept", "reject"),
+}
+
+
+def test_a_ballot_is_judged_by_the_actions_of_the_proposal_it_accepts() -> None:
+    p = policy(NODE_OPERATOR)
+    assert p.decide(OPERATOR, ballot_on(("transition_node_to_trusted",))).allowed
+    denied = p.decide(OPERATOR, ballot_on(("set_constitution",)))
+    assert (denied.allowed, denied.rule) == (False, "ops")
+    assert denied.reason == f"the ballot's proposal {PID} has action(s) not allowed: set_constitution"
+    assert not p.decide(OPERATOR, ballot_on(("transition_node_to_trusted", "set_member"))).allowed
+
+
+def test_a_ballot_passes_actions_deny_as_its_proposal_would() -> None:
+    p = policy({"name": "r", "uids": (1000,), "actions_deny": ("set_constitution",)})
+    assert p.decide(OPERATOR, ballot_on(("set_member",))).allowed
+    denied = p.decide(OPERATOR, ballot_on(("set_member", "set_constitution")))
+    assert not denied.allowed
+    assert "denied: set_constitution" in denied.reason
+
+
+def test_a_ballot_whose_proposal_actions_are_unknown_is_refused_by_a_rule_constraining_actions() -> None:
+    p = policy(NODE_OPERATOR)
+    unreadable = p.decide(OPERATOR, ballot_on(None, unknown="service 'prod' answered 500"))
+    assert not unreadable.allowed
+    assert unreadable.reason == (
+        f"this rule constrains proposal actions, and the actions of proposal {PID} are unknown "
+        "(service 'prod' answered 500)"
+    )
+    # The Action's default is "unknown", so a ballot built without its proposal's actions fails closed.
+    bare = Action(identity="m0", msg_type="ballot", service="prod", ballot_sha256=ACCEPT_SHA, proposal_id=PID)
+    assert not p.decide(OPERATOR, bare).allowed
+
+
+def test_a_raw_ballot_is_refused_by_a_rule_constraining_actions_and_told_to_vote_through_the_agent() -> None:
+    p = policy(NODE_OPERATOR)
+    raw = p.decide(OPERATOR, ballot_on(None, service=None))
+    assert not raw.allowed
+    assert "POST /v1/sign" in raw.reason
+    assert "POST /v1/services/{svc}/proposals/{id}/ballots" in raw.reason
+    assert "signing-agent vote" in raw.reason
+    # actions_deny alone constrains actions too.
+    assert (
+        not policy({**NODE_OPERATOR, "actions_allow": None, "actions_deny": ("x",)})
+        .decide(OPERATOR, ballot_on(None, service=None))
+        .allowed
+    )
+
+
+def test_a_rule_not_constraining_actions_judges_a_ballot_by_its_script_only() -> None:
+    p = policy({"name": "voter", "uids": (1000,), "ballots": ("accept",)})
+    assert p.decide(OPERATOR, ballot_on(None, service=None)).allowed
+    assert p.decide(OPERATOR, ballot_on(None, unknown="unreadable")).allowed
+    assert p.decide(OPERATOR, ballot_on(("set_constitution",))).allowed
+
+
+def test_the_ballot_script_is_still_checked_when_the_proposal_actions_pass() -> None:
+    p = policy(NODE_OPERATOR)
+    evil = Action(
+        identity="m0",
+        msg_type="ballot",
+        service="prod",
+        proposal_actions=("transition_node_to_trusted",),
+        ballot_sha256="0" * 64,
+        proposal_id=PID,
+    )
+    assert "ballot script" in p.decide(OPERATOR, evil).reason
+
+
+def test_a_withdrawal_is_not_judged_by_proposal_actions() -> None:
+    """CCF lets a member withdraw only its own proposal, and a withdrawal enacts nothing."""
+    p = policy(NODE_OPERATOR)
+    withdrawal = Action(identity="m0", msg_type="withdrawal", proposal_id=PID)
+    assert p.decide(OPERATOR, withdrawal).allowed
