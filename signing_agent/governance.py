@@ -5,6 +5,9 @@ Use cases: propose, vote (only on an Open proposal: checked before anything is s
 once; ``CCFClient`` resends the identical bytes when the network or CCF asks for a retry. A proposal whose response
 was lost comes back from CCF as ``ProposalReplay`` on the resend; that is turned into success with the original
 proposal, so one submission never becomes two proposals.
+
+A ballot is judged by the proposal it votes on: this layer reads the proposal's actions from the service (over
+pinned TLS) and hands them to the policy with the ballot, before anything is signed.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from typing import Any
 
 from signing_agent.ccf.client import CCFClient, CCFResponse
 from signing_agent.config import ServiceConfig
-from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json
-from signing_agent.errors import AgentError, CCFError, ConflictError, UnknownServiceError
+from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
+from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError, UnknownServiceError
 from signing_agent.policy import Caller
-from signing_agent.service import SignedMessage, SigningService
+from signing_agent.service import SignedMessage, SigningService, VotedProposal
 
 _logger = logging.getLogger(__name__)
 
@@ -175,6 +178,7 @@ class GovernanceService:
         state = got.body.get("proposalState") if isinstance(got.body, dict) else None
         if state != "Open":
             raise ConflictError(f"proposal {proposal_id} is {state}, not Open: no ballot was signed")
+        voted = await self.voted_proposal(service, proposal_id)  # the policy judges the ballot by these actions
         signed = await self.signer.sign(
             identity,
             MsgType.BALLOT,
@@ -183,9 +187,44 @@ class GovernanceService:
             service=service,
             caller=caller,
             request_id=request_id,
+            voted=voted,
         )
         path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
         return Relay.of(await self.forward(service, path, signed))
+
+    async def voted_proposal(self, service: str, proposal_id: str) -> VotedProposal:
+        """The action names of proposal ``proposal_id`` as ``service`` holds it, for the policy to judge a ballot by.
+
+        CCF answers ``GET .../proposals/{id}/actions`` with the proposal body as it was proposed; it is parsed as a
+        proposal payload is before signing (``summarise_payload``). When the actions cannot be read (an error
+        answer, no answer, a body that is not a proposal) they are unknown, with the reason: a rule that constrains
+        actions then refuses the ballot (fail closed), a rule that does not lets it go on.
+        """
+        check_proposal_id(proposal_id)
+        client = await self.client(service)
+        where = f"service {service!r}"
+        try:
+            resp = await client.get(f"/gov/members/proposals/{proposal_id}/actions")
+        except CCFError as exc:
+            return VotedProposal(None, f"{where} could not be asked for them: {exc.message}")
+        if not resp.ok:
+            code = f" {resp.error_code}" if resp.error_code else ""
+            return VotedProposal(None, f"{where} answered {resp.status}{code} when asked for them")
+        try:
+            summary = summarise_payload(MsgType.PROPOSAL, resp.raw)
+        except InvalidRequestError as exc:
+            return VotedProposal(None, f"{where} answered with something that is not a proposal: {exc.message}")
+        return VotedProposal(summary.actions)
+
+    async def voted_for_explain(
+        self, msg_type: MsgType, service: str | None, proposal_id: str | None
+    ) -> VotedProposal | None:
+        """For ``explain``: what a ballot for ``service`` would be judged by, read as ``vote`` reads it. None for
+        other messages, and for a ballot without a service (a ``/v1/sign`` ballot, whose proposal the agent cannot
+        see) or without a proposal id (refused when the request is validated)."""
+        if msg_type is not MsgType.BALLOT or service is None or proposal_id is None:
+            return None
+        return await self.voted_proposal(service, proposal_id)
 
     async def withdraw(
         self,
@@ -198,6 +237,8 @@ class GovernanceService:
     ) -> Relay:
         check_proposal_id(proposal_id)
         await self.client(service)
+        # No proposal actions to judge: CCF lets a member withdraw only its own proposal, and a withdrawal makes
+        # nothing happen (the policy's action constraints apply to proposals and the ballots that accept them).
         signed = await self.signer.sign(
             identity,
             MsgType.WITHDRAWAL,

@@ -71,6 +71,18 @@ class SignedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class VotedProposal:
+    """What the governance layer read from the service (over pinned TLS) of the proposal a ballot votes on.
+
+    ``actions`` are its action names, parsed as a proposal payload is; None when they could not be read, and then
+    ``unknown`` says why. The policy judges the ballot by these actions.
+    """
+
+    actions: tuple[str, ...] | None
+    unknown: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Explanation:
     """What would be signed and what the policy says, computed without touching the key."""
 
@@ -81,6 +93,8 @@ class Explanation:
     summary: PayloadSummary
     service: str | None
     decision: Decision
+    proposal_actions: tuple[str, ...] | None = None
+    """A proposal's own actions, or, for a ballot, those of the proposal it votes on (None: unknown)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,7 +103,7 @@ class Explanation:
             "algorithm": self.algorithm,
             "protected_headers": dict(self.headers),
             "payload_sha256": self.summary.sha256,
-            "proposal_actions": list(self.summary.actions) if self.summary.actions else None,
+            "proposal_actions": _listed(self.proposal_actions),
             "ballot_sha256": self.summary.ballot_sha256,
             "service": self.service,
             "decision": {
@@ -102,6 +116,11 @@ class Explanation:
 
 def _who(request_id: str | None, caller: Caller | None) -> dict[str, Any]:
     return {"request_id": request_id, "peer": caller.as_dict() if caller is not None else None}
+
+
+def _listed(actions: tuple[str, ...] | None) -> list[str] | None:
+    """Action names as explain and the audit log show them: a list, or None when there are none or they are unknown."""
+    return list(actions) if actions else None
 
 
 class SigningService:
@@ -164,10 +183,11 @@ class SigningService:
         proposal_id: str | None = None,
         service: str | None = None,
         caller: Caller | None = None,
+        voted: VotedProposal | None = None,
     ) -> Explanation:
         """What ``sign`` would sign and whether the policy allows it. Touches no key and charges no rate limit."""
         ident, request, summary = self._request(identity, msg_type, payload, created_at, proposal_id)
-        action = self._action(ident.name, msg_type, summary, proposal_id, service)
+        action = self._action(ident.name, msg_type, summary, proposal_id, service, voted)
         decision = self.policy.decide(caller or self._self_caller(), action, consume=False)
         headers = {"alg": ident.alg.name, "kid": ident.member_id}
         headers.update({str(k): v for k, v in protected_headers(ident.member_id, request).items() if k != 4})
@@ -179,6 +199,7 @@ class SigningService:
             summary=summary,
             service=service,
             decision=decision,
+            proposal_actions=action.proposal_actions,
         )
 
     def _request(
@@ -196,13 +217,27 @@ class SigningService:
 
     @staticmethod
     def _action(
-        identity: str, msg_type: MsgType, summary: PayloadSummary, proposal_id: str | None, service: str | None
+        identity: str,
+        msg_type: MsgType,
+        summary: PayloadSummary,
+        proposal_id: str | None,
+        service: str | None,
+        voted: VotedProposal | None,
     ) -> Action:
+        """What the policy judges. A ballot carries the actions of the proposal it votes on, as ``voted`` says
+        (None: the agent did not read the proposal, as for ``/v1/sign``); any other message its payload's own."""
+        if voted is not None and msg_type is not MsgType.BALLOT:
+            raise ValueError(f"only a ballot votes on a proposal, not a {msg_type}")
+        if msg_type is MsgType.BALLOT:
+            actions, unknown = (voted.actions, voted.unknown) if voted is not None else (None, None)
+        else:
+            actions, unknown = summary.actions, None
         return Action(
             identity=identity,
             msg_type=str(msg_type),
             service=service,
-            proposal_actions=summary.actions,
+            proposal_actions=actions,
+            actions_unknown=unknown,
             ballot_sha256=summary.ballot_sha256,
             proposal_id=proposal_id,
         )
@@ -218,14 +253,18 @@ class SigningService:
         service: str | None = None,
         caller: Caller | None = None,
         request_id: str | None = None,
+        voted: VotedProposal | None = None,
     ) -> SignedMessage:
         """Sign one governance message, if the policy allows ``caller`` to; ``service`` is None for a raw signature.
 
-        ``created_at`` defaults to now (integer seconds, UTC). The ``received`` record, then ``denied``, ``failed``
-        or ``signed``, is durable in the audit log before this returns; if it cannot be written, ``AuditError`` is
-        raised and the signature is dropped.
+        ``created_at`` defaults to now (integer seconds, UTC). ``voted``, for a ballot, is what the governance layer
+        read of the proposal it votes on; the policy judges the ballot by those actions, and without them a rule
+        that constrains actions refuses it. The ``received`` record, then ``denied``, ``failed`` or ``signed``, is
+        durable in the audit log before this returns; if it cannot be written, ``AuditError`` is raised and the
+        signature is dropped.
         """
         ident, request, summary = self._request(identity, msg_type, payload, created_at, proposal_id)
+        action = self._action(ident.name, msg_type, summary, proposal_id, service, voted)
         who = caller or self._self_caller()
         base = {
             **_who(request_id, who),
@@ -235,13 +274,13 @@ class SigningService:
             "proposal_id": proposal_id,
             "service": service,
             "payload_sha256": summary.sha256,
-            "proposal_actions": list(summary.actions) if summary.actions else None,
+            "proposal_actions": _listed(action.proposal_actions),
             "ballot_sha256": summary.ballot_sha256,
         }
         # Written, not yet synced: the fsync of the decision record below makes it durable too, before a
         # signature can leave (one fsync per request instead of two).
         await self.record("received", base, sync=False)
-        decision = self.policy.decide(who, self._action(ident.name, msg_type, summary, proposal_id, service))
+        decision = self.policy.decide(who, action)
         if not decision.allowed:
             await self.record("denied", {**base, "rule": decision.rule, "reason": decision.reason})
             raise PolicyDeniedError(f"policy: {decision.describe()}")

@@ -214,9 +214,13 @@ async def sign(request: web.Request) -> web.Response:
 
 async def explain(request: web.Request) -> web.Response:
     """What ``/v1/sign`` (or a submission to ``service``) would sign and the policy decision; no key is used."""
-    service = service_of(request)
+    gen = generation_of(request)
     req = parse_explain_request(await read_body(request))
-    explanation = await service.explain(
+    # A ballot for a service is judged by the proposal it votes on, which only the governance layer can read.
+    voted = None
+    if gen.governance is not None:
+        voted = await gen.governance.voted_for_explain(req.msg_type, req.service, req.proposal_id)
+    explanation = await gen.service.explain(
         req.identity,
         req.msg_type,
         req.payload,
@@ -224,6 +228,7 @@ async def explain(request: web.Request) -> web.Response:
         proposal_id=req.proposal_id,
         service=req.service,
         caller=request[CALLER],
+        voted=voted,
     )
     return web.json_response(explanation.as_dict())
 
