@@ -27,7 +27,7 @@ from aiohttp import web
 from signing_agent.api.app import IN_FLIGHT, APISettings, make_app
 from signing_agent.api.runtime import RUNTIME, Generation, Runtime
 from signing_agent.audit import FileAuditSink
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.factory import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
 from signing_agent.errors import AgentError, ConfigError
 from signing_agent.governance import GovernanceService
@@ -125,6 +125,7 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
 
 async def open_identities(config: AgentConfig, stores: KeyStores) -> dict[str, Identity]:
     """Open every identity, or none: on a failure the ones already open are closed again."""
+    take_configured_secrets(config)
     opened: dict[str, Identity] = {}
     try:
         for name, cfg in config.identities.items():
@@ -190,6 +191,7 @@ async def open_identities_degraded(
     config: AgentConfig, stores: KeyStores
 ) -> tuple[dict[str, Identity], dict[str, str]]:
     """Open each identity on its own: the ones that pass their self-test, and why each of the others failed."""
+    take_configured_secrets(config)  # all of them, before the first identity can spawn a credential process
     opened: dict[str, Identity] = {}
     failed: dict[str, str] = {}
     for name in config.identities:
