@@ -35,7 +35,7 @@ from signing_agent.health import HealthChecker
 from signing_agent.identity import Identity, open_identity
 from signing_agent.log import set_level
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.policy import Policy
+from signing_agent.policy import Policy, RateLimiter
 from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 from signing_agent.systemd import Notifier, inherited_socket
@@ -156,13 +156,17 @@ async def open_identities(config: AgentConfig, stores: KeyStores) -> dict[str, I
     return opened
 
 
-def make_policy(config: AgentConfig) -> Policy:
-    """The configured rules, then (unless disabled) the default rule: root, our uid, agent.allowed_uids/gids."""
+def make_policy(config: AgentConfig, limiter: RateLimiter | None = None) -> Policy:
+    """The configured rules, then (unless disabled) the default rule: root, our uid, agent.allowed_uids/gids.
+
+    ``limiter``: the rate-limit buckets to keep (a reload passes the serving policy's), else fresh ones.
+    """
     return Policy.from_config(
         config.policy,
         daemon_uid=os.getuid(),
         allowed_uids=config.agent.allowed_uids,
         allowed_gids=config.agent.allowed_gids,
+        limiter=limiter,
     )
 
 
@@ -214,13 +218,17 @@ async def build_generation(
     number: int,
     allow_degraded: bool,
     metrics: Metrics,
+    limiter: RateLimiter | None = None,
 ) -> Generation:
-    """Everything one configuration serves with: identities (self-tested), policy, CCF clients, health checks."""
+    """Everything one configuration serves with: identities (self-tested), policy, CCF clients, health checks.
+
+    ``limiter``: the rate-limit buckets the previous generation charged; a reload must not refill them.
+    """
     if allow_degraded:
         identities, failed = await open_identities_degraded(config, stores)
     else:
         identities, failed = await open_identities(config, stores), {}
-    service = SigningService(identities, policy=make_policy(config), audit=audit)
+    service = SigningService(identities, policy=make_policy(config, limiter), audit=audit)
     governance = GovernanceService(service, config.services)
     recovery = RecoveryService(service, governance, config.recovery, metrics=metrics)
     try:
@@ -345,6 +353,7 @@ class Reloader:
                 number=current.number + 1,
                 allow_degraded=self._allow_degraded,
                 metrics=self._metrics,
+                limiter=current.service.policy.limiter,
             )
         except Exception as exc:  # noqa: BLE001 -- a bad new config must never take the serving agent down
             message = exc.diagnostics() if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
