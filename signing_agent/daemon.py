@@ -228,7 +228,12 @@ async def build_generation(
         identities, failed = await open_identities_degraded(config, stores)
     else:
         identities, failed = await open_identities(config, stores), {}
-    service = SigningService(identities, policy=make_policy(config, limiter), audit=audit)
+    service = SigningService(
+        identities,
+        policy=make_policy(config, limiter),
+        audit=audit,
+        max_created_at_skew=config.agent.max_created_at_skew,
+    )
     governance = GovernanceService(service, config.services)
     recovery = RecoveryService(service, governance, config.recovery, metrics=metrics)
     try:
