@@ -22,20 +22,11 @@ import cbor2
 import pytest
 
 from signing_agent.client import AgentClient
+from tests.e2e.test_keyvault_e2e import MESSAGES
 from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, write_toml
 from tests.support.pki import make_member
 
 pytestmark = pytest.mark.e2e
-
-PID = "c" * 64
-MESSAGES: list[tuple[str, bytes, dict[str, Any]]] = [
-    ("proposal", b'{"actions":[{"name":"transition_node_to_trusted","args":{"node_id":"ab"}}]}', {}),
-    ("ballot", b'{"ballot":"export function vote(p,i){return true}"}', {"proposal_id": PID}),
-    ("withdrawal", b"", {"proposal_id": PID}),
-    ("state_digest", b"", {}),
-    ("ack", b'{"stateDigest":"' + b"d" * 64 + b'"}', {}),
-    ("recovery_share", b'{"share":"AAAA"}', {}),
-]
 
 
 def start(folder: Path, **agent: Any) -> Any:

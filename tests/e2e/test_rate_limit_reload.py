@@ -6,30 +6,19 @@ kernel reports.
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.component.test_policy_api import NOBODY, as_nobody, config_for
-from tests.support.agent import DaemonProcess, daemon
+from tests.e2e.test_lifecycle import sighup_and_wait
+from tests.support.agent import daemon
 from tests.support.pki import make_member
 
 pytestmark = pytest.mark.e2e
 
 SIGN = ("POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest"})
-
-
-def reload_and_wait(proc: DaemonProcess, count: int, timeout: float = 30.0) -> None:
-    proc.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while proc.stderr.count("configuration reloaded") < count:
-        assert "reload rejected" not in proc.stderr, proc.stderr
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no reload {count} within {timeout} s:\n{proc.stderr}")
-        time.sleep(0.05)
 
 
 def statuses(results: list[tuple[int, Any]]) -> list[int]:
@@ -44,14 +33,14 @@ def test_a_reload_does_not_refill_a_rate_limit(workdir: Path) -> None:
     with daemon(config.path) as proc:
         assert statuses(as_nobody(proc.socket, [SIGN, SIGN, SIGN])) == [200, 200, 403]
 
-        reload_and_wait(proc, 1)
+        sighup_and_wait(proc, "configuration reloaded", 1)
         [(status, body)] = as_nobody(proc.socket, [SIGN])
         assert status == 403, body
         assert "rate limit of 2 per 3600 s for uid 65534" in body["error"]["message"]
 
         # A rule whose limit grew keeps its (empty) bucket: the caller gets no fresh burst of 5.
         config_for(workdir, members, [{**rule, "rate_limit": 5}])
-        reload_and_wait(proc, 2)
+        sighup_and_wait(proc, "configuration reloaded", 2)
         [(status, body)] = as_nobody(proc.socket, [SIGN])
         assert status == 403, body
         assert "rate limit of 5 per 3600 s" in body["error"]["message"]

@@ -10,17 +10,15 @@ opens would not be enough.
 from __future__ import annotations
 
 import secrets
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from signing_agent.client import AgentClient
 from tests.doubles.keyvault import OTHER_AZURE_ENV
+from tests.e2e.test_lifecycle import sighup_and_wait
 from tests.support import prereq
 from tests.support.agent import cli_env, daemon, write_toml
 from tests.support.keyvault_proc import keyvault
@@ -60,14 +58,6 @@ def make_token(folder: Path, pin: str) -> tuple[dict[str, str], Path]:
 
 def az_environments(dump: Path) -> list[str]:
     return [block for block in dump.read_text().split("--- end of az environment ---") if block.strip()]
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
@@ -125,8 +115,7 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
             [first] = az_environments(dump)  # the fake az really ran, as a child of the daemon
             assert "AZURE_CORE_NO_COLOR=true" in first
 
-            proc.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: "configuration reloaded" in proc.stderr, "the reload")
+            sighup_and_wait(proc, "configuration reloaded", 1)
             # The new generation logged in to the token again (the reload dropped every session and login) with the
             # PIN the daemon kept in memory: the environment no longer has it.
             assert "reload rejected" not in proc.stderr
