@@ -20,6 +20,7 @@ from signing_agent.errors import ConfigError
 
 DEFAULT_SOCKET = Path("/run/signing-agent/agent.sock")
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_CREATED_AT_SKEW = 300
 DEFAULT_API_VERSION = "2024-07-01"
 SUPPORTED_API_VERSIONS = ("2023-06-01-preview", "2024-07-01")
 AZURE_CREDENTIALS = (
@@ -125,6 +126,8 @@ class AgentSection:
     """A connection must deliver its complete request line and headers within this (slowloris guard)."""
     body_timeout: float = 30.0
     """A request body must arrive completely within this."""
+    max_created_at_skew: int = DEFAULT_MAX_CREATED_AT_SKEW
+    """Seconds a caller's ``created_at`` may differ from the agent's clock, either way (0: only the current second)."""
     log_level: str = "info"
 
 
@@ -590,6 +593,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentC
         request_timeout=agent_t.get_number("request_timeout", 60.0),
         header_timeout=agent_t.get_number("header_timeout", 10.0),
         body_timeout=agent_t.get_number("body_timeout", 30.0),
+        max_created_at_skew=agent_t.get_int("max_created_at_skew", DEFAULT_MAX_CREATED_AT_SKEW, minimum=0),
         log_level=agent_t.get_choice("log_level", ("debug", "info", "warning", "error"), "info"),
     )
     agent_t.finish()

@@ -27,7 +27,7 @@ from aiohttp import web
 from signing_agent.api.app import IN_FLIGHT, APISettings, make_app
 from signing_agent.api.runtime import RUNTIME, Generation, Runtime
 from signing_agent.audit import FileAuditSink
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.factory import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
 from signing_agent.errors import AgentError, ConfigError
 from signing_agent.governance import GovernanceService
@@ -35,7 +35,7 @@ from signing_agent.health import HealthChecker
 from signing_agent.identity import Identity, open_identity
 from signing_agent.log import set_level
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.policy import Policy
+from signing_agent.policy import Policy, RateLimiter
 from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 from signing_agent.systemd import Notifier, inherited_socket
@@ -125,6 +125,7 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
 
 async def open_identities(config: AgentConfig, stores: KeyStores) -> dict[str, Identity]:
     """Open every identity, or none: on a failure the ones already open are closed again."""
+    take_configured_secrets(config)
     opened: dict[str, Identity] = {}
     try:
         for name, cfg in config.identities.items():
@@ -155,13 +156,17 @@ async def open_identities(config: AgentConfig, stores: KeyStores) -> dict[str, I
     return opened
 
 
-def make_policy(config: AgentConfig) -> Policy:
-    """The configured rules, then (unless disabled) the default rule: root, our uid, agent.allowed_uids/gids."""
+def make_policy(config: AgentConfig, limiter: RateLimiter | None = None) -> Policy:
+    """The configured rules, then (unless disabled) the default rule: root, our uid, agent.allowed_uids/gids.
+
+    ``limiter``: the rate-limit buckets to keep (a reload passes the serving policy's), else fresh ones.
+    """
     return Policy.from_config(
         config.policy,
         daemon_uid=os.getuid(),
         allowed_uids=config.agent.allowed_uids,
         allowed_gids=config.agent.allowed_gids,
+        limiter=limiter,
     )
 
 
@@ -190,6 +195,7 @@ async def open_identities_degraded(
     config: AgentConfig, stores: KeyStores
 ) -> tuple[dict[str, Identity], dict[str, str]]:
     """Open each identity on its own: the ones that pass their self-test, and why each of the others failed."""
+    take_configured_secrets(config)  # all of them, before the first identity can spawn a credential process
     opened: dict[str, Identity] = {}
     failed: dict[str, str] = {}
     for name in config.identities:
@@ -212,13 +218,22 @@ async def build_generation(
     number: int,
     allow_degraded: bool,
     metrics: Metrics,
+    limiter: RateLimiter | None = None,
 ) -> Generation:
-    """Everything one configuration serves with: identities (self-tested), policy, CCF clients, health checks."""
+    """Everything one configuration serves with: identities (self-tested), policy, CCF clients, health checks.
+
+    ``limiter``: the rate-limit buckets the previous generation charged; a reload must not refill them.
+    """
     if allow_degraded:
         identities, failed = await open_identities_degraded(config, stores)
     else:
         identities, failed = await open_identities(config, stores), {}
-    service = SigningService(identities, policy=make_policy(config), audit=audit)
+    service = SigningService(
+        identities,
+        policy=make_policy(config, limiter),
+        audit=audit,
+        max_created_at_skew=config.agent.max_created_at_skew,
+    )
     governance = GovernanceService(service, config.services)
     recovery = RecoveryService(service, governance, config.recovery, metrics=metrics)
     try:
@@ -343,6 +358,7 @@ class Reloader:
                 number=current.number + 1,
                 allow_degraded=self._allow_degraded,
                 metrics=self._metrics,
+                limiter=current.service.policy.limiter,
             )
         except Exception as exc:  # noqa: BLE001 -- a bad new config must never take the serving agent down
             message = exc.diagnostics() if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"

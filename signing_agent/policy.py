@@ -203,7 +203,11 @@ class _Bucket:
 
 @dataclass
 class RateLimiter:
-    """Token buckets keyed by (rule, uid): ``limit`` signatures per ``window`` seconds, bursts up to ``limit``."""
+    """Token buckets keyed by (rule, uid): ``limit`` signatures per ``window`` seconds, bursts up to ``limit``.
+
+    The daemon keeps one for its lifetime and hands it to each reloaded policy, so a reload does not refill anyone's
+    bucket; a rule whose limit changed keeps its bucket, capped to the new limit at its next use.
+    """
 
     clock: Callable[[], float] = time.monotonic
     _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
@@ -232,9 +236,16 @@ class RateLimiter:
 class Policy:
     """Ordered rules; the first one matching the caller decides (see the module docstring)."""
 
-    def __init__(self, rules: Iterable[Rule], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """``limiter``: the buckets of the policy this one replaces (a reload), else fresh ones on ``clock``."""
         self.rules = tuple(rules)
-        self._limiter = RateLimiter(clock)
+        self.limiter = limiter if limiter is not None else RateLimiter(clock)
 
     @classmethod
     def from_config(
@@ -245,11 +256,12 @@ class Policy:
         allowed_uids: Iterable[int] = (),
         allowed_gids: Iterable[int] = (),
         clock: Callable[[], float] = time.monotonic,
+        limiter: RateLimiter | None = None,
     ) -> Policy:
         rules = [Rule.from_config(r) for r in cfg.rules]
         if cfg.default_rule:
             rules.append(default_rule(daemon_uid, allowed_uids, allowed_gids))
-        return cls(rules, clock=clock)
+        return cls(rules, clock=clock, limiter=limiter)
 
     def rule_for(self, caller: Caller) -> Rule | None:
         return next((r for r in self.rules if r.matches(caller)), None)
@@ -275,9 +287,9 @@ class Policy:
         if rule.rate_limit is not None:
             key = (rule.name, caller.uid)
             ok = (
-                self._limiter.take(key, rule.rate_limit, rule.rate_window)
+                self.limiter.take(key, rule.rate_limit, rule.rate_window)
                 if consume
-                else self._limiter.available(key, rule.rate_limit, rule.rate_window)
+                else self.limiter.available(key, rule.rate_limit, rule.rate_window)
             )
             if not ok:
                 return Decision(

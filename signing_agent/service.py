@@ -18,6 +18,7 @@ from typing import Any
 from signing_agent.algorithms import verify_digest
 from signing_agent.audit import AuditEvent, AuditSink
 from signing_agent.backends.base import Priority
+from signing_agent.config import DEFAULT_MAX_CREATED_AT_SKEW
 from signing_agent.cose.governance import (
     GovernanceRequest,
     MsgType,
@@ -27,7 +28,13 @@ from signing_agent.cose.governance import (
     summarise_payload,
 )
 from signing_agent.cose.sign1 import finish
-from signing_agent.errors import AgentError, AuditError, PolicyDeniedError, UnknownIdentityError
+from signing_agent.errors import (
+    AgentError,
+    AuditError,
+    InvalidRequestError,
+    PolicyDeniedError,
+    UnknownIdentityError,
+)
 from signing_agent.identity import Identity
 from signing_agent.metrics import METRICS
 from signing_agent.policy import Action, Caller, Decision, Policy, default_policy
@@ -128,6 +135,7 @@ class SigningService:
 
     ``audit=None`` keeps no audit trail: for unit tests and embedding only; the daemon always passes a file sink.
     ``caller=None`` in ``sign`` means the agent itself (its own uid and pid), e.g. an internal watcher.
+    ``max_created_at_skew``: how far (seconds, either way) a caller's ``created_at`` may be from ``clock``.
     """
 
     def __init__(
@@ -137,9 +145,11 @@ class SigningService:
         clock: Callable[[], float] = time.time,
         policy: Policy | None = None,
         audit: AuditSink | None = None,
+        max_created_at_skew: int = DEFAULT_MAX_CREATED_AT_SKEW,
     ) -> None:
         self._identities = dict(identities)
         self._clock = clock
+        self.max_created_at_skew = max_created_at_skew
         self.policy = policy if policy is not None else default_policy(os.getuid())
         self.audit = audit
 
@@ -213,7 +223,24 @@ class SigningService:
             payload=payload,
             proposal_id=proposal_id,
         )
+        if created_at is not None:
+            self._check_created_at(request.created_at)
         return ident, request, summarise_payload(msg_type, payload)
+
+    def _check_created_at(self, created_at: int) -> None:
+        """Refuse a caller's ``created_at`` far from the agent's clock, for every message type.
+
+        CCF refuses a proposal older than the median of its recent proposals, and never compares created_at with its
+        own clock: one proposal signed for the far future locks the whole consortium out of proposing, and a message
+        signed for the past or the future is one a caller can hold back and submit later.
+        """
+        now = self.now()
+        if abs(created_at - now) > self.max_created_at_skew:
+            raise InvalidRequestError(
+                f"created_at {created_at} is {created_at - now:+d} s from the agent's clock ({now}); "
+                f"agent.max_created_at_skew allows {self.max_created_at_skew} s either way",
+                hint="leave created_at out to sign with the agent's clock",
+            )
 
     @staticmethod
     def _action(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from signing_agent.backends._secrets import check_secret_file, read_secret_file
+from signing_agent.backends._secrets import check_secret_file, read_secret_file, secret_env
 from signing_agent.errors import BackendUnavailableError, ConfigError
 
 
@@ -278,7 +278,10 @@ def close_all_sessions(path: str | os.PathLike[str], slot_id: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PinSource:
-    """Where a token PIN comes from. Holds no secret itself; ``read()`` fetches it each time it is needed."""
+    """Where a token PIN comes from. Holds no secret itself; ``read()`` fetches it each time it is needed.
+
+    A ``pin_env`` variable leaves the environment at its first use (``secret_env``): no child process inherits it.
+    """
 
     pin_file: Path | None = None
     pin_env: str | None = None
@@ -296,7 +299,7 @@ class PinSource:
             raise ConfigError("give pin_file or pin_env, not both")
         if self.pin_file is not None:
             check_secret_file(self.pin_file, "pin_file")
-        elif self.pin_env is not None and not os.environ.get(self.pin_env):
+        elif self.pin_env is not None and secret_env(self.pin_env) is None:
             raise ConfigError(f"pin_env: the environment variable {self.pin_env} is not set or empty")
 
     def read(self) -> str | None:
@@ -311,7 +314,7 @@ class PinSource:
                 raise ConfigError(f"pin_file {self.pin_file} is empty")
             return text
         if self.pin_env is not None:
-            return os.environ[self.pin_env]
+            return secret_env(self.pin_env)
         return None
 
 

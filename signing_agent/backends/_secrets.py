@@ -1,14 +1,22 @@
-"""Secret files (a PEM private key, a PIN file): the one place that decides whether one may be used.
+"""Secret files (a PEM private key, a PIN file) and secret environment variables: the one place that decides
+whether one may be used.
 
-The rule is ssh's for private keys: a regular file owned by the agent's user (or root) that neither group nor others
-may read or write. The checks run on the opened file, so a swap between the check and the read cannot slip through.
-Messages name the file and the fix, never its content.
+The rule for files is ssh's for private keys: a regular file owned by the agent's user (or root) that neither group
+nor others may read or write. The checks run on the opened file, so a swap between the check and the read cannot slip
+through. Messages name the file and the fix, never its content.
+
+A secret environment variable (``pin_env``, ``client_secret_env``) is taken out of ``os.environ`` when it is first
+read and kept here, in memory, under its name: every child process the agent spawns (the Azure CLI that
+``AzureCliCredential`` runs, anything a PKCS#11 module starts) inherits ``os.environ``, and must not see it. A reload
+re-reads the configuration and finds the value here. ``/proc/<pid>/environ`` still shows the environment the process
+was started with (only to its uid and root): no process can scrub that.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from signing_agent.errors import ConfigError
@@ -45,3 +53,25 @@ def read_secret_file(path: Path, what: str) -> bytes:
             return f.read(MAX_SECRET_BYTES)
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+
+
+_TAKEN: dict[str, str] = {}
+"""Secret variables already removed from ``os.environ``, by name. Never logged, never in an error message."""
+
+
+def secret_env(name: str) -> str | None:
+    """The secret in environment variable ``name`` (None when unset or empty), removed from ``os.environ``.
+
+    The first read takes the variable out of the environment, later reads (a reload, a re-login) get the kept value.
+    A variable that is set again (in-process tooling such as ``keys``' PIN prompt) replaces the kept value.
+    """
+    value = os.environ.pop(name, None)
+    if value is not None:
+        _TAKEN[name] = value
+    return _TAKEN.get(name) or None
+
+
+def take_secret_env(names: Iterable[str]) -> None:
+    """Take every one of ``names`` out of the environment now, before anything can spawn a child that inherits it."""
+    for name in names:
+        secret_env(name)

@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, verify_digest
+from signing_agent.backends._secrets import secret_env
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
 from signing_agent.config import AzureKeyVaultKeyConfig
@@ -371,8 +372,6 @@ def _make_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 
 def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCredential:
-    import os
-
     match cfg.credential:
         case "default":
             kwargs: dict[str, Any] = {}
@@ -399,7 +398,7 @@ def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCrede
                 raise ConfigError(
                     f"{where}: credential 'client-secret' needs tenant_id, client_id and client_secret_env"
                 )
-            secret = os.environ.get(cfg.client_secret_env)
+            secret = secret_env(cfg.client_secret_env)
             if not secret:
                 raise ConfigError(f"{where}.client_secret_env: variable {cfg.client_secret_env} is not set or is empty")
             return ClientSecretCredential(cfg.tenant_id, cfg.client_id, secret)

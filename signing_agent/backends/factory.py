@@ -11,9 +11,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, assert_never
 
 from signing_agent.algorithms import SignatureAlgorithm
+from signing_agent.backends._secrets import take_secret_env
 from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority, SigningKey
 from signing_agent.backends.file import FileDecryptionKey, FileSigningKey
-from signing_agent.config import AzureKeyVaultKeyConfig, FileKeyConfig, KeyConfig, KeyVaultConfig, PKCS11KeyConfig
+from signing_agent.config import (
+    AgentConfig,
+    AzureKeyVaultKeyConfig,
+    FileKeyConfig,
+    KeyConfig,
+    KeyVaultConfig,
+    PKCS11KeyConfig,
+)
 from signing_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,6 +31,27 @@ if TYPE_CHECKING:
 
 SignObserver = Callable[[str, float, bool], None]
 """``(backend, seconds, ok)`` after every signature a key store made (metrics)."""
+
+
+def secret_env_names(config: AgentConfig) -> set[str]:
+    """The environment variables the configuration reads secrets from: every ``pin_env`` and ``client_secret_env``."""
+    names: set[str] = set()
+    for ident in config.identities.values():
+        for key in (ident.signing_key, ident.encryption_key):
+            if isinstance(key, PKCS11KeyConfig) and key.pin_env:
+                names.add(key.pin_env)
+            elif isinstance(key, AzureKeyVaultKeyConfig) and key.client_secret_env:
+                names.add(key.client_secret_env)
+    return names
+
+
+def take_configured_secrets(config: AgentConfig) -> None:
+    """Take every secret variable the configuration names out of the environment before any key store opens.
+
+    All at once, not key by key: an identity whose credential spawns a process (the Azure CLI) may open before the
+    identity whose PIN or client secret is in the environment.
+    """
+    take_secret_env(sorted(secret_env_names(config)))
 
 
 class ObservedSigningKey:

@@ -250,13 +250,14 @@ async def test_explain_uses_no_key_and_reports_the_payload(
     sock, config = local_agent
     payload = json.dumps(TRUST).encode()
     body = {"identity": "m0", "msg_type": "proposal", "payload_base64": base64.b64encode(payload).decode()}
-    status, _, raw = await call(sock, "POST", "/v1/explain", {**body, "created_at": 5, "service": "default"})
+    now = int(time.time())
+    status, _, raw = await call(sock, "POST", "/v1/explain", {**body, "created_at": now, "service": "default"})
     assert status == 200, raw
     got = json.loads(raw)
     assert got["decision"]["allowed"] is True
     assert got["decision"]["rule"] == "default"
     assert got["service"] == "default"
-    assert got["protected_headers"]["ccf.gov.msg.created_at"] == 5
+    assert got["protected_headers"]["ccf.gov.msg.created_at"] == now
     assert got["algorithm"] == "ES384"
     import hashlib
 

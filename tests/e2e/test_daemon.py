@@ -55,7 +55,7 @@ def agent(workdir: Path, members: dict[str, Member]) -> Iterator[DaemonProcess]:
 def test_cli_sign_matches_ccf_cose_sign1(agent: DaemonProcess, members: dict[str, Member], workdir: Path) -> None:
     content = workdir / "proposal.json"
     content.write_bytes(PROPOSAL)
-    when = "2024-07-01T00:00:00+00:00"
+    when = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()  # within agent.max_created_at_skew
     ours = cli(
         "sign",
         "--identity",
@@ -135,6 +135,7 @@ def test_signing_cert_picks_the_identity_and_naive_times_are_utc(
     agent: DaemonProcess, members: dict[str, Member], workdir: Path
 ) -> None:
     _, cert = members["m1"].write(workdir / "c")
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     result = cli(
         "sign",
         "--signing-cert",
@@ -142,13 +143,13 @@ def test_signing_cert_picks_the_identity_and_naive_times_are_utc(
         "--ccf-gov-msg-type",
         "state_digest",
         "--ccf-gov-msg-created_at",
-        "2024-07-01T00:00:00",
+        now.replace(tzinfo=None).isoformat(),
         sock=agent.socket,
     )
     assert result.returncode == 0, result.stderr
     headers = cbor2.loads(cbor2.loads(result.stdout).value[0])
     assert headers[4] == members["m1"].member_id.encode()
-    assert headers["ccf.gov.msg.created_at"] == int(datetime.datetime(2024, 7, 1, tzinfo=datetime.UTC).timestamp())
+    assert headers["ccf.gov.msg.created_at"] == int(now.timestamp())
 
 
 def test_cli_errors_are_clear(agent: DaemonProcess, workdir: Path) -> None:

@@ -77,7 +77,12 @@ async def running_agent(config: AgentConfig, *, policy: Policy | None = None) ->
     audit = await open_audit(config)
     stores = KeyStores()
     identities = await open_identities(config, stores)
-    service = SigningService(identities, policy=policy or make_policy(config), audit=audit)
+    service = SigningService(
+        identities,
+        policy=policy or make_policy(config),
+        audit=audit,
+        max_created_at_skew=config.agent.max_created_at_skew,
+    )
     governance = GovernanceService(service, config.services)
     app = make_app(service, api_settings(config), governance)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=config.agent.header_timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from azure.identity.aio import (
 )
 from cryptography.hazmat.primitives import serialization
 
+from signing_agent.backends import _secrets
 from signing_agent.backends.azure_keyvault import _make_credential
 from signing_agent.config import AzureKeyVaultKeyConfig
 from signing_agent.errors import ConfigError
@@ -65,14 +67,19 @@ async def test_workload_identity_unconfigured_is_a_config_error(monkeypatch: pyt
 
 
 async def test_client_secret_comes_from_the_named_variable_and_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_secrets, "_TAKEN", {})
     monkeypatch.setenv("KV_SECRET", "very-secret-value")
     credential = await built(cfg(credential="client-secret", tenant_id=TENANT, client_id=CLIENT,
                                  client_secret_env="KV_SECRET"))  # fmt: skip
     assert isinstance(credential, ClientSecretCredential)
-    monkeypatch.delenv("KV_SECRET")
-    with pytest.raises(ConfigError, match="KV_SECRET is not set") as info:
+    # Read once, the secret has left the environment (no child process inherits it) and a reload still finds it.
+    assert "KV_SECRET" not in os.environ
+    again = await built(cfg(credential="client-secret", tenant_id=TENANT, client_id=CLIENT,
+                            client_secret_env="KV_SECRET"))  # fmt: skip
+    assert isinstance(again, ClientSecretCredential)
+    with pytest.raises(ConfigError, match="KV_SECRET_UNSET is not set") as info:
         _make_credential(cfg(credential="client-secret", tenant_id=TENANT, client_id=CLIENT,
-                             client_secret_env="KV_SECRET"), WHERE)  # fmt: skip
+                             client_secret_env="KV_SECRET_UNSET"), WHERE)  # fmt: skip
     assert "very-secret-value" not in info.value.diagnostics()
     with pytest.raises(ConfigError, match="needs tenant_id, client_id and client_secret_env"):
         _make_credential(cfg(credential="client-secret"), WHERE)

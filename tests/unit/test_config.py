@@ -47,6 +47,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     config = parse_config(minimal(socket="run/a.sock"), path=tmp_path / "agent.toml")
     assert config.agent.socket == tmp_path / "run/a.sock"
     assert config.agent.socket_mode == 0o600
+    assert config.agent.max_created_at_skew == 300
     assert config.identities["m0"].certificate == tmp_path / "c.pem"
 
 
@@ -65,6 +66,8 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         (minimal(socket_mode="0666"), "is not allowed"),
         (minimal(socket_mode="rw"), "octal"),
         (minimal(allowed_uids=["root"]), "non-negative integers"),
+        (minimal(max_created_at_skew=-1), "agent.max_created_at_skew: must be at least 0"),
+        (minimal(max_created_at_skew=1.5), "agent.max_created_at_skew: expected an integer"),
         (
             {"identities": {"m0": {"signing_key": {"backend": "file", "path": "k"}}}},
             "identities.m0.certificate",

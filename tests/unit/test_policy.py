@@ -146,6 +146,29 @@ def test_rate_limit_is_a_token_bucket_per_rule_and_uid() -> None:
     assert not p.decide(OPERATOR, TRUST).allowed
 
 
+SLOW: dict[str, Any] = {"name": "slow", "uids": (1000,), "rate_limit": 5, "rate_window": 3600.0}
+
+
+def reloaded(previous: Policy, **changes: Any) -> Policy:
+    """The policy a reload builds: the rule (possibly changed) on the previous policy's rate limiter."""
+    cfg = PolicyConfig(rules=(PolicyRuleConfig(**{**SLOW, **changes}),))
+    return Policy.from_config(cfg, daemon_uid=ME, limiter=previous.limiter)
+
+
+def test_a_reloaded_policy_keeps_the_buckets_capped_to_the_new_limit() -> None:
+    clock = Clock()
+    old = policy(SLOW, clock=clock)
+    assert old.decide(OPERATOR, TRUST).allowed  # 4 tokens left
+    same = reloaded(old)
+    assert [same.decide(OPERATOR, TRUST).allowed for _ in range(5)] == [True] * 4 + [False]
+    # A lower limit caps the bucket; a higher one does not refill it.
+    fresh = policy(SLOW, clock=clock)
+    assert fresh.decide(OPERATOR, TRUST).allowed
+    lower = reloaded(fresh, rate_limit=2)
+    assert [lower.decide(OPERATOR, TRUST).allowed for _ in range(3)] == [True, True, False]
+    assert not reloaded(lower, rate_limit=50).decide(OPERATOR, TRUST).allowed
+
+
 def _config(rules: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "identities": {"m0": {"certificate": "c.pem", "signing_key": {"backend": "file", "path": "k.pem"}}},

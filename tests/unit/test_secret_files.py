@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.backends._secrets import check_secret_file, read_secret_file
+from signing_agent.backends import _secrets
+from signing_agent.backends._secrets import check_secret_file, read_secret_file, secret_env, take_secret_env
+from signing_agent.backends.factory import secret_env_names
 from signing_agent.backends.file import FileSigningKey
+from signing_agent.config import parse_config
 from signing_agent.errors import ConfigError
 from tests.support.pki import make_member
 from tests.support.prereq import missing
@@ -60,3 +63,32 @@ def test_the_file_backend_uses_the_same_rule(tmp_path: Path) -> None:
         FileSigningKey(key, name="identities.m0.signing_key")
     key.chmod(0o600)
     FileSigningKey(key, name="identities.m0.signing_key")
+
+
+def test_a_secret_variable_leaves_the_environment_once_read_and_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_secrets, "_TAKEN", {})
+    monkeypatch.setenv("SA_UNIT_PIN", "4321")
+    take_secret_env(["SA_UNIT_PIN", "SA_UNIT_UNSET"])
+    assert "SA_UNIT_PIN" not in os.environ
+    assert secret_env("SA_UNIT_PIN") == "4321"  # a reload or a re-login reads it again
+    assert secret_env("SA_UNIT_UNSET") is None
+    monkeypatch.setenv("SA_UNIT_PIN", "8765")  # set again in this process (the keys command's PIN prompt)
+    assert secret_env("SA_UNIT_PIN") == "8765"
+    assert "SA_UNIT_PIN" not in os.environ
+
+
+def test_every_secret_variable_of_the_configuration_is_found(tmp_path: Path) -> None:
+    vault = {"backend": "azure-keyvault", "vault_url": "https://v.vault.azure.net", "key_name": "k"}
+    token = {"backend": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "t", "key_label": "k"}
+    config = parse_config(
+        {
+            "identities": {
+                "a": {"certificate": "a.pem", "signing_key": {**token, "pin_env": "PIN_A"},
+                      "encryption_key": {**vault, "credential": "client-secret", "client_secret_env": "SECRET_A"}},
+                "b": {"certificate": "b.pem", "signing_key": {**token, "pin_file": "pin"}},
+                "c": {"certificate": "c.pem", "signing_key": vault},
+            }
+        },
+        path=tmp_path / "agent.toml",
+    )  # fmt: skip
+    assert secret_env_names(config) == {"PIN_A", "SECRET_A"}

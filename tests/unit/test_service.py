@@ -11,7 +11,7 @@ from signing_agent.backends.factory import KeyStores
 from signing_agent.config import FileKeyConfig, IdentityConfig
 from signing_agent.cose.governance import MsgType
 from signing_agent.cose.sign1 import decode, verify
-from signing_agent.errors import AuditError
+from signing_agent.errors import AuditError, InvalidRequestError
 from signing_agent.identity import open_identity
 from signing_agent.metrics import METRICS
 from signing_agent.service import SigningService
@@ -45,4 +45,18 @@ async def test_no_signature_without_an_audit_record_and_the_failure_is_counted(t
     with pytest.raises(AuditError):
         await service.sign("m0", MsgType.STATE_DIGEST, b"")
     assert METRICS.registry.get_sample_value("signing_agent_audit_write_failures_total") == failures + 1
+    await service.aclose()
+
+
+async def test_a_caller_created_at_must_be_within_the_skew_of_the_clock(tmp_path: Path) -> None:
+    audit = MemoryAuditSink()
+    service = await service_with(tmp_path, audit)  # clock: 1_700_000_000.5, default skew 300 s
+    for edge in (1_700_000_000 - 300, 1_700_000_000 + 300):
+        assert (await service.sign("m0", MsgType.STATE_DIGEST, b"", created_at=edge)).created_at == edge
+    for outside in (1_700_000_000 - 301, 1_700_000_000 + 301, 9_999_999_999):
+        with pytest.raises(InvalidRequestError, match=rf"created_at {outside} is [+-]\d+ s from the agent's clock"):
+            await service.sign("m0", MsgType.STATE_DIGEST, b"", created_at=outside)
+        with pytest.raises(InvalidRequestError, match=r"agent\.max_created_at_skew allows 300 s"):
+            await service.explain("m0", MsgType.STATE_DIGEST, b"", created_at=outside)
+    assert [r["event"] for r in audit.records].count("signed") == 2
     await service.aclose()
