@@ -427,6 +427,8 @@ class FileAuditSink:
         fd = _open_own_file(folder_fd, self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             st = os.fstat(fd)
+            if st.st_nlink > 1:
+                self._drop_rotated_names(folder_fd, st)
             last = _last_line(fd, st.st_size)
             prev, seq = GENESIS, 0
             if last is not None:
@@ -442,6 +444,22 @@ class FileAuditSink:
             os.close(self._fd)
         self._fd, self._size, self._prev, self._seq = fd, st.st_size, prev, seq
         self._broken = self._stopped = self._failure = None
+
+    def _drop_rotated_names(self, folder_fd: int, live: os.stat_result) -> None:
+        """A crash between the two steps of a rotation leaves the live file under its rotated name too (the rotation
+        did not happen): drop that name, or the same records would be verified twice."""
+        for name in os.listdir(folder_fd):
+            if not self._rotated.fullmatch(name):
+                continue
+            try:
+                other = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (live.st_dev, live.st_ino):
+                os.unlink(name, dir_fd=folder_fd)
+                _logger.warning(
+                    "audit log %s: removed %s, a second name left by an unfinished rotation", self.path, name
+                )
 
     async def reopen(self) -> None:
         """SIGHUP, in any failing state. After write errors (a full disk) or a broken record an operator removed, the

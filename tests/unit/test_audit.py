@@ -312,6 +312,17 @@ async def test_rotation_keeps_only_keep_rotated_files_and_records_what_it_delete
     assert "audit.keep_rotated" in report.notes[0]
 
 
+async def test_a_rotation_cut_short_by_a_crash_leaves_no_second_copy(tmp_path: Path) -> None:
+    """Rotation links the live file to its rotated name, then renames the new file into place: a crash in between
+    leaves one file under two names, and the next start drops the rotated one."""
+    path = tmp_path / "audit.jsonl"
+    await (await write(path, 3)).aclose()
+    os.link(path, tmp_path / "audit.jsonl.20260101T000000Z-3")
+    await (await write(path, 1)).aclose()
+    assert chain_files(tmp_path) == [path]
+    assert verify_audit([path]).records == 4
+
+
 async def test_keep_rotated_zero_keeps_the_live_file_only(tmp_path: Path) -> None:
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=0)
     for i in range(100):
