@@ -2,11 +2,23 @@
 
 Each line is a compact JSON object with sorted keys. ``seq`` counts records across files; ``prev`` is the lowercase
 hex SHA-256 of the previous line's bytes (without its newline), or 64 zeros for the very first record. Editing,
-deleting or reordering a line breaks the chain at the next line, which ``verify_audit`` reports. (The chain cannot
-show that the *last* lines were cut off or rewritten: anchor the latest hash elsewhere for that.)
+deleting or reordering a line breaks the chain at the next line, which ``verify_audit`` reports. A chain that does not
+start at seq 0 must start with a ``rotated`` or ``discontinuity`` record, so cutting off the first lines is a break
+too. (The chain cannot show that the *last* lines were cut off or rewritten: anchor the latest hash elsewhere.)
 
 Rotation by size: the current file is renamed to ``<name>.<UTC time>-<seq>`` and the new file begins with a
-``rotated`` record whose ``prev`` is the hash of the old file's last line and whose ``prev_file`` names it.
+``rotated`` record whose ``prev`` is the hash of the old file's last line and whose ``prev_file`` names it. Only
+``keep_rotated`` rotated files are kept: a ``pruned`` record, written before older files are deleted, names them and
+the hash the oldest kept file starts from.
+
+Bounded records: ``bound_fields`` caps every string and list a caller can grow (proposal action names, reasons that
+embed them, executable paths, request ids), so a denied request costs the caller, not the disk.
+
+The live file is the agent's alone: it is opened with ``O_NOFOLLOW`` in a folder owned by the agent's user (or root)
+that nobody else can write, under an exclusive lock (``.<name>.lock`` beside it) held for the process lifetime. A
+live file that is removed, replaced, truncated or appended to behind the agent's back stops the log (fail closed);
+SIGHUP (``reopen``) then continues the file only if it still ends with the agent's last record, and otherwise starts
+a new file with a ``discontinuity`` record, never silently.
 
 Fail closed: any error writing or syncing a record raises ``AuditError`` (HTTP 503) and the caller must not release
 the signature. Records never hold a secret: digests, names and ids only, never payloads, PINs or tokens.
@@ -18,10 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from signing_agent.errors import AuditError
+from signing_agent.errors import AgentError, AuditError, ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +62,24 @@ AuditEvent = Literal[
     "share_submitted",
     "share_failed",
     "identity_adopted",
+    "pruned",
+    "discontinuity",
 ]
+
+FILE_STARTS = frozenset({"rotated", "discontinuity"})
+"""The records that may begin a chain that does not start at seq 0."""
+
+DEFAULT_KEEP_ROTATED = 10
+MAX_ACTIONS = 32
+"""Proposal action names kept in a record (``proposal_actions_count`` and ``_sha256`` cover the whole list)."""
+MAX_ACTION_CHARS = 128
+MAX_TEXT_CHARS = 512
+"""Any other string (a reason embedding action names, an executable path, a request id) is cut here."""
+MAX_LIST_ITEMS = 32
+MIN_FREE_BYTES = 64 * 1024
+"""Health reports the audit log as unavailable when its file system has less room than this."""
+
+_INT_LIMIT = 1 << 64
 
 
 def line_hash(line: bytes) -> str:
@@ -60,7 +93,65 @@ class AuditSink(Protocol):
 
     async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None: ...
 
+    async def problem(self) -> str | None:
+        """Why records cannot be written now (for health), or None."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+# -- bounded records -----------------------------------------------------------------------------------------------
+
+
+def _clip(text: str, limit: int, *, digest: bool = True) -> str:
+    if len(text) <= limit:
+        return text
+    if not digest:
+        return f"{text[:limit]}...[{len(text)} chars]"
+    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[:limit]}...[{len(text)} chars, sha256 {sha}]"
+
+
+def _bounded(value: Any) -> Any:
+    """``value`` with every string and list cut to size, recursively; other scalars as they are."""
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -_INT_LIMIT < value < _INT_LIMIT else f"[an integer of {value.bit_length()} bits]"
+    if isinstance(value, str):
+        return _clip(value, MAX_TEXT_CHARS)
+    if isinstance(value, Mapping):
+        return {_clip(str(k), MAX_TEXT_CHARS): _bounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_bounded(v) for v in value[:MAX_LIST_ITEMS]]
+        if len(value) > MAX_LIST_ITEMS:
+            items.append(f"...[{len(value)} items]")
+        return items
+    return _clip(str(value), MAX_TEXT_CHARS)
+
+
+def actions_digest(names: Sequence[str]) -> str:
+    """SHA-256 of the JSON array of all the action names (compact, ASCII-escaped): ``proposal_actions_sha256``."""
+    return hashlib.sha256(json.dumps(list(names), separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+def bound_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record may hold of ``fields``: None dropped, caller-controlled strings and lists cut to size.
+
+    Proposal action names: the first ``MAX_ACTIONS``, each cut to ``MAX_ACTION_CHARS``, plus the count and digest of
+    the whole list, so a 2.5 MB list of names costs a few KiB and can still be matched against the proposal."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key == "proposal_actions" and isinstance(value, list | tuple):
+            names = [str(v) for v in value]
+            out[key] = [_clip(n, MAX_ACTION_CHARS, digest=False) for n in names[:MAX_ACTIONS]]
+            out["proposal_actions_count"] = len(names)
+            out["proposal_actions_sha256"] = actions_digest(names)
+        else:
+            out[key] = _bounded(value)
+    return out
 
 
 @dataclass
@@ -74,10 +165,141 @@ class MemoryAuditSink:
     async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
         if self.fail:
             raise AuditError("the audit log cannot be written (test)")
-        self.records.append({"event": event, **fields})
+        self.records.append({"event": event, **bound_fields(fields)})
+
+    async def problem(self) -> str | None:
+        return "the audit log cannot be written (test)" if self.fail else None
 
     async def aclose(self) -> None:
         return None
+
+
+# -- files that are really ours ------------------------------------------------------------------------------------
+
+
+def _not_ours(st: os.stat_result) -> str | None:
+    """Why a file or folder with this ``stat`` is not the agent's to trust, or None."""
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        return f"is owned by uid {st.st_uid}, not by the agent's user (uid {uid}) or root"
+    if st.st_mode & 0o022:
+        return f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _open_folder(folder: Path) -> int:
+    """The audit log's folder as a descriptor: created 0700 when missing; refused when it is a symlink, is not owned
+    by the agent's user or root, or others may write it (they could swap the log or plant files beside it)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise AuditError(f"audit.path: cannot create the folder {folder}: {exc.strerror}") from None
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(f"audit.path: {folder} is a symlink or not a folder; refusing it") from None
+        raise AuditError(f"audit.path: cannot open the folder {folder}: {exc.strerror}") from None
+    hint = "keep the audit log in a folder of its own, mode 0700, owned by the agent's user"
+    return _kept_if_ours(fd, _not_ours(os.fstat(fd)), f"the folder {folder}", hint)
+
+
+def _kept_if_ours(fd: int, problem: str | None, what: str, hint: str) -> int:
+    """``fd``, or (closed) a ConfigError that says why ``what`` is refused."""
+    if problem is not None:
+        os.close(fd)
+        raise ConfigError(f"audit.path: {what} {problem}; refusing it", hint=hint)
+    return fd
+
+
+def _open_own_file(folder_fd: int, path: Path, flags: int) -> int:
+    """Open ``path`` (in the folder ``folder_fd``) without following a symlink, and only if it is a regular file of
+    ours: never a file planted by another user, whose mode we will not touch. Narrowed to 0600 when readable by
+    others."""
+    try:
+        fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"audit.path: {path} is a symlink; refusing to follow it") from None
+        raise AuditError(f"audit.path: cannot open {path}: {exc.strerror}") from None
+    try:
+        problem = _narrow_own_file(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise AuditError(f"audit.path: cannot check {path}: {exc.strerror}") from None
+    return _kept_if_ours(fd, problem, str(path), "move it aside and look at it: the agent only writes its own files")
+
+
+def _narrow_own_file(fd: int) -> str | None:
+    """Why the open file is not ours to write, or None (after narrowing a file of ours that others may read)."""
+    st = os.fstat(fd)
+    problem = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _not_ours(st)
+    if problem is None and st.st_mode & 0o077:
+        if st.st_uid != os.geteuid():
+            return f"is readable by others (mode {stat.S_IMODE(st.st_mode):04o}) and not ours to chmod"
+        os.fchmod(fd, 0o600)
+    return problem
+
+
+def _fsync_folder(folder_fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.fsync(folder_fd)
+
+
+class AuditLock:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside the audit log, held for the life of the process (SIGHUP too).
+
+    A second agent started against the same audit log finds it taken and stops before it writes anything: it would
+    otherwise append a ``started`` record to the live log and break its chain. The file holds the holder's pid, for
+    the message; it is never removed (removing a lock file lets two processes lock two different files)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, folder_fd: int, path: Path, *, log: Path) -> AuditLock:
+        fd = _open_own_file(folder_fd, path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise AuditError(f"audit.path: cannot lock {path}: {exc.strerror}") from None
+            who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise AuditError(
+                f"audit.path: {log} is in use by another signing-agent ({who} holds the lock {path}); "
+                "this one writes nothing and exits",
+                hint="stop the running agent first (systemctl stop signing-agent), or give this one its own audit.path",
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise AuditError(f"audit.path: cannot write {path}: {exc.strerror}") from None
+        return cls(path, fd)
+
+    def held(self) -> bool:
+        """Whether the lock file at ``path`` is still the one we locked (its folder may have been removed)."""
+        if self._fd is None:
+            return False
+        try:
+            ours, there = os.fstat(self._fd), os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
 
 
 def _last_line(fd: int, size: int) -> bytes | None:
@@ -102,6 +324,20 @@ def _last_line(fd: int, size: int) -> bytes | None:
     return lines[-1] + b"\n"
 
 
+def _first_record(folder_fd: int, name: str) -> dict[str, Any] | None:
+    """The first record of a rotated file, or None when it cannot be read as one."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            record = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """One ``write`` of the whole line; a short write is an error (the caller removes the partial line)."""
     written = os.write(fd, data)
@@ -117,9 +353,17 @@ class FileAuditSink:
     is durable. If the write fails, the whole group is taken back and every record in it fails (fail closed).
     """
 
-    def __init__(self, path: Path, *, max_bytes: int, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        keep_rotated: int = DEFAULT_KEEP_ROTATED,
+        clock: Any = time.time,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.keep_rotated = keep_rotated
         self._clock = clock
         self._lock = asyncio.Lock()
         self._thread_lock = threading.Lock()
@@ -128,6 +372,10 @@ class FileAuditSink:
         self._prev = GENESIS
         self._seq = 0
         self._broken: str | None = None
+        self._stopped: str | None = None
+        self._failure: str | None = None
+        self._file_lock: AuditLock | None = None
+        self._rotated = re.compile(re.escape(path.name) + r"\.\d{8}T\d{6}Z-(\d+)")
         self._pending: list[tuple[AuditEvent, dict[str, Any], bool, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -144,46 +392,258 @@ class FileAuditSink:
         """A partial record could not be taken back: nothing is written until an operator fixes it and reloads."""
         return self._broken is not None
 
+    @property
+    def lock_path(self) -> Path:
+        """``.<name>.lock`` beside the log: hidden, so ``audit verify audit.jsonl*`` does not pick it up."""
+        return self.path.with_name(f".{self.path.name}.lock")
+
     @classmethod
-    async def open(cls, path: Path, *, max_bytes: int) -> FileAuditSink:
-        sink = cls(path, max_bytes=max_bytes)
-        await asyncio.to_thread(sink._open_sync)
+    async def open(
+        cls, path: Path, *, max_bytes: int, keep_rotated: int = DEFAULT_KEEP_ROTATED, lock: bool = True
+    ) -> FileAuditSink:
+        """Open (or create) the log and continue its chain. ``lock``: take ``<path>.lock`` first, or refuse to start
+        when another agent holds it (before anything is written)."""
+        sink = cls(path, max_bytes=max_bytes, keep_rotated=keep_rotated)
+        await asyncio.to_thread(sink._open_sync, lock)
         return sink
 
-    def _open_sync(self) -> None:
-        folder = self.path.parent
+    def _open_sync(self, lock: bool) -> None:
+        folder_fd = _open_folder(self.path.parent)
         try:
-            if not folder.exists():
-                folder.mkdir(mode=0o700, parents=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise AuditError(f"audit.path: cannot open {self.path}: {exc.strerror}") from None
+            if lock:
+                self._file_lock = AuditLock.acquire(folder_fd, self.lock_path, log=self.path)
+            self._open_live(folder_fd)
+        except BaseException:
+            if self._file_lock is not None:
+                self._file_lock.release()
+                self._file_lock = None
+            raise
+        finally:
+            os.close(folder_fd)
+        _logger.info("audit log %s: continuing at seq %d", self.path, self._seq)
+
+    def _open_live(self, folder_fd: int) -> None:
+        """Open the file at the path and continue its chain from its last record."""
+        fd = _open_own_file(folder_fd, self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             st = os.fstat(fd)
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
+            if st.st_nlink > 1:
+                self._drop_rotated_names(folder_fd, st)
             last = _last_line(fd, st.st_size)
+            prev, seq = GENESIS, 0
             if last is not None:
                 try:
-                    record = json.loads(last)
-                    seq = int(record["seq"])
+                    seq = int(json.loads(last)["seq"]) + 1
                 except (ValueError, KeyError, TypeError):
                     raise AuditError(f"audit.path: the last line of {self.path} is not an audit record") from None
-                self._prev = line_hash(last)
-                self._seq = seq + 1
-            self._size = st.st_size
+                prev = line_hash(last)
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
-        self._broken = None
-        _logger.info("audit log %s: continuing at seq %d", self.path, self._seq)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._size, self._prev, self._seq = fd, st.st_size, prev, seq
+        self._broken = self._stopped = self._failure = None
+
+    def _drop_rotated_names(self, folder_fd: int, live: os.stat_result) -> None:
+        """A crash between the two steps of a rotation leaves the live file under its rotated name too (the rotation
+        did not happen): drop that name, or the same records would be verified twice."""
+        for name in os.listdir(folder_fd):
+            if not self._rotated.fullmatch(name):
+                continue
+            try:
+                other = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (live.st_dev, live.st_ino):
+                os.unlink(name, dir_fd=folder_fd)
+                _logger.warning(
+                    "audit log %s: removed %s, a second name left by an unfinished rotation", self.path, name
+                )
 
     async def reopen(self) -> None:
-        """Close and reopen the file (SIGHUP, or after an operator fixed a broken log)."""
+        """SIGHUP, in any failing state. After write errors (a full disk) or a broken record an operator removed, the
+        file still ends with the last record this agent wrote and the chain continues in it. After the file was
+        changed behind the agent's back (removed, replaced, emptied, cut, extended), or when it does not end with
+        that record, what is there is moved aside and a new file begins with a ``discontinuity`` record that carries
+        the chain on (its ``prev`` is the agent's last hash). Never continues silently."""
         async with self._lock:
-            await asyncio.to_thread(self._close_sync)
-            await asyncio.to_thread(self._open_sync)
+            await asyncio.to_thread(self._reopen_sync)
+
+    def _reopen_sync(self) -> None:
+        with self._thread_lock:
+            folder_fd = _open_folder(self.path.parent)
+            try:
+                if self._file_lock is not None and not self._file_lock.held():
+                    self._file_lock.release()
+                    self._file_lock = AuditLock.acquire(folder_fd, self.lock_path, log=self.path)
+                reason = self._discontinuity(folder_fd)
+                if reason is None:
+                    self._open_live(folder_fd)
+                    _logger.warning("audit log %s reopened; continuing at seq %d", self.path, self._seq)
+                else:
+                    self._start_after_discontinuity(folder_fd, reason)
+            finally:
+                os.close(folder_fd)
+
+    def _discontinuity(self, folder_fd: int) -> str | None:
+        """Why the chain cannot simply continue in the file at the path, or None: it was changed behind our back (the
+        log stopped), or it does not end with this agent's last record (a torn tail nobody removed)."""
+        if self._stopped is not None:
+            return self._stopped  # changed behind our back: whatever is there now, the gap is recorded
+        try:
+            fd = os.open(self.path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+        except FileNotFoundError:
+            return "the live file was removed"
+        except OSError as exc:
+            return f"the live file cannot be opened: {exc.strerror}"
+        try:
+            last = _last_line(fd, os.fstat(fd).st_size)
+        except AuditError:
+            last = b"torn"
+        finally:
+            os.close(fd)
+        if (GENESIS if last is None else line_hash(last)) == self._prev:
+            return None
+        return self._broken or "the live file does not end with the agent's last record"
+
+    def _start_after_discontinuity(self, folder_fd: int, reason: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        found = f"{self.path.stem}.found-{stamp}-{self._seq}{self.path.suffix}"
+        try:
+            os.stat(self.path.name, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            found_name: str | None = None
+        else:
+            found_name = found
+        header: list[tuple[AuditEvent, dict[str, Any]]] = [
+            ("discontinuity", {"reason": reason, "found_file": found_name})
+        ]
+
+        def swap(tmp: str) -> None:
+            if found_name is not None:
+                os.rename(self.path.name, found_name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            os.rename(tmp, self.path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+
+        self._install(folder_fd, header, swap, what="start a new audit log")
+        self._broken = self._stopped = self._failure = None
+        _logger.warning(
+            "audit log %s: %s; started a new file at seq %d with a discontinuity record%s",
+            self.path,
+            reason,
+            self._seq - 1,
+            f" (what was there is kept as {found_name})" if found_name else "",
+        )
+
+    def _install(
+        self,
+        folder_fd: int,
+        header: Sequence[tuple[AuditEvent, Mapping[str, Any]]],
+        swap: Any,
+        *,
+        what: str,
+    ) -> None:
+        """Write ``header`` to a fresh hidden file, fsync it, let ``swap(tmp_name)`` put it at the path, and make it
+        the live file. On any failure nothing changes: the path keeps a complete file, never an empty one."""
+        tmp = f".{self.path.name}.new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder_fd)
+        seq, prev = self._seq, self._prev
+        data = b""
+        for event, fields in header:
+            line = self._encode(event, fields, seq, prev)
+            data += line
+            seq, prev = seq + 1, line_hash(line)
+        fd = -1
+        try:
+            fd = os.open(
+                tmp,
+                os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=folder_fd,
+            )
+            _write_all(fd, data)
+            os.fsync(fd)
+            swap(tmp)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=folder_fd)
+            raise AuditError(f"cannot {what} {self.path}: {exc.strerror}") from None
+        _fsync_folder(folder_fd)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._size, self._seq, self._prev = fd, len(data), seq, prev
+
+    async def problem(self) -> str | None:
+        """Why records cannot be written now, or None: a stopped or broken log, a live file changed behind our back,
+        the last write failing, or a file system with less than ``MIN_FREE_BYTES`` left. For ``/v1/health``."""
+        return await asyncio.to_thread(self._problem_sync)
+
+    def _problem_sync(self) -> str | None:
+        with self._thread_lock:
+            try:
+                self._check_usable()
+            except AuditError as exc:
+                return exc.message
+            if self._failure is not None:
+                return self._failure
+            assert self._fd is not None  # noqa: S101 -- _check_usable
+            try:
+                vfs = os.fstatvfs(self._fd)
+            except OSError as exc:
+                return f"cannot check the free space for the audit log {self.path}: {exc.strerror}"
+            free = vfs.f_bavail * vfs.f_frsize
+            if free < MIN_FREE_BYTES:
+                return f"the audit log {self.path} has {free} bytes left on its file system"
+        return None
+
+    def _check_usable(self) -> None:
+        """Raise AuditError unless records may be appended: the log is open, not broken, not stopped, and the file at
+        the path is still the one we write, with exactly what we wrote (else stop, until SIGHUP)."""
+        if self._broken is not None:
+            raise AuditError(
+                f"the audit log {self.path} is unusable: {self._broken}", hint="fix it, then SIGHUP or restart"
+            )
+        if self._stopped is None and self._fd is not None:
+            self._stopped = self._tampered(self._fd)
+            if self._stopped is not None:
+                _logger.error(
+                    "audit log %s: %s; nothing is signed until an operator looks at it and sends SIGHUP "
+                    "(the agent then starts a new file with a discontinuity record)",
+                    self.path,
+                    self._stopped,
+                )
+        if self._stopped is not None:
+            raise AuditError(
+                f"the audit log {self.path} stopped: {self._stopped}",
+                hint="look at the audit log's folder, then SIGHUP: the agent starts a new file and records the gap",
+            )
+        if self._fd is None:
+            raise AuditError("the audit log is closed")
+
+    def _tampered(self, fd: int) -> str | None:
+        """How the live file differs from what this agent wrote to it, or None."""
+        try:
+            ours = os.fstat(fd)
+        except OSError as exc:  # pragma: no cover -- fstat on an open descriptor
+            return f"the live file cannot be checked: {exc.strerror}"
+        if not stat.S_ISREG(ours.st_mode):
+            return None  # a device (tests write to /dev/full): nothing to compare
+        try:
+            there = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return "the live file was removed (or its folder was)"
+        except OSError as exc:
+            return f"the live file cannot be checked: {exc.strerror}"
+        if (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino):
+            return "the live file was replaced by another file"
+        if ours.st_size < self._size:
+            return f"the live file was cut to {ours.st_size} bytes (the agent had written {self._size})"
+        if ours.st_size > self._size:
+            return f"the live file grew by {ours.st_size - self._size} bytes the agent did not write"
+        return None
 
     async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
         """Append one record (and fsync it unless ``sync=False``). Shielded: a cancelled caller cannot leave half a
@@ -221,7 +681,7 @@ class FileAuditSink:
 
     def _encode(self, event: AuditEvent, fields: Mapping[str, Any], seq: int, prev: str) -> bytes:
         record = {
-            **{k: v for k, v in fields.items() if v is not None},
+            **bound_fields(fields),
             "event": event,
             "seq": seq,
             "prev": prev,
@@ -232,30 +692,36 @@ class FileAuditSink:
     def _append_sync(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]], *, sync: bool = True) -> None:
         """Chain and write ``records`` with one write and (``sync``) one fsync, rotating first where needed."""
         with self._thread_lock:
-            if self._broken is not None:
-                raise AuditError(f"the audit log is unusable: {self._broken}", hint="fix it, then SIGHUP or restart")
-            if self._fd is None:
-                raise AuditError("the audit log is closed")
-            chunk: list[bytes] = []
-            chunk_size = 0
-            seq, prev = self._seq, self._prev
-            for event, fields in records:
-                line = self._encode(event, fields, seq, prev)
-                if self._size + chunk_size > 0 and self._size + chunk_size + len(line) > self.max_bytes:
-                    if chunk:
-                        self._write_lines(b"".join(chunk), seq, prev)
-                        chunk, chunk_size = [], 0
-                    self._rotate_sync()
-                    seq, prev = self._seq, self._prev
-                    line = self._encode(event, fields, seq, prev)
-                chunk.append(line)
-                chunk_size += len(line)
-                seq, prev = seq + 1, line_hash(line)
-            if chunk:
-                self._write_lines(b"".join(chunk), seq, prev, sync=sync)
+            self._check_usable()
+            try:
+                self._append_chunks(records, sync=sync)
+            except AuditError as exc:
+                if self._failure is None:
+                    _logger.error("audit log %s: %s", self.path, exc.message)  # noqa: TRY400 -- no traceback needed
+                self._failure = exc.message
+                raise
+            if self._failure is not None:
+                _logger.warning("audit log %s: records are written again", self.path)
+                self._failure = None
 
-    def _write_line(self, line: bytes) -> None:
-        self._write_lines(line, self._seq + 1, line_hash(line))
+    def _append_chunks(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]], *, sync: bool) -> None:
+        chunk: list[bytes] = []
+        chunk_size = 0
+        seq, prev = self._seq, self._prev
+        for event, fields in records:
+            line = self._encode(event, fields, seq, prev)
+            if self._size + chunk_size > 0 and self._size + chunk_size + len(line) > self.max_bytes:
+                if chunk:
+                    self._write_lines(b"".join(chunk), seq, prev)
+                    chunk, chunk_size = [], 0
+                self._rotate_sync()
+                seq, prev = self._seq, self._prev
+                line = self._encode(event, fields, seq, prev)
+            chunk.append(line)
+            chunk_size += len(line)
+            seq, prev = seq + 1, line_hash(line)
+        if chunk:
+            self._write_lines(b"".join(chunk), seq, prev, sync=sync)
 
     def _write_lines(self, data: bytes, next_seq: int, last_hash: str, *, sync: bool = True) -> None:
         """Write already-chained lines (and fsync); on success the chain advances to (next_seq, last_hash)."""
@@ -280,25 +746,64 @@ class FileAuditSink:
         self._seq = next_seq
 
     def _rotate_sync(self) -> None:
+        """Give the live file its rotated name, and put a new file that begins with the ``rotated`` record (and,
+        beyond ``keep_rotated`` files, a ``pruned`` record) in its place, in one atomic rename: the path always holds
+        a complete file. Pruned files are deleted only once the record naming them is durable."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
-        old = self.path.with_name(f"{self.path.name}.{stamp}-{self._seq}")
+        old = f"{self.path.name}.{stamp}-{self._seq}"
         try:
-            os.rename(self.path, old)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = fd
-        self._size = 0
-        with contextlib.suppress(OSError):
-            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            folder_fd = _open_folder(self.path.parent)
+        except AgentError as exc:
+            raise AuditError(f"cannot rotate the audit log {self.path}: {exc.message}") from None
+        try:
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        self._write_line(self._encode("rotated", {"prev_file": old.name}, self._seq, self._prev))
-        _logger.info("audit log rotated: %s -> %s", self.path, old)
+                os.link(self.path.name, old, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
+            except OSError as exc:
+                raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
+            try:
+                header: list[tuple[AuditEvent, Mapping[str, Any]]] = [("rotated", {"prev_file": old})]
+                removed, pruned = self._prune_plan(folder_fd)
+                if pruned is not None:
+                    header.append(("pruned", pruned))
+
+                def swap(tmp: str) -> None:
+                    os.rename(tmp, self.path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+
+                self._install(folder_fd, header, swap, what="rotate the audit log")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(old, dir_fd=folder_fd)
+                raise
+            for name in removed:
+                try:
+                    os.unlink(name, dir_fd=folder_fd)
+                except OSError as exc:
+                    _logger.warning("audit log: cannot delete the old file %s: %s", name, exc.strerror)
+            _fsync_folder(folder_fd)
+        finally:
+            os.close(folder_fd)
+        _logger.info("audit log rotated: %s -> %s%s", self.path, old, f"; deleted {len(removed)}" if removed else "")
+
+    def _prune_plan(self, folder_fd: int) -> tuple[list[str], dict[str, Any] | None]:
+        """The rotated files beyond ``keep_rotated`` (oldest first, at most ``MAX_LIST_ITEMS`` at a time, so the
+        record names every one), and the ``pruned`` record: what goes, and where the kept chain then begins."""
+        rotated = sorted((int(m[1]), name) for name in os.listdir(folder_fd) if (m := self._rotated.fullmatch(name)))
+        excess = min(len(rotated) - self.keep_rotated, MAX_LIST_ITEMS)
+        if excess <= 0:
+            return [], None
+        removed = [name for _, name in rotated[:excess]]
+        if excess < len(rotated):
+            kept_name = rotated[excess][1]  # named after the seq its successor begins at; read its own first record
+            first = _first_record(folder_fd, kept_name) or {}
+            kept_seq, kept_prev = first.get("seq"), first.get("prev")
+        else:  # keep_rotated = 0: the new live file is the oldest kept one; it starts from the current hash
+            kept_seq, kept_name, kept_prev = self._seq, self.path.name, self._prev
+        return removed, {
+            "removed": removed,
+            "oldest_kept": kept_name,
+            "oldest_kept_seq": kept_seq,
+            "oldest_kept_prev": kept_prev,
+        }
 
     def _close_sync(self) -> None:
         with self._thread_lock:
@@ -311,6 +816,9 @@ class FileAuditSink:
             await self._writer
         async with self._lock:
             await asyncio.to_thread(self._close_sync)
+        if self._file_lock is not None:
+            self._file_lock.release()
+            self._file_lock = None
 
 
 # -- verification ----------------------------------------------------------------------------------------------
@@ -354,18 +862,77 @@ def chain_order(paths: Sequence[Path]) -> list[Path]:
     return sorted(paths, key=first_seq)
 
 
+@dataclass
+class _Start:
+    """The first record verified, and the ``pruned`` records seen after it: where the kept chain begins."""
+
+    where: str
+    record: dict[str, Any]
+    kept: dict[int, tuple[str | None, str]] = field(default_factory=dict)
+    """``oldest_kept_seq`` -> (``oldest_kept_prev``, where the ``pruned`` record is)."""
+    removed: dict[str, str] = field(default_factory=dict)
+    """A pruned file's name -> where the ``pruned`` record is."""
+
+    def saw(self, record: dict[str, Any], where: str) -> None:
+        if record.get("event") != "pruned":
+            return
+        seq = record.get("oldest_kept_seq")
+        if isinstance(seq, int):
+            prev = record.get("oldest_kept_prev")
+            self.kept[seq] = (prev if isinstance(prev, str) else None, where)
+        removed = record.get("removed")
+        for name in removed if isinstance(removed, list) else []:
+            self.removed[str(name)] = where
+
+    def conclude(self, report: AuditReport) -> None:
+        """Where the chain begins, and whether that matches what the agent recorded when it pruned older files."""
+        seq, record = self.record["seq"], self.record
+        if seq == 0:
+            return
+        recorded = self.kept.get(seq)
+        if recorded is not None and recorded[0] is not None and recorded[0] != record["prev"]:
+            report.first_break = (
+                f"{self.where}: the chain begins at seq {seq}, but the agent recorded another hash for it when it "
+                f"pruned older files ({recorded[1]}): its first record was replaced"
+            )
+            return
+        if record.get("event") == "discontinuity":
+            report.notes.append(
+                f"{self.where}: DISCONTINUITY at seq {seq}: {record.get('reason')}; the agent started this file, "
+                "the records before it are not in the files given"
+            )
+            return
+        earlier = record.get("prev_file") or "an earlier file"
+        if recorded is not None or earlier in self.removed:
+            where = recorded[1] if recorded is not None else self.removed[earlier]
+            report.notes.append(
+                f"{self.where}: the kept chain begins here at seq {seq}; older files were deleted by the agent "
+                f"(audit.keep_rotated), as recorded at {where}"
+            )
+            return
+        report.notes.append(f"{self.where}: starts at seq {seq}, continuing {earlier} that was not given; not checked")
+
+
 def verify_audit(paths: Sequence[Path]) -> AuditReport:
-    """Check the chain through ``paths`` in order (oldest first). Reports the first break; never raises on content."""
+    """Check the chain through ``paths`` in order (oldest first). Reports the first break; never raises on content.
+
+    A chain must begin at seq 0 from the genesis hash, or with a ``rotated`` or ``discontinuity`` record (the head of
+    a later file): anything else means its first lines were cut off. Where the agent pruned older files, the kept
+    chain must begin from the hash it recorded."""
     report = AuditReport(files=[str(p) for p in paths])
     prev: str | None = None
     seq: int | None = None
+    start: _Start | None = None
     for path in paths:
         try:
             data = path.read_bytes()
         except OSError as exc:
             report.first_break = f"{path}: cannot read: {exc.strerror}"
             return report
-        if data and not data.endswith(b"\n"):
+        if not data:
+            report.first_break = f"{path}: empty; every audit file begins with a record"
+            return report
+        if not data.endswith(b"\n"):
             report.first_break = f"{path}: the last record is torn (no final newline)"
             return report
         for number, line in enumerate(data.split(b"\n")[:-1], start=1):
@@ -382,16 +949,18 @@ def verify_audit(paths: Sequence[Path]) -> AuditReport:
             if not isinstance(got_seq, int) or isinstance(got_seq, bool):
                 report.first_break = f"{where}: not an audit record (no seq)"
                 return report
-            if prev is None:
-                # The first record seen: the genesis, or a continuation of files not given.
+            if start is None:
+                # The first record seen: the genesis, or the head of a later file.
                 if got_seq == 0 and record["prev"] != GENESIS:
                     report.first_break = f"{where}: the first record (seq 0) does not start from the genesis hash"
                     return report
-                if got_seq != 0:
-                    report.notes.append(
-                        f"{where}: starts at seq {got_seq}, continuing {record.get('prev_file') or 'an earlier file'}"
-                        " that was not given; it is not checked"
+                if got_seq != 0 and record.get("event") not in FILE_STARTS:
+                    report.first_break = (
+                        f"{where}: the chain begins at seq {got_seq} with a {record.get('event')!r} record: a chain "
+                        "that does not begin at seq 0 must begin with a 'rotated' record (its first lines were cut)"
                     )
+                    return report
+                start = _Start(where, record)
             else:
                 if record["prev"] != prev:
                     report.first_break = (
@@ -402,8 +971,13 @@ def verify_audit(paths: Sequence[Path]) -> AuditReport:
                 if got_seq != (seq or 0) + 1:
                     report.first_break = f"{where}: seq {got_seq} follows seq {seq}"
                     return report
+                if record.get("event") == "discontinuity":
+                    report.notes.append(f"{where}: the agent recorded a discontinuity: {record.get('reason')}")
+            start.saw(record, where)
             prev = line_hash(line)
             seq = got_seq
             report.records += 1
-    report.last_hash = prev
+    if start is not None:
+        start.conclude(report)
+    report.last_hash = prev if report.ok else None
     return report

@@ -196,6 +196,9 @@ def cmd_health(args: argparse.Namespace) -> int:
         _print_json(report)
     else:
         print(f"{report.get('status')} (signing-agent {report.get('version')}, generation {report.get('generation')})")
+        audit = report.get("audit")
+        if isinstance(audit, dict):
+            print(f"  {audit.get('status'):<11} audit log" + (f": {audit['error']}" if audit.get("error") else ""))
         for check in [*report.get("identities", []), *report.get("services", [])]:
             line = f"  {check.get('status'):<11} {check.get('name')}"
             if check.get("error"):

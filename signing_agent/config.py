@@ -132,6 +132,7 @@ class AgentSection:
 
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_AUDIT_KEEP_ROTATED = 10
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 BALLOT_ALIASES = ("accept", "reject")
 
@@ -143,6 +144,8 @@ class AuditConfig:
     path: Path
     max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
     """Rotate the file before it grows past this; the chain continues into the new file."""
+    keep_rotated: int = DEFAULT_AUDIT_KEEP_ROTATED
+    """Rotated files kept; older ones are deleted after a ``pruned`` record names them (0: keep none)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -450,6 +453,7 @@ def _audit(root: _Table, socket: Path) -> AuditConfig:
     audit = AuditConfig(
         path=t.get_path("path", socket.parent / "audit.jsonl"),
         max_bytes=t.get_int("max_bytes", DEFAULT_AUDIT_MAX_BYTES, minimum=4096),
+        keep_rotated=t.get_int("keep_rotated", DEFAULT_AUDIT_KEEP_ROTATED, minimum=0),
     )
     t.finish()
     return audit

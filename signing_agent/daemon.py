@@ -171,10 +171,14 @@ def make_policy(config: AgentConfig, limiter: RateLimiter | None = None) -> Poli
 
 
 async def open_audit(config: AgentConfig) -> FileAuditSink:
-    """Open the audit log and write a ``started`` record, so an unwritable log stops the agent at start-up."""
+    """Lock the audit log (``.<name>.lock`` beside it: a second agent on the same log stops here, having written
+    nothing), open it and write a ``started`` record, so an unwritable log stops the agent at start-up. ``serve``
+    calls this before it opens a key store or binds the socket; the lock is held until the agent exits."""
     if config.audit is None:  # pragma: no cover -- parse_config always sets it
         raise ConfigError("audit: no audit log is configured")
-    sink = await FileAuditSink.open(config.audit.path, max_bytes=config.audit.max_bytes)
+    sink = await FileAuditSink.open(
+        config.audit.path, max_bytes=config.audit.max_bytes, keep_rotated=config.audit.keep_rotated
+    )
     try:
         await sink.record("started", {"pid": os.getpid(), "config": str(config.path) if config.path else None})
     except BaseException:
@@ -335,7 +339,8 @@ class Reloader:
                 return
 
     async def reload(self) -> bool:
-        """One reload. True when the new configuration now serves."""
+        """One reload (and the audit log reopened if it is failing). True when the new configuration now serves."""
+        await self._reopen_audit()
         path = self.config.path
         if path is None:
             _logger.error("configuration reload: the agent was started without a config file; nothing to reload")
@@ -344,10 +349,6 @@ class Reloader:
         current = self.runtime.current
         try:
             new_config = await asyncio.to_thread(load_config, path)
-            if self._audit is not None and self._audit.broken:
-                # The operator fixed the log (the 503s said: fix it, then SIGHUP): start writing again.
-                await self._audit.reopen()
-                _logger.warning("audit log %s reopened after it was unusable", self._audit.path)
             # New sessions and logins for every PKCS#11 token, and refused PINs forgotten: a replaced token or a
             # corrected PIN file takes effect now. The serving generation reconnects on its next operation.
             await self._stores.reset()
@@ -394,6 +395,26 @@ class Reloader:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return True
+
+    async def _reopen_audit(self) -> None:
+        """The 503s told the operator: look at the audit log, then SIGHUP. In any failing state (write errors, a full
+        disk, a removed or replaced file, a broken record), reopen it; a reopen that fails is logged and the log
+        stays closed to records (fail closed) while the configuration reload goes on."""
+        if self._audit is None:
+            return
+        problem = await self._audit.problem()
+        if problem is None:
+            return
+        try:
+            await self._audit.reopen()
+        except AgentError as exc:
+            _logger.error("audit log %s still cannot be written: %s", self._audit.path, exc.diagnostics())  # noqa: TRY400
+            return
+        after = await self._audit.problem()
+        if after is None:
+            _logger.warning("audit log %s reopened (it was failing: %s)", self._audit.path, problem)
+        else:
+            _logger.error("audit log %s reopened, but still failing: %s", self._audit.path, after)
 
     async def _retire(self, old: Generation) -> None:
         limit = self.config.agent.request_timeout + 1.0

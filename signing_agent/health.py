@@ -1,4 +1,5 @@
-"""Health: can each identity still sign, is each CCF service reachable, and what is each member's status there.
+"""Health: can each identity still sign, can the audit log be written, is each CCF service reachable, and what is
+each member's status there.
 
 Owns the checks behind ``GET /v1/health`` and ``signing-agent health``. Every check has a short timeout and a
 result cache, so a probe every few seconds costs at most one key store signature per identity (a fixed probe
@@ -111,6 +112,18 @@ class HealthChecker:
         url = governance.services[name].url
         return {"name": name, "url": url, **result}
 
+    async def _audit(self) -> Check:
+        """Not cached: a few ``stat`` calls. Nothing is signed while the audit log cannot be written, so a failing log
+        makes the agent ``degraded`` even with every key store and service up."""
+        sink = self.service.audit
+        if sink is None:
+            return {"status": "ok", "note": "no audit log (embedded use)"}
+        problem = await sink.problem()
+        if problem is None:
+            return {"status": "ok"}
+        _logger.warning("health: %s", problem)
+        return {"status": "unavailable", "error": problem}
+
     async def check(self) -> dict[str, Any]:
         """The report: ``status`` is ``ok`` when every check passed, else ``degraded``."""
         async with self._lock:  # concurrent probes share one round of checks
@@ -123,9 +136,11 @@ class HealthChecker:
             for name, reason in sorted(self.unavailable.items())
         ]
         all_identities = sorted([*identities, *failed], key=lambda c: str(c["name"]))
-        healthy = all(c["status"] == "ok" for c in [*all_identities, *services])
+        audit = await self._audit()
+        healthy = all(c["status"] == "ok" for c in [*all_identities, *services, audit])
         report: dict[str, Any] = {
             "status": "ok" if healthy else "degraded",
+            "audit": audit,
             "identities": all_identities,
             "services": services,
         }

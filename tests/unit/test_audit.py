@@ -9,8 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.audit import GENESIS, FileAuditSink, chain_order, line_hash, verify_audit
-from signing_agent.errors import AuditError
+from signing_agent.audit import (
+    GENESIS,
+    MAX_ACTION_CHARS,
+    MAX_ACTIONS,
+    MAX_TEXT_CHARS,
+    FileAuditSink,
+    MemoryAuditSink,
+    actions_digest,
+    chain_order,
+    line_hash,
+    verify_audit,
+)
+from signing_agent.errors import AuditError, ConfigError
 from tests.support.prereq import missing
 
 
@@ -86,7 +97,7 @@ async def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     sink = await write(path, 40, max_bytes=4096)
     await sink.aclose()
-    rotated = sorted(p for p in tmp_path.iterdir() if p.name != "audit.jsonl")
+    rotated = sorted(tmp_path.glob("audit.jsonl.*"))
     assert rotated, "nothing was rotated"
     rotated.sort(key=lambda p: int(p.name.rsplit("-", 1)[1]))
     files = [*rotated, path]
@@ -220,3 +231,297 @@ async def test_a_broken_log_refuses_records_until_it_is_reopened(tmp_path: Path)
     await sink.aclose()
     assert verify_audit([path]).ok
     assert "refused" not in path.read_text()
+
+
+# -- bounded records (denials cost the caller, not the disk) ------------------------------------------------------
+
+
+async def test_a_record_holds_a_bounded_digest_of_what_the_caller_sent(tmp_path: Path) -> None:
+    """2.5 MB of action names, a reason that repeats them and a long executable path: a few KiB on disk, with the
+    count and digest of the whole list, so the record still identifies the proposal."""
+    names = [f"{i:04d}" + "a" * 2500 for i in range(1000)]
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=1 << 30)
+    await sink.record(
+        "denied",
+        {
+            "proposal_actions": names,
+            "reason": "proposal action(s) not allowed: " + ", ".join(names),
+            "peer": {"uid": 1000, "exe": "/x" * 3000},
+            "request_id": "r" * 10_000,
+            "huge": 10**5000,
+            "nested": list(range(1000)),
+        },
+    )
+    await sink.aclose()
+    data = (tmp_path / "audit.jsonl").read_bytes()
+    assert len(data) < 16 * 1024
+    record = json.loads(data)
+    assert record["proposal_actions_count"] == 1000
+    assert record["proposal_actions_sha256"] == actions_digest(names)
+    assert len(record["proposal_actions"]) == MAX_ACTIONS
+    assert record["proposal_actions"][0].startswith(names[0][:MAX_ACTION_CHARS])
+    assert record["proposal_actions"][0].endswith("...[2504 chars]")
+    assert record["reason"].startswith("proposal action(s) not allowed: 0000aaa")
+    assert len(record["reason"]) < MAX_TEXT_CHARS + 120
+    assert "sha256" in record["reason"]
+    assert len(record["peer"]["exe"]) < MAX_TEXT_CHARS + 120
+    assert record["huge"] == f"[an integer of {(10**5000).bit_length()} bits]"
+    assert record["nested"][-1] == "...[1000 items]"
+    assert verify_audit([tmp_path / "audit.jsonl"]).ok
+
+
+async def test_short_values_are_kept_as_they_are(tmp_path: Path) -> None:
+    sink = MemoryAuditSink()
+    await sink.record("received", {"proposal_actions": ["set_member"], "reason": "ok", "service": None})
+    assert sink.records == [
+        {
+            "event": "received",
+            "proposal_actions": ["set_member"],
+            "proposal_actions_count": 1,
+            "proposal_actions_sha256": actions_digest(["set_member"]),
+            "reason": "ok",
+        }
+    ]
+
+
+# -- rotation keeps a bounded number of files, and records what it deletes ---------------------------------------
+
+
+def chain_files(folder: Path) -> list[Path]:
+    return chain_order([*folder.glob("audit.jsonl.*"), folder / "audit.jsonl"])
+
+
+async def test_rotation_keeps_only_keep_rotated_files_and_records_what_it_deletes(tmp_path: Path) -> None:
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=2)
+    for i in range(200):
+        await sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100})
+    await sink.aclose()
+    files = chain_files(tmp_path)
+    assert len(files) == 3, files  # two rotated files and the live one
+    records = [json.loads(line) for f in files for line in lines(f)]
+    pruned = [r for r in records if r["event"] == "pruned"]
+    assert pruned, "no pruned record in the kept files"
+    last = pruned[-1]
+    assert not any((tmp_path / name).exists() for name in last["removed"])
+    assert last["oldest_kept"] == files[0].name
+    first = json.loads(lines(files[0])[0])
+    assert (first["seq"], first["prev"]) == (last["oldest_kept_seq"], last["oldest_kept_prev"])
+    report = verify_audit(files)
+    assert report.ok, report.first_break
+    assert "the kept chain begins here" in report.notes[0], report.notes
+    assert "audit.keep_rotated" in report.notes[0]
+
+
+async def test_a_rotation_cut_short_by_a_crash_leaves_no_second_copy(tmp_path: Path) -> None:
+    """Rotation links the live file to its rotated name, then renames the new file into place: a crash in between
+    leaves one file under two names, and the next start drops the rotated one."""
+    path = tmp_path / "audit.jsonl"
+    await (await write(path, 3)).aclose()
+    os.link(path, tmp_path / "audit.jsonl.20260101T000000Z-3")
+    await (await write(path, 1)).aclose()
+    assert chain_files(tmp_path) == [path]
+    assert verify_audit([path]).records == 4
+
+
+async def test_keep_rotated_zero_keeps_the_live_file_only(tmp_path: Path) -> None:
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=0)
+    for i in range(100):
+        await sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100})
+    await sink.aclose()
+    assert chain_files(tmp_path) == [tmp_path / "audit.jsonl"]
+    report = verify_audit([tmp_path / "audit.jsonl"])
+    assert report.ok, report.first_break
+    assert "the kept chain begins here" in report.notes[0]
+
+
+async def test_a_kept_chain_rewritten_from_another_start_is_caught(tmp_path: Path) -> None:
+    """The pruned record pins the hash the oldest kept file starts from: a file put in its place that continues
+    something else (here: a copy whose first record claims another predecessor, re-chained) is a break."""
+    sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=1)
+    for i in range(120):
+        await sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100})
+    await sink.aclose()
+    files = chain_files(tmp_path)
+    assert verify_audit(files).ok
+    oldest = lines(files[0])
+    head = json.loads(oldest[0])
+    head["prev"] = "f" * 64
+    forged = [json.dumps(head, sort_keys=True, separators=(",", ":")).encode() + b"\n"]
+    for line in oldest[1:]:
+        record = json.loads(line)
+        record["prev"] = line_hash(forged[-1])
+        forged.append(json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    files[0].write_bytes(b"".join(forged))
+    # Re-chain the rest too, except the pruned records (the agent's word): a consistent rewrite of the kept files.
+    prev = line_hash(forged[-1])
+    for path in files[1:]:
+        out = []
+        for line in lines(path):
+            record = json.loads(line)
+            record["prev"] = prev
+            out.append(json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+            prev = line_hash(out[-1])
+        path.write_bytes(b"".join(out))
+    report = verify_audit(files)
+    assert not report.ok
+    assert "the agent recorded another hash for it when it pruned" in str(report.first_break)
+
+
+# -- a cut head fails verification ---------------------------------------------------------------------------------
+
+
+async def test_verify_fails_a_log_whose_first_lines_were_cut(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    await (await write(path, 5)).aclose()
+    path.write_bytes(b"".join(lines(path)[2:]))
+    report = verify_audit([path])
+    assert not report.ok
+    assert report.first_break is not None
+    assert report.first_break.startswith(f"{path}:1: the chain begins at seq 2 with a 'received' record")
+    assert "cut" in report.first_break
+
+
+async def test_verify_fails_a_rotated_file_without_its_rotated_record_and_an_empty_file(tmp_path: Path) -> None:
+    sink = await write(tmp_path / "audit.jsonl", 40, max_bytes=4096)
+    await sink.aclose()
+    current = tmp_path / "audit.jsonl"
+    assert verify_audit([current]).ok  # begins with its rotated record
+    current.write_bytes(b"".join(lines(current)[1:]))
+    assert "must begin with a 'rotated' record" in str(verify_audit([current]).first_break)
+    current.write_bytes(b"")
+    assert "empty" in str(verify_audit([current]).first_break)
+
+
+# -- the live file is the agent's: changes behind its back stop the log until SIGHUP ---------------------------------
+
+
+def tamper_with(path: Path, how: str) -> None:
+    match how:
+        case "emptied":
+            os.truncate(path, 0)
+        case "cut":
+            path.write_bytes(b"".join(lines(path)[2:]))  # rewritten in place: same inode, shorter
+        case "replaced":
+            other = path.with_name("other")
+            other.write_bytes(b"")
+            other.chmod(0o600)
+            other.replace(path)
+        case "removed":
+            path.unlink()
+        case "appended":
+            with path.open("ab") as f:
+                f.write(b'{"forged":true}\n')
+
+
+@pytest.mark.parametrize("how", ["emptied", "cut", "replaced", "removed", "appended"])
+async def test_a_live_file_changed_behind_the_agents_back_stops_the_log_until_reopened(
+    tmp_path: Path, how: str
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = await write(path, 4)
+    last_seq, last_hash = sink.next_seq, sink.last_hash
+    assert await sink.problem() is None
+    tamper_with(path, how)
+    problem = await sink.problem()
+    assert problem is not None
+    assert {"emptied": "cut to 0", "cut": "cut to", "replaced": "replaced", "removed": "removed",
+            "appended": "grew by"}[how] in problem  # fmt: skip
+    with pytest.raises(AuditError, match="stopped"):
+        await sink.record("signed", {"request_id": "refused"})
+    assert sink.next_seq == last_seq
+    await sink.reopen()  # SIGHUP
+    assert await sink.problem() is None
+    await sink.record("signed", {"request_id": "after"})
+    await sink.aclose()
+    head = json.loads(lines(path)[0])
+    assert head["event"] == "discontinuity"
+    assert (head["seq"], head["prev"]) == (last_seq, last_hash)  # the chain carries on, and says where it was cut
+    found = list(tmp_path.glob("audit.found-*.jsonl"))
+    assert [p.name for p in found] == ([] if how == "removed" else [head["found_file"]])
+    report = verify_audit([path])
+    assert report.ok, report.first_break
+    assert "DISCONTINUITY" in report.notes[0]
+    assert "refused" not in path.read_text()
+
+
+async def test_a_replaced_file_starts_a_new_one_even_with_the_same_content(tmp_path: Path) -> None:
+    """A restored copy (another inode, same content) is not continued silently either: the new file's discontinuity
+    record carries the chain on from the agent's last hash, so the copy and the new file verify together."""
+    path = tmp_path / "audit.jsonl"
+    sink = await write(path, 3)
+    copy = tmp_path / "copy"
+    copy.write_bytes(path.read_bytes())
+    copy.chmod(0o600)
+    copy.replace(path)
+    assert "replaced" in str(await sink.problem())
+    await sink.reopen()
+    await sink.record("signed", {"request_id": "after"})
+    await sink.aclose()
+    assert [json.loads(line)["event"] for line in lines(path)] == ["discontinuity", "signed"]
+    (found,) = tmp_path.glob("audit.found-*.jsonl")
+    report = verify_audit([found, path])
+    assert report.ok, report.first_break
+    assert report.records == 5
+    assert "the agent recorded a discontinuity" in report.notes[0]
+
+
+async def test_reopen_after_a_failed_write_continues_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = await write(path, 2)
+    sink._failure = "cannot write the audit log: No space left on device"  # what a failed write leaves
+    assert "No space left" in str(await sink.problem())
+    await sink.reopen()
+    assert await sink.problem() is None
+    await sink.record("signed", {"request_id": "after"})
+    await sink.aclose()
+    assert [json.loads(line)["event"] for line in lines(path)] == ["received", "received", "signed"]
+
+
+# -- the lock and the files are ours ---------------------------------------------------------------------------------
+
+
+async def test_a_second_sink_on_the_same_log_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = await write(path, 1)
+    before = path.read_bytes()
+    with pytest.raises(AuditError, match=rf"in use by another signing-agent \(pid {os.getpid()} holds the lock"):
+        await FileAuditSink.open(path, max_bytes=1 << 20)
+    assert path.read_bytes() == before
+    await first.aclose()
+    await (await FileAuditSink.open(path, max_bytes=1 << 20)).aclose()
+
+
+async def test_a_symlinked_log_or_folder_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_bytes(b"precious\n")
+    target.chmod(0o644)
+    folder = tmp_path / "audit"
+    folder.mkdir(mode=0o700)
+    (folder / "audit.jsonl").symlink_to(target)
+    with pytest.raises(ConfigError, match="symlink"):
+        await FileAuditSink.open(folder / "audit.jsonl", max_bytes=1 << 20)
+    (tmp_path / "linked").symlink_to(folder)
+    with pytest.raises(ConfigError, match="symlink"):
+        await FileAuditSink.open(tmp_path / "linked" / "other.jsonl", max_bytes=1 << 20)
+    assert target.read_bytes() == b"precious\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("what", ["file", "folder", "lock"])
+async def test_files_of_another_user_or_writable_by_others_are_refused(tmp_path: Path, what: str) -> None:
+    folder = tmp_path / "audit"
+    folder.mkdir(mode=0o700)
+    path = folder / "audit.jsonl"
+    planted = {"file": path, "lock": folder / ".audit.jsonl.lock", "folder": folder}[what]
+    if what != "folder":
+        planted.write_bytes(b"")
+        planted.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(planted, 65534, 65534)
+        with pytest.raises(ConfigError, match="owned by uid 65534"):
+            await FileAuditSink.open(path, max_bytes=1 << 20)
+        assert planted.stat().st_mode & 0o777 == (0o700 if what == "folder" else 0o644)  # no chmod on theirs
+        os.chown(planted, 0, 0)
+    planted.chmod(0o770 if what == "folder" else 0o620)
+    with pytest.raises(ConfigError, match="group- or world-writable"):
+        await FileAuditSink.open(path, max_bytes=1 << 20)

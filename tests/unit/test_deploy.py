@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,11 @@ def test_the_kubernetes_sidecar_shares_its_socket_and_uses_workload_identity() -
     assert agent["securityContext"]["allowPrivilegeEscalation"] is False
     config = docs["ConfigMap"]["data"]["agent.toml"]
     assert 'credential = "workload-identity"' in config
+    # The audit log lives in a folder the agent creates inside a volume only it mounts, never in a volume's root.
+    audit_folder = Path(tomllib.loads(config)["audit"]["path"]).parent
+    (state,) = [m for m in agent["volumeMounts"] if audit_folder.is_relative_to(m["mountPath"])]
+    assert audit_folder != Path(state["mountPath"])
+    assert all(m["name"] != state["name"] for m in client["volumeMounts"])
     assert not re.search(r"(?i)(secret|pin)\s*=", config)
 
 
