@@ -22,6 +22,7 @@ DEFAULT_SOCKET = Path("/run/signing-agent/agent.sock")
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_CREATED_AT_SKEW = 300
 DEFAULT_API_VERSION = "2024-07-01"
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 SUPPORTED_API_VERSIONS = ("2023-06-01-preview", "2024-07-01")
 AZURE_CREDENTIALS = (
     "default",
@@ -189,6 +190,14 @@ class ServiceConfig:
     api_version: str = DEFAULT_API_VERSION
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
+    """Seconds for one attempt: connecting, sending, and the whole answer, body included."""
+    read_timeout: float = 10.0
+    """Seconds the service may stay silent (no byte of its answer) before the attempt is abandoned."""
+    total_timeout: float = 45.0
+    """Seconds for one request: every attempt and every wait between them. Under ``agent.request_timeout`` by
+    default, so a caller learns that the service timed out, not only that its request did."""
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    """The largest answer body read from the service; a larger one is abandoned unread (a 502)."""
     max_attempts: int = 5
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
@@ -430,6 +439,9 @@ def _service(name: str, t: _Table) -> ServiceConfig:
         api_version=t.get_choice("api_version", SUPPORTED_API_VERSIONS, DEFAULT_API_VERSION),
         connect_timeout=t.get_number("connect_timeout", 5.0),
         request_timeout=t.get_number("request_timeout", 30.0),
+        read_timeout=t.get_number("read_timeout", 10.0),
+        total_timeout=t.get_number("total_timeout", 45.0),
+        max_response_bytes=t.get_int("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES, minimum=4096),
         max_attempts=t.get_int("max_attempts", 5, minimum=1),
         backoff_initial=t.get_number("backoff_initial", 0.2),
         backoff_max=t.get_number("backoff_max", 5.0),

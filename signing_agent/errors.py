@@ -24,7 +24,8 @@ an adapter boundary: adapters wrap them with ``raise XError(...) from exc``.
     ├─ CCFError                        CCFError          502
     │  ├─ CCFUnavailableError          CCFUnavailable    502   retryable: connection failed, 503/429
     │  ├─ CCFTimeoutError              CCFTimeout        504   retryable
-    │  └─ CCFTrustError                CCFTrustError     502   the service certificate is not the pinned one
+    │  ├─ CCFTrustError                CCFTrustError     502   the service certificate is not the pinned one
+    │  └─ CCFAnswerRefusedError        CCFAnswerRefused  502   a redirect, or an answer over max_response_bytes
     ├─ AuditError                      AuditUnavailable  503   fail closed: nothing is signed
     └─ ShuttingDownError               ShuttingDown      503   retryable: the agent is draining
 
@@ -153,6 +154,14 @@ class CCFTrustError(CCFError):
     """The service did not present the pinned service certificate. Nothing was sent."""
 
     code = "CCFTrustError"
+
+
+class CCFAnswerRefusedError(CCFError):
+    """The service answered with something the agent will not use: a redirect (never followed: it leads away from
+    the pinned service), or a body over ``max_response_bytes`` (abandoned unread). Not retried: the request was
+    delivered once, and asking again would get the same answer."""
+
+    code = "CCFAnswerRefused"
 
 
 class AuditError(AgentError):

@@ -5,7 +5,15 @@ the system CAs, never unverified. CCF nodes present a certificate endorsed by th
 service certificate as the only CA is exactly how CCF's own clients work.
 
 A signed message is sent as opaque bytes. On a connection failure, a timeout, or a 503/429 (honouring Retry-After)
-the *identical* bytes are sent again with bounded, jittered exponential backoff; nothing here ever re-signs. Whether
+the *identical* bytes are sent again with bounded, jittered exponential backoff, within ``total_timeout``; nothing
+here ever re-signs.
+
+The pinned connection has no exits and no unbounded answers, in every request to a service or identity endpoint:
+a redirect is never followed (it would carry signed messages and shares away from the pinned service, even to plain
+``http://``) and is an error naming its Location; an answer body is read incrementally and abandoned, its
+connection aborted, past ``max_response_bytes``. Neither is retried. Every attempt is bounded in time as a whole
+(``request_timeout``, body included) and between two reads (``read_timeout``), and every request, retries and
+waits included, by ``total_timeout``. Whether
 a resend is safe is CCF's business: it answers a byte-identical proposal with ProposalReplay, a repeated ballot with
 200, a repeated ack with 204 (see ../shared/ccf-governance.md §6), and the governance layer interprets that.
 
@@ -15,13 +23,14 @@ Must not import: ``signing_agent.cose``, key-store backends. aiohttp exceptions 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,13 @@ from typing import Any
 import aiohttp
 
 from signing_agent.config import ServiceConfig
-from signing_agent.errors import CCFTimeoutError, CCFTrustError, CCFUnavailableError, ConfigError
+from signing_agent.errors import (
+    CCFAnswerRefusedError,
+    CCFTimeoutError,
+    CCFTrustError,
+    CCFUnavailableError,
+    ConfigError,
+)
 from signing_agent.metrics import METRICS, Metrics
 
 _logger = logging.getLogger(__name__)
@@ -37,6 +52,10 @@ _logger = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 503})
 MAX_RETRY_AFTER = 30.0
 TX_HEADER = "x-ms-ccf-transaction-id"
+READ_CHUNK = 64 * 1024
+_MAX_LOCATION_CHARS = 300
+MIN_ATTEMPT_SECONDS = 1.0
+"""No attempt is started with less than this left of ``total_timeout``: it could only time out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +116,81 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
+class AnswerTooLargeError(Exception):
+    """An answer body grew past its cap. Internal: ``read_answer`` turns it into ``CCFAnswerRefusedError``."""
+
+
+async def read_capped(chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """The concatenated ``chunks``, or ``AnswerTooLargeError`` as soon as they add up to more than ``limit`` bytes.
+
+    Nothing past the cap is pulled from ``chunks``: a service answering gigabytes costs at most ``limit`` bytes (and
+    one chunk) of memory, never the whole answer.
+    """
+    body = bytearray()
+    async for chunk in chunks:
+        if len(body) + len(chunk) > limit:
+            raise AnswerTooLargeError
+        body += chunk
+    return bytes(body)
+
+
+def client_timeout(config: ServiceConfig, total: float | None = None) -> aiohttp.ClientTimeout:
+    """One attempt's time bounds: ``total`` (default ``request_timeout``) for all of it, body included;
+    ``connect_timeout`` to connect; ``read_timeout`` of silence between two reads."""
+    return aiohttp.ClientTimeout(
+        total=config.request_timeout if total is None else total,
+        sock_connect=config.connect_timeout,
+        sock_read=config.read_timeout,
+    )
+
+
+async def read_answer(resp: aiohttp.ClientResponse, config: ServiceConfig, what: str) -> bytes:
+    """The body of ``resp``, which answers ``what`` (e.g. ``service 'x': POST /gov/...``), within the guards.
+
+    A redirect (any 3xx: requests are made with ``allow_redirects=False``) is refused unread, naming its Location.
+    A body over ``config.max_response_bytes`` (declared, or counted while reading) is abandoned. Either way, and
+    when the read fails or times out, the connection is aborted: never pooled, never read any further.
+    """
+    if 300 <= resp.status < 400:
+        location = resp.headers.get("Location")
+        _abandon(resp)
+        target = repr(location[:_MAX_LOCATION_CHARS]) if location is not None else "nowhere (no Location header)"
+        raise CCFAnswerRefusedError(
+            f"{what} answered {resp.status}, a redirect to {target}; the agent never follows a redirect (it would "
+            "leave the pinned service), and sent the request only once",
+            hint=f"services.{config.name}: point url (or identity_url) at the service itself, not at an address "
+            "that redirects",
+        )
+    limit = config.max_response_bytes
+    body: bytes | None = None
+    try:
+        if resp.content_length is None or resp.content_length <= limit:  # a declared length over the cap: not a byte
+            with contextlib.suppress(AnswerTooLargeError):
+                body = await read_capped(resp.content.iter_chunked(READ_CHUNK), limit)
+    except BaseException:  # a timeout, a broken body, a cancelled request: the rest is not read either
+        _abandon(resp)
+        raise
+    if body is None:
+        _abandon(resp)
+        raise CCFAnswerRefusedError(
+            f"{what} answered {resp.status} with a body over {limit} bytes "
+            f"(services.{config.name}.max_response_bytes); the rest of the answer was not read",
+            hint=f"if this service really answers that much (a proposal carrying a large set_js_app bundle), raise "
+            f"services.{config.name}.max_response_bytes",
+        )
+    return body
+
+
+def _abandon(resp: aiohttp.ClientResponse) -> None:
+    """Drop the answer's connection at once: an abort, with no TLS close_notify exchange to wait for (the service
+    may still be sending), so nothing more is read from it and it never returns to the pool."""
+    connection = resp.connection
+    transport = connection.transport if connection is not None else None
+    if transport is not None:
+        transport.abort()
+    resp.close()
+
+
 class CCFClient:
     """Talks to one CCF service. Create with ``CCFClient.open(config)``; close with ``aclose()``."""
 
@@ -136,10 +230,9 @@ class CCFClient:
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(total=self.config.request_timeout, sock_connect=self.config.connect_timeout)
             connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64, keepalive_timeout=60)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, headers={"User-Agent": "signing-agent"}
+                connector=connector, timeout=client_timeout(self.config), headers={"User-Agent": "signing-agent"}
             )
         return self._session
 
@@ -163,67 +256,87 @@ class CCFClient:
         """Send ``body`` (the same bytes on every attempt) and return CCF's answer, retrying what is retryable.
 
         ``gov`` adds ``?api-version=``. Raises ``CCFTrustError`` (never retried: the peer is not the pinned service),
-        ``CCFTimeoutError`` or ``CCFUnavailableError`` when every attempt failed. ``max_attempts`` lowers the
-        configured number (health checks make one attempt).
+        ``CCFAnswerRefusedError`` (never retried: a redirect, or an answer over ``max_response_bytes``),
+        ``CCFTimeoutError`` or ``CCFUnavailableError`` when every attempt within ``total_timeout`` failed.
+        ``max_attempts`` lowers the configured number (health checks make one attempt).
         """
-        attempts = min(max_attempts or self.config.max_attempts, self.config.max_attempts)
-        service = self.config.name
-        params = {"api-version": self.config.api_version} if gov else {}
+        cfg = self.config
+        attempts = min(max_attempts or cfg.max_attempts, cfg.max_attempts)
+        service = cfg.name
+        what = f"service {service!r}: {method} {path}"
+        params = {"api-version": cfg.api_version} if gov else {}
         headers = {"Content-Type": content_type} if content_type else {}
         last_problem = "no attempt made"
         timed_out = False
-        for attempt in range(1, attempts + 1):
-            delay: float | None = None
+        deadline = time.monotonic() + cfg.total_timeout
+        attempt = 0
+        while attempt < attempts:
+            attempt += 1
+            answer: CCFResponse | None = None
             outcome = "unreachable"
             started = time.monotonic()
+            limit = max(0.01, min(cfg.request_timeout, deadline - started))  # 0 would mean no timeout at all
             try:
                 session = self._session_or_new()
-                async with session.request(method, self.url(path), params=params, data=body, headers=headers) as resp:
+                async with session.request(
+                    method,
+                    self.url(path),
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=client_timeout(cfg, limit),
+                ) as resp:
                     outcome = str(resp.status)
-                    raw = await resp.read()
-                    result = _response(resp, raw, attempt)
+                    answer = _response(resp, await read_answer(resp, cfg, what), attempt)
             except aiohttp.ClientConnectorCertificateError as exc:
                 outcome = "untrusted"
                 raise CCFTrustError(
-                    f"{self.config.url} did not present a certificate endorsed by the pinned service certificate of "
-                    f"service {self.config.name!r}; nothing was sent ({exc.certificate_error})",
+                    f"{cfg.url} did not present a certificate endorsed by the pinned service certificate of "
+                    f"service {cfg.name!r}; nothing was sent ({exc.certificate_error})",
                     hint="if the service was recovered it has a new identity: update service_certificate deliberately",
                 ) from None
             except aiohttp.ClientSSLError as exc:
                 outcome = "untrusted"
-                raise CCFTrustError(f"TLS with {self.config.url} failed; nothing was sent: {exc}") from None
-            except TimeoutError:
+                raise CCFTrustError(f"TLS with {cfg.url} failed; nothing was sent: {exc}") from None
+            except TimeoutError as exc:
                 outcome = "timeout"
-                timed_out, last_problem = True, f"no answer within {self.config.request_timeout:g} s"
+                timed_out, last_problem = True, _describe_timeout(exc, cfg, limit)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 timed_out, last_problem = False, _describe(exc)
-            else:
-                if result.status not in RETRY_STATUSES:
-                    return result
-                timed_out = False
-                last_problem = f"CCF answered {result.status} {result.error_code or ''}".strip()
-                delay = retry_after_seconds(resp.headers.get("Retry-After"))
-                if attempt == attempts:
-                    # Out of attempts: CCF's own answer is the most useful thing to relay.
-                    return result
             finally:
                 self._metrics.ccf_seconds.labels(service).observe(time.monotonic() - started)
                 self._metrics.ccf_responses.labels(service, outcome).inc()
-            if attempt < attempts:
-                self._metrics.ccf_retries.labels(service).inc()
-                wait = delay if delay is not None else self._backoff(attempt)
-                _logger.warning(
-                    "%s %s to service %s: %s; resending the same bytes in %.2f s (attempt %d of %d)",
-                    method,
-                    path,
-                    self.config.name,
-                    last_problem,
-                    wait,
-                    attempt + 1,
-                    attempts,
-                )
-                await self._sleep(wait)
-        message = f"service {self.config.name!r} at {self.config.url}: {last_problem} (after {attempts} attempts)"
+            delay: float | None = None
+            if answer is not None:
+                if answer.status not in RETRY_STATUSES:
+                    return answer
+                timed_out = False
+                last_problem = f"CCF answered {answer.status} {answer.error_code or ''}".strip()
+                delay = retry_after_seconds(answer.headers.get("retry-after"))
+            wait = delay if delay is not None else self._backoff(attempt)
+            out_of_time = time.monotonic() + wait + MIN_ATTEMPT_SECONDS > deadline
+            if attempt == attempts or out_of_time:
+                if answer is not None:
+                    return answer  # out of attempts or time: CCF's own answer is the most useful thing to relay
+                if attempt < attempts:
+                    timed_out = True
+                    last_problem += f"; no time left for another attempt within total_timeout ({cfg.total_timeout:g} s)"
+                break
+            self._metrics.ccf_retries.labels(service).inc()
+            _logger.warning(
+                "%s %s to service %s: %s; resending the same bytes in %.2f s (attempt %d of %d)",
+                method,
+                path,
+                cfg.name,
+                last_problem,
+                wait,
+                attempt + 1,
+                attempts,
+            )
+            await self._sleep(wait)
+        plural = "" if attempt == 1 else "s"
+        message = f"service {cfg.name!r} at {cfg.url}: {last_problem} (after {attempt} attempt{plural})"
         if timed_out:
             raise CCFTimeoutError(message)
         raise CCFUnavailableError(message)
@@ -238,6 +351,17 @@ class CCFClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _describe_timeout(exc: TimeoutError, config: ServiceConfig, limit: float) -> str:
+    """Which time bound an attempt hit, named by its setting."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"cannot connect within {config.connect_timeout:g} s (connect_timeout)"
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return f"the service sent nothing for {config.read_timeout:g} s (read_timeout)"
+    if limit < config.request_timeout:
+        return f"no complete answer within the {limit:.1f} s left of total_timeout ({config.total_timeout:g} s)"
+    return f"no complete answer within {config.request_timeout:g} s (request_timeout)"
 
 
 def _describe(exc: BaseException) -> str:
@@ -279,26 +403,33 @@ async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     url = config.identity_url
     if url is None:  # pragma: no cover -- config guarantees one of the two
         raise ConfigError(f"services.{config.name}: neither service_certificate nor identity_url is set")
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=config.connect_timeout)
     bundle = config.identity_ca_bundle
     try:
         trust = ssl.create_default_context(cafile=str(bundle) if bundle is not None else None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"services.{config.name}.identity_ca_bundle: cannot load {bundle}: {exc}") from None
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=trust)) as session,
-            session.get(url) as resp,
-        ):
-            data = await resp.json(content_type=None)
-            if resp.status != 200:
-                raise CCFUnavailableError(f"identity endpoint {url} answered {resp.status}")
+        status, data = await _get_json(config, trust, url, f"identity endpoint {url}")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise CCFUnavailableError(f"cannot fetch the service identity from {url}: {exc}") from None
+    if status != 200:
+        raise CCFUnavailableError(f"identity endpoint {url} answered {status}")
     pem = data.get("ledgerTlsCertificate") if isinstance(data, dict) else None
     if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
         raise CCFUnavailableError(f"identity endpoint {url} returned no ledgerTlsCertificate")
     return pem.encode("ascii")
+
+
+async def _get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what: str) -> tuple[int, Any]:
+    """One GET outside the pinned session (an identity endpoint), within the same guards: no redirect, a capped
+    body, the service's time bounds. Returns the status and the body parsed as JSON (None when empty; ``ValueError``
+    when it is not JSON)."""
+    async with (
+        aiohttp.ClientSession(timeout=client_timeout(config), connector=aiohttp.TCPConnector(ssl=trust)) as session,
+        session.get(url, allow_redirects=False) as resp,
+    ):
+        raw = await read_answer(resp, config, what)
+    return resp.status, json.loads(raw) if raw.strip() else None
 
 
 def _read_cert(path: Path, where: str) -> bytes:
@@ -329,15 +460,9 @@ async def fetch_presented_service_certificate(config: ServiceConfig) -> bytes:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # a candidate only; verified by a pinned connection next
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=config.connect_timeout)
     url = config.url + "/node/network"
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ctx)) as session,
-            session.get(url) as resp,
-        ):
-            data = await resp.json(content_type=None)
-            status = resp.status
+        status, data = await _get_json(config, ctx, url, f"service {config.name!r}: GET /node/network")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise CCFUnavailableError(f"cannot read the service identity from {url}: {type(exc).__name__}") from None
     pem = data.get("service_certificate") if isinstance(data, dict) and status == 200 else None

@@ -160,7 +160,7 @@ def daemon(
             env=cli_env(env),
         )
     deadline = time.monotonic() + timeout
-    while not ready.exists():
+    while not (ready.exists() and ready.read_text()):  # written, not only created (write_text is not atomic)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()

@@ -51,6 +51,14 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.identities["m0"].certificate == tmp_path / "c.pem"
 
 
+def test_service_answers_are_bounded_by_default() -> None:
+    data = {**minimal(), "services": {"s": {"url": "https://x", "service_certificate": "s.pem"}}}
+    svc = parse_config(data, path=Path("/etc/x/agent.toml")).services["s"]
+    assert (svc.max_response_bytes, svc.read_timeout, svc.request_timeout, svc.total_timeout) == (4 << 20, 10, 30, 45)
+    example = load_config(ROOT / "config.example.toml").services["default"]
+    assert (example.max_response_bytes, example.read_timeout, example.total_timeout) == (4 << 20, 10, 45)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -98,6 +106,18 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         (
             {"services": {"s": {"url": "https://x", "service_certificate": "s.pem", "api_version": "1"}}},
             "not one of",
+        ),
+        (
+            {"services": {"s": {"url": "https://x", "service_certificate": "s", "max_response_bytes": 100}}},
+            "services.s.max_response_bytes: must be at least 4096",
+        ),
+        (
+            {"services": {"s": {"url": "https://x", "service_certificate": "s", "read_timeout": 0}}},
+            "services.s.read_timeout: must be greater than 0",
+        ),
+        (
+            {"services": {"s": {"url": "https://x", "service_certificate": "s", "total_timeout": -1}}},
+            "services.s.total_timeout: must be greater than 0",
         ),
     ],
 )
