@@ -54,14 +54,39 @@ def harden_process() -> None:
         libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
-def _check_folder(folder: Path) -> None:
-    st = folder.stat()
+def _check_folder(folder: Path, *, group_access: bool) -> None:
+    """The socket's folder must be the agent's own: whoever can write to it can replace the socket, and a symlink
+    can be pointed elsewhere. So: a real folder (not a symlink), owned by the agent's uid or root, and writable by
+    its owner only. A ``socket_group`` needs group *search* on the folder to reach the socket, never group write."""
+    try:
+        st = folder.lstat()
+    except OSError as exc:
+        raise ConfigError(f"agent.socket: cannot inspect the folder {folder}: {exc.strerror}") from None
+    hint = "put the socket in a private folder, e.g. $XDG_RUNTIME_DIR/signing-agent/ or /run/signing-agent/"
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"agent.socket: the folder {folder} is a symlink; name the real folder", hint=hint)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"agent.socket: {folder} is not a folder")
-    if st.st_mode & stat.S_IWOTH:
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
         raise ConfigError(
-            f"agent.socket: {folder} is world-writable; another user could replace the socket",
-            hint="put the socket in a private folder, e.g. $XDG_RUNTIME_DIR/signing-agent/ or /run/signing-agent/",
+            f"agent.socket: the folder {folder} is owned by uid {st.st_uid}, not by the agent (uid {me}) or root; "
+            "its owner could replace the socket",
+            hint=hint,
+        )
+    for bit, who in ((stat.S_IWOTH, "world"), (stat.S_IWGRP, "group")):
+        if st.st_mode & bit:
+            raise ConfigError(
+                f"agent.socket: the folder {folder} is {who}-writable (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "another user could replace the socket",
+                hint=f"chmod {'0750' if group_access else '0700'} {folder} (agent.socket_group needs group search "
+                "on the folder, never group write)",
+            )
+    if group_access and not st.st_mode & stat.S_IXGRP:
+        _logger.warning(
+            "agent.socket_group is set, but the folder %s has no group search permission: the group cannot reach "
+            "the socket (chmod g+x)",
+            folder,
         )
 
 
@@ -70,6 +95,8 @@ def _remove_stale(path: Path) -> None:
         st = path.lstat()
     except FileNotFoundError:
         return
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"agent.socket: {path} is a symlink; refusing to follow or replace it")
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"agent.socket: {path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -91,9 +118,9 @@ def _remove_stale(path: Path) -> None:
 def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) -> socket.socket:
     """Bind and listen on ``path`` with ``mode``, never wider in between."""
     folder = path.parent
-    if not folder.exists():
+    if not os.path.lexists(folder):
         folder.mkdir(mode=0o700, parents=True)
-    _check_folder(folder)
+    _check_folder(folder, group_access=group is not None)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
