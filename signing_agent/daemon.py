@@ -210,6 +210,8 @@ def api_settings(config: AgentConfig) -> APISettings:
         max_request_bytes=config.agent.max_request_bytes,
         request_timeout=config.agent.request_timeout,
         body_timeout=config.agent.body_timeout,
+        denial_rate_limit=config.agent.denial_rate_limit,
+        denial_rate_window=config.agent.denial_rate_window,
     )
 
 
@@ -273,7 +275,8 @@ async def close_generation(gen: Generation) -> None:
 
 # Settings the running listener and HTTP server were built with; a reload keeps them and says so.
 _FIXED_AGENT_SETTINGS = ("socket", "socket_mode", "socket_group", "max_request_bytes", "request_timeout",
-                         "header_timeout", "body_timeout")  # fmt: skip
+                         "header_timeout", "body_timeout", "max_connections", "max_connections_per_uid",
+                         "denial_rate_limit", "denial_rate_window")  # fmt: skip
 
 
 def _fixed_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
