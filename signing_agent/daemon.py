@@ -1,8 +1,10 @@
 """The composition root and lifecycle: open identities, bind the socket safely, serve, reload on SIGHUP, drain on
 SIGTERM, and tell systemd (sd_notify: READY, RELOADING, STOPPING, WATCHDOG) when it is listening.
 
-The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is not
-world-writable; a stale socket left by a crash is replaced, a live agent's socket is never stolen.
+The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is the
+agent's own (owned by its uid or root, writable by the owner only, not a symlink); a stale socket left by a crash is
+replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
+(``api/connections.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from pathlib import Path
 from aiohttp import web
 
 from signing_agent.api.app import IN_FLIGHT, APISettings, make_app
+from signing_agent.api.connections import (
+    AcceptFailureLog,
+    ConnectionLimiter,
+    ConnectionLimits,
+    GatedSockSite,
+    ensure_fd_limit,
+)
 from signing_agent.api.runtime import RUNTIME, Generation, Runtime
 from signing_agent.audit import FileAuditSink
 from signing_agent.backends.factory import KeyStores
@@ -289,6 +298,15 @@ def _fixed_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
     return changed
 
 
+def connection_limiter(config: AgentConfig) -> ConnectionLimiter:
+    """The caps on open connections; the open-file limit is raised to fit them (or a warning says why not)."""
+    ensure_fd_limit(config.agent.max_connections)
+    privileged = frozenset({0, os.geteuid()})
+    return ConnectionLimiter(
+        ConnectionLimits(config.agent.max_connections, config.agent.max_connections_per_uid, privileged)
+    )
+
+
 def listening_socket(config: AgentConfig) -> tuple[socket.socket, bool]:
     """The socket systemd passed (socket activation), else a freshly bound one. True when we bound it (and own
     its path): an inherited socket's path belongs to the ``.socket`` unit and is never unlinked by us."""
@@ -486,9 +504,9 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
         watchdog: asyncio.Task[None] | None = None
+        loop.set_exception_handler(AcceptFailureLog())
         try:
-            site = web.SockSite(runner, sock)
-            await site.start()
+            await GatedSockSite(runner, sock, connection_limiter(config)).start()
             failed = len(first.health.unavailable)
             state = f"{len(first.service.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
             _logger.info("listening on %s (%s)", sock_path, state)
