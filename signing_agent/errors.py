@@ -29,9 +29,10 @@ an adapter boundary: adapters wrap them with ``raise XError(...) from exc``.
     ├─ AuditError                      AuditUnavailable  503   fail closed: nothing is signed
     └─ ShuttingDownError               ShuttingDown      503   retryable: the agent is draining
 
-CCF's own errors are not agent errors: they are answers, relayed with CCF's status and body. The API adds three codes
-of its own for HTTP-level failures: ``NotFound`` (404, no such route), ``MethodNotAllowed`` (405) and
-``PayloadTooLarge`` (413), and ``RequestTimeout`` (408, a body that does not arrive in time).
+CCF's own errors are not agent errors: they are answers, relayed with CCF's status and body. The API adds codes
+of its own for HTTP-level failures: ``NotFound`` (404, no such route), ``MethodNotAllowed`` (405),
+``PayloadTooLarge`` (413), ``RequestTimeout`` (408, a body that does not arrive in time) and
+``TooManyConnections`` (503, a connection over agent.max_connections or max_connections_per_uid, closed at once).
 """
 
 from __future__ import annotations
