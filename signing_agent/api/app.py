@@ -132,7 +132,7 @@ async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamRe
             message = f"no route {request.method} {request.path}"
         response = error_response(exc.status, code, message, request_id)
         if exc.status == 413:
-            response.force_close()  # do not read (or linger over) a body we refused
+            response.force_close()  # no keep-alive after a body we refused to read
         return response, None
     except Exception:
         _logger.exception("request %s: unexpected error", request_id)
@@ -151,7 +151,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         try:
             request.app[RUNTIME].denials.charge(peer.uid, "malformed")
         except TooManyRequestsError as exc:
+            closing = response.keep_alive is False  # e.g. a 413: still no keep-alive
             response, failure, throttled = _too_many(exc, request_id), None, True
+            if closing:
+                response.force_close()
     if failure is not None:
         _logger.log(failure[0], "request %s failed: %s: %s", *failure[1:])
     response.headers["X-Request-Id"] = request_id
