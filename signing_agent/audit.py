@@ -64,6 +64,7 @@ AuditEvent = Literal[
     "identity_adopted",
     "pruned",
     "discontinuity",
+    "throttled",
 ]
 
 FILE_STARTS = frozenset({"rotated", "discontinuity"})

@@ -129,6 +129,13 @@ class AgentSection:
     """A request body must arrive completely within this."""
     max_created_at_skew: int = DEFAULT_MAX_CREATED_AT_SKEW
     """Seconds a caller's ``created_at`` may differ from the agent's clock, either way (0: only the current second)."""
+    max_connections: int = 512
+    """Open connections in all; the last ``max_connections_per_uid`` of them are kept for root and the agent's uid."""
+    max_connections_per_uid: int = 64
+    """Open connections per peer uid (root and the agent's own uid are bounded by ``max_connections`` only)."""
+    denial_rate_limit: int = 30
+    """Denied or malformed requests a peer uid may make per ``denial_rate_window`` before it gets 429s."""
+    denial_rate_window: float = 60.0
     log_level: str = "info"
 
 
@@ -610,9 +617,19 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentC
         header_timeout=agent_t.get_number("header_timeout", 10.0),
         body_timeout=agent_t.get_number("body_timeout", 30.0),
         max_created_at_skew=agent_t.get_int("max_created_at_skew", DEFAULT_MAX_CREATED_AT_SKEW, minimum=0),
+        max_connections=agent_t.get_int("max_connections", 512, minimum=2),
+        max_connections_per_uid=agent_t.get_int("max_connections_per_uid", 64, minimum=1),
+        denial_rate_limit=agent_t.get_int("denial_rate_limit", 30, minimum=1),
+        denial_rate_window=agent_t.get_number("denial_rate_window", 60.0),
         log_level=agent_t.get_choice("log_level", ("debug", "info", "warning", "error"), "info"),
     )
     agent_t.finish()
+    if agent.max_connections < 2 * agent.max_connections_per_uid:
+        raise ConfigError(
+            f"agent.max_connections: must be at least twice agent.max_connections_per_uid "
+            f"({agent.max_connections_per_uid}), got {agent.max_connections}",
+            hint="max_connections_per_uid of them are kept for root and the agent's own uid",
+        )
 
     identities: dict[str, IdentityConfig] = {}
     for name, t in root.get_tables("identities").items():

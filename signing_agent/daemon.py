@@ -1,8 +1,10 @@
 """The composition root and lifecycle: open identities, bind the socket safely, serve, reload on SIGHUP, drain on
 SIGTERM, and tell systemd (sd_notify: READY, RELOADING, STOPPING, WATCHDOG) when it is listening.
 
-The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is not
-world-writable; a stale socket left by a crash is replaced, a live agent's socket is never stolen.
+The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is the
+agent's own (owned by its uid or root, writable by the owner only, not a symlink); a stale socket left by a crash is
+replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
+(``api/connections.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from pathlib import Path
 from aiohttp import web
 
 from signing_agent.api.app import IN_FLIGHT, APISettings, make_app
+from signing_agent.api.connections import (
+    AcceptFailureLog,
+    ConnectionLimiter,
+    ConnectionLimits,
+    GatedSockSite,
+    ensure_fd_limit,
+)
 from signing_agent.api.runtime import RUNTIME, Generation, Runtime
 from signing_agent.audit import FileAuditSink
 from signing_agent.backends.factory import KeyStores, take_configured_secrets
@@ -54,14 +63,39 @@ def harden_process() -> None:
         libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
-def _check_folder(folder: Path) -> None:
-    st = folder.stat()
+def _check_folder(folder: Path, *, group_access: bool) -> None:
+    """The socket's folder must be the agent's own: whoever can write to it can replace the socket, and a symlink
+    can be pointed elsewhere. So: a real folder (not a symlink), owned by the agent's uid or root, and writable by
+    its owner only. A ``socket_group`` needs group *search* on the folder to reach the socket, never group write."""
+    try:
+        st = folder.lstat()
+    except OSError as exc:
+        raise ConfigError(f"agent.socket: cannot inspect the folder {folder}: {exc.strerror}") from None
+    hint = "put the socket in a private folder, e.g. $XDG_RUNTIME_DIR/signing-agent/ or /run/signing-agent/"
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"agent.socket: the folder {folder} is a symlink; name the real folder", hint=hint)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"agent.socket: {folder} is not a folder")
-    if st.st_mode & stat.S_IWOTH:
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
         raise ConfigError(
-            f"agent.socket: {folder} is world-writable; another user could replace the socket",
-            hint="put the socket in a private folder, e.g. $XDG_RUNTIME_DIR/signing-agent/ or /run/signing-agent/",
+            f"agent.socket: the folder {folder} is owned by uid {st.st_uid}, not by the agent (uid {me}) or root; "
+            "its owner could replace the socket",
+            hint=hint,
+        )
+    for bit, who in ((stat.S_IWOTH, "world"), (stat.S_IWGRP, "group")):
+        if st.st_mode & bit:
+            raise ConfigError(
+                f"agent.socket: the folder {folder} is {who}-writable (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "another user could replace the socket",
+                hint=f"chmod {'0750' if group_access else '0700'} {folder} (agent.socket_group needs group search "
+                "on the folder, never group write)",
+            )
+    if group_access and not st.st_mode & stat.S_IXGRP:
+        _logger.warning(
+            "agent.socket_group is set, but the folder %s has no group search permission: the group cannot reach "
+            "the socket (chmod g+x)",
+            folder,
         )
 
 
@@ -70,6 +104,8 @@ def _remove_stale(path: Path) -> None:
         st = path.lstat()
     except FileNotFoundError:
         return
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"agent.socket: {path} is a symlink; refusing to follow or replace it")
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"agent.socket: {path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -91,9 +127,9 @@ def _remove_stale(path: Path) -> None:
 def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) -> socket.socket:
     """Bind and listen on ``path`` with ``mode``, never wider in between."""
     folder = path.parent
-    if not folder.exists():
+    if not os.path.lexists(folder):
         folder.mkdir(mode=0o700, parents=True)
-    _check_folder(folder)
+    _check_folder(folder, group_access=group is not None)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
@@ -192,6 +228,8 @@ def api_settings(config: AgentConfig) -> APISettings:
         max_request_bytes=config.agent.max_request_bytes,
         request_timeout=config.agent.request_timeout,
         body_timeout=config.agent.body_timeout,
+        denial_rate_limit=config.agent.denial_rate_limit,
+        denial_rate_window=config.agent.denial_rate_window,
     )
 
 
@@ -265,7 +303,8 @@ async def close_generation(gen: Generation) -> None:
 
 # Settings the running listener and HTTP server were built with; a reload keeps them and says so.
 _FIXED_AGENT_SETTINGS = ("socket", "socket_mode", "socket_group", "max_request_bytes", "request_timeout",
-                         "header_timeout", "body_timeout")  # fmt: skip
+                         "header_timeout", "body_timeout", "max_connections", "max_connections_per_uid",
+                         "denial_rate_limit", "denial_rate_window")  # fmt: skip
 
 
 def _fixed_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
@@ -276,6 +315,15 @@ def _fixed_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
     ]
     changed += [f"[{s}]" for s in ("audit", "keyvault") if getattr(old, s, None) != getattr(new, s, None)]
     return changed
+
+
+def connection_limiter(config: AgentConfig) -> ConnectionLimiter:
+    """The caps on open connections; the open-file limit is raised to fit them (or a warning says why not)."""
+    ensure_fd_limit(config.agent.max_connections)
+    privileged = frozenset({0, os.geteuid()})
+    return ConnectionLimiter(
+        ConnectionLimits(config.agent.max_connections, config.agent.max_connections_per_uid, privileged)
+    )
 
 
 def listening_socket(config: AgentConfig) -> tuple[socket.socket, bool]:
@@ -493,9 +541,9 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
         watchdog: asyncio.Task[None] | None = None
+        loop.set_exception_handler(AcceptFailureLog())
         try:
-            site = web.SockSite(runner, sock)
-            await site.start()
+            await GatedSockSite(runner, sock, connection_limiter(config)).start()
             failed = len(first.health.unavailable)
             state = f"{len(first.service.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
             _logger.info("listening on %s (%s)", sock_path, state)

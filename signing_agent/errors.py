@@ -15,7 +15,8 @@ an adapter boundary: adapters wrap them with ``raise XError(...) from exc``.
     │  ├─ UnknownIdentityError         UnknownIdentity   404
     │  ├─ UnknownServiceError          UnknownService    404
     │  ├─ ConflictError                Conflict          409   e.g. a ballot for a proposal that is not Open
-    │  └─ PolicyDeniedError            PolicyDenied      403
+    │  ├─ PolicyDeniedError            PolicyDenied      403
+    │  └─ TooManyRequestsError         TooManyRequests   429   retryable: a peer's denials over its budget
     ├─ BackendError                    BackendError      500
     │  ├─ BackendUnavailableError      BackendUnavailable 503  retryable: session or token lost, vault down
     │  ├─ KeyNotFoundError             KeyNotFound       500
@@ -29,9 +30,10 @@ an adapter boundary: adapters wrap them with ``raise XError(...) from exc``.
     ├─ AuditError                      AuditUnavailable  503   fail closed: nothing is signed
     └─ ShuttingDownError               ShuttingDown      503   retryable: the agent is draining
 
-CCF's own errors are not agent errors: they are answers, relayed with CCF's status and body. The API adds three codes
-of its own for HTTP-level failures: ``NotFound`` (404, no such route), ``MethodNotAllowed`` (405) and
-``PayloadTooLarge`` (413), and ``RequestTimeout`` (408, a body that does not arrive in time).
+CCF's own errors are not agent errors: they are answers, relayed with CCF's status and body. The API adds codes
+of its own for HTTP-level failures: ``NotFound`` (404, no such route), ``MethodNotAllowed`` (405),
+``PayloadTooLarge`` (413), ``RequestTimeout`` (408, a body that does not arrive in time) and
+``TooManyConnections`` (503, a connection over agent.max_connections or max_connections_per_uid, closed at once).
 """
 
 from __future__ import annotations
@@ -99,6 +101,18 @@ class ConflictError(RequestError):
 class PolicyDeniedError(RequestError):
     code = "PolicyDenied"
     http_status = 403
+
+
+class TooManyRequestsError(RequestError):
+    """A peer used up its budget of denied or malformed requests; ``retry_after`` seconds until one is back."""
+
+    code = "TooManyRequests"
+    http_status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class BackendError(AgentError):

@@ -232,6 +232,11 @@ class RateLimiter:
         bucket.tokens -= 1.0
         return True
 
+    def wait(self, key: tuple[str, int], limit: int, window: float) -> float:
+        """Seconds until ``take`` would succeed (0 when it would now)."""
+        bucket = self._refill(key, limit, window)
+        return max(0.0, (1.0 - bucket.tokens) * window / limit)
+
 
 class Policy:
     """Ordered rules; the first one matching the caller decides (see the module docstring)."""

@@ -75,6 +75,8 @@ _logger = logging.getLogger(__name__)
 
 WAITING = "WaitingForRecoveryShares"
 MAX_DECRYPTION_FAILURES = 3
+WATCHER_REQUEST_ID_PREFIX = "watcher-"
+"""The unattended watcher's request ids start with this; the API never takes it from a caller's X-Request-Id."""
 STATE_VERSION = 1
 
 # A well-formed stand-in for the policy pre-check (the real payload does not exist before decryption).
@@ -441,6 +443,7 @@ class RecoveryService:
             identity, MsgType.RECOVERY_SHARE, _POLICY_PROBE, service=service, caller=caller
         )
         if not explained.decision.allowed:
+            self.signer.charge_denial(caller)  # past the peer's budget: 429, and no record
             await self.signer.record(
                 "denied",
                 {
@@ -705,9 +708,8 @@ class RecoveryWatcher:
             self._set("submitted")
             return
         self._set("recovering")
-        result = await self.recovery.submit_share(
-            self.service, self.identity, request_id=f"watcher-{secrets.token_hex(6)}", unattended=True
-        )
+        request_id = f"{WATCHER_REQUEST_ID_PREFIX}{secrets.token_hex(6)}"
+        result = await self.recovery.submit_share(self.service, self.identity, request_id=request_id, unattended=True)
         if result.submitted or result.skipped:
             data = await self.recovery.store(self.service).load()
             self.last_submission = data["submissions"].get(self.identity)

@@ -28,6 +28,7 @@ from signing_agent.cose.governance import (
     summarise_payload,
 )
 from signing_agent.cose.sign1 import finish
+from signing_agent.denials import DenialThrottle
 from signing_agent.errors import (
     AgentError,
     AuditError,
@@ -136,6 +137,8 @@ class SigningService:
     ``audit=None`` keeps no audit trail: for unit tests and embedding only; the daemon always passes a file sink.
     ``caller=None`` in ``sign`` means the agent itself (its own uid and pid), e.g. an internal watcher.
     ``max_created_at_skew``: how far (seconds, either way) a caller's ``created_at`` may be from ``clock``.
+    ``denials`` (set by the API for the generation it serves) bounds what a peer's denials cost: past its budget a
+    denial is refused with 429 and counted, not audited one by one (``signing_agent.denials``).
     """
 
     def __init__(
@@ -146,12 +149,14 @@ class SigningService:
         policy: Policy | None = None,
         audit: AuditSink | None = None,
         max_created_at_skew: int = DEFAULT_MAX_CREATED_AT_SKEW,
+        denials: DenialThrottle | None = None,
     ) -> None:
         self._identities = dict(identities)
         self._clock = clock
         self.max_created_at_skew = max_created_at_skew
         self.policy = policy if policy is not None else default_policy(os.getuid())
         self.audit = audit
+        self.denials = denials
 
     @property
     def identities(self) -> Mapping[str, Identity]:
@@ -182,6 +187,12 @@ class SigningService:
         except Exception as exc:
             METRICS.audit_write_failures.inc()
             raise AuditError(f"the audit log cannot be written: {exc}") from exc
+
+    def charge_denial(self, caller: Caller | None) -> None:
+        """Charge a peer's denial to its uid's budget before it is audited; raises ``TooManyRequestsError`` (then
+        audit nothing) past the budget. The agent's own work (``caller=None``) is not charged."""
+        if self.denials is not None and caller is not None:
+            self.denials.charge(caller.uid, "denied")
 
     async def explain(
         self,
@@ -304,10 +315,12 @@ class SigningService:
             "proposal_actions": _listed(action.proposal_actions),
             "ballot_sha256": summary.ballot_sha256,
         }
+        decision = self.policy.decide(who, action)
+        if not decision.allowed:
+            self.charge_denial(caller)  # past the peer's budget: 429, and no record at all
         # Written, not yet synced: the fsync of the decision record below makes it durable too, before a
         # signature can leave (one fsync per request instead of two).
         await self.record("received", base, sync=False)
-        decision = self.policy.decide(who, action)
         if not decision.allowed:
             await self.record("denied", {**base, "rule": decision.rule, "reason": decision.reason})
             raise PolicyDeniedError(f"policy: {decision.describe()}")

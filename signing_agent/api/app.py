@@ -7,10 +7,13 @@ message is logged with the request id, never echoed. Nothing here touches a key 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,11 +24,18 @@ from signing_agent.api.governance_routes import add_governance_routes
 from signing_agent.api.peer import peer_of
 from signing_agent.api.runtime import GENERATION, RUNTIME, Generation, InFlight, Runtime, generation_of, service_of
 from signing_agent.api.schemas import parse_explain_request, parse_sign_request
-from signing_agent.errors import AgentError, BackendUnavailableError, PolicyDeniedError, ShuttingDownError
+from signing_agent.denials import DenialThrottle
+from signing_agent.errors import (
+    AgentError,
+    BackendUnavailableError,
+    PolicyDeniedError,
+    ShuttingDownError,
+    TooManyRequestsError,
+)
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
 from signing_agent.metrics import CONTENT_TYPE_LATEST, METRICS, Metrics
-from signing_agent.recovery import RecoveryService
+from signing_agent.recovery import WATCHER_REQUEST_ID_PREFIX, RecoveryService
 from signing_agent.service import SigningService
 
 _logger = logging.getLogger(__name__)
@@ -39,6 +49,9 @@ class APISettings:
     max_request_bytes: int
     request_timeout: float
     body_timeout: float = 30.0
+    denial_rate_limit: int = 30
+    """Denied or malformed requests per peer uid and ``denial_rate_window`` before 429 (``DenialThrottle``)."""
+    denial_rate_window: float = 60.0
 
 
 # The current SigningService, GovernanceService and HealthChecker live in app[RUNTIME] (api/runtime.py), swapped on
@@ -64,19 +77,53 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-Id", "")
-    if not (0 < len(request_id) <= 64 and request_id.replace("-", "").isalnum()):
-        request_id = uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
-    started = time.monotonic()
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when it is safe to log and audit as it is, else a fresh id.
+
+    Safe: 1-64 ASCII letters, digits, ``.``, ``_`` or ``-`` (starting with a letter or digit), and not in the form
+    of the agent's own work (the recovery watcher's ``watcher-...`` ids), so a caller cannot pass its requests off
+    as the agent's in the audit log or the logs.
+    """
+    given = request.headers.get("X-Request-Id", "")
+    if _SAFE_REQUEST_ID.fullmatch(given) and not given.lower().startswith(WATCHER_REQUEST_ID_PREFIX):
+        return given
+    return uuid.uuid4().hex
+
+
+def _too_many(exc: TooManyRequestsError, request_id: str) -> web.Response:
+    response = error_response(exc.http_status, exc.code, exc.diagnostics(), request_id)
+    response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return response
+
+
+def _is_malformed(response: web.StreamResponse) -> bool:
+    """A client error of the agent's own (not CCF's, relayed): charged to the peer's budget of denials. 403s are
+    charged where they are decided, 409 is about CCF's state, not the request."""
+    return 400 <= response.status < 500 and response.status not in (403, 409, 429) and not _relayed(response)
+
+
+def _relayed(response: web.StreamResponse) -> bool:
+    return response.headers.get("X-Relayed-From") == "ccf"
+
+
+Failure = tuple[int, str, str, str]
+"""A failure to log once the response is final: level, request id, error code, message."""
+
+
+async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamResponse, Failure | None]:
+    """The handler's response, or the error response for what it raised (and what to log about it)."""
+    request_id = request[REQUEST_ID]
     try:
-        response = await handler(request)
+        return await handler(request), None
+    except TooManyRequestsError as exc:
+        return _too_many(exc, request_id), None  # counted in a summary, not logged one by one
     except AgentError as exc:
         level = logging.WARNING if exc.http_status < 500 else logging.ERROR
-        _logger.log(level, "request %s failed: %s: %s", request_id, exc.code, exc.message)
         response = error_response(exc.http_status, exc.code, exc.diagnostics(), request_id)
+        return response, (level, request_id, exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -84,9 +131,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 404:
             message = f"no route {request.method} {request.path}"
         response = error_response(exc.status, code, message, request_id)
+        if exc.status == 413:
+            response.force_close()  # no keep-alive after a body we refused to read
+        return response, None
     except Exception:
         _logger.exception("request %s: unexpected error", request_id)
-        response = error_response(500, "InternalError", "internal error; see the agent's log", request_id)
+        return error_response(500, "InternalError", "internal error; see the agent's log", request_id), None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request_id_of(request)
+    request[REQUEST_ID] = request_id
+    started = time.monotonic()
+    response, failure = await _respond(request, handler)
+    peer = request.get(CALLER)
+    throttled = response.status == 429 and not _relayed(response)  # the agent's own 429s are the throttle's
+    if peer is not None and _is_malformed(response):
+        try:
+            request.app[RUNTIME].denials.charge(peer.uid, "malformed")
+        except TooManyRequestsError as exc:
+            closing = response.keep_alive is False  # e.g. a 413: still no keep-alive
+            response, failure, throttled = _too_many(exc, request_id), None, True
+            if closing:
+                response.force_close()
+    if failure is not None:
+        _logger.log(failure[0], "request %s failed: %s: %s", *failure[1:])
     response.headers["X-Request-Id"] = request_id
     resource = request.match_info.route.resource
     # The route template ("/v1/services/{svc}/status"), never the raw path: labels must stay a small, fixed set.
@@ -94,15 +164,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     metrics = request.app[METRICS_KEY]
     metrics.requests.labels(route, request.method, str(response.status)).inc()
     metrics.request_seconds.labels(route).observe(time.monotonic() - started)
-    peer = request.get(CALLER)
-    _access.info(
-        "%s %s -> %d (request %s, peer %s)",
-        request.method,
-        request.path,
-        response.status,
-        request_id,
-        f"uid={peer.uid} pid={peer.pid}" if peer else "unknown",
-    )
+    if not throttled:  # a throttled flood is counted in metrics and one audit summary, not a log line each
+        _access.info(
+            "%s %s -> %d (request %s, peer %s)",
+            request.method,
+            request.path,
+            response.status,
+            request_id,
+            f"uid={peer.uid} pid={peer.pid}" if peer else "unknown",
+        )
     return response
 
 
@@ -121,6 +191,7 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request[GENERATION] = gen
     admitted = gen.service.policy.admits(who)
     if not admitted.allowed:
+        gen.service.charge_denial(who)  # past the peer's budget: 429, and no record
         # Audited, but not synced on its own: nothing leaves the agent on a denial, and an unauthorised peer must
         # not be able to make the agent fsync at will. The next synced record makes it durable.
         await gen.service.record(
@@ -139,6 +210,9 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
             hint="by default only the agent's own user and root may; see agent.allowed_uids / allowed_gids "
             "and [[policy.rules]]",
         )
+    if request.content_length is not None and request.content_length > settings.max_request_bytes:
+        # Refused before reading a byte of the body: 413 at once, not a 408 once the body timeout ran out.
+        raise web.HTTPRequestEntityTooLarge(settings.max_request_bytes, request.content_length)
     in_flight.enter()
     gen.in_flight.enter()
     try:
@@ -151,6 +225,40 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         gen.in_flight.exit()
         in_flight.exit()
+
+
+async def _write_summaries(runtime: Runtime, *, flush: bool = False) -> None:
+    """Audit what the denial budget dropped: one ``throttled`` record per uid and window."""
+    for dropped in runtime.denials.due(flush=flush):
+        try:
+            await runtime.current.service.record("throttled", dropped.audit_fields())
+        except AgentError as exc:
+            _logger.error(  # noqa: TRY400 -- the audit failure is the news; its traceback adds nothing
+                "cannot audit that %d request(s) of peer uid %d were throttled: %s",
+                dropped.denied + dropped.malformed,
+                dropped.uid,
+                exc.message,
+            )
+
+
+async def _summarise_throttled(app: web.Application) -> AsyncIterator[None]:
+    """While the app runs, write each due summary of throttled requests; at shutdown, the rest."""
+    runtime = app[RUNTIME]
+    tick = max(0.05, min(5.0, runtime.denials.window / 4))
+
+    async def periodically() -> None:
+        while True:
+            await asyncio.sleep(tick)
+            await _write_summaries(runtime)
+
+    task = asyncio.get_running_loop().create_task(periodically())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _write_summaries(runtime, flush=True)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -249,11 +357,13 @@ def make_app(
     )
     metrics = metrics or METRICS
     checker = health_checker or HealthChecker(service, governance, metrics=metrics)
-    app[RUNTIME] = Runtime(Generation(1, service, governance, checker, recovery=recovery))
+    denials = DenialThrottle(settings.denial_rate_limit, settings.denial_rate_window)
+    app[RUNTIME] = Runtime(Generation(1, service, governance, checker, recovery=recovery), denials)
     app[METRICS_KEY] = metrics
     app[SETTINGS] = settings
     app[BODY_TIMEOUT] = settings.body_timeout
     app[IN_FLIGHT] = InFlight()
+    app.cleanup_ctx.append(_summarise_throttled)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics_exposition)
     app.router.add_get("/v1/identities", identities)

@@ -5,6 +5,7 @@ What a peer may do is decided by ``signing_agent.policy``; this module only find
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -16,16 +17,31 @@ from signing_agent.policy import Caller
 _UCRED = struct.Struct("3i")
 
 
-def peer_of(request: web.Request) -> Caller | None:
-    """The peer's credentials and executable, or None when the transport is not a Unix socket (never the case in
-    the daemon)."""
-    transport = request.transport
-    if transport is None:
-        return None
-    sock = transport.get_extra_info("socket")
+def credentials(transport: asyncio.BaseTransport | None) -> tuple[int, int, int] | None:
+    """The peer's (pid, uid, gid) from the kernel, or None when the transport is not a Unix socket (never the case
+    in the daemon)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int:
+    """The peer's uid, or -1 when it cannot be known (then it is nobody privileged)."""
+    try:
+        creds = credentials(transport)
+    except OSError:
+        return -1
+    return -1 if creds is None else creds[1]
+
+
+def peer_of(request: web.Request) -> Caller | None:
+    """The peer's credentials and executable, or None when the transport is not a Unix socket."""
+    creds = credentials(request.transport)
+    if creds is None:
+        return None
+    pid, uid, gid = creds
     return Caller(uid=uid, gid=gid, pid=pid, exe=executable_of(pid))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from signing_agent.config import RecoveryConfig
+from signing_agent.denials import DenialThrottle
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
 from signing_agent.recovery import RecoveryService
@@ -67,18 +68,27 @@ class Generation:
 
 
 class Runtime:
-    """Holds the current ``Generation``; ``swap`` replaces it in one step (no await in between)."""
+    """Holds the current ``Generation``; ``swap`` replaces it in one step (no await in between).
 
-    def __init__(self, first: Generation) -> None:
-        self._current = first
+    Also holds what outlives a reload: the peers' budget of denials (``denials``), which each generation's service
+    charges, so reloading the configuration never hands a flooding peer a fresh budget.
+    """
+
+    def __init__(self, first: Generation, denials: DenialThrottle) -> None:
+        self.denials = denials
+        self._current = self._adopt(first)
 
     @property
     def current(self) -> Generation:
         return self._current
 
+    def _adopt(self, gen: Generation) -> Generation:
+        gen.service.denials = self.denials
+        return gen
+
     def swap(self, new: Generation) -> Generation:
         """Make ``new`` current for requests that arrive from now on; returns the old one to drain and close."""
-        old, self._current = self._current, new
+        old, self._current = self._current, self._adopt(new)
         return old
 
 

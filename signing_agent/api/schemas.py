@@ -7,33 +7,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from signing_agent import strict_json
 from signing_agent.cose.governance import MsgType, check_created_at, check_proposal_id, compact_json
 from signing_agent.errors import InvalidRequestError
 
 
-def _refuse_constant(name: str) -> Any:
-    raise InvalidRequestError(f"the body is not valid JSON: {name} is not a JSON number")
-
-
 def parse_json(raw: bytes) -> Any:
-    """Parse a JSON body: UTF-8 only, no NaN/Infinity, bounded nesting and number sizes."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequestError("the body is not UTF-8") from None
-    try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the body is nested too deeply") from None
-    except ValueError as exc:
-        # Python refuses integers with more than 4300 digits.
-        raise InvalidRequestError(f"the body is not acceptable JSON: {exc}") from None
+    """Parse a JSON body as strictly as CCF would (``signing_agent.strict_json``): UTF-8 only, no NaN/Infinity, no
+    lone surrogates or duplicate keys, 64-bit integers, bounded nesting."""
+    return strict_json.loads(raw, "the body")
 
 
 def parse_object(raw: bytes, allowed: frozenset[str], required: frozenset[str] = frozenset()) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from signing_agent import strict_json
 from signing_agent.algorithms import SignatureAlgorithm
 from signing_agent.cose.sign1 import HEADER_KID, HeaderLabel, ToBeSigned, prepare
 from signing_agent.errors import InvalidRequestError
@@ -72,14 +73,7 @@ class PayloadSummary:
 
 
 def _json_object(msg_type: MsgType, payload: bytes) -> dict[str, Any]:
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequestError(f"a {msg_type} payload must be UTF-8 JSON") from None
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidRequestError(f"a {msg_type} payload must be JSON: {exc}") from None
+    value = strict_json.loads(payload, f"a {msg_type} payload")
     if not isinstance(value, dict):
         raise InvalidRequestError(f"a {msg_type} payload must be a JSON object")
     return value

@@ -220,3 +220,89 @@ async def test_client_error_mapping(agent: Path) -> None:
         await asyncio.to_thread(client.sign, "ghost", "proposal", b"{}")
     assert info.value.code == "UnknownIdentity"
     assert info.value.status == 404
+
+
+def audit_of(sock: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (sock.parent / "audit.jsonl").read_text().splitlines()]
+
+
+SIGN = b'{"identity":"m0","msg_type":"proposal",'
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "message"),
+    [
+        # 1e999 would be signed as the "Infinity" CCF refuses; a lone surrogate cannot be re-serialised as UTF-8.
+        ("/v1/sign", SIGN + b'"payload":{"actions":[{"name":"a","args":1e999}]}}', "overflows to Infinity"),
+        ("/v1/sign", SIGN + b'"payload":{"actions":[{"name":"a","args":"\\ud800"}]}}', "lone surrogate"),
+        ("/v1/sign", SIGN + b'"payload":{"actions":[{"name":"a","args":NaN}]}}', "NaN"),
+        ("/v1/sign", SIGN + b'"payload":{"actions":[{"name":"a","args":' + b"9" * 4000 + b"}]}}", "64-bit"),
+        ("/v1/sign", b'{"identity":"m0","identity":"m1","msg_type":"proposal"}', "appears twice"),
+        ("/v1/explain", SIGN + b'"payload":{"actions":[{"name":"a","args":"\\udc00x"}]}}', "lone surrogate"),
+        ("/v1/services/default/proposals", b'{"identity":"m0","proposal":{"a":"\\ud800"}}', "lone surrogate"),
+    ],
+)
+async def test_json_ccf_would_refuse_is_a_400_and_nothing_is_signed(
+    agent: Path, path: str, raw: bytes, message: str
+) -> None:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+    reply = await raw_exchange(agent, head.encode() + raw)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "InvalidRequest"
+    assert message in error["message"]
+    assert not [r for r in audit_of(agent) if r["event"] == "signed"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"actions":[{"name":"a","args":NaN}]}', "NaN"),
+        (b'{"actions":[{"name":"a","args":-1e999}]}', "overflows to Infinity"),
+        (b'{"actions":[{"name":"a","args":' + b"1" * 40 + b"}]}", "64-bit"),
+        (b'{"actions":[{"name":"a","args":"\\udbff"}]}', "lone surrogate"),
+        (b'{"actions":[{"name":"set_constitution"}],"actions":[{"name":"a"}]}', "appears twice"),
+    ],
+)
+async def test_exact_payload_bytes_ccf_would_refuse_are_never_signed(agent: Path, payload: bytes, message: str) -> None:
+    body = {"identity": "m0", "msg_type": "proposal", "payload_base64": base64.b64encode(payload).decode()}
+    status, _, raw = await call(agent, "POST", "/v1/sign", body)
+    assert status == 400, raw
+    assert message in json.loads(raw)["error"]["message"]
+    assert not [r for r in audit_of(agent) if r["event"] == "signed"]
+
+
+async def test_a_content_length_over_the_limit_is_refused_before_the_body_arrives(agent: Path) -> None:
+    """413 at once, from the head alone: not a 408 after agent.body_timeout (30 s) of waiting for the body."""
+    reply = await raw_exchange(agent, b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{")
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "PayloadTooLarge"
+    assert (await call(agent, "GET", "/v1/health"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("client-run.7_a", True),
+        ("a" * 64, True),
+        ("watcher-0123456789ab", False),  # the recovery watcher's own form: a caller cannot pass as the agent
+        ("Watcher-0123456789ab", False),
+        ("a" * 65, False),
+        ("caf\u00e9", False),
+        ("two words", False),
+        ("-leading-dash", False),
+        ("a;b", False),
+    ],
+)
+async def test_a_callers_request_id_is_kept_only_when_safe(agent: Path, given: str, kept: bool) -> None:
+    client = AgentClient(agent, timeout=10)
+    body = {"identity": "m0", "msg_type": "proposal", "payload": PROPOSAL}
+    resp = await asyncio.to_thread(client.request, "POST", "/v1/sign", body, headers={"X-Request-Id": given})
+    assert resp.status == 200, resp.body
+    answered = resp.headers["x-request-id"]
+    if kept:
+        assert answered == given
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", answered), answered
+    records = [r for r in audit_of(agent) if r["event"] in ("received", "signed")]
+    assert [r["request_id"] for r in records] == [answered, answered]

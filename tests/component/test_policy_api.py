@@ -265,3 +265,80 @@ async def test_explain_uses_no_key_and_reports_the_payload(
     assert [r["event"] for r in audit_records(config)] == ["started"]
     status, _, raw = await call(sock, "POST", "/v1/explain", {**body, "surprise": 1})
     assert (status, json.loads(raw)["error"]["code"]) == (400, "InvalidRequest")
+
+
+def events_of(config: AgentConfig, event: str, uid: int) -> list[dict[str, Any]]:
+    return [r for r in audit_records(config) if r["event"] == event and r["peer"]["uid"] == uid]
+
+
+async def test_a_denial_flood_costs_the_caller_not_the_disk(workdir: Path, members: dict[str, Member]) -> None:
+    """nobody, whom no rule admits, floods the agent; root, flooding malformed requests of its own, still signs."""
+    config = config_for(workdir, {"m0": members["m0"]}, [], denial_rate_limit=5, denial_rate_window=3600.0)
+    flood = 300
+    async with running_agent(config) as sock:
+        results = await asyncio.to_thread(as_nobody, sock, [("GET", "/v1/identities", None)] * flood)
+        # Root is counted too: its malformed requests past the budget get 429s...
+        statuses = [(await call(sock, "POST", "/v1/sign", {"identity": "m0"}))[0] for _ in range(7)]
+        status, headers, body = await call(sock, "POST", "/v1/sign", {"identity": "m0"})
+        assert (status, json.loads(body)["error"]["code"]) == (429, "TooManyRequests")
+        assert 1 <= int(headers["retry-after"]) <= 3600
+        # An announced oversized body is refused at once (a 429 now, no longer a 413), without waiting for it.
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 429 "), reply[:100]
+        assert b"Connection: close" in reply
+        # ...but what the policy allows is never refused, not for root and not after anyone's flood.
+        status, _, _ = await call(sock, "POST", "/v1/sign", sign_body("m0", "proposal", TRUST))
+        assert status == 200
+        size_while_running = config.audit.path.stat().st_size if config.audit else 0
+    assert statuses == [400] * 5 + [429] * 2
+    assert [status for status, _ in results] == [403] * 5 + [429] * (flood - 5)
+    assert {body["error"]["code"] for _, body in results[5:]} == {"TooManyRequests"}
+    assert "uid 65534" in results[-1][1]["error"]["message"]
+    # Five denials audited one by one; the rest in one summary, written at shutdown (the window is an hour).
+    assert len(events_of(config, "denied", NOBODY)) == 5
+    assert size_while_running < 20_000
+    [summary] = events_of(config, "throttled", NOBODY)
+    assert (summary["dropped"], summary["denied"], summary["malformed"]) == (flood - 5, flood - 5, 0)
+    assert float(summary["first_ts"]) <= float(summary["last_ts"]) <= float(summary["ts"])
+    [root_summary] = events_of(config, "throttled", 0)
+    assert (root_summary["dropped"], root_summary["malformed"]) == (4, 4)
+    assert config.audit is not None
+    assert verify_audit([config.audit.path]).ok
+
+
+async def test_denials_of_an_admitted_peer_are_throttled_and_its_allowed_requests_are_not(
+    workdir: Path, members: dict[str, Member]
+) -> None:
+    """nobody may sign only transition_node_to_trusted; it floods set_constitution, then asks for what it may."""
+    rule = {"name": "nobody-trust", "uids": [NOBODY], "actions_allow": ["transition_node_to_trusted"]}
+    config = config_for(workdir, {"m0": members["m0"]}, [rule], denial_rate_limit=3, denial_rate_window=3600.0)
+    calls: list[tuple[str, str, Any]] = [("POST", "/v1/sign", sign_body("m0", "proposal", CONSTITUTION))] * 20
+    calls.append(("POST", "/v1/sign", sign_body("m0", "proposal", TRUST)))
+    async with running_agent(config) as sock:
+        results = await asyncio.to_thread(as_nobody, sock, calls)
+    assert [status for status, _ in results] == [403] * 3 + [429] * 17 + [200]
+    # A throttled denial leaves no record at all: no "received", no "denied".
+    assert len(events_of(config, "received", NOBODY)) == 3 + 1
+    assert len(events_of(config, "denied", NOBODY)) == 3
+    [summary] = events_of(config, "throttled", NOBODY)
+    assert summary["denied"] == 17
+
+
+async def test_a_summary_is_written_each_window_while_the_flood_goes_on(
+    workdir: Path, members: dict[str, Member]
+) -> None:
+    config = config_for(workdir, {"m0": members["m0"]}, [], denial_rate_limit=2, denial_rate_window=1.0)
+    async with running_agent(config) as sock:
+        await asyncio.to_thread(as_nobody, sock, [("GET", "/v1/health", None)] * 50)
+        for _ in range(200):  # the window is 1 s; give it 20
+            if events_of(config, "throttled", NOBODY):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("no summary while the agent runs")
+    summaries = events_of(config, "throttled", NOBODY)
+    denied = events_of(config, "denied", NOBODY)
+    assert sum(s["dropped"] for s in summaries) + len(denied) == 50

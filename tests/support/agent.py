@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -137,8 +138,17 @@ def daemon(
     env: Mapping[str, str] | None = None,
     timeout: float = 20.0,
     args: Sequence[str] = (),
+    open_files: tuple[int, int] | None = None,
 ) -> Iterator[DaemonProcess]:
-    """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr."""
+    """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr.
+
+    ``open_files``: the daemon's RLIMIT_NOFILE (soft, hard), e.g. the usual 1,024.
+    """
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     ready = config_path.parent / f"ready-{time.monotonic_ns()}"
     stderr_path = config_path.parent / f"daemon-{time.monotonic_ns()}.stderr"
     with stderr_path.open("wb") as err:
@@ -158,6 +168,7 @@ def daemon(
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=cli_env(env),
+            preexec_fn=limit_open_files if open_files is not None else None,
         )
     deadline = time.monotonic() + timeout
     while not (ready.exists() and ready.read_text()):  # written, not only created (write_text is not atomic)

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from signing_agent.api.connections import FD_HEADROOM
+from signing_agent.config import AgentSection
 from tests.support.prereq import require_executable
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -65,6 +67,8 @@ def test_the_service_unit_is_notify_hardened_and_reloadable() -> None:
     # harden_process() calls setrlimit (in @resources): the filter must not deny it.
     assert not any("@resources" in v for v in svc["SystemCallFilter"])
     assert int(one(svc, "WatchdogSec")) > 0
+    # Room for every connection the agent admits (agent.max_connections) and its own files: accept() never fails.
+    assert int(one(svc, "LimitNOFILE")) >= AgentSection().max_connections + FD_HEADROOM
     assert "serve" in one(svc, "ExecStart").split()
     assert unit("signing-agent.service")["Unit"]["Requires"] == ["signing-agent.socket"]
 

@@ -67,8 +67,15 @@ def test_proposal_summary_lists_actions() -> None:
 @pytest.mark.parametrize(
     ("msg_type", "payload", "message"),
     [
-        (MsgType.PROPOSAL, b"not json", "must be JSON"),
+        (MsgType.PROPOSAL, b"not json", "not valid JSON"),
         (MsgType.PROPOSAL, b"\xff", "UTF-8"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x","args":NaN}]}', "NaN"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x","args":-Infinity}]}', "Infinity"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x","args":1e999}]}', "overflows to Infinity"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x","args":"\\ud800"}]}', "lone surrogate"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x","args":' + b"9" * 5000 + b"}]}", "64-bit"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x","args":18446744073709551616}]}', "64-bit"),
+        (MsgType.PROPOSAL, b'{"actions":[{"name":"x"}],"actions":[{"name":"y"}]}', "appears twice"),
         (MsgType.PROPOSAL, b"[]", "JSON object"),
         (MsgType.PROPOSAL, b'{"actions":[]}', "actions"),
         (MsgType.PROPOSAL, b'{"actions":[{"args":{}}]}', "string 'name'"),

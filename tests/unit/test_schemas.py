@@ -25,6 +25,14 @@ def test_payload_json_is_serialised_compactly_as_utf8() -> None:
     assert req.msg_type is MsgType.PROPOSAL
 
 
+def test_the_edges_of_strict_json_still_parse() -> None:
+    """Escaped surrogate pairs, the 64-bit integer range and big finite numbers are valid JSON, kept exactly."""
+    edges = b'["\\ud83d\\ude00",18446744073709551615,-9223372036854775808,1e308]'
+    raw = b'{"identity":"m0","msg_type":"proposal","payload":' + edges + b"}"
+    payload = parse_sign_request(raw).payload
+    assert json.loads(payload) == ["\U0001f600", 2**64 - 1, -(2**63), 1e308]
+
+
 def test_payload_base64_is_exact_bytes_and_default_is_empty() -> None:
     assert parse_sign_request(body(payload_base64=base64.b64encode(b"\x00\xff").decode())).payload == b"\x00\xff"
     assert parse_sign_request(body()).payload == b""
@@ -42,6 +50,13 @@ def test_payload_base64_is_exact_bytes_and_default_is_empty() -> None:
             b'{"identity":"m0","msg_type":"proposal","payload":' + b"[" * 100000 + b"]" * 100000 + b"}",
             "nested",
         ),
+        (b'{"identity":"m0","msg_type":"proposal","payload":[Infinity]}', "Infinity"),
+        (b'{"identity":"m0","msg_type":"proposal","payload":{"a":-1E400}}', "overflows to Infinity"),
+        (b'{"identity":"m0","msg_type":"proposal","payload":{"a":"x\\udfff"}}', "lone surrogate"),
+        (b'{"identity":"\\ud800","msg_type":"proposal"}', "lone surrogate"),
+        (b'{"identity":"m0","msg_type":"proposal","payload":{"\\udbff":1}}', "lone surrogate"),
+        (b'{"identity":"m0","msg_type":"proposal","payload":-9223372036854775809}', "64-bit"),
+        (b'{"identity":"m0","identity":"m1","msg_type":"proposal"}', "appears twice"),
         (body(extra=1), "unknown field"),
         (json.dumps({"msg_type": "proposal"}).encode(), "missing field"),
         (body(identity=3), "identity must be"),
