@@ -46,6 +46,7 @@ AuditEvent = Literal[
     "share_submitted",
     "share_failed",
     "identity_adopted",
+    "identity_approved",
 ]
 
 

@@ -16,10 +16,12 @@ decoded on the host, a potential padding oracle) acceptable. Keep it that way. O
 identity is suspended after ``MAX_DECRYPTION_FAILURES`` failures until the next reload: a padding-oracle attack needs
 thousands of failing queries.
 
-Trust after a disaster recovery (the service comes back with a new identity): see ``RecoveryService.adopt_by_proposal``
-and the README's "Recovery" section. The watcher submits only to a service whose TLS identity is trusted by
-configuration: the pinned certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new
-identity that an Accepted ``transition_service_to_open`` proposal names as next after a trusted one.
+Trust after a disaster recovery (the service comes back with a new identity): see the README's "Recovery" section.
+A share is fetched, decrypted and submitted only over TLS pinned to an identity the operator decided: the pinned
+certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new identity approved by this
+agent's own accepting ballot on the ``transition_service_to_open`` proposal that names it
+(``RecoveryService.ballot_cast``). An identity the rule adopts on the endpoint's word alone
+(``RecoveryService.adopt_by_proposal``) is trusted provisionally: reads and ballots, never a share.
 
 Must not import aiohttp or the API (the API and the daemon call in).
 """
@@ -66,9 +68,9 @@ from signing_agent.errors import (
     UnknownServiceError,
     UnsupportedOperationError,
 )
-from signing_agent.governance import GovernanceService, Relay
+from signing_agent.governance import BallotCast, GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.policy import Caller
+from signing_agent.policy import ACCEPT_BALLOT, Caller
 from signing_agent.service import SignedMessage, SigningService
 
 _logger = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ STATE_VERSION = 1
 
 # A well-formed stand-in for the policy pre-check (the real payload does not exist before decryption).
 _POLICY_PROBE = b'{"share":"AAAA"}'
+# The state file's records of service identities: approved for shares (pinned), or adopted provisionally.
+_APPROVED = "approved_identity"
+_ADOPTED = "adopted_identity"
 # Anything in a CCF message that could be a share in base64, urlsafe base64 or hex is cut out before it is kept.
 _SECRET_LIKE = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
 
@@ -95,6 +100,30 @@ def _der(pem: bytes | str) -> bytes | None:
 def _fingerprint(pem: bytes) -> str:
     der = _der(pem)
     return hashlib.sha256(der if der is not None else pem).hexdigest()
+
+
+async def _transition_from(client: CCFClient, proposal_id: str, previous: set[bytes], next_der: bytes) -> bytes | None:
+    """The ``previous_service_identity`` (DER) of a ``transition_service_to_open`` action in the proposal that comes
+    from one of ``previous`` and goes to ``next_der``, as the service reports the proposal's actions; else None.
+    Certificates are compared as DER, so PEM line breaks and headers do not matter."""
+    got = await client.get(f"/gov/members/proposals/{proposal_id}/actions", max_attempts=1)
+    try:
+        actions = json.loads(got.raw).get("actions") if got.ok else None
+    except (ValueError, AttributeError):
+        actions = None
+    for action in actions if isinstance(actions, list) else []:
+        if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
+            continue
+        args = action.get("args")
+        if not isinstance(args, dict):
+            continue
+        prev, nxt = args.get("previous_service_identity"), args.get("next_service_identity")
+        if not isinstance(prev, str) or not isinstance(nxt, str):
+            continue
+        prev_der = _der(prev)
+        if prev_der is not None and prev_der in previous and _der(nxt) == next_der:
+            return prev_der
+    return None
 
 
 def scrub(text: str, limit: int = 300) -> str:
@@ -243,9 +272,11 @@ class RecoveryService:
         self._rng = rng
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._adopt_lock = asyncio.Lock()
+        self._provisional_proposal: dict[str, str] = {}
         self._stats = _Stats()
         self._memory: dict[str, RecoveryStateStore] = {}
         self.watchers: list[RecoveryWatcher] = []
+        governance.ballot_observers.append(self.ballot_cast)
         if config.enabled:
             for svc in governance.services.values():
                 for ident in svc.recovery_identities:
@@ -269,64 +300,110 @@ class RecoveryService:
         return cfg
 
     async def open(self) -> None:
-        """Re-pin identities adopted after earlier recoveries (unless the configured certificate changed since)."""
+        """Restore the trust kept in the state files (unless the configured certificate changed since): an identity
+        approved after an earlier recovery is pinned, one adopted provisionally is trusted for reads and ballots.
+        Each restored identity is audited."""
         for name, cfg in self.governance.services.items():
             store = self.store(name)
             if store.path is None or not store.path.exists():
                 continue
             data = await store.load()
-            adopted = data.get("adopted_identity")
-            if not isinstance(adopted, dict) or not isinstance(adopted.get("certificate"), str):
-                continue
-            configured = await configured_service_certificate(cfg)
-            if adopted.get("configured_sha256") != _fingerprint(configured):
-                _logger.warning(
-                    "service %s: the configured service_certificate changed since identity %s was adopted; "
-                    "using the configured one",
-                    name,
-                    str(adopted.get("sha256"))[:16],
-                )
-                continue
-            self.governance.pin(name, adopted["certificate"].encode("ascii"))
-            _logger.info("service %s: pinning identity %s adopted after a recovery", name, adopted.get("sha256"))
+            configured: str | None = None
+            for key, trust in ((_APPROVED, "approved"), (_ADOPTED, "provisional")):
+                record = data.get(key)
+                pem = record.get("certificate") if isinstance(record, dict) else None
+                if not isinstance(record, dict) or not isinstance(pem, str) or _der(pem) is None:
+                    continue
+                configured = configured or _fingerprint(await configured_service_certificate(cfg))
+                if record.get("configured_sha256") != configured:
+                    _logger.warning(
+                        "service %s: the configured service_certificate changed since identity %s was adopted; "
+                        "using the configured one",
+                        name,
+                        _fingerprint(pem.encode())[:16],
+                    )
+                    continue
+                await self._trust(name, pem.encode("ascii"), trust, record, restored_from=store.path)
+
+    async def _trust(
+        self, service: str, pem: bytes, trust: str, record: Mapping[str, Any], *, restored_from: Path | None = None
+    ) -> None:
+        """Put an identity to use (pinned when approved, else provisional) and audit it as ``identity_adopted``."""
+        proposal_id = record.get("proposal_id")
+        fields: dict[str, Any] = {
+            "service": service,
+            "certificate_sha256": _fingerprint(pem),
+            "previous_sha256": record.get("previous_sha256"),
+            "proposal_id": proposal_id,
+            "trust": trust,
+        }
+        if restored_from is not None:
+            fields["restored_from"] = str(restored_from)
+        await self.signer.record("identity_adopted", fields)
+        if trust == "approved":
+            self.governance.pin(service, pem)
+            self.governance.trust_provisionally(service, None)
+        else:
+            self.governance.trust_provisionally(service, pem)
+            self._provisional_proposal[service] = str(proposal_id)
+        _logger.warning(
+            "service %s: %s service identity %s (%s, proposal %s)%s",
+            service,
+            "pinning the approved" if trust == "approved" else "trusting for reads and ballots only the",
+            fields["certificate_sha256"][:16],
+            "restored from the recovery state" if restored_from is not None else "adopted now",
+            proposal_id,
+            ""
+            if trust == "approved"
+            else "; no recovery share goes to it until a member votes accept on a "
+            "transition_service_to_open proposal naming it through this agent",
+        )
 
     # -- trust ---
 
+    async def _decided(self, service: str) -> tuple[CCFClient, set[bytes]]:
+        """The client trusted for everything (shares included) and its identities as DER: the pinned one (configured,
+        or approved after a recovery) and ``accepted_service_certificates``. Never a provisional identity."""
+        client = await self.governance.client(service)
+        return client, {d for d in (_der(p) for p in client.trusted_pems) if d is not None}
+
     async def _get(self, service: str, path: str) -> CCFResponse:
-        """GET through the pinned client; on a trust failure, the proposal rule may adopt a new identity once."""
+        """A read that may go to a provisional identity; on a trust failure, the proposal rule may adopt one, once."""
         try:
-            client = await self.governance.client(service)
+            client = await self.governance.client(service, provisional=True)
             return await client.get(path)
         except CCFTrustError:
             if not self._service(service).accept_transition_to or not await self.adopt_by_proposal(service):
                 raise
-        client = await self.governance.client(service)
+        client = await self.governance.client(service, provisional=True)
         return await client.get(path)
 
     async def adopt_by_proposal(self, service: str) -> bool:
-        """The ``accept_transition_to`` rule. True when a new service identity was adopted and is now pinned.
+        """The ``accept_transition_to`` rule, step one: trust a new service identity *provisionally* (reads and
+        ballots, so that members can review and vote the transition through the agent; never a recovery share).
+        True when one was adopted.
 
         1. Read the identity the endpoint claims (``/node/network``, over TLS that verifies nothing; nothing but
            that GET is sent).
         2. Connect again with TLS pinned to that claim alone: the endpoint must present a node certificate endorsed
            by it, and ``/gov/service/info`` must report the same certificate.
-        3. Over that connection, an Accepted ``transition_service_to_open`` proposal must name an identity this
-           agent trusts as ``previous_service_identity`` and the claimed one as ``next_service_identity``
-           (certificates compared as DER).
+        3. Over that connection, an Open or Accepted ``transition_service_to_open`` proposal must name an identity
+           trusted for shares (pinned or listed) as ``previous_service_identity`` and the claimed one as
+           ``next_service_identity`` (certificates compared as DER).
 
-        This trusts the service's own governance answers: it keeps shares from an unrelated service and from a
-        recovery the consortium did not approve, not from an attacker who holds the endpoint and can answer
-        governance reads as they like (use ``accepted_service_certificates`` for that).
+        Every one of those is the endpoint's word: a network attacker can serve all three (its own identity, a
+        fabricated proposal list). That keeps reads and ballots from an unrelated service, and is why it earns no
+        share: step two, ``ballot_cast``, needs this agent's own accepting ballot.
         """
         cfg = self._service(service)
         async with self._adopt_lock:
-            current = await self.governance.client(service)
-            trusted = {d for d in (_der(p) for p in current.trusted_pems) if d is not None}
+            current, decided = await self._decided(service)
             candidate = await fetch_presented_service_certificate(cfg)
             candidate_der = _der(candidate)
             if candidate_der is None:
                 raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
-            if candidate_der in trusted:
+            provisional = self.governance.provisional_identity(service)
+            if candidate_der in decided or (provisional is not None and _der(provisional) == candidate_der):
                 return False  # already trusted: the TLS failure was something else
             probe = CCFClient(cfg, candidate)
             try:
@@ -335,13 +412,13 @@ class RecoveryService:
                 if not isinstance(reported, str) or _der(reported) != candidate_der:
                     _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
                     return False
-                proposal_id = await self._approving_proposal(probe, trusted, candidate_der)
+                proposal_id = await self._transition_proposal(probe, decided, candidate_der)
             finally:
                 await probe.aclose()
             if proposal_id is None:
                 _logger.warning(
-                    "service %s presents identity %s, which no Accepted transition_service_to_open proposal "
-                    "approves after a trusted identity: not trusted",
+                    "service %s presents identity %s, which no Open or Accepted transition_service_to_open proposal "
+                    "names after an identity trusted for shares: not trusted",
                     service,
                     _fingerprint(candidate)[:16],
                 )
@@ -354,67 +431,156 @@ class RecoveryService:
                 "configured_sha256": _fingerprint(configured),
                 "proposal_id": proposal_id,
                 "adopted_at": int(time.time()),
+                "trust": "provisional",
             }
 
             def change(data: dict[str, Any]) -> None:
-                data["adopted_identity"] = record
+                data[_ADOPTED] = record
 
             await self.store(service).update(change)
-            await self.signer.record(
-                "identity_adopted",
-                {
-                    "service": service,
-                    "certificate_sha256": record["sha256"],
-                    "previous_sha256": record["previous_sha256"],
-                    "proposal_id": proposal_id,
-                },
-            )
-            self.governance.pin(service, candidate)
-            _logger.warning(
-                "service %s: adopted the new service identity %s (was %s), approved by Accepted proposal %s",
-                service,
-                record["sha256"][:16],
-                record["previous_sha256"][:16],
-                proposal_id,
-            )
+            await self._trust(service, candidate, "provisional", record)
             return True
 
     @staticmethod
-    async def _approving_proposal(probe: CCFClient, trusted: set[bytes], candidate_der: bytes) -> str | None:
+    async def _transition_proposal(probe: CCFClient, decided: set[bytes], candidate_der: bytes) -> str | None:
         listed = await probe.get("/gov/members/proposals", max_attempts=1)
         values = listed.body.get("value") if listed.ok and isinstance(listed.body, dict) else None
         for proposal in values if isinstance(values, list) else []:
-            if not isinstance(proposal, dict) or proposal.get("proposalState") != "Accepted":
+            if not isinstance(proposal, dict) or proposal.get("proposalState") not in ("Open", "Accepted"):
                 continue
             pid = proposal.get("proposalId")
             if not isinstance(pid, str) or not re.fullmatch(r"[0-9a-f]{64}", pid):
                 continue
-            got = await probe.get(f"/gov/members/proposals/{pid}/actions", max_attempts=1)
-            try:
-                actions = json.loads(got.raw).get("actions") if got.ok else None
-            except (ValueError, AttributeError):
-                actions = None
-            for action in actions if isinstance(actions, list) else []:
-                if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
-                    continue
-                args = action.get("args")
-                if not isinstance(args, dict):
-                    continue
-                previous, nxt = args.get("previous_service_identity"), args.get("next_service_identity")
-                if not isinstance(previous, str) or not isinstance(nxt, str):
-                    continue
-                if _der(previous) in trusted and _der(nxt) == candidate_der:
-                    return pid
+            if await _transition_from(probe, pid, decided, candidate_der) is not None:
+                return pid
         return None
+
+    async def ballot_cast(self, cast: BallotCast) -> None:
+        """The ``accept_transition_to`` rule, step two (a ``GovernanceService`` ballot observer): this agent's own
+        accepting ballot approves the provisional identity for recovery shares.
+
+        Approved when the service uses the rule, the ballot is the canonical accept (``policy.ACCEPT_BALLOT``) and
+        CCF answered it with success, and the proposal's actions hold a ``transition_service_to_open`` from an
+        identity trusted for shares (pinned or listed) to the provisional identity. That vote is the member's
+        decision, made through this agent. The approval is audited (``identity_approved``) and written to the state
+        file before the identity is pinned, so before any share can go to it.
+        """
+        cfg = self.governance.services.get(cast.service)
+        if cfg is None or not cfg.accept_transition_to or cast.ballot != ACCEPT_BALLOT:
+            return
+        if not 200 <= cast.ccf_status < 300:
+            return
+        async with self._adopt_lock:
+            candidate = self.governance.provisional_identity(cast.service)
+            candidate_der = _der(candidate) if candidate is not None else None
+            if candidate is None or candidate_der is None:
+                return
+            try:
+                _, decided = await self._decided(cast.service)
+                client = await self.governance.client(cast.service, provisional=True)
+                previous = await _transition_from(client, cast.proposal_id, decided, candidate_der)
+                if previous is None:
+                    _logger.info(
+                        "service %s: the ballot on proposal %s approves no provisional identity (it is not a "
+                        "transition_service_to_open to %s from an identity trusted for shares)",
+                        cast.service,
+                        cast.proposal_id,
+                        _fingerprint(candidate)[:16],
+                    )
+                    return
+                await self._approve(cfg, cast, candidate, previous)
+            except AgentError as exc:
+                raise type(exc)(
+                    f"the ballot was forwarded (CCF answered {cast.ccf_status}), but approving service identity "
+                    f"{_fingerprint(candidate)[:16]} for recovery shares failed: {exc.message}",
+                    hint="no recovery share goes to that identity; fix the cause, or list the identity in "
+                    "accepted_service_certificates and reload",
+                ) from None
+
+    async def _approve(self, cfg: ServiceConfig, cast: BallotCast, candidate: bytes, previous: bytes) -> None:
+        configured = await configured_service_certificate(cfg)
+        record: dict[str, Any] = {
+            "certificate": candidate.decode("ascii"),
+            "sha256": _fingerprint(candidate),
+            "previous_sha256": hashlib.sha256(previous).hexdigest(),
+            "configured_sha256": _fingerprint(configured),
+            "proposal_id": cast.proposal_id,
+            "identity": cast.identity,
+            "member_id": cast.member_id,
+            "ballot_transaction_id": cast.transaction_id,
+            "approved_at": int(time.time()),
+        }
+        await self.signer.record(
+            "identity_approved",
+            {
+                "request_id": cast.request_id,
+                "service": cast.service,
+                "certificate_sha256": record["sha256"],
+                "previous_sha256": record["previous_sha256"],
+                "proposal_id": cast.proposal_id,
+                "identity": cast.identity,
+                "member_id": cast.member_id,
+                "ballot_transaction_id": cast.transaction_id,
+            },
+        )
+
+        def change(data: dict[str, Any]) -> None:
+            data[_APPROVED] = record
+            data.pop(_ADOPTED, None)
+
+        await self.store(cast.service).update(change)
+        self.governance.pin(cast.service, candidate)
+        self.governance.trust_provisionally(cast.service, None)
+        self._provisional_proposal.pop(cast.service, None)
+        _logger.warning(
+            "service %s: the new service identity %s (was %s) is approved for recovery shares by %s's accepting "
+            "ballot on proposal %s",
+            cast.service,
+            record["sha256"][:16],
+            record["previous_sha256"][:16],
+            cast.identity,
+            cast.proposal_id,
+        )
 
     # -- submission ---
 
-    async def service_info(self, service: str) -> dict[str, Any]:
-        """``/gov/service/info`` through the trust guard; a non-200 answer is a ``CCFError``."""
-        info = await self._get(service, "/gov/service/info")
+    async def service_info(self, service: str, *, for_share: bool = False) -> dict[str, Any]:
+        """``/gov/service/info`` through the trust guard (``for_share``: the share guard); a non-200 answer is a
+        ``CCFError``."""
+        path = "/gov/service/info"
+        info = await (self._share_get(service, path) if for_share else self._get(service, path))
         if not info.ok or not isinstance(info.body, dict):
             raise CCFError(f"service {service!r}: /gov/service/info answered {info.status}")
         return info.body
+
+    async def _share_get(self, service: str, path: str) -> CCFResponse:
+        """A read on the way to a share: only from an identity trusted for shares (never a provisional one)."""
+        client, _ = await self._decided(service)
+        try:
+            return await client.get(path)
+        except CCFTrustError as exc:
+            raise await self._untrusted_for_shares(service, exc) from None
+
+    async def _untrusted_for_shares(self, service: str, exc: CCFTrustError) -> CCFTrustError:
+        """The error for a share refused because the service's identity is not trusted for shares; under the
+        proposal rule, first try to adopt it provisionally, so that the members can vote the transition through
+        the agent (the error says how)."""
+        if self._service(service).accept_transition_to and self.governance.provisional_identity(service) is None:
+            with contextlib.suppress(AgentError):
+                await self.adopt_by_proposal(service)
+        provisional = self.governance.provisional_identity(service)
+        if provisional is None:
+            return exc
+        proposal_id = self._provisional_proposal.get(service, "?")
+        return CCFTrustError(
+            f"service {service!r} did not present an identity trusted for recovery shares (the pinned one or "
+            f"accepted_service_certificates); its identity {_fingerprint(provisional)[:16]} is trusted "
+            f"provisionally only, after transition_service_to_open proposal {proposal_id}: no share was decrypted "
+            "or sent",
+            hint=f"compare the proposal's next_service_identity with the fingerprint announced out of band; then a "
+            f"member votes accept on it through this agent (signing-agent vote {proposal_id} --accept), which "
+            "approves the identity for shares; or list it in accepted_service_certificates and reload",
+        )
 
     async def submit_share(
         self,
@@ -463,16 +629,17 @@ class RecoveryService:
         self, service: str, identity: str, caller: Caller | None, request_id: str | None, *, unattended: bool
     ) -> ShareResult:
         ident = self.signer.identity(identity)
-        info = await self.service_info(service)
+        store = self.store(service)
+        data = await store.load()
+        # From here on, every request goes only to an identity trusted for shares (the pinned one, a listed one, or
+        # one this agent's own accepting ballot approved): the service info, the encrypted share and :recover.
+        info = await self.service_info(service, for_share=True)
         key = RecoveryKey(
             info.get("recoveryCount") if isinstance(info.get("recoveryCount"), int) else None,
             info.get("creationTransactionId") if isinstance(info.get("creationTransactionId"), str) else None,
         )
-        store = self.store(service)
-        if unattended:
-            data = await store.load()
-            if key.matches(data["submissions"].get(identity)):
-                return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
+        if unattended and key.matches(data["submissions"].get(identity)):
+            return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
         facts: dict[str, Any] = {
             "request_id": request_id,
             "peer": caller.as_dict() if caller is not None else None,
@@ -483,7 +650,7 @@ class RecoveryService:
             "creation_transaction_id": key.creation_txid,
             "unattended": unattended,
         }
-        enc = await self._get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
+        enc = await self._share_get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
         if not enc.ok:
             await self._failed(facts, ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
             return ShareResult(Relay.of(enc), submitted=False, key=key, ccf_error=enc.error_code)
@@ -495,6 +662,7 @@ class RecoveryService:
             raise CCFError(f"service {service!r} answered an encrypted share that is not base64") from None
         try:
             signed = await self._decrypt_and_sign(service, identity, ciphertext, caller, request_id)
+            # Not provisional: the client trusts only the identities decided for shares.
             resp = await self.governance.forward(service, f"/gov/recovery/members/{ident.member_id}:recover", signed)
         except AgentError as exc:
             await self._failed(facts, error=exc.code)
