@@ -47,6 +47,7 @@ AuditEvent = Literal[
     "share_failed",
     "identity_adopted",
     "identity_approved",
+    "recovery_state_refused",
 ]
 
 

@@ -23,6 +23,10 @@ agent's own accepting ballot on the ``transition_service_to_open`` proposal that
 (``RecoveryService.ballot_cast``). An identity the rule adopts on the endpoint's word alone
 (``RecoveryService.adopt_by_proposal``) is trusted provisionally: reads and ballots, never a share.
 
+The state file holds that trust, so it must be the agent's own: it is opened without following symlinks, in a
+folder owned by the agent's uid (or root) that no group or other may write, and refused unless it is a regular file
+of the agent's uid with mode 0600 at most (``RecoveryStateStore``).
+
 Must not import aiohttp or the API (the API and the daemon call in).
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +43,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +84,7 @@ _logger = logging.getLogger(__name__)
 WAITING = "WaitingForRecoveryShares"
 MAX_DECRYPTION_FAILURES = 3
 STATE_VERSION = 1
+MAX_STATE_BYTES = 1 << 20
 
 # A well-formed stand-in for the policy pre-check (the real payload does not exist before decryption).
 _POLICY_PROBE = b'{"share":"AAAA"}'
@@ -154,7 +161,15 @@ class RecoveryKey:
 
 class RecoveryStateStore:
     """One JSON file per service (mode 0600, replaced atomically): submitted recoveries per identity, and the service
-    identity adopted after a recovery. Never a share. One store object per file per process (``for_path``)."""
+    identities adopted (provisionally) or approved after a recovery. Never a share. One store object per file per
+    process (``for_path``).
+
+    The file decides where shares may go, so only the agent's own is used: the folder is opened without following a
+    symlink and must belong to the agent's uid or root and be writable by no group or other; the file is opened
+    without following a symlink and must be a regular file of the agent's uid, mode 0600 at most. Anything else is
+    refused with a ``ConfigError`` on every read and write (nothing from it is used, nothing is written over it, its
+    mode is never changed), until an operator moves it aside.
+    """
 
     _stores: dict[Path, RecoveryStateStore] = {}  # noqa: RUF012 -- a process-wide registry, on purpose
 
@@ -171,15 +186,49 @@ class RecoveryStateStore:
             store = cls._stores[path] = cls(path)
         return store
 
-    def _read_sync(self) -> dict[str, Any]:
-        if self.path is None:
-            return {"version": STATE_VERSION, "submissions": {}}
+    @staticmethod
+    def _refused(path: Path, why: str) -> ConfigError:
+        return ConfigError(
+            f"recovery.state_dir: refused {path}: {why}",
+            hint="the agent writes its recovery state itself (mode 0600, its own uid, in a folder only it may "
+            "write); if you did not put this there, investigate, then move it aside",
+        )
+
+    def _open_folder(self, folder: Path) -> int:
+        """The state folder as an fd, checked (``FileNotFoundError`` when it does not exist)."""
         try:
-            raw = self.path.read_bytes()
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise self._refused(folder, "not a folder (a symbolic link?)") from None
+            raise
+        st = os.fstat(fd)
+        why = None
+        if st.st_uid not in (os.geteuid(), 0):
+            why = f"the folder is owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()} or root"
+        elif st.st_mode & 0o022:
+            why = f"the folder's mode {stat.S_IMODE(st.st_mode):04o} lets group or others write in it"
+        if why is not None:
+            os.close(fd)
+            raise self._refused(folder, why)
+        return fd
+
+    def _read_sync(self) -> dict[str, Any]:
+        empty: dict[str, Any] = {"version": STATE_VERSION, "submissions": {}}
+        if self.path is None:
+            return empty
+        try:
+            folder = self._open_folder(self.path.parent)
         except FileNotFoundError:
-            return {"version": STATE_VERSION, "submissions": {}}
+            return empty
         except OSError as exc:
             raise ConfigError(f"recovery.state_dir: cannot read {self.path}: {exc.strerror}") from None
+        try:
+            raw = self._read_file(folder, self.path)
+        except OSError as exc:
+            raise ConfigError(f"recovery.state_dir: cannot read {self.path}: {exc.strerror}") from None
+        if raw is None:
+            return empty
         try:
             data = json.loads(raw)
         except ValueError:
@@ -188,31 +237,66 @@ class RecoveryStateStore:
             raise ConfigError(f"recovery.state_dir: {self.path} is not a recovery state file; move it aside")
         return data
 
+    def _read_file(self, folder: int, path: Path) -> bytes | None:
+        """The file's content, checked on the opened file (None when there is none); closes ``folder``."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a planted FIFO cannot hang us
+        try:
+            fd = os.open(path.name, flags, dir_fd=folder)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._refused(path, "it is a symbolic link") from None
+            raise
+        finally:
+            os.close(folder)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._refused(path, "not a regular file")
+            if st.st_uid != os.geteuid():
+                raise self._refused(path, f"owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}")
+            if stat.S_IMODE(st.st_mode) & ~0o600:
+                raise self._refused(path, f"mode {stat.S_IMODE(st.st_mode):04o} is wider than 0600")
+            chunks = []
+            size = 0
+            while chunk := os.read(fd, 65536):
+                size += len(chunk)
+                if size > MAX_STATE_BYTES:
+                    raise self._refused(path, f"larger than {MAX_STATE_BYTES} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def _write_sync(self, data: Mapping[str, Any]) -> None:
         if self.path is None:
             return
-        folder = self.path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = folder / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        name = self.path.name
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
         encoded = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = self._open_folder(self.path.parent)
         try:
-            os.write(fd, encoded)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        with contextlib.suppress(OSError):
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600, dir_fd=folder)
             try:
-                os.fsync(dfd)
+                view = memoryview(encoded)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
             finally:
-                os.close(dfd)
+                os.close(fd)
+            try:
+                os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=folder)
+                raise
+            with contextlib.suppress(OSError):
+                os.fsync(folder)
+        finally:
+            os.close(folder)
 
     async def load(self) -> dict[str, Any]:
         async with self._lock:
@@ -302,12 +386,21 @@ class RecoveryService:
     async def open(self) -> None:
         """Restore the trust kept in the state files (unless the configured certificate changed since): an identity
         approved after an earlier recovery is pinned, one adopted provisionally is trusted for reads and ballots.
-        Each restored identity is audited."""
+        Each restored identity is audited. A state file the agent cannot trust is refused: logged, audited
+        (``recovery_state_refused``), nothing restored from it, and recovery for that service stops (its watchers
+        and submissions fail with the reason) until an operator moves the file aside."""
         for name, cfg in self.governance.services.items():
             store = self.store(name)
-            if store.path is None or not store.path.exists():
+            if store.path is None:
                 continue
-            data = await store.load()
+            try:
+                data = await store.load()
+            except ConfigError as exc:
+                _logger.error("service %s: recovery state refused, nothing restored from it: %s", name, exc.message)  # noqa: TRY400
+                await self.signer.record(
+                    "recovery_state_refused", {"service": name, "path": str(store.path), "reason": exc.message}
+                )
+                continue
             configured: str | None = None
             for key, trust in ((_APPROVED, "approved"), (_ADOPTED, "provisional")):
                 record = data.get(key)
@@ -630,7 +723,7 @@ class RecoveryService:
     ) -> ShareResult:
         ident = self.signer.identity(identity)
         store = self.store(service)
-        data = await store.load()
+        data = await store.load()  # a refused state file stops every submission, before anything is fetched
         # From here on, every request goes only to an identity trusted for shares (the pinned one, a listed one, or
         # one this agent's own accepting ballot approved): the service info, the encrypted share and :recover.
         info = await self.service_info(service, for_share=True)
@@ -858,6 +951,8 @@ class RecoveryWatcher:
 
     async def tick(self) -> None:
         """One poll: submit when the service waits for shares and ours for this recovery is not in yet."""
+        # The state first: a refused state file shows as a failed watcher now, not only once a disaster happened.
+        data = await self.recovery.store(self.service).load()
         info = await self.recovery.service_info(self.service)
         self.last_checked_at = round(time.time(), 3)
         status = info.get("status")
@@ -865,7 +960,6 @@ class RecoveryWatcher:
         if status != WAITING:
             self._set("watching")
             return
-        data = await self.recovery.store(self.service).load()
         previous = data["submissions"].get(self.identity)
         key = RecoveryKey(info.get("recoveryCount"), info.get("creationTransactionId"))
         if key.matches(previous):

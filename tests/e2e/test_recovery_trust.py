@@ -5,14 +5,19 @@
   never receives a ``:recover``: the proposal rule trusts such an identity provisionally, for reads and ballots only.
 - The legitimate flow: after a disaster, a member votes the transition through the agent, and then the watcher
   submits the share unattended (the agent's own accepting ballot is what approves the new identity).
+- A recovery state file (or folder) that is not the agent's own is refused: it re-pins nothing, says so in the log
+  and the audit log, and is left as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +25,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from signing_agent.client import AgentRequestError
+from signing_agent.sandbox.identity import ServiceIdentity
 from tests.e2e import test_recovery
 from tests.e2e.test_recovery import World, assert_no_leak, audit_records, post_cose, share_forms, transition
 from tests.support.hostile_ccf import HostileCCF
+from tests.support.prereq import missing
 from tests.support.sandbox_client import NO, YES, sign
 
 pytestmark = pytest.mark.e2e
 
 setup = test_recovery.setup  # the fixture that builds a world (sandbox, members, keys, config)
 Setup = test_recovery.Setup
+
+NOBODY = 65534
 WATCH = {"enabled": True, "poll_interval": 0.2, "max_backoff": 0.4, "state_dir": "state"}
 
 
@@ -204,3 +213,110 @@ def test_after_a_disaster_a_member_votes_the_transition_through_the_agent_then_t
         assert len(world.recover_posts()) == 2
         world.stop()
         assert_no_leak(world.shares, world.folder)
+
+
+# -- the recovery state file ---
+
+
+def _plant_other_owner(state: Path, planted: bytes) -> None:
+    path = state / "recovery-default.json"
+    path.write_bytes(planted)
+    path.chmod(0o600)
+    os.chown(path, NOBODY, NOBODY)
+
+
+def _plant_0644(state: Path, planted: bytes) -> None:
+    path = state / "recovery-default.json"
+    path.write_bytes(planted)
+    path.chmod(0o644)
+
+
+def _plant_symlink(state: Path, planted: bytes) -> None:
+    target = state.parent / "elsewhere.json"
+    target.write_bytes(planted)
+    target.chmod(0o600)
+    (state / "recovery-default.json").symlink_to(target)
+
+
+def _plant_in_a_group_writable_folder(state: Path, planted: bytes) -> None:
+    path = state / "recovery-default.json"
+    path.write_bytes(planted)
+    path.chmod(0o600)
+    state.chmod(0o770)
+
+
+def _plant_in_a_folder_of_another_user(state: Path, planted: bytes) -> None:
+    _plant_in_a_group_writable_folder(state, planted)
+    state.chmod(0o700)
+    os.chown(state, NOBODY, NOBODY)
+
+
+def _plant_behind_a_symlinked_folder(state: Path, planted: bytes) -> None:
+    real = state.parent / "real-state"
+    real.mkdir(mode=0o700)
+    (real / "recovery-default.json").write_bytes(planted)
+    (real / "recovery-default.json").chmod(0o600)
+    state.rmdir()
+    state.symlink_to(real)
+
+
+PLANTS = {
+    "file owned by another uid": _plant_other_owner,
+    "file of mode 0644": _plant_0644,
+    "file that is a symlink": _plant_symlink,
+    "group-writable folder": _plant_in_a_group_writable_folder,
+    "folder owned by another uid": _plant_in_a_folder_of_another_user,
+    "folder that is a symlink": _plant_behind_a_symlinked_folder,
+}
+
+
+def _snapshot(state: Path) -> list[tuple[str, bool, int, int, bytes]]:
+    """What the planted files look like: name, symlink?, owner, mode, content."""
+    found = []
+    for path in [state, *sorted(state.parent.glob("*.json")), *sorted(state.glob("*")), *sorted(
+            state.parent.glob("real-state/*"))]:  # fmt: skip
+        st = path.lstat()
+        content = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        found.append((str(path), path.is_symlink(), st.st_uid, stat.S_IMODE(st.st_mode), content))
+    return found
+
+
+@pytest.mark.parametrize("plant", PLANTS.values(), ids=PLANTS.keys())
+def test_a_planted_state_file_re_pins_nothing(setup: Setup, plant: Callable[[Path, bytes], None]) -> None:
+    if os.getuid() != 0:
+        missing("chown to another uid needs root")
+    attacker = ServiceIdentity.generate()
+    with setup.world({"m0": "file"}, service={"recovery_identities": ["m0"], "accept_transition_to": True},
+                     recovery=WATCH) as world:  # fmt: skip
+        pinned = world.sandbox.service_cert.read_text()
+        record = {
+            "certificate": attacker.cert_pem.decode(),
+            "sha256": der_sha256(attacker.cert_pem),
+            "previous_sha256": der_sha256(pinned),
+            "configured_sha256": der_sha256(pinned),
+            "proposal_id": "ab" * 32,
+            "adopted_at": 1,
+        }
+        planted = {"version": 1, "submissions": {}, "adopted_identity": record, "approved_identity": record}
+        state = world.folder / "state"
+        state.mkdir(mode=0o700)
+        plant(state, json.dumps(planted).encode())
+        before = _snapshot(state)
+        world.start()
+        # Still pinned to the configured identity: the real service answers through the agent.
+        status = world.client.call("GET", "/v1/services/default/status").json()
+        assert status["certificate"] == pinned
+        wait_until("the watcher to report the refused state", lambda: watcher(world)["state"] == "failed")
+        assert "refused" in watcher(world)["last_error"]
+        with pytest.raises(AgentRequestError) as refused:
+            world.client.call("POST", "/v1/services/default/recovery/m0/share")
+        assert "refused" in refused.value.message
+        world.stop()
+        records = audit_records(world)
+        (refusal,) = [r for r in records if r["event"] == "recovery_state_refused"]
+        assert refusal["service"] == "default"
+        assert "refused" in refusal["reason"]
+        assert not [r for r in records if r["event"] in ("identity_adopted", "identity_approved")]
+        assert "recovery state refused" in world.stderr_log[-1]
+        assert world.recover_posts() == []
+        assert _snapshot(state) == before, "the planted file was changed"
