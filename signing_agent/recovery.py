@@ -490,7 +490,7 @@ class RecoveryService:
         """
         cfg = self._service(service)
         async with self._adopt_lock:
-            current, decided = await self._decided(service)
+            _, decided = await self._decided(service)
             candidate = await fetch_presented_service_certificate(cfg)
             candidate_der = _der(candidate)
             if candidate_der is None:
@@ -505,10 +505,10 @@ class RecoveryService:
                 if not isinstance(reported, str) or _der(reported) != candidate_der:
                     _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
                     return False
-                proposal_id = await self._transition_proposal(probe, decided, candidate_der)
+                found = await self._transition_proposal(probe, decided, candidate_der)
             finally:
                 await probe.aclose()
-            if proposal_id is None:
+            if found is None:
                 _logger.warning(
                     "service %s presents identity %s, which no Open or Accepted transition_service_to_open proposal "
                     "names after an identity trusted for shares: not trusted",
@@ -516,11 +516,12 @@ class RecoveryService:
                     _fingerprint(candidate)[:16],
                 )
                 return False
+            proposal_id, previous = found
             configured = await configured_service_certificate(cfg)
             record: dict[str, Any] = {
                 "certificate": candidate.decode("ascii"),
                 "sha256": _fingerprint(candidate),
-                "previous_sha256": _fingerprint(current.service_cert_pem),
+                "previous_sha256": hashlib.sha256(previous).hexdigest(),
                 "configured_sha256": _fingerprint(configured),
                 "proposal_id": proposal_id,
                 "adopted_at": int(time.time()),
@@ -535,7 +536,11 @@ class RecoveryService:
             return True
 
     @staticmethod
-    async def _transition_proposal(probe: CCFClient, decided: set[bytes], candidate_der: bytes) -> str | None:
+    async def _transition_proposal(
+        probe: CCFClient, decided: set[bytes], candidate_der: bytes
+    ) -> tuple[str, bytes] | None:
+        """The first Open or Accepted proposal that transitions from ``decided`` to the candidate, with the previous
+        identity it names (DER)."""
         listed = await probe.get("/gov/members/proposals", max_attempts=1)
         values = listed.body.get("value") if listed.ok and isinstance(listed.body, dict) else None
         for proposal in values if isinstance(values, list) else []:
@@ -544,8 +549,9 @@ class RecoveryService:
             pid = proposal.get("proposalId")
             if not isinstance(pid, str) or not re.fullmatch(r"[0-9a-f]{64}", pid):
                 continue
-            if await _transition_from(probe, pid, decided, candidate_der) is not None:
-                return pid
+            previous = await _transition_from(probe, pid, decided, candidate_der)
+            if previous is not None:
+                return pid, previous
         return None
 
     async def ballot_cast(self, cast: BallotCast) -> None:

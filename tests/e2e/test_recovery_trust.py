@@ -190,6 +190,9 @@ def test_after_a_disaster_a_member_votes_the_transition_through_the_agent_then_t
         records = audit_records(world)
         events = [r["event"] for r in records if r["event"] in ("identity_adopted", "identity_approved")]
         assert events == ["identity_adopted", "identity_approved"]
+        (adopted,) = [r for r in records if r["event"] == "identity_adopted"]
+        assert (adopted["trust"], adopted["proposal_id"]) == ("provisional", pid)
+        assert adopted["previous_sha256"] == der_sha256(previous)
         (approved,) = [r for r in records if r["event"] == "identity_approved"]
         assert approved["proposal_id"] == pid
         assert approved["identity"] == "m0"
