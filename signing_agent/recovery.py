@@ -133,6 +133,19 @@ async def _transition_from(client: CCFClient, proposal_id: str, previous: set[by
     return None
 
 
+async def _identity_record(cfg: ServiceConfig, candidate: bytes, previous: bytes, proposal_id: str) -> dict[str, Any]:
+    """What the state file keeps of a service identity adopted or approved after a recovery. ``configured_sha256``
+    lets a later change of ``service_certificate`` in the configuration discard it."""
+    configured = await configured_service_certificate(cfg)
+    return {
+        "certificate": candidate.decode("ascii"),
+        "sha256": _fingerprint(candidate),
+        "previous_sha256": hashlib.sha256(previous).hexdigest(),
+        "configured_sha256": _fingerprint(configured),
+        "proposal_id": proposal_id,
+    }
+
+
 def scrub(text: str, limit: int = 300) -> str:
     """CCF's message as safe to keep: anything long and base64/hex-like removed, and cut to ``limit``."""
     return _SECRET_LIKE.sub("[redacted]", text)[:limit]
@@ -517,16 +530,8 @@ class RecoveryService:
                 )
                 return False
             proposal_id, previous = found
-            configured = await configured_service_certificate(cfg)
-            record: dict[str, Any] = {
-                "certificate": candidate.decode("ascii"),
-                "sha256": _fingerprint(candidate),
-                "previous_sha256": hashlib.sha256(previous).hexdigest(),
-                "configured_sha256": _fingerprint(configured),
-                "proposal_id": proposal_id,
-                "adopted_at": int(time.time()),
-                "trust": "provisional",
-            }
+            record = await _identity_record(cfg, candidate, previous, proposal_id)
+            record.update(adopted_at=int(time.time()), trust="provisional")
 
             def change(data: dict[str, Any]) -> None:
                 data[_ADOPTED] = record
@@ -597,18 +602,13 @@ class RecoveryService:
                 ) from None
 
     async def _approve(self, cfg: ServiceConfig, cast: BallotCast, candidate: bytes, previous: bytes) -> None:
-        configured = await configured_service_certificate(cfg)
-        record: dict[str, Any] = {
-            "certificate": candidate.decode("ascii"),
-            "sha256": _fingerprint(candidate),
-            "previous_sha256": hashlib.sha256(previous).hexdigest(),
-            "configured_sha256": _fingerprint(configured),
-            "proposal_id": cast.proposal_id,
-            "identity": cast.identity,
-            "member_id": cast.member_id,
-            "ballot_transaction_id": cast.transaction_id,
-            "approved_at": int(time.time()),
-        }
+        record = await _identity_record(cfg, candidate, previous, cast.proposal_id)
+        record.update(
+            identity=cast.identity,
+            member_id=cast.member_id,
+            ballot_transaction_id=cast.transaction_id,
+            approved_at=int(time.time()),
+        )
         await self.signer.record(
             "identity_approved",
             {
