@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,24 +52,6 @@ class Relay:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class BallotCast:
-    """A ballot this agent signed and forwarded, with CCF's answer: what a ``BallotObserver`` is told."""
-
-    service: str
-    identity: str
-    member_id: str
-    proposal_id: str
-    ballot: str
-    ccf_status: int
-    transaction_id: str | None
-    request_id: str | None
-
-
-BallotObserver = Callable[[BallotCast], Awaitable[None]]
-"""Called after each ballot this agent forwarded (the recovery trust rule records its own accepting ballots)."""
-
-
 class GovernanceService:
     """Forwards signed governance messages to the configured CCF services.
 
@@ -89,7 +71,6 @@ class GovernanceService:
         self._provisional: dict[str, bytes] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
-        self.ballot_observers: list[BallotObserver] = []
 
     def pin(self, service: str, pem: bytes) -> None:
         """Pin ``pem`` instead of the configured service certificate (an identity approved after a recovery).
@@ -241,13 +222,7 @@ class GovernanceService:
             request_id=request_id,
         )
         path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
-        resp = await self.forward(service, path, signed, provisional=True)
-        # Recovery trust: the observers hear of every ballot this agent cast (see ``RecoveryService.ballot_cast``).
-        cast = BallotCast(service, identity, ident.member_id, proposal_id, ballot, resp.status, resp.transaction_id,
-                          request_id)  # fmt: skip
-        for observe in self.ballot_observers:
-            await observe(cast)
-        return Relay.of(resp)
+        return Relay.of(await self.forward(service, path, signed, provisional=True))
 
     async def withdraw(
         self,

@@ -18,10 +18,11 @@ thousands of failing queries.
 
 Trust after a disaster recovery (the service comes back with a new identity): see the README's "Recovery" section.
 A share is fetched, decrypted and submitted only over TLS pinned to an identity the operator decided: the pinned
-certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new identity approved by this
-agent's own accepting ballot on the ``transition_service_to_open`` proposal that names it
-(``RecoveryService.ballot_cast``). An identity the rule adopts on the endpoint's word alone
-(``RecoveryService.adopt_by_proposal``) is trusted provisionally: reads and ballots, never a share.
+certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new identity a member approved
+through this agent: its fingerprint, announced out of band, and this agent's own accepting ballot on the
+``transition_service_to_open`` proposal that names it (``RecoveryService.approve_identity``). An identity the rule
+adopts on the endpoint's word alone (``RecoveryService.adopt_by_proposal``) is trusted provisionally: reads and
+ballots, never a share.
 
 The state file holds that trust, so it must be the agent's own: it is opened without following symlinks, in a
 folder owned by the agent's uid (or root) that no group or other may write, and refused unless it is a regular file
@@ -61,20 +62,22 @@ from signing_agent.ccf.client import (
     fetch_presented_service_certificate,
 )
 from signing_agent.config import RecoveryConfig, ServiceConfig
-from signing_agent.cose.governance import MsgType
+from signing_agent.cose.governance import MsgType, check_proposal_id
 from signing_agent.errors import (
     AgentError,
     BackendError,
     BackendUnavailableError,
     CCFError,
     CCFTrustError,
+    CCFUnavailableError,
     ConfigError,
+    ConflictError,
     InvalidRequestError,
     PolicyDeniedError,
     UnknownServiceError,
     UnsupportedOperationError,
 )
-from signing_agent.governance import BallotCast, GovernanceService, Relay
+from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import ACCEPT_BALLOT, Caller
 from signing_agent.service import SignedMessage, SigningService
@@ -131,6 +134,17 @@ async def _transition_from(client: CCFClient, proposal_id: str, previous: set[by
         if prev_der is not None and prev_der in previous and _der(nxt) == next_der:
             return prev_der
     return None
+
+
+def _fingerprint_argument(text: str) -> str:
+    """A certificate's SHA-256 fingerprint as a member types it (hex, any case, colons allowed), normalised."""
+    value = text.strip().replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise InvalidRequestError(
+            "sha256: expected the SHA-256 fingerprint of the new service certificate (64 hex digits, colons allowed)",
+            hint="openssl x509 -in service_cert.pem -noout -fingerprint -sha256",
+        )
+    return value
 
 
 async def _identity_record(cfg: ServiceConfig, candidate: bytes, previous: bytes, proposal_id: str) -> dict[str, Any]:
@@ -373,7 +387,6 @@ class RecoveryService:
         self._stats = _Stats()
         self._memory: dict[str, RecoveryStateStore] = {}
         self.watchers: list[RecoveryWatcher] = []
-        governance.ballot_observers.append(self.ballot_cast)
         if config.enabled:
             for svc in governance.services.values():
                 for ident in svc.recovery_identities:
@@ -461,8 +474,8 @@ class RecoveryService:
             proposal_id,
             ""
             if trust == "approved"
-            else "; no recovery share goes to it until a member votes accept on a "
-            "transition_service_to_open proposal naming it through this agent",
+            else "; no recovery share goes to it until a member approves it through this agent "
+            "(signing-agent recovery approve-identity)",
         )
 
     # -- trust ---
@@ -499,46 +512,49 @@ class RecoveryService:
 
         Every one of those is the endpoint's word: a network attacker can serve all three (its own identity, a
         fabricated proposal list). That keeps reads and ballots from an unrelated service, and is why it earns no
-        share: step two, ``ballot_cast``, needs this agent's own accepting ballot.
+        share: step two, ``approve_identity``, needs the member's fingerprint and this agent's own accepting ballot.
         """
-        cfg = self._service(service)
         async with self._adopt_lock:
-            _, decided = await self._decided(service)
-            candidate = await fetch_presented_service_certificate(cfg)
-            candidate_der = _der(candidate)
-            if candidate_der is None:
-                raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
-            provisional = self.governance.provisional_identity(service)
-            if candidate_der in decided or (provisional is not None and _der(provisional) == candidate_der):
-                return False  # already trusted: the TLS failure was something else
-            probe = CCFClient(cfg, candidate)
-            try:
-                info = await probe.get("/gov/service/info", max_attempts=1)
-                reported = info.body.get("certificate") if info.ok and isinstance(info.body, dict) else None
-                if not isinstance(reported, str) or _der(reported) != candidate_der:
-                    _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
-                    return False
-                found = await self._transition_proposal(probe, decided, candidate_der)
-            finally:
-                await probe.aclose()
-            if found is None:
-                _logger.warning(
-                    "service %s presents identity %s, which no Open or Accepted transition_service_to_open proposal "
-                    "names after an identity trusted for shares: not trusted",
-                    service,
-                    _fingerprint(candidate)[:16],
-                )
+            return await self._adopt_locked(service)
+
+    async def _adopt_locked(self, service: str) -> bool:
+        cfg = self._service(service)
+        _, decided = await self._decided(service)
+        candidate = await fetch_presented_service_certificate(cfg)
+        candidate_der = _der(candidate)
+        if candidate_der is None:
+            raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
+        provisional = self.governance.provisional_identity(service)
+        if candidate_der in decided or (provisional is not None and _der(provisional) == candidate_der):
+            return False  # already trusted: the TLS failure was something else
+        probe = CCFClient(cfg, candidate)
+        try:
+            info = await probe.get("/gov/service/info", max_attempts=1)
+            reported = info.body.get("certificate") if info.ok and isinstance(info.body, dict) else None
+            if not isinstance(reported, str) or _der(reported) != candidate_der:
+                _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
                 return False
-            proposal_id, previous = found
-            record = await _identity_record(cfg, candidate, previous, proposal_id)
-            record.update(adopted_at=int(time.time()), trust="provisional")
+            found = await self._transition_proposal(probe, decided, candidate_der)
+        finally:
+            await probe.aclose()
+        if found is None:
+            _logger.warning(
+                "service %s presents identity %s, which no Open or Accepted transition_service_to_open proposal "
+                "names after an identity trusted for shares: not trusted",
+                service,
+                _fingerprint(candidate)[:16],
+            )
+            return False
+        proposal_id, previous = found
+        record = await _identity_record(cfg, candidate, previous, proposal_id)
+        record.update(adopted_at=int(time.time()), trust="provisional")
 
-            def change(data: dict[str, Any]) -> None:
-                data[_ADOPTED] = record
+        def change(data: dict[str, Any]) -> None:
+            data[_ADOPTED] = record
 
-            await self.store(service).update(change)
-            await self._trust(service, candidate, "provisional", record)
-            return True
+        await self.store(service).update(change)
+        await self._trust(service, candidate, "provisional", record)
+        return True
 
     @staticmethod
     async def _transition_proposal(
@@ -559,67 +575,109 @@ class RecoveryService:
                 return pid, previous
         return None
 
-    async def ballot_cast(self, cast: BallotCast) -> None:
-        """The ``accept_transition_to`` rule, step two (a ``GovernanceService`` ballot observer): this agent's own
-        accepting ballot approves the provisional identity for recovery shares.
+    async def approve_identity(
+        self,
+        service: str,
+        identity: str,
+        proposal_id: str,
+        sha256: str,
+        *,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> Relay:
+        """The ``accept_transition_to`` rule, step two: ``identity`` votes accept on the ``transition_service_to_open``
+        proposal ``proposal_id``, and that approves the new service identity it names for recovery shares.
 
-        Approved when the service uses the rule, the ballot is the canonical accept (``policy.ACCEPT_BALLOT``) and
-        CCF answered it with success, and the proposal's actions hold a ``transition_service_to_open`` from an
-        identity trusted for shares (pinned or listed) to the provisional identity. That vote is the member's
-        decision, made through this agent. The approval is audited (``identity_approved``) and written to the state
-        file before the identity is pinned, so before any share can go to it.
+        ``sha256`` is the member's own evidence: the fingerprint (SHA-256 of the DER) of the new service certificate,
+        announced out of band. Before anything is signed, it must be the fingerprint of the provisionally trusted
+        identity (adopted now if need be), and the proposal's actions must hold a ``transition_service_to_open`` from
+        an identity trusted for shares to it; else a ``ConflictError`` and no ballot. Then the canonical accepting
+        ballot is signed and forwarded like any ballot (the policy decides), and only when the service takes it is
+        the identity approved: audited (``identity_approved``) and written to the state file, then pinned. Only the
+        member's fingerprint binds the approval to what the member checked: the endpoint may show a proposal one way
+        to the member and another to the agent, so a plain accepting ballot approves nothing.
         """
-        cfg = self.governance.services.get(cast.service)
-        if cfg is None or not cfg.accept_transition_to or cast.ballot != ACCEPT_BALLOT:
-            return
-        if not 200 <= cast.ccf_status < 300:
-            return
+        cfg = self._service(service)
+        check_proposal_id(proposal_id)
+        wanted = _fingerprint_argument(sha256)
+        member_id = self.signer.identity(identity).member_id
+        if not cfg.accept_transition_to:
+            raise InvalidRequestError(
+                f"service {service!r} does not use the proposal rule (accept_transition_to = false): there is no "
+                "identity to approve; no ballot was signed",
+                hint="list the new service certificate in accepted_service_certificates and reload",
+            )
         async with self._adopt_lock:
-            candidate = self.governance.provisional_identity(cast.service)
-            candidate_der = _der(candidate) if candidate is not None else None
-            if candidate is None or candidate_der is None:
-                return
-            try:
-                _, decided = await self._decided(cast.service)
-                client = await self.governance.client(cast.service, provisional=True)
-                previous = await _transition_from(client, cast.proposal_id, decided, candidate_der)
-                if previous is None:
-                    _logger.info(
-                        "service %s: the ballot on proposal %s approves no provisional identity (it is not a "
-                        "transition_service_to_open to %s from an identity trusted for shares)",
-                        cast.service,
-                        cast.proposal_id,
-                        _fingerprint(candidate)[:16],
+            if self.governance.provisional_identity(service) is None:
+                with contextlib.suppress(CCFTrustError, CCFUnavailableError):
+                    await self._adopt_locked(service)
+            candidate = self.governance.provisional_identity(service)
+            _, decided = await self._decided(service)
+            if candidate is None:
+                if wanted in {hashlib.sha256(d).hexdigest() for d in decided}:
+                    raise ConflictError(
+                        f"service identity {wanted[:16]} is already trusted for recovery shares on service "
+                        f"{service!r}: nothing to approve; no ballot was signed"
                     )
-                    return
-                await self._approve(cfg, cast, candidate, previous)
+                raise ConflictError(
+                    f"service {service!r} presents no new identity that an Open or Accepted "
+                    "transition_service_to_open proposal names after an identity trusted for shares: nothing to "
+                    "approve; no ballot was signed"
+                )
+            presented = _fingerprint(candidate)
+            if presented != wanted:
+                raise ConflictError(
+                    f"service {service!r} presents identity {presented}, not {wanted}: no ballot was signed",
+                    hint="the endpoint is not the recovered service that was announced: do not vote; investigate",
+                )
+            client = await self.governance.client(service, provisional=True)
+            previous = await _transition_from(client, proposal_id, decided, _der(candidate) or b"")
+            if previous is None:
+                raise ConflictError(
+                    f"proposal {proposal_id} is not a transition_service_to_open from an identity trusted for shares "
+                    f"to {wanted[:16]}: no ballot was signed"
+                )
+            relay = await self.governance.vote(
+                service, identity, proposal_id, ACCEPT_BALLOT, caller=caller, request_id=request_id
+            )
+            if not 200 <= relay.status < 300:
+                return relay  # CCF refused the ballot: nothing is approved
+            record = await _identity_record(cfg, candidate, previous, proposal_id)
+            record.update(identity=identity, member_id=member_id, ballot_transaction_id=relay.transaction_id,
+                          approved_at=int(time.time()))  # fmt: skip
+            try:
+                await self._approve(service, candidate, record, caller=caller, request_id=request_id)
             except AgentError as exc:
                 raise type(exc)(
-                    f"the ballot was forwarded (CCF answered {cast.ccf_status}), but approving service identity "
-                    f"{_fingerprint(candidate)[:16]} for recovery shares failed: {exc.message}",
-                    hint="no recovery share goes to that identity; fix the cause, or list the identity in "
-                    "accepted_service_certificates and reload",
+                    f"the ballot was forwarded (CCF answered {relay.status}), but approving service identity "
+                    f"{wanted[:16]} for recovery shares failed: {exc.message}",
+                    hint="no recovery share goes to that identity; fix the cause and approve again, or list the "
+                    "identity in accepted_service_certificates and reload",
                 ) from None
+        ballot = relay.body if isinstance(relay.body, dict) else None
+        return Relay(
+            status=200,
+            body={"service": service, "certificate_sha256": wanted, "previous_sha256": record["previous_sha256"],
+                  "proposal_id": proposal_id, "identity": identity, "approved": True, "ballot": ballot},
+            transaction_id=relay.transaction_id,
+        )  # fmt: skip
 
-    async def _approve(self, cfg: ServiceConfig, cast: BallotCast, candidate: bytes, previous: bytes) -> None:
-        record = await _identity_record(cfg, candidate, previous, cast.proposal_id)
-        record.update(
-            identity=cast.identity,
-            member_id=cast.member_id,
-            ballot_transaction_id=cast.transaction_id,
-            approved_at=int(time.time()),
-        )
+    async def _approve(
+        self, service: str, candidate: bytes, record: dict[str, Any], *, caller: Caller | None, request_id: str | None
+    ) -> None:
+        """Audit, then keep, then pin: the approval is durable before any share can go to the identity."""
         await self.signer.record(
             "identity_approved",
             {
-                "request_id": cast.request_id,
-                "service": cast.service,
+                "request_id": request_id,
+                "peer": caller.as_dict() if caller is not None else None,
+                "service": service,
                 "certificate_sha256": record["sha256"],
                 "previous_sha256": record["previous_sha256"],
-                "proposal_id": cast.proposal_id,
-                "identity": cast.identity,
-                "member_id": cast.member_id,
-                "ballot_transaction_id": cast.transaction_id,
+                "proposal_id": record["proposal_id"],
+                "identity": record["identity"],
+                "member_id": record["member_id"],
+                "ballot_transaction_id": record["ballot_transaction_id"],
             },
         )
 
@@ -627,18 +685,18 @@ class RecoveryService:
             data[_APPROVED] = record
             data.pop(_ADOPTED, None)
 
-        await self.store(cast.service).update(change)
-        self.governance.pin(cast.service, candidate)
-        self.governance.trust_provisionally(cast.service, None)
-        self._provisional_proposal.pop(cast.service, None)
+        await self.store(service).update(change)
+        self.governance.pin(service, candidate)
+        self.governance.trust_provisionally(service, None)
+        self._provisional_proposal.pop(service, None)
         _logger.warning(
             "service %s: the new service identity %s (was %s) is approved for recovery shares by %s's accepting "
             "ballot on proposal %s",
-            cast.service,
+            service,
             record["sha256"][:16],
             record["previous_sha256"][:16],
-            cast.identity,
-            cast.proposal_id,
+            record["identity"],
+            record["proposal_id"],
         )
 
     # -- submission ---
@@ -676,9 +734,9 @@ class RecoveryService:
             f"accepted_service_certificates); its identity {_fingerprint(provisional)[:16]} is trusted "
             f"provisionally only, after transition_service_to_open proposal {proposal_id}: no share was decrypted "
             "or sent",
-            hint=f"compare the proposal's next_service_identity with the fingerprint announced out of band; then a "
-            f"member votes accept on it through this agent (signing-agent vote {proposal_id} --accept), which "
-            "approves the identity for shares; or list it in accepted_service_certificates and reload",
+            hint="a member who has the new service certificate's fingerprint from out of band approves it through this "
+            f"agent (signing-agent recovery approve-identity {proposal_id} --sha256 <fingerprint>), which votes "
+            "accept on that proposal; or list the certificate in accepted_service_certificates and reload",
         )
 
     async def submit_share(

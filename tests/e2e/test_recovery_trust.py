@@ -3,8 +3,9 @@
 - A network attacker (a hostile TLS endpoint with an identity of its own, a fabricated Accepted
   ``transition_service_to_open`` chaining it to the pinned identity, and the real service's public encrypted share)
   never receives a ``:recover``: the proposal rule trusts such an identity provisionally, for reads and ballots only.
-- The legitimate flow: after a disaster, a member votes the transition through the agent, and then the watcher
-  submits the share unattended (the agent's own accepting ballot is what approves the new identity).
+- The legitimate flow: after a disaster, a member approves the new identity through the agent (its fingerprint,
+  announced out of band, and the agent's own accepting ballot on the transition), and then the watcher submits the
+  share unattended.
 - A recovery state file (or folder) that is not the agent's own is refused: it re-pins nothing, says so in the log
   and the audit log, and is left as it was.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from signing_agent.client import AgentRequestError
 from signing_agent.sandbox.identity import ServiceIdentity
@@ -100,16 +101,34 @@ def test_a_network_attacker_with_a_fabricated_accepted_transition_never_gets_a_s
             # Provisional trust is for reads and ballots: the member can review the claim through the agent...
             review = world.client.call("GET", f"/v1/services/default/proposals/{hostile.proposal_id}").json()
             assert review["actions"][0]["args"]["next_service_identity"] == hostile.identity_pem
-            # ...and ballots that are not the canonical accept approve nothing.
+            # ...and ballots approve nothing. Not even the canonical accept: the agent cannot know what the member
+            # reviewed, and the endpoint may show the member something harmless and the agent a transition (this
+            # is what broke a rule that counted the agent's own accepting ballot as the approval).
             hostile.proposal_state = "Open"
+            harmless = {"member_id": m0.member_id, "member_data": {"team": "blue"}}
+            hostile.shown_actions = [{"name": "set_member_data", "args": harmless}]
+            shown = world.cli("proposals", hostile.proposal_id)
+            assert "set_member_data" in shown.stdout, shown.stderr
+            assert "transition_service_to_open" not in shown.stdout
+            hostile.shown_actions = None
+            voted = world.cli("vote", hostile.proposal_id, "--accept", "--identity", "m0")
+            assert voted.returncode == 0, voted.stderr
             for ballot in (NO, YES.replace("return true }", "return true; }")):
                 world.client.call(
                     "POST",
                     f"/v1/services/default/proposals/{hostile.proposal_id}/ballots",
                     {"identity": "m0", "ballot": ballot},
                 )
+            # Approval needs the fingerprint the member was given out of band: the real new identity's is not the
+            # attacker's, so nothing is signed; a malformed one is refused too.
+            announced = der_sha256(ServiceIdentity.generate().cert_pem)
+            for fingerprint, says in ((announced, "no ballot was signed"), ("not-a-fingerprint", "64 hex digits")):
+                refused_approval = world.cli("recovery", "approve-identity", hostile.proposal_id, "--sha256",
+                                             fingerprint, "--identity", "m0")  # fmt: skip
+                assert refused_approval.returncode != 0
+                assert says in refused_approval.stderr, refused_approval.stderr
             ballots = [r for r in hostile.requests() if r.path.endswith(f"/ballots/{m0.member_id}:submit")]
-            assert len(ballots) == 2
+            assert len(ballots) == 3
             count = len(hostile.requests())
             wait_until("more polls", lambda: len(hostile.requests()) >= count + 6)
             assert hostile.recover_posts() == []
@@ -173,10 +192,19 @@ def test_after_a_disaster_a_member_votes_the_transition_through_the_agent_then_t
         assert pid in refused.value.message
         assert world.recover_posts() == []
 
-        # m0 votes accept through the agent: that ballot is the approval.
-        voted = world.cli("vote", pid, "--accept", "--identity", "m0")
-        assert voted.returncode == 0, voted.stderr
-        assert "Accepted" in voted.stdout
+        # m0 approves the new identity through the agent, with the fingerprint announced out of band: a wrong one
+        # is refused before anything is signed, the right one votes accept, and that ballot is the approval.
+        approve = ["recovery", "approve-identity", pid, "--identity", "m0", "--sha256"]
+        wrong = world.cli(*approve, der_sha256(ServiceIdentity.generate().cert_pem))
+        assert wrong.returncode != 0
+        assert "Conflict" in wrong.stderr, wrong.stderr
+        assert "no ballot was signed" in wrong.stderr
+        assert not [r for r in world.sandbox.requests(f"{pid}/ballots/{m0.member_id}") if r["method"] == "POST"]
+        fingerprint = x509.load_pem_x509_certificate(new_cert.encode()).fingerprint(hashes.SHA256()).hex(":")
+        approval = world.cli(*approve, fingerprint.upper())  # as openssl prints it
+        assert approval.returncode == 0, approval.stderr
+        assert f"service identity {der_sha256(new_cert)} approved" in approval.stdout
+        assert "Accepted" in approval.stdout
         world.sandbox.wait_for_status("WaitingForRecoveryShares")
         world.collect_shares()
         (post,) = world.wait_for_recover_posts(1, timeout=60)

@@ -39,6 +39,9 @@ class HostileCCF:
     encrypted_shares: dict[str, dict[str, Any]] = field(default_factory=dict)
     """memberId -> the real service's ``/gov/recovery/encrypted-shares/{id}`` answer (public, so easy to relay)."""
     proposal_state: str = "Accepted"
+    shown_actions: list[dict[str, Any]] | None = None
+    """When set, the proposal's actions as served (else the fabricated transition): the attacker may show one thing
+    to the member's review and another to the agent."""
     proposal_id: str = field(default_factory=lambda: secrets.token_hex(32))
     ca: trustme.CA = field(default_factory=trustme.CA)
     url: str = ""
@@ -82,7 +85,8 @@ class HostileCCF:
             (r"/gov/service/members", {"value": []}),
             (proposals, {"value": [self._proposal()]}),
             (rf"{proposals}/{self.proposal_id}", self._proposal()),
-            (rf"{proposals}/{self.proposal_id}/actions", {"actions": [{"name": "transition_service_to_open", "args": {
+            (rf"{proposals}/{self.proposal_id}/actions", {"actions": self.shown_actions or [{
+                "name": "transition_service_to_open", "args": {
                 "previous_service_identity": self.previous_service_cert,
                 "next_service_identity": self.identity_pem}}]}),
         ]  # fmt: skip
