@@ -626,8 +626,10 @@ class RecoveryService:
                 )
             presented = _fingerprint(candidate)
             if presented != wanted:
+                # Prefixes only: the member must take the fingerprint from the announcement, never from the endpoint.
                 raise ConflictError(
-                    f"service {service!r} presents identity {presented}, not {wanted}: no ballot was signed",
+                    f"service {service!r} presents identity {presented[:16]}..., not {wanted[:16]}...: no ballot was "
+                    "signed",
                     hint="the endpoint is not the recovered service that was announced: do not vote; investigate",
                 )
             client = await self.governance.client(service, provisional=True)
