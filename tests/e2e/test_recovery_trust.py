@@ -161,7 +161,9 @@ def test_after_a_disaster_a_member_votes_the_transition_through_the_agent_then_t
         recovery=WATCH,
     ) as world:
         world.start()
-        world.pass_proposal([{"name": "set_recovery_threshold", "args": {"recovery_threshold": 2}}], ["m0", "m1"])
+        threshold = world.pass_proposal(
+            [{"name": "set_recovery_threshold", "args": {"recovery_threshold": 2}}], ["m0", "m1"]
+        )["proposalId"]
         m0, m1 = world.people["m0"].member, world.people["m1"].member
         previous, new_cert = world.disaster()
 
@@ -201,6 +203,9 @@ def test_after_a_disaster_a_member_votes_the_transition_through_the_agent_then_t
         assert "no ballot was signed" in wrong.stderr
         assert not [r for r in world.sandbox.requests(f"{pid}/ballots/{m0.member_id}") if r["method"] == "POST"]
         fingerprint = x509.load_pem_x509_certificate(new_cert.encode()).fingerprint(hashes.SHA256()).hex(":")
+        not_a_transition = world.cli("recovery", "approve-identity", threshold, "--identity", "m0", "--sha256",
+                                     fingerprint)  # fmt: skip
+        assert "is not a transition_service_to_open" in not_a_transition.stderr, not_a_transition.stderr
         approval = world.cli(*approve, fingerprint.upper())  # as openssl prints it
         assert approval.returncode == 0, approval.stderr
         assert f"service identity {der_sha256(new_cert)} approved" in approval.stdout
