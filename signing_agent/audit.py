@@ -65,6 +65,8 @@ AuditEvent = Literal[
     "pruned",
     "discontinuity",
     "throttled",
+    "identity_approved",
+    "recovery_state_refused",
 ]
 
 FILE_STARTS = frozenset({"rotated", "discontinuity"})

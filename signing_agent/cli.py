@@ -582,6 +582,25 @@ def cmd_recovery_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_recovery_approve(args: argparse.Namespace) -> int:
+    client, service, identity = _gov_context(args)
+    resp = client.call(
+        "POST",
+        f"/v1/services/{service}/recovery/approve-identity",
+        {"identity": identity, "proposal_id": args.proposal_id, "sha256": args.sha256},
+    )
+    body = resp.json()
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    ballot = body.get("ballot") if isinstance(body.get("ballot"), dict) else {}
+    print(
+        f"service identity {body.get('certificate_sha256')} approved for recovery shares on {service} by "
+        f"{identity}'s accepting ballot: " + _describe_proposal(ballot) + _tx(resp.headers)
+    )
+    return EXIT_OK
+
+
 def cmd_recovery_status(args: argparse.Namespace) -> int:
     client = _client(args)
     body = client.call("GET", "/v1/recovery").json()
@@ -605,7 +624,10 @@ def cmd_recovery_status(args: argparse.Namespace) -> int:
 
 
 def register_recovery(sub: Any) -> None:
-    p = sub.add_parser("recovery", help="recovery shares: submit on request, or see the unattended watchers")
+    p = sub.add_parser(
+        "recovery",
+        help="recovery shares: submit on request, approve a recovered service's identity, see the watchers",
+    )
     rec_sub = p.add_subparsers(dest="recovery_command", required=True, metavar="COMMAND")
     s = rec_sub.add_parser(
         "submit-share",
@@ -616,6 +638,23 @@ def register_recovery(sub: Any) -> None:
     s.add_argument("--identity", help="the identity whose share to submit (default: the only one)")
     s.add_argument("--json", action="store_true", help="print CCF's JSON answer")
     s.set_defaults(func=cmd_recovery_submit)
+    a = rec_sub.add_parser(
+        "approve-identity",
+        help="after a disaster (accept_transition_to): vote accept on the transition_service_to_open proposal and "
+        "approve the new service identity for recovery shares",
+    )
+    _add_client_options(a)
+    a.add_argument("proposal_id", help="the transition_service_to_open proposal")
+    a.add_argument(
+        "--sha256",
+        required=True,
+        help="the new service certificate's SHA-256 fingerprint, as announced out of band (never copy it from the "
+        "service itself)",
+    )
+    a.add_argument("--service", help="the configured service (default: the only one, or 'default')")
+    a.add_argument("--identity", help="the identity that votes (default: the only one)")
+    a.add_argument("--json", action="store_true", help="print the agent's JSON answer")
+    a.set_defaults(func=cmd_recovery_approve)
     st = rec_sub.add_parser("status", help="the state of each recovery watcher")
     _add_client_options(st)
     st.add_argument("--json", action="store_true")

@@ -212,8 +212,10 @@ class ServiceConfig:
     """Further service identities trusted for this service (forwarding and recovery): e.g. the identity the
     service will have after a planned disaster recovery, distributed out of band."""
     accept_transition_to: bool = False
-    """Trust a new service identity when an Accepted ``transition_service_to_open`` proposal names a trusted
-    identity as ``previous_service_identity`` and the presented one as ``next_service_identity``."""
+    """Trust a new service identity provisionally (reads and ballots) when an Open or Accepted
+    ``transition_service_to_open`` proposal names a trusted identity as ``previous_service_identity`` and the
+    presented one as ``next_service_identity``; approve it for recovery shares when a member gives its fingerprint and
+    this agent casts the canonical accepting ballot on such a proposal (``RecoveryService.approve_identity``)."""
     recovery_identities: tuple[str, ...] = ()
     """Identities (each with an ``encryption_key``) whose recovery share the watcher submits unattended."""
 

@@ -56,23 +56,46 @@ class Relay:
 
 
 class GovernanceService:
-    """Forwards signed governance messages to the configured CCF services."""
+    """Forwards signed governance messages to the configured CCF services.
+
+    Two kinds of trust per service. The pinned identity (the configured ``service_certificate``, or one approved
+    after a recovery) and ``accepted_service_certificates`` are trusted for everything. An identity adopted
+    *provisionally* after a recovery (``RecoveryService``: the ``accept_transition_to`` rule) is trusted only by the
+    clients asked for with ``provisional=True``: reads and ballots, so that members can review and vote the
+    transition through the agent; never proposals, withdrawals, acks or recovery shares.
+    """
 
     def __init__(self, signer: SigningService, services: Mapping[str, ServiceConfig]) -> None:
         self.signer = signer
         self.services = dict(services)
         self._clients: dict[str, CCFClient] = {}
+        self._provisional_clients: dict[str, CCFClient] = {}
         self._pinned: dict[str, bytes] = {}
+        self._provisional: dict[str, bytes] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     def pin(self, service: str, pem: bytes) -> None:
-        """Pin ``pem`` instead of the configured service certificate (an identity adopted after a recovery).
+        """Pin ``pem`` instead of the configured service certificate (an identity approved after a recovery).
 
-        The service's client is rebuilt on its next use; requests already under way finish on the old one.
+        The service's clients are rebuilt on their next use; requests already under way finish on the old ones.
         """
         self._pinned[service] = pem
-        old = self._clients.pop(service, None)
+        self._close_later(self._clients.pop(service, None))
+        self._close_later(self._provisional_clients.pop(service, None))
+
+    def trust_provisionally(self, service: str, pem: bytes | None) -> None:
+        """Also trust ``pem`` for reads and ballots (``client(service, provisional=True)``); None: stop."""
+        if pem is None:
+            self._provisional.pop(service, None)
+        else:
+            self._provisional[service] = pem
+        self._close_later(self._provisional_clients.pop(service, None))
+
+    def provisional_identity(self, service: str) -> bytes | None:
+        return self._provisional.get(service)
+
+    def _close_later(self, old: CCFClient | None) -> None:
         if old is not None:
             task = asyncio.get_running_loop().create_task(old.aclose())
             self._closing.add(task)
@@ -84,7 +107,9 @@ class GovernanceService:
             if cfg.service_certificate is not None:
                 await self.client(name)
 
-    async def client(self, service: str) -> CCFClient:
+    async def client(self, service: str, *, provisional: bool = False) -> CCFClient:
+        """The service's client, pinned to its trusted identities; ``provisional`` (reads and ballots only): also
+        to an identity adopted provisionally after a recovery, if there is one."""
         if service not in self.services:
             known = ", ".join(sorted(self.services)) or "none"
             raise UnknownServiceError(f"unknown service {service!r} (configured: {known})")
@@ -93,12 +118,24 @@ class GovernanceService:
             if client is None:
                 client = await CCFClient.open(self.services[service], pinned=self._pinned.get(service))
                 self._clients[service] = client
-            return client
+            extra = self._provisional.get(service) if provisional else None
+            if extra is None:
+                return client
+            wider = self._provisional_clients.get(service)
+            if wider is None:
+                wider = CCFClient(
+                    client.config, client.service_cert_pem, also_trusted=(*client.trusted_pems[1:], extra)
+                )
+                self._provisional_clients[service] = wider
+            return wider
 
-    async def forward(self, service: str, path: str, signed: SignedMessage) -> CCFResponse:
+    async def forward(
+        self, service: str, path: str, signed: SignedMessage, *, provisional: bool = False
+    ) -> CCFResponse:
         """Send a signed message to ``path`` of ``service`` and audit the outcome: ``forwarded`` with CCF's status
-        and transaction id (CCF's errors included: they are answers), or ``failed`` when no answer came."""
-        client = await self.client(service)
+        and transaction id (CCF's errors included: they are answers), or ``failed`` when no answer came.
+        ``provisional``: as for ``client`` (ballots only)."""
+        client = await self.client(service, provisional=provisional)
         try:
             resp = await client.post_cose(path, signed.cose)
         except AgentError as exc:
@@ -171,7 +208,7 @@ class GovernanceService:
     ) -> Relay:
         check_proposal_id(proposal_id)
         ident = self.signer.identity(identity)
-        client = await self.client(service)
+        client = await self.client(service, provisional=True)
         got = await client.get(f"/gov/members/proposals/{proposal_id}")
         if not got.ok:
             return Relay.of(got)
@@ -190,7 +227,7 @@ class GovernanceService:
             voted=voted,
         )
         path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
-        return Relay.of(await self.forward(service, path, signed))
+        return Relay.of(await self.forward(service, path, signed, provisional=True))
 
     async def voted_proposal(self, service: str, proposal_id: str) -> VotedProposal:
         """The action names of proposal ``proposal_id`` as ``service`` holds it, for the policy to judge a ballot by.
@@ -201,7 +238,7 @@ class GovernanceService:
         actions then refuses the ballot (fail closed), a rule that does not lets it go on.
         """
         check_proposal_id(proposal_id)
-        client = await self.client(service)
+        client = await self.client(service, provisional=True)  # as the vote it judges: reads and ballots
         where = f"service {service!r}"
         try:
             resp = await client.get(f"/gov/members/proposals/{proposal_id}/actions")
@@ -282,7 +319,7 @@ class GovernanceService:
         )
 
     async def status(self, service: str) -> Relay:
-        client = await self.client(service)
+        client = await self.client(service, provisional=True)
         info = await client.get("/gov/service/info")
         if not info.ok or not isinstance(info.body, dict):
             return Relay.of(info)
@@ -303,13 +340,13 @@ class GovernanceService:
         )
 
     async def proposals(self, service: str) -> Relay:
-        client = await self.client(service)
+        client = await self.client(service, provisional=True)
         return Relay.of(await client.get("/gov/members/proposals"))
 
     async def proposal(self, service: str, proposal_id: str) -> Relay:
         """A proposal with its actions and the ballots cast so far, to review before voting."""
         check_proposal_id(proposal_id)
-        client = await self.client(service)
+        client = await self.client(service, provisional=True)
         got = await client.get(f"/gov/members/proposals/{proposal_id}")
         if not got.ok or not isinstance(got.body, dict):
             return Relay.of(got)
@@ -334,8 +371,9 @@ class GovernanceService:
         return Relay(status=200, body=body, transaction_id=got.transaction_id, from_ccf=True)
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
+        for client in (*self._clients.values(), *self._provisional_clients.values()):
             await client.aclose()
         self._clients.clear()
+        self._provisional_clients.clear()
         if self._closing:
             await asyncio.gather(*self._closing)

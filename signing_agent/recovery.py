@@ -16,10 +16,17 @@ decoded on the host, a potential padding oracle) acceptable. Keep it that way. O
 identity is suspended after ``MAX_DECRYPTION_FAILURES`` failures until the next reload: a padding-oracle attack needs
 thousands of failing queries.
 
-Trust after a disaster recovery (the service comes back with a new identity): see ``RecoveryService.adopt_by_proposal``
-and the README's "Recovery" section. The watcher submits only to a service whose TLS identity is trusted by
-configuration: the pinned certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new
-identity that an Accepted ``transition_service_to_open`` proposal names as next after a trusted one.
+Trust after a disaster recovery (the service comes back with a new identity): see the README's "Recovery" section.
+A share is fetched, decrypted and submitted only over TLS pinned to an identity the operator decided: the pinned
+certificate, ``accepted_service_certificates``, or (``accept_transition_to = true``) a new identity a member approved
+through this agent: its fingerprint, announced out of band, and this agent's own accepting ballot on the
+``transition_service_to_open`` proposal that names it (``RecoveryService.approve_identity``). An identity the rule
+adopts on the endpoint's word alone (``RecoveryService.adopt_by_proposal``) is trusted provisionally: reads and
+ballots, never a share.
+
+The state file holds that trust, so it must be the agent's own: it is opened without following symlinks, in a
+folder owned by the agent's uid (or root) that no group or other may write, and refused unless it is a regular file
+of the agent's uid with mode 0600 at most (``RecoveryStateStore``).
 
 Must not import aiohttp or the API (the API and the daemon call in).
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,6 +44,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,14 +62,16 @@ from signing_agent.ccf.client import (
     fetch_presented_service_certificate,
 )
 from signing_agent.config import RecoveryConfig, ServiceConfig
-from signing_agent.cose.governance import MsgType
+from signing_agent.cose.governance import MsgType, check_proposal_id
 from signing_agent.errors import (
     AgentError,
     BackendError,
     BackendUnavailableError,
     CCFError,
     CCFTrustError,
+    CCFUnavailableError,
     ConfigError,
+    ConflictError,
     InvalidRequestError,
     PolicyDeniedError,
     UnknownServiceError,
@@ -68,7 +79,7 @@ from signing_agent.errors import (
 )
 from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.policy import Caller
+from signing_agent.policy import ACCEPT_BALLOT, Caller
 from signing_agent.service import SignedMessage, SigningService
 
 _logger = logging.getLogger(__name__)
@@ -78,9 +89,13 @@ MAX_DECRYPTION_FAILURES = 3
 WATCHER_REQUEST_ID_PREFIX = "watcher-"
 """The unattended watcher's request ids start with this; the API never takes it from a caller's X-Request-Id."""
 STATE_VERSION = 1
+MAX_STATE_BYTES = 1 << 20
 
 # A well-formed stand-in for the policy pre-check (the real payload does not exist before decryption).
 _POLICY_PROBE = b'{"share":"AAAA"}'
+# The state file's records of service identities: approved for shares (pinned), or adopted provisionally.
+_APPROVED = "approved_identity"
+_ADOPTED = "adopted_identity"
 # Anything in a CCF message that could be a share in base64, urlsafe base64 or hex is cut out before it is kept.
 _SECRET_LIKE = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
 
@@ -97,6 +112,54 @@ def _der(pem: bytes | str) -> bytes | None:
 def _fingerprint(pem: bytes) -> str:
     der = _der(pem)
     return hashlib.sha256(der if der is not None else pem).hexdigest()
+
+
+async def _transition_from(client: CCFClient, proposal_id: str, previous: set[bytes], next_der: bytes) -> bytes | None:
+    """The ``previous_service_identity`` (DER) of a ``transition_service_to_open`` action in the proposal that comes
+    from one of ``previous`` and goes to ``next_der``, as the service reports the proposal's actions; else None.
+    Certificates are compared as DER, so PEM line breaks and headers do not matter."""
+    got = await client.get(f"/gov/members/proposals/{proposal_id}/actions", max_attempts=1)
+    try:
+        actions = json.loads(got.raw).get("actions") if got.ok else None
+    except (ValueError, AttributeError):
+        actions = None
+    for action in actions if isinstance(actions, list) else []:
+        if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
+            continue
+        args = action.get("args")
+        if not isinstance(args, dict):
+            continue
+        prev, nxt = args.get("previous_service_identity"), args.get("next_service_identity")
+        if not isinstance(prev, str) or not isinstance(nxt, str):
+            continue
+        prev_der = _der(prev)
+        if prev_der is not None and prev_der in previous and _der(nxt) == next_der:
+            return prev_der
+    return None
+
+
+def _fingerprint_argument(text: str) -> str:
+    """A certificate's SHA-256 fingerprint as a member types it (hex, any case, colons allowed), normalised."""
+    value = text.strip().replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise InvalidRequestError(
+            "sha256: expected the SHA-256 fingerprint of the new service certificate (64 hex digits, colons allowed)",
+            hint="openssl x509 -in service_cert.pem -noout -fingerprint -sha256",
+        )
+    return value
+
+
+async def _identity_record(cfg: ServiceConfig, candidate: bytes, previous: bytes, proposal_id: str) -> dict[str, Any]:
+    """What the state file keeps of a service identity adopted or approved after a recovery. ``configured_sha256``
+    lets a later change of ``service_certificate`` in the configuration discard it."""
+    configured = await configured_service_certificate(cfg)
+    return {
+        "certificate": candidate.decode("ascii"),
+        "sha256": _fingerprint(candidate),
+        "previous_sha256": hashlib.sha256(previous).hexdigest(),
+        "configured_sha256": _fingerprint(configured),
+        "proposal_id": proposal_id,
+    }
 
 
 def scrub(text: str, limit: int = 300) -> str:
@@ -127,7 +190,15 @@ class RecoveryKey:
 
 class RecoveryStateStore:
     """One JSON file per service (mode 0600, replaced atomically): submitted recoveries per identity, and the service
-    identity adopted after a recovery. Never a share. One store object per file per process (``for_path``)."""
+    identities adopted (provisionally) or approved after a recovery. Never a share. One store object per file per
+    process (``for_path``).
+
+    The file decides where shares may go, so only the agent's own is used: the folder is opened without following a
+    symlink and must belong to the agent's uid or root and be writable by no group or other; the file is opened
+    without following a symlink and must be a regular file of the agent's uid, mode 0600 at most. Anything else is
+    refused with a ``ConfigError`` on every read and write (nothing from it is used, nothing is written over it, its
+    mode is never changed), until an operator moves it aside.
+    """
 
     _stores: dict[Path, RecoveryStateStore] = {}  # noqa: RUF012 -- a process-wide registry, on purpose
 
@@ -144,15 +215,49 @@ class RecoveryStateStore:
             store = cls._stores[path] = cls(path)
         return store
 
-    def _read_sync(self) -> dict[str, Any]:
-        if self.path is None:
-            return {"version": STATE_VERSION, "submissions": {}}
+    @staticmethod
+    def _refused(path: Path, why: str) -> ConfigError:
+        return ConfigError(
+            f"recovery.state_dir: refused {path}: {why}",
+            hint="the agent writes its recovery state itself (mode 0600, its own uid, in a folder only it may "
+            "write); if you did not put this there, investigate, then move it aside",
+        )
+
+    def _open_folder(self, folder: Path) -> int:
+        """The state folder as an fd, checked (``FileNotFoundError`` when it does not exist)."""
         try:
-            raw = self.path.read_bytes()
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise self._refused(folder, "not a folder (a symbolic link?)") from None
+            raise
+        st = os.fstat(fd)
+        why = None
+        if st.st_uid not in (os.geteuid(), 0):
+            why = f"the folder is owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()} or root"
+        elif st.st_mode & 0o022:
+            why = f"the folder's mode {stat.S_IMODE(st.st_mode):04o} lets group or others write in it"
+        if why is not None:
+            os.close(fd)
+            raise self._refused(folder, why)
+        return fd
+
+    def _read_sync(self) -> dict[str, Any]:
+        empty: dict[str, Any] = {"version": STATE_VERSION, "submissions": {}}
+        if self.path is None:
+            return empty
+        try:
+            folder = self._open_folder(self.path.parent)
         except FileNotFoundError:
-            return {"version": STATE_VERSION, "submissions": {}}
+            return empty
         except OSError as exc:
             raise ConfigError(f"recovery.state_dir: cannot read {self.path}: {exc.strerror}") from None
+        try:
+            raw = self._read_file(folder, self.path)
+        except OSError as exc:
+            raise ConfigError(f"recovery.state_dir: cannot read {self.path}: {exc.strerror}") from None
+        if raw is None:
+            return empty
         try:
             data = json.loads(raw)
         except ValueError:
@@ -161,31 +266,66 @@ class RecoveryStateStore:
             raise ConfigError(f"recovery.state_dir: {self.path} is not a recovery state file; move it aside")
         return data
 
+    def _read_file(self, folder: int, path: Path) -> bytes | None:
+        """The file's content, checked on the opened file (None when there is none); closes ``folder``."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a planted FIFO cannot hang us
+        try:
+            fd = os.open(path.name, flags, dir_fd=folder)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._refused(path, "it is a symbolic link") from None
+            raise
+        finally:
+            os.close(folder)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._refused(path, "not a regular file")
+            if st.st_uid != os.geteuid():
+                raise self._refused(path, f"owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}")
+            if stat.S_IMODE(st.st_mode) & ~0o600:
+                raise self._refused(path, f"mode {stat.S_IMODE(st.st_mode):04o} is wider than 0600")
+            chunks = []
+            size = 0
+            while chunk := os.read(fd, 65536):
+                size += len(chunk)
+                if size > MAX_STATE_BYTES:
+                    raise self._refused(path, f"larger than {MAX_STATE_BYTES} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def _write_sync(self, data: Mapping[str, Any]) -> None:
         if self.path is None:
             return
-        folder = self.path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = folder / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        name = self.path.name
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
         encoded = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = self._open_folder(self.path.parent)
         try:
-            os.write(fd, encoded)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        with contextlib.suppress(OSError):
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600, dir_fd=folder)
             try:
-                os.fsync(dfd)
+                view = memoryview(encoded)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
             finally:
-                os.close(dfd)
+                os.close(fd)
+            try:
+                os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=folder)
+                raise
+            with contextlib.suppress(OSError):
+                os.fsync(folder)
+        finally:
+            os.close(folder)
 
     async def load(self) -> dict[str, Any]:
         async with self._lock:
@@ -245,6 +385,7 @@ class RecoveryService:
         self._rng = rng
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._adopt_lock = asyncio.Lock()
+        self._provisional_proposal: dict[str, str] = {}
         self._stats = _Stats()
         self._memory: dict[str, RecoveryStateStore] = {}
         self.watchers: list[RecoveryWatcher] = []
@@ -271,152 +412,336 @@ class RecoveryService:
         return cfg
 
     async def open(self) -> None:
-        """Re-pin identities adopted after earlier recoveries (unless the configured certificate changed since)."""
+        """Restore the trust kept in the state files (unless the configured certificate changed since): an identity
+        approved after an earlier recovery is pinned, one adopted provisionally is trusted for reads and ballots.
+        Each restored identity is audited. A state file the agent cannot trust is refused: logged, audited
+        (``recovery_state_refused``), nothing restored from it, and recovery for that service stops (its watchers
+        and submissions fail with the reason) until an operator moves the file aside."""
         for name, cfg in self.governance.services.items():
             store = self.store(name)
-            if store.path is None or not store.path.exists():
+            if store.path is None:
                 continue
-            data = await store.load()
-            adopted = data.get("adopted_identity")
-            if not isinstance(adopted, dict) or not isinstance(adopted.get("certificate"), str):
-                continue
-            configured = await configured_service_certificate(cfg)
-            if adopted.get("configured_sha256") != _fingerprint(configured):
-                _logger.warning(
-                    "service %s: the configured service_certificate changed since identity %s was adopted; "
-                    "using the configured one",
-                    name,
-                    str(adopted.get("sha256"))[:16],
+            try:
+                data = await store.load()
+            except ConfigError as exc:
+                _logger.error("service %s: recovery state refused, nothing restored from it: %s", name, exc.message)  # noqa: TRY400
+                await self.signer.record(
+                    "recovery_state_refused", {"service": name, "path": str(store.path), "reason": exc.message}
                 )
                 continue
-            self.governance.pin(name, adopted["certificate"].encode("ascii"))
-            _logger.info("service %s: pinning identity %s adopted after a recovery", name, adopted.get("sha256"))
+            configured: str | None = None
+            for key, trust in ((_APPROVED, "approved"), (_ADOPTED, "provisional")):
+                record = data.get(key)
+                pem = record.get("certificate") if isinstance(record, dict) else None
+                if not isinstance(record, dict) or not isinstance(pem, str) or _der(pem) is None:
+                    continue
+                configured = configured or _fingerprint(await configured_service_certificate(cfg))
+                if record.get("configured_sha256") != configured:
+                    _logger.warning(
+                        "service %s: the configured service_certificate changed since identity %s was adopted; "
+                        "using the configured one",
+                        name,
+                        _fingerprint(pem.encode())[:16],
+                    )
+                    continue
+                await self._trust(name, pem.encode("ascii"), trust, record, restored_from=store.path)
+
+    async def _trust(
+        self, service: str, pem: bytes, trust: str, record: Mapping[str, Any], *, restored_from: Path | None = None
+    ) -> None:
+        """Put an identity to use (pinned when approved, else provisional) and audit it as ``identity_adopted``."""
+        proposal_id = record.get("proposal_id")
+        fields: dict[str, Any] = {
+            "service": service,
+            "certificate_sha256": _fingerprint(pem),
+            "previous_sha256": record.get("previous_sha256"),
+            "proposal_id": proposal_id,
+            "trust": trust,
+        }
+        if restored_from is not None:
+            fields["restored_from"] = str(restored_from)
+        await self.signer.record("identity_adopted", fields)
+        if trust == "approved":
+            self.governance.pin(service, pem)
+            self.governance.trust_provisionally(service, None)
+        else:
+            self.governance.trust_provisionally(service, pem)
+            self._provisional_proposal[service] = str(proposal_id)
+        _logger.warning(
+            "service %s: %s service identity %s (%s, proposal %s)%s",
+            service,
+            "pinning the approved" if trust == "approved" else "trusting for reads and ballots only the",
+            fields["certificate_sha256"][:16],
+            "restored from the recovery state" if restored_from is not None else "adopted now",
+            proposal_id,
+            ""
+            if trust == "approved"
+            else "; no recovery share goes to it until a member approves it through this agent "
+            "(signing-agent recovery approve-identity)",
+        )
 
     # -- trust ---
 
+    async def _decided(self, service: str) -> tuple[CCFClient, set[bytes]]:
+        """The client trusted for everything (shares included) and its identities as DER: the pinned one (configured,
+        or approved after a recovery) and ``accepted_service_certificates``. Never a provisional identity."""
+        client = await self.governance.client(service)
+        return client, {d for d in (_der(p) for p in client.trusted_pems) if d is not None}
+
     async def _get(self, service: str, path: str) -> CCFResponse:
-        """GET through the pinned client; on a trust failure, the proposal rule may adopt a new identity once."""
+        """A read that may go to a provisional identity; on a trust failure, the proposal rule may adopt one, once."""
         try:
-            client = await self.governance.client(service)
+            client = await self.governance.client(service, provisional=True)
             return await client.get(path)
         except CCFTrustError:
             if not self._service(service).accept_transition_to or not await self.adopt_by_proposal(service):
                 raise
-        client = await self.governance.client(service)
+        client = await self.governance.client(service, provisional=True)
         return await client.get(path)
 
     async def adopt_by_proposal(self, service: str) -> bool:
-        """The ``accept_transition_to`` rule. True when a new service identity was adopted and is now pinned.
+        """The ``accept_transition_to`` rule, step one: trust a new service identity *provisionally* (reads and
+        ballots, so that members can review and vote the transition through the agent; never a recovery share).
+        True when one was adopted.
 
         1. Read the identity the endpoint claims (``/node/network``, over TLS that verifies nothing; nothing but
            that GET is sent).
         2. Connect again with TLS pinned to that claim alone: the endpoint must present a node certificate endorsed
            by it, and ``/gov/service/info`` must report the same certificate.
-        3. Over that connection, an Accepted ``transition_service_to_open`` proposal must name an identity this
-           agent trusts as ``previous_service_identity`` and the claimed one as ``next_service_identity``
-           (certificates compared as DER).
+        3. Over that connection, an Open or Accepted ``transition_service_to_open`` proposal must name an identity
+           trusted for shares (pinned or listed) as ``previous_service_identity`` and the claimed one as
+           ``next_service_identity`` (certificates compared as DER).
 
-        This trusts the service's own governance answers: it keeps shares from an unrelated service and from a
-        recovery the consortium did not approve, not from an attacker who holds the endpoint and can answer
-        governance reads as they like (use ``accepted_service_certificates`` for that).
+        Every one of those is the endpoint's word: a network attacker can serve all three (its own identity, a
+        fabricated proposal list). That keeps reads and ballots from an unrelated service, and is why it earns no
+        share: step two, ``approve_identity``, needs the member's fingerprint and this agent's own accepting ballot.
         """
-        cfg = self._service(service)
         async with self._adopt_lock:
-            current = await self.governance.client(service)
-            trusted = {d for d in (_der(p) for p in current.trusted_pems) if d is not None}
-            candidate = await fetch_presented_service_certificate(cfg)
-            candidate_der = _der(candidate)
-            if candidate_der is None:
-                raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
-            if candidate_der in trusted:
-                return False  # already trusted: the TLS failure was something else
-            probe = CCFClient(cfg, candidate)
-            try:
-                info = await probe.get("/gov/service/info", max_attempts=1)
-                reported = info.body.get("certificate") if info.ok and isinstance(info.body, dict) else None
-                if not isinstance(reported, str) or _der(reported) != candidate_der:
-                    _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
-                    return False
-                proposal_id = await self._approving_proposal(probe, trusted, candidate_der)
-            finally:
-                await probe.aclose()
-            if proposal_id is None:
-                _logger.warning(
-                    "service %s presents identity %s, which no Accepted transition_service_to_open proposal "
-                    "approves after a trusted identity: not trusted",
-                    service,
-                    _fingerprint(candidate)[:16],
-                )
+            return await self._adopt_locked(service)
+
+    async def _adopt_locked(self, service: str) -> bool:
+        cfg = self._service(service)
+        _, decided = await self._decided(service)
+        candidate = await fetch_presented_service_certificate(cfg)
+        candidate_der = _der(candidate)
+        if candidate_der is None:
+            raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
+        provisional = self.governance.provisional_identity(service)
+        if candidate_der in decided or (provisional is not None and _der(provisional) == candidate_der):
+            return False  # already trusted: the TLS failure was something else
+        probe = CCFClient(cfg, candidate)
+        try:
+            info = await probe.get("/gov/service/info", max_attempts=1)
+            reported = info.body.get("certificate") if info.ok and isinstance(info.body, dict) else None
+            if not isinstance(reported, str) or _der(reported) != candidate_der:
+                _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
                 return False
-            configured = await configured_service_certificate(cfg)
-            record: dict[str, Any] = {
-                "certificate": candidate.decode("ascii"),
-                "sha256": _fingerprint(candidate),
-                "previous_sha256": _fingerprint(current.service_cert_pem),
-                "configured_sha256": _fingerprint(configured),
-                "proposal_id": proposal_id,
-                "adopted_at": int(time.time()),
-            }
-
-            def change(data: dict[str, Any]) -> None:
-                data["adopted_identity"] = record
-
-            await self.store(service).update(change)
-            await self.signer.record(
-                "identity_adopted",
-                {
-                    "service": service,
-                    "certificate_sha256": record["sha256"],
-                    "previous_sha256": record["previous_sha256"],
-                    "proposal_id": proposal_id,
-                },
-            )
-            self.governance.pin(service, candidate)
+            found = await self._transition_proposal(probe, decided, candidate_der)
+        finally:
+            await probe.aclose()
+        if found is None:
             _logger.warning(
-                "service %s: adopted the new service identity %s (was %s), approved by Accepted proposal %s",
+                "service %s presents identity %s, which no Open or Accepted transition_service_to_open proposal "
+                "names after an identity trusted for shares: not trusted",
                 service,
-                record["sha256"][:16],
-                record["previous_sha256"][:16],
-                proposal_id,
+                _fingerprint(candidate)[:16],
             )
-            return True
+            return False
+        proposal_id, previous = found
+        record = await _identity_record(cfg, candidate, previous, proposal_id)
+        record.update(adopted_at=int(time.time()), trust="provisional")
+
+        def change(data: dict[str, Any]) -> None:
+            data[_ADOPTED] = record
+
+        await self.store(service).update(change)
+        await self._trust(service, candidate, "provisional", record)
+        return True
 
     @staticmethod
-    async def _approving_proposal(probe: CCFClient, trusted: set[bytes], candidate_der: bytes) -> str | None:
+    async def _transition_proposal(
+        probe: CCFClient, decided: set[bytes], candidate_der: bytes
+    ) -> tuple[str, bytes] | None:
+        """The first Open or Accepted proposal that transitions from ``decided`` to the candidate, with the previous
+        identity it names (DER)."""
         listed = await probe.get("/gov/members/proposals", max_attempts=1)
         values = listed.body.get("value") if listed.ok and isinstance(listed.body, dict) else None
         for proposal in values if isinstance(values, list) else []:
-            if not isinstance(proposal, dict) or proposal.get("proposalState") != "Accepted":
+            if not isinstance(proposal, dict) or proposal.get("proposalState") not in ("Open", "Accepted"):
                 continue
             pid = proposal.get("proposalId")
             if not isinstance(pid, str) or not re.fullmatch(r"[0-9a-f]{64}", pid):
                 continue
-            got = await probe.get(f"/gov/members/proposals/{pid}/actions", max_attempts=1)
-            try:
-                actions = json.loads(got.raw).get("actions") if got.ok else None
-            except (ValueError, AttributeError):
-                actions = None
-            for action in actions if isinstance(actions, list) else []:
-                if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
-                    continue
-                args = action.get("args")
-                if not isinstance(args, dict):
-                    continue
-                previous, nxt = args.get("previous_service_identity"), args.get("next_service_identity")
-                if not isinstance(previous, str) or not isinstance(nxt, str):
-                    continue
-                if _der(previous) in trusted and _der(nxt) == candidate_der:
-                    return pid
+            previous = await _transition_from(probe, pid, decided, candidate_der)
+            if previous is not None:
+                return pid, previous
         return None
+
+    async def approve_identity(
+        self,
+        service: str,
+        identity: str,
+        proposal_id: str,
+        sha256: str,
+        *,
+        caller: Caller | None = None,
+        request_id: str | None = None,
+    ) -> Relay:
+        """The ``accept_transition_to`` rule, step two: ``identity`` votes accept on the ``transition_service_to_open``
+        proposal ``proposal_id``, and that approves the new service identity it names for recovery shares.
+
+        ``sha256`` is the member's own evidence: the fingerprint (SHA-256 of the DER) of the new service certificate,
+        announced out of band. Before anything is signed, it must be the fingerprint of the provisionally trusted
+        identity (adopted now if need be), and the proposal's actions must hold a ``transition_service_to_open`` from
+        an identity trusted for shares to it; else a ``ConflictError`` and no ballot. Then the canonical accepting
+        ballot is signed and forwarded like any ballot (the policy decides), and only when the service takes it is
+        the identity approved: audited (``identity_approved``) and written to the state file, then pinned. Only the
+        member's fingerprint binds the approval to what the member checked: the endpoint may show a proposal one way
+        to the member and another to the agent, so a plain accepting ballot approves nothing.
+        """
+        cfg = self._service(service)
+        check_proposal_id(proposal_id)
+        wanted = _fingerprint_argument(sha256)
+        member_id = self.signer.identity(identity).member_id
+        if not cfg.accept_transition_to:
+            raise InvalidRequestError(
+                f"service {service!r} does not use the proposal rule (accept_transition_to = false): there is no "
+                "identity to approve; no ballot was signed",
+                hint="list the new service certificate in accepted_service_certificates and reload",
+            )
+        async with self._adopt_lock:
+            if self.governance.provisional_identity(service) is None:
+                with contextlib.suppress(CCFTrustError, CCFUnavailableError):
+                    await self._adopt_locked(service)
+            candidate = self.governance.provisional_identity(service)
+            _, decided = await self._decided(service)
+            if candidate is None:
+                if wanted in {hashlib.sha256(d).hexdigest() for d in decided}:
+                    raise ConflictError(
+                        f"service identity {wanted[:16]} is already trusted for recovery shares on service "
+                        f"{service!r}: nothing to approve; no ballot was signed"
+                    )
+                raise ConflictError(
+                    f"service {service!r} presents no new identity that an Open or Accepted "
+                    "transition_service_to_open proposal names after an identity trusted for shares: nothing to "
+                    "approve; no ballot was signed"
+                )
+            presented = _fingerprint(candidate)
+            if presented != wanted:
+                # Prefixes only: the member must take the fingerprint from the announcement, never from the endpoint.
+                raise ConflictError(
+                    f"service {service!r} presents identity {presented[:16]}..., not {wanted[:16]}...: no ballot was "
+                    "signed",
+                    hint="the endpoint is not the recovered service that was announced: do not vote; investigate",
+                )
+            client = await self.governance.client(service, provisional=True)
+            previous = await _transition_from(client, proposal_id, decided, _der(candidate) or b"")
+            if previous is None:
+                raise ConflictError(
+                    f"proposal {proposal_id} is not a transition_service_to_open from an identity trusted for shares "
+                    f"to {wanted[:16]}: no ballot was signed"
+                )
+            relay = await self.governance.vote(
+                service, identity, proposal_id, ACCEPT_BALLOT, caller=caller, request_id=request_id
+            )
+            if not 200 <= relay.status < 300:
+                return relay  # CCF refused the ballot: nothing is approved
+            record = await _identity_record(cfg, candidate, previous, proposal_id)
+            record.update(identity=identity, member_id=member_id, ballot_transaction_id=relay.transaction_id,
+                          approved_at=int(time.time()))  # fmt: skip
+            try:
+                await self._approve(service, candidate, record, caller=caller, request_id=request_id)
+            except AgentError as exc:
+                raise type(exc)(
+                    f"the ballot was forwarded (CCF answered {relay.status}), but approving service identity "
+                    f"{wanted[:16]} for recovery shares failed: {exc.message}",
+                    hint="no recovery share goes to that identity; fix the cause and approve again, or list the "
+                    "identity in accepted_service_certificates and reload",
+                ) from None
+        ballot = relay.body if isinstance(relay.body, dict) else None
+        return Relay(
+            status=200,
+            body={"service": service, "certificate_sha256": wanted, "previous_sha256": record["previous_sha256"],
+                  "proposal_id": proposal_id, "identity": identity, "approved": True, "ballot": ballot},
+            transaction_id=relay.transaction_id,
+        )  # fmt: skip
+
+    async def _approve(
+        self, service: str, candidate: bytes, record: dict[str, Any], *, caller: Caller | None, request_id: str | None
+    ) -> None:
+        """Audit, then keep, then pin: the approval is durable before any share can go to the identity."""
+        await self.signer.record(
+            "identity_approved",
+            {
+                "request_id": request_id,
+                "peer": caller.as_dict() if caller is not None else None,
+                "service": service,
+                "certificate_sha256": record["sha256"],
+                "previous_sha256": record["previous_sha256"],
+                "proposal_id": record["proposal_id"],
+                "identity": record["identity"],
+                "member_id": record["member_id"],
+                "ballot_transaction_id": record["ballot_transaction_id"],
+            },
+        )
+
+        def change(data: dict[str, Any]) -> None:
+            data[_APPROVED] = record
+            data.pop(_ADOPTED, None)
+
+        await self.store(service).update(change)
+        self.governance.pin(service, candidate)
+        self.governance.trust_provisionally(service, None)
+        self._provisional_proposal.pop(service, None)
+        _logger.warning(
+            "service %s: the new service identity %s (was %s) is approved for recovery shares by %s's accepting "
+            "ballot on proposal %s",
+            service,
+            record["sha256"][:16],
+            record["previous_sha256"][:16],
+            record["identity"],
+            record["proposal_id"],
+        )
 
     # -- submission ---
 
-    async def service_info(self, service: str) -> dict[str, Any]:
-        """``/gov/service/info`` through the trust guard; a non-200 answer is a ``CCFError``."""
-        info = await self._get(service, "/gov/service/info")
+    async def service_info(self, service: str, *, for_share: bool = False) -> dict[str, Any]:
+        """``/gov/service/info`` through the trust guard (``for_share``: the share guard); a non-200 answer is a
+        ``CCFError``."""
+        path = "/gov/service/info"
+        info = await (self._share_get(service, path) if for_share else self._get(service, path))
         if not info.ok or not isinstance(info.body, dict):
             raise CCFError(f"service {service!r}: /gov/service/info answered {info.status}")
         return info.body
+
+    async def _share_get(self, service: str, path: str) -> CCFResponse:
+        """A read on the way to a share: only from an identity trusted for shares (never a provisional one)."""
+        client, _ = await self._decided(service)
+        try:
+            return await client.get(path)
+        except CCFTrustError as exc:
+            raise await self._untrusted_for_shares(service, exc) from None
+
+    async def _untrusted_for_shares(self, service: str, exc: CCFTrustError) -> CCFTrustError:
+        """The error for a share refused because the service's identity is not trusted for shares; under the
+        proposal rule, first try to adopt it provisionally, so that the members can vote the transition through
+        the agent (the error says how)."""
+        if self._service(service).accept_transition_to and self.governance.provisional_identity(service) is None:
+            with contextlib.suppress(AgentError):
+                await self.adopt_by_proposal(service)
+        provisional = self.governance.provisional_identity(service)
+        if provisional is None:
+            return exc
+        proposal_id = self._provisional_proposal.get(service, "?")
+        return CCFTrustError(
+            f"service {service!r} did not present an identity trusted for recovery shares (the pinned one or "
+            f"accepted_service_certificates); its identity {_fingerprint(provisional)[:16]} is trusted "
+            f"provisionally only, after transition_service_to_open proposal {proposal_id}: no share was decrypted "
+            "or sent",
+            hint="a member who has the new service certificate's fingerprint from out of band approves it through this "
+            f"agent (signing-agent recovery approve-identity {proposal_id} --sha256 <fingerprint>), which votes "
+            "accept on that proposal; or list the certificate in accepted_service_certificates and reload",
+        )
 
     async def submit_share(
         self,
@@ -466,16 +791,17 @@ class RecoveryService:
         self, service: str, identity: str, caller: Caller | None, request_id: str | None, *, unattended: bool
     ) -> ShareResult:
         ident = self.signer.identity(identity)
-        info = await self.service_info(service)
+        store = self.store(service)
+        data = await store.load()  # a refused state file stops every submission, before anything is fetched
+        # From here on, every request goes only to an identity trusted for shares (the pinned one, a listed one, or
+        # one this agent's own accepting ballot approved): the service info, the encrypted share and :recover.
+        info = await self.service_info(service, for_share=True)
         key = RecoveryKey(
             info.get("recoveryCount") if isinstance(info.get("recoveryCount"), int) else None,
             info.get("creationTransactionId") if isinstance(info.get("creationTransactionId"), str) else None,
         )
-        store = self.store(service)
-        if unattended:
-            data = await store.load()
-            if key.matches(data["submissions"].get(identity)):
-                return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
+        if unattended and key.matches(data["submissions"].get(identity)):
+            return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
         facts: dict[str, Any] = {
             "request_id": request_id,
             "peer": caller.as_dict() if caller is not None else None,
@@ -486,7 +812,7 @@ class RecoveryService:
             "creation_transaction_id": key.creation_txid,
             "unattended": unattended,
         }
-        enc = await self._get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
+        enc = await self._share_get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
         if not enc.ok:
             await self._failed(facts, ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
             return ShareResult(Relay.of(enc), submitted=False, key=key, ccf_error=enc.error_code)
@@ -498,6 +824,7 @@ class RecoveryService:
             raise CCFError(f"service {service!r} answered an encrypted share that is not base64") from None
         try:
             signed = await self._decrypt_and_sign(service, identity, ciphertext, caller, request_id)
+            # Not provisional: the client trusts only the identities decided for shares.
             resp = await self.governance.forward(service, f"/gov/recovery/members/{ident.member_id}:recover", signed)
         except AgentError as exc:
             await self._failed(facts, error=exc.code)
@@ -693,6 +1020,8 @@ class RecoveryWatcher:
 
     async def tick(self) -> None:
         """One poll: submit when the service waits for shares and ours for this recovery is not in yet."""
+        # The state first: a refused state file shows as a failed watcher now, not only once a disaster happened.
+        data = await self.recovery.store(self.service).load()
         info = await self.recovery.service_info(self.service)
         self.last_checked_at = round(time.time(), 3)
         status = info.get("status")
@@ -700,7 +1029,6 @@ class RecoveryWatcher:
         if status != WAITING:
             self._set("watching")
             return
-        data = await self.recovery.store(self.service).load()
         previous = data["submissions"].get(self.identity)
         key = RecoveryKey(info.get("recoveryCount"), info.get("creationTransactionId"))
         if key.matches(previous):

@@ -18,6 +18,7 @@ from signing_agent.governance import GovernanceService, Relay
 _PROPOSAL_FIELDS = frozenset({"identity", "proposal", "proposal_base64"})
 _BALLOT_FIELDS = frozenset({"identity", "ballot"})
 _IDENTITY_ONLY = frozenset({"identity"})
+_APPROVE_FIELDS = frozenset({"identity", "proposal_id", "sha256"})
 
 
 def relay_response(relay: Relay) -> web.Response:
@@ -135,6 +136,21 @@ async def submit_share(request: web.Request) -> web.Response:
     return relay_response(result.relay)
 
 
+async def approve_identity(request: web.Request) -> web.Response:
+    """The proposal rule's approval: vote accept on a ``transition_service_to_open`` proposal, and so approve the new
+    service identity for recovery shares, once the member has its fingerprint from out of band (``sha256``)."""
+    body = parse_object(await read_body(request), _APPROVE_FIELDS, _APPROVE_FIELDS)
+    relay = await recovery_of(request).approve_identity(
+        request.match_info["svc"],
+        get_str(body, "identity"),
+        get_str(body, "proposal_id"),
+        get_str(body, "sha256"),
+        caller=request[CALLER],
+        request_id=request[REQUEST_ID],
+    )
+    return relay_response(relay)
+
+
 async def recovery_status(request: web.Request) -> web.Response:
     gen = generation_of(request)
     watchers = gen.recovery.status() if gen.recovery is not None else []
@@ -163,4 +179,5 @@ def add_governance_routes(app: web.Application, governance: GovernanceService) -
     r.add_post("/v1/services/{svc}/proposals/{pid}/withdraw", withdraw)
     r.add_post("/v1/services/{svc}/members/{identity}/activate", activate)
     r.add_post("/v1/services/{svc}/recovery/{identity}/share", submit_share)
+    r.add_post("/v1/services/{svc}/recovery/approve-identity", approve_identity)
     r.add_get("/v1/recovery", recovery_status)

@@ -8,8 +8,9 @@ work folder for them in raw, base64, urlsafe base64 and hex: nothing may be foun
 
 Covered: on-request submission with every key store and a threshold that completes recovery; the unattended
 watchers submitting once per recovery, not again after a restart, and again on the next recovery; the trust guard
-(no share to an identity that is neither listed nor approved by a transition proposal; the proposal rule adopts it,
-and the adoption survives a restart).
+(no share to an identity that is not listed; the proposal rule trusts one approved outside the agent provisionally,
+which earns no share, until the operator lists it; the provisional adoption survives a restart). The attacks on that
+guard, and the flow where the agent's own ballot approves the identity, are in ``test_recovery_trust.py``.
 """
 
 from __future__ import annotations
@@ -451,7 +452,8 @@ def test_trust_guard_no_share_to_an_unapproved_identity_then_the_proposal_rule(s
         assert refused.value.code == "CCFTrustError"
         assert world.recover_posts() == []
 
-        # Opt in to the proposal rule: the accepted transition names the pinned identity as previous.
+        # Opt in to the proposal rule: the accepted transition names the pinned identity as previous, but the member
+        # voted it outside the agent, so the agent has only the endpoint's word: provisional trust, no share.
         world.config.write_text(
             world.config.read_text().replace(
                 "[services.default]\n", "[services.default]\naccept_transition_to = true\n"
@@ -459,20 +461,43 @@ def test_trust_guard_no_share_to_an_unapproved_identity_then_the_proposal_rule(s
         )
         assert world.agent is not None
         world.agent.proc.send_signal(signal.SIGHUP)
-        (post,) = world.wait_for_recover_posts(1)
-        assert post["status"] == 200
-        world.sandbox.wait_for_status("Open")
+        deadline = time.monotonic() + 30
+        while True:
+            (watcher,) = world.client.call("GET", "/v1/recovery").json()["watchers"]
+            if "provisionally" in (watcher["last_error"] or "") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert watcher["state"] == "untrusted", watcher
+        assert pid in watcher["last_error"]
+        assert world.recover_posts() == []
         adopted = [r for r in audit_records(world) if r["event"] == "identity_adopted"]
-        assert [(r["service"], r["proposal_id"]) for r in adopted] == [("default", pid)]
+        assert [(r["service"], r["proposal_id"], r["trust"]) for r in adopted] == [("default", pid, "provisional")]
         saved = json.loads((world.folder / "state" / "recovery-default.json").read_text())
         assert saved["adopted_identity"]["certificate"] == new_cert
         assert saved["adopted_identity"]["proposal_id"] == pid
+        assert "approved_identity" not in saved
 
-        # The adoption survives a restart: the recovered service is trusted for everything.
+        # The operator lists the identity (after comparing its fingerprint out of band): the share goes.
+        (world.folder / "recovered.pem").write_text(new_cert)
+        world.config.write_text(
+            world.config.read_text().replace('["unrelated.pem"]', '["unrelated.pem", "recovered.pem"]')
+        )
+        world.agent.proc.send_signal(signal.SIGHUP)
+        (post,) = world.wait_for_recover_posts(1, timeout=30)
+        assert post["status"] == 200
+        world.sandbox.wait_for_status("Open")
+
+        # The provisional adoption survives a restart (reads keep working without the list), still without shares.
+        world.config.write_text(
+            world.config.read_text().replace('["unrelated.pem", "recovered.pem"]', '["unrelated.pem"]')
+        )
         world.stop()
         world.start()
         status = world.client.call("GET", "/v1/services/default/status").json()
         assert status["status"] == "Open"
         assert status["certificate"] == new_cert
+        restored = [r for r in audit_records(world) if r["event"] == "identity_adopted"][-1]
+        assert restored["trust"] == "provisional"
+        assert restored["restored_from"] == str(world.folder / "state" / "recovery-default.json")
         world.stop()
         assert_no_leak(world.shares, world.folder)

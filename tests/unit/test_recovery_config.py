@@ -1,11 +1,13 @@
 """Recovery configuration and the pure helpers of ``signing_agent.recovery``: names checked against identities and
-services, defaults, the state file (0600, atomic, never a share) and the scrubbing of CCF's messages."""
+services, defaults, the state file (0600, atomic, never a share; only the agent's own is used) and the scrubbing of
+CCF's messages."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -117,5 +119,71 @@ def test_state_file_is_0600_replaced_atomically_and_keyed_by_recovery(tmp_path: 
 def test_a_state_file_that_is_not_ours_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "recovery-default.json"
     path.write_text("[1, 2]")
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match="not a recovery state file"):
         asyncio.run(RecoveryStateStore(path).load())
+
+
+def _planted(tmp_path: Path, mode: int = 0o600) -> Path:
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o700)
+    path = folder / "recovery-default.json"
+    path.write_text('{"version": 1, "submissions": {}}')
+    path.chmod(mode)
+    return path
+
+
+def _refused_and_untouched(path: Path, reason: str) -> None:
+    """Reading and writing both refuse the file, and leave it (and its mode and owner) as it was."""
+    before = path.lstat()
+    store = RecoveryStateStore(path)
+    with pytest.raises(ConfigError, match=reason):
+        asyncio.run(store.load())
+    with pytest.raises(ConfigError, match=reason):
+        asyncio.run(store.update(lambda data: data.update(x=1)))
+    after = path.lstat()
+    assert (after.st_ino, after.st_mode, after.st_uid, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_uid,
+        before.st_mtime_ns,
+    )
+
+
+def test_a_state_file_wider_than_0600_is_refused(tmp_path: Path) -> None:
+    _refused_and_untouched(_planted(tmp_path, 0o644), "mode 0644 is wider than 0600")
+    (tmp_path / "x").mkdir()
+    _refused_and_untouched(_planted(tmp_path / "x", 0o700), "mode 0700 is wider than 0600")
+
+
+def test_a_state_file_of_another_uid_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    path = _planted(tmp_path)
+    os.chown(path, 65534, 65534)
+    _refused_and_untouched(path, "owned by uid 65534")
+
+
+def test_a_state_file_that_is_a_symlink_or_a_fifo_is_refused(tmp_path: Path) -> None:
+    path = _planted(tmp_path)
+    target = tmp_path / "elsewhere.json"
+    path.rename(target)
+    path.symlink_to(target)
+    _refused_and_untouched(path, "symbolic link")
+    path.unlink()
+    os.mkfifo(path, 0o600)  # opening it must not wait for a writer
+    _refused_and_untouched(path, "not a regular file")
+
+
+def test_a_state_folder_that_others_may_write_or_a_symlink_is_refused(tmp_path: Path) -> None:
+    path = _planted(tmp_path)
+    path.parent.chmod(0o770)
+    _refused_and_untouched(path, "lets group or others write")
+    path.parent.chmod(0o700)
+    link = tmp_path / "linked"
+    link.symlink_to(path.parent)
+    with pytest.raises(ConfigError, match="not a folder"):
+        asyncio.run(RecoveryStateStore(link / path.name).load())
+    with pytest.raises(ConfigError, match="not a folder"):
+        asyncio.run(RecoveryStateStore(link / "recovery-other.json").update(lambda data: None))
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
