@@ -726,12 +726,20 @@ class RecoveryService:
         """The error for a share refused because the service's identity is not trusted for shares; under the
         proposal rule, first try to adopt it provisionally, so that the members can vote the transition through
         the agent (the error says how)."""
+        adoption: AgentError | None = None
         if self._service(service).accept_transition_to and self.governance.provisional_identity(service) is None:
-            with contextlib.suppress(AgentError):
+            try:
                 await self.adopt_by_proposal(service)
+            except AgentError as failed:
+                adoption = failed
         provisional = self.governance.provisional_identity(service)
         if provisional is None:
-            return exc
+            if adoption is None:
+                return exc
+            return CCFTrustError(
+                f"{exc.message}; the identity the endpoint claims could not be adopted either: {adoption.message}",
+                hint=exc.hint,
+            )
         proposal_id = self._provisional_proposal.get(service, "?")
         return CCFTrustError(
             f"service {service!r} did not present an identity trusted for recovery shares (the pinned one or "

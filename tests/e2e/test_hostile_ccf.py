@@ -216,7 +216,8 @@ def test_the_node_network_probe_does_not_redirect_either() -> None:
 
         error = error_of(world.client.request("POST", "/v1/services/default/recovery/m0/share"))
 
-        assert error["code"] == "CCFAnswerRefused"
+        # The share is refused (untrusted), and the reason the claimed identity could not be adopted is the redirect.
+        assert error["code"] == "CCFTrustError"
         assert "GET /node/network answered 307" in error["message"]
         assert location in error["message"]
         assert targets[0].seen() == []
