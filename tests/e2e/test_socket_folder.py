@@ -90,3 +90,15 @@ def test_a_group_socket_in_a_folder_with_group_search_starts(workdir: Path, memb
     with daemon(cfg) as proc:
         assert proc.socket.is_socket()
         assert oct(proc.socket.stat().st_mode & 0o777) == "0o660"
+
+
+def test_a_socket_folder_the_agent_creates_in_a_shared_volume_starts(workdir: Path, member: Member) -> None:
+    """The Kubernetes sidecar's shape: an emptyDir's root is world-writable (0777), so the socket goes in a folder the
+    agent creates inside it, which is the agent's own (0700)."""
+    volume = workdir / "volume"
+    volume.mkdir()
+    volume.chmod(0o777)
+    sock = volume / "sock" / "agent.sock"
+    with daemon(config(workdir, member, sock)) as proc:
+        assert proc.socket == sock and sock.is_socket()
+        assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"

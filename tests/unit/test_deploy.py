@@ -134,11 +134,19 @@ def test_the_kubernetes_sidecar_shares_its_socket_and_uses_workload_identity() -
     for probe, live in (("readinessProbe", False), ("livenessProbe", True)):
         command = agent[probe]["exec"]["command"]
         assert command[:2] == ["signing-agent", "health"]
-        assert command[command.index("--socket") + 1] == "/run/signing-agent/agent.sock"
+        assert command[command.index("--socket") + 1] == "/run/signing-agent/sock/agent.sock"
         assert ("--live" in command) is live
     assert agent["securityContext"]["allowPrivilegeEscalation"] is False
     config = docs["ConfigMap"]["data"]["agent.toml"]
     assert 'credential = "workload-identity"' in config
+    # The socket lives in a folder the agent creates inside the shared volume, never in the volume's root (0777).
+    socket = Path(tomllib.loads(config)["agent"]["socket"])
+    assert socket.parent != Path("/run/signing-agent") and socket.parent.is_relative_to("/run/signing-agent")
+    for container in (agent, client):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env["SIGNING_AGENT_SOCK"] == str(socket)
+    assert spec["securityContext"]["runAsUser"] == 10001  # both containers: the same uid reaches the 0700 folder
+    assert all("runAsUser" not in c.get("securityContext", {}) for c in (agent, client))
     # The audit log lives in a folder the agent creates inside a volume only it mounts, never in a volume's root.
     audit_folder = Path(tomllib.loads(config)["audit"]["path"]).parent
     (state,) = [m for m in agent["volumeMounts"] if audit_folder.is_relative_to(m["mountPath"])]
