@@ -100,5 +100,6 @@ def test_a_socket_folder_the_agent_creates_in_a_shared_volume_starts(workdir: Pa
     volume.chmod(0o777)
     sock = volume / "sock" / "agent.sock"
     with daemon(config(workdir, member, sock)) as proc:
-        assert proc.socket == sock and sock.is_socket()
+        assert proc.socket == sock
+        assert sock.is_socket()
         assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"

@@ -141,7 +141,8 @@ def test_the_kubernetes_sidecar_shares_its_socket_and_uses_workload_identity() -
     assert 'credential = "workload-identity"' in config
     # The socket lives in a folder the agent creates inside the shared volume, never in the volume's root (0777).
     socket = Path(tomllib.loads(config)["agent"]["socket"])
-    assert socket.parent != Path("/run/signing-agent") and socket.parent.is_relative_to("/run/signing-agent")
+    assert socket.parent != Path("/run/signing-agent")
+    assert socket.parent.is_relative_to("/run/signing-agent")
     for container in (agent, client):
         env = {e["name"]: e["value"] for e in container.get("env", [])}
         assert env["SIGNING_AGENT_SOCK"] == str(socket)
