@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 _LEVELS = {
@@ -19,6 +20,9 @@ _LEVELS = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+
+CLIENT_ERROR_LOG_INTERVAL = 60.0
+"""At most one "malformed request from a client" line per this many seconds (``ClientErrorFilter``)."""
 
 
 class JSONFormatter(logging.Formatter):
@@ -59,14 +63,36 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
 
 
 class ClientErrorFilter(logging.Filter):
-    """Turns aiohttp's "Error handling request" for a malformed client request into a one-line warning."""
+    """Turns aiohttp's "Error handling request" for a malformed client request into a one-line warning, at most one
+    per ``interval``.
+
+    aiohttp refuses a request head it cannot parse before any middleware runs, so such requests are never charged to
+    the peer's denial budget; any uid that can reach the socket (admitted or not) can send them as fast as it can
+    connect. One line per interval, with a count of those held back, keeps that from filling the log.
+    """
+
+    def __init__(self, interval: float = CLIENT_ERROR_LOG_INTERVAL, *, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._held = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and type(exc).__module__.startswith("aiohttp"):
-            record.msg, record.args = "malformed request from a client: %s", (" ".join(str(exc).split())[:200],)
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if exc is None or not type(exc).__module__.startswith("aiohttp"):
+            return True
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            self._held += 1
+            return False
+        detail = " ".join(str(exc).split())[:200]
+        if self._held:
+            detail += f" ({self._held} more since the last such line)"
+        self._last, self._held = now, 0
+        record.msg, record.args = "malformed request from a client: %s", (detail,)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

@@ -1,0 +1,111 @@
+"""Attacks on the security model's promises that went around the guards, against the real daemon and socket.
+
+Each test is an attack a hostile local user (another uid, in a subprocess) or a hostile service could make; it
+failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signing_agent.client import AgentClient
+from tests.support.agent import DaemonProcess, daemon, file_identity, write_toml
+from tests.support.pki import Member, make_member
+from tests.support.prereq import missing
+
+pytestmark = pytest.mark.e2e
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def member() -> Member:
+    return make_member("m0", "secp256r1")
+
+
+def system_python() -> str:
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
+    if python is None:
+        missing("a system python3 that another uid can run")
+    return python
+
+
+def as_uid(uid: int, code: str, *args: str) -> str:
+    """Run ``code`` (a Python program) as ``uid`` (gid root, to reach a 0660 socket); its stdout."""
+    if os.getuid() != 0:
+        missing("switching to another uid needs root")
+    result = subprocess.run(
+        [system_python(), "-I", "-c", code, *args],
+        user=uid,
+        group=0,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@contextlib.contextmanager
+def shared_agent(workdir: Path, member: Member, **agent: Any) -> Iterator[DaemonProcess]:
+    """The daemon on a 0660 socket that nobody (gid root) can reach; no rule admits nobody."""
+    if os.getuid() != 0:
+        missing("switching to another uid needs root")
+    workdir.chmod(0o750)
+    run = workdir / "run"
+    run.mkdir(mode=0o750)
+    key, cert = member.write(workdir / "keys")
+    cfg = write_toml(
+        workdir / "agent.toml",
+        {
+            "agent": {"socket": run / "a.sock", "socket_mode": "0660", **agent},
+            "audit": {"path": workdir / "audit" / "audit.jsonl"},
+            **file_identity("m0", cert, key),
+        },
+    )
+    with daemon(cfg) as proc:
+        yield proc
+
+
+# --- Denials cost the caller, not the disk: malformed HTTP never reaches the denial budget -------------------------
+
+# Sends argv[2] requests whose head aiohttp itself refuses (before any middleware, so before the denial budget), each
+# on a new connection, and reads the 400.
+MALFORMED_HTTP = r"""
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: -" + b"9" * 150 + b"\r\n\r\n"
+answered = 0
+for _ in range(n):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.sendall(head)
+        answered += s.recv(4096).startswith(b"HTTP/1.0 400")
+print(answered)
+"""
+
+
+def test_malformed_http_from_an_unadmitted_peer_cannot_flood_the_log(workdir: Path, member: Member) -> None:
+    """No rule admits nobody, yet each request head aiohttp refuses was one log line (about 250 bytes): 2,000 of
+    them wrote half a megabyte of log in well under a second, never charged to nobody's denial budget."""
+    with shared_agent(workdir, member) as proc:
+        before = len(proc.stderr)
+        answered = as_uid(NOBODY, MALFORMED_HTTP, str(proc.socket), "2000")
+        assert int(answered) == 2000  # each got its 400: the agent still answers them
+        assert AgentClient(proc.socket, timeout=30).health()["status"] == "ok"
+        grown = proc.stderr[before:]
+    lines = grown.count("malformed request from a client")
+    assert 1 <= lines <= 3, f"{lines} log lines ({len(grown)} bytes) for one peer's malformed requests"
+    assert "Traceback" not in grown
