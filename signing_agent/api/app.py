@@ -112,6 +112,16 @@ def _relayed(response: web.StreamResponse) -> bool:
 Failure = tuple[int, str, str, str]
 """A failure to log once the response is final: level, request id, error code, message."""
 
+MAX_LOGGED_MESSAGE_CHARS = 1024
+"""An error message is logged up to this length: many quote the caller's value (a msg_type, an identity name, the
+unknown fields), which can be as long as ``agent.max_request_bytes``."""
+
+
+def _loggable(message: str) -> str:
+    if len(message) <= MAX_LOGGED_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_LOGGED_MESSAGE_CHARS]}...[{len(message)} characters in all]"
+
 
 async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamResponse, Failure | None]:
     """The handler's response, or the error response for what it raised (and what to log about it)."""
@@ -123,7 +133,7 @@ async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamRe
     except AgentError as exc:
         level = logging.WARNING if exc.http_status < 500 else logging.ERROR
         response = error_response(exc.http_status, exc.code, exc.diagnostics(), request_id)
-        return response, (level, request_id, exc.code, exc.message)
+        return response, (level, request_id, exc.code, _loggable(exc.message))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -7,6 +7,7 @@ failed on the code before its fix.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -109,3 +110,31 @@ def test_malformed_http_from_an_unadmitted_peer_cannot_flood_the_log(workdir: Pa
     lines = grown.count("malformed request from a client")
     assert 1 <= lines <= 3, f"{lines} log lines ({len(grown)} bytes) for one peer's malformed requests"
     assert "Traceback" not in grown
+
+
+# --- Denials cost the caller, not the disk: an error message quoting the caller's value whole ----------------------
+
+
+def test_an_error_quoting_a_huge_value_is_not_logged_whole(workdir: Path, member: Member) -> None:
+    """An admitted peer's malformed request is charged to its budget (30 a minute), but each could carry up to
+    agent.max_request_bytes (8 MiB) into one log line: a msg_type, an identity name or a list of unknown fields is
+    quoted in full in the error, and the error was logged. 30 a minute of those is 4 MiB of log a second."""
+    big = "x" * (1024 * 1024)
+    bodies: list[dict[str, Any]] = [
+        {"identity": "m0", "msg_type": big},
+        {"identity": big, "msg_type": "ack", "payload": {"stateDigest": "00"}},
+        {"identity": "m0", "msg_type": "ack", **{f"k{i:06d}{'y' * 20}": 1 for i in range(40_000)}},
+    ]
+    with shared_agent(workdir, member) as proc:
+        client = AgentClient(proc.socket, timeout=60)
+        before = len(proc.stderr)
+        for body in bodies:
+            for route in ("/v1/sign", "/v1/explain"):
+                resp = client.request("POST", route, body)
+                assert resp.status in (400, 404), resp.body[:300]
+        grown = proc.stderr[before:]
+    assert grown.count("failed: ") == 6, grown[-2000:]
+    assert len(grown) < 64 * 1024, f"{len(grown)} bytes of log for 6 malformed requests"
+    for line in grown.splitlines():
+        assert len(line) < 4096, line[:300]
+        json.loads(line)  # still one JSON line each
