@@ -190,34 +190,41 @@ def _not_ours(st: os.stat_result) -> str | None:
     return None
 
 
-def _open_folder(folder: Path) -> int:
-    """The audit log's folder as a descriptor: created 0700 when missing; refused when it is a symlink, is not owned
-    by the agent's user or root, or others may write it (they could swap the log or plant files beside it)."""
+_AUDIT_FOLDER_HINT = "keep the audit log in a folder of its own, mode 0700, owned by the agent's user"
+
+
+def open_own_folder(
+    folder: Path, setting: str = "audit.path", *, error: type[AgentError] = AuditError, hint: str = _AUDIT_FOLDER_HINT
+) -> int:
+    """A folder the agent keeps files in (``setting`` names it in messages), as a descriptor: created 0700 when
+    missing; refused (``ConfigError``) when it is a symlink, is not owned by the agent's user or root, or others may
+    write it (they could swap its files or plant their own). Other failures raise ``error``."""
     try:
         folder.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise AuditError(f"audit.path: cannot create the folder {folder}: {exc.strerror}") from None
+        raise error(f"{setting}: cannot create the folder {folder}: {exc.strerror}") from None
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ConfigError(f"audit.path: {folder} is a symlink or not a folder; refusing it") from None
-        raise AuditError(f"audit.path: cannot open the folder {folder}: {exc.strerror}") from None
-    hint = "keep the audit log in a folder of its own, mode 0700, owned by the agent's user"
-    return _kept_if_ours(fd, _not_ours(os.fstat(fd)), f"the folder {folder}", hint)
+            raise ConfigError(f"{setting}: {folder} is a symlink or not a folder; refusing it") from None
+        raise error(f"{setting}: cannot open the folder {folder}: {exc.strerror}") from None
+    return _kept_if_ours(fd, _not_ours(os.fstat(fd)), f"the folder {folder}", hint, setting)
 
 
-def _kept_if_ours(fd: int, problem: str | None, what: str, hint: str) -> int:
+def _kept_if_ours(fd: int, problem: str | None, what: str, hint: str, setting: str) -> int:
     """``fd``, or (closed) a ConfigError that says why ``what`` is refused."""
     if problem is not None:
         os.close(fd)
-        raise ConfigError(f"audit.path: {what} {problem}; refusing it", hint=hint)
+        raise ConfigError(f"{setting}: {what} {problem}; refusing it", hint=hint)
     return fd
 
 
-def _open_own_file(folder_fd: int, path: Path, flags: int) -> int:
+def open_own_file(
+    folder_fd: int, path: Path, flags: int, setting: str = "audit.path", *, error: type[AgentError] = AuditError
+) -> int:
     """Open ``path`` (in the folder ``folder_fd``) without following a symlink, and only if it is a regular file of
     ours: never a file planted by another user, whose mode we will not touch. Narrowed to 0600 when readable by
     others."""
@@ -225,14 +232,15 @@ def _open_own_file(folder_fd: int, path: Path, flags: int) -> int:
         fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ConfigError(f"audit.path: {path} is a symlink; refusing to follow it") from None
-        raise AuditError(f"audit.path: cannot open {path}: {exc.strerror}") from None
+            raise ConfigError(f"{setting}: {path} is a symlink; refusing to follow it") from None
+        raise error(f"{setting}: cannot open {path}: {exc.strerror}") from None
     try:
         problem = _narrow_own_file(fd)
     except OSError as exc:
         os.close(fd)
-        raise AuditError(f"audit.path: cannot check {path}: {exc.strerror}") from None
-    return _kept_if_ours(fd, problem, str(path), "move it aside and look at it: the agent only writes its own files")
+        raise error(f"{setting}: cannot check {path}: {exc.strerror}") from None
+    hint = "move it aside and look at it: the agent only writes its own files"
+    return _kept_if_ours(fd, problem, str(path), hint, setting)
 
 
 def _narrow_own_file(fd: int) -> str | None:
@@ -264,7 +272,7 @@ class AuditLock:
 
     @classmethod
     def acquire(cls, folder_fd: int, path: Path, *, log: Path) -> AuditLock:
-        fd = _open_own_file(folder_fd, path, os.O_RDWR | os.O_CREAT)
+        fd = open_own_file(folder_fd, path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -411,7 +419,7 @@ class FileAuditSink:
         return sink
 
     def _open_sync(self, lock: bool) -> None:
-        folder_fd = _open_folder(self.path.parent)
+        folder_fd = open_own_folder(self.path.parent)
         try:
             if lock:
                 self._file_lock = AuditLock.acquire(folder_fd, self.lock_path, log=self.path)
@@ -427,7 +435,7 @@ class FileAuditSink:
 
     def _open_live(self, folder_fd: int) -> None:
         """Open the file at the path and continue its chain from its last record."""
-        fd = _open_own_file(folder_fd, self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        fd = open_own_file(folder_fd, self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             st = os.fstat(fd)
             if st.st_nlink > 1:
@@ -475,7 +483,7 @@ class FileAuditSink:
 
     def _reopen_sync(self) -> None:
         with self._thread_lock:
-            folder_fd = _open_folder(self.path.parent)
+            folder_fd = open_own_folder(self.path.parent)
             try:
                 if self._file_lock is not None and not self._file_lock.held():
                     self._file_lock.release()
@@ -755,7 +763,7 @@ class FileAuditSink:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
         old = f"{self.path.name}.{stamp}-{self._seq}"
         try:
-            folder_fd = _open_folder(self.path.parent)
+            folder_fd = open_own_folder(self.path.parent)
         except AgentError as exc:
             raise AuditError(f"cannot rotate the audit log {self.path}: {exc.message}") from None
         try:

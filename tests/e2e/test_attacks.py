@@ -18,12 +18,14 @@ import pytest
 
 from signing_agent.client import AgentClient
 from tests.support.agent import DaemonProcess, daemon, file_identity, write_toml
+from tests.support.hostile_ccf import HostileCCF, hostile_ccf, json_answer
 from tests.support.pki import Member, make_member
 from tests.support.prereq import missing
 
 pytestmark = pytest.mark.e2e
 
 NOBODY = 65534
+PROPOSAL = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +140,86 @@ def test_an_error_quoting_a_huge_value_is_not_logged_whole(workdir: Path, member
     for line in grown.splitlines():
         assert len(line) < 4096, line[:300]
         json.loads(line)  # still one JSON line each
+
+
+# --- Files the agent trusts are really its own: the recovery state file ----------------------------------------------
+
+PLANT = r"""
+import sys
+open(sys.argv[1], "w").write(sys.argv[2])
+"""
+
+
+def planted_state(configured_pem: bytes, attacker_pem: bytes) -> str:
+    """A recovery state file that says the service's identity was adopted after a recovery: the attacker's. The
+    configured certificate's fingerprint is public, so the agent finds nothing amiss."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    fingerprint = x509.load_pem_x509_certificate(configured_pem).fingerprint(hashes.SHA256()).hex()
+    adopted = {"certificate": attacker_pem.decode(), "sha256": "0" * 64, "configured_sha256": fingerprint}
+    return json.dumps({"version": 1, "submissions": {}, "adopted_identity": adopted})
+
+
+@contextlib.contextmanager
+def agent_with_state_dir(workdir: Path, member: Member, state: Path) -> Iterator[tuple[Path, HostileCCF]]:
+    """A service at a hostile endpoint whose certificate the agent does not pin (it pins an unrelated one), and
+    recovery state in ``state``. Yields the configuration file and the endpoint; the daemon is started by the test."""
+    with hostile_ccf(workdir) as ccf:
+        key, cert = member.write(workdir / "keys")
+        _, configured = make_member("real-service", "secp256r1").write(workdir / "service")
+        cfg = write_toml(
+            workdir / "agent.toml",
+            {
+                "agent": {"socket": workdir / "run" / "a.sock"},
+                "audit": {"path": workdir / "audit" / "audit.jsonl"},
+                **file_identity("m0", cert, key),
+                "services.default": {"url": ccf.url, "service_certificate": configured},
+                "recovery": {"state_dir": state},
+            },
+        )
+        yield cfg, ccf
+
+
+@pytest.mark.parametrize("weakness", ["world-writable", "owned by another user", "a symlink to theirs"])
+def test_a_planted_recovery_state_file_does_not_repin_the_service(workdir: Path, member: Member, weakness: str) -> None:
+    """Another user who can write the recovery state folder plants ``recovery-default.json`` naming their own
+    certificate as the identity adopted after a recovery. The agent used to re-pin the service to it at start-up,
+    without an audit record, and then sent signed governance to whoever held that certificate. Now the agent
+    refuses a state folder (or file) that is not its own (audited `recovery_state_refused`) and stays pinned to the
+    configured certificate."""
+    if os.getuid() != 0:
+        missing("planting a file as another uid needs root")
+    workdir.chmod(0o755)
+    theirs = workdir / "theirs"
+    state = workdir / "state"
+    if weakness == "world-writable":
+        state.mkdir(mode=0o700)
+        state.chmod(0o1777)  # sticky like /tmp: nobody's file stays nobody's
+        planted_in = state
+    elif weakness == "owned by another user":
+        state.mkdir(mode=0o700)
+        os.chown(state, NOBODY, 0)
+        planted_in = state
+    else:
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, NOBODY, 0)
+        state.symlink_to(theirs)
+        planted_in = theirs
+    with agent_with_state_dir(workdir, member, state) as (cfg, ccf):
+        content = planted_state((workdir / "service" / "real-service_cert.pem").read_bytes(), ccf.ca.cert_pem.bytes())
+        as_uid(NOBODY, PLANT, str(planted_in / "recovery-default.json"), content)
+        ccf.answer("POST", r"proposals:create$", json_answer({"proposalId": "ab" * 32, "proposalState": "Open"}))
+        with daemon(cfg) as proc:
+            resp = AgentClient(proc.socket, timeout=60).request(
+                "POST", "/v1/services/default/proposals", {"identity": "m0", "proposal": PROPOSAL}
+            )
+            stderr = proc.stderr
+    # The agent keeps serving, pinned to the configured certificate: the endpoint is not trusted, nothing is sent.
+    assert resp.status == 502, resp.body
+    assert ccf.seen("POST") == []
+    records = [json.loads(line) for line in (workdir / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    refused = [r for r in records if r["event"] == "recovery_state_refused"]
+    assert refused, [r["event"] for r in records]
+    assert all(r["event"] != "identity_adopted" for r in records)
+    assert "Traceback" not in stderr
