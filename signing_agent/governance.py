@@ -355,12 +355,13 @@ class GovernanceService:
         if actions.ok:
             try:
                 body["actions"] = json.loads(actions.raw).get("actions")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 body["actions"] = actions.raw.decode("utf-8", "replace")
         ballots: dict[str, str] = {}
         members = await client.get("/gov/service/members")
         if members.ok and isinstance(members.body, dict):
-            for member in members.body.get("value", []):
+            listed = members.body.get("value")
+            for member in listed if isinstance(listed, list) else []:
                 mid = member.get("memberId") if isinstance(member, dict) else None
                 if not isinstance(mid, str):
                     continue

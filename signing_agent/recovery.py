@@ -121,7 +121,7 @@ async def _transition_from(client: CCFClient, proposal_id: str, previous: set[by
     got = await client.get(f"/gov/members/proposals/{proposal_id}/actions", max_attempts=1)
     try:
         actions = json.loads(got.raw).get("actions") if got.ok else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         actions = None
     for action in actions if isinstance(actions, list) else []:
         if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
@@ -260,7 +260,7 @@ class RecoveryStateStore:
             return empty
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ConfigError(f"recovery.state_dir: {self.path} is not JSON; move it aside") from None
         if not isinstance(data, dict) or not isinstance(data.get("submissions"), dict):
             raise ConfigError(f"recovery.state_dir: {self.path} is not a recovery state file; move it aside")

@@ -378,7 +378,7 @@ def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int) -> CCFResp
     if content_type == "application/json" and raw:
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python parses: not JSON to us, never a 500
             body = raw
     elif content_type.startswith("text/"):
         body = raw.decode("utf-8", "replace")
@@ -429,7 +429,10 @@ async def _get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what
         session.get(url, allow_redirects=False) as resp,
     ):
         raw = await read_answer(resp, config, what)
-    return resp.status, json.loads(raw) if raw.strip() else None
+    try:
+        return resp.status, json.loads(raw) if raw.strip() else None
+    except RecursionError:
+        raise ValueError(f"{what} answered JSON nested too deeply") from None
 
 
 def _read_cert(path: Path, where: str) -> bytes:

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from signing_agent.client import AgentClient
 from tests.support.agent import DaemonProcess, daemon, file_identity, write_toml
-from tests.support.hostile_ccf import HostileCCF, hostile_ccf, json_answer
+from tests.support.hostile_ccf import Answer, HostileCCF, hostile_ccf, json_answer
 from tests.support.pki import Member, make_member
 from tests.support.prereq import missing
 
@@ -223,3 +224,47 @@ def test_a_planted_recovery_state_file_does_not_repin_the_service(workdir: Path,
     assert refused, [r["event"] for r in records]
     assert all(r["event"] != "identity_adopted" for r in records)
     assert "Traceback" not in stderr
+
+
+# --- Bad input never gets a 500: a pinned service's answer nested too deeply for Python's json -----------------------
+
+DEEP = b"[" * 200_000 + b"]" * 200_000  # 400 KB, well under max_response_bytes
+
+
+def deep_json() -> Answer:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=DEEP, content_type="application/json")
+
+    return answer
+
+
+def test_a_deeply_nested_answer_from_the_service_is_not_a_500(workdir: Path, member: Member) -> None:
+    """A pinned service (compromised, or a node with a bug) answers JSON nested deeper than Python's recursion
+    limit. Parsing it raised RecursionError, which no one caught: a 500 with a traceback for reads, health and the
+    member's status, and a traceback per poll in the recovery watcher."""
+    with hostile_ccf(workdir) as ccf:
+        key, cert = member.write(workdir / "keys")
+        cfg = write_toml(
+            workdir / "agent.toml",
+            {
+                "agent": {"socket": workdir / "run" / "a.sock"},
+                "audit": {"path": workdir / "audit" / "audit.jsonl"},
+                **file_identity("m0", cert, key),
+                "services.default": {"url": ccf.url, "service_certificate": ccf.service_cert},
+            },
+        )
+        for path in (r"^/gov/", r"^/node/"):
+            ccf.answer("GET", path, deep_json())
+        with daemon(cfg) as proc:
+            client = AgentClient(proc.socket, timeout=60)
+            for route in (
+                "/v1/services/default/proposals",
+                f"/v1/services/default/proposals/{'ab' * 32}",
+                "/v1/services/default/status",
+                "/v1/health",
+            ):
+                resp = client.request("GET", route)
+                assert resp.status != 500, (route, resp.body[:300])
+            stderr = proc.stderr
+    assert "Traceback" not in stderr
+    assert "RecursionError" not in stderr
