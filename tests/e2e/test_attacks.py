@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from signing_agent.client import AgentClient
+from tests.e2e.test_peer_limits import NOBODY, agent_with_limits, system_python
 from tests.support.agent import DaemonProcess, daemon, file_identity, write_toml
 from tests.support.hostile_ccf import Answer, HostileCCF, hostile_ccf, json_answer
 from tests.support.pki import Member, make_member
@@ -25,20 +27,12 @@ from tests.support.prereq import missing
 
 pytestmark = pytest.mark.e2e
 
-NOBODY = 65534
 PROPOSAL = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
 
 
 @pytest.fixture(scope="module")
 def member() -> Member:
     return make_member("m0", "secp256r1")
-
-
-def system_python() -> str:
-    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
-    if python is None:
-        missing("a system python3 that another uid can run")
-    return python
 
 
 def as_uid(uid: int, code: str, *args: str) -> str:
@@ -62,23 +56,9 @@ def as_uid(uid: int, code: str, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def shared_agent(workdir: Path, member: Member, **agent: Any) -> Iterator[DaemonProcess]:
+def shared_agent(workdir: Path, member: Member) -> Iterator[DaemonProcess]:
     """The daemon on a 0660 socket that nobody (gid root) can reach; no rule admits nobody."""
-    if os.getuid() != 0:
-        missing("switching to another uid needs root")
-    workdir.chmod(0o750)
-    run = workdir / "run"
-    run.mkdir(mode=0o750)
-    key, cert = member.write(workdir / "keys")
-    cfg = write_toml(
-        workdir / "agent.toml",
-        {
-            "agent": {"socket": run / "a.sock", "socket_mode": "0660", **agent},
-            "audit": {"path": workdir / "audit" / "audit.jsonl"},
-            **file_identity("m0", cert, key),
-        },
-    )
-    with daemon(cfg) as proc:
+    with agent_with_limits(workdir, member, resource.getrlimit(resource.RLIMIT_NOFILE)) as proc:
         yield proc
 
 
