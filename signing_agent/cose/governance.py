@@ -118,7 +118,10 @@ def summarise_payload(msg_type: MsgType, payload: bytes) -> PayloadSummary:
             # The share itself is secret: the summary carries only the payload's digest.
             return PayloadSummary(sha256=digest)
         case MsgType.WITHDRAWAL | MsgType.STATE_DIGEST:
-            # CCF ignores these payloads; the reference tools send them empty.
+            # CCF ignores these payloads; the reference tools send them empty. Anything else must still be strict
+            # JSON: the agent signs no arbitrary bytes under a governance header.
+            if payload:
+                strict_json.loads(payload, f"a {msg_type} payload")
             return PayloadSummary(sha256=digest)
 
 

@@ -272,6 +272,18 @@ async def test_exact_payload_bytes_ccf_would_refuse_are_never_signed(agent: Path
     assert not [r for r in audit_of(agent) if r["event"] == "signed"]
 
 
+@pytest.mark.parametrize("msg_type", ["withdrawal", "state_digest"])
+async def test_a_payload_ccf_ignores_is_empty_or_strict_json_never_arbitrary_bytes(agent: Path, msg_type: str) -> None:
+    """CCF ignores withdrawal and state-digest payloads, so the agent would otherwise sign any bytes under them."""
+    extra = {"proposal_id": "ab" * 32} if msg_type == "withdrawal" else {}
+    for payload, status in ((b"\x00\xffnot json", 400), (b'{"a":NaN}', 400), (b"", 200), (b"{}", 200)):
+        body = {"identity": "m0", "msg_type": msg_type, "payload_base64": base64.b64encode(payload).decode(), **extra}
+        got, _, raw = await call(agent, "POST", "/v1/sign", body)
+        assert got == status, (payload, raw)
+    signed = [r for r in audit_of(agent) if r["event"] == "signed"]
+    assert len(signed) == 2
+
+
 async def test_a_content_length_over_the_limit_is_refused_before_the_body_arrives(agent: Path) -> None:
     """413 at once, from the head alone: not a 408 after agent.body_timeout (30 s) of waiting for the body."""
     reply = await raw_exchange(agent, b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{")
