@@ -227,7 +227,7 @@ async def test_reconnects_after_session_loss(p11_token: TokenInfo, registry: PKC
 
 
 async def test_persistent_loss_is_retryable_unavailable(
-    p11_token: TokenInfo, registry: PKCS11Registry, monkeypatch: pytest.MonkeyPatch
+    p11_token: TokenInfo, registry: PKCS11Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = generate_ec(p11_token)
     signer = registry.signing_key(p11_token.key_config(key.label), name="m0.signing_key")
@@ -243,8 +243,27 @@ async def test_persistent_loss_is_retryable_unavailable(
     with pytest.raises(BackendUnavailableError, match=r"m0\.signing_key: token .* is unavailable") as info:
         await signer.sign_digest(ES384, bytes(48))
     assert info.value.retryable
-    assert calls == 2
+    assert calls == 3  # as it was, on a fresh session, and after the module was initialised again
     assert not isinstance(info.value.__cause__, pkcs11.exceptions.PKCS11Error)
+    [status] = registry.status()
+    assert (status.available, status.connected, status.error) == (False, False, "DeviceRemoved")
+
+    # While unavailable, calls fail at once: the module is not touched, nothing more is logged.
+    logged = len(caplog.records)
+    for _ in range(5):
+        with pytest.raises(BackendUnavailableError, match=rf"token '{p11_token.token_label}' is unavailable since"):
+            await signer.sign_digest(ES384, bytes(48))
+    assert calls == 3
+    assert len(caplog.records) == logged
+
+    # SIGHUP (reset) lets the next call try at once; when the token answers again the outage is over.
+    monkeypatch.undo()
+    await registry.reset()
+    digest = ES384.digest(b"back")
+    verify_digest(key.public_key, ES384, digest, await signer.sign_digest(ES384, digest))
+    [status] = registry.status()
+    assert (status.available, status.connected, status.error) == (True, True, None)
+    assert "is available again" in caplog.records[-1].getMessage()
 
 
 @pytest.mark.nss
