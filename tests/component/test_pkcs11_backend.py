@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from signing_agent.algorithms import ES256, ES384, ES512, SignatureAlgorithm, verify_digest
 from signing_agent.backends.pkcs11 import (
     DECRYPTION_FAILED,
+    PKCS11DecryptionKey,
     PKCS11Registry,
     PKCS11SigningKey,
     oaep_sha256_decode,
@@ -324,6 +325,28 @@ async def test_softhsm_host_oaep(softhsm: object, registry: PKCS11Registry) -> N
         assert type(info.value) is BackendError
         messages.add(info.value.diagnostics())
     assert messages == {DECRYPTION_FAILED}
+
+
+@pytest.mark.softhsm
+async def test_a_request_the_token_refuses_does_not_take_the_token_down(
+    softhsm: object, registry: PKCS11Registry
+) -> None:
+    """SoftHSM2 answers CKR_GENERAL_ERROR, the error tpm2-pkcs11 gives for a lost TPM, to a raw RSA input above
+    the modulus. Reaching the token with one (the host-side check bypassed) must fail that request only: no
+    reconnection, no re-initialised module, no outage for the token's other keys."""
+    token: TokenInfo = softhsm.tokens["agent-b"]  # type: ignore[attr-defined]
+    host_key = pki.make_rsa_key()
+    key = import_rsa(token, host_key)
+    dec = registry.decryption_key(token.key_config(key.label, oaep="host"), name="identities.m0.encryption_key")
+    assert isinstance(dec, PKCS11DecryptionKey)
+    await dec.describe()
+    too_big = (host_key.public_key().public_numbers().n + 1).to_bytes(256, "big")
+    with pytest.raises(BackendError) as info:
+        await dec._conn.run(lambda s: dec._raw_rsa_sync(s, too_big), where="identities.m0.encryption_key")
+    assert type(info.value) is BackendError
+    assert info.value.message == DECRYPTION_FAILED
+    [status] = registry.status()
+    assert (status.available, status.connected, status.reconnects, status.logins) == (True, True, 0, 1)
 
 
 def test_oaep_decoder_matches_cryptography() -> None:
