@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import difflib
 import hashlib
 import hmac
 import logging
@@ -445,6 +446,32 @@ def _ec_public_key(params: bytes, point: bytes, *, where: str) -> ec.EllipticCur
         raise KeyNotFoundError(f"{where}: CKA_EC_POINT is not a point on {curve_name}: {exc}") from None
 
 
+def describe_private_keys(session: Any, *, near: str | None = None, limit: int = 12) -> str:
+    """What the token holds, for error messages: ``'m0' (id 01a2, EC), 'm0-enc' (id 01a3, RSA)``.
+
+    With ``near`` (the label asked for), the closest labels come first, so a typo shows next to its key even in
+    a token with hundreds of keys.
+    """
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    names = {p11.KeyType.EC: "EC", p11.KeyType.RSA: "RSA"}
+    keys: list[tuple[str, str]] = []
+    try:
+        for obj in session.get_objects({a.CLASS: p11.ObjectClass.PRIVATE_KEY}):
+            label, key_id = str(obj[a.LABEL] or ""), bytes(obj[a.ID] or b"")
+            keys.append((label, f"{label!r} (id {key_id.hex() or '-'}, {names.get(obj[a.KEY_TYPE], 'other')})"))
+    except p11.exceptions.PKCS11Error as exc:
+        return f"its private keys cannot be listed ({describe_error(exc)})"
+    if not keys:
+        return "the token shows no private key to this login"
+    if near is not None:
+        keys.sort(key=lambda k: (-difflib.SequenceMatcher(None, near, k[0]).ratio(), k[1]))
+    else:
+        keys.sort()
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "its private keys: " + ", ".join(text for _, text in keys[:limit]) + more
+
+
 def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, key_type: Any, where: str) -> Any:
     """The one private key of ``key_type`` with this label and/or id, else ``KeyNotFoundError``."""
     p11 = require_pkcs11()
@@ -463,8 +490,9 @@ def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, k
     kind = "EC" if key_type == p11.KeyType.EC else "RSA"
     if not found:
         raise KeyNotFoundError(
-            f"{where}: no {kind} private key with {what} in the token",
-            hint="list the token's keys with `signing-agent keys list`",
+            f"{where}: no {kind} private key with {what} in the token; {describe_private_keys(session, near=label)}",
+            hint="check key_label and key_id (`signing-agent keys list` shows them), and that the PIN is for the "
+            "token that holds the key",
         )
     if len(found) > 1:
         raise KeyNotFoundError(

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import ES256, ES384, ES512, SignatureAlgorithm, verify_digest
+from signing_agent.backends._p11init import load_module
 from signing_agent.backends.pkcs11 import (
     DECRYPTION_FAILED,
     PKCS11DecryptionKey,
@@ -109,6 +110,33 @@ async def test_unknown_key(p11_token: TokenInfo, registry: PKCS11Registry) -> No
     wrong_type = registry.signing_key(p11_token.key_config(rsa_key.label), name="m1.signing_key")
     with pytest.raises(KeyNotFoundError, match="no EC private key"):
         await wrong_type.describe()
+
+
+async def test_a_missing_key_or_token_is_named_with_what_exists(p11_token: TokenInfo, registry: PKCS11Registry) -> None:
+    key = generate_ec(p11_token)
+    typo = key.label[:-1] + ("0" if key.label[-1] != "0" else "1")
+    signer = registry.signing_key(p11_token.key_config(typo), name="identities.m0.signing_key")
+    with pytest.raises(KeyNotFoundError) as info:
+        await signer.describe()
+    # The private keys the token holds (label, id, type), the closest to the label asked for first.
+    assert f"its private keys: {key.label!r} (id {key.key_id.hex()}, EC)" in info.value.message
+    assert "keys list" in info.value.diagnostics()
+
+    lib = load_module(p11_token.module, p11_token.init_params)
+    shown = [(s.slot_id, s.get_token()) for s in lib.get_slots(token_present=True)]
+    absent = registry.signing_key(p11_token.key_config("k", token_label="no-such-token"), name="m1.signing_key")
+    with pytest.raises(BackendUnavailableError) as unavailable:
+        await absent.describe()
+    message = unavailable.value.message
+    assert "no token labelled 'no-such-token'" in message
+    for slot_id, token in shown:  # every token the module shows: label, serial and slot
+        if token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+            serial = token.serial.decode().strip()
+            assert f"{token.label!r} (serial {serial or '-'}, slot {slot_id})" in message
+        else:
+            assert f"an uninitialised token (slot {slot_id})" in message
+    assert unavailable.value.hint is not None
+    assert unavailable.value.hint.endswith("and that this is the module that serves it")
 
 
 async def test_wrong_digest_or_algorithm(p11_token: TokenInfo, registry: PKCS11Registry) -> None:
