@@ -123,22 +123,26 @@ class HealthChecker:
             for name, reason in sorted(self.unavailable.items())
         ]
         all_identities = sorted([*identities, *failed], key=lambda c: str(c["name"]))
-        healthy = all(c["status"] == "ok" for c in [*all_identities, *services])
+        registry = self.stores.pkcs11 if self.stores is not None else None
+        tokens = registry.status() if registry is not None else ()
+        # A token the backend has found unavailable degrades health at once (it is live state, not a cached probe).
+        healthy = all(c["status"] == "ok" for c in [*all_identities, *services]) and all(t.available for t in tokens)
         report: dict[str, Any] = {
             "status": "ok" if healthy else "degraded",
             "identities": all_identities,
             "services": services,
         }
-        registry = self.stores.pkcs11 if self.stores is not None else None
         if registry is not None:
             report["pkcs11_tokens"] = [
                 {
                     "module": t.module,
                     "token_label": t.token_label,
+                    "status": "ok" if t.available else "unavailable",
                     "connected": t.connected,
                     "logins": t.logins,
                     "reconnects": t.reconnects,
+                    **({"error": t.error, "unavailable_since": t.unavailable_since} if not t.available else {}),
                 }
-                for t in registry.status()
+                for t in tokens
             ]
         return report

@@ -132,13 +132,18 @@ def daemon(
     env: Mapping[str, str] | None = None,
     timeout: float = 20.0,
     args: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
 ) -> Iterator[DaemonProcess]:
-    """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr."""
+    """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr.
+
+    ``wrapper`` prefixes the command (e.g. ``unshare --user ...`` for p11-kit's user configuration as root).
+    """
     ready = config_path.parent / f"ready-{time.monotonic_ns()}"
     stderr_path = config_path.parent / f"daemon-{time.monotonic_ns()}.stderr"
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "signing_agent",
