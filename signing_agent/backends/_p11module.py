@@ -236,6 +236,8 @@ class LoadedModule:
     lib: Any = None
     functions: Any = None
     initialised: bool = False
+    owned: bool = False
+    """Our ``C_Initialize`` is the one that took (not ``CKR_CRYPTOKI_ALREADY_INITIALIZED``): ours to finalise."""
     generation: int = 0
     """Bumped by every successful re-initialisation: sessions and handles of older generations are gone."""
     lock: SharedLock = field(default_factory=SharedLock)
@@ -265,6 +267,7 @@ class LoadedModule:
             )
         self.functions = functions
         self.initialised = True
+        self.owned = rv == CKR_OK
 
     @contextlib.contextmanager
     def use(self, where: str) -> Iterator[int]:
@@ -281,12 +284,16 @@ class LoadedModule:
         """``C_Finalize`` and ``C_Initialize`` again, unless someone already did since ``seen_generation``.
 
         Every session of every token on the module ends; their owners notice through ``generation``. Raises
-        ``BackendUnavailableError`` when the module does not initialise (the next attempt tries again).
+        ``BackendUnavailableError`` when the module does not initialise (the next attempt tries again). A module
+        that other code in this process initialised first (p11-kit, which loads the modules it proxies into this
+        process too) is not ours to finalise under it: then this does nothing.
         """
         with self.lock.exclusive():
             if self.generation != seen_generation and self.initialised:
                 return
             if self.initialised:
+                if not self.owned:
+                    return
                 self.functions.contents.C_Finalize(None)
                 self.initialised = False
             rv = self._initialize(self.functions)
@@ -295,7 +302,7 @@ class LoadedModule:
                     f"{where}: PKCS#11 module {self.real_path} did not initialise again: {ckr_name(rv)}",
                     hint=init_failure_hint(self.path, self.real_path, self.init_params, rv),
                 )
-            self.initialised = True
+            self.initialised, self.owned = True, rv == CKR_OK
             self.generation += 1
 
     def close_all_sessions(self, slot_id: int) -> None:

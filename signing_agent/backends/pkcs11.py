@@ -236,6 +236,7 @@ class _TokenConnection:
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pkcs11-{token_label or 'token'}")
+        self._module: _p11module.LoadedModule | None = None
         self._session: Any = None
         self._generation = 0
         self._seen = False
@@ -294,7 +295,7 @@ class _TokenConnection:
         reason = ""
         failed_generation = self._generation
         for step in range(3):
-            module = _p11module.open_module(self.module, self.init_params, allowed_dirs=self._allowed)
+            module = self._load()
             if step == 2:
                 try:
                     module.reinitialise(failed_generation, where=where)
@@ -314,6 +315,11 @@ class _TokenConnection:
                 if not recovering:
                     _logger.warning("%s: PKCS#11 session lost (%s); reopening and retrying", where, reason)
         raise _TokenDownError(reason, failed_generation)
+
+    def _load(self) -> _p11module.LoadedModule:
+        if self._module is None:
+            self._module = _p11module.open_module(self.module, self.init_params, allowed_dirs=self._allowed)
+        return self._module
 
     def _try(self, module: _p11module.LoadedModule, fn: Callable[[Any], T], where: str) -> T:
         p11exc = require_pkcs11().exceptions
@@ -388,7 +394,7 @@ class _TokenConnection:
             _p11init.close_session(session)
 
     def _drop_now(self) -> None:
-        module = _p11module.loaded(self.module)
+        module = self._module
         if module is None or self._session is None:
             self._forget()
             return
