@@ -4,7 +4,12 @@
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
-DEB_PACKAGES=(softhsm2 libnss3 libnss3-tools p11-kit p11-kit-modules systemd)  # systemd: systemd-analyze verify
+# Key stores for the PKCS#11 tests: SoftHSM2, NSS softoken, p11-kit's proxy, a software TPM behind tpm2-pkcs11
+# (swtpm, tpm2-abrmd on a private dbus-daemon, the tabrmd and swtpm TCTIs) and OpenSC's pkcs11-tool.
+# systemd: systemd-analyze verify.
+DEB_PACKAGES=(softhsm2 libnss3 libnss3-tools p11-kit p11-kit-modules
+              swtpm libtpm2-pkcs11-1 tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 dbus-daemon opensc
+              systemd)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

@@ -172,8 +172,10 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
             key,
             common_name=args.common_name or args.label,
         )
+        pkcs11_admin.store_certificate(target, key, cert)
         _write_new(cert_out, cert.public_bytes(serialization.Encoding.PEM))
-        print(f"created {args.curve} key {key.label!r} (id {key.key_id.hex()}) in the token", file=out)
+        print(f"created {args.curve} key {key.label!r} (id {key.key_id.hex()}) in the token, with its certificate",
+              file=out)  # fmt: skip
         print(f"wrote the member certificate to {cert_out}", file=out)
         enc_label = enc_id = None
         if args.encryption_key:
@@ -250,6 +252,9 @@ def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: Text
         imported = pkcs11_admin.import_ec_key(target, key, label=args.label, key_id=_key_id(args.id))
         pkcs11_admin.check_signs(target, imported)
         print(f"imported {args.key} as key {imported.label!r} (id {imported.key_id.hex()}); it signs", file=out)
+        if cert is not None:
+            pkcs11_admin.store_certificate(target, imported, cert)
+            print(f"stored the certificate {args.cert} in the token with the key", file=out)
         enc_label = enc_id = None
         if enc_key is not None:
             enc = pkcs11_admin.import_rsa_key(target, enc_key, label=f"{args.label}-enc")

@@ -137,23 +137,29 @@ class HealthChecker:
         ]
         all_identities = sorted([*identities, *failed], key=lambda c: str(c["name"]))
         audit = await self._audit()
-        healthy = all(c["status"] == "ok" for c in [*all_identities, *services, audit])
+        registry = self.stores.pkcs11 if self.stores is not None else None
+        tokens = registry.status() if registry is not None else ()
+        # A token the backend has found unavailable degrades health at once (it is live state, not a cached probe).
+        healthy = all(c["status"] == "ok" for c in [*all_identities, *services, audit]) and all(
+            t.available for t in tokens
+        )
         report: dict[str, Any] = {
             "status": "ok" if healthy else "degraded",
             "audit": audit,
             "identities": all_identities,
             "services": services,
         }
-        registry = self.stores.pkcs11 if self.stores is not None else None
         if registry is not None:
             report["pkcs11_tokens"] = [
                 {
                     "module": t.module,
                     "token_label": t.token_label,
+                    "status": "ok" if t.available else "unavailable",
                     "connected": t.connected,
                     "logins": t.logins,
                     "reconnects": t.reconnects,
+                    **({"error": t.error, "unavailable_since": t.unavailable_since} if not t.available else {}),
                 }
-                for t in registry.status()
+                for t in tokens
             ]
         return report

@@ -1,28 +1,22 @@
-"""Loading PKCS#11 modules safely: path checks, a thread-safe ``C_Initialize``, PIN sources, sessions.
+"""Using PKCS#11 modules safely: path checks, PIN sources, finding tokens, sessions, error classes.
 
 Owns everything the PKCS#11 backend (``pkcs11.py``) and the key tooling (``pkcs11_admin.py``) share below the
-level of keys: the ssh-agent style module path check, the ctypes pre-initialisation with ``CKF_OS_LOCKING_OK``
-(python-pkcs11 0.10.1 calls ``C_Initialize(NULL)``, which makes SoftHSM2 2.6.1 drop its mutexes and crash
-under threads, and cannot pass NSS softoken its init parameters), reading a PIN from a file or an environment
-variable, opening a logged-in session, and mapping PKCS#11 errors that mean "the session or the token went
-away".
+level of keys: the ssh-agent style module path check, reading a PIN from a file or an environment variable,
+finding a token by label (and saying which tokens exist when none matches), opening a logged-in session, and
+sorting PKCS#11 errors into "the session went away" and "the module or its device went away". Loading and
+initialising a module thread-safely is ``_p11module``'s job.
 
 Vendor imports (``pkcs11``) stay in ``signing_agent.backends``; nothing here may be imported outside it.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
-import gc
 import importlib
 import os
 import stat
-import sys
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +33,6 @@ def _optional_import(name: str) -> Any:
 
 # python-pkcs11 is an optional extra; typed as Any because its Cython objects are mostly untyped anyway.
 pkcs11: Any = _optional_import("pkcs11")
-_pkcs11_native: Any = _optional_import("pkcs11._pkcs11") if pkcs11 is not None else None
 p11exc: Any = pkcs11.exceptions if pkcs11 is not None else None
 
 INSTALL_HINT = "pip install 'signing-agent[pkcs11]'"
@@ -52,11 +45,6 @@ DEFAULT_MODULE_DIRS: tuple[str, ...] = (
     "/opt",
 )
 """Where a PKCS#11 module may live (after ``realpath``), like ssh-agent's default ``-P`` allowlist."""
-
-CKR_OK = 0x0
-CKR_ARGUMENTS_BAD = 0x7
-CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
-CKF_OS_LOCKING_OK = 0x2
 
 
 def require_pkcs11() -> Any:
@@ -100,177 +88,15 @@ def check_module_path(path: str | os.PathLike[str], *, allowed_dirs: Sequence[st
     return real
 
 
-# --- ctypes pre-initialisation ------------------------------------------------------------------------------
-
-
-class _InitArgs(ctypes.Structure):
-    """``CK_C_INITIALIZE_ARGS``, extended as NSS's ``CK_NSS_C_INITIALIZE_ARGS``.
-
-    NSS reads its ``LibraryParameters`` string where standard PKCS#11 has ``pReserved`` (which p11-kit calls
-    ``x-init-reserved``); the trailing pointer is NSS's own ``pReserved``, and other modules never read it.
-    """
-
-    _fields_ = (
-        ("CreateMutex", ctypes.c_void_p),
-        ("DestroyMutex", ctypes.c_void_p),
-        ("LockMutex", ctypes.c_void_p),
-        ("UnlockMutex", ctypes.c_void_p),
-        ("flags", ctypes.c_ulong),
-        ("pReserved", ctypes.c_char_p),
-        ("pReservedNSS", ctypes.c_void_p),
-    )
-
-
-_C_Initialize = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.POINTER(_InitArgs))
-_C_CloseAllSessions = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong)
-
-
-class _FunctionListPrefix(ctypes.Structure):
-    """The first entries of ``CK_FUNCTION_LIST`` (PKCS#11 2.40 order) that we call via ctypes."""
-
-    _fields_ = (
-        ("major", ctypes.c_ubyte),
-        ("minor", ctypes.c_ubyte),
-        ("C_Initialize", _C_Initialize),
-        *(
-            (name, ctypes.c_void_p)
-            for name in (
-                "C_Finalize",
-                "C_GetInfo",
-                "C_GetFunctionList",
-                "C_GetSlotList",
-                "C_GetSlotInfo",
-                "C_GetTokenInfo",
-                "C_GetMechanismList",
-                "C_GetMechanismInfo",
-                "C_InitToken",
-                "C_InitPIN",
-                "C_SetPIN",
-                "C_OpenSession",
-                "C_CloseSession",
-            )
-        ),
-        ("C_CloseAllSessions", _C_CloseAllSessions),
-    )
-
-
-@dataclass
-class _Module:
-    real_path: str
-    init_params: str | None
-    cdll: ctypes.CDLL
-    functions: Any  # ctypes pointer to _FunctionListPrefix
-    keepalive: list[Any] = field(default_factory=list)
-    lib: Any = None
-
-
-_modules: dict[str, _Module] = {}
-_modules_lock = threading.Lock()
-
-
-@atexit.register
-def _release_modules() -> None:
-    """Drop python-pkcs11's module objects while the interpreter is still whole.
-
-    Left to interpreter teardown, their deallocation runs when half of Python is already gone and prints
-    "Error in sys.excepthook" on the way out. (Worker threads are joined before atexit handlers run.)
-    """
-    p11 = sys.modules.get("pkcs11")
-    with _modules_lock:
-        for mod in _modules.values():
-            if p11 is not None:
-                p11._loaded.pop(mod.real_path, None)
-            mod.lib = None
-    gc.collect()
-
-
-def _preinitialise(real_path: str, init_params: str | None) -> _Module:
-    try:
-        cdll = ctypes.CDLL(real_path)
-    except OSError as exc:
-        raise ConfigError(f"PKCS#11 module {real_path}: cannot load it: {exc}") from None
-    try:
-        get_function_list = cdll.C_GetFunctionList
-    except AttributeError:
-        raise ConfigError(f"PKCS#11 module {real_path}: no C_GetFunctionList: not a PKCS#11 module") from None
-    get_function_list.restype = ctypes.c_ulong
-    get_function_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_FunctionListPrefix)),)
-    functions = ctypes.POINTER(_FunctionListPrefix)()
-    rv = get_function_list(ctypes.byref(functions))
-    if rv != CKR_OK:
-        raise ConfigError(f"PKCS#11 module {real_path}: C_GetFunctionList failed (CKR 0x{rv:08x})")
-    params = ctypes.create_string_buffer(init_params.encode()) if init_params is not None else None
-    args = _InitArgs(flags=CKF_OS_LOCKING_OK)
-    if params is not None:
-        args.pReserved = ctypes.cast(params, ctypes.c_char_p)
-    rv = functions.contents.C_Initialize(ctypes.byref(args))
-    if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
-        hint = None
-        if rv == CKR_ARGUMENTS_BAD and init_params is None:
-            hint = (
-                "this module needs init_params (NSS softoken: "
-                "\"configdir='sql:/path/to/db' certPrefix='' keyPrefix='' secmod='secmod.db' flags=\")"
-            )
-        raise ConfigError(f"PKCS#11 module {real_path}: C_Initialize failed (CKR 0x{rv:08x})", hint=hint)
-    # The module may keep pointers into the arguments; keep them alive as long as the process.
-    return _Module(real_path, init_params, cdll, functions, keepalive=[params, args])
+# --- modules -----------------------------------------------------------------------------------------------
 
 
 def load_module(path: str | os.PathLike[str], init_params: str | None = None, *, check: bool = True,
                 allowed_dirs: Sequence[str] | None = DEFAULT_MODULE_DIRS) -> Any:  # fmt: skip
-    """The python-pkcs11 ``lib`` for a module, initialised once per process with ``CKF_OS_LOCKING_OK``.
+    """The python-pkcs11 ``lib`` of a module, initialised once per process (see ``_p11module.open_module``)."""
+    from signing_agent.backends import _p11module  # imports this module: resolved at call time
 
-    Safe to call again for the same module (same init parameters); a different ``init_params`` for an already
-    initialised module is a ``ConfigError``, because a module is initialised once per process.
-    """
-    p11 = require_pkcs11()
-    real = check_module_path(path, allowed_dirs=allowed_dirs) if check else os.path.realpath(path)
-    with _modules_lock:
-        mod = _modules.get(real)
-        if mod is None:
-            mod = _preinitialise(real, init_params)
-            _modules[real] = mod
-        elif mod.init_params != init_params:
-            raise ConfigError(
-                f"PKCS#11 module {real} is already initialised with other init_params in this process",
-                hint="every key on one module must use the same init_params",
-            )
-        if mod.lib is None:
-            existing = p11._loaded.get(real)
-            if existing is not None and not isinstance(existing, PreInitialisedLib):  # pragma: no cover
-                raise ConfigError(f"PKCS#11 module {real} was loaded by other code without thread-safe locking")
-            if existing is None:
-                try:
-                    existing = PreInitialisedLib(real)
-                except p11exc.PKCS11Error as exc:
-                    raise ConfigError(f"PKCS#11 module {real}: {describe_error(exc)}") from None
-                # Anyone calling pkcs11.lib(path) later gets this instance instead of a C_Initialize(NULL).
-                p11._loaded[real] = existing
-            mod.lib = existing
-        return mod.lib
-
-
-if _pkcs11_native is not None:
-
-    class PreInitialisedLib(_pkcs11_native.lib):  # type: ignore[misc]  # subclassing Any (a Cython class)
-        """A python-pkcs11 ``lib`` whose module ctypes already initialised (thread-safe locking)."""
-
-        def initialize(self) -> None:
-            """Do nothing: ``_preinitialise`` called ``C_Initialize`` with ``CKF_OS_LOCKING_OK`` already."""
-
-else:  # pragma: no cover -- the extra is installed in every test environment
-    PreInitialisedLib = None  # type: ignore[misc,assignment]  # only without the extra
-
-
-def close_all_sessions(path: str | os.PathLike[str], slot_id: int) -> None:
-    """``C_CloseAllSessions`` on a slot of a loaded module. It also ends the login (tests, resets)."""
-    real = os.path.realpath(path)
-    mod = _modules.get(real)
-    if mod is None:
-        raise ConfigError(f"PKCS#11 module {real} is not loaded")
-    rv = mod.functions.contents.C_CloseAllSessions(slot_id)
-    if rv != CKR_OK:
-        raise BackendUnavailableError(f"C_CloseAllSessions on slot {slot_id} failed (CKR 0x{rv:08x})")
+    return _p11module.open_module(path, init_params, check=check, allowed_dirs=allowed_dirs).lib
 
 
 # --- PINs ---------------------------------------------------------------------------------------------------
@@ -329,21 +155,68 @@ def _read_pin_file(path: Path) -> str:
 # --- sessions and errors ------------------------------------------------------------------------------------
 
 
-def reconnectable_errors() -> tuple[type[BaseException], ...]:
-    """PKCS#11 errors after which a fresh session (and login) may succeed."""
+def session_errors() -> tuple[type[BaseException], ...]:
+    """PKCS#11 errors that mean this session (or its login, or a handle from it) is gone: open a fresh one."""
     require_pkcs11()
     return (
         p11exc.SessionHandleInvalid,
         p11exc.SessionClosed,
+        p11exc.UserNotLoggedIn,
+        p11exc.ObjectHandleInvalid,
+        p11exc.KeyHandleInvalid,
+        p11exc.OperationActive,
+    )
+
+
+def reconnectable_errors() -> tuple[type[BaseException], ...]:
+    """PKCS#11 errors after which a fresh session, or else a re-initialised module, may succeed.
+
+    Besides ``session_errors()``, these are what a module answers when its device went away (and maybe came
+    back): tpm2-pkcs11 says ``CKR_GENERAL_ERROR`` for every signature once its TPM connection broke, and only
+    ``C_Finalize``/``C_Initialize`` cures it. A module that is not initialised (python-pkcs11 raises the bare
+    ``PKCS11Error`` for ``CKR_CRYPTOKI_NOT_INITIALIZED``) is caught by ``is_reconnectable``.
+    """
+    require_pkcs11()
+    return (
+        *session_errors(),
         p11exc.DeviceRemoved,
         p11exc.TokenNotPresent,
         p11exc.TokenNotRecognised,
         p11exc.DeviceError,
-        p11exc.UserNotLoggedIn,
-        p11exc.ObjectHandleInvalid,
-        p11exc.KeyHandleInvalid,
+        p11exc.DeviceMemory,
+        p11exc.GeneralError,
+        p11exc.FunctionFailed,
         p11exc.SlotIDInvalid,
     )
+
+
+def is_reconnectable(exc: BaseException) -> bool:
+    """True for errors in ``reconnectable_errors()`` and for ``CKR_CRYPTOKI_NOT_INITIALIZED``."""
+    if isinstance(exc, reconnectable_errors()):
+        return True
+    return type(exc) is p11exc.PKCS11Error and "not initialized" in str(exc)
+
+
+def device_answers(session: Any) -> bool:
+    """Whether a neutral call on ``session`` (``C_GenerateRandom`` of 16 bytes) works.
+
+    Used before blaming the device for a ``CKR_GENERAL_ERROR``: SoftHSM2 answers that for a raw RSA input that is
+    not below the modulus, so a request alone could otherwise make the agent re-initialise the module and
+    declare the token unavailable (a hostile service could send such a ciphertext as a recovery share). A token
+    that cannot say (no random number generator) counts as answering: a refused request is then reported as
+    such, and the token stays in service.
+    """
+    try:
+        session.generate_random(128)
+    except p11exc.PKCS11Error as exc:
+        return not is_reconnectable(exc)
+    return True
+
+
+def refused_by_a_working_device(session: Any, exc: BaseException) -> bool:
+    """True when ``exc`` is a device-level error (not a lost session) but the device still answers: the request
+    was refused, and reconnecting would not help."""
+    return is_reconnectable(exc) and not isinstance(exc, session_errors()) and device_answers(session)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -354,23 +227,58 @@ def describe_error(exc: BaseException) -> str:
     return f"{name} ({detail.splitlines()[0][:120]})" if detail else name
 
 
+def _text(value: object) -> str:
+    raw = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return raw.strip().strip("\0").strip()
+
+
+def _initialised(token: Any) -> bool:
+    return bool(token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED)
+
+
+def describe_tokens(lib: Any, *, limit: int = 12) -> str:
+    """What the module shows: ``'agent-a' (serial 3a9c, slot 1868504089), ...``, for error messages."""
+    shown = []
+    try:
+        slots = lib.get_slots(token_present=True)
+    except p11exc.PKCS11Error as exc:
+        return f"the module cannot list its slots ({describe_error(exc)})"
+    for slot in slots:
+        try:
+            token = slot.get_token()
+        except p11exc.PKCS11Error:  # pragma: no cover -- a slot that went away between the two calls
+            continue
+        if _initialised(token):
+            shown.append(f"{token.label!r} (serial {_text(token.serial) or '-'}, slot {slot.slot_id})")
+        else:
+            shown.append(f"an uninitialised token (slot {slot.slot_id})")
+    if not shown:
+        return "the module shows no token"
+    more = f", and {len(shown) - limit} more" if len(shown) > limit else ""
+    return "the module shows " + ", ".join(shown[:limit]) + more
+
+
 def find_token(lib: Any, token_label: str | None, *, where: str) -> Any:
-    """The token with this label (or the only initialised one when no label is given)."""
+    """The token with this label (or the only initialised one when no label is given).
+
+    None found is ``BackendUnavailableError`` (a removable token may come back), and its message lists the
+    tokens the module does show (label, serial, slot), so a typo or the wrong module is plain to see.
+    """
     tokens = []
     for slot in lib.get_slots(token_present=True):
         try:
             token = slot.get_token()
         except p11exc.PKCS11Error:  # pragma: no cover -- a slot that went away between the two calls
             continue
-        if token_label is None or token.label == token_label:
+        if (token.label == token_label) if token_label is not None else _initialised(token):
             tokens.append(token)
-    if token_label is not None and not tokens:
-        raise BackendUnavailableError(
-            f"{where}: no token labelled {token_label!r} in {lib.so}",
-            hint="check token_label (tokens are found by label: slot ids change) and that the token is in",
-        )
     if not tokens:
-        raise BackendUnavailableError(f"{where}: no token present in {lib.so}")
+        what = f"no token labelled {token_label!r}" if token_label is not None else "no initialised token"
+        raise BackendUnavailableError(
+            f"{where}: {what} in {lib.so}; {describe_tokens(lib)}",
+            hint="check token_label (tokens are found by label, because slot ids change), that the token is "
+            "plugged in or its device reachable, and that this is the module that serves it",
+        )
     if len(tokens) > 1:
         raise ConfigError(
             f"{where}: {len(tokens)} tokens match in {lib.so}",

@@ -3,9 +3,9 @@
 Owns loaded modules and token connections (``PKCS11Registry``). Connections are keyed by (module realpath,
 init_params, token label), so every identity whose keys live in one token shares one session and one login.
 Each token has one dedicated worker thread (``ThreadPoolExecutor(max_workers=1)``) that makes every PKCS#11
-call, behind an ``asyncio.Lock`` (yubikey-agent's mutex): the event loop never blocks on the token. Modules
-are initialised through ctypes with ``CKF_OS_LOCKING_OK`` (and NSS-style init parameters) before python-pkcs11
-sees them; see ``_p11init``.
+call (yubikey-agent's mutex): the event loop never blocks on the token. Modules are initialised with
+``CKF_OS_LOCKING_OK`` (and NSS-style init parameters) on the function list python-pkcs11 uses; see
+``_p11module``.
 
 Key selection, from ``PKCS11KeyConfig`` and its optional RFC 7512 ``uri`` (parsed by ``pkcs11_uri``):
 
@@ -24,10 +24,13 @@ unless the key has ``oaep = "host"``, which uses raw RSA (CKM_RSA_X_509) in the 
 host (opt-in, because a host-side decoder is a potential padding oracle: it reports one uniform error for
 every failure).
 
-A lost session or token (``SessionHandleInvalid``, ``DeviceRemoved``, ``UserNotLoggedIn`` ...) drops the
-session and its cached handles; the operation is retried once on a fresh session and login, and then fails
-with the retryable ``BackendUnavailableError``. A rejected PIN is not retried (repeated failures can lock a
-token) until ``reset()``.
+A lost session, token or device (``SessionHandleInvalid``, ``DeviceRemoved``, ``UserNotLoggedIn``,
+tpm2-pkcs11's ``GeneralError`` ...) drops the session and its cached handles; the operation is retried on a
+fresh session and login, then once more after the module was finalised and initialised again, and then fails
+with the retryable ``BackendUnavailableError`` (503). The token is then *unavailable*: calls fail at once
+without touching the module until the next reconnection attempt, at most one per ``RETRY_SECONDS`` (one log
+line each), and the first call that succeeds ends the outage. A rejected PIN is not retried (repeated
+failures can lock a token) until ``reset()``.
 
 ``pkcs11`` and ``asn1crypto`` are imported here and in ``_p11init``/``pkcs11_admin`` only, and their
 exceptions never leave this package: they are wrapped into ``signing_agent.errors``.
@@ -36,9 +39,12 @@ exceptions never leave this package: they are wrapped into ``signing_agent.error
 from __future__ import annotations
 
 import asyncio
+import datetime
+import difflib
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +53,7 @@ from typing import Any, Literal, TypeVar
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, for_curve
-from signing_agent.backends import _p11init
+from signing_agent.backends import _p11init, _p11module
 from signing_agent.backends._p11init import (
     DEFAULT_MODULE_DIRS,
     PinSource,
@@ -170,6 +176,39 @@ class TokenStatus:
     logins: int
     """How many times a session was opened and logged in (1 plus one per reconnect)."""
     reconnects: int
+    available: bool = True
+    """False from a failed reconnection until a call succeeds again."""
+    unavailable_since: float | None = None
+    """Wall-clock time (``time.time()``) the outage began."""
+    error: str | None = None
+    """Why the token is unavailable (a PKCS#11 error name or the missing token), never a secret."""
+
+
+RETRY_SECONDS = 5.0
+"""While a token is unavailable, calls fail at once and the agent tries to reconnect at most this often."""
+
+
+@dataclass
+class _Outage:
+    since: float
+    """Wall clock, for people."""
+    reason: str
+    retry_at: float
+    """Monotonic clock: no call touches the module before this."""
+    attempts: int = 1
+
+
+class _RetryableError(Exception):
+    """A call failed in a way a fresh session or a re-initialised module may cure (internal to the connection)."""
+
+    def __init__(self, reason: str, generation: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.generation = generation
+
+
+class _TokenDownError(_RetryableError):
+    """Neither a fresh session nor a re-initialised module helped (internal to the connection)."""
 
 
 class _TokenConnection:
@@ -178,17 +217,30 @@ class _TokenConnection:
     The single-thread executor is the mutex (yubikey-agent's): every PKCS#11 call for the token runs on it, in
     submission order. No asyncio lock on top: calls queue inside the executor, so the token is never idle while the
     event loop is busy with other requests (a lock would stall that pipeline between calls).
+
+    A failing call is retried on a fresh session and then, if that fails too, once more after the module was
+    finalised and initialised again (``_p11module.LoadedModule.reinitialise``): a TPM that restarted under
+    tpm2-pkcs11, or a token p11-kit lost, comes back that way without restarting the agent. If all three fail,
+    the token is *unavailable*: calls fail at once with ``BackendUnavailableError`` (503) without touching the
+    module, one call per ``retry_seconds`` tries again, and each try logs one line, not each request.
     """
 
     def __init__(self, module: str, init_params: str | None, token_label: str | None, pin: PinSource,
-                 allowed_module_dirs: tuple[str, ...] | None) -> None:  # fmt: skip
+                 allowed_module_dirs: tuple[str, ...] | None, *, retry_seconds: float = RETRY_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.module = module
         self.init_params = init_params
         self.token_label = token_label
         self.pin = pin
         self._allowed = allowed_module_dirs
+        self._retry_seconds = retry_seconds
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pkcs11-{token_label or 'token'}")
+        self._module: _p11module.LoadedModule | None = None
         self._session: Any = None
+        self._generation = 0
+        self._seen = False
+        self._outage: _Outage | None = None
         self.slot_id: int | None = None
         self.handles: dict[tuple[object, ...], Any] = {}
         self._refused: ConfigError | None = None
@@ -197,10 +249,20 @@ class _TokenConnection:
         self.reconnects = 0
 
     def status(self) -> TokenStatus:
-        return TokenStatus(self.module, self.token_label, self._session is not None, self.logins, self.reconnects)
+        outage = self._outage
+        return TokenStatus(
+            self.module,
+            self.token_label,
+            self._session is not None,
+            self.logins,
+            self.reconnects,
+            available=outage is None,
+            unavailable_since=outage.since if outage is not None else None,
+            error=outage.reason if outage is not None else None,
+        )
 
     async def run(self, fn: Callable[[Any], T], *, where: str) -> T:
-        """Run ``fn(session)`` on the token's thread, reconnecting once if the session or token was lost."""
+        """Run ``fn(session)`` on the token's thread, reconnecting if the session, token or module was lost."""
         if self._closed:
             raise BackendUnavailableError(f"{where}: the PKCS#11 backend is closed")
         loop = asyncio.get_running_loop()
@@ -209,33 +271,104 @@ class _TokenConnection:
         return await loop.run_in_executor(self._executor, self._run_sync, fn, where)
 
     def _run_sync(self, fn: Callable[[Any], T], where: str) -> T:
-        p11exc = require_pkcs11().exceptions
-        reconnectable = _p11init.reconnectable_errors()
-        for attempt in (1, 2):
-            try:
-                return fn(self._ensure(where))
-            except reconnectable as exc:
-                self._drop()
-                if attempt == 2:
-                    raise BackendUnavailableError(
-                        f"{where}: token {self.token_label!r} is unavailable ({describe_error(exc)})",
-                        hint="check that the token is present and the HSM reachable; next calls reconnect",
-                    ) from None
-                _logger.warning(
-                    "%s: PKCS#11 session lost (%s); reopening and retrying once", where, describe_error(exc)
-                )
-                self.reconnects += 1
-            except p11exc.PKCS11Error as exc:
-                raise BackendError(f"{where}: the token failed: {describe_error(exc)}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        outage = self._outage
+        if outage is not None and self._clock() < outage.retry_at:
+            raise self._unavailable(where, outage)
+        try:
+            result = self._attempts(fn, where, recovering=outage is not None)
+        except _TokenDownError as down:
+            error = BackendUnavailableError(
+                f"{where}: token {self.token_label!r} is unavailable ({down.reason})",
+                hint="check that the token is present and its HSM or TPM reachable; the agent reconnects by itself",
+            )
+            self._record_outage(where, down.reason, error.message)
+            raise error from None
+        if outage is not None:
+            self._outage = None
+            _logger.warning(
+                "%s: token %r is available again after %.0f s", where, self.token_label, time.time() - outage.since
+            )
+        return result
 
-    def _ensure(self, where: str) -> Any:
+    def _attempts(self, fn: Callable[[Any], T], where: str, *, recovering: bool) -> T:
+        """``fn`` on the current session; else on a fresh session; else after re-initialising the module."""
+        reason = ""
+        failed_generation = self._generation
+        for step in range(3):
+            module = self._load()
+            if step == 2:
+                try:
+                    module.reinitialise(failed_generation, where=where)
+                except BackendUnavailableError as exc:
+                    reason = _without_prefix(exc.message, where)
+                    break
+            try:
+                return self._try(module, fn, where)
+            except _RetryableError as retry:
+                reason, failed_generation = retry.reason, retry.generation
+            except BackendUnavailableError as exc:  # the token is not there, or the module is not initialised
+                if not self._seen:
+                    raise
+                reason, failed_generation = _without_prefix(exc.message, where), module.generation
+            if step == 0:
+                self.reconnects += 1
+                if not recovering:
+                    _logger.warning("%s: PKCS#11 session lost (%s); reopening and retrying", where, reason)
+        raise _TokenDownError(reason, failed_generation)
+
+    def _load(self) -> _p11module.LoadedModule:
+        if self._module is None:
+            self._module = _p11module.open_module(self.module, self.init_params, allowed_dirs=self._allowed)
+        return self._module
+
+    def _try(self, module: _p11module.LoadedModule, fn: Callable[[Any], T], where: str) -> T:
+        p11exc = require_pkcs11().exceptions
+        with module.use(where) as generation:
+            if generation != self._generation:
+                self._forget()  # the module was initialised again: these handles belong to its former life
+                self._generation = generation
+            try:
+                return fn(self._ensure(module, where))
+            except p11exc.PKCS11Error as exc:
+                if not _p11init.is_reconnectable(exc):
+                    raise BackendError(f"{where}: the token failed: {describe_error(exc)}") from None
+                self._drop()
+                raise _RetryableError(describe_error(exc), generation) from None
+
+    def _unavailable(self, where: str, outage: _Outage) -> BackendUnavailableError:
+        since = datetime.datetime.fromtimestamp(outage.since, datetime.UTC).strftime("%H:%M:%SZ")
+        wait = max(0.0, outage.retry_at - self._clock())
+        return BackendUnavailableError(
+            f"{where}: token {self.token_label!r} is unavailable since {since} ({outage.reason}); the agent "
+            f"tries to reconnect in {wait:.0f} s",
+            hint="check that the token is present and its HSM or TPM reachable; SIGHUP makes the agent try at once",
+        )
+
+    def _record_outage(self, where: str, reason: str, message: str) -> None:
+        outage = self._outage
+        retry_at = self._clock() + self._retry_seconds
+        if outage is None:
+            self._outage = _Outage(since=time.time(), reason=reason, retry_at=retry_at)
+            _logger.warning("%s; calls fail at once, and the agent tries to reconnect every %g s", message,
+                            self._retry_seconds)  # fmt: skip
+            return
+        outage.reason, outage.retry_at = reason, retry_at
+        outage.attempts += 1
+        _logger.warning(
+            "%s: token %r is still unavailable after %d attempts in %.0f s (%s)",
+            where,
+            self.token_label,
+            outage.attempts,
+            time.time() - outage.since,
+            reason,
+        )
+
+    def _ensure(self, module: _p11module.LoadedModule, where: str) -> Any:
         if self._session is not None:
             return self._session
         if self._refused is not None:
             raise ConfigError(self._refused.message, hint=self._refused.hint)
-        lib = _p11init.load_module(self.module, self.init_params, allowed_dirs=self._allowed)
-        token = _p11init.find_token(lib, self.token_label, where=where)
+        token = _p11init.find_token(module.lib, self.token_label, where=where)
         try:
             session = _p11init.open_session(token, self.pin, rw=False, where=where)
         except ConfigError as exc:
@@ -243,27 +376,52 @@ class _TokenConnection:
                 self._refused = exc
             raise
         self._session = session
+        self._seen = True
         self.slot_id = token.slot.slot_id
         self.logins += 1
         return session
 
+    def _forget(self) -> None:
+        """Drop the session and handles without closing them (their module instance is gone)."""
+        self.handles.clear()
+        self._session = None
+
     def _drop(self) -> None:
+        """Close the session (python-pkcs11 logs out first if it logged in) and drop the cached handles."""
         self.handles.clear()
         session, self._session = self._session, None
         if session is not None:
             _p11init.close_session(session)
 
+    def _drop_now(self) -> None:
+        module = self._module
+        if module is None or self._session is None:
+            self._forget()
+            return
+        with module.lock.shared():
+            if module.generation != self._generation or not module.initialised:
+                self._forget()
+            else:
+                self._drop()
+
     async def reset(self) -> None:
-        """Drop the session (the next call reconnects) and forget a refused PIN (SIGHUP)."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+        """Drop the session (the next call reconnects), forget a refused PIN, and let an unavailable token be
+        tried at once (SIGHUP)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_now)
         self._refused = None
+        if self._outage is not None:
+            self._outage.retry_at = 0.0
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_now)
         self._executor.shutdown(wait=False)
+
+
+def _without_prefix(message: str, where: str) -> str:
+    return message.removeprefix(f"{where}: ")
 
 
 # --- keys ---------------------------------------------------------------------------------------------------
@@ -294,6 +452,32 @@ def _ec_public_key(params: bytes, point: bytes, *, where: str) -> ec.EllipticCur
         raise KeyNotFoundError(f"{where}: CKA_EC_POINT is not a point on {curve_name}: {exc}") from None
 
 
+def describe_private_keys(session: Any, *, near: str | None = None, limit: int = 12) -> str:
+    """What the token holds, for error messages: ``'m0' (id 01a2, EC), 'm0-enc' (id 01a3, RSA)``.
+
+    With ``near`` (the label asked for), the closest labels come first, so a typo shows next to its key even in
+    a token with hundreds of keys.
+    """
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    names = {p11.KeyType.EC: "EC", p11.KeyType.RSA: "RSA"}
+    keys: list[tuple[str, str]] = []
+    try:
+        for obj in session.get_objects({a.CLASS: p11.ObjectClass.PRIVATE_KEY}):
+            label, key_id = str(obj[a.LABEL] or ""), bytes(obj[a.ID] or b"")
+            keys.append((label, f"{label!r} (id {key_id.hex() or '-'}, {names.get(obj[a.KEY_TYPE], 'other')})"))
+    except p11.exceptions.PKCS11Error as exc:
+        return f"its private keys cannot be listed ({describe_error(exc)})"
+    if not keys:
+        return "the token shows no private key to this login"
+    if near is not None:
+        keys.sort(key=lambda k: (-difflib.SequenceMatcher(None, near, k[0]).ratio(), k[1]))
+    else:
+        keys.sort()
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "its private keys: " + ", ".join(text for _, text in keys[:limit]) + more
+
+
 def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, key_type: Any, where: str) -> Any:
     """The one private key of ``key_type`` with this label and/or id, else ``KeyNotFoundError``."""
     p11 = require_pkcs11()
@@ -312,8 +496,9 @@ def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, k
     kind = "EC" if key_type == p11.KeyType.EC else "RSA"
     if not found:
         raise KeyNotFoundError(
-            f"{where}: no {kind} private key with {what} in the token",
-            hint="list the token's keys with `signing-agent keys list`",
+            f"{where}: no {kind} private key with {what} in the token; {describe_private_keys(session, near=label)}",
+            hint="check key_label and key_id (`signing-agent keys list` shows them), and that the PIN is for the "
+            "token that holds the key",
         )
     if len(found) > 1:
         raise KeyNotFoundError(
@@ -461,7 +646,7 @@ class PKCS11SigningKey(_PKCS11Key):
         try:
             return bytes(key.sign(digest, mechanism=p11.Mechanism.ECDSA))
         except p11.exceptions.PKCS11Error as exc:
-            if isinstance(exc, _p11init.reconnectable_errors()):
+            if _p11init.is_reconnectable(exc) and not _p11init.refused_by_a_working_device(session, exc):
                 raise
             if isinstance(exc, p11.exceptions.MechanismInvalid | p11.exceptions.FunctionNotSupported):
                 raise UnsupportedOperationError(f"{self._name}: the token cannot sign with CKM_ECDSA") from None
@@ -476,9 +661,11 @@ class PKCS11DecryptionKey(_PKCS11Key):
         if not isinstance(info.public_key, rsa.RSAPublicKey):  # pragma: no cover -- the key type is filtered on
             raise UnsupportedOperationError(f"{self._name}: not an RSA key")
         k = (info.public_key.key_size + 7) // 8
+        # Not a ciphertext for this key: refused here, so the token never sees it (SoftHSM2 answers a raw RSA
+        # input above the modulus with CKR_GENERAL_ERROR, which looks like a failing device).
+        if len(ciphertext) != k or int.from_bytes(ciphertext, "big") >= info.public_key.public_numbers().n:
+            raise BackendError(DECRYPTION_FAILED)
         if self._sel.oaep == "host":
-            if len(ciphertext) != k:
-                raise BackendError(DECRYPTION_FAILED)
             em = await self._conn.run(lambda s: self._raw_rsa_sync(s, ciphertext), where=self._name)
             # Some tokens strip leading zero bytes from a raw RSA result; restore the fixed width.
             return oaep_sha256_decode(em.rjust(k, b"\0"), k)
@@ -497,7 +684,7 @@ class PKCS11DecryptionKey(_PKCS11Key):
                 )
             )
         except x.PKCS11Error as exc:
-            if isinstance(exc, _p11init.reconnectable_errors()):
+            if _p11init.is_reconnectable(exc) and not _p11init.refused_by_a_working_device(session, exc):
                 raise
             if isinstance(exc, x.ArgumentsBad | x.MechanismInvalid | x.MechanismParamInvalid | x.FunctionNotSupported):
                 raise UnsupportedOperationError(
@@ -515,7 +702,7 @@ class PKCS11DecryptionKey(_PKCS11Key):
         try:
             return bytes(key.decrypt(ciphertext, mechanism=p11.Mechanism.RSA_X_509))
         except x.PKCS11Error as exc:
-            if isinstance(exc, _p11init.reconnectable_errors()):
+            if _p11init.is_reconnectable(exc) and not _p11init.refused_by_a_working_device(session, exc):
                 raise
             if isinstance(exc, x.MechanismInvalid | x.FunctionNotSupported):
                 raise UnsupportedOperationError(
@@ -537,9 +724,11 @@ class PKCS11Registry:
     login).
     """
 
-    def __init__(self, *, allowed_module_dirs: tuple[str, ...] | None = DEFAULT_MODULE_DIRS) -> None:
+    def __init__(self, *, allowed_module_dirs: tuple[str, ...] | None = DEFAULT_MODULE_DIRS,
+                 retry_seconds: float = RETRY_SECONDS) -> None:  # fmt: skip
         require_pkcs11()
         self._allowed = allowed_module_dirs
+        self._retry_seconds = retry_seconds
         self._tokens: dict[tuple[str, str | None, str | None], _TokenConnection] = {}
 
     def _connection(self, sel: KeySelector, *, name: str) -> _TokenConnection:
@@ -552,7 +741,8 @@ class PKCS11Registry:
                     hint="a module is initialised once per process: give all its keys the same init_params",
                 )
         if conn is None:
-            conn = _TokenConnection(sel.module, sel.init_params, sel.token_label, sel.pin, self._allowed)
+            conn = _TokenConnection(sel.module, sel.init_params, sel.token_label, sel.pin, self._allowed,
+                                    retry_seconds=self._retry_seconds)  # fmt: skip
             self._tokens[key] = conn
         elif conn.pin != sel.pin:
             raise ConfigError(

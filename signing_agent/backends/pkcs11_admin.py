@@ -1,11 +1,16 @@
-"""Key management in PKCS#11 tokens: generate, import, list, delete member keys; self-signed member certs.
+"""Key management in PKCS#11 tokens: generate, import, list member keys; self-signed member certs.
 
 Owns what ``signing-agent keys`` does to a token (``cli_keys`` is only its argument parsing and printing).
 This is synchronous code for a command-line tool, not for the daemon's event loop. Keys are created
 non-extractable and sensitive; the member certificate (what CCF's ``keygenerator.sh`` makes: ``CN=<name>``,
 self-signed with the hash that matches the curve) is assembled with asn1crypto and its TBSCertificate is
-signed **by the token**, so the private key never leaves it. Module-specific template quirks live in
-``_template_quirks``.
+signed **by the token**, so the private key never leaves it.
+
+What standard tools expect (OpenSC's ``pkcs11-tool``, p11-kit, OpenSSL's pkcs11 provider, browsers): the
+private key, its public key object and its certificate object share one ``CKA_ID`` and carry the label asked
+for, so ``pkcs11-tool --id`` or a ``pkcs11:id=...`` URI finds all three. The key-pair templates set only
+what every module here accepts (SoftHSM2, NSS softoken, tpm2-pkcs11): NSS refuses ``CKA_ENCRYPT``/
+``CKA_DECRYPT`` on EC keys, so they are left out, and the module fills in its defaults.
 
 Vendor imports (``pkcs11``, ``asn1crypto``) stay in ``signing_agent.backends``; PKCS#11 exceptions are
 wrapped.
@@ -93,14 +98,6 @@ def admin_session(target: TokenTarget, *, rw: bool = True) -> Iterator[Any]:
         _p11init.close_session(session)
 
 
-def _template_quirks(manufacturer_id: str) -> dict[str, bool]:
-    """Key-generation template differences between modules (all verified in testing-real-components.md)."""
-    # NSS softoken rejects EC key-pair templates that set CKA_ENCRYPT/CKA_DECRYPT; SoftHSM2 does not care. We
-    # leave those attributes out for EC everywhere. tpm2-pkcs11 wants the full set
-    # (ENCRYPT/DECRYPT/SIGN/VERIFY) or its attribute check fails with CKR_GENERAL_ERROR.
-    return {"ec_encrypt_flags": "tpm2" in manufacturer_id.lower()}
-
-
 def _new_id(key_id: bytes | None) -> bytes:
     return key_id if key_id is not None else secrets.token_bytes(8)
 
@@ -144,15 +141,13 @@ def generate_ec_key(
     key_id = _new_id(key_id)
     with admin_session(target) as session:
         _refuse_duplicates(session, label=label, key_id=key_id)
-        quirks = _template_quirks(_lib_manufacturer(target))
-        enc: Any = True if quirks["ec_encrypt_flags"] else default
         public_template = {
             a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: False,
-            a.VERIFY: True, a.ENCRYPT: enc, a.WRAP: default, a.EC_PARAMS: _ec_params(curve),
+            a.VERIFY: True, a.ENCRYPT: default, a.WRAP: default, a.EC_PARAMS: _ec_params(curve),
         }  # fmt: skip
         private_template = {
             a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: True,
-            a.SENSITIVE: True, a.EXTRACTABLE: False, a.SIGN: True, a.DECRYPT: enc, a.UNWRAP: default,
+            a.SENSITIVE: True, a.EXTRACTABLE: False, a.SIGN: True, a.DECRYPT: default, a.UNWRAP: default,
             a.DERIVE: default,
         }  # fmt: skip
         _pub, priv = session.generate_keypair(
@@ -199,9 +194,19 @@ def generate_rsa_key(target: TokenTarget, *, label: str, key_id: bytes | None = 
     return TokenKey(label=label, key_id=key_id, key_type="RSA", public_key=public)
 
 
-def _lib_manufacturer(target: TokenTarget) -> str:
-    lib = _p11init.load_module(target.module, target.init_params)
-    return str(lib.manufacturer_id)
+@contextmanager
+def _import_refusal(label: str) -> Iterator[None]:
+    """A token that will not take a private key from outside says so with what to do instead."""
+    p11 = require_pkcs11()
+    try:
+        yield
+    except p11.exceptions.PKCS11Error as exc:
+        raise BackendError(
+            f"the token refused to import key {label!r} ({describe_error(exc)})",
+            hint="some tokens make private keys only inside (tpm2-pkcs11, many HSMs): create the member key there "
+            "with `signing-agent keys generate`, or use the token's own import tool (tpm2-pkcs11: tpm2_ptool "
+            "import)",
+        ) from None
 
 
 def import_ec_key(
@@ -214,7 +219,7 @@ def import_ec_key(
     key_id = _new_id(key_id)
     params = _ec_params(key.curve.name)
     d = key.private_numbers().private_value.to_bytes(alg.field_bytes, "big")
-    with admin_session(target) as session:
+    with admin_session(target) as session, _import_refusal(label):
         _refuse_duplicates(session, label=label, key_id=key_id)
         session.create_object({
             a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: True,
@@ -236,7 +241,7 @@ def import_rsa_key(target: TokenTarget, key: rsa.RSAPrivateKey, *, label: str, k
     key_id = _new_id(key_id)
     n = key.private_numbers()
     pub = n.public_numbers
-    with admin_session(target) as session:
+    with admin_session(target) as session, _import_refusal(label):
         _refuse_duplicates(session, label=label, key_id=key_id)
         session.create_object({
             a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: True,
@@ -326,6 +331,31 @@ def self_signed_certificate(
         raise IdentityError(f"the token's certificate signature does not verify: {exc}") from None
     der_to_raw(alg, signature)  # round-trip sanity: DER re-encodes to the same width
     return cert
+
+
+def store_certificate(target: TokenTarget, key: TokenKey, cert: x509.Certificate) -> None:
+    """Put the member certificate into the token next to its key: same ``CKA_ID`` and label, public.
+
+    Standard tools pair a key with its certificate that way (``pkcs11-tool --read-object --type cert --id``,
+    OpenSSL's pkcs11 provider, p11-kit's ``pkcs11:`` URIs). An existing certificate object with the key's id is
+    left alone, so running ``keys import`` again never duplicates it.
+    """
+    from asn1crypto import core
+
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    if cert.public_key() != key.public_key:
+        raise IdentityError(f"the certificate does not belong to key {key.label!r}")
+    with admin_session(target) as session:
+        existing = {a.CLASS: p11.ObjectClass.CERTIFICATE, a.ID: key.key_id}
+        if list(session.get_objects(existing)):
+            return
+        session.create_object({
+            a.CLASS: p11.ObjectClass.CERTIFICATE, a.CERTIFICATE_TYPE: p11.CertificateType.X_509, a.TOKEN: True,
+            a.PRIVATE: False, a.LABEL: key.label, a.ID: key.key_id, a.SUBJECT: cert.subject.public_bytes(),
+            a.ISSUER: cert.issuer.public_bytes(), a.SERIAL_NUMBER: bytes(core.Integer(cert.serial_number).dump()),
+            a.VALUE: cert.public_bytes(serialization.Encoding.DER),
+        })  # fmt: skip
 
 
 def list_keys(target: TokenTarget, *, certificates: Sequence[x509.Certificate] = ()) -> list[TokenKey]:

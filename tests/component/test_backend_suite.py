@@ -1,10 +1,11 @@
 """One suite for every key store (cryptography's ``backend`` parametrisation, STYLE 3.11).
 
-The same tests run against ``file`` (a PEM key), ``pkcs11-softhsm`` and ``pkcs11-nss`` (the session-scoped tokens of
-``tests.support.tokens``) and ``azure-keyvault`` (the HTTPS Key Vault double with the real Azure SDK and the real
-``ManagedIdentityCredential``). Keys are always opened through ``KeyStores`` from real config dataclasses, so the
-factory is exercised too. A case that does not apply to a backend is left out of its parametrisation in
-``NOT_APPLICABLE``, with the reason, and never skipped at run time.
+The same tests run against ``file`` (a PEM key), PKCS#11 tokens (the session-scoped tokens of
+``tests.support.tokens``: ``pkcs11-softhsm``, ``pkcs11-nss``, ``pkcs11-tpm`` (tpm2-pkcs11 on swtpm), and each of
+them again through p11-kit's proxy, ``pkcs11-*-p11kit``) and ``azure-keyvault`` (the HTTPS Key Vault double with
+the real Azure SDK and the real ``ManagedIdentityCredential``). Keys are always opened through ``KeyStores`` from
+real config dataclasses, so the factory is exercised too. A case that does not apply to a backend is left out of
+its parametrisation in ``NOT_APPLICABLE``, with the reason, and never skipped at run time.
 
 The last section checks that the ``[keyvault]`` config table reaches the Key Vault backend through ``KeyStores``.
 """
@@ -12,6 +13,8 @@ The last section checks that the ``[keyvault]`` config table reaches the Key Vau
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,10 +22,12 @@ from pathlib import Path
 
 import pytest
 from _pytest.mark.structures import ParameterSet
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import ES256, ES384, ES512, SignatureAlgorithm, verify_digest
-from signing_agent.backends.base import SigningKey
+from signing_agent.backends.base import DecryptionKey, SigningKey
 from signing_agent.backends.factory import KeyStores
 from signing_agent.config import (
     AzureKeyVaultKeyConfig,
@@ -33,6 +38,7 @@ from signing_agent.config import (
 )
 from signing_agent.errors import (
     AgentError,
+    BackendError,
     BackendUnavailableError,
     ConfigError,
     IdentityError,
@@ -41,20 +47,42 @@ from signing_agent.errors import (
 )
 from signing_agent.identity import open_identity
 from tests.doubles.keyvault import RunningKeyVault, managed_identity_env, running_keyvault
-from tests.support import tokens
-from tests.support.pki import Member, make_member, pem_public
+from tests.support import pki, tokens
+from tests.support.pki import make_member, pem_public
 from tests.support.tokens import TokenInfo, close_all_sessions, import_member
 
 # The token fixtures are session-scoped in tests.support.tokens; bind them here so pytest finds them.
 softhsm = tokens.softhsm
 nss_token = tokens.nss_token
+tpm_token = tokens.tpm_token
+p11kit_tokens = tokens.p11kit_tokens
 
 WHERE = "identities.m0.signing_key"
-BACKENDS = ("file", "pkcs11-softhsm", "pkcs11-nss", "azure-keyvault")
-_MARKS = {"pkcs11-softhsm": pytest.mark.softhsm, "pkcs11-nss": pytest.mark.nss}
+TOKENS = ("softhsm", "nss", "tpm")
+PKCS11 = tuple(f"pkcs11-{t}" for t in TOKENS) + tuple(f"pkcs11-{t}-p11kit" for t in TOKENS)
+BACKENDS = ("file", *PKCS11, "azure-keyvault")
+_TOKEN_MARKS = {"softhsm": pytest.mark.softhsm, "nss": pytest.mark.nss, "tpm": pytest.mark.tpm}
+_MARKS: dict[str, list[pytest.MarkDecorator]] = {
+    **{f"pkcs11-{t}": [m] for t, m in _TOKEN_MARKS.items()},
+    **{f"pkcs11-{t}-p11kit": [m, pytest.mark.p11kit] for t, m in _TOKEN_MARKS.items()},
+}
 
+_NO_KEY_CREATION = "the suite adds keys to it directly; key creation in Key Vault is not the agent's yet"
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("recovery", "file"): "a PEM key in memory has no session to lose and no service that throttles",
+    ("keys-generate", "file"): "a PEM key is made by openssl or keygenerator.sh, not by the agent",
+    ("keys-generate", "azure-keyvault"): _NO_KEY_CREATION,
+    ("keys-import", "file"): "a PEM key is already where the file backend reads it",
+    ("keys-import", "azure-keyvault"): _NO_KEY_CREATION,
+    ("keys-import", "pkcs11-tpm"): "tpm2-pkcs11 cannot C_CreateObject a private key: keys are made in the TPM",
+    ("keys-import", "pkcs11-tpm-p11kit"): "tpm2-pkcs11 cannot C_CreateObject a private key: keys are made in the TPM",
+    ("keys-list", "file"): "there is no key store to list",
+    **dict.fromkeys(
+        [(case, f"pkcs11-tpm{via}") for case in ("sign-ES512", "keys-generate-ES512") for via in ("", "-p11kit")],
+        "tpm2-pkcs11 1.9 stores a P-521 point with a malformed DER length and then cannot sign with the key "
+        "(C_SignInit: CKR_HOST_MEMORY, 'd2i_ASN1_OCTET_STRING: too long'), whoever made it",
+    ),
+    ("keys-list", "azure-keyvault"): "listing a vault's keys is the Azure CLI's job, not the agent's",
 }
 """(case, backend) pairs that are parametrised away, with the reason."""
 
@@ -67,23 +95,57 @@ ALGORITHMS: dict[str, tuple[SignatureAlgorithm, str]] = {
     "ES512": (ES512, "secp521r1"),
 }
 
+OAEP256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def _not_applicable(case: str, backend: str) -> bool:
+    """``(case, backend)`` or a family of the case (``keys-generate`` for ``keys-generate-ES512``) is listed."""
+    parts = case.split("-")
+    return any(("-".join(parts[:n]), backend) in NOT_APPLICABLE for n in range(len(parts), 0, -1))
+
 
 def cases(case: str) -> list[ParameterSet]:
     """The backends ``case`` runs on (as ``backend`` params), with their prerequisite marks."""
     return [
-        pytest.param(b, marks=[m for m in (_MARKS.get(b), KNOWN_BUGS.get((case, b))) if m is not None], id=b)
+        pytest.param(b, marks=[*_MARKS.get(b, []), *([KNOWN_BUGS[case, b]] if (case, b) in KNOWN_BUGS else [])], id=b)
         for b in BACKENDS
-        if (case, b) not in NOT_APPLICABLE
+        if not _not_applicable(case, b)
     ]
 
 
-def sign_cases() -> list[ParameterSet]:
-    """Every (backend, algorithm) pair; a backend without P-521 would be parametrised away as ``sign-ES512``."""
+def sign_cases(case: str = "sign") -> list[ParameterSet]:
+    """Every (backend, algorithm) pair of ``case``; a backend without P-521 is parametrised away as
+    ``<case>-ES512``."""
     return [
         pytest.param(p.values[0], name, marks=p.marks, id=f"{p.values[0]}-{name}")
         for name in ALGORITHMS
-        for p in cases(f"sign-{name}")
+        for p in cases(f"{case}-{name}")
     ]
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    """A member key where the backend keeps it (imported, or made there), its certificate, and its config."""
+
+    name: str
+    cert: x509.Certificate
+    config: KeyConfig
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        pub = self.cert.public_key()
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        return pub
+
+    @property
+    def member_id(self) -> str:
+        return hashlib.sha256(self.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def write_cert(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.name}_cert.pem"
+        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        return path
 
 
 @dataclass
@@ -101,15 +163,29 @@ class Harness:
         """What ``KeyInfo.backend`` says."""
         return self.kind.partition("-")[0] if self.kind.startswith("pkcs11") else self.kind
 
-    def add(self, member: Member) -> KeyConfig:
-        """Store ``member``'s private key in the backend; return the config that names it."""
+    def store(self, name: str = "m0", curve: str = "secp384r1") -> StoredKey:
+        """A new member key in the backend: a PEM key imported (or written, or uploaded), or made in a TPM."""
+        if self.token is not None and not self.token.imports_private_keys:
+            return self.generate(name, curve)
+        member = make_member(name, curve)
         if self.token is not None:
-            return self.token.key_config(import_member(self.token, member.key).label)
-        if self.kv is not None:
+            cfg: KeyConfig = self.token.key_config(import_member(self.token, member.key).label)
+        elif self.kv is not None:
             version = self.kv.vault.add_key(member.name, member.key)
-            return self._kv_config(member.name, key_version=version.version)
-        key_path, _ = member.write(self.folder / "keys")
-        return FileKeyConfig(path=key_path)
+            cfg = self._kv_config(member.name, key_version=version.version)
+        else:
+            key_path, _ = member.write(self.folder / "keys")
+            cfg = FileKeyConfig(path=key_path)
+        return StoredKey(name, member.cert, cfg)
+
+    def generate(self, name: str, curve: str = "secp384r1") -> StoredKey:
+        """A member key made in the token (``keys generate``'s code) and its token-signed certificate."""
+        from signing_agent.backends import pkcs11_admin
+
+        assert self.token is not None
+        key = tokens.generate_ec(self.token, curve)
+        cert = pkcs11_admin.self_signed_certificate(self.token.target(), key, common_name=name)
+        return StoredKey(name, cert, self.token.key_config(key.label))
 
     def missing(self) -> KeyConfig:
         """A config naming a key that does not exist."""
@@ -132,18 +208,51 @@ class Harness:
     def open(self, cfg: KeyConfig) -> SigningKey:
         return self.stores.signing_key(cfg, name=WHERE)
 
+    def open_decryption_key(self) -> tuple[DecryptionKey, rsa.RSAPublicKey]:
+        """A new RSA encryption key in the backend, opened as a ``DecryptionKey``, and its public key."""
+        where = "identities.m0.encryption_key"
+        if self.token is not None:
+            key = tokens.generate_rsa(self.token)
+            assert isinstance(key.public_key, rsa.RSAPublicKey)
+            cfg: KeyConfig = self.token.key_config(key.label, oaep=self.token.oaep)
+            return self.stores.decryption_key(cfg, name=where), key.public_key
+        private = pki.make_rsa_key()
+        if self.kv is not None:
+            version = self.kv.vault.add_key("m0-enc", private)
+            cfg = self._kv_config("m0-enc", key_version=version.version)
+        else:
+            path = self.folder / "m0_enc_privk.pem"
+            path.write_bytes(pki.pem_private(private))
+            path.chmod(0o600)
+            cfg = FileKeyConfig(path=path)
+        return self.stores.decryption_key(cfg, name=where), private.public_key()
+
 
 @dataclass
 class Opened:
     harness: Harness
-    member: Member
+    stored: StoredKey
     key: SigningKey
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
-        pub = self.member.cert.public_key()
-        assert isinstance(pub, ec.EllipticCurvePublicKey)
-        return pub
+        return self.stored.public_key
+
+
+def _token(request: pytest.FixtureRequest, kind: str) -> TokenInfo | None:
+    if not kind.startswith("pkcs11-"):
+        return None
+    name = kind.removeprefix("pkcs11-")
+    if name.endswith("-p11kit"):
+        base = name.removesuffix("-p11kit")
+        p11kit: dict[str, TokenInfo] = request.getfixturevalue("p11kit_tokens")
+        if base not in p11kit:  # its module is missing: p11kit_tokens left it out
+            request.getfixturevalue({"softhsm": "softhsm", "nss": "nss_token", "tpm": "tpm_token"}[base])
+        return p11kit[base]
+    if name == "softhsm":
+        token: TokenInfo = request.getfixturevalue("softhsm").tokens["agent-a"]
+        return token
+    return request.getfixturevalue({"nss": "nss_token", "tpm": "tpm_token"}[name])  # type: ignore[no-any-return]
 
 
 @pytest.fixture(params=cases("all"))
@@ -160,11 +269,7 @@ async def backend(
             finally:
                 await stores.aclose()  # before the servers stop
         return
-    token: TokenInfo | None = None
-    if kind == "pkcs11-softhsm":
-        token = request.getfixturevalue("softhsm").tokens["agent-a"]
-    elif kind == "pkcs11-nss":
-        token = request.getfixturevalue("nss_token")
+    token = _token(request, kind)
     stores = KeyStores()
     try:
         yield Harness(kind, stores, tmp_path, token=token)
@@ -174,11 +279,11 @@ async def backend(
 
 @pytest.fixture
 async def signing_key(backend: Harness) -> AsyncIterator[Opened]:
-    """An opened P-384 ``SigningKey`` in the backend, and the member (key + certificate) it belongs to."""
-    member = make_member("m0", "secp384r1")
-    key = backend.open(backend.add(member))
+    """An opened P-384 ``SigningKey`` in the backend, and the member key (and certificate) it belongs to."""
+    stored = backend.store("m0", "secp384r1")
+    key = backend.open(stored.config)
     try:
-        yield Opened(backend, member, key)
+        yield Opened(backend, stored, key)
     finally:
         await key.aclose()
 
@@ -200,11 +305,10 @@ async def test_describe_returns_the_right_public_key(signing_key: Opened) -> Non
 @pytest.mark.parametrize(("backend", "alg_name"), sign_cases(), indirect=["backend"])
 async def test_sign_and_verify(backend: Harness, alg_name: str) -> None:
     alg, curve = ALGORITHMS[alg_name]
-    member = make_member("m0", curve)
-    key = backend.open(backend.add(member))
+    stored = backend.store("m0", curve)
+    key = backend.open(stored.config)
     try:
-        pub = member.cert.public_key()
-        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        pub = stored.public_key
         digest = alg.digest(b"governance payload")
         raw = await key.sign_digest(alg, digest)
         assert len(raw) == alg.signature_size
@@ -228,8 +332,7 @@ async def test_a_wrong_digest_length_is_refused(signing_key: Opened, length: int
 
 @pytest.mark.parametrize("backend", cases("algorithm-mismatch"), indirect=True)
 async def test_an_algorithm_for_another_curve_is_refused(backend: Harness) -> None:
-    member = make_member("m0", "secp384r1")
-    key = backend.open(backend.add(member))
+    key = backend.open(backend.store("m0", "secp384r1").config)
     try:
         with pytest.raises(SigningFailedError, match="does not match"):
             await key.sign_digest(ES256, ES256.digest(b"x"))  # a P-384 key
@@ -262,8 +365,8 @@ async def test_an_unknown_key_is_refused_naming_the_config_key(backend: Harness)
 async def test_a_key_that_does_not_match_the_certificate_is_refused(
     backend: Harness, tmp_path: Path, cert_curve: str
 ) -> None:
-    member, stranger = make_member("m0", "secp384r1"), make_member("stranger", cert_curve)
-    cfg = backend.add(member)
+    stored, stranger = backend.store("m0", "secp384r1"), make_member("stranger", cert_curve)
+    cfg = stored.config
     _, wrong_cert = stranger.write(tmp_path / "certs")
     with pytest.raises(IdentityError) as info:
         await open_identity(IdentityConfig(name="m0", certificate=wrong_cert, signing_key=cfg), backend.stores)
@@ -272,10 +375,10 @@ async def test_a_key_that_does_not_match_the_certificate_is_refused(
     assert f"does not match the certificate {wrong_cert} (member id {stranger.member_id})" in message
 
     # The control: the key's own certificate opens, and the member id comes from it.
-    _, own_cert = member.write(tmp_path / "certs")
+    own_cert = stored.write_cert(tmp_path / "certs")
     ident = await open_identity(IdentityConfig(name="m0", certificate=own_cert, signing_key=cfg), backend.stores)
     try:
-        assert ident.member_id == member.member_id
+        assert ident.member_id == stored.member_id
         assert ident.alg is ES384
         assert ident.backend == backend.backend_name
         assert ident.location in message  # the refusal named the key it refused
@@ -300,8 +403,7 @@ async def test_100_concurrent_signs_all_verify(signing_key: Opened) -> None:
 
 
 RECOVERY: dict[str, tuple[str, ...]] = {
-    "pkcs11-softhsm": ("close-all-sessions",),
-    "pkcs11-nss": ("close-all-sessions",),
+    **dict.fromkeys(PKCS11, ("close-all-sessions",)),
     "azure-keyvault": ("503", "429-retry-after", "429-no-retry-after"),
 }
 
@@ -354,6 +456,78 @@ async def test_recovers_after_a_lost_session_or_throttling(
     assert statuses == [200, *expected, 200]
     if disruption == "429-retry-after":
         assert elapsed >= 0.95  # Retry-After: 1 was honoured
+
+
+# ----- keys made, moved in and listed by the key tooling; decryption -----
+
+
+@pytest.mark.parametrize(("backend", "alg_name"), sign_cases("keys-generate"), indirect=["backend"])
+async def test_a_generated_key_signs_and_its_certificate_verifies(backend: Harness, alg_name: str) -> None:
+    alg, curve = ALGORITHMS[alg_name]
+    stored = backend.generate("m0", curve)
+    stored.cert.verify_directly_issued_by(stored.cert)  # self-signed in the token
+    key = backend.open(stored.config)
+    try:
+        assert pem_public((await key.describe()).public_key) == pem_public(stored.public_key)
+        digest = alg.digest(b"ballot")
+        verify_digest(stored.public_key, alg, digest, await key.sign_digest(alg, digest))
+    finally:
+        await key.aclose()
+
+
+@pytest.mark.parametrize("backend", cases("keys-import"), indirect=True)
+async def test_an_imported_key_signs(backend: Harness) -> None:
+    from signing_agent.backends import pkcs11_admin
+
+    assert backend.token is not None
+    member = make_member("m0", "secp384r1")
+    imported = pkcs11_admin.import_ec_key(backend.token.target(), member.key, label=tokens.unique_label("imp"))
+    pkcs11_admin.check_signs(backend.token.target(), imported)
+    key = backend.open(backend.token.key_config(key_id=imported.key_id))
+    try:
+        cert_key = member.cert.public_key()
+        assert isinstance(cert_key, ec.EllipticCurvePublicKey)
+        verify_digest(cert_key, ES384, ES384.digest(b"x"), await key.sign_digest(ES384, ES384.digest(b"x")))
+    finally:
+        await key.aclose()
+
+
+@pytest.mark.parametrize("backend", [p for p in cases("import-refused") if "tpm" in str(p.values[0])],
+                         indirect=True)  # fmt: skip
+def test_a_token_that_cannot_import_says_so(backend: Harness) -> None:
+    from signing_agent.backends import pkcs11_admin
+
+    assert backend.token is not None
+    with pytest.raises(BackendError) as info:
+        pkcs11_admin.import_ec_key(backend.token.target(), make_member().key, label=tokens.unique_label("imp"))
+    assert "keys generate" in info.value.diagnostics()
+
+
+@pytest.mark.parametrize("backend", cases("keys-list"), indirect=True)
+def test_keys_list_shows_every_private_key(backend: Harness) -> None:
+    from signing_agent.backends import pkcs11_admin
+
+    assert backend.token is not None
+    ec_key = tokens.generate_ec(backend.token)
+    rsa_key = tokens.generate_rsa(backend.token)
+    listed = {(k.label, k.key_id): k for k in pkcs11_admin.list_keys(backend.token.target())}
+    assert listed[ec_key.label, ec_key.key_id].description == "P-384"
+    assert listed[rsa_key.label, rsa_key.key_id].description == "RSA-2048"
+    assert listed[ec_key.label, ec_key.key_id].public_key == ec_key.public_key
+
+
+async def test_decrypts_rsa_oaep_sha256(backend: Harness) -> None:
+    key, public = backend.open_decryption_key()
+    try:
+        assert pem_public((await key.describe()).public_key) == pem_public(public)
+        share = os.urandom(64)
+        assert await key.decrypt_oaep_sha256(public.encrypt(share, OAEP256)) == share
+        tampered = bytearray(public.encrypt(share, OAEP256))
+        tampered[-1] ^= 1
+        with pytest.raises(BackendError):
+            await key.decrypt_oaep_sha256(bytes(tampered))
+    finally:
+        await key.aclose()
 
 
 # ----- [keyvault] settings reach the Key Vault backend through KeyStores -----

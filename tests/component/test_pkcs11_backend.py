@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import ES256, ES384, ES512, SignatureAlgorithm, verify_digest
+from signing_agent.backends._p11init import load_module
 from signing_agent.backends.pkcs11 import (
     DECRYPTION_FAILED,
+    PKCS11DecryptionKey,
     PKCS11Registry,
     PKCS11SigningKey,
     oaep_sha256_decode,
@@ -108,6 +110,33 @@ async def test_unknown_key(p11_token: TokenInfo, registry: PKCS11Registry) -> No
     wrong_type = registry.signing_key(p11_token.key_config(rsa_key.label), name="m1.signing_key")
     with pytest.raises(KeyNotFoundError, match="no EC private key"):
         await wrong_type.describe()
+
+
+async def test_a_missing_key_or_token_is_named_with_what_exists(p11_token: TokenInfo, registry: PKCS11Registry) -> None:
+    key = generate_ec(p11_token)
+    typo = key.label[:-1] + ("0" if key.label[-1] != "0" else "1")
+    signer = registry.signing_key(p11_token.key_config(typo), name="identities.m0.signing_key")
+    with pytest.raises(KeyNotFoundError) as info:
+        await signer.describe()
+    # The private keys the token holds (label, id, type), the closest to the label asked for first.
+    assert f"its private keys: {key.label!r} (id {key.key_id.hex()}, EC)" in info.value.message
+    assert "keys list" in info.value.diagnostics()
+
+    lib = load_module(p11_token.module, p11_token.init_params)
+    shown = [(s.slot_id, s.get_token()) for s in lib.get_slots(token_present=True)]
+    absent = registry.signing_key(p11_token.key_config("k", token_label="no-such-token"), name="m1.signing_key")
+    with pytest.raises(BackendUnavailableError) as unavailable:
+        await absent.describe()
+    message = unavailable.value.message
+    assert "no token labelled 'no-such-token'" in message
+    for slot_id, token in shown:  # every token the module shows: label, serial and slot
+        if token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+            serial = token.serial.decode().strip()
+            assert f"{token.label!r} (serial {serial or '-'}, slot {slot_id})" in message
+        else:
+            assert f"an uninitialised token (slot {slot_id})" in message
+    assert unavailable.value.hint is not None
+    assert unavailable.value.hint.endswith("and that this is the module that serves it")
 
 
 async def test_wrong_digest_or_algorithm(p11_token: TokenInfo, registry: PKCS11Registry) -> None:
@@ -227,7 +256,7 @@ async def test_reconnects_after_session_loss(p11_token: TokenInfo, registry: PKC
 
 
 async def test_persistent_loss_is_retryable_unavailable(
-    p11_token: TokenInfo, registry: PKCS11Registry, monkeypatch: pytest.MonkeyPatch
+    p11_token: TokenInfo, registry: PKCS11Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = generate_ec(p11_token)
     signer = registry.signing_key(p11_token.key_config(key.label), name="m0.signing_key")
@@ -243,8 +272,27 @@ async def test_persistent_loss_is_retryable_unavailable(
     with pytest.raises(BackendUnavailableError, match=r"m0\.signing_key: token .* is unavailable") as info:
         await signer.sign_digest(ES384, bytes(48))
     assert info.value.retryable
-    assert calls == 2
+    assert calls == 3  # as it was, on a fresh session, and after the module was initialised again
     assert not isinstance(info.value.__cause__, pkcs11.exceptions.PKCS11Error)
+    [status] = registry.status()
+    assert (status.available, status.connected, status.error) == (False, False, "DeviceRemoved")
+
+    # While unavailable, calls fail at once: the module is not touched, nothing more is logged.
+    logged = len(caplog.records)
+    for _ in range(5):
+        with pytest.raises(BackendUnavailableError, match=rf"token '{p11_token.token_label}' is unavailable since"):
+            await signer.sign_digest(ES384, bytes(48))
+    assert calls == 3
+    assert len(caplog.records) == logged
+
+    # SIGHUP (reset) lets the next call try at once; when the token answers again the outage is over.
+    monkeypatch.undo()
+    await registry.reset()
+    digest = ES384.digest(b"back")
+    verify_digest(key.public_key, ES384, digest, await signer.sign_digest(ES384, digest))
+    [status] = registry.status()
+    assert (status.available, status.connected, status.error) == (True, True, None)
+    assert "is available again" in caplog.records[-1].getMessage()
 
 
 @pytest.mark.nss
@@ -305,6 +353,28 @@ async def test_softhsm_host_oaep(softhsm: object, registry: PKCS11Registry) -> N
         assert type(info.value) is BackendError
         messages.add(info.value.diagnostics())
     assert messages == {DECRYPTION_FAILED}
+
+
+@pytest.mark.softhsm
+async def test_a_request_the_token_refuses_does_not_take_the_token_down(
+    softhsm: object, registry: PKCS11Registry
+) -> None:
+    """SoftHSM2 answers CKR_GENERAL_ERROR, the error tpm2-pkcs11 gives for a lost TPM, to a raw RSA input above
+    the modulus. Reaching the token with one (the host-side check bypassed) must fail that request only: no
+    reconnection, no re-initialised module, no outage for the token's other keys."""
+    token: TokenInfo = softhsm.tokens["agent-b"]  # type: ignore[attr-defined]
+    host_key = pki.make_rsa_key()
+    key = import_rsa(token, host_key)
+    dec = registry.decryption_key(token.key_config(key.label, oaep="host"), name="identities.m0.encryption_key")
+    assert isinstance(dec, PKCS11DecryptionKey)
+    await dec.describe()
+    too_big = (host_key.public_key().public_numbers().n + 1).to_bytes(256, "big")
+    with pytest.raises(BackendError) as info:
+        await dec._conn.run(lambda s: dec._raw_rsa_sync(s, too_big), where="identities.m0.encryption_key")
+    assert type(info.value) is BackendError
+    assert info.value.message == DECRYPTION_FAILED
+    [status] = registry.status()
+    assert (status.available, status.connected, status.reconnects, status.logins) == (True, True, 0, 1)
 
 
 def test_oaep_decoder_matches_cryptography() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from signing_agent.algorithms import ES384, verify_digest
 from signing_agent.backends.pkcs11 import PKCS11Registry
 from signing_agent.cli_keys import register
-from tests.support import pki, tokens
+from tests.support import pki, prereq, swtpm, tokens
 from tests.support.tokens import TokenInfo, unique_label
 
 # The token fixtures live in tests.support.tokens (session-scoped); bind them here so pytest finds them.
@@ -164,3 +167,34 @@ def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_pat
     rc, _, err = _run(["keys", "list", *argv])
     assert rc == 1
     assert "no token labelled 'no-such-token'" in err
+
+
+@pytest.mark.parametrize("module", ["softhsm", "nss", "tpm"])
+def test_a_module_that_cannot_initialise_names_the_usual_causes(module: str, tmp_path: Path) -> None:
+    """A fresh process (a module initialises once per process), as the CLI and the daemon start."""
+    pin = tmp_path / "user.pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SOFTHSM2_", "TPM2_PKCS11_"))}
+    match module:
+        case "softhsm":
+            path = prereq.require_file(tokens.SOFTHSM_MODULE, "SoftHSM2")
+            env["SOFTHSM2_CONF"] = str(tmp_path / "missing.conf")
+            expected = f"SOFTHSM2_CONF={tmp_path / 'missing.conf'}, which does not exist"
+        case "nss":
+            path = prereq.require_file(tokens.NSS_MODULE, "NSS softoken")
+            expected = "NSS softoken needs init_params naming its database, e.g. \"configdir='sql:"
+        case _:
+            path = prereq.require_file(swtpm.TPM_MODULE, "tpm2-pkcs11")
+            env["TPM2_PKCS11_TCTI"] = f"swtpm:path={tmp_path / 'no-tpm.sock'}"
+            env["TPM2_PKCS11_STORE"] = str(tmp_path)
+            expected = f"check TPM2_PKCS11_TCTI (now swtpm:path={tmp_path / 'no-tpm.sock'};"
+    result = subprocess.run(
+        [sys.executable, "-m", "signing_agent", "keys", "list", "--module", path, "--token-label", "t",
+         "--pin-file", str(pin)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "C_Initialize failed: CKR_" in result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr

@@ -139,10 +139,12 @@ def daemon(
     timeout: float = 20.0,
     args: Sequence[str] = (),
     open_files: tuple[int, int] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[DaemonProcess]:
     """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr.
 
-    ``open_files``: the daemon's RLIMIT_NOFILE (soft, hard), e.g. the usual 1,024.
+    ``open_files``: the daemon's RLIMIT_NOFILE (soft, hard), e.g. the usual 1,024. ``wrapper`` prefixes the command
+    (e.g. ``unshare --user ...`` for p11-kit's user configuration as root).
     """
 
     def limit_open_files() -> None:
@@ -154,6 +156,7 @@ def daemon(
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "signing_agent",

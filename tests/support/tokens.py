@@ -1,9 +1,11 @@
-"""Throwaway PKCS#11 tokens for tests: SoftHSM2 tokens and an NSS softoken database, in temporary folders.
+"""Throwaway PKCS#11 tokens for tests: SoftHSM2, NSS softoken, a software TPM, and each through p11-kit's proxy.
 
 Import the fixtures into a conftest (``from tests.support.tokens import softhsm, nss_token, p11_token  # noqa:
 F401``) or use the plain functions. Nothing here touches the system token folders: SoftHSM2 gets its own
 ``SOFTHSM2_CONF`` (set in ``os.environ`` before the module is first loaded, because SoftHSM reads it once, at
-``C_Initialize``), and NSS gets its own ``sql:`` database whose path is passed as init parameters.
+``C_Initialize``), NSS gets its own ``sql:`` database whose path is passed as init parameters, tpm2-pkcs11 its
+own ``swtpm``, resource manager and store (``tests.support.swtpm``), and p11-kit a user configuration of the
+test's own (``tests.support.p11kit``).
 
 Fixtures (all session-scoped; a missing tool or module calls ``prereq.missing``, which skips locally and fails
 in CI):
@@ -11,6 +13,8 @@ in CI):
 - ``softhsm`` -> ``SoftHSMSetup``: one ``SOFTHSM2_CONF`` with tokens ``agent-a``, ``agent-b`` and
   ``agent-pin`` (the last one for wrong-PIN tests), each a ``TokenInfo``.
 - ``nss_token`` -> ``TokenInfo`` for the NSS DB's "NSS Certificate DB" token.
+- ``tpm_token`` -> ``TokenInfo`` for token ``tpm`` in tpm2-pkcs11 on swtpm behind tpm2-abrmd.
+- ``p11kit_tokens`` -> ``{"softhsm": ..., "nss": ..., "tpm": ...}``: the same tokens through p11-kit-proxy.so.
 - ``p11_token`` -> ``TokenInfo``, parametrised over ``softhsm`` (token ``agent-a``) and ``nss``.
 
 Helpers: ``TokenInfo.key_config(...)`` builds a ``PKCS11KeyConfig``; ``generate_ec``, ``import_member``,
@@ -32,7 +36,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.config import PKCS11KeyConfig
-from tests.support import prereq
+from tests.support import p11kit, prereq, swtpm
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 NSS_MODULE = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so"
@@ -40,13 +44,14 @@ NSS_TOKEN_LABEL = "NSS Certificate DB"
 USER_PIN = "1234"
 SO_PIN = "5678"
 SOFTHSM_LABELS = ("agent-a", "agent-b", "agent-pin")
+TPM_TOKEN_LABEL = "tpm"
 
 
 @dataclass(frozen=True)
 class TokenInfo:
     """Everything a test (or a daemon subprocess) needs to reach one token."""
 
-    kind: Literal["softhsm", "nss"]
+    kind: Literal["softhsm", "nss", "tpm"]
     module: Path
     token_label: str
     pin: str
@@ -54,6 +59,24 @@ class TokenInfo:
     init_params: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables a subprocess needs (SoftHSM: ``SOFTHSM2_CONF``)."""
+    via: Literal["direct", "p11-kit"] = "direct"
+    wrapper: tuple[str, ...] = ()
+    """The command prefix a daemon subprocess needs (p11-kit as root: a user namespace)."""
+
+    @property
+    def name(self) -> str:
+        """``softhsm``, ``nss-p11kit``: for test ids and messages."""
+        return self.kind if self.via == "direct" else f"{self.kind}-p11kit"
+
+    @property
+    def imports_private_keys(self) -> bool:
+        """Whether ``C_CreateObject`` of a private key works (tpm2-pkcs11 refuses it: keys are made in the TPM)."""
+        return self.kind != "tpm"
+
+    @property
+    def oaep(self) -> Literal["token", "host"]:
+        """How this token decrypts RSA-OAEP-SHA256: SoftHSM2 2.6 only with ``oaep = "host"``."""
+        return "host" if self.kind == "softhsm" else "token"
 
     def key_config(self, key_label: str | None = None, key_id: bytes | None = None, **kw: Any) -> PKCS11KeyConfig:
         """A ``PKCS11KeyConfig`` for a key in this token (``kw`` overrides fields, e.g. ``oaep="host"``)."""
@@ -130,9 +153,9 @@ def make_softhsm(folder: Path, labels: tuple[str, ...] = SOFTHSM_LABELS) -> Soft
 
 
 def _softhsm_loaded() -> bool:
-    from signing_agent.backends import _p11init
+    from signing_agent.backends import _p11module
 
-    return os.path.realpath(SOFTHSM_MODULE) in _p11init._modules
+    return _p11module.loaded(SOFTHSM_MODULE) is not None
 
 
 def nss_init_params(db: Path) -> str:
@@ -182,11 +205,45 @@ def import_rsa(token: TokenInfo, key: rsa.RSAPrivateKey, label: str | None = Non
 
 def close_all_sessions(token: TokenInfo) -> None:
     """``C_CloseAllSessions`` on the token's slot: every session of this process, and the login, are gone."""
-    from signing_agent.backends import _p11init
+    from signing_agent.backends import _p11init, _p11module
 
-    lib = _p11init.load_module(token.module, token.init_params)
-    slot = _p11init.find_token(lib, token.token_label, where="test").slot
-    _p11init.close_all_sessions(token.module, slot.slot_id)
+    module = _p11module.open_module(token.module, token.init_params)
+    slot = _p11init.find_token(module.lib, token.token_label, where="test").slot
+    module.close_all_sessions(slot.slot_id)
+
+
+def make_tpm(folder: Path) -> tuple[TokenInfo, swtpm.SoftwareTPM]:
+    """swtpm + tpm2-abrmd with a token ``tpm`` made by ``C_InitToken``/``C_InitPIN``; sets the module's environment
+    in ``os.environ`` and initialises the module in this process (tpm2-pkcs11 reads it once, at ``C_Initialize``)."""
+    from signing_agent.backends import _p11module
+
+    tpm = swtpm.SoftwareTPM(folder, resource_manager=True)
+    tpm.start()
+    try:
+        tpm.init_token(TPM_TOKEN_LABEL, USER_PIN)
+        if _p11module.loaded(swtpm.TPM_MODULE) is not None:
+            pytest.fail("tpm2-pkcs11 was already loaded with another environment in this process", pytrace=False)
+        os.environ.update(tpm.env)
+        # Initialised here, as root: p11-kit, loaded later with a user configuration (tests.support.p11kit),
+        # then finds it initialised and shares it instead of connecting to the resource manager as another uid.
+        _p11module.open_module(swtpm.TPM_MODULE)
+    except BaseException:
+        tpm.stop()
+        raise
+    pin_file = _write_pin(folder, USER_PIN)
+    return TokenInfo("tpm", Path(swtpm.TPM_MODULE), TPM_TOKEN_LABEL, USER_PIN, pin_file, env=tpm.env), tpm
+
+
+def through_p11kit(token: TokenInfo, home: Path, env: dict[str, str]) -> TokenInfo:
+    """``token`` reached through p11-kit-proxy.so, whose user configuration is in ``home``."""
+    return replace(
+        token,
+        module=Path(p11kit.P11KIT_PROXY),
+        init_params=None,
+        env={**env, "HOME": str(home)},
+        via="p11-kit",
+        wrapper=tuple(p11kit.userns_wrapper()),
+    )
 
 
 # A module is initialised once per process (SoftHSM reads SOFTHSM2_CONF once; NSS keeps its first configdir), so
@@ -208,6 +265,45 @@ def nss_token(tmp_path_factory: pytest.TempPathFactory) -> TokenInfo:
         _made["nss"] = make_nss(tmp_path_factory.mktemp("nss"))
     token: TokenInfo = _made["nss"]
     return token
+
+
+@pytest.fixture(scope="session")
+def tpm_token(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> TokenInfo:
+    if "tpm" not in _made:
+        token, tpm = make_tpm(tmp_path_factory.mktemp("tpm"))
+        request.session.addfinalizer(tpm.stop)
+        _made["tpm"] = token
+    made: TokenInfo = _made["tpm"]
+    return made
+
+
+@pytest.fixture(scope="session")
+def p11kit_tokens(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, TokenInfo]:
+    """The direct tokens that exist (a missing one is skipped locally, an error in CI), through p11-kit."""
+    if "p11kit" not in _made:
+        direct: dict[str, TokenInfo] = {}
+        for kind, fixture in (("softhsm", "softhsm"), ("nss", "nss_token"), ("tpm", "tpm_token")):
+            try:
+                value = request.getfixturevalue(fixture)
+            except pytest.skip.Exception:
+                continue
+            direct[kind] = value.tokens["agent-a"] if kind == "softhsm" else value
+        if not direct:
+            prereq.missing("no PKCS#11 module to put behind p11-kit")
+        home = tmp_path_factory.mktemp("p11kit-home")
+        modules = {
+            "softhsm": (SOFTHSM_MODULE, None),
+            "nss": (NSS_MODULE, direct["nss"].init_params if "nss" in direct else None),
+            "tpm": (swtpm.TPM_MODULE, None),
+        }
+        p11kit.write_user_config(home, {k: v for k, v in modules.items() if k in direct})
+        env: dict[str, str] = {}
+        for token in direct.values():
+            env.update(token.env)
+        p11kit.load_proxy(home)
+        _made["p11kit"] = {kind: through_p11kit(token, home, env) for kind, token in direct.items()}
+    tokens: dict[str, TokenInfo] = _made["p11kit"]
+    return tokens
 
 
 @pytest.fixture(
