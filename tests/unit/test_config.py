@@ -10,10 +10,17 @@ from typing import Any
 import pytest
 
 from signing_agent.config import (
+    AgentSection,
+    AuditConfig,
     AzureKeyVaultKeyConfig,
     FileKeyConfig,
     KeyVaultConfig,
     PKCS11KeyConfig,
+    PolicyConfig,
+    PolicyRuleConfig,
+    RecoveryConfig,
+    ServiceConfig,
+    _Table,
     load_config,
     parse_config,
 )
@@ -49,6 +56,66 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.agent.socket_mode == 0o600
     assert config.agent.max_created_at_skew == 300
     assert config.identities["m0"].certificate == tmp_path / "c.pem"
+
+
+def test_every_default_is_the_dataclass_default(tmp_path: Path) -> None:
+    """The parser states no default of its own: a table that leaves every key out reads as its dataclass built with
+    only the required fields."""
+    data: dict[str, Any] = {
+        "agent": {},
+        "identities": {
+            "p": {"certificate": "c.pem", "signing_key": {"backend": "pkcs11", "module": "/m.so", "key_label": "k"}},
+            "a": {
+                "certificate": "c.pem",
+                "signing_key": {"backend": "azure-keyvault", "vault_url": "https://v", "key_name": "k"},
+            },
+        },
+        "services": {"s": {"url": "https://x", "service_certificate": "s.pem"}},
+        "audit": {},
+        "policy": {"rules": [{"uids": [0]}]},
+        "keyvault": {},
+        "recovery": {},
+    }
+    config = parse_config(data, path=tmp_path / "agent.toml")
+    assert config.agent == AgentSection()
+    assert config.identities["p"].signing_key == PKCS11KeyConfig(module=Path("/m.so"), key_label="k")
+    assert config.identities["a"].signing_key == AzureKeyVaultKeyConfig(vault_url="https://v", key_name="k")
+    assert config.services["s"] == ServiceConfig(name="s", url="https://x", service_certificate=tmp_path / "s.pem")
+    assert config.audit == AuditConfig(path=AgentSection().socket.parent / "audit.jsonl")
+    assert config.policy == PolicyConfig(rules=(PolicyRuleConfig(name="rule0", uids=(0,)),))
+    assert config.keyvault == KeyVaultConfig()
+    assert config.recovery == RecoveryConfig(state_dir=config.audit.path.parent)
+    # Leaving the optional tables out altogether changes nothing.
+    bare = parse_config({key: data[key] for key in ("identities", "services")}, path=tmp_path / "agent.toml")
+    assert (bare.agent, bare.audit, bare.keyvault, bare.recovery) == (
+        config.agent,
+        config.audit,
+        config.keyvault,
+        config.recovery,
+    )
+    assert bare.policy == PolicyConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schema:
+    count: int
+    timeout: float = 2.5
+    label: str | None = None
+    names: tuple[str, ...] = ("a",)
+
+
+def test_an_absent_key_takes_its_default_from_the_schema() -> None:
+    table = _Table({"count": 3}, "x", Path("/etc"), _Schema)
+    assert table.get_int("count") == 3
+    assert table.get_number("timeout") == 2.5
+    assert table.get_opt_str("label") is None
+    assert table.get_str_tuple("names") == ("a",)
+    with pytest.raises(ConfigError, match=r"^x\.count: required key is missing$"):
+        _Table({}, "x", Path("/etc"), _Schema).get_int("count")
+    # A key the schema has no field for has no default either.
+    with pytest.raises(ConfigError, match=r"^x\.other: required key is missing$"):
+        table.get_number("other")
+    assert table.get_opt_path("other") is None
 
 
 def test_service_answers_are_bounded_by_default() -> None:
