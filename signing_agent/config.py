@@ -38,6 +38,10 @@ OaepMode = Literal["token", "host"]
 OAEP_MODES: tuple[OaepMode, ...] = get_args(OaepMode)
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+MsgTypeName = Literal["proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share"]
+"""The governance message types, as policy rules and the policy name them (``cose.governance.MsgType`` has the same
+values, a unit test keeps them in step: cose and policy are sibling layers and share this instead)."""
+MSG_TYPES: tuple[MsgTypeName, ...] = get_args(MsgTypeName)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -180,7 +184,7 @@ class PolicyRuleConfig:
     gids: tuple[int, ...] = ()
     executables: tuple[str, ...] | None = None
     identities: tuple[str, ...] | None = None
-    msg_types: tuple[str, ...] | None = None
+    msg_types: tuple[MsgTypeName, ...] | None = None
     actions_allow: tuple[str, ...] | None = None
     actions_deny: tuple[str, ...] = ()
     ballots: tuple[str, ...] | None = None
@@ -261,6 +265,22 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     keyvault: KeyVaultConfig = field(default_factory=KeyVaultConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+
+
+def one_of(value: str, choices: tuple[C, ...]) -> C | None:
+    """``value`` as the member of ``choices`` it equals, typed as their ``Literal``; None when it is none of them."""
+    for choice in choices:
+        if choice == value:
+            return choice
+    return None
+
+
+def msg_type_name(value: str) -> MsgTypeName:
+    """A governance message type (such as a ``cose.governance.MsgType``) as the policy names it."""
+    name = one_of(value, MSG_TYPES)
+    if name is None:
+        raise ValueError(f"{value!r} is not a governance message type")
+    return name
 
 
 def _schema_defaults(schema: type[DataclassInstance] | None) -> dict[str, object]:
@@ -353,11 +373,13 @@ class _Table:
 
     def get_choice(self, key: str, choices: tuple[C, ...]) -> C:
         """One of ``choices``: a ``Literal``'s values, so the result has that ``Literal`` type."""
-        value = self.get_str(key)
-        for choice in choices:
-            if choice == value:
-                return choice
-        raise ConfigError(f"{self._key(key)}: {value!r} is not one of {', '.join(choices)}")
+        return self._choose(key, self.get_str(key), choices)
+
+    def _choose(self, key: str, value: str, choices: tuple[C, ...]) -> C:
+        choice = one_of(value, choices)
+        if choice is None:
+            raise ConfigError(f"{self._key(key)}: {value!r} is not one of {', '.join(choices)}")
+        return choice
 
     def get_opt_int(self, key: str, *, minimum: int | None = None) -> int | None:
         value = self._lookup(key, (int,), "an integer")
@@ -443,6 +465,13 @@ class _Table:
     def get_str_tuple(self, key: str) -> tuple[str, ...]:
         value = self._texts(key)
         return value if value is not None else self._default(key, tuple)
+
+    def get_opt_choice_tuple(self, key: str, choices: tuple[C, ...]) -> tuple[C, ...] | None:
+        """A list of ``choices`` (a ``Literal``'s values)."""
+        value = self._texts(key)
+        if value is None:
+            return self._opt_default(key, tuple)
+        return tuple(self._choose(key, v, choices) for v in value)
 
     def get_path_tuple(self, key: str) -> tuple[Path, ...]:
         """A list of paths; relative ones resolve from the config file's folder."""
@@ -670,7 +699,7 @@ def _policy_rule(t: _Table, index: int, known_services: Mapping[str, ServiceConf
         gids=t.get_uint_tuple("gids"),
         executables=t.get_opt_str_tuple("executables"),
         identities=t.get_opt_str_tuple("identities"),
-        msg_types=t.get_opt_str_tuple("msg_types"),
+        msg_types=t.get_opt_choice_tuple("msg_types", MSG_TYPES),
         actions_allow=t.get_opt_str_tuple("actions_allow"),
         actions_deny=t.get_str_tuple("actions_deny"),
         ballots=t.get_opt_str_tuple("ballots"),
@@ -691,10 +720,6 @@ def _policy_rule(t: _Table, index: int, known_services: Mapping[str, ServiceConf
             raise ConfigError(
                 f"{t._key('ballots')}: {ballot!r} is neither 'accept', 'reject' nor a lowercase hex SHA-256"
             )
-    valid_types = ("proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share")
-    for msg_type in rule.msg_types or ():
-        if msg_type not in valid_types:
-            raise ConfigError(f"{t._key('msg_types')}: {msg_type!r} is not one of {', '.join(valid_types)}")
     for svc in rule.services or ():
         if svc not in known_services:
             raise ConfigError(f"{t._key('services')}: no service named {svc!r} is configured")

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from signing_agent.config import (
+    BACKEND_KINDS,
+    MSG_TYPES,
     AgentSection,
     AuditConfig,
     AzureKeyVaultKeyConfig,
@@ -22,6 +24,7 @@ from signing_agent.config import (
     ServiceConfig,
     _Table,
     load_config,
+    msg_type_name,
     parse_config,
 )
 from signing_agent.errors import ConfigError
@@ -231,6 +234,20 @@ def test_key_id_is_hex(tmp_path: Path) -> None:
     data["identities"]["m0"]["signing_key"]["key_id"] = "zz"  # type: ignore[index]
     with pytest.raises(ConfigError, match="expected hex"):
         parse_config(data, path=tmp_path / "a.toml")
+
+
+def test_message_types_and_key_stores_are_named_once() -> None:
+    """The policy's message types are COSE's, in the same order; every key store has its config class."""
+    from signing_agent.cose.governance import MsgType
+
+    assert tuple(m.value for m in MsgType) == MSG_TYPES
+    assert [msg_type_name(m) for m in MsgType] == list(MSG_TYPES)
+    with pytest.raises(ValueError, match="'vote' is not a governance message type"):
+        msg_type_name("vote")
+    classes = (FileKeyConfig, PKCS11KeyConfig, AzureKeyVaultKeyConfig)
+    assert (
+        tuple(next(f.default for f in dataclasses.fields(c) if f.name == "backend") for c in classes) == BACKEND_KINDS
+    )
 
 
 def test_example_is_valid_toml_with_no_inline_secrets() -> None:
