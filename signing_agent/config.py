@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, assert_never, get_args
 
 from signing_agent.errors import ConfigError
+from signing_agent.pkcs11_uri import PKCS11URI, parse_uri
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -67,16 +68,22 @@ class FileKeyConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PKCS11KeyConfig:
-    """A key in a PKCS#11 token, named by token label plus key label or id, or by an RFC 7512 URI."""
+    """A key in a PKCS#11 token: which module, token and key, and where the PIN comes from.
+
+    The configuration may name the key by fields, by an RFC 7512 ``uri``, or by both: ``parse_config`` merges the
+    URI into these fields and checks every rule about them, once (see ``_pkcs11_key``). The backend trusts them, and
+    checks only what the host can tell at run time: the module's real path, the PIN file's owner and mode.
+    """
 
     backend: PKCS11Backend = "pkcs11"
-    module: Path | None = None
+    module: Path
     token_label: str | None = None
     key_label: str | None = None
     key_id: bytes | None = None
-    uri: str | None = None
+    """With ``key_label``, or instead of it: at least one of the two is set."""
     pin_file: Path | None = None
     pin_env: str | None = None
+    """At most one of ``pin_file`` and ``pin_env`` is set (none: the token needs no login)."""
     init_params: str | None = None
     """Module-specific C_Initialize parameters (NSS softoken: ``configdir='sql:/path' ...``)."""
     oaep: OaepMode = "token"
@@ -588,29 +595,65 @@ def _file_key(t: _Table) -> FileKeyConfig:
 
 
 def _pkcs11_key(t: _Table) -> PKCS11KeyConfig:
-    result = PKCS11KeyConfig(
-        module=t.get_opt_path("module"),
-        token_label=t.get_opt_str("token_label"),
-        key_label=t.get_opt_str("key_label"),
-        key_id=t.get_opt_hex("key_id"),
-        uri=t.get_opt_str("uri"),
-        pin_file=t.get_opt_path("pin_file"),
-        pin_env=t.get_opt_str("pin_env"),
+    """Merge the optional ``uri`` into the key fields and check the selection.
+
+    A field *complements* the URI (``module`` / ``module-path``, ``token_label`` / ``token``, ``key_label`` /
+    ``object``, ``key_id`` / ``id``, ``pin_file`` / ``pin-source``): a value given in both places must agree, or it
+    is an error (no silent precedence in security configuration). The URI's ``type``, if any, is ``private``.
+    ``init_params`` and ``oaep`` exist only as fields.
+    """
+    if t.has("pin"):
+        raise ConfigError(f"{t._key('pin')}: a PIN is never written inline; use pin_file or pin_env")
+    uri = _pkcs11_uri(t)
+    module = _agree(t, "module", t.get_opt_path("module"), "module-path", uri.module_path)
+    if module is None:
+        raise ConfigError(f"{t._key('module')}: required (or module-path in the uri)")
+    key_label = _agree(t, "key_label", t.get_opt_str("key_label"), "object", uri.object)
+    key_id = _agree(t, "key_id", t.get_opt_hex("key_id"), "id", uri.id)
+    if key_label is None and key_id is None:
+        raise ConfigError(f"{t._key('key_label')}: name the key by key_label, key_id, or object=/id= in the uri")
+    pin_env = t.get_opt_str("pin_env")
+    if uri.pin_file is not None and pin_env is not None:
+        raise ConfigError(f"{t._key('pin_env')}: the uri has a pin-source too; give one PIN source")
+    pin_file = _agree(t, "pin_file", t.get_opt_path("pin_file"), "pin-source", uri.pin_file)
+    if pin_file is not None and pin_env is not None:
+        raise ConfigError(f"{t._key('pin_file')}: give pin_file or pin_env, not both")
+    return PKCS11KeyConfig(
+        module=module,
+        token_label=_agree(t, "token_label", t.get_opt_str("token_label"), "token", uri.token),
+        key_label=key_label,
+        key_id=key_id,
+        pin_file=pin_file,
+        pin_env=pin_env,
         init_params=t.get_opt_str("init_params"),
         oaep=t.get_choice("oaep", OAEP_MODES),
     )
-    if t.has("pin"):
-        raise ConfigError(f"{t._key('pin')}: a PIN is never written inline; use pin_file or pin_env")
-    if result.uri is None:
-        if result.module is None:
-            raise ConfigError(f"{t._key('module')}: required unless a pkcs11: uri names the module")
-        if result.key_label is None and result.key_id is None:
-            raise ConfigError(f"{t._key('key_label')}: name the key by key_label, key_id or uri")
-    elif not result.uri.startswith("pkcs11:"):
-        raise ConfigError(f"{t._key('uri')}: must be an RFC 7512 'pkcs11:' URI")
-    if result.pin_file is not None and result.pin_env is not None:
-        raise ConfigError(f"{t._key('pin_file')}: give pin_file or pin_env, not both")
-    return result
+
+
+def _pkcs11_uri(t: _Table) -> PKCS11URI:
+    """The key's RFC 7512 ``uri``, parsed (an empty one when there is none)."""
+    text = t.get_opt_str("uri")
+    if text is None:
+        return PKCS11URI()
+    try:
+        uri = parse_uri(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{t._key('uri')}: {exc.message}", hint=exc.hint) from None
+    if uri.type not in (None, "private"):
+        raise ConfigError(f"{t._key('uri')}: type={uri.type} cannot sign or decrypt; use type=private")
+    if uri.module_name is not None and uri.module_path is None and not t.has("module"):
+        raise ConfigError(f"{t._key('uri')}: module-name is not supported; give module-path or module")
+    return uri
+
+
+def _agree(t: _Table, key: str, value: T | None, uri_attribute: str, uri_value: T | None) -> T | None:
+    """A key field and the URI attribute that says the same thing: either may be given; both must then agree."""
+    if value is not None and uri_value is not None and value != uri_value:
+        raise ConfigError(
+            f"{t._key(key)}: disagrees with the uri's {uri_attribute}",
+            hint=f"give {key} in one place only, or make both say the same",
+        )
+    return value if value is not None else uri_value
 
 
 def _azure_key(t: _Table) -> AzureKeyVaultKeyConfig:

@@ -236,6 +236,65 @@ def test_key_id_is_hex(tmp_path: Path) -> None:
         parse_config(data, path=tmp_path / "a.toml")
 
 
+# ----- PKCS#11 key selection: fields and an RFC 7512 uri, checked once, here -----
+
+
+def pkcs11_key(**table: Any) -> PKCS11KeyConfig:
+    data = {"identities": {"m0": {"certificate": "c", "signing_key": {"backend": "pkcs11", **table}}}}
+    key = parse_config(data, path=Path("/etc/x/agent.toml")).identities["m0"].signing_key
+    assert isinstance(key, PKCS11KeyConfig)
+    return key
+
+
+def test_a_pkcs11_uri_fills_in_the_key_fields() -> None:
+    uri = "pkcs11:token=t%20one;object=member0;id=%01%a2;type=private?module-path=/usr/lib/p11.so&pin-source=file:/p"
+    assert pkcs11_key(uri=uri) == PKCS11KeyConfig(
+        module=Path("/usr/lib/p11.so"),
+        token_label="t one",
+        key_label="member0",
+        key_id=b"\x01\xa2",
+        pin_file=Path("/p"),
+    )
+    # A field may say the same as the uri, or what the uri leaves out.
+    both = pkcs11_key(uri="pkcs11:object=k", module="lib/p11.so", token_label="t", key_label="k", pin_env="PIN")
+    assert both == PKCS11KeyConfig(module=Path("/etc/x/lib/p11.so"), token_label="t", key_label="k", pin_env="PIN")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"uri": "pkcs11:token=b;object=k", "module": "/m", "token_label": "a"},
+            r"\.token_label: disagrees with the uri's token",
+        ),
+        ({"uri": "pkcs11:object=b", "module": "/m", "key_label": "a"}, r"\.key_label: disagrees with the uri's object"),
+        ({"uri": "pkcs11:id=%02", "module": "/m", "key_id": "01"}, r"\.key_id: disagrees with the uri's id"),
+        ({"uri": "pkcs11:object=k?module-path=/b", "module": "/a"}, r"\.module: disagrees with the uri's module-path"),
+        (
+            {"uri": "pkcs11:object=k?pin-source=/b", "module": "/m", "pin_file": "/a"},
+            r"\.pin_file: disagrees with the uri's pin-source",
+        ),
+        (
+            {"uri": "pkcs11:object=k?pin-source=/b", "module": "/m", "pin_env": "P"},
+            r"\.pin_env: the uri has a pin-source",
+        ),
+        ({"module": "/m", "key_label": "k", "pin_file": "/p", "pin_env": "P"}, r"\.pin_file: give pin_file or pin_env"),
+        (
+            {"uri": "pkcs11:object=x?pin-value=1234", "module": "/m"},
+            r"\.uri: pkcs11 URI: pin-value is refused",
+        ),
+        ({"uri": "pkcs11:object=k;type=cert", "module": "/m"}, r"\.uri: type=cert cannot sign or decrypt"),
+        ({"uri": "pkcs11:object=k?module-name=softhsm2"}, r"\.uri: module-name is not supported"),
+        ({"uri": "pkcs11:object=k"}, r"\.module: required \(or module-path in the uri\)"),
+        ({"key_label": "k"}, r"\.module: required"),
+        ({"uri": "pkcs11:token=t?module-path=/m"}, r"\.key_label: name the key by key_label, key_id, or object=/id="),
+    ],
+)
+def test_pkcs11_key_rules(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^identities\.m0\.signing_key{message}"):
+        pkcs11_key(**table)
+
+
 def test_message_types_and_key_stores_are_named_once() -> None:
     """The policy's message types are COSE's, in the same order; every key store has its config class."""
     from signing_agent.cose.governance import MsgType
