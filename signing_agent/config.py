@@ -114,8 +114,7 @@ KeyConfig = FileKeyConfig | PKCS11KeyConfig | AzureKeyVaultKeyConfig
 class KeyVaultConfig:
     """``[keyvault]``: the throttle and retry budget of Azure Key Vault operations, per vault host.
 
-    The defaults equal ``ThrottleSettings`` and ``AzureKeyVaultSettings`` (a unit test keeps them in step): this
-    module cannot import those, because the backends depend on config and not the other way round.
+    The backend's ``ThrottleSettings`` and ``AzureKeyVaultSettings`` take their defaults from these.
     """
 
     max_concurrency: int = 16
