@@ -4,6 +4,11 @@ Security configuration must not guess: an unknown key is an error that names its
 error that says what was expected, and relative paths resolve from the config file's folder. Secrets are never
 inline: a PKCS#11 PIN comes from ``pin_file`` (mode 0600 or stricter) or ``pin_env``. ``config.example.toml`` is the
 documented source of truth and a unit test loads it, so it cannot rot.
+
+Each default is written once, on its dataclass field: the parser reads an absent key's default from there
+(``_Table``) and never states one. Each rule about the configuration's shape is checked once, here; the code that
+consumes a config trusts it, and checks only what it alone learns at run time (that a PIN file is the agent's own
+and mode 0600, that a module path is in an allowed folder).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ DEFAULT_SOCKET = Path("/run/signing-agent/agent.sock")
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_CREATED_AT_SKEW = 300
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+# The closed sets of names a value may take. Each Literal types its fields (and the code that reads them, so a typo
+# is a mypy error), and its values, get_args(), are the choices the parser accepts: each name is written once.
 ApiVersion = Literal["2023-06-01-preview", "2024-07-01"]
 """The CCF governance API versions the agent speaks."""
 SUPPORTED_API_VERSIONS: tuple[ApiVersion, ...] = get_args(ApiVersion)
@@ -43,19 +51,17 @@ MsgTypeName = Literal["proposal", "ballot", "withdrawal", "state_digest", "ack",
 """The governance message types, as policy rules and the policy name them (``cose.governance.MsgType`` has the same
 values, a unit test keeps them in step: cose and policy are sibling layers and share this instead)."""
 MSG_TYPES: tuple[MsgTypeName, ...] = get_args(MsgTypeName)
+FileBackend = Literal["file"]
+PKCS11Backend = Literal["pkcs11"]
+AzureKeyVaultBackend = Literal["azure-keyvault"]
+BackendKind = Literal[FileBackend, PKCS11Backend, AzureKeyVaultBackend]
+"""The key stores, as ``backend = ...`` names them; each key config class has one as its ``backend``."""
+BACKEND_KINDS: tuple[BackendKind, ...] = get_args(BackendKind)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
 C = TypeVar("C", bound=str)
-
-
-FileBackend = Literal["file"]
-PKCS11Backend = Literal["pkcs11"]
-AzureKeyVaultBackend = Literal["azure-keyvault"]
-BackendKind = Literal[FileBackend, PKCS11Backend, AzureKeyVaultBackend]
-"""The key stores, as ``backend = ...`` names them."""
-BACKEND_KINDS: tuple[BackendKind, ...] = get_args(BackendKind)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
