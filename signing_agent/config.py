@@ -383,6 +383,17 @@ class _Table:
         value = self._text(key)
         return value if value is not None else self._default(key, str)
 
+    def get_opt_https_url(self, key: str, *, why: str = "") -> str | None:
+        """An ``https://`` URL; ``why`` ends the error message for any other."""
+        value = self.get_opt_str(key)
+        if value is not None and not value.startswith("https://"):
+            raise ConfigError(f"{self._key(key)}: must be an https:// URL{why}")
+        return value
+
+    def get_https_url(self, key: str, *, why: str = "") -> str:
+        value = self.get_opt_https_url(key, why=why)
+        return value if value is not None else self._default(key, str)
+
     def get_choice(self, key: str, choices: tuple[C, ...]) -> C:
         """One of ``choices``: a ``Literal``'s values, so the result has that ``Literal`` type."""
         return self._choose(key, self.get_str(key), choices)
@@ -662,11 +673,8 @@ def _agree(t: _Table, key: str, value: T | None, uri_attribute: str, uri_value: 
 
 
 def _azure_key(t: _Table) -> AzureKeyVaultKeyConfig:
-    vault_url = t.get_str("vault_url")
-    if not vault_url.startswith("https://"):
-        raise ConfigError(f"{t._key('vault_url')}: must be an https:// URL")
     result = AzureKeyVaultKeyConfig(
-        vault_url=vault_url.rstrip("/"),
+        vault_url=t.get_https_url("vault_url").rstrip("/"),
         key_name=t.get_str("key_name"),
         key_version=t.get_opt_str("key_version"),
         credential=t.get_choice("credential", AZURE_CREDENTIALS),
@@ -695,14 +703,11 @@ def _identity(name: str, t: _Table) -> IdentityConfig:
 
 
 def _service(name: str, t: _Table) -> ServiceConfig:
-    url = t.get_str("url")
-    if not url.startswith("https://"):
-        raise ConfigError(f"{t._key('url')}: must be an https:// URL (CCF only speaks TLS)")
     svc = ServiceConfig(
         name=name,
-        url=url.rstrip("/"),
+        url=t.get_https_url("url", why=" (CCF only speaks TLS)").rstrip("/"),
         service_certificate=t.get_opt_path("service_certificate"),
-        identity_url=t.get_opt_str("identity_url"),
+        identity_url=t.get_opt_https_url("identity_url"),
         identity_ca_bundle=t.get_opt_path("identity_ca_bundle"),
         api_version=t.get_choice("api_version", SUPPORTED_API_VERSIONS),
         connect_timeout=t.get_number("connect_timeout"),
@@ -722,8 +727,6 @@ def _service(name: str, t: _Table) -> ServiceConfig:
             f"{t._key('service_certificate')}: required (or identity_url for Azure Managed CCF): "
             "the agent only talks to a service whose certificate it pins"
         )
-    if svc.identity_url is not None and not svc.identity_url.startswith("https://"):
-        raise ConfigError(f"{t._key('identity_url')}: must be an https:// URL")
     t.finish()
     return svc
 
