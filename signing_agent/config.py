@@ -4,63 +4,95 @@ Security configuration must not guess: an unknown key is an error that names its
 error that says what was expected, and relative paths resolve from the config file's folder. Secrets are never
 inline: a PKCS#11 PIN comes from ``pin_file`` (mode 0600 or stricter) or ``pin_env``. ``config.example.toml`` is the
 documented source of truth and a unit test loads it, so it cannot rot.
+
+Each default is written once, on its dataclass field: the parser reads an absent key's default from there
+(``_Table``) and never states one. Each rule about the configuration's shape is checked once, here; the code that
+consumes a config trusts it, and checks only what it alone learns at run time (that a PIN file is the agent's own
+and mode 0600, that a module path is in an allowed folder).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar, assert_never, get_args
 
 from signing_agent.errors import ConfigError
+from signing_agent.pkcs11_uri import PKCS11URI, parse_uri
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DEFAULT_SOCKET = Path("/run/signing-agent/agent.sock")
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_CREATED_AT_SKEW = 300
-DEFAULT_API_VERSION = "2024-07-01"
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-SUPPORTED_API_VERSIONS = ("2023-06-01-preview", "2024-07-01")
-AZURE_CREDENTIALS = (
-    "default",
-    "managed-identity",
-    "workload-identity",
-    "client-secret",
-    "client-certificate",
-    "azure-cli",
-)
+
+# The closed sets of names a value may take. Each Literal types its fields (and the code that reads them, so a typo
+# is a mypy error), and its values, get_args(), are the choices the parser accepts: each name is written once.
+ApiVersion = Literal["2023-06-01-preview", "2024-07-01"]
+"""The CCF governance API versions the agent speaks."""
+SUPPORTED_API_VERSIONS: tuple[ApiVersion, ...] = get_args(ApiVersion)
+DEFAULT_API_VERSION: ApiVersion = "2024-07-01"
+AzureCredential = Literal[
+    "default", "managed-identity", "workload-identity", "client-secret", "client-certificate", "azure-cli"
+]
+AZURE_CREDENTIALS: tuple[AzureCredential, ...] = get_args(AzureCredential)
+OaepMode = Literal["token", "host"]
+OAEP_MODES: tuple[OaepMode, ...] = get_args(OaepMode)
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+MsgTypeName = Literal["proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share"]
+"""The governance message types, as policy rules and the policy name them (``cose.governance.MsgType`` has the same
+values, a unit test keeps them in step: cose and policy are sibling layers and share this instead)."""
+MSG_TYPES: tuple[MsgTypeName, ...] = get_args(MsgTypeName)
+FileBackend = Literal["file"]
+PKCS11Backend = Literal["pkcs11"]
+AzureKeyVaultBackend = Literal["azure-keyvault"]
+BackendKind = Literal[FileBackend, PKCS11Backend, AzureKeyVaultBackend]
+"""The key stores, as ``backend = ...`` names them; each key config class has one as its ``backend``."""
+BACKEND_KINDS: tuple[BackendKind, ...] = get_args(BackendKind)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
+C = TypeVar("C", bound=str)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileKeyConfig:
     """A PEM private key on disk. Development only: the daemon warns."""
 
-    backend: Literal["file"] = "file"
+    backend: FileBackend = "file"
     path: Path
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PKCS11KeyConfig:
-    """A key in a PKCS#11 token, named by token label plus key label or id, or by an RFC 7512 URI."""
+    """A key in a PKCS#11 token: which module, token and key, and where the PIN comes from.
 
-    backend: Literal["pkcs11"] = "pkcs11"
-    module: Path | None = None
+    The configuration may name the key by fields, by an RFC 7512 ``uri``, or by both: ``parse_config`` merges the
+    URI into these fields and checks every rule about them, once (see ``_pkcs11_key``). The backend trusts them, and
+    checks only what the host can tell at run time: the module's real path, the PIN file's owner and mode.
+    """
+
+    backend: PKCS11Backend = "pkcs11"
+    module: Path
     token_label: str | None = None
     key_label: str | None = None
     key_id: bytes | None = None
-    uri: str | None = None
+    """With ``key_label``, or instead of it: at least one of the two is set."""
     pin_file: Path | None = None
     pin_env: str | None = None
+    """At most one of ``pin_file`` and ``pin_env`` is set (none: the token needs no login)."""
     init_params: str | None = None
     """Module-specific C_Initialize parameters (NSS softoken: ``configdir='sql:/path' ...``)."""
-    oaep: Literal["token", "host"] = "token"
+    oaep: OaepMode = "token"
     """For encryption keys: ``host`` opts in to raw RSA in the token and OAEP decoding on the host."""
 
 
@@ -68,11 +100,11 @@ class PKCS11KeyConfig:
 class AzureKeyVaultKeyConfig:
     """A key in Azure Key Vault or Managed HSM."""
 
-    backend: Literal["azure-keyvault"] = "azure-keyvault"
+    backend: AzureKeyVaultBackend = "azure-keyvault"
     vault_url: str
     key_name: str
     key_version: str | None = None
-    credential: str = "default"
+    credential: AzureCredential = "default"
     client_id: str | None = None
     tenant_id: str | None = None
     client_secret_env: str | None = None
@@ -88,8 +120,7 @@ KeyConfig = FileKeyConfig | PKCS11KeyConfig | AzureKeyVaultKeyConfig
 class KeyVaultConfig:
     """``[keyvault]``: the throttle and retry budget of Azure Key Vault operations, per vault host.
 
-    The defaults equal ``ThrottleSettings`` and ``AzureKeyVaultSettings`` (a unit test keeps them in step): this
-    module cannot import those, because the backends depend on config and not the other way round.
+    The backend's ``ThrottleSettings`` and ``AzureKeyVaultSettings`` take their defaults from these.
     """
 
     max_concurrency: int = 16
@@ -136,7 +167,7 @@ class AgentSection:
     denial_rate_limit: int = 30
     """Denied or malformed requests a peer uid may make per ``denial_rate_window`` before it gets 429s."""
     denial_rate_window: float = 60.0
-    log_level: str = "info"
+    log_level: LogLevel = "info"
 
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
@@ -165,7 +196,7 @@ class PolicyRuleConfig:
     gids: tuple[int, ...] = ()
     executables: tuple[str, ...] | None = None
     identities: tuple[str, ...] | None = None
-    msg_types: tuple[str, ...] | None = None
+    msg_types: tuple[MsgTypeName, ...] | None = None
     actions_allow: tuple[str, ...] | None = None
     actions_deny: tuple[str, ...] = ()
     ballots: tuple[str, ...] | None = None
@@ -194,7 +225,7 @@ class ServiceConfig:
     identity_url: str | None = None
     identity_ca_bundle: Path | None = None
     """Trust for the identity endpoint instead of the system CAs (private endpoints, tests)."""
-    api_version: str = DEFAULT_API_VERSION
+    api_version: ApiVersion = DEFAULT_API_VERSION
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
     """Seconds for one attempt: connecting, sending, and the whole answer, body included."""
@@ -250,16 +281,51 @@ class AgentConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
-_MISSING: Any = object()
+def one_of(value: str, choices: tuple[C, ...]) -> C | None:
+    """``value`` as the member of ``choices`` it equals, typed as their ``Literal``; None when it is none of them."""
+    for choice in choices:
+        if choice == value:
+            return choice
+    return None
+
+
+def msg_type_name(value: str) -> MsgTypeName:
+    """A governance message type (such as a ``cose.governance.MsgType``) as the policy names it."""
+    name = one_of(value, MSG_TYPES)
+    if name is None:
+        raise ValueError(f"{value!r} is not a governance message type")
+    return name
+
+
+def _schema_defaults(schema: type[DataclassInstance] | None) -> dict[str, object]:
+    """The defaults of a dataclass's fields, by name: the one place a configuration default is written."""
+    defaults: dict[str, object] = {}
+    for f in dataclasses.fields(schema) if schema is not None else ():
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
 class _Table:
-    """A TOML table being read: typed getters, path resolution, and an unknown-key check at the end."""
+    """A TOML table being read into the dataclass ``schema``: typed getters, path resolution, and an unknown-key
+    check at the end.
 
-    def __init__(self, data: Mapping[str, Any], path: str, base_dir: Path) -> None:
+    A getter returns the key's value, checked against the type it returns, or, when the key is absent, the default
+    of the schema's field of the same name: defaults are written once, on the dataclasses, and the parser never
+    restates one. A key whose field has no default is required. ``get_opt_*`` getters return None for an absent key
+    without a default; a default the parser computes (say, from another key) is written there as ``or ...``.
+    """
+
+    def __init__(
+        self, data: Mapping[str, object], path: str, base_dir: Path, schema: type[DataclassInstance] | None = None
+    ) -> None:
         self._data = dict(data)
         self._path = path
         self._base = base_dir
+        self._schema = schema
+        self._defaults = _schema_defaults(schema)
         self._seen: set[str] = set()
 
     def _key(self, key: str) -> str:
@@ -268,88 +334,215 @@ class _Table:
     def has(self, key: str) -> bool:
         return key in self._data
 
-    def _get(self, key: str, types: tuple[type, ...], what: str, default: Any) -> Any:
+    def reading(self, schema: type[DataclassInstance]) -> _Table:
+        """This table, read into ``schema`` (when the table's own keys decide which, as ``backend`` does)."""
+        table = _Table(self._data, self._path, self._base, schema)
+        table._seen = self._seen
+        return table
+
+    # --- the raw value, the default ---------------------------------------------------------------------------
+
+    def _lookup(self, key: str, kinds: tuple[type[T], ...], what: str) -> T | None:
+        """The key's value, of one of ``kinds``, or None when the table lacks the key (TOML has no null)."""
         self._seen.add(key)
         if key not in self._data:
-            if default is _MISSING:
-                raise ConfigError(f"{self._key(key)}: required key is missing")
-            return default
+            return None
         value = self._data[key]
         # bool is an int in Python; never accept one for the other.
-        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
             raise ConfigError(f"{self._key(key)}: expected {what}, got {type(value).__name__} {value!r}")
         return value
 
-    def get_str(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, (str,), "a string", default)
-        if isinstance(value, str) and not value:
+    def _default(self, key: str, kind: type[T]) -> T:
+        """The schema's default for an absent key; without one, the key is required."""
+        value = self._opt_default(key, kind)
+        if value is None:
+            raise ConfigError(f"{self._key(key)}: required key is missing")
+        return value
+
+    def _opt_default(self, key: str, kind: type[T]) -> T | None:
+        """The schema's default for an absent key, or None when it has none."""
+        value = self._defaults.get(key)
+        if value is not None and not isinstance(value, kind):  # pragma: no cover -- a getter unfit for its field
+            schema = self._schema.__name__ if self._schema is not None else "?"
+            raise TypeError(f"{schema}.{key}: the default {value!r} is not a {kind.__name__}")
+        return value
+
+    def _text(self, key: str) -> str | None:
+        """A non-empty string, or None when absent (no default: the callers convert the text first)."""
+        value = self._lookup(key, (str,), "a string")
+        if value == "":
             raise ConfigError(f"{self._key(key)}: must not be empty")
         return value
 
-    def get_choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
-        value = self.get_str(key, default)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{self._key(key)}: {value!r} is not one of {', '.join(choices)}")
+    # --- scalars ----------------------------------------------------------------------------------------------
+
+    def get_opt_str(self, key: str) -> str | None:
+        value = self._text(key)
+        return value if value is not None else self._opt_default(key, str)
+
+    def get_str(self, key: str) -> str:
+        value = self._text(key)
+        return value if value is not None else self._default(key, str)
+
+    def get_opt_https_url(self, key: str, *, why: str = "") -> str | None:
+        """An ``https://`` URL; ``why`` ends the error message for any other."""
+        value = self.get_opt_str(key)
+        if value is not None and not value.startswith("https://"):
+            raise ConfigError(f"{self._key(key)}: must be an https:// URL{why}")
         return value
 
-    def get_int(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> Any:
-        value = self._get(key, (int,), "an integer", default)
-        if minimum is not None and isinstance(value, int) and value < minimum:
+    def get_https_url(self, key: str, *, why: str = "") -> str:
+        value = self.get_opt_https_url(key, why=why)
+        return value if value is not None else self._default(key, str)
+
+    def get_choice(self, key: str, choices: tuple[C, ...]) -> C:
+        """One of ``choices``: a ``Literal``'s values, so the result has that ``Literal`` type."""
+        return self._choose(key, self.get_str(key), choices)
+
+    def _choose(self, key: str, value: str, choices: tuple[C, ...]) -> C:
+        choice = one_of(value, choices)
+        if choice is None:
+            raise ConfigError(f"{self._key(key)}: {value!r} is not one of {', '.join(choices)}")
+        return choice
+
+    def get_opt_int(self, key: str, *, minimum: int | None = None) -> int | None:
+        value = self._lookup(key, (int,), "an integer")
+        if value is None:
+            return self._opt_default(key, int)
+        if minimum is not None and value < minimum:
             raise ConfigError(f"{self._key(key)}: must be at least {minimum}, got {value}")
         return value
 
-    def get_number(self, key: str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
-        value = self._get(key, (int, float), "a number", default)
-        if isinstance(value, int | float) and value <= minimum:
-            raise ConfigError(f"{self._key(key)}: must be greater than {minimum}, got {value}")
-        return float(value) if value is not None else None
+    def get_int(self, key: str, *, minimum: int | None = None) -> int:
+        value = self.get_opt_int(key, minimum=minimum)
+        return value if value is not None else self._default(key, int)
 
-    def get_int_list(self, key: str) -> tuple[int, ...]:
-        value = self._get(key, (list,), "a list of integers", [])
+    def get_number(self, key: str, *, minimum: float = 0.0) -> float:
+        """A number greater than ``minimum``; an integer is taken as a float."""
+        value = self._lookup(key, (int, float), "a number")
+        if value is None:
+            return self._default(key, float)
+        if value <= minimum:
+            raise ConfigError(f"{self._key(key)}: must be greater than {minimum}, got {value}")
+        return float(value)
+
+    def get_bool(self, key: str) -> bool:
+        value = self._lookup(key, (bool,), "true or false")
+        return value if value is not None else self._default(key, bool)
+
+    def get_opt_path(self, key: str) -> Path | None:
+        """A path; a relative one resolves from the config file's folder."""
+        value = self._text(key)
+        return self._resolve(value) if value is not None else self._opt_default(key, Path)
+
+    def get_path(self, key: str) -> Path:
+        value = self.get_opt_path(key)
+        return value if value is not None else self._default(key, Path)
+
+    def _resolve(self, text: str) -> Path:
+        p = Path(os.path.expanduser(text))
+        return p if p.is_absolute() else (self._base / p)
+
+    def get_opt_hex(self, key: str) -> bytes | None:
+        """Bytes written as hex (``"01a2"``)."""
+        value = self._text(key)
+        if value is None:
+            return self._opt_default(key, bytes)
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise ConfigError(f'{self._key(key)}: expected hex, e.g. "01a2"') from None
+
+    def get_mode(self, key: str) -> int:
+        """File permission bits: an octal string (``"0660"``) or an integer."""
+        value = self._lookup(key, (str, int), 'an octal string such as "0660"')
+        if value is None:
+            return self._default(key, int)
+        if isinstance(value, int):
+            return value
+        if not (isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value)):
+            raise ConfigError(f'{self._key(key)}: expected an octal string such as "0660"')
+        return int(value, 8)
+
+    # --- lists ------------------------------------------------------------------------------------------------
+
+    def get_uint_tuple(self, key: str) -> tuple[int, ...]:
+        """A list of non-negative integers."""
+        value = self._lookup(key, (list,), "a list of integers")
+        if value is None:
+            return self._default(key, tuple)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise ConfigError(f"{self._key(key)}: expected a list of non-negative integers")
         return tuple(value)
 
-    def get_bool(self, key: str, default: Any = _MISSING) -> Any:
-        return self._get(key, (bool,), "true or false", default)
-
-    def get_str_list(self, key: str) -> tuple[str, ...] | None:
-        """A list of non-empty strings, or None when the key is absent."""
-        value = self._get(key, (list,), "a list of strings", None)
-        if value is None:
-            return None
-        if not all(isinstance(v, str) and v for v in value):
+    def _texts(self, key: str) -> tuple[str, ...] | None:
+        """A list of non-empty strings, or None when absent."""
+        value = self._lookup(key, (list,), "a list of strings")
+        if value is not None and not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{self._key(key)}: expected a list of non-empty strings")
-        return tuple(value)
+        return tuple(value) if value is not None else None
 
-    def get_path_list(self, key: str) -> list[Path]:
-        """A list of paths (relative ones resolve from the config file's folder); empty when absent."""
-        values = self.get_str_list(key) or ()
-        paths = [Path(os.path.expanduser(v)) for v in values]
-        return [p if p.is_absolute() else (self._base / p) for p in paths]
+    def get_opt_str_tuple(self, key: str) -> tuple[str, ...] | None:
+        value = self._texts(key)
+        return value if value is not None else self._opt_default(key, tuple)
 
-    def get_path(self, key: str, default: Any = _MISSING) -> Any:
-        value = self.get_str(key, default)
-        if value is None or isinstance(value, Path):
-            return value
-        p = Path(os.path.expanduser(value))
-        return p if p.is_absolute() else (self._base / p)
+    def get_str_tuple(self, key: str) -> tuple[str, ...]:
+        value = self._texts(key)
+        return value if value is not None else self._default(key, tuple)
 
-    def get_table(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, (dict,), "a table", default)
+    def get_opt_choice_tuple(self, key: str, choices: tuple[C, ...]) -> tuple[C, ...] | None:
+        """A list of ``choices`` (a ``Literal``'s values)."""
+        value = self._texts(key)
+        if value is None:
+            return self._opt_default(key, tuple)
+        return tuple(self._choose(key, v, choices) for v in value)
+
+    def get_path_tuple(self, key: str) -> tuple[Path, ...]:
+        """A list of paths; relative ones resolve from the config file's folder."""
+        value = self._texts(key)
+        return tuple(self._resolve(v) for v in value) if value is not None else self._default(key, tuple)
+
+    # --- tables -----------------------------------------------------------------------------------------------
+
+    def get_opt_table(self, key: str, schema: type[DataclassInstance] | None = None) -> _Table | None:
+        value = self._lookup(key, (dict,), "a table")
         if value is None:
             return None
-        return _Table(value, self._key(key), self._base)
+        return _Table(value, self._key(key), self._base, schema)
 
-    def get_tables(self, key: str) -> dict[str, _Table]:
-        value = self._get(key, (dict,), "a table of tables", {})
+    def get_table(self, key: str, schema: type[DataclassInstance] | None = None) -> _Table:
+        """A required table."""
+        table = self.get_opt_table(key, schema)
+        if table is None:
+            raise ConfigError(f"{self._key(key)}: required key is missing")
+        return table
+
+    def get_section(self, key: str, schema: type[DataclassInstance]) -> _Table:
+        """A table that may be left out: an absent one reads as empty, so every key takes its default."""
+        table = self.get_opt_table(key, schema)
+        return table if table is not None else _Table({}, self._key(key), self._base, schema)
+
+    def get_tables(self, key: str, schema: type[DataclassInstance]) -> dict[str, _Table]:
+        """A table of named tables (``[identities.NAME]``); none when absent."""
+        value = self._lookup(key, (dict,), "a table of tables")
         out: dict[str, _Table] = {}
-        for name, sub in value.items():
+        for name, sub in (value or {}).items():
             if not _NAME_RE.match(name):
                 raise ConfigError(f"{self._key(key)}.{name}: names use letters, digits, '_', '.', '-' (max 64)")
             if not isinstance(sub, dict):
                 raise ConfigError(f"{self._key(key)}.{name}: expected a table")
-            out[name] = _Table(sub, f"{self._key(key)}.{name}", self._base)
+            out[name] = _Table(sub, f"{self._key(key)}.{name}", self._base, schema)
+        return out
+
+    def get_table_list(self, key: str, schema: type[DataclassInstance]) -> list[_Table]:
+        """An array of tables (``[[policy.rules]]``); none when absent."""
+        value = self._lookup(key, (list,), f"an array of tables ([[{self._key(key)}]])")
+        out: list[_Table] = []
+        for i, sub in enumerate(value or ()):
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{self._key(key)}[{i}]: expected a table")
+            out.append(_Table(sub, f"{self._key(key)}[{i}]", self._base, schema))
         return out
 
     def finish(self) -> None:
@@ -361,15 +554,37 @@ class _Table:
             )
 
 
+def _agent(root: _Table) -> AgentSection:
+    t = root.get_section("agent", AgentSection)
+    agent = AgentSection(
+        socket=t.get_path("socket"),
+        socket_mode=_socket_mode(t),
+        socket_group=t.get_opt_str("socket_group"),
+        max_request_bytes=t.get_int("max_request_bytes", minimum=1024),
+        allowed_uids=t.get_uint_tuple("allowed_uids"),
+        allowed_gids=t.get_uint_tuple("allowed_gids"),
+        request_timeout=t.get_number("request_timeout"),
+        header_timeout=t.get_number("header_timeout"),
+        body_timeout=t.get_number("body_timeout"),
+        max_created_at_skew=t.get_int("max_created_at_skew", minimum=0),
+        max_connections=t.get_int("max_connections", minimum=2),
+        max_connections_per_uid=t.get_int("max_connections_per_uid", minimum=1),
+        denial_rate_limit=t.get_int("denial_rate_limit", minimum=1),
+        denial_rate_window=t.get_number("denial_rate_window"),
+        log_level=t.get_choice("log_level", LOG_LEVELS),
+    )
+    t.finish()
+    if agent.max_connections < 2 * agent.max_connections_per_uid:
+        raise ConfigError(
+            f"agent.max_connections: must be at least twice agent.max_connections_per_uid "
+            f"({agent.max_connections_per_uid}), got {agent.max_connections}",
+            hint="max_connections_per_uid of them are kept for root and the agent's own uid",
+        )
+    return agent
+
+
 def _socket_mode(t: _Table) -> int:
-    t._seen.add("socket_mode")
-    raw = t._data.get("socket_mode", "0600")
-    if isinstance(raw, str) and re.fullmatch(r"0?[0-7]{3}", raw):
-        mode = int(raw, 8)
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        mode = raw
-    else:
-        raise ConfigError(f'{t._key("socket_mode")}: expected an octal string such as "0660"')
+    mode = t.get_mode("socket_mode")
     if mode & 0o7007 or not mode & 0o600 == 0o600:
         raise ConfigError(
             f"{t._key('socket_mode')}: {oct(mode)} is not allowed: the owner needs rw and 'other' gets nothing"
@@ -378,126 +593,174 @@ def _socket_mode(t: _Table) -> int:
 
 
 def _key_config(t: _Table) -> KeyConfig:
-    backend = t.get_choice("backend", ("file", "pkcs11", "azure-keyvault"))
+    backend = t.get_choice("backend", BACKEND_KINDS)
     result: KeyConfig
     match backend:
         case "file":
-            result = FileKeyConfig(path=t.get_path("path"))
+            result = _file_key(t.reading(FileKeyConfig))
         case "pkcs11":
-            key_id = t.get_str("key_id", None)
-            try:
-                key_id_bytes = bytes.fromhex(key_id) if key_id is not None else None
-            except ValueError:
-                raise ConfigError(f'{t._key("key_id")}: expected hex, e.g. "01a2"') from None
-            result = PKCS11KeyConfig(
-                module=t.get_path("module", None),
-                token_label=t.get_str("token_label", None),
-                key_label=t.get_str("key_label", None),
-                key_id=key_id_bytes,
-                uri=t.get_str("uri", None),
-                pin_file=t.get_path("pin_file", None),
-                pin_env=t.get_str("pin_env", None),
-                init_params=t.get_str("init_params", None),
-                oaep=t.get_choice("oaep", ("token", "host"), "token"),
-            )
-            if t.has("pin"):
-                raise ConfigError(f"{t._key('pin')}: a PIN is never written inline; use pin_file or pin_env")
-            if result.uri is None:
-                if result.module is None:
-                    raise ConfigError(f"{t._key('module')}: required unless a pkcs11: uri names the module")
-                if result.key_label is None and result.key_id is None:
-                    raise ConfigError(f"{t._key('key_label')}: name the key by key_label, key_id or uri")
-            elif not result.uri.startswith("pkcs11:"):
-                raise ConfigError(f"{t._key('uri')}: must be an RFC 7512 'pkcs11:' URI")
-            if result.pin_file is not None and result.pin_env is not None:
-                raise ConfigError(f"{t._key('pin_file')}: give pin_file or pin_env, not both")
+            result = _pkcs11_key(t.reading(PKCS11KeyConfig))
         case "azure-keyvault":
-            vault_url = t.get_str("vault_url")
-            if not vault_url.startswith("https://"):
-                raise ConfigError(f"{t._key('vault_url')}: must be an https:// URL")
-            result = AzureKeyVaultKeyConfig(
-                vault_url=vault_url.rstrip("/"),
-                key_name=t.get_str("key_name"),
-                key_version=t.get_str("key_version", None),
-                credential=t.get_choice("credential", AZURE_CREDENTIALS, "default"),
-                client_id=t.get_str("client_id", None),
-                tenant_id=t.get_str("tenant_id", None),
-                client_secret_env=t.get_str("client_secret_env", None),
-                client_certificate=t.get_path("client_certificate", None),
-                ca_bundle=t.get_path("ca_bundle", None),
-                api_version=t.get_str("api_version", None),
-            )
-            if t.has("client_secret"):
-                raise ConfigError(f"{t._key('client_secret')}: secrets are never inline; use client_secret_env")
-        case _:  # pragma: no cover -- choice() already refused anything else
-            raise ConfigError(f"{t._key('backend')}: unknown backend {backend!r}")
+            result = _azure_key(t.reading(AzureKeyVaultKeyConfig))
+        case _:  # pragma: no cover -- exhaustive
+            assert_never(backend)
     t.finish()
     return result
 
 
+def _file_key(t: _Table) -> FileKeyConfig:
+    return FileKeyConfig(path=t.get_path("path"))
+
+
+def _pkcs11_key(t: _Table) -> PKCS11KeyConfig:
+    """Merge the optional ``uri`` into the key fields and check the selection.
+
+    A field *complements* the URI (``module`` / ``module-path``, ``token_label`` / ``token``, ``key_label`` /
+    ``object``, ``key_id`` / ``id``, ``pin_file`` / ``pin-source``): a value given in both places must agree, or it
+    is an error (no silent precedence in security configuration). The URI's ``type``, if any, is ``private``.
+    ``init_params`` and ``oaep`` exist only as fields.
+    """
+    if t.has("pin"):
+        raise ConfigError(f"{t._key('pin')}: a PIN is never written inline; use pin_file or pin_env")
+    uri = _pkcs11_uri(t)
+    module = _agree(t, "module", t.get_opt_path("module"), "module-path", uri.module_path)
+    if module is None:
+        raise ConfigError(f"{t._key('module')}: required (or module-path in the uri)")
+    key_label = _agree(t, "key_label", t.get_opt_str("key_label"), "object", uri.object)
+    key_id = _agree(t, "key_id", t.get_opt_hex("key_id"), "id", uri.id)
+    if key_label is None and key_id is None:
+        raise ConfigError(f"{t._key('key_label')}: name the key by key_label, key_id, or object=/id= in the uri")
+    pin_env = t.get_opt_str("pin_env")
+    if uri.pin_file is not None and pin_env is not None:
+        raise ConfigError(f"{t._key('pin_env')}: the uri has a pin-source too; give one PIN source")
+    pin_file = _agree(t, "pin_file", t.get_opt_path("pin_file"), "pin-source", uri.pin_file)
+    if pin_file is not None and pin_env is not None:
+        raise ConfigError(f"{t._key('pin_file')}: give pin_file or pin_env, not both")
+    return PKCS11KeyConfig(
+        module=module,
+        token_label=_agree(t, "token_label", t.get_opt_str("token_label"), "token", uri.token),
+        key_label=key_label,
+        key_id=key_id,
+        pin_file=pin_file,
+        pin_env=pin_env,
+        init_params=t.get_opt_str("init_params"),
+        oaep=t.get_choice("oaep", OAEP_MODES),
+    )
+
+
+def _pkcs11_uri(t: _Table) -> PKCS11URI:
+    """The key's RFC 7512 ``uri``, parsed (an empty one when there is none)."""
+    text = t.get_opt_str("uri")
+    if text is None:
+        return PKCS11URI()
+    try:
+        uri = parse_uri(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{t._key('uri')}: {exc.message}", hint=exc.hint) from None
+    if uri.type not in (None, "private"):
+        raise ConfigError(f"{t._key('uri')}: type={uri.type} cannot sign or decrypt; use type=private")
+    if uri.module_name is not None and uri.module_path is None and not t.has("module"):
+        raise ConfigError(f"{t._key('uri')}: module-name is not supported; give module-path or module")
+    return uri
+
+
+def _agree(t: _Table, key: str, value: T | None, uri_attribute: str, uri_value: T | None) -> T | None:
+    """A key field and the URI attribute that says the same thing: either may be given; both must then agree."""
+    if value is not None and uri_value is not None and value != uri_value:
+        raise ConfigError(
+            f"{t._key(key)}: disagrees with the uri's {uri_attribute}",
+            hint=f"give {key} in one place only, or make both say the same",
+        )
+    return value if value is not None else uri_value
+
+
+def _azure_key(t: _Table) -> AzureKeyVaultKeyConfig:
+    result = AzureKeyVaultKeyConfig(
+        vault_url=t.get_https_url("vault_url").rstrip("/"),
+        key_name=t.get_str("key_name"),
+        key_version=t.get_opt_str("key_version"),
+        credential=t.get_choice("credential", AZURE_CREDENTIALS),
+        client_id=t.get_opt_str("client_id"),
+        tenant_id=t.get_opt_str("tenant_id"),
+        client_secret_env=t.get_opt_str("client_secret_env"),
+        client_certificate=t.get_opt_path("client_certificate"),
+        ca_bundle=t.get_opt_path("ca_bundle"),
+        api_version=t.get_opt_str("api_version"),
+    )
+    if t.has("client_secret"):
+        raise ConfigError(f"{t._key('client_secret')}: secrets are never inline; use client_secret_env")
+    return result
+
+
+def _identity(name: str, t: _Table) -> IdentityConfig:
+    enc = t.get_opt_table("encryption_key")
+    identity = IdentityConfig(
+        name=name,
+        certificate=t.get_path("certificate"),
+        signing_key=_key_config(t.get_table("signing_key")),
+        encryption_key=_key_config(enc) if enc is not None else None,
+    )
+    t.finish()
+    return identity
+
+
 def _service(name: str, t: _Table) -> ServiceConfig:
-    url = t.get_str("url")
-    if not url.startswith("https://"):
-        raise ConfigError(f"{t._key('url')}: must be an https:// URL (CCF only speaks TLS)")
     svc = ServiceConfig(
         name=name,
-        url=url.rstrip("/"),
-        service_certificate=t.get_path("service_certificate", None),
-        identity_url=t.get_str("identity_url", None),
-        identity_ca_bundle=t.get_path("identity_ca_bundle", None),
-        api_version=t.get_choice("api_version", SUPPORTED_API_VERSIONS, DEFAULT_API_VERSION),
-        connect_timeout=t.get_number("connect_timeout", 5.0),
-        request_timeout=t.get_number("request_timeout", 30.0),
-        read_timeout=t.get_number("read_timeout", 10.0),
-        total_timeout=t.get_number("total_timeout", 45.0),
-        max_response_bytes=t.get_int("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES, minimum=4096),
-        max_attempts=t.get_int("max_attempts", 5, minimum=1),
-        backoff_initial=t.get_number("backoff_initial", 0.2),
-        backoff_max=t.get_number("backoff_max", 5.0),
-        accepted_service_certificates=tuple(t.get_path_list("accepted_service_certificates")),
-        accept_transition_to=t.get_bool("accept_transition_to", False),
-        recovery_identities=t.get_str_list("recovery_identities") or (),
+        url=t.get_https_url("url", why=" (CCF only speaks TLS)").rstrip("/"),
+        service_certificate=t.get_opt_path("service_certificate"),
+        identity_url=t.get_opt_https_url("identity_url"),
+        identity_ca_bundle=t.get_opt_path("identity_ca_bundle"),
+        api_version=t.get_choice("api_version", SUPPORTED_API_VERSIONS),
+        connect_timeout=t.get_number("connect_timeout"),
+        request_timeout=t.get_number("request_timeout"),
+        read_timeout=t.get_number("read_timeout"),
+        total_timeout=t.get_number("total_timeout"),
+        max_response_bytes=t.get_int("max_response_bytes", minimum=4096),
+        max_attempts=t.get_int("max_attempts", minimum=1),
+        backoff_initial=t.get_number("backoff_initial"),
+        backoff_max=t.get_number("backoff_max"),
+        accepted_service_certificates=t.get_path_tuple("accepted_service_certificates"),
+        accept_transition_to=t.get_bool("accept_transition_to"),
+        recovery_identities=t.get_str_tuple("recovery_identities"),
     )
     if svc.service_certificate is None and svc.identity_url is None:
         raise ConfigError(
             f"{t._key('service_certificate')}: required (or identity_url for Azure Managed CCF): "
             "the agent only talks to a service whose certificate it pins"
         )
-    if svc.identity_url is not None and not svc.identity_url.startswith("https://"):
-        raise ConfigError(f"{t._key('identity_url')}: must be an https:// URL")
     t.finish()
     return svc
 
 
 def _audit(root: _Table, socket: Path) -> AuditConfig:
-    t = root.get_table("audit", None) or _Table({}, "audit", root._base)
+    t = root.get_section("audit", AuditConfig)
     audit = AuditConfig(
-        path=t.get_path("path", socket.parent / "audit.jsonl"),
-        max_bytes=t.get_int("max_bytes", DEFAULT_AUDIT_MAX_BYTES, minimum=4096),
-        keep_rotated=t.get_int("keep_rotated", DEFAULT_AUDIT_KEEP_ROTATED, minimum=0),
+        path=t.get_opt_path("path") or socket.parent / "audit.jsonl",
+        max_bytes=t.get_int("max_bytes", minimum=4096),
+        keep_rotated=t.get_int("keep_rotated", minimum=0),
     )
     t.finish()
     return audit
 
 
-def _policy_rule(t: _Table, index: int, known_services: Mapping[str, Any]) -> PolicyRuleConfig:
-    name = t.get_str("name", f"rule{index}")
-    services = t.get_str_list("services")
+def _policy_rule(t: _Table, index: int, known_services: Mapping[str, ServiceConfig]) -> PolicyRuleConfig:
+    services = t.get_opt_str_tuple("services")
     rule = PolicyRuleConfig(
-        name=name,
-        uids=t.get_int_list("uids"),
-        gids=t.get_int_list("gids"),
-        executables=t.get_str_list("executables"),
-        identities=t.get_str_list("identities"),
-        msg_types=t.get_str_list("msg_types"),
-        actions_allow=t.get_str_list("actions_allow"),
-        actions_deny=t.get_str_list("actions_deny") or (),
-        ballots=t.get_str_list("ballots"),
+        name=t.get_opt_str("name") or f"rule{index}",
+        uids=t.get_uint_tuple("uids"),
+        gids=t.get_uint_tuple("gids"),
+        executables=t.get_opt_str_tuple("executables"),
+        identities=t.get_opt_str_tuple("identities"),
+        msg_types=t.get_opt_choice_tuple("msg_types", MSG_TYPES),
+        actions_allow=t.get_opt_str_tuple("actions_allow"),
+        actions_deny=t.get_str_tuple("actions_deny"),
+        ballots=t.get_opt_str_tuple("ballots"),
         services=services,
         # A rule limited to some services forwards only: a raw signature could be sent anywhere.
-        raw_sign=t.get_bool("raw_sign", services is None),
-        rate_limit=t.get_int("rate_limit", None, minimum=1),
-        rate_window=t.get_number("rate_window", 60.0),
+        raw_sign=t.get_bool("raw_sign") if t.has("raw_sign") else services is None,
+        rate_limit=t.get_opt_int("rate_limit", minimum=1),
+        rate_window=t.get_number("rate_window"),
     )
     t.finish()
     if not rule.uids and not rule.gids:
@@ -510,31 +773,22 @@ def _policy_rule(t: _Table, index: int, known_services: Mapping[str, Any]) -> Po
             raise ConfigError(
                 f"{t._key('ballots')}: {ballot!r} is neither 'accept', 'reject' nor a lowercase hex SHA-256"
             )
-    valid_types = ("proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share")
-    for msg_type in rule.msg_types or ():
-        if msg_type not in valid_types:
-            raise ConfigError(f"{t._key('msg_types')}: {msg_type!r} is not one of {', '.join(valid_types)}")
     for svc in rule.services or ():
         if svc not in known_services:
             raise ConfigError(f"{t._key('services')}: no service named {svc!r} is configured")
     return rule
 
 
-def _policy(root: _Table, known_services: Mapping[str, Any]) -> PolicyConfig:
-    t = root.get_table("policy", None)
-    if t is None:
-        return PolicyConfig()
-    raw_rules = t._get("rules", (list,), "an array of tables ([[policy.rules]])", [])
-    rules: list[PolicyRuleConfig] = []
-    for i, raw in enumerate(raw_rules):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{t._key('rules')}[{i}]: expected a table")
-        rules.append(_policy_rule(_Table(raw, f"{t._key('rules')}[{i}]", root._base), i, known_services))
+def _policy(root: _Table, known_services: Mapping[str, ServiceConfig]) -> PolicyConfig:
+    t = root.get_section("policy", PolicyConfig)
+    rules = [
+        _policy_rule(rule, i, known_services) for i, rule in enumerate(t.get_table_list("rules", PolicyRuleConfig))
+    ]
     names = [r.name for r in rules]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{t._key('rules')}: duplicate rule name(s): {', '.join(duplicates)}")
-    policy = PolicyConfig(rules=tuple(rules), default_rule=t.get_bool("default_rule", True))
+    policy = PolicyConfig(rules=tuple(rules), default_rule=t.get_bool("default_rule"))
     t.finish()
     return policy
 
@@ -546,16 +800,13 @@ _KEYVAULT_MAX_TOTAL_TIMEOUT = 300.0
 
 
 def _keyvault(root: _Table) -> KeyVaultConfig:
-    defaults = KeyVaultConfig()
-    t = root.get_table("keyvault", None)
-    if t is None:
-        return defaults
+    t = root.get_section("keyvault", KeyVaultConfig)
     cfg = KeyVaultConfig(
-        max_concurrency=t.get_int("max_concurrency", defaults.max_concurrency, minimum=1),
-        rate_per_second=t.get_number("rate_per_second", defaults.rate_per_second),
-        burst=t.get_int("burst", defaults.burst, minimum=1),
-        max_attempts=t.get_int("max_attempts", defaults.max_attempts, minimum=1),
-        total_timeout=t.get_number("total_timeout", defaults.total_timeout),
+        max_concurrency=t.get_int("max_concurrency", minimum=1),
+        rate_per_second=t.get_number("rate_per_second"),
+        burst=t.get_int("burst", minimum=1),
+        max_attempts=t.get_int("max_attempts", minimum=1),
+        total_timeout=t.get_number("total_timeout"),
     )
     t.finish()
     if cfg.max_concurrency > _KEYVAULT_MAX_CONCURRENCY:
@@ -577,18 +828,16 @@ def _recovery(
     services: Mapping[str, ServiceConfig],
     identities: Mapping[str, IdentityConfig],
 ) -> RecoveryConfig:
-    t = root.get_table("recovery", None)
-    cfg = RecoveryConfig(state_dir=audit.path.parent)
-    if t is not None:
-        cfg = RecoveryConfig(
-            enabled=t.get_bool("enabled", False),
-            poll_interval=t.get_number("poll_interval", DEFAULT_RECOVERY_POLL_INTERVAL),
-            max_backoff=t.get_number("max_backoff", 60.0),
-            state_dir=t.get_path("state_dir", audit.path.parent),
-        )
-        t.finish()
-        if cfg.max_backoff < cfg.poll_interval:
-            raise ConfigError(f"{t._key('max_backoff')}: must be at least poll_interval ({cfg.poll_interval:g})")
+    t = root.get_section("recovery", RecoveryConfig)
+    cfg = RecoveryConfig(
+        enabled=t.get_bool("enabled"),
+        poll_interval=t.get_number("poll_interval"),
+        max_backoff=t.get_number("max_backoff"),
+        state_dir=t.get_opt_path("state_dir") or audit.path.parent,
+    )
+    t.finish()
+    if cfg.max_backoff < cfg.poll_interval:
+        raise ConfigError(f"{t._key('max_backoff')}: must be at least poll_interval ({cfg.poll_interval:g})")
     for svc in services.values():
         for ident in svc.recovery_identities:
             where = f"services.{svc.name}.recovery_identities"
@@ -602,49 +851,13 @@ def _recovery(
     return cfg
 
 
-def parse_config(data: Mapping[str, Any], *, path: Path | None = None) -> AgentConfig:
+def parse_config(data: Mapping[str, object], *, path: Path | None = None) -> AgentConfig:
     """Validate an already-parsed TOML document. ``path`` anchors relative paths (default: the cwd)."""
     base = path.parent if path is not None else Path.cwd()
-    root = _Table(data, "", base)
-
-    agent_t = root.get_table("agent", None) or _Table({}, "agent", base)
-    agent = AgentSection(
-        socket=agent_t.get_path("socket", DEFAULT_SOCKET),
-        socket_mode=_socket_mode(agent_t),
-        socket_group=agent_t.get_str("socket_group", None),
-        max_request_bytes=agent_t.get_int("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES, minimum=1024),
-        allowed_uids=agent_t.get_int_list("allowed_uids"),
-        allowed_gids=agent_t.get_int_list("allowed_gids"),
-        request_timeout=agent_t.get_number("request_timeout", 60.0),
-        header_timeout=agent_t.get_number("header_timeout", 10.0),
-        body_timeout=agent_t.get_number("body_timeout", 30.0),
-        max_created_at_skew=agent_t.get_int("max_created_at_skew", DEFAULT_MAX_CREATED_AT_SKEW, minimum=0),
-        max_connections=agent_t.get_int("max_connections", 512, minimum=2),
-        max_connections_per_uid=agent_t.get_int("max_connections_per_uid", 64, minimum=1),
-        denial_rate_limit=agent_t.get_int("denial_rate_limit", 30, minimum=1),
-        denial_rate_window=agent_t.get_number("denial_rate_window", 60.0),
-        log_level=agent_t.get_choice("log_level", ("debug", "info", "warning", "error"), "info"),
-    )
-    agent_t.finish()
-    if agent.max_connections < 2 * agent.max_connections_per_uid:
-        raise ConfigError(
-            f"agent.max_connections: must be at least twice agent.max_connections_per_uid "
-            f"({agent.max_connections_per_uid}), got {agent.max_connections}",
-            hint="max_connections_per_uid of them are kept for root and the agent's own uid",
-        )
-
-    identities: dict[str, IdentityConfig] = {}
-    for name, t in root.get_tables("identities").items():
-        enc = t.get_table("encryption_key", None)
-        identities[name] = IdentityConfig(
-            name=name,
-            certificate=t.get_path("certificate"),
-            signing_key=_key_config(t.get_table("signing_key")),
-            encryption_key=_key_config(enc) if enc is not None else None,
-        )
-        t.finish()
-
-    services = {name: _service(name, t) for name, t in root.get_tables("services").items()}
+    root = _Table(data, "", base, AgentConfig)
+    agent = _agent(root)
+    identities = {name: _identity(name, t) for name, t in root.get_tables("identities", IdentityConfig).items()}
+    services = {name: _service(name, t) for name, t in root.get_tables("services", ServiceConfig).items()}
     audit = _audit(root, agent.socket)
     policy = _policy(root, services)
     keyvault = _keyvault(root)

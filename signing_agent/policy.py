@@ -21,17 +21,18 @@ Evaluation (documented in config.example.toml and the README's Security model):
 4. A caller no rule matches may not use the agent at all (not even reads).
 
 Pure: no I/O, no clock except the injected one, no aiohttp/asyncio. Must not import ``signing_agent.cose``
-(a sibling layer): message types are plain strings here.
+(a sibling layer): message types are the config's ``MsgTypeName`` literals here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from signing_agent.config import PolicyConfig, PolicyRuleConfig
+from signing_agent.config import MsgTypeName, PolicyConfig, PolicyRuleConfig
 
 # The canonical ballots ``signing-agent vote --accept / --reject`` send (CCF's documented always-accept/reject).
 ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
@@ -42,6 +43,8 @@ BALLOT_ALIASES = {
 }
 
 DEFAULT_RULE = "default"
+
+H = TypeVar("H", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,7 @@ class Action:
     """What would be signed, as read from the message itself."""
 
     identity: str
-    msg_type: str
+    msg_type: MsgTypeName
     service: str | None = None
     """The CCF service it is forwarded to; None for ``POST /v1/sign`` (the signature goes back to the caller)."""
     proposal_actions: tuple[str, ...] | None = None
@@ -97,7 +100,7 @@ class Rule:
     gids: frozenset[int] = frozenset()
     executables: frozenset[str] | None = None
     identities: frozenset[str] | None = None
-    msg_types: frozenset[str] | None = None
+    msg_types: frozenset[MsgTypeName] | None = None
     actions_allow: frozenset[str] | None = None
     actions_deny: frozenset[str] = frozenset()
     ballots: frozenset[str] | None = None
@@ -108,21 +111,18 @@ class Rule:
 
     @classmethod
     def from_config(cls, cfg: PolicyRuleConfig) -> Rule:
-        def opt(values: Iterable[str] | None) -> frozenset[str] | None:
-            return None if values is None else frozenset(values)
-
         ballots = None if cfg.ballots is None else frozenset(BALLOT_ALIASES.get(b, b) for b in cfg.ballots)
         return cls(
             name=cfg.name,
             uids=frozenset(cfg.uids),
             gids=frozenset(cfg.gids),
-            executables=opt(cfg.executables),
-            identities=opt(cfg.identities),
-            msg_types=opt(cfg.msg_types),
-            actions_allow=opt(cfg.actions_allow),
+            executables=_set_or_any(cfg.executables),
+            identities=_set_or_any(cfg.identities),
+            msg_types=_set_or_any(cfg.msg_types),
+            actions_allow=_set_or_any(cfg.actions_allow),
             actions_deny=frozenset(cfg.actions_deny),
             ballots=ballots,
-            services=opt(cfg.services),
+            services=_set_or_any(cfg.services),
             raw_sign=cfg.raw_sign,
             rate_limit=cfg.rate_limit,
             rate_window=cfg.rate_window,
@@ -189,6 +189,11 @@ def _unknown_actions(action: Action) -> str:
     why = f" ({action.actions_unknown})" if action.actions_unknown else ""
     subject = f"proposal {action.proposal_id}" if action.proposal_id else "the proposal"
     return f"this rule constrains proposal actions, and the actions of {subject} are unknown{why}"
+
+
+def _set_or_any(values: Iterable[H] | None) -> frozenset[H] | None:
+    """A constraint's values as a set; None (a list left out) means "any"."""
+    return None if values is None else frozenset(values)
 
 
 def _names(values: frozenset[str]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from signing_agent.algorithms import verify_digest
 from signing_agent.audit import AuditEvent, AuditSink
 from signing_agent.backends.base import Priority
-from signing_agent.config import DEFAULT_MAX_CREATED_AT_SKEW
+from signing_agent.config import DEFAULT_MAX_CREATED_AT_SKEW, msg_type_name
 from signing_agent.cose.governance import (
     GovernanceRequest,
     MsgType,
@@ -272,7 +272,7 @@ class SigningService:
             actions, unknown = summary.actions, None
         return Action(
             identity=identity,
-            msg_type=str(msg_type),
+            msg_type=msg_type_name(msg_type),
             service=service,
             proposal_actions=actions,
             actions_unknown=unknown,

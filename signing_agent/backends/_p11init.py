@@ -107,6 +107,7 @@ class PinSource:
     """Where a token PIN comes from. Holds no secret itself; ``read()`` fetches it each time it is needed.
 
     A ``pin_env`` variable leaves the environment at its first use (``secret_env``): no child process inherits it.
+    At most one of the two is set: ``parse_config`` and the keys CLI's exclusive options see to that.
     """
 
     pin_file: Path | None = None
@@ -121,8 +122,6 @@ class PinSource:
 
     def check(self) -> None:
         """Fail early (``ConfigError``) if the source is unusable, without reading the secret."""
-        if self.pin_file is not None and self.pin_env is not None:
-            raise ConfigError("give pin_file or pin_env, not both")
         if self.pin_file is not None:
             check_secret_file(self.pin_file, "pin_file")
         elif self.pin_env is not None and secret_env(self.pin_env) is None:

@@ -44,7 +44,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, assert_never
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -53,7 +53,7 @@ from signing_agent.algorithms import SignatureAlgorithm, verify_digest
 from signing_agent.backends._secrets import secret_env
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
-from signing_agent.config import AzureKeyVaultKeyConfig
+from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig
 from signing_agent.errors import (
     BackendError,
     BackendUnavailableError,
@@ -113,15 +113,17 @@ _TOKENISH = (
     re.compile(r"(?i)(\"?(?:access_token|refresh_token|client_secret|authorization)\"?\s*[:=]\s*\"?)[^\s,\"'}]+"),
 )
 _SYSTEM_RANDOM = secrets.SystemRandom()
+_KEYVAULT_DEFAULTS = KeyVaultConfig()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AzureKeyVaultSettings:
-    """Retry, timeout and throttle settings shared by every key of one registry (tests inject short ones)."""
+    """Retry, timeout and throttle settings shared by every key of one registry (tests inject short ones). The
+    defaults of ``max_attempts`` and ``total_timeout`` are ``[keyvault]``'s (``KeyVaultConfig``)."""
 
-    max_attempts: int = 5
+    max_attempts: int = _KEYVAULT_DEFAULTS.max_attempts
     """Attempts per operation, the first included."""
-    total_timeout: float = 30.0
+    total_timeout: float = _KEYVAULT_DEFAULTS.total_timeout
     """Upper bound for one operation: queueing in the throttle, all attempts and all waits between them."""
     attempt_timeout: float = 10.0
     """Upper bound for one HTTP attempt (connect + answer)."""
@@ -415,8 +417,8 @@ def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCrede
                 ) from None
         case "azure-cli":
             return AzureCliCredential(tenant_id=cfg.tenant_id) if cfg.tenant_id else AzureCliCredential()
-        case other:
-            raise ConfigError(f"{where}.credential: unknown credential kind {other!r}")
+        case _:  # pragma: no cover -- exhaustive: config.AzureCredential lists the kinds
+            assert_never(cfg.credential)
 
 
 class _AzureKey:

@@ -14,14 +14,15 @@ from typing import Protocol, runtime_checkable
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm
+from signing_agent.config import BackendKind
 
 
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
     """What a key store says about a key: its public half and where it lives (never any secret)."""
 
-    backend: str
-    """The backend kind: ``file``, ``pkcs11`` or ``azure-keyvault``."""
+    backend: BackendKind
+    """The key store: ``file``, ``pkcs11`` or ``azure-keyvault``."""
     location: str
     """A human-readable locator, e.g. a ``pkcs11:`` URI or a Key Vault key id. Safe to log."""
     public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey

@@ -17,6 +17,7 @@ from signing_agent.backends.file import FileDecryptionKey, FileSigningKey
 from signing_agent.config import (
     AgentConfig,
     AzureKeyVaultKeyConfig,
+    BackendKind,
     FileKeyConfig,
     KeyConfig,
     KeyVaultConfig,
@@ -57,7 +58,7 @@ def take_configured_secrets(config: AgentConfig) -> None:
 class ObservedSigningKey:
     """A signing key that reports each signature's latency and outcome; everything else is delegated."""
 
-    def __init__(self, key: SigningKey, backend: str, observer: SignObserver) -> None:
+    def __init__(self, key: SigningKey, backend: BackendKind, observer: SignObserver) -> None:
         self.inner = key
         self.backend = backend
         self._observer = observer

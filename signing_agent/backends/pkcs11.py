@@ -7,13 +7,11 @@ call (yubikey-agent's mutex): the event loop never blocks on the token. Modules 
 ``CKF_OS_LOCKING_OK`` (and NSS-style init parameters) on the function list python-pkcs11 uses; see
 ``_p11module``.
 
-Key selection, from ``PKCS11KeyConfig`` and its optional RFC 7512 ``uri`` (parsed by ``pkcs11_uri``):
+Key selection, from ``PKCS11KeyConfig``:
 
-- ``module`` / URI ``module-path``; ``token_label`` / URI ``token``; ``key_label`` / URI ``object``;
-  ``key_id`` / URI ``id``; ``pin_file`` or ``pin_env`` / URI ``pin-source=file:...``. A config field
-  *complements* the URI: when a value is given in both places the two must agree, otherwise it is a
-  ``ConfigError`` (no silent precedence in security configuration). URI ``type`` must be ``private`` if
-  present. ``init_params`` and ``oaep`` exist only in the config.
+- ``parse_config`` merged the optional RFC 7512 ``uri`` into the config's fields and checked the rules about them
+  (fields and URI agree; the key is named; one PIN source); this backend trusts them, and checks only the
+  module's real path and the PIN source at run time (``resolve_key_config``).
 - Exactly one private key of the right type (EC to sign, RSA to decrypt) must match label and/or id: none is a
   ``KeyNotFoundError``, several is a ``KeyNotFoundError`` that says to add ``key_id``.
 
@@ -62,7 +60,6 @@ from signing_agent.backends._p11init import (
     require_pkcs11,
 )
 from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority, SigningKey
-from signing_agent.backends.pkcs11_uri import PKCS11URI, format_uri, parse_uri
 from signing_agent.config import PKCS11KeyConfig
 from signing_agent.errors import (
     BackendError,
@@ -72,6 +69,7 @@ from signing_agent.errors import (
     SigningFailedError,
     UnsupportedOperationError,
 )
+from signing_agent.pkcs11_uri import format_uri
 
 __all__ = ["DECRYPTION_FAILED", "KeySelector", "PKCS11Registry", "TokenStatus", "resolve_key_config"]
 
@@ -110,54 +108,23 @@ class KeySelector:
         )
 
 
-def _merge(name: str, field: str, uri_field: str, cfg_value: T | None, uri_value: T | None) -> T | None:
-    if cfg_value is not None and uri_value is not None and cfg_value != uri_value:
-        raise ConfigError(
-            f"{name}.{field}: disagrees with the uri's {uri_field}",
-            hint=f"give {field} in one place only, or make both say the same",
-        )
-    return cfg_value if cfg_value is not None else uri_value
-
-
 def resolve_key_config(
     cfg: PKCS11KeyConfig, *, name: str, allowed_module_dirs: tuple[str, ...] | None = DEFAULT_MODULE_DIRS
 ) -> KeySelector:
-    """Merge the config fields and the optional URI (see the module docstring) and check module path and PIN
-    source."""
-    uri = PKCS11URI()
-    if cfg.uri is not None:
-        try:
-            uri = parse_uri(cfg.uri)
-        except ConfigError as exc:
-            raise ConfigError(f"{name}.uri: {exc.message}", hint=exc.hint) from None
-        if uri.type not in (None, "private"):
-            raise ConfigError(f"{name}.uri: type={uri.type} cannot sign or decrypt; use type=private")
-        if uri.module_name is not None and uri.module_path is None and cfg.module is None:
-            raise ConfigError(f"{name}.uri: module-name is not supported; give module-path or module")
-    module = _merge(name, "module", "module-path", cfg.module, uri.module_path)
-    if module is None:
-        raise ConfigError(f"{name}.module: required (or module-path in the uri)")
-    token_label = _merge(name, "token_label", "token", cfg.token_label, uri.token)
-    key_label = _merge(name, "key_label", "object", cfg.key_label, uri.object)
-    key_id = _merge(name, "key_id", "id", cfg.key_id, uri.id)
-    if key_label is None and key_id is None:
-        raise ConfigError(f"{name}: name the key by key_label, key_id, or object=/id= in the uri")
-    uri_pin = uri.pin_file
-    if uri_pin is not None and cfg.pin_env is not None:
-        raise ConfigError(f"{name}.pin_env: the uri has a pin-source too; give one PIN source")
-    pin_file = _merge(name, "pin_file", "pin-source", cfg.pin_file, uri_pin)
-    pin = PinSource(pin_file=pin_file, pin_env=cfg.pin_env)
+    """Check what only the host can tell about a key selection ``parse_config`` validated: the module's real path
+    is in an allowed folder, and the PIN source is usable (without reading the PIN)."""
+    pin = PinSource(pin_file=cfg.pin_file, pin_env=cfg.pin_env)
     try:
-        real = check_module_path(module, allowed_dirs=allowed_module_dirs)
+        real = check_module_path(cfg.module, allowed_dirs=allowed_module_dirs)
         pin.check()
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc.message}", hint=exc.hint) from None
     return KeySelector(
         module=real,
         init_params=cfg.init_params,
-        token_label=token_label,
-        key_label=key_label,
-        key_id=key_id,
+        token_label=cfg.token_label,
+        key_label=cfg.key_label,
+        key_id=cfg.key_id,
         pin=pin,
         oaep=cfg.oaep,
     )

@@ -22,18 +22,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from signing_agent.backends.base import Priority
+from signing_agent.config import KeyVaultConfig
+
+_DEFAULTS = KeyVaultConfig()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ThrottleSettings:
-    """Limits for one vault host. The defaults stay well under Key Vault's 2,000 operations per 10 s."""
+    """Limits for one vault host. The defaults are ``[keyvault]``'s (``KeyVaultConfig``): well under Key Vault's
+    2,000 operations per 10 s."""
 
-    max_concurrency: int = 16
+    max_concurrency: int = _DEFAULTS.max_concurrency
     """Requests in flight at once."""
-    rate_per_second: float = 150.0
+    rate_per_second: float = _DEFAULTS.rate_per_second
     """Sustained operations per second (150/s = 1,500 per 10 s, leaving head room for other clients of the
     vault)."""
-    burst: int = 150
+    burst: int = _DEFAULTS.burst
     """Bucket size: operations that may go at once after a quiet period (1,500 + 150 < 2,000 per 10 s)."""
 
     def __post_init__(self) -> None:

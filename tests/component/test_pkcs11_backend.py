@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pkcs11.exceptions
 import pytest
@@ -23,7 +24,7 @@ from signing_agent.backends.pkcs11 import (
     PKCS11SigningKey,
     oaep_sha256_decode,
 )
-from signing_agent.backends.pkcs11_uri import format_uri
+from signing_agent.config import PKCS11KeyConfig, parse_config
 from signing_agent.errors import (
     BackendError,
     BackendUnavailableError,
@@ -32,6 +33,7 @@ from signing_agent.errors import (
     SigningFailedError,
     UnsupportedOperationError,
 )
+from signing_agent.pkcs11_uri import format_uri
 from tests.support import pki, tokens
 from tests.support.tokens import (
     TokenInfo,
@@ -84,19 +86,17 @@ async def test_select_by_id_and_by_uri(p11_token: TokenInfo, registry: PKCS11Reg
     key = generate_ec(p11_token)
     by_id = registry.signing_key(p11_token.key_config(key_id=key.key_id), name="a.signing_key")
     uri = format_uri(token=p11_token.token_label, id=key.key_id, type="private", module_path=p11_token.module)
-    by_uri = registry.signing_key(p11_token.key_config(uri=uri, module=None, token_label=None), name="b.signing_key")
+    table: dict[str, Any] = {"backend": "pkcs11", "uri": uri, "pin_file": str(p11_token.pin_file)}
+    if p11_token.init_params is not None:
+        table["init_params"] = p11_token.init_params
+    config = parse_config({"identities": {"b": {"certificate": "c.pem", "signing_key": table}}}, path=Path("/a.toml"))
+    parsed = config.identities["b"].signing_key
+    assert isinstance(parsed, PKCS11KeyConfig)
+    by_uri = registry.signing_key(parsed, name="b.signing_key")
     for signer in (by_id, by_uri):
         info = await signer.describe()
         assert info.public_key == key.public_key
     assert len(registry.status()) == 1
-
-
-async def test_uri_and_config_must_agree(p11_token: TokenInfo, registry: PKCS11Registry) -> None:
-    uri = format_uri(token="other-token", object="x")
-    with pytest.raises(ConfigError, match=r"m0\.signing_key\.token_label: disagrees"):
-        registry.signing_key(p11_token.key_config("x", uri=uri), name="m0.signing_key")
-    with pytest.raises(ConfigError, match="pin-value is refused"):
-        registry.signing_key(p11_token.key_config("x", uri="pkcs11:object=x?pin-value=1234"), name="m0.signing_key")
 
 
 async def test_unknown_key(p11_token: TokenInfo, registry: PKCS11Registry) -> None:

@@ -10,11 +10,21 @@ from typing import Any
 import pytest
 
 from signing_agent.config import (
+    BACKEND_KINDS,
+    MSG_TYPES,
+    AgentSection,
+    AuditConfig,
     AzureKeyVaultKeyConfig,
     FileKeyConfig,
     KeyVaultConfig,
     PKCS11KeyConfig,
+    PolicyConfig,
+    PolicyRuleConfig,
+    RecoveryConfig,
+    ServiceConfig,
+    _Table,
     load_config,
+    msg_type_name,
     parse_config,
 )
 from signing_agent.errors import ConfigError
@@ -49,6 +59,66 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.agent.socket_mode == 0o600
     assert config.agent.max_created_at_skew == 300
     assert config.identities["m0"].certificate == tmp_path / "c.pem"
+
+
+def test_every_default_is_the_dataclass_default(tmp_path: Path) -> None:
+    """The parser states no default of its own: a table that leaves every key out reads as its dataclass built with
+    only the required fields."""
+    data: dict[str, Any] = {
+        "agent": {},
+        "identities": {
+            "p": {"certificate": "c.pem", "signing_key": {"backend": "pkcs11", "module": "/m.so", "key_label": "k"}},
+            "a": {
+                "certificate": "c.pem",
+                "signing_key": {"backend": "azure-keyvault", "vault_url": "https://v", "key_name": "k"},
+            },
+        },
+        "services": {"s": {"url": "https://x", "service_certificate": "s.pem"}},
+        "audit": {},
+        "policy": {"rules": [{"uids": [0]}]},
+        "keyvault": {},
+        "recovery": {},
+    }
+    config = parse_config(data, path=tmp_path / "agent.toml")
+    assert config.agent == AgentSection()
+    assert config.identities["p"].signing_key == PKCS11KeyConfig(module=Path("/m.so"), key_label="k")
+    assert config.identities["a"].signing_key == AzureKeyVaultKeyConfig(vault_url="https://v", key_name="k")
+    assert config.services["s"] == ServiceConfig(name="s", url="https://x", service_certificate=tmp_path / "s.pem")
+    assert config.audit == AuditConfig(path=AgentSection().socket.parent / "audit.jsonl")
+    assert config.policy == PolicyConfig(rules=(PolicyRuleConfig(name="rule0", uids=(0,)),))
+    assert config.keyvault == KeyVaultConfig()
+    assert config.recovery == RecoveryConfig(state_dir=config.audit.path.parent)
+    # Leaving the optional tables out altogether changes nothing.
+    bare = parse_config({key: data[key] for key in ("identities", "services")}, path=tmp_path / "agent.toml")
+    assert (bare.agent, bare.audit, bare.keyvault, bare.recovery) == (
+        config.agent,
+        config.audit,
+        config.keyvault,
+        config.recovery,
+    )
+    assert bare.policy == PolicyConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schema:
+    count: int
+    timeout: float = 2.5
+    label: str | None = None
+    names: tuple[str, ...] = ("a",)
+
+
+def test_an_absent_key_takes_its_default_from_the_schema() -> None:
+    table = _Table({"count": 3}, "x", Path("/etc"), _Schema)
+    assert table.get_int("count") == 3
+    assert table.get_number("timeout") == 2.5
+    assert table.get_opt_str("label") is None
+    assert table.get_str_tuple("names") == ("a",)
+    with pytest.raises(ConfigError, match=r"^x\.count: required key is missing$"):
+        _Table({}, "x", Path("/etc"), _Schema).get_int("count")
+    # A key the schema has no field for has no default either.
+    with pytest.raises(ConfigError, match=r"^x\.other: required key is missing$"):
+        table.get_number("other")
+    assert table.get_opt_path("other") is None
 
 
 def test_service_answers_are_bounded_by_default() -> None:
@@ -164,6 +234,79 @@ def test_key_id_is_hex(tmp_path: Path) -> None:
     data["identities"]["m0"]["signing_key"]["key_id"] = "zz"  # type: ignore[index]
     with pytest.raises(ConfigError, match="expected hex"):
         parse_config(data, path=tmp_path / "a.toml")
+
+
+# ----- PKCS#11 key selection: fields and an RFC 7512 uri, checked once, here -----
+
+
+def pkcs11_key(**table: Any) -> PKCS11KeyConfig:
+    data = {"identities": {"m0": {"certificate": "c", "signing_key": {"backend": "pkcs11", **table}}}}
+    key = parse_config(data, path=Path("/etc/x/agent.toml")).identities["m0"].signing_key
+    assert isinstance(key, PKCS11KeyConfig)
+    return key
+
+
+def test_a_pkcs11_uri_fills_in_the_key_fields() -> None:
+    uri = "pkcs11:token=t%20one;object=member0;id=%01%a2;type=private?module-path=/usr/lib/p11.so&pin-source=file:/p"
+    assert pkcs11_key(uri=uri) == PKCS11KeyConfig(
+        module=Path("/usr/lib/p11.so"),
+        token_label="t one",
+        key_label="member0",
+        key_id=b"\x01\xa2",
+        pin_file=Path("/p"),
+    )
+    # A field may say the same as the uri, or what the uri leaves out.
+    both = pkcs11_key(uri="pkcs11:object=k", module="lib/p11.so", token_label="t", key_label="k", pin_env="PIN")
+    assert both == PKCS11KeyConfig(module=Path("/etc/x/lib/p11.so"), token_label="t", key_label="k", pin_env="PIN")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"uri": "pkcs11:token=b;object=k", "module": "/m", "token_label": "a"},
+            r"\.token_label: disagrees with the uri's token",
+        ),
+        ({"uri": "pkcs11:object=b", "module": "/m", "key_label": "a"}, r"\.key_label: disagrees with the uri's object"),
+        ({"uri": "pkcs11:id=%02", "module": "/m", "key_id": "01"}, r"\.key_id: disagrees with the uri's id"),
+        ({"uri": "pkcs11:object=k?module-path=/b", "module": "/a"}, r"\.module: disagrees with the uri's module-path"),
+        (
+            {"uri": "pkcs11:object=k?pin-source=/b", "module": "/m", "pin_file": "/a"},
+            r"\.pin_file: disagrees with the uri's pin-source",
+        ),
+        (
+            {"uri": "pkcs11:object=k?pin-source=/b", "module": "/m", "pin_env": "P"},
+            r"\.pin_env: the uri has a pin-source",
+        ),
+        ({"module": "/m", "key_label": "k", "pin_file": "/p", "pin_env": "P"}, r"\.pin_file: give pin_file or pin_env"),
+        (
+            {"uri": "pkcs11:object=x?pin-value=1234", "module": "/m"},
+            r"\.uri: pkcs11 URI: pin-value is refused",
+        ),
+        ({"uri": "pkcs11:object=k;type=cert", "module": "/m"}, r"\.uri: type=cert cannot sign or decrypt"),
+        ({"uri": "pkcs11:object=k?module-name=softhsm2"}, r"\.uri: module-name is not supported"),
+        ({"uri": "pkcs11:object=k"}, r"\.module: required \(or module-path in the uri\)"),
+        ({"key_label": "k"}, r"\.module: required"),
+        ({"uri": "pkcs11:token=t?module-path=/m"}, r"\.key_label: name the key by key_label, key_id, or object=/id="),
+    ],
+)
+def test_pkcs11_key_rules(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^identities\.m0\.signing_key{message}"):
+        pkcs11_key(**table)
+
+
+def test_message_types_and_key_stores_are_named_once() -> None:
+    """The policy's message types are COSE's, in the same order; every key store has its config class."""
+    from signing_agent.cose.governance import MsgType
+
+    assert tuple(m.value for m in MsgType) == MSG_TYPES
+    assert [msg_type_name(m) for m in MsgType] == list(MSG_TYPES)
+    with pytest.raises(ValueError, match="'vote' is not a governance message type"):
+        msg_type_name("vote")
+    classes = (FileKeyConfig, PKCS11KeyConfig, AzureKeyVaultKeyConfig)
+    assert (
+        tuple(next(f.default for f in dataclasses.fields(c) if f.name == "backend") for c in classes) == BACKEND_KINDS
+    )
 
 
 def test_example_is_valid_toml_with_no_inline_secrets() -> None:

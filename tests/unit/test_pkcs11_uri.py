@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from signing_agent.backends.pkcs11_uri import format_uri, parse_uri, percent_decode, percent_encode
 from signing_agent.errors import ConfigError
+from signing_agent.pkcs11_uri import format_uri, parse_uri, percent_decode, percent_encode
 
 
 def test_full_uri() -> None:

@@ -6,6 +6,9 @@ percent-encoded; ``id`` is raw bytes, everything else is UTF-8 text. ``pin-value
 written inline, and ``pin-source`` may only name a file (``file:/path`` or ``/path``). Unknown standard
 attributes are refused so a typo cannot widen a key selection; vendor attributes (``x-...``) are kept but
 unused.
+
+Below ``config`` in the layers: the configuration parser reads a key's ``uri`` with it, and the PKCS#11 backend
+formats the URIs it logs.
 """
 
 from __future__ import annotations
