@@ -23,7 +23,8 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint typecheck
-	$(VENV)/bin/pytest
+	rm -rf .coverage
+	$(VENV)/bin/pytest --cov --cov-report=term --cov-report=html:.coverage/html
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit -q
