@@ -23,6 +23,7 @@ from signing_agent.config import (
     PKCS11KeyConfig,
 )
 from signing_agent.errors import ConfigError
+from signing_agent.waits import waiting_for
 
 if TYPE_CHECKING:
     from signing_agent.backends.azure_keyvault import AzureKeyVaultRegistry
@@ -55,18 +56,21 @@ def take_configured_secrets(config: AgentConfig) -> None:
 
 
 class ObservedSigningKey:
-    """A signing key that reports each signature's latency and outcome; everything else is delegated."""
+    """A signing key whose every signature is a marked wait (``signing_agent.waits``) and, with an observer,
+    reports its latency and outcome; everything else is delegated."""
 
-    def __init__(self, key: SigningKey, backend: str, observer: SignObserver) -> None:
+    def __init__(self, key: SigningKey, backend: str, observer: SignObserver | None, *, name: str = "") -> None:
         self.inner = key
         self.backend = backend
         self._observer = observer
+        self._waiting = _waiting(backend, name)
 
     def __repr__(self) -> str:
         return repr(self.inner)
 
     async def describe(self) -> KeyInfo:
-        return await self.inner.describe()
+        with waiting_for(self._waiting):
+            return await self.inner.describe()
 
     async def sign_digest(
         self, alg: SignatureAlgorithm, digest: bytes, *, priority: Priority = Priority.NORMAL
@@ -74,14 +78,44 @@ class ObservedSigningKey:
         started = time.monotonic()
         ok = False
         try:
-            signature = await self.inner.sign_digest(alg, digest, priority=priority)
+            with waiting_for(self._waiting):
+                signature = await self.inner.sign_digest(alg, digest, priority=priority)
             ok = True
         finally:
-            self._observer(self.backend, time.monotonic() - started, ok)
+            if self._observer is not None:
+                self._observer(self.backend, time.monotonic() - started, ok)
         return signature
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class ObservedDecryptionKey:
+    """A decryption key whose every operation is a marked wait (``signing_agent.waits``)."""
+
+    def __init__(self, key: DecryptionKey, backend: str, *, name: str) -> None:
+        self.inner = key
+        self._waiting = _waiting(backend, name)
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    async def describe(self) -> KeyInfo:
+        with waiting_for(self._waiting):
+            return await self.inner.describe()
+
+    async def decrypt_oaep_sha256(self, ciphertext: bytes, *, priority: Priority = Priority.HIGH) -> bytes:
+        with waiting_for(self._waiting):
+            return await self.inner.decrypt_oaep_sha256(ciphertext, priority=priority)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _waiting(backend: str, name: str) -> str:
+    """What a request's deadline names when it expires in a key store call: the backend and the key's config path
+    (never a PIN, a secret or a vault URL with credentials)."""
+    return f"the key store ({backend}, {name})" if name else f"the key store ({backend})"
 
 
 class KeyStores:
@@ -153,8 +187,7 @@ class KeyStores:
 
     def signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         """Open a signing key; ``name`` is its dotted config path, for messages."""
-        key = self._signing_key(cfg, name=name)
-        return key if self._on_sign is None else ObservedSigningKey(key, cfg.backend, self._on_sign)
+        return ObservedSigningKey(self._signing_key(cfg, name=name), cfg.backend, self._on_sign, name=name)
 
     def _signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         match cfg:
@@ -168,6 +201,10 @@ class KeyStores:
                 assert_never(cfg)
 
     def decryption_key(self, cfg: KeyConfig, *, name: str) -> DecryptionKey:
+        """Open a decryption key; ``name`` is its dotted config path, for messages."""
+        return ObservedDecryptionKey(self._decryption_key(cfg, name=name), cfg.backend, name=name)
+
+    def _decryption_key(self, cfg: KeyConfig, *, name: str) -> DecryptionKey:
         match cfg:
             case FileKeyConfig():
                 return FileDecryptionKey(cfg.path, name=name)
