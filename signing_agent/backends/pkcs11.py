@@ -63,6 +63,7 @@ from signing_agent.errors import (
     BackendUnavailableError,
     ConfigError,
     KeyNotFoundError,
+    PinRejectedError,
     SigningFailedError,
     UnsupportedOperationError,
 )
@@ -191,7 +192,7 @@ class _TokenConnection:
         self._session: Any = None
         self.slot_id: int | None = None
         self.handles: dict[tuple[object, ...], Any] = {}
-        self._refused: ConfigError | None = None
+        self._refused: PinRejectedError | None = None
         self._closed = False
         self.logins = 0
         self.reconnects = 0
@@ -233,14 +234,13 @@ class _TokenConnection:
         if self._session is not None:
             return self._session
         if self._refused is not None:
-            raise ConfigError(self._refused.message, hint=self._refused.hint)
+            raise PinRejectedError(self._refused.message, hint=self._refused.hint)
         lib = _p11init.load_module(self.module, self.init_params, allowed_dirs=self._allowed)
         token = _p11init.find_token(lib, self.token_label, where=where)
         try:
             session = _p11init.open_session(token, self.pin, rw=False, where=where)
-        except ConfigError as exc:
-            if "PIN" in exc.message:
-                self._refused = exc
+        except PinRejectedError as exc:
+            self._refused = exc
             raise
         self._session = session
         self.slot_id = token.slot.slot_id
