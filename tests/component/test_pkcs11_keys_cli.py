@@ -82,7 +82,7 @@ async def test_generate_writes_a_token_signed_member_cert(p11_token: TokenInfo, 
     # The same label again is refused, and nothing is overwritten.
     rc, _, err = _run(["keys", "generate", *_token_argv(p11_token), "--label", label,
                        "--cert-out", str(tmp_path / "other.pem")])  # fmt: skip
-    assert rc == 1
+    assert rc == 2  # a configuration error (ConfigError), as in every other command
     assert "already has a private key" in err
     assert "Traceback" not in err
 
@@ -139,7 +139,7 @@ def test_import_checks_the_certificate_and_can_delete_the_pem(p11_token: TokenIn
     _, other_cert = other.write(tmp_path)
     rc, _, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
                        "--cert", str(other_cert)])  # fmt: skip
-    assert rc == 1
+    assert rc == 2  # IdentityError, a configuration error
     assert "does not match the certificate" in err
     rc, out, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
                          "--delete-pem"])  # fmt: skip
@@ -155,12 +155,12 @@ def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_pat
     argv = _token_argv(p11_token)
     argv[argv.index("--pin-file") + 1] = str(bad)
     rc, _, err = _run(["keys", "list", *argv])
-    assert rc == 1
-    assert err.startswith("error: ")
+    assert rc == 2  # ConfigError: exit 2, as every command (it was 1 here only)
+    assert err.startswith("signing-agent: ConfigError: ")
     assert "chmod 600" in err
     assert "Traceback" not in err
     argv = _token_argv(p11_token)
     argv[argv.index("--token-label") + 1] = "no-such-token"
     rc, _, err = _run(["keys", "list", *argv])
-    assert rc == 1
+    assert rc == 1  # BackendUnavailable: another failure
     assert "no token labelled 'no-such-token'" in err
