@@ -68,7 +68,7 @@ class Waits:
             return None
         now = self.expired_at
         # Most recent first: with nested waits the innermost one is what was slow.
-        parts = [f"{w.what} (for {now - w.since:.3g} s)" for w in reversed(self.expired)]
+        parts = [f"{w.what} (for {now - w.since:.1f} s)" for w in reversed(self.expired)]
         return "waiting for " + "; and for ".join(parts)
 
 

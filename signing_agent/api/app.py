@@ -239,8 +239,8 @@ def _timed_out(limit: float, waits: Waits) -> AgentTimeoutError:
     waited = waits.describe_expired()
     return AgentTimeoutError(
         f"{message}, {waited}" if waited else message,
-        hint="if that is expected to be slow, raise agent.request_timeout; a submission to CCF may have been "
-        "recorded all the same: read the proposals before sending it again",
+        hint="if it may take that long, raise agent.request_timeout; a request that was being forwarded to CCF "
+        "may have been recorded there all the same: read the proposals before sending it again",
     )
 
 

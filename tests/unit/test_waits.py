@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -12,12 +13,25 @@ SHORT = 0.05
 """The deadline of these tests: the waits they mark take far longer (cancelled long before)."""
 
 
+async def outlive(waits: Waits, work: Callable[[], Awaitable[object]]) -> None:
+    """Run ``work`` as a request under a deadline of ``SHORT`` seconds."""
+    async with waits.deadline(SHORT):
+        await work()
+
+
+async def wait_on(*what: str) -> None:
+    """Nested waits on ``what`` (outermost first) that take far longer than ``SHORT``."""
+    if not what:
+        await asyncio.sleep(10)
+        return
+    with waiting_for(what[0]):
+        await wait_on(*what[1:])
+
+
 async def test_the_deadline_names_the_wait_it_interrupted() -> None:
     waits = Waits()
     with pytest.raises(TimeoutError):
-        async with waits.deadline(SHORT):
-            with waiting_for("CCF service 'default': POST /gov/members/proposals:create"):
-                await asyncio.sleep(10)
+        await outlive(waits, lambda: wait_on("CCF service 'default': POST /gov/members/proposals:create"))
     described = waits.describe_expired()
     assert described is not None
     assert described.startswith("waiting for CCF service 'default': POST /gov/members/proposals:create (for ")
@@ -25,12 +39,14 @@ async def test_the_deadline_names_the_wait_it_interrupted() -> None:
 
 
 async def test_a_wait_that_ended_before_the_deadline_is_not_named() -> None:
+    async def quick_then_slow() -> None:
+        with waiting_for("the key store (file, identities.m0.signing_key)"):
+            await asyncio.sleep(0)
+        await asyncio.sleep(10)  # slow in the agent itself, waiting for nothing outside
+
     waits = Waits()
     with pytest.raises(TimeoutError):
-        async with waits.deadline(SHORT):
-            with waiting_for("the key store (file, identities.m0.signing_key)"):
-                await asyncio.sleep(0)
-            await asyncio.sleep(10)  # slow in the agent itself, waiting for nothing outside
+        await outlive(waits, quick_then_slow)
     assert waits.expired == ()
     assert waits.describe_expired() is None
 
@@ -38,9 +54,7 @@ async def test_a_wait_that_ended_before_the_deadline_is_not_named() -> None:
 async def test_nested_waits_are_named_innermost_first() -> None:
     waits = Waits()
     with pytest.raises(TimeoutError):
-        async with waits.deadline(SHORT):
-            with waiting_for("outer"), waiting_for("inner"):
-                await asyncio.sleep(10)
+        await outlive(waits, lambda: wait_on("outer", "inner"))
     described = waits.describe_expired()
     assert described is not None
     assert described.startswith("waiting for inner (for ")
@@ -48,14 +62,9 @@ async def test_nested_waits_are_named_innermost_first() -> None:
 
 
 async def test_waits_in_tasks_the_request_started_are_named() -> None:
-    async def slow(what: str) -> None:
-        with waiting_for(what):
-            await asyncio.sleep(10)
-
     waits = Waits()
     with pytest.raises(TimeoutError):
-        async with waits.deadline(SHORT):
-            await asyncio.gather(slow("service a"), slow("service b"))
+        await outlive(waits, lambda: asyncio.gather(wait_on("service a"), wait_on("service b")))
     described = waits.describe_expired()
     assert described is not None
     assert "service a" in described
