@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Generic, TypeVar, assert_never
 
 from signing_agent.algorithms import SignatureAlgorithm
 from signing_agent.backends._secrets import take_secret_env
@@ -55,15 +55,17 @@ def take_configured_secrets(config: AgentConfig) -> None:
     take_secret_env(sorted(secret_env_names(config)))
 
 
-class ObservedSigningKey:
-    """A signing key whose every signature is a marked wait (``signing_agent.waits``) and, with an observer,
-    reports its latency and outcome; everything else is delegated."""
+_Key = TypeVar("_Key", SigningKey, DecryptionKey)
 
-    def __init__(self, key: SigningKey, backend: str, observer: SignObserver | None, *, name: str = "") -> None:
-        self.inner = key
+
+class _WaitedKey(Generic[_Key]):
+    """A key whose every operation is a marked wait (``signing_agent.waits``): a request's deadline names the key
+    store and the key's config path (never a PIN, a secret or a credential). Everything else is delegated."""
+
+    def __init__(self, key: _Key, backend: str, name: str) -> None:
+        self.inner: _Key = key
         self.backend = backend
-        self._observer = observer
-        self._waiting = _waiting(backend, name)
+        self._waiting = f"the key store ({backend}, {name})" if name else f"the key store ({backend})"
 
     def __repr__(self) -> str:
         return repr(self.inner)
@@ -71,6 +73,17 @@ class ObservedSigningKey:
     async def describe(self) -> KeyInfo:
         with waiting_for(self._waiting):
             return await self.inner.describe()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class ObservedSigningKey(_WaitedKey[SigningKey]):
+    """A signing key whose signatures are marked waits and, with an observer, report their latency and outcome."""
+
+    def __init__(self, key: SigningKey, backend: str, observer: SignObserver | None, *, name: str = "") -> None:
+        super().__init__(key, backend, name)
+        self._observer = observer
 
     async def sign_digest(
         self, alg: SignatureAlgorithm, digest: bytes, *, priority: Priority = Priority.NORMAL
@@ -86,36 +99,16 @@ class ObservedSigningKey:
                 self._observer(self.backend, time.monotonic() - started, ok)
         return signature
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
-
-class ObservedDecryptionKey:
-    """A decryption key whose every operation is a marked wait (``signing_agent.waits``)."""
+class ObservedDecryptionKey(_WaitedKey[DecryptionKey]):
+    """A decryption key whose every operation is a marked wait."""
 
     def __init__(self, key: DecryptionKey, backend: str, *, name: str) -> None:
-        self.inner = key
-        self._waiting = _waiting(backend, name)
-
-    def __repr__(self) -> str:
-        return repr(self.inner)
-
-    async def describe(self) -> KeyInfo:
-        with waiting_for(self._waiting):
-            return await self.inner.describe()
+        super().__init__(key, backend, name)
 
     async def decrypt_oaep_sha256(self, ciphertext: bytes, *, priority: Priority = Priority.HIGH) -> bytes:
         with waiting_for(self._waiting):
             return await self.inner.decrypt_oaep_sha256(ciphertext, priority=priority)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def _waiting(backend: str, name: str) -> str:
-    """What a request's deadline names when it expires in a key store call: the backend and the key's config path
-    (never a PIN, a secret or a vault URL with credentials)."""
-    return f"the key store ({backend}, {name})" if name else f"the key store ({backend})"
 
 
 class KeyStores:
