@@ -190,7 +190,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the agent is healthy (``--live``: when it answers at all), 1 otherwise: for probes."""
+    """Exit 0 when the agent is healthy (``--live``: when it answers at all), 1 when it is not, 3 when no agent
+    answers and 6 when it does not answer within ``--timeout``: for probes."""
     client = _client(args)
     client.timeout = args.timeout
     report = client.health()
