@@ -164,3 +164,19 @@ def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_pat
     rc, _, err = _run(["keys", "list", *argv])
     assert rc == 1  # BackendUnavailable: another failure
     assert "no token labelled 'no-such-token'" in err
+
+
+@pytest.mark.softhsm
+def test_a_refused_pin_is_a_configuration_error(softhsm: tokens.SoftHSMSetup, tmp_path: Path) -> None:
+    token = softhsm.tokens["agent-pin"]  # the token kept for wrong PINs: a lockout could spoil no other test
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("987654\n")
+    wrong.chmod(0o600)
+    argv = _token_argv(token)
+    argv[argv.index("--pin-file") + 1] = str(wrong)
+    rc, _, err = _run(["keys", "list", *argv])
+    assert rc == 2  # PinRejected is a ConfigError: exit 2 like every configuration error
+    assert err.startswith("signing-agent: PinRejected: ")
+    assert "rejected the PIN" in err
+    assert "987654" not in err
+    assert "Traceback" not in err
