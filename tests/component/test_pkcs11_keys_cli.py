@@ -41,6 +41,15 @@ def _token_argv(token: TokenInfo) -> list[str]:
     return argv
 
 
+def _argv_with_pin_file(token: TokenInfo, path: Path, pin: str, mode: int) -> list[str]:
+    """The token's options, with the PIN read from a file of our own (a wrong PIN, a wrong mode)."""
+    path.write_text(pin + "\n")
+    path.chmod(mode)
+    argv = _token_argv(token)
+    argv[argv.index("--pin-file") + 1] = str(path)
+    return argv
+
+
 async def test_generate_writes_a_token_signed_member_cert(p11_token: TokenInfo, tmp_path: Path) -> None:
     label = unique_label("member")
     cert_out, enc_out = tmp_path / "m_cert.pem", tmp_path / "m_enc_pubk.pem"
@@ -149,11 +158,7 @@ def test_import_checks_the_certificate_and_can_delete_the_pem(p11_token: TokenIn
 
 
 def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.pin"
-    bad.write_text("0000\n")
-    bad.chmod(0o644)
-    argv = _token_argv(p11_token)
-    argv[argv.index("--pin-file") + 1] = str(bad)
+    argv = _argv_with_pin_file(p11_token, tmp_path / "bad.pin", "0000", 0o644)
     rc, _, err = _run(["keys", "list", *argv])
     assert rc == 2  # ConfigError: exit 2, as every command (it was 1 here only)
     assert err.startswith("signing-agent: ConfigError: ")
@@ -169,11 +174,7 @@ def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_pat
 @pytest.mark.softhsm
 def test_a_refused_pin_is_a_configuration_error(softhsm: tokens.SoftHSMSetup, tmp_path: Path) -> None:
     token = softhsm.tokens["agent-pin"]  # the token kept for wrong PINs: a lockout could spoil no other test
-    wrong = tmp_path / "wrong.pin"
-    wrong.write_text("987654\n")
-    wrong.chmod(0o600)
-    argv = _token_argv(token)
-    argv[argv.index("--pin-file") + 1] = str(wrong)
+    argv = _argv_with_pin_file(token, tmp_path / "wrong.pin", "987654", 0o600)
     rc, _, err = _run(["keys", "list", *argv])
     assert rc == 2  # PinRejected is a ConfigError: exit 2 like every configuration error
     assert err.startswith("signing-agent: PinRejected: ")
