@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from signing_agent.errors import AgentError, AuditError, ConfigError
+from signing_agent.waits import waiting_for
 
 _logger = logging.getLogger(__name__)
 
@@ -659,7 +660,8 @@ class FileAuditSink:
     async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
         """Append one record (and fsync it unless ``sync=False``). Shielded: a cancelled caller cannot leave half a
         record."""
-        await asyncio.shield(self._record(event, dict(fields), sync))
+        with waiting_for("the audit log (write and fsync)"):
+            await asyncio.shield(self._record(event, dict(fields), sync))
 
     async def _record(self, event: AuditEvent, fields: dict[str, Any], sync: bool) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -2,7 +2,8 @@
 
 Client commands find the socket through ``--socket``, then ``$SIGNING_AGENT_SOCK``, then the config's
 ``agent.socket`` (``--config`` or ``$SIGNING_AGENT_CONFIG``), then ``/run/signing-agent/agent.sock``. Errors print
-their diagnostics and exit non-zero; a traceback only with ``-v``.
+their diagnostics and exit with the code ``cli_exit`` documents (the table is in ``--help``); a traceback only with
+``-v``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from signing_agent import __version__, policy
+from signing_agent.cli_exit import EXIT_CODES_HELP, Exit, report
 from signing_agent.client import AgentClient, AgentRequestError, AgentUnreachableError, default_socket
 from signing_agent.config import AgentConfig, load_config
 from signing_agent.cose.governance import MsgType
@@ -30,7 +32,7 @@ from signing_agent.errors import AgentError, ConfigError, InvalidRequestError
 from signing_agent.log import setup_logging
 
 CONFIG_ENV = "SIGNING_AGENT_CONFIG"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR = Exit.OK, Exit.ERROR
 
 _logger = logging.getLogger("signing_agent.cli")
 
@@ -188,7 +190,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the agent is healthy (``--live``: when it answers at all), 1 otherwise: for probes."""
+    """Exit 0 when the agent is healthy (``--live``: when it answers at all), 1 when it is not, 3 when no agent
+    answers and 6 when it does not answer within ``--timeout``: for probes."""
     client = _client(args)
     client.timeout = args.timeout
     report = client.health()
@@ -268,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="signing-agent",
         description="Sign CCF governance messages with keys that never leave an HSM or Key Vault.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -370,20 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
-        return 130
-    except AgentError as exc:
-        if args.verbose:
-            raise
-        print(f"signing-agent: {exc.code}: {exc.diagnostics()}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, InvalidRequestError | ConfigError) else EXIT_ERROR
-    except AgentRequestError as exc:
-        if args.verbose:
-            raise
-        print(f"signing-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except AgentUnreachableError as exc:
-        print(f"signing-agent: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return Exit.INTERRUPTED
+    except (AgentError, AgentRequestError, AgentUnreachableError) as exc:
+        return report(exc, verbose=args.verbose)
 
 
 # -- governance with a CCF service ---------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """``signing-agent keys generate|import|list``: member keys in PKCS#11 tokens, from the command line.
 
 Owns argument parsing, PIN prompting and printing for the key tooling; the work is done by
-``signing_agent.backends.pkcs11_admin``. Errors print ``diagnostics()`` to stderr and return a non-zero exit
-code, never a traceback. A PIN is read from ``--pin-file`` (mode 0600), ``--pin-env``, or an interactive
-prompt.
+``signing_agent.backends.pkcs11_admin``. Errors go through the CLI's one mapper (``cli_exit.report``): their
+diagnostics on stderr and the documented exit code (2 for a configuration error or a refused PIN), never a
+traceback unless ``-v``. A PIN is read from ``--pin-file`` (mode 0600), ``--pin-env``, or an interactive prompt.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from signing_agent.cli_exit import Exit, report
 from signing_agent.errors import AgentError, ConfigError, IdentityError
 
 if TYPE_CHECKING:
     from signing_agent.backends.pkcs11_admin import TokenTarget
 
-EXIT_OK = 0
-EXIT_ERROR = 1
+EXIT_OK = Exit.OK
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -138,9 +138,8 @@ def _snippet(args: argparse.Namespace, *, name: str, cert: Path | None, label: s
     return "\n".join(lines)
 
 
-def _fail(exc: AgentError, err: TextIO) -> int:
-    print(f"error: {exc.diagnostics()}", file=err)
-    return EXIT_ERROR
+def _fail(exc: AgentError, args: argparse.Namespace, err: TextIO) -> int:
+    return report(exc, verbose=getattr(args, "verbose", False), err=err)
 
 
 def _config_name(label: str) -> str:
@@ -205,7 +204,7 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
         )
         print(snippet, file=out)
     except AgentError as exc:
-        return _fail(exc, err)
+        return _fail(exc, args, err)
     return EXIT_OK
 
 
@@ -277,7 +276,7 @@ def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: Text
         print(_snippet(args, name=_config_name(args.label), cert=args.cert, label=imported.label,
                        key_id=imported.key_id, enc_label=enc_label, enc_id=enc_id), file=out)  # fmt: skip
     except AgentError as exc:
-        return _fail(exc, err)
+        return _fail(exc, args, err)
     return EXIT_OK
 
 
@@ -298,5 +297,5 @@ def run_list(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO
         for k in keys:
             print(f"{k.label:<24} {k.key_id.hex():<18} {k.description:<10} {k.member_id or '-'}", file=out)
     except AgentError as exc:
-        return _fail(exc, err)
+        return _fail(exc, args, err)
     return EXIT_OK

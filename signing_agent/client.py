@@ -21,15 +21,25 @@ class AgentUnreachableError(Exception):
     """The agent's socket cannot be reached."""
 
 
+class AgentNoAnswerError(AgentUnreachableError):
+    """The agent took the request but sent no (complete) answer within the client's ``timeout``."""
+
+
 @dataclass
 class AgentRequestError(Exception):
-    """The agent answered with an error body ``{"error": {"code", "message"}}`` (or CCF's, relayed)."""
+    """The agent answered with an error body ``{"error": {"code", "message", "retryable"}}`` (or CCF's, relayed).
+
+    ``retryable``: the agent says the same request may succeed later (see ``signing_agent.errors``);
+    ``retry_after``: its ``Retry-After``, in seconds, when it knows when.
+    """
 
     status: int
     code: str
     message: str
     body: Any = None
     from_ccf: bool = False
+    retryable: bool = False
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         origin = "CCF: " if self.from_ccf else ""
@@ -84,6 +94,10 @@ class AgentClient:
                 ) from None
             except PermissionError:
                 raise AgentUnreachableError(f"permission denied on {self.socket_path}") from None
+            except TimeoutError:
+                raise AgentNoAnswerError(
+                    f"the agent on {self.socket_path} did not answer within {self.timeout:g} s"
+                ) from None
             except (OSError, http.client.HTTPException) as exc:
                 raise AgentUnreachableError(f"talking to the agent on {self.socket_path} failed: {exc}") from None
             return Response(status=resp.status, headers={k.lower(): v for k, v in resp.getheaders()}, body=raw)
@@ -100,10 +114,13 @@ class AgentClient:
                 parsed = None
             err = parsed.get("error") if isinstance(parsed, dict) else None
             from_ccf = resp.headers.get("x-relayed-from") == "ccf"
+            retry_after = _seconds(resp.headers.get("retry-after"))
             if isinstance(err, dict):
-                raise AgentRequestError(resp.status, str(err.get("code")), str(err.get("message")), parsed, from_ccf)
+                retryable = err.get("retryable") is True and not from_ccf
+                code, message = str(err.get("code")), str(err.get("message"))
+                raise AgentRequestError(resp.status, code, message, parsed, from_ccf, retryable, retry_after)
             text = resp.body.decode("utf-8", "replace")[:500]
-            raise AgentRequestError(resp.status, "HTTPError", text, parsed, from_ccf)
+            raise AgentRequestError(resp.status, "HTTPError", text, parsed, from_ccf, False, retry_after)
         return resp
 
     def health(self) -> Any:
@@ -141,6 +158,13 @@ class AgentClient:
             body["service"] = service
         result: dict[str, Any] = self.call("POST", "/v1/explain", body).json()
         return result
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the agent sends whole seconds; an HTTP date is not used by it)."""
+    if retry_after is None or not retry_after.strip().isdigit():
+        return None
+    return float(retry_after)
 
 
 def _sign_body(

@@ -1,7 +1,9 @@
 """The aiohttp application: middlewares (request id, peer credentials, errors to JSON) and the routes.
 
-Errors leave as ``{"error": {"code", "message", "request_id"}}`` with a status from the error tree; a backend's raw
-message is logged with the request id, never echoed. Nothing here touches a key store except through the service.
+Errors leave as ``{"error": {"code", "message", "retryable", "request_id"}}`` with a status from the error tree (and
+``Retry-After`` when the agent knows when a retry may succeed); a backend's raw message is logged with the request
+id, never echoed. A request that outlives ``agent.request_timeout`` is a 504 ``AgentTimeout`` that names what it was
+waiting for (``signing_agent.waits``). Nothing here touches a key store except through the service.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from signing_agent.api.schemas import parse_explain_request, parse_sign_request
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import (
     AgentError,
-    BackendUnavailableError,
+    AgentTimeoutError,
     PolicyDeniedError,
     ShuttingDownError,
     TooManyRequestsError,
@@ -37,6 +39,7 @@ from signing_agent.health import HealthChecker
 from signing_agent.metrics import CONTENT_TYPE_LATEST, METRICS, Metrics
 from signing_agent.recovery import WATCHER_REQUEST_ID_PREFIX, RecoveryService
 from signing_agent.service import SigningService
+from signing_agent.waits import Waits
 
 _logger = logging.getLogger(__name__)
 _access = logging.getLogger("signing_agent.access")
@@ -63,11 +66,21 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, code: str, message: str, request_id: str | None) -> web.Response:
-    error: dict[str, str] = {"code": code, "message": message}
+def error_response(
+    status: int, code: str, message: str, request_id: str | None, *, retryable: bool = False
+) -> web.Response:
+    error: dict[str, str | bool] = {"code": code, "message": message, "retryable": retryable}
     if request_id is not None:
         error["request_id"] = request_id
     return web.json_response({"error": error}, status=status)
+
+
+def agent_error_response(exc: AgentError, request_id: str) -> web.Response:
+    """An agent error as the API answers it: its status and code, ``retryable``, and ``Retry-After`` when known."""
+    response = error_response(exc.http_status, exc.code, exc.diagnostics(), request_id, retryable=exc.retryable)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return response
 
 
 _HTTP_CODES = {
@@ -91,12 +104,6 @@ def request_id_of(request: web.Request) -> str:
     if _SAFE_REQUEST_ID.fullmatch(given) and not given.lower().startswith(WATCHER_REQUEST_ID_PREFIX):
         return given
     return uuid.uuid4().hex
-
-
-def _too_many(exc: TooManyRequestsError, request_id: str) -> web.Response:
-    response = error_response(exc.http_status, exc.code, exc.diagnostics(), request_id)
-    response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return response
 
 
 def _is_malformed(response: web.StreamResponse) -> bool:
@@ -129,10 +136,10 @@ async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamRe
     try:
         return await handler(request), None
     except TooManyRequestsError as exc:
-        return _too_many(exc, request_id), None  # counted in a summary, not logged one by one
+        return agent_error_response(exc, request_id), None  # counted in a summary, not logged one by one
     except AgentError as exc:
         level = logging.WARNING if exc.http_status < 500 else logging.ERROR
-        response = error_response(exc.http_status, exc.code, exc.diagnostics(), request_id)
+        response = agent_error_response(exc, request_id)
         return response, (level, request_id, exc.code, _loggable(exc.message))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -162,7 +169,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             request.app[RUNTIME].denials.charge(peer.uid, "malformed")
         except TooManyRequestsError as exc:
             closing = response.keep_alive is False  # e.g. a 413: still no keep-alive
-            response, failure, throttled = _too_many(exc, request_id), None, True
+            response, failure, throttled = agent_error_response(exc, request_id), None, True
             if closing:
                 response.force_close()
     if failure is not None:
@@ -225,16 +232,26 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise web.HTTPRequestEntityTooLarge(settings.max_request_bytes, request.content_length)
     in_flight.enter()
     gen.in_flight.enter()
+    waits = Waits()
     try:
-        async with asyncio.timeout(settings.request_timeout):
+        async with waits.deadline(settings.request_timeout):
             return await handler(request)
     except TimeoutError:
-        raise BackendUnavailableError(
-            f"the request took longer than agent.request_timeout ({settings.request_timeout:g} s)"
-        ) from None
+        raise _timed_out(settings.request_timeout, waits) from None
     finally:
         gen.in_flight.exit()
         in_flight.exit()
+
+
+def _timed_out(limit: float, waits: Waits) -> AgentTimeoutError:
+    """The 504 for a request that outlived ``agent.request_timeout``, naming what it was waiting for."""
+    message = f"the request took longer than agent.request_timeout ({limit:g} s)"
+    waited = waits.describe_expired()
+    return AgentTimeoutError(
+        f"{message}, {waited}" if waited else message,
+        hint="if it may take that long, raise agent.request_timeout; a request that was being forwarded to CCF "
+        "may have been recorded there all the same: read the proposals before sending it again",
+    )
 
 
 async def _write_summaries(runtime: Runtime, *, flush: bool = False) -> None:

@@ -121,7 +121,7 @@ class ConnectionLimiter:
 
 
 def _refusal_response(why: str) -> bytes:
-    body = json.dumps({"error": {"code": "TooManyConnections", "message": why}}).encode()
+    body = json.dumps({"error": {"code": "TooManyConnections", "message": why, "retryable": True}}).encode()
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
         f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"

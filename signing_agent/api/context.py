@@ -11,6 +11,7 @@ from aiohttp import web
 
 from signing_agent.errors import RequestError
 from signing_agent.policy import Caller
+from signing_agent.waits import waiting_for
 
 CALLER = web.RequestKey("caller", Caller)
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -27,6 +28,7 @@ async def read_body(request: web.Request) -> bytes:
     limit = request.app.get(BODY_TIMEOUT, 30.0)
     try:
         async with asyncio.timeout(limit):
-            return await request.read()
+            with waiting_for("the request body from the client"):
+                return await request.read()
     except TimeoutError:
         raise BodyTimeoutError(f"the request body did not arrive within agent.body_timeout ({limit:g} s)") from None

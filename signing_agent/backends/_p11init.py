@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from signing_agent.backends._secrets import check_secret_file, read_secret_file, secret_env
-from signing_agent.errors import BackendUnavailableError, ConfigError
+from signing_agent.errors import BackendUnavailableError, ConfigError, PinRejectedError
 
 
 def _optional_import(name: str) -> Any:
@@ -290,8 +290,9 @@ def open_session(token: Any, pin_source: PinSource, *, rw: bool, where: str) -> 
     """Open a session and log in with the PIN from ``pin_source``.
 
     Login state is per application: when another session of this process is already logged in to the token,
-    the new session shares that login (``UserAlreadyLoggedIn`` is not an error). A wrong PIN is a
-    ``ConfigError`` whose message names the PIN source, never the PIN.
+    the new session shares that login (``UserAlreadyLoggedIn`` is not an error). A PIN the token refuses
+    (CKR_PIN_INCORRECT, CKR_PIN_INVALID, CKR_PIN_LEN_RANGE, CKR_PIN_EXPIRED, CKR_PIN_LOCKED) is a
+    ``PinRejectedError`` whose message names the PIN source, never the PIN.
     """
     pin = pin_source.read()
     try:
@@ -301,13 +302,13 @@ def open_session(token: Any, pin_source: PinSource, *, rw: bool, where: str) -> 
             return token.open(rw=rw, user_pin=pin)
         except p11exc.UserAlreadyLoggedIn:
             return token.open(rw=rw)
-    except (p11exc.PinIncorrect, p11exc.PinInvalid, p11exc.PinLenRange) as exc:
-        raise ConfigError(
+    except (p11exc.PinIncorrect, p11exc.PinInvalid, p11exc.PinLenRange, p11exc.PinExpired) as exc:
+        raise PinRejectedError(
             f"{where}: token {token.label!r} rejected the PIN from {pin_source.describe()} ({type(exc).__name__})",
             hint="fix the PIN source; the agent does not retry: repeated failures can lock the token",
         ) from None
     except p11exc.PinLocked:
-        raise ConfigError(
+        raise PinRejectedError(
             f"{where}: the user PIN of token {token.label!r} is locked", hint="unlock it with the SO PIN"
         ) from None
     finally:

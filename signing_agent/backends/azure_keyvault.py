@@ -640,6 +640,7 @@ class _AzureKey:
                     f"Key Vault {self._cfg.vault_url}: {what}: the vault asked to retry after "
                     f"{retry_after:g}s (more than max_retry_after={s.max_retry_after:g}s): {reason}",
                     hint="the vault's quota is exhausted; lower the agent's rate or raise the vault's limits",
+                    retry_after=retry_after,
                 )
             delay = retry_after if retry_after is not None else self._backoff(attempt)
             if delay >= remaining:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Generic, TypeVar, assert_never
 
 from signing_agent.algorithms import SignatureAlgorithm
 from signing_agent.backends._secrets import take_secret_env
@@ -24,6 +24,7 @@ from signing_agent.config import (
     PKCS11KeyConfig,
 )
 from signing_agent.errors import ConfigError
+from signing_agent.waits import waiting_for
 
 if TYPE_CHECKING:
     from signing_agent.backends.azure_keyvault import AzureKeyVaultRegistry
@@ -55,19 +56,35 @@ def take_configured_secrets(config: AgentConfig) -> None:
     take_secret_env(sorted(secret_env_names(config)))
 
 
-class ObservedSigningKey:
-    """A signing key that reports each signature's latency and outcome; everything else is delegated."""
+_Key = TypeVar("_Key", SigningKey, DecryptionKey)
 
-    def __init__(self, key: SigningKey, backend: BackendKind, observer: SignObserver) -> None:
-        self.inner = key
+
+class _WaitedKey(Generic[_Key]):
+    """A key whose every operation is a marked wait (``signing_agent.waits``): a request's deadline names the key
+    store and the key's config path (never a PIN, a secret or a credential). Everything else is delegated."""
+
+    def __init__(self, key: _Key, backend: BackendKind, name: str) -> None:
+        self.inner: _Key = key
         self.backend = backend
-        self._observer = observer
+        self._waiting = f"the key store ({backend}, {name})" if name else f"the key store ({backend})"
 
     def __repr__(self) -> str:
         return repr(self.inner)
 
     async def describe(self) -> KeyInfo:
-        return await self.inner.describe()
+        with waiting_for(self._waiting):
+            return await self.inner.describe()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class ObservedSigningKey(_WaitedKey[SigningKey]):
+    """A signing key whose signatures are marked waits and, with an observer, report their latency and outcome."""
+
+    def __init__(self, key: SigningKey, backend: BackendKind, observer: SignObserver | None, *, name: str = "") -> None:
+        super().__init__(key, backend, name)
+        self._observer = observer
 
     async def sign_digest(
         self, alg: SignatureAlgorithm, digest: bytes, *, priority: Priority = Priority.NORMAL
@@ -75,14 +92,24 @@ class ObservedSigningKey:
         started = time.monotonic()
         ok = False
         try:
-            signature = await self.inner.sign_digest(alg, digest, priority=priority)
+            with waiting_for(self._waiting):
+                signature = await self.inner.sign_digest(alg, digest, priority=priority)
             ok = True
         finally:
-            self._observer(self.backend, time.monotonic() - started, ok)
+            if self._observer is not None:
+                self._observer(self.backend, time.monotonic() - started, ok)
         return signature
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+
+class ObservedDecryptionKey(_WaitedKey[DecryptionKey]):
+    """A decryption key whose every operation is a marked wait."""
+
+    def __init__(self, key: DecryptionKey, backend: BackendKind, *, name: str) -> None:
+        super().__init__(key, backend, name)
+
+    async def decrypt_oaep_sha256(self, ciphertext: bytes, *, priority: Priority = Priority.HIGH) -> bytes:
+        with waiting_for(self._waiting):
+            return await self.inner.decrypt_oaep_sha256(ciphertext, priority=priority)
 
 
 class KeyStores:
@@ -154,8 +181,7 @@ class KeyStores:
 
     def signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         """Open a signing key; ``name`` is its dotted config path, for messages."""
-        key = self._signing_key(cfg, name=name)
-        return key if self._on_sign is None else ObservedSigningKey(key, cfg.backend, self._on_sign)
+        return ObservedSigningKey(self._signing_key(cfg, name=name), cfg.backend, self._on_sign, name=name)
 
     def _signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         match cfg:
@@ -169,6 +195,10 @@ class KeyStores:
                 assert_never(cfg)
 
     def decryption_key(self, cfg: KeyConfig, *, name: str) -> DecryptionKey:
+        """Open a decryption key; ``name`` is its dotted config path, for messages."""
+        return ObservedDecryptionKey(self._decryption_key(cfg, name=name), cfg.backend, name=name)
+
+    def _decryption_key(self, cfg: KeyConfig, *, name: str) -> DecryptionKey:
         match cfg:
             case FileKeyConfig():
                 return FileDecryptionKey(cfg.path, name=name)

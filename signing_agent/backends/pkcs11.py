@@ -66,6 +66,7 @@ from signing_agent.errors import (
     BackendUnavailableError,
     ConfigError,
     KeyNotFoundError,
+    PinRejectedError,
     SigningFailedError,
     UnsupportedOperationError,
 )
@@ -210,7 +211,7 @@ class _TokenConnection:
         self._outage: _Outage | None = None
         self.slot_id: int | None = None
         self.handles: dict[tuple[object, ...], Any] = {}
-        self._refused: ConfigError | None = None
+        self._refused: PinRejectedError | None = None
         self._closed = False
         self.logins = 0
         self.reconnects = 0
@@ -334,13 +335,12 @@ class _TokenConnection:
         if self._session is not None:
             return self._session
         if self._refused is not None:
-            raise ConfigError(self._refused.message, hint=self._refused.hint)
+            raise PinRejectedError(self._refused.message, hint=self._refused.hint)
         token = _p11init.find_token(module.lib, self.token_label, where=where)
         try:
             session = _p11init.open_session(token, self.pin, rw=False, where=where)
-        except ConfigError as exc:
-            if "PIN" in exc.message:
-                self._refused = exc
+        except PinRejectedError as exc:
+            self._refused = exc
             raise
         self._session = session
         self._seen = True

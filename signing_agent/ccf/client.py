@@ -46,6 +46,7 @@ from signing_agent.errors import (
     ConfigError,
 )
 from signing_agent.metrics import METRICS, Metrics
+from signing_agent.waits import waiting_for
 
 _logger = logging.getLogger(__name__)
 
@@ -342,10 +343,16 @@ class CCFClient:
         raise CCFUnavailableError(message)
 
     async def get(self, path: str, *, gov: bool = True, max_attempts: int | None = None) -> CCFResponse:
-        return await self.request("GET", path, gov=gov, max_attempts=max_attempts)
+        with waiting_for(self._waiting("GET", path)):
+            return await self.request("GET", path, gov=gov, max_attempts=max_attempts)
 
     async def post_cose(self, path: str, cose: bytes) -> CCFResponse:
-        return await self.request("POST", path, body=cose, content_type="application/cose")
+        with waiting_for(self._waiting("POST", path)):
+            return await self.request("POST", path, body=cose, content_type="application/cose")
+
+    def _waiting(self, method: str, path: str) -> str:
+        """What a request's deadline names when it expires during this call (``signing_agent.waits``)."""
+        return f"CCF service {self.config.name!r}: {method} {path}"
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -424,11 +431,12 @@ async def _get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what
     """One GET outside the pinned session (an identity endpoint), within the same guards: no redirect, a capped
     body, the service's time bounds. Returns the status and the body parsed as JSON (None when empty; ``ValueError``
     when it is not JSON)."""
-    async with (
-        aiohttp.ClientSession(timeout=client_timeout(config), connector=aiohttp.TCPConnector(ssl=trust)) as session,
-        session.get(url, allow_redirects=False) as resp,
-    ):
-        raw = await read_answer(resp, config, what)
+    with waiting_for(f"CCF {what}"):
+        async with (
+            aiohttp.ClientSession(timeout=client_timeout(config), connector=aiohttp.TCPConnector(ssl=trust)) as session,
+            session.get(url, allow_redirects=False) as resp,
+        ):
+            raw = await read_answer(resp, config, what)
     try:
         return resp.status, json.loads(raw) if raw.strip() else None
     except RecursionError:

@@ -111,6 +111,8 @@ async def test_errors_are_json_with_a_code(agent: Path, body: object, status: in
     assert error["code"] == code
     assert error["message"]
     assert error["request_id"] == headers["x-request-id"]
+    assert error["retryable"] is False  # the same request would fail again
+    assert "retry-after" not in headers
 
 
 async def test_unknown_route_and_method(agent: Path) -> None:

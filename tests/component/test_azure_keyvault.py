@@ -276,9 +276,10 @@ async def test_retry_after_beyond_the_limit_fails_at_once(kv: RunningKeyVault, r
     key = registry.signing_key(_cfg(kv, "m0"), name=WHERE)
     await key.describe()
     kv.vault.inject(status=429, retry_after="3600", ops=frozenset({"sign"}))
-    with pytest.raises(BackendUnavailableError, match="retry after 3600s"):
+    with pytest.raises(BackendUnavailableError, match="retry after 3600s") as err:
         await key.sign_digest(ES384, ES384.digest(b"x"))
     assert len(kv.vault.requests_for("sign")) == 1
+    assert err.value.retry_after == 3600  # the API's Retry-After: the agent knows when a retry may succeed
 
 
 @pytest.mark.parametrize("status", [500, 503])

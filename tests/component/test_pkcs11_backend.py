@@ -30,6 +30,7 @@ from signing_agent.errors import (
     BackendUnavailableError,
     ConfigError,
     KeyNotFoundError,
+    PinRejectedError,
     SigningFailedError,
     UnsupportedOperationError,
 )
@@ -164,15 +165,17 @@ def wrong_pin_token(request: pytest.FixtureRequest, tmp_path: Path) -> TokenInfo
 
 async def test_wrong_pin_is_clear_and_not_retried(wrong_pin_token: TokenInfo, registry: PKCS11Registry) -> None:
     signer = registry.signing_key(wrong_pin_token.key_config("any"), name="identities.m0.signing_key")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(PinRejectedError) as info:  # typed: a ConfigError that is the token's refusal of the PIN
         await signer.describe()
+    assert isinstance(info.value, ConfigError)
+    assert info.value.code == "PinRejected"
     text = info.value.diagnostics() + repr(info.value) + str(info.value)
     assert "rejected the PIN" in text
     assert str(wrong_pin_token.pin_file) in text
     assert "987654" not in text
     assert info.value.__cause__ is None  # raised "from None": no vendor exception travels along
     # No second login attempt (a token could lock): the refusal is remembered until reset().
-    with pytest.raises(ConfigError, match="rejected the PIN"):
+    with pytest.raises(PinRejectedError, match="rejected the PIN"):
         await signer.describe()
     assert registry.status()[0].logins == 0
 

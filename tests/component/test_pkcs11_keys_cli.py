@@ -44,6 +44,15 @@ def _token_argv(token: TokenInfo) -> list[str]:
     return argv
 
 
+def _argv_with_pin_file(token: TokenInfo, path: Path, pin: str, mode: int) -> list[str]:
+    """The token's options, with the PIN read from a file of our own (a wrong PIN, a wrong mode)."""
+    path.write_text(pin + "\n")
+    path.chmod(mode)
+    argv = _token_argv(token)
+    argv[argv.index("--pin-file") + 1] = str(path)
+    return argv
+
+
 async def test_generate_writes_a_token_signed_member_cert(p11_token: TokenInfo, tmp_path: Path) -> None:
     label = unique_label("member")
     cert_out, enc_out = tmp_path / "m_cert.pem", tmp_path / "m_enc_pubk.pem"
@@ -85,7 +94,7 @@ async def test_generate_writes_a_token_signed_member_cert(p11_token: TokenInfo, 
     # The same label again is refused, and nothing is overwritten.
     rc, _, err = _run(["keys", "generate", *_token_argv(p11_token), "--label", label,
                        "--cert-out", str(tmp_path / "other.pem")])  # fmt: skip
-    assert rc == 1
+    assert rc == 2  # a configuration error (ConfigError), as in every other command
     assert "already has a private key" in err
     assert "Traceback" not in err
 
@@ -142,7 +151,7 @@ def test_import_checks_the_certificate_and_can_delete_the_pem(p11_token: TokenIn
     _, other_cert = other.write(tmp_path)
     rc, _, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
                        "--cert", str(other_cert)])  # fmt: skip
-    assert rc == 1
+    assert rc == 2  # IdentityError, a configuration error
     assert "does not match the certificate" in err
     rc, out, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
                          "--delete-pem"])  # fmt: skip
@@ -152,20 +161,16 @@ def test_import_checks_the_certificate_and_can_delete_the_pem(p11_token: TokenIn
 
 
 def test_cli_errors_are_diagnostics_not_tracebacks(p11_token: TokenInfo, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.pin"
-    bad.write_text("0000\n")
-    bad.chmod(0o644)
-    argv = _token_argv(p11_token)
-    argv[argv.index("--pin-file") + 1] = str(bad)
+    argv = _argv_with_pin_file(p11_token, tmp_path / "bad.pin", "0000", 0o644)
     rc, _, err = _run(["keys", "list", *argv])
-    assert rc == 1
-    assert err.startswith("error: ")
+    assert rc == 2  # ConfigError: exit 2, as every command (it was 1 here only)
+    assert err.startswith("signing-agent: ConfigError: ")
     assert "chmod 600" in err
     assert "Traceback" not in err
     argv = _token_argv(p11_token)
     argv[argv.index("--token-label") + 1] = "no-such-token"
     rc, _, err = _run(["keys", "list", *argv])
-    assert rc == 1
+    assert rc == 1  # BackendUnavailable: another failure
     assert "no token labelled 'no-such-token'" in err
 
 
@@ -194,7 +199,19 @@ def test_a_module_that_cannot_initialise_names_the_usual_causes(module: str, tmp
          "--pin-file", str(pin)],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # a configuration error, as for every command
     assert "C_Initialize failed: CKR_" in result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.softhsm
+def test_a_refused_pin_is_a_configuration_error(softhsm: tokens.SoftHSMSetup, tmp_path: Path) -> None:
+    token = softhsm.tokens["agent-pin"]  # the token kept for wrong PINs: a lockout could spoil no other test
+    argv = _argv_with_pin_file(token, tmp_path / "wrong.pin", "987654", 0o600)
+    rc, _, err = _run(["keys", "list", *argv])
+    assert rc == 2  # PinRejected is a ConfigError: exit 2 like every configuration error
+    assert err.startswith("signing-agent: PinRejected: ")
+    assert "rejected the PIN" in err
+    assert "987654" not in err
+    assert "Traceback" not in err

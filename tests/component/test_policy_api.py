@@ -282,6 +282,7 @@ async def test_a_denial_flood_costs_the_caller_not_the_disk(workdir: Path, membe
         status, headers, body = await call(sock, "POST", "/v1/sign", {"identity": "m0"})
         assert (status, json.loads(body)["error"]["code"]) == (429, "TooManyRequests")
         assert 1 <= int(headers["retry-after"]) <= 3600
+        assert json.loads(body)["error"]["retryable"] is True
         # An announced oversized body is refused at once (a 429 now, no longer a 413), without waiting for it.
         reader, writer = await asyncio.open_unix_connection(str(sock))
         writer.write(b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")

@@ -14,6 +14,7 @@ the ``[keyvault]`` table reaches the daemon; a vault key that does not match the
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -256,6 +257,8 @@ def test_keyvault_max_attempts_from_the_config_file(world: World) -> None:
     )
     assert resp.status == 503, resp.body
     assert resp.json()["error"]["code"] == "BackendUnavailable"
+    assert resp.json()["error"]["retryable"] is True
+    assert "retry-after" not in resp.headers  # the vault did not say when
     assert [r["status"] for r in world.vault_signs(before)] == [503] * KEYVAULT_MAX_ATTEMPTS
 
 
@@ -298,3 +301,55 @@ def test_a_vault_key_that_does_not_match_the_certificate_stops_the_daemon(world:
     )
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----- (f) what the agent says when the vault is slow or asks for a long wait: each on an agent of its own -----
+
+
+@contextlib.contextmanager
+def own_agent(world: World, name: str, agent: dict[str, Any] | None = None) -> Iterator[DaemonProcess]:
+    """A daemon of its own for m0 on the world's vault: its throttle and deadline do not touch the world's agent."""
+    folder = world.folder / name
+    folder.mkdir()
+    _, cert = world.members["m0"].write(folder)
+    tables = agent_tables(folder, world.vault, {"m0": cert}, {"m0": "m0"}, {})
+    tables["agent"].update(agent or {})
+    with daemon(write_toml(folder / "agent.toml", tables), env=world.env) as proc:
+        yield proc
+
+
+def cli_sign(world: World, agent: DaemonProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "signing_agent", "sign", "--ccf-gov-msg-type", "state_digest", "--out", "/dev/null"],
+        capture_output=True,
+        text=True,
+        env=cli_env({**world.env, "SIGNING_AGENT_SOCK": str(agent.socket)}),
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_vault_that_asks_for_a_long_wait_gives_retry_after(world: World) -> None:
+    with own_agent(world, "long-wait") as agent:
+        world.vault.inject(status=429, retry_after="120", count=1)  # over the default max_retry_after (30 s)
+        resp = AgentClient(agent.socket, timeout=60).request(
+            "POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest", "payload_base64": ""}
+        )
+        result = cli_sign(world, agent)  # the vault's throttle penalty holds: still refused, at once
+    assert resp.status == 503, resp.body
+    error = resp.json()["error"]
+    assert (error["code"], error["retryable"]) == ("BackendUnavailable", True)
+    assert resp.headers["retry-after"] == "120"
+    assert result.returncode == 1, result.stderr  # another failure: neither policy, nor CCF, nor a timeout
+    assert "signing-agent: BackendUnavailable (503)" in result.stderr
+
+
+def test_a_slow_vault_is_a_timeout_that_names_the_key_store(world: World) -> None:
+    """agent.request_timeout runs out while the vault takes its time: a 504 that says so (exit 6), not a 503."""
+    with own_agent(world, "slow", {"request_timeout": 1.0}) as agent:
+        world.vault.inject(status=None, delay=3.0, count=1)
+        result = cli_sign(world, agent)
+    assert result.returncode == 6, result.stderr
+    assert "signing-agent: AgentTimeout (504)" in result.stderr
+    assert "waiting for the key store (azure-keyvault, identities.m0.signing_key)" in result.stderr
+    assert "CCF" not in result.stderr.split("hint:")[0]
