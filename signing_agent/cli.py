@@ -141,7 +141,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Open every key store and self-test each identity (its key matches its certificate, a probe signature
     verifies), and read every pinned service certificate. Every failure is listed; any failure exits 1."""
     from signing_agent.backends.factory import KeyStores
-    from signing_agent.ccf.client import CCFClient
+    from signing_agent.ccf.connections import CCFConnections
     from signing_agent.daemon import open_identities_degraded
 
     path = _config_path(args, required=True)
@@ -168,13 +168,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             if svc.service_certificate is None:
                 print(f"ok    service {name}: {svc.url} (identity fetched from {svc.identity_url} at first use)")
                 continue
+            ccf = CCFConnections({name: svc})
             try:
-                await (await CCFClient.open(svc)).aclose()
+                await ccf.open_pinned()
             except AgentError as exc:
                 failed[f"service {name}"] = exc.message
                 print(f"FAIL  service {name}: {exc.message}")
             else:
                 print(f"ok    service {name}: {svc.url}, pinned {svc.service_certificate}")
+            finally:
+                await ccf.aclose()
         if failed:
             print(
                 f"signing-agent: configuration {path}: {len(failed)} check(s) failed: {', '.join(sorted(failed))}",
