@@ -74,6 +74,7 @@ from signing_agent.errors import (
 from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import ACCEPT_BALLOT, Caller
+from signing_agent.retry import Backoff
 from signing_agent.service import SignedMessage, SigningService
 
 _logger = logging.getLogger(__name__)
@@ -965,6 +966,7 @@ class RecoveryWatcher:
 
     async def _run(self) -> None:
         cfg = self.recovery.config
+        poll = Backoff(cfg.poll_interval, cfg.max_backoff, jitter=(0.8, 1.2))  # doubles after each failure
         failures = 0
         reported: str | None = None
         while not self._stop.is_set():
@@ -984,8 +986,7 @@ class RecoveryWatcher:
             else:
                 failures = 0
                 reported = None
-            delay = min(cfg.max_backoff, cfg.poll_interval * 2.0**failures) if failures else cfg.poll_interval
-            delay *= 0.8 + 0.4 * self.recovery._rng()
+            delay = poll.delay(failures, self.recovery._rng())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()

@@ -20,7 +20,7 @@ from signing_agent.config import RecoveryConfig
 from signing_agent.cose.governance import HEADER_MSG_TYPE
 from signing_agent.errors import CCFError, CCFTrustError, ConflictError, InvalidRequestError
 from signing_agent.governance import GovernanceService
-from signing_agent.recovery import RecoveryService
+from signing_agent.recovery import RecoveryService, RecoveryWatcher
 from signing_agent.service import SigningService
 from tests.support.fake_ccf import FakeCCF, FakeService, FileIdentity, file_identity
 from tests.support.pki import make_member
@@ -217,3 +217,14 @@ async def test_an_identity_already_trusted_needs_no_approval(recovered: World) -
     recovered.ccf.configured["prod"] = NEW.cert_pem
     with pytest.raises(ConflictError, match="is already trusted for recovery shares"):
         await recovered.recovery.approve_identity("prod", "m0", PID, NEW.member_id)
+
+
+async def test_the_watcher_submits_when_the_service_waits_and_then_only_watches(world: World) -> None:
+    watcher = RecoveryWatcher(world.recovery, "prod", "m0")
+    await watcher.tick()
+    assert (watcher.state, watcher.service_status) == ("submitted", "WaitingForRecoveryShares")
+    assert watcher.last_submission is not None
+    assert watcher.last_submission["recoveryCount"] == 1
+    await watcher.tick()
+    assert (watcher.state, watcher.service_status) == ("watching", "Open")
+    assert world.service.calls.count("submit_recovery_share") == 1
