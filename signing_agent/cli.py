@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import base64
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -19,8 +18,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives import serialization
 
 from signing_agent import __version__, policy
 from signing_agent.client import AgentClient, AgentRequestError, AgentUnreachableError, default_socket
@@ -76,17 +73,9 @@ def _read_content(path: str | None) -> bytes:
 
 
 def _member_id_of_cert_file(path: str) -> str:
-    from cryptography import x509
+    from signing_agent.certs import member_id, read_certificate
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidRequestError(f"--signing-cert: cannot read {path}: {exc.strerror}") from None
-    try:
-        cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise InvalidRequestError(f"--signing-cert: {path} is not an X.509 certificate") from None
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return member_id(read_certificate(Path(path), "--signing-cert", error=InvalidRequestError))
 
 
 def resolve_identity(client: AgentClient, identity: str | None, signing_cert: str | None) -> str:

@@ -37,7 +37,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -51,11 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from signing_agent.backends.base import Priority
 from signing_agent.ccf.api import Answer, GovernanceAPI, ServiceInfo
+from signing_agent.certs import certificate_der, der_sha256
 from signing_agent.config import RecoveryConfig, ServiceConfig
 from signing_agent.cose.governance import MsgType, check_proposal_id
 from signing_agent.errors import (
@@ -97,18 +94,9 @@ _ADOPTED = "adopted_identity"
 _SECRET_LIKE = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
 
 
-def _der(pem: bytes | str) -> bytes | None:
-    """A certificate's DER, or None when it is not a PEM certificate."""
-    try:
-        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
-    except ValueError:
-        return None
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def _fingerprint(pem: bytes) -> str:
-    der = _der(pem)
-    return hashlib.sha256(der if der is not None else pem).hexdigest()
+    der = certificate_der(pem)
+    return der_sha256(der if der is not None else pem)
 
 
 async def _transition_from(
@@ -119,8 +107,8 @@ async def _transition_from(
     Certificates are compared as DER, so PEM line breaks and headers do not matter."""
     got = await client.proposal_actions(proposal_id, max_attempts=1)
     for transition in got.value.transitions() if got.value is not None else ():
-        prev_der = _der(transition.previous)
-        if prev_der is not None and prev_der in previous and _der(transition.next) == next_der:
+        prev_der = certificate_der(transition.previous)
+        if prev_der is not None and prev_der in previous and certificate_der(transition.next) == next_der:
             return prev_der
     return None
 
@@ -143,7 +131,7 @@ def _identity_record(configured: bytes, candidate: bytes, previous: bytes, propo
     return {
         "certificate": candidate.decode("ascii"),
         "sha256": _fingerprint(candidate),
-        "previous_sha256": hashlib.sha256(previous).hexdigest(),
+        "previous_sha256": der_sha256(previous),
         "configured_sha256": _fingerprint(configured),
         "proposal_id": proposal_id,
     }
@@ -416,7 +404,7 @@ class RecoveryService:
             for key, trust in ((_APPROVED, "approved"), (_ADOPTED, "provisional")):
                 record = data.get(key)
                 pem = record.get("certificate") if isinstance(record, dict) else None
-                if not isinstance(record, dict) or not isinstance(pem, str) or _der(pem) is None:
+                if not isinstance(record, dict) or not isinstance(pem, str) or certificate_der(pem) is None:
                     continue
                 configured = configured or _fingerprint(await self.governance.ccf.configured_identity(name))
                 if record.get("configured_sha256") != configured:
@@ -469,7 +457,7 @@ class RecoveryService:
         """The client trusted for everything (shares included) and its identities as DER: the pinned one (configured,
         or approved after a recovery) and ``accepted_service_certificates``. Never a provisional identity."""
         client = await self.governance.ccf.client(service)
-        return client, {d for d in (_der(p) for p in client.trusted_pems) if d is not None}
+        return client, {d for d in (certificate_der(p) for p in client.trusted_pems) if d is not None}
 
     async def _read(self, service: str, read: Callable[[GovernanceAPI], Awaitable[Answer[T]]]) -> Answer[T]:
         """A read that may go to a provisional identity; on a trust failure, the proposal rule may adopt one, once."""
@@ -504,16 +492,16 @@ class RecoveryService:
         ccf = self.governance.ccf
         _, decided = await self._decided(service)
         candidate = await ccf.presented_identity(service)
-        candidate_der = _der(candidate)
+        candidate_der = certificate_der(candidate)
         if candidate_der is None:
             raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
         provisional = ccf.provisional_identity(service)
-        if candidate_der in decided or (provisional is not None and _der(provisional) == candidate_der):
+        if candidate_der in decided or (provisional is not None and certificate_der(provisional) == candidate_der):
             return False  # already trusted: the TLS failure was something else
         async with ccf.probe(service, candidate) as probe:
             info = await probe.service_info(max_attempts=1)
             reported = info.value.certificate if info.value is not None else None
-            if reported is None or _der(reported) != candidate_der:
+            if reported is None or certificate_der(reported) != candidate_der:
                 _logger.warning("service %s: its service info does not report the identity it presents", service)
                 return False
             found = await self._transition_proposal(probe, decided, candidate_der)
@@ -591,7 +579,7 @@ class RecoveryService:
             candidate = self.governance.ccf.provisional_identity(service)
             _, decided = await self._decided(service)
             if candidate is None:
-                if wanted in {hashlib.sha256(d).hexdigest() for d in decided}:
+                if wanted in {der_sha256(d) for d in decided}:
                     raise ConflictError(
                         f"service identity {wanted[:16]} is already trusted for recovery shares on service "
                         f"{service!r}: nothing to approve; no ballot was signed"
@@ -610,7 +598,7 @@ class RecoveryService:
                     hint="the endpoint is not the recovered service that was announced: do not vote; investigate",
                 )
             client = await self.governance.ccf.client(service, provisional=True)
-            previous = await _transition_from(client, proposal_id, decided, _der(candidate) or b"")
+            previous = await _transition_from(client, proposal_id, decided, certificate_der(candidate) or b"")
             if previous is None:
                 raise ConflictError(
                     f"proposal {proposal_id} is not a transition_service_to_open from an identity trusted for shares "
