@@ -68,6 +68,7 @@ from signing_agent.errors import (
     PolicyDeniedError,
     UnsupportedOperationError,
 )
+from signing_agent.files import fsync_folder
 from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import ACCEPT_BALLOT, Caller
@@ -297,8 +298,7 @@ class RecoveryStateStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=folder)
                 raise
-            with contextlib.suppress(OSError):
-                os.fsync(folder)
+            fsync_folder(folder)
         finally:
             os.close(folder)
 
