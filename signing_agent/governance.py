@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from signing_agent.ccf.api import Answer, Connector, GovernanceAPI, Proposal
+from signing_agent.ccf.client import CCFResponse
 from signing_agent.ccf.connections import CCFConnections
 from signing_agent.config import ServiceConfig
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
@@ -46,11 +47,10 @@ class Relay:
     from_ccf: bool = False
 
     @classmethod
-    def of(cls, answer: Answer[Any]) -> Relay:
-        resp = answer.response
+    def of(cls, resp: CCFResponse) -> Relay:
         return cls(
             status=resp.status,
-            body=answer.json_object(),
+            body=resp.json_object(),
             raw=resp.raw,
             content_type=resp.content_type or "application/octet-stream",
             transaction_id=resp.transaction_id,

@@ -2,11 +2,11 @@
 ``GovernanceAPI`` Protocol that the governance, recovery and health layers talk to.
 
 This is the one module that knows CCF's paths and what CCF answers. Every answer is an ``Answer``: CCF's response
-exactly as it came (``response``: status, raw bytes, transaction id; relayed unchanged to the agent's API clients),
-and, when CCF said yes with the expected shape, its typed ``value``, parsed once here (``ServiceInfo``, ``Member``,
-``Proposal``, ``ProposalActions``, ``StateDigest``, ``EncryptedShare``...). A ``value`` of None means CCF said no,
-or said something else than expected: callers never look inside a body themselves. See ../shared/ccf-governance.md
-§5 for the shapes.
+exactly as it came (a ``CCFResponse``: status, raw bytes, transaction id; relayed unchanged to the agent's API
+clients), and, when CCF said yes with the expected shape, its typed ``value``, parsed once here (``ServiceInfo``,
+``Member``, ``Proposal``, ``ProposalActions``, ``StateDigest``, ``EncryptedShare``...). A ``value`` of None means
+CCF said no, or said something else than expected: callers never look inside a body themselves. See
+../shared/ccf-governance.md §5 for the shapes.
 
 ``CCFGovernanceClient`` implements the Protocol over ``CCFClient`` (pinned TLS, retries, capped answers). A
 ``Connector`` makes clients and reads the identities a service is trusted by; ``HttpConnector`` is the real one,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import re
 import ssl
@@ -45,114 +46,47 @@ TRANSITION_ACTION = "transition_service_to_open"
 
 
 class Paths:
-    """CCF's governance paths (``?api-version`` is added by ``CCFClient``), and its node paths (none)."""
+    """CCF's paths, as ``str.format`` templates (``?api-version`` is added by ``CCFClient`` to the ``/gov`` ones).
+    The ids put in them are checked first: 64 lowercase hex."""
 
     SERVICE_INFO = "/gov/service/info"
     MEMBERS = "/gov/service/members"
+    MEMBER = "/gov/service/members/{member_id}"
     NODES = "/gov/service/nodes"
     PROPOSALS = "/gov/members/proposals"
     CREATE_PROPOSAL = "/gov/members/proposals:create"
+    PROPOSAL = "/gov/members/proposals/{proposal_id}"
+    PROPOSAL_ACTIONS = "/gov/members/proposals/{proposal_id}/actions"
+    WITHDRAW = "/gov/members/proposals/{proposal_id}:withdraw"
+    BALLOT = "/gov/members/proposals/{proposal_id}/ballots/{member_id}"
+    SUBMIT_BALLOT = "/gov/members/proposals/{proposal_id}/ballots/{member_id}:submit"
+    UPDATE_STATE_DIGEST = "/gov/members/state-digests/{member_id}:update"
+    ACK_STATE_DIGEST = "/gov/members/state-digests/{member_id}:ack"
+    ENCRYPTED_SHARE = "/gov/recovery/encrypted-shares/{member_id}"
+    RECOVER = "/gov/recovery/members/{member_id}:recover"
     NODE_STATE = "/node/state"
     NODE_NETWORK = "/node/network"
-
-    @staticmethod
-    def member(member_id: str) -> str:
-        return f"/gov/service/members/{member_id}"
-
-    @staticmethod
-    def proposal(proposal_id: str) -> str:
-        return f"/gov/members/proposals/{proposal_id}"
-
-    @staticmethod
-    def proposal_actions(proposal_id: str) -> str:
-        return f"/gov/members/proposals/{proposal_id}/actions"
-
-    @staticmethod
-    def ballot(proposal_id: str, member_id: str) -> str:
-        return f"/gov/members/proposals/{proposal_id}/ballots/{member_id}"
-
-    @staticmethod
-    def submit_ballot(proposal_id: str, member_id: str) -> str:
-        return f"/gov/members/proposals/{proposal_id}/ballots/{member_id}:submit"
-
-    @staticmethod
-    def withdraw(proposal_id: str) -> str:
-        return f"/gov/members/proposals/{proposal_id}:withdraw"
-
-    @staticmethod
-    def update_state_digest(member_id: str) -> str:
-        return f"/gov/members/state-digests/{member_id}:update"
-
-    @staticmethod
-    def ack_state_digest(member_id: str) -> str:
-        return f"/gov/members/state-digests/{member_id}:ack"
-
-    @staticmethod
-    def encrypted_share(member_id: str) -> str:
-        return f"/gov/recovery/encrypted-shares/{member_id}"
-
-    @staticmethod
-    def recover(member_id: str) -> str:
-        return f"/gov/recovery/members/{member_id}:recover"
 
 
 # --- answers ------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Answer(Generic[T]):
-    """CCF's answer to one request: the response as it came, and its typed value (None unless CCF said yes in the
-    expected shape)."""
+class Answer(CCFResponse, Generic[T]):
+    """CCF's answer to one request, as it came (a ``CCFResponse``: relayed unchanged), and its typed ``value``: None
+    unless CCF said yes (2xx) in the expected shape."""
 
-    response: CCFResponse
-    value: T | None
-
-    @property
-    def ok(self) -> bool:
-        return self.response.ok
-
-    @property
-    def status(self) -> int:
-        return self.response.status
-
-    @property
-    def raw(self) -> bytes:
-        return self.response.raw
-
-    @property
-    def transaction_id(self) -> str | None:
-        return self.response.transaction_id
-
-    @property
-    def attempts(self) -> int:
-        return self.response.attempts
-
-    @property
-    def error_code(self) -> str | None:
-        """CCF's OData error code, e.g. ``ProposalReplay``."""
-        return self.response.error_code
-
-    @property
-    def error_message(self) -> str:
-        return self.response.error_message
-
-    @property
-    def request(self) -> str:
-        """What was asked, for messages: ``GET /node/state``."""
-        return self.response.request
-
-    def json_object(self) -> dict[str, Any] | None:
-        """The body when it is a JSON object (to relay it re-encoded), else None."""
-        return _object(self.response.body)
+    value: T | None = None
 
     @classmethod
     def parse(cls, response: CCFResponse, parse: Callable[[CCFResponse], T | None]) -> Answer[T]:
-        """``response`` with its value parsed by ``parse`` when CCF said yes (2xx)."""
-        return cls(response, parse(response) if response.ok else None)
+        """``response`` with its value parsed by ``parse`` when CCF said yes."""
+        fields = {f.name: getattr(response, f.name) for f in dataclasses.fields(CCFResponse)}
+        return cls(**fields, value=parse(response) if response.ok else None)
 
 
 def _object(body: object) -> dict[str, Any] | None:
-    return body if isinstance(body, dict) else None
+    return body if isinstance(body, dict) else None  # the same test as CCFResponse.json_object
 
 
 def _text(value: object) -> str | None:
@@ -528,7 +462,9 @@ class CCFGovernanceClient:
         return await self._get(Paths.MEMBERS, Member.parse_list)
 
     async def member(self, member_id: str, *, max_attempts: int | None = None) -> Answer[Member]:
-        return await self._get(Paths.member(member_id), Member.parse_one(member_id), max_attempts=max_attempts)
+        return await self._get(
+            Paths.MEMBER.format(member_id=member_id), Member.parse_one(member_id), max_attempts=max_attempts
+        )
 
     async def nodes(self) -> Answer[tuple[Node, ...]]:
         return await self._get(Paths.NODES, Node.parse_list)
@@ -540,34 +476,38 @@ class CCFGovernanceClient:
         return await self._get(Paths.PROPOSALS, Proposal.parse_list, max_attempts=max_attempts)
 
     async def proposal(self, proposal_id: str) -> Answer[Proposal]:
-        return await self._get(Paths.proposal(proposal_id), Proposal.parse)
+        return await self._get(Paths.PROPOSAL.format(proposal_id=proposal_id), Proposal.parse)
 
     async def proposal_actions(self, proposal_id: str, *, max_attempts: int | None = None) -> Answer[ProposalActions]:
-        return await self._get(Paths.proposal_actions(proposal_id), ProposalActions.parse, max_attempts=max_attempts)
+        return await self._get(
+            Paths.PROPOSAL_ACTIONS.format(proposal_id=proposal_id), ProposalActions.parse, max_attempts=max_attempts
+        )
 
     async def ballot(self, proposal_id: str, member_id: str) -> Answer[Ballot]:
-        return await self._get(Paths.ballot(proposal_id, member_id), Ballot.parse)
+        return await self._get(Paths.BALLOT.format(proposal_id=proposal_id, member_id=member_id), Ballot.parse)
 
     async def create_proposal(self, cose: bytes) -> Answer[Proposal]:
         return await self._post(Paths.CREATE_PROPOSAL, cose, Proposal.parse)
 
     async def submit_ballot(self, proposal_id: str, member_id: str, cose: bytes) -> Answer[Proposal]:
-        return await self._post(Paths.submit_ballot(proposal_id, member_id), cose, Proposal.parse)
+        return await self._post(
+            Paths.SUBMIT_BALLOT.format(proposal_id=proposal_id, member_id=member_id), cose, Proposal.parse
+        )
 
     async def withdraw_proposal(self, proposal_id: str, cose: bytes) -> Answer[Proposal]:
-        return await self._post(Paths.withdraw(proposal_id), cose, Proposal.parse)
+        return await self._post(Paths.WITHDRAW.format(proposal_id=proposal_id), cose, Proposal.parse)
 
     async def update_state_digest(self, member_id: str, cose: bytes) -> Answer[StateDigest]:
-        return await self._post(Paths.update_state_digest(member_id), cose, StateDigest.parse)
+        return await self._post(Paths.UPDATE_STATE_DIGEST.format(member_id=member_id), cose, StateDigest.parse)
 
     async def ack_state_digest(self, member_id: str, cose: bytes) -> Answer[None]:
-        return await self._post(Paths.ack_state_digest(member_id), cose, _nothing)
+        return await self._post(Paths.ACK_STATE_DIGEST.format(member_id=member_id), cose, _nothing)
 
     async def encrypted_share(self, member_id: str) -> Answer[EncryptedShare]:
-        return await self._get(Paths.encrypted_share(member_id), EncryptedShare.parse)
+        return await self._get(Paths.ENCRYPTED_SHARE.format(member_id=member_id), EncryptedShare.parse)
 
     async def submit_recovery_share(self, member_id: str, cose: bytes) -> Answer[RecoverySubmission]:
-        return await self._post(Paths.recover(member_id), cose, RecoverySubmission.parse)
+        return await self._post(Paths.RECOVER.format(member_id=member_id), cose, RecoverySubmission.parse)
 
     async def aclose(self) -> None:
         await self.http.aclose()

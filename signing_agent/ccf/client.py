@@ -92,6 +92,10 @@ class CCFResponse:
             return str(self.body["error"].get("message", ""))
         return ""
 
+    def json_object(self) -> dict[str, Any] | None:
+        """The body when it is a JSON object, else None."""
+        return self.body if isinstance(self.body, dict) else None
+
 
 def pinned_ssl_context(service_cert_pem: bytes) -> ssl.SSLContext:
     """A client TLS context whose only trust anchors are the service certificate(s) (one PEM, or a bundle)."""

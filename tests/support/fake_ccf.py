@@ -16,6 +16,7 @@ Signatures are not verified (the sandbox does that): a signed message is decoded
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from signing_agent.audit import MemoryAuditSink
 from signing_agent.backends.factory import KeyStores
 from signing_agent.ccf.api import (
     Answer,
@@ -42,7 +44,9 @@ from signing_agent.ccf.client import CCFResponse
 from signing_agent.config import FileKeyConfig, IdentityConfig, ServiceConfig
 from signing_agent.cose.sign1 import HEADER_KID, DecodedSign1, decode
 from signing_agent.errors import CCFTrustError, CCFUnavailableError
+from signing_agent.governance import GovernanceService
 from signing_agent.identity import Identity, open_identity
+from signing_agent.service import SigningService
 from tests.support.pki import Member as PkiMember
 from tests.support.pki import make_member, make_rsa_key, pem_private
 
@@ -114,10 +118,12 @@ class FakeService:
             reply = queued.pop(0)
             if isinstance(reply, Exception):
                 raise reply
-            return _with_request(reply, request)
+            return dataclasses.replace(reply, request=request)
         status, body = handle()
         self._tx += 1
-        return _with_request(_response(status, body, tx=f"2.{self._tx}" if status < 400 else None), request)
+        return dataclasses.replace(
+            _response(status, body, tx=f"2.{self._tx}" if status < 400 else None), request=request
+        )
 
     def info(self) -> dict[str, Any]:
         return {
@@ -148,8 +154,12 @@ class FakeService:
         if proposal is None:
             return _error(404, "ProposalNotFound", f"Could not find proposal {proposal_id}.")
         if proposal["proposalState"] != "Open":
-            return _error(400, "ProposalNotOpen", f"Proposal {proposal_id} is currently in state "
-                          f"{proposal['proposalState']} - only Open proposals can receive votes")  # fmt: skip
+            return _error(
+                400,
+                "ProposalNotOpen",
+                f"Proposal {proposal_id} is currently in state "
+                f"{proposal['proposalState']} - only Open proposals can receive votes",
+            )
         self.ballots[(proposal_id, member_id)] = json.loads(payload)["ballot"]
         proposal["ballotCount"] = sum(1 for pid, _ in self.ballots if pid == proposal_id)
         return 200, proposal
@@ -217,19 +227,6 @@ def _response(
     )
 
 
-def _with_request(response: CCFResponse, request: str) -> CCFResponse:
-    return CCFResponse(
-        status=response.status,
-        body=response.body,
-        raw=response.raw,
-        content_type=response.content_type,
-        transaction_id=response.transaction_id,
-        attempts=response.attempts,
-        headers=response.headers,
-        request=request,
-    )
-
-
 class FakeGovernanceAPI:
     """A ``GovernanceAPI`` connection to a ``FakeService`` that trusts ``trusted`` (PEMs)."""
 
@@ -262,38 +259,57 @@ class FakeGovernanceAPI:
         return Answer.parse(self.service.answer(operation, request, handle), parse)
 
     async def service_info(self, *, max_attempts: int | None = None) -> Answer[ServiceInfo]:
-        return self._call("service_info", f"GET {Paths.SERVICE_INFO}", ServiceInfo.parse,
-                          lambda: (200, self.service.info()))  # fmt: skip
+        return self._call(
+            "service_info", f"GET {Paths.SERVICE_INFO}", ServiceInfo.parse, lambda: (200, self.service.info())
+        )
 
     async def members(self) -> Answer[tuple[Member, ...]]:
-        return self._call("members", f"GET {Paths.MEMBERS}", Member.parse_list,
-                          lambda: (200, {"value": list(self.service.members.values())}))  # fmt: skip
+        return self._call(
+            "members",
+            f"GET {Paths.MEMBERS}",
+            Member.parse_list,
+            lambda: (200, {"value": list(self.service.members.values())}),
+        )
 
     async def member(self, member_id: str, *, max_attempts: int | None = None) -> Answer[Member]:
         def handle() -> tuple[int, Any]:
             found = self.service.members.get(member_id)
             return (200, found) if found else _error(404, "ResourceNotFound", f"Member {member_id} does not exist.")
 
-        return self._call("member", f"GET {Paths.member(member_id)}", Member.parse_one(member_id), handle)
+        return self._call(
+            "member", f"GET {Paths.MEMBER.format(member_id=member_id)}", Member.parse_one(member_id), handle
+        )
 
     async def nodes(self) -> Answer[tuple[Node, ...]]:
-        return self._call("nodes", f"GET {Paths.NODES}", Node.parse_list,
-                          lambda: (200, {"value": [{"nodeId": "n0", "status": "Trusted"}]}))  # fmt: skip
+        return self._call(
+            "nodes",
+            f"GET {Paths.NODES}",
+            Node.parse_list,
+            lambda: (200, {"value": [{"nodeId": "n0", "status": "Trusted"}]}),
+        )
 
     async def node_state(self, *, max_attempts: int | None = None) -> Answer[NodeState]:
-        return self._call("node_state", f"GET {Paths.NODE_STATE}", NodeState.parse,
-                          lambda: (200, {"node_id": "n0", "state": self.service.node_state}))  # fmt: skip
+        return self._call(
+            "node_state",
+            f"GET {Paths.NODE_STATE}",
+            NodeState.parse,
+            lambda: (200, {"node_id": "n0", "state": self.service.node_state}),
+        )
 
     async def proposals(self, *, max_attempts: int | None = None) -> Answer[tuple[Proposal, ...]]:
-        return self._call("proposals", f"GET {Paths.PROPOSALS}", Proposal.parse_list,
-                          lambda: (200, {"value": list(self.service.proposals.values())}))  # fmt: skip
+        return self._call(
+            "proposals",
+            f"GET {Paths.PROPOSALS}",
+            Proposal.parse_list,
+            lambda: (200, {"value": list(self.service.proposals.values())}),
+        )
 
     async def proposal(self, proposal_id: str) -> Answer[Proposal]:
         def handle() -> tuple[int, Any]:
             found = self.service.proposals.get(proposal_id)
             return (200, found) if found else _error(404, "ProposalNotFound", f"Could not find proposal {proposal_id}.")
 
-        return self._call("proposal", f"GET {Paths.proposal(proposal_id)}", Proposal.parse, handle)
+        return self._call("proposal", f"GET {Paths.PROPOSAL.format(proposal_id=proposal_id)}", Proposal.parse, handle)
 
     async def proposal_actions(self, proposal_id: str, *, max_attempts: int | None = None) -> Answer[ProposalActions]:
         def handle() -> tuple[int, Any]:
@@ -302,8 +318,12 @@ class FakeGovernanceAPI:
                 return _error(404, "ProposalNotFound", f"Could not find proposal {proposal_id}.")
             return 200, found
 
-        return self._call("proposal_actions", f"GET {Paths.proposal_actions(proposal_id)}", ProposalActions.parse,
-                          handle)  # fmt: skip
+        return self._call(
+            "proposal_actions",
+            f"GET {Paths.PROPOSAL_ACTIONS.format(proposal_id=proposal_id)}",
+            ProposalActions.parse,
+            handle,
+        )
 
     async def ballot(self, proposal_id: str, member_id: str) -> Answer[Ballot]:
         def handle() -> tuple[int, Any]:
@@ -312,27 +332,49 @@ class FakeGovernanceAPI:
                 return _error(404, "VoteNotFound", f"Member {member_id} has not voted for proposal {proposal_id}.")
             return 200, found
 
-        return self._call("ballot", f"GET {Paths.ballot(proposal_id, member_id)}", Ballot.parse, handle)
+        return self._call(
+            "ballot", f"GET {Paths.BALLOT.format(proposal_id=proposal_id, member_id=member_id)}", Ballot.parse, handle
+        )
 
     async def create_proposal(self, cose: bytes) -> Answer[Proposal]:
-        return self._call("create_proposal", f"POST {Paths.CREATE_PROPOSAL}", Proposal.parse,
-                          lambda: self.service.create_proposal(cose))  # fmt: skip
+        return self._call(
+            "create_proposal",
+            f"POST {Paths.CREATE_PROPOSAL}",
+            Proposal.parse,
+            lambda: self.service.create_proposal(cose),
+        )
 
     async def submit_ballot(self, proposal_id: str, member_id: str, cose: bytes) -> Answer[Proposal]:
-        return self._call("submit_ballot", f"POST {Paths.submit_ballot(proposal_id, member_id)}", Proposal.parse,
-                          lambda: self.service.submit_ballot(proposal_id, member_id, cose))  # fmt: skip
+        return self._call(
+            "submit_ballot",
+            f"POST {Paths.SUBMIT_BALLOT.format(proposal_id=proposal_id, member_id=member_id)}",
+            Proposal.parse,
+            lambda: self.service.submit_ballot(proposal_id, member_id, cose),
+        )
 
     async def withdraw_proposal(self, proposal_id: str, cose: bytes) -> Answer[Proposal]:
-        return self._call("withdraw_proposal", f"POST {Paths.withdraw(proposal_id)}", Proposal.parse,
-                          lambda: self.service.withdraw(proposal_id, cose))  # fmt: skip
+        return self._call(
+            "withdraw_proposal",
+            f"POST {Paths.WITHDRAW.format(proposal_id=proposal_id)}",
+            Proposal.parse,
+            lambda: self.service.withdraw(proposal_id, cose),
+        )
 
     async def update_state_digest(self, member_id: str, cose: bytes) -> Answer[StateDigest]:
-        return self._call("update_state_digest", f"POST {Paths.update_state_digest(member_id)}", StateDigest.parse,
-                          lambda: self.service.update(member_id, cose))  # fmt: skip
+        return self._call(
+            "update_state_digest",
+            f"POST {Paths.UPDATE_STATE_DIGEST.format(member_id=member_id)}",
+            StateDigest.parse,
+            lambda: self.service.update(member_id, cose),
+        )
 
     async def ack_state_digest(self, member_id: str, cose: bytes) -> Answer[None]:
-        return self._call("ack_state_digest", f"POST {Paths.ack_state_digest(member_id)}", lambda _: None,
-                          lambda: self.service.ack(member_id, cose))  # fmt: skip
+        return self._call(
+            "ack_state_digest",
+            f"POST {Paths.ACK_STATE_DIGEST.format(member_id=member_id)}",
+            lambda _: None,
+            lambda: self.service.ack(member_id, cose),
+        )
 
     async def encrypted_share(self, member_id: str) -> Answer[EncryptedShare]:
         def handle() -> tuple[int, Any]:
@@ -341,11 +383,17 @@ class FakeGovernanceAPI:
                 return _error(404, "ResourceNotFound", f"Recovery share not found for member {member_id}.")
             return 200, {"memberId": member_id, "encryptedShare": found}
 
-        return self._call("encrypted_share", f"GET {Paths.encrypted_share(member_id)}", EncryptedShare.parse, handle)
+        return self._call(
+            "encrypted_share", f"GET {Paths.ENCRYPTED_SHARE.format(member_id=member_id)}", EncryptedShare.parse, handle
+        )
 
     async def submit_recovery_share(self, member_id: str, cose: bytes) -> Answer[RecoverySubmission]:
-        return self._call("submit_recovery_share", f"POST {Paths.recover(member_id)}", RecoverySubmission.parse,
-                          lambda: self.service.recover(member_id, cose))  # fmt: skip
+        return self._call(
+            "submit_recovery_share",
+            f"POST {Paths.RECOVER.format(member_id=member_id)}",
+            RecoverySubmission.parse,
+            lambda: self.service.recover(member_id, cose),
+        )
 
     async def aclose(self) -> None:
         self.closed = True
@@ -425,3 +473,36 @@ async def file_identity(folder: Path, name: str, *, encryption: bool = False) ->
         enc_config = FileKeyConfig(path=enc_path)
     config = IdentityConfig(name=name, certificate=cert, signing_key=FileKeyConfig(path=key), encryption_key=enc_config)
     return FileIdentity(member, await open_identity(config, KeyStores()), enc_key)
+
+
+@dataclass
+class FakeWorld:
+    """A signing service with identity ``m0`` (an Active member), an in-memory audit log, and governance of the
+    fake service ``prod``."""
+
+    ccf: FakeCCF
+    service: FakeService
+    m0: FileIdentity
+    audit: MemoryAuditSink
+    gov: GovernanceService
+
+    def events(self) -> list[str]:
+        return [r["event"] for r in self.audit.records]
+
+    def record(self, event: str) -> dict[str, Any]:
+        """The last audit record of ``event``."""
+        return next(r for r in reversed(self.audit.records) if r["event"] == event)
+
+
+async def fake_world(
+    folder: Path, *, encryption: bool = False, state: dict[str, Any] | None = None, **settings: Any
+) -> FakeWorld:
+    """A ``FakeWorld``: ``state`` sets up the service (``FakeService`` fields), ``settings`` its configuration."""
+    ccf = FakeCCF()
+    service = ccf.add("prod", **(state or {}))
+    m0 = await file_identity(folder, "m0", encryption=encryption)
+    service.add_member(m0.member_id)
+    audit = MemoryAuditSink()
+    signer = SigningService({"m0": m0.identity}, audit=audit)
+    gov = GovernanceService(signer, {"prod": ccf.config("prod", **settings)}, connector=ccf)
+    return FakeWorld(ccf, service, m0, audit, gov)

@@ -8,49 +8,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from signing_agent.audit import MemoryAuditSink
 from signing_agent.cose.governance import HEADER_MSG_TYPE, HEADER_PROPOSAL_ID
 from signing_agent.errors import CCFError, CCFTrustError, CCFUnavailableError, ConflictError, UnknownServiceError
-from signing_agent.governance import GovernanceService
 from signing_agent.service import SigningService
-from tests.support.fake_ccf import FakeCCF, FakeService, FileIdentity, file_identity
+from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
 
 PID = "c" * 64
 PROPOSAL = {"actions": [{"name": "set_constitution", "args": {"constitution": "x"}}]}
 
 
-@dataclass
-class World:
-    ccf: FakeCCF
-    service: FakeService
-    m0: FileIdentity
-    audit: MemoryAuditSink
-    gov: GovernanceService
-
-    def events(self) -> list[str]:
-        return [r["event"] for r in self.audit.records]
-
-
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    ccf = FakeCCF()
-    service = ccf.add("prod")
-    m0 = await file_identity(tmp_path, "m0")
-    service.add_member(m0.member_id)
-    audit = MemoryAuditSink()
-    signer = SigningService({"m0": m0.identity}, audit=audit)
-    gov = GovernanceService(signer, {"prod": ccf.config("prod")}, connector=ccf)
-    yield World(ccf, service, m0, audit, gov)
-    await gov.aclose()
-    assert all(c.closed for c in ccf.connections)
+async def world(tmp_path: Path) -> AsyncIterator[FakeWorld]:
+    w = await fake_world(tmp_path)
+    yield w
+    await w.gov.aclose()
+    assert all(c.closed for c in w.ccf.connections)
 
 
-async def test_a_proposal_is_signed_once_forwarded_audited_and_ccf_s_answer_relayed(world: World) -> None:
+async def test_a_proposal_is_signed_once_forwarded_audited_and_ccf_s_answer_relayed(world: FakeWorld) -> None:
     relay = await world.gov.propose("prod", "m0", json.dumps(PROPOSAL).encode())
     assert world.service.calls == ["create_proposal"]
     ((_, message),) = world.service.received
@@ -68,7 +47,7 @@ async def test_a_proposal_is_signed_once_forwarded_audited_and_ccf_s_answer_rela
     assert forwarded["transaction_id"] == relay.transaction_id
 
 
-async def test_a_ccf_refusal_is_an_answer_relayed_unchanged(world: World) -> None:
+async def test_a_ccf_refusal_is_an_answer_relayed_unchanged(world: FakeWorld) -> None:
     world.service.answer_next("create_proposal", 400, {"error": {"code": "ProposalFailedToValidate", "message": "no"}})
     relay = await world.gov.propose("prod", "m0", json.dumps(PROPOSAL).encode())
     assert (relay.status, relay.from_ccf) == (400, True)
@@ -76,7 +55,7 @@ async def test_a_ccf_refusal_is_an_answer_relayed_unchanged(world: World) -> Non
     assert world.audit.records[-1]["ccf_error"] == "ProposalFailedToValidate"
 
 
-async def test_no_answer_is_audited_as_failed(world: World) -> None:
+async def test_no_answer_is_audited_as_failed(world: FakeWorld) -> None:
     world.service.fail_next("create_proposal", CCFUnavailableError("cannot connect"))
     with pytest.raises(CCFUnavailableError):
         await world.gov.propose("prod", "m0", json.dumps(PROPOSAL).encode())
@@ -84,7 +63,7 @@ async def test_no_answer_is_audited_as_failed(world: World) -> None:
     assert world.audit.records[-1]["error"] == "CCFUnavailable"
 
 
-async def test_a_proposal_whose_answer_was_lost_is_recovered_from_ccf_s_replay_answer(world: World) -> None:
+async def test_a_proposal_whose_answer_was_lost_is_recovered_from_ccf_s_replay_answer(world: FakeWorld) -> None:
     world.service.add_proposal(PID, PROPOSAL["actions"], proposer=world.m0.member_id)
     replay = {"error": {"code": "ProposalReplay", "message": f"Proposal submission replay, already exists as "
                         f"proposal {PID}"}}  # fmt: skip
@@ -97,7 +76,7 @@ async def test_a_proposal_whose_answer_was_lost_is_recovered_from_ccf_s_replay_a
 
 
 @pytest.mark.parametrize("case", ["first attempt", "another proposer", "no id in the message"])
-async def test_a_replay_answer_is_relayed_when_it_is_not_our_lost_proposal(world: World, case: str) -> None:
+async def test_a_replay_answer_is_relayed_when_it_is_not_our_lost_proposal(world: FakeWorld, case: str) -> None:
     world.service.add_proposal(PID, PROPOSAL["actions"], proposer="e" * 64 if case == "another proposer" else
                                world.m0.member_id)  # fmt: skip
     message = "Proposal submission replay" if case == "no id in the message" else f"already exists as proposal {PID}"
@@ -108,7 +87,7 @@ async def test_a_replay_answer_is_relayed_when_it_is_not_our_lost_proposal(world
     assert json.loads(relay.raw or b"") == replay
 
 
-async def test_a_ballot_is_signed_for_an_open_proposal_only(world: World) -> None:
+async def test_a_ballot_is_signed_for_an_open_proposal_only(world: FakeWorld) -> None:
     world.service.add_proposal(PID, PROPOSAL["actions"])
     relay = await world.gov.vote("prod", "m0", PID, "export function vote (p, i) { return true }")
     assert relay.status == 200
@@ -125,21 +104,21 @@ async def test_a_ballot_is_signed_for_an_open_proposal_only(world: World) -> Non
     assert len(world.service.received) == 1
 
 
-async def test_a_ballot_for_an_unknown_proposal_relays_ccf_s_404(world: World) -> None:
+async def test_a_ballot_for_an_unknown_proposal_relays_ccf_s_404(world: FakeWorld) -> None:
     relay = await world.gov.vote("prod", "m0", PID, "x")
     assert relay.status == 404
     assert json.loads(relay.raw or b"")["error"]["code"] == "ProposalNotFound"
     assert world.service.received == []
 
 
-async def test_withdraw(world: World) -> None:
+async def test_withdraw(world: FakeWorld) -> None:
     world.service.add_proposal(PID, PROPOSAL["actions"], proposer=world.m0.member_id)
     relay = await world.gov.withdraw("prod", "m0", PID)
     assert (relay.status, world.service.proposals[PID]["proposalState"]) == (200, "Withdrawn")
     assert world.service.calls == ["withdraw_proposal"]
 
 
-async def test_activate_signs_the_update_answer_as_it_came_then_reports_the_status(world: World) -> None:
+async def test_activate_signs_the_update_answer_as_it_came_then_reports_the_status(world: FakeWorld) -> None:
     world.service.members[world.m0.member_id]["status"] = "Accepted"
     relay = await world.gov.activate("prod", "m0")
     assert world.service.calls == ["update_state_digest", "ack_state_digest", "member"]
@@ -152,7 +131,7 @@ async def test_activate_signs_the_update_answer_as_it_came_then_reports_the_stat
     assert json.loads(ack.payload) == {"memberId": world.m0.member_id, "stateDigest": digest}
 
 
-async def test_activate_stops_at_an_update_without_a_digest_and_relays_a_refused_ack(world: World) -> None:
+async def test_activate_stops_at_an_update_without_a_digest_and_relays_a_refused_ack(world: FakeWorld) -> None:
     world.service.answer_next("update_state_digest", 200, {"memberId": world.m0.member_id})
     with pytest.raises(CCFError, match="answered :update without a stateDigest"):
         await world.gov.activate("prod", "m0")
@@ -161,7 +140,7 @@ async def test_activate_stops_at_an_update_without_a_digest_and_relays_a_refused
     assert (relay.status, relay.from_ccf) == (400, True)
 
 
-async def test_status_lists_each_identity_s_membership(world: World, tmp_path: Path) -> None:
+async def test_status_lists_each_identity_s_membership(world: FakeWorld, tmp_path: Path) -> None:
     m1 = await file_identity(tmp_path, "m1")
     world.gov.signer = SigningService({"m0": world.m0.identity, "m1": m1.identity})
     relay = await world.gov.status("prod")
@@ -177,7 +156,7 @@ async def test_status_lists_each_identity_s_membership(world: World, tmp_path: P
     assert (await world.gov.status("prod")).status == 503
 
 
-async def test_a_proposal_is_shown_with_its_actions_and_ballots(world: World) -> None:
+async def test_a_proposal_is_shown_with_its_actions_and_ballots(world: FakeWorld) -> None:
     world.service.add_proposal(PID, PROPOSAL["actions"])
     world.service.ballots[(PID, world.m0.member_id)] = "export function vote () { return false }"
     world.service.add_member("f" * 64)  # has not voted
@@ -189,13 +168,13 @@ async def test_a_proposal_is_shown_with_its_actions_and_ballots(world: World) ->
     assert (await world.gov.proposal("prod", "d" * 64)).status == 404
 
 
-async def test_an_unknown_service_fails_before_anything_is_signed(world: World) -> None:
+async def test_an_unknown_service_fails_before_anything_is_signed(world: FakeWorld) -> None:
     with pytest.raises(UnknownServiceError, match=r"unknown service 'nope' \(configured: prod\)"):
         await world.gov.propose("nope", "m0", json.dumps(PROPOSAL).encode())
     assert world.audit.records == []
 
 
-async def test_a_service_that_is_not_the_pinned_one_gets_nothing(world: World) -> None:
+async def test_a_service_that_is_not_the_pinned_one_gets_nothing(world: FakeWorld) -> None:
     world.ccf.configured["prod"] = world.m0.member.cert_pem  # the configuration pins another identity
     with pytest.raises(CCFTrustError):
         await world.gov.propose("prod", "m0", json.dumps(PROPOSAL).encode())
@@ -203,7 +182,7 @@ async def test_a_service_that_is_not_the_pinned_one_gets_nothing(world: World) -
     assert world.events() == ["received", "signed", "failed"]
 
 
-async def test_a_pinned_identity_replaces_the_configured_one_for_new_requests(world: World) -> None:
+async def test_a_pinned_identity_replaces_the_configured_one_for_new_requests(world: FakeWorld) -> None:
     new = world.m0.member.cert_pem
     world.gov.ccf.pin("prod", new)
     world.ccf.accepted["prod"] = (b"accepted",)

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.audit import MemoryAuditSink
 from signing_agent.config import RecoveryConfig
 from signing_agent.cose.governance import HEADER_MSG_TYPE
 from signing_agent.errors import CCFError, CCFTrustError, ConflictError, InvalidRequestError
-from signing_agent.governance import GovernanceService
 from signing_agent.recovery import RecoveryService, RecoveryWatcher
 from signing_agent.service import SigningService
-from tests.support.fake_ccf import FakeCCF, FakeService, FileIdentity, file_identity
+from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
 from tests.support.pki import make_member
 
 SHARE = bytes(range(44))
@@ -30,31 +28,16 @@ PID = "d" * 64
 
 
 @dataclass
-class World:
-    ccf: FakeCCF
-    service: FakeService
-    m0: FileIdentity
-    audit: MemoryAuditSink
-    gov: GovernanceService
+class World(FakeWorld):
     recovery: RecoveryService
-
-    def events(self) -> list[str]:
-        return [r["event"] for r in self.audit.records]
-
-    def record(self, event: str) -> dict[str, object]:
-        return next(r for r in reversed(self.audit.records) if r["event"] == event)
 
 
 async def make_world(tmp_path: Path, **settings: object) -> World:
-    ccf = FakeCCF()
-    service = ccf.add("prod", status="WaitingForRecoveryShares", recovery_count=1)
-    m0 = await file_identity(tmp_path, "m0", encryption=True)
-    service.add_member(m0.member_id)
-    service.encrypted_shares[m0.member_id] = m0.encrypt_share(SHARE)
-    audit = MemoryAuditSink()
-    signer = SigningService({"m0": m0.identity}, audit=audit)
-    gov = GovernanceService(signer, {"prod": ccf.config("prod", **settings)}, connector=ccf)
-    return World(ccf, service, m0, audit, gov, RecoveryService(signer, gov, RecoveryConfig()))
+    """``prod`` waits for recovery shares, and has one for ``m0``."""
+    base = await fake_world(tmp_path, encryption=True, state={"status": "WaitingForRecoveryShares",
+                            "recovery_count": 1}, **settings)  # fmt: skip
+    base.service.encrypted_shares[base.m0.member_id] = base.m0.encrypt_share(SHARE)
+    return World(**vars(base), recovery=RecoveryService(base.gov.signer, base.gov, RecoveryConfig()))
 
 
 @pytest.fixture
