@@ -5,8 +5,9 @@ the system CAs, never unverified. CCF nodes present a certificate endorsed by th
 service certificate as the only CA is exactly how CCF's own clients work.
 
 A signed message is sent as opaque bytes. On a connection failure, a timeout, or a 503/429 (honouring Retry-After)
-the *identical* bytes are sent again with bounded, jittered exponential backoff, within ``total_timeout``; nothing
-here ever re-signs.
+the *identical* bytes are sent again with bounded, jittered exponential backoff, within ``total_timeout`` (the
+agent's one ``RetryPolicy``, ``signing_agent.retry``); nothing here ever re-signs. CCF's paths and the shapes of its
+answers are ``ccf.api``'s; this module moves bytes.
 
 The pinned connection has no exits and no unbounded answers, in every request to a service or identity endpoint:
 a redirect is never followed (it would carry signed messages and shares away from the pinned service, even to plain
@@ -17,7 +18,8 @@ waits included, by ``total_timeout``. Whether
 a resend is safe is CCF's business: it answers a byte-identical proposal with ProposalReplay, a repeated ballot with
 200, a repeated ack with 204 (see ../shared/ccf-governance.md §6), and the governance layer interprets that.
 
-Must not import: ``signing_agent.cose``, key-store backends. aiohttp exceptions never leave this module.
+Must not import: ``signing_agent.cose``, key-store backends. aiohttp exceptions never leave this module: they are
+mapped in one place, ``map_aiohttp_exceptions``.
 """
 
 from __future__ import annotations
