@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from signing_agent.errors import AgentError, AuditError, ConfigError
+from signing_agent.files import fsync_folder
 from signing_agent.waits import waiting_for
 
 _logger = logging.getLogger(__name__)
@@ -253,11 +254,6 @@ def _narrow_own_file(fd: int) -> str | None:
             return f"is readable by others (mode {stat.S_IMODE(st.st_mode):04o}) and not ours to chmod"
         os.fchmod(fd, 0o600)
     return problem
-
-
-def _fsync_folder(folder_fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.fsync(folder_fd)
 
 
 class AuditLock:
@@ -583,7 +579,7 @@ class FileAuditSink:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=folder_fd)
             raise AuditError(f"cannot {what} {self.path}: {exc.strerror}") from None
-        _fsync_folder(folder_fd)
+        fsync_folder(folder_fd)
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self._seq, self._prev = fd, len(data), seq, prev
@@ -792,7 +788,7 @@ class FileAuditSink:
                     os.unlink(name, dir_fd=folder_fd)
                 except OSError as exc:
                     _logger.warning("audit log: cannot delete the old file %s: %s", name, exc.strerror)
-            _fsync_folder(folder_fd)
+            fsync_folder(folder_fd)
         finally:
             os.close(folder_fd)
         _logger.info("audit log rotated: %s -> %s%s", self.path, old, f"; deleted {len(removed)}" if removed else "")

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import base64
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -20,8 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives import serialization
 
 from signing_agent import __version__, policy
 from signing_agent.cli_exit import EXIT_CODES_HELP, Exit, report
@@ -78,17 +75,9 @@ def _read_content(path: str | None) -> bytes:
 
 
 def _member_id_of_cert_file(path: str) -> str:
-    from cryptography import x509
+    from signing_agent.certs import member_id, read_certificate
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidRequestError(f"--signing-cert: cannot read {path}: {exc.strerror}") from None
-    try:
-        cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise InvalidRequestError(f"--signing-cert: {path} is not an X.509 certificate") from None
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return member_id(read_certificate(Path(path), "--signing-cert", error=InvalidRequestError))
 
 
 def resolve_identity(client: AgentClient, identity: str | None, signing_cert: str | None) -> str:
@@ -143,7 +132,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Open every key store and self-test each identity (its key matches its certificate, a probe signature
     verifies), and read every pinned service certificate. Every failure is listed; any failure exits 1."""
     from signing_agent.backends.factory import KeyStores
-    from signing_agent.ccf.client import CCFClient
+    from signing_agent.ccf.connections import CCFConnections
     from signing_agent.daemon import open_identities_degraded
 
     path = _config_path(args, required=True)
@@ -170,13 +159,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             if svc.service_certificate is None:
                 print(f"ok    service {name}: {svc.url} (identity fetched from {svc.identity_url} at first use)")
                 continue
+            ccf = CCFConnections({name: svc})
             try:
-                await (await CCFClient.open(svc)).aclose()
+                await ccf.open_pinned()
             except AgentError as exc:
                 failed[f"service {name}"] = exc.message
                 print(f"FAIL  service {name}: {exc.message}")
             else:
                 print(f"ok    service {name}: {svc.url}, pinned {svc.service_certificate}")
+            finally:
+                await ccf.aclose()
         if failed:
             print(
                 f"signing-agent: configuration {path}: {len(failed)} check(s) failed: {', '.join(sorted(failed))}",

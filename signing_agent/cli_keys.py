@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from signing_agent.certs import read_certificate
 from signing_agent.cli_exit import Exit, report
 from signing_agent.errors import AgentError, ConfigError, IdentityError
 
@@ -236,10 +236,7 @@ def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: Text
             raise ConfigError(f"{args.key}: a member key must be EC (P-256/P-384/P-521)")
         cert = None
         if args.cert is not None:
-            try:
-                cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"{args.cert}: cannot read the certificate ({exc})") from None
+            cert = read_certificate(args.cert, "--cert")
             if cert.public_key() != key.public_key():
                 raise IdentityError(f"{args.key} does not match the certificate {args.cert}")
         enc_key = None
@@ -286,12 +283,7 @@ def run_list(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO
     try:
         from signing_agent.backends import pkcs11_admin
 
-        certs = []
-        for path in args.cert:
-            try:
-                certs.append(x509.load_pem_x509_certificate(Path(path).read_bytes()))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"{path}: cannot read the certificate ({exc})") from None
+        certs = [read_certificate(Path(path), "--cert") for path in args.cert]
         keys = pkcs11_admin.list_keys(_target(args), certificates=certs)
         print(f"{'LABEL':<24} {'ID':<18} {'TYPE':<10} MEMBER ID", file=out)
         for k in keys:

@@ -2,7 +2,7 @@
 
 Use cases: propose, vote (only on an Open proposal: checked before anything is signed), withdraw, activate a member
 (state digest update, then ack), and the reads a member needs to review before voting. Each message is signed exactly
-once; ``CCFClient`` resends the identical bytes when the network or CCF asks for a retry. A proposal whose response
+once; the CCF client resends the identical bytes when the network or CCF asks for a retry. A proposal whose response
 was lost comes back from CCF as ``ProposalReplay`` on the resend; that is turned into success with the original
 proposal, so one submission never becomes two proposals.
 
@@ -12,18 +12,18 @@ pinned TLS) and hands them to the policy with the ballot, before anything is sig
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from signing_agent.ccf.client import CCFClient, CCFResponse
+from signing_agent.ccf.api import Answer, Connector, GovernanceAPI, Proposal
+from signing_agent.ccf.client import CCFResponse
+from signing_agent.ccf.connections import CCFConnections
 from signing_agent.config import ServiceConfig
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
-from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError, UnknownServiceError
+from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError
 from signing_agent.policy import Caller
 from signing_agent.service import SignedMessage, SigningService, VotedProposal
 
@@ -31,10 +31,13 @@ _logger = logging.getLogger(__name__)
 
 _REPLAY_ID = re.compile(r"\b([0-9a-f]{64})\b")
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """An answer for the API client. ``raw`` set means CCF's bytes, relayed unchanged."""
+    """An answer for the API client. ``raw`` set means CCF's bytes, relayed unchanged (``body`` is then CCF's JSON
+    object, or None)."""
 
     status: int
     body: Any = None
@@ -47,7 +50,7 @@ class Relay:
     def of(cls, resp: CCFResponse) -> Relay:
         return cls(
             status=resp.status,
-            body=resp.body,
+            body=resp.json_object(),
             raw=resp.raw,
             content_type=resp.content_type or "application/octet-stream",
             transaction_id=resp.transaction_id,
@@ -58,86 +61,36 @@ class Relay:
 class GovernanceService:
     """Forwards signed governance messages to the configured CCF services.
 
-    Two kinds of trust per service. The pinned identity (the configured ``service_certificate``, or one approved
-    after a recovery) and ``accepted_service_certificates`` are trusted for everything. An identity adopted
-    *provisionally* after a recovery (``RecoveryService``: the ``accept_transition_to`` rule) is trusted only by the
-    clients asked for with ``provisional=True``: reads and ballots, so that members can review and vote the
-    transition through the agent; never proposals, withdrawals, acks or recovery shares.
+    The clients, and the trust each one has (the pinned identity, ``accepted_service_certificates``, an identity
+    trusted provisionally after a recovery for reads and ballots only), are ``ccf``'s (``CCFConnections``).
+    ``connector`` is how those clients reach the services (tests put a fake there).
     """
 
-    def __init__(self, signer: SigningService, services: Mapping[str, ServiceConfig]) -> None:
+    def __init__(
+        self, signer: SigningService, services: Mapping[str, ServiceConfig], *, connector: Connector | None = None
+    ) -> None:
         self.signer = signer
-        self.services = dict(services)
-        self._clients: dict[str, CCFClient] = {}
-        self._provisional_clients: dict[str, CCFClient] = {}
-        self._pinned: dict[str, bytes] = {}
-        self._provisional: dict[str, bytes] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-        self._lock = asyncio.Lock()
-
-    def pin(self, service: str, pem: bytes) -> None:
-        """Pin ``pem`` instead of the configured service certificate (an identity approved after a recovery).
-
-        The service's clients are rebuilt on their next use; requests already under way finish on the old ones.
-        """
-        self._pinned[service] = pem
-        self._close_later(self._clients.pop(service, None))
-        self._close_later(self._provisional_clients.pop(service, None))
-
-    def trust_provisionally(self, service: str, pem: bytes | None) -> None:
-        """Also trust ``pem`` for reads and ballots (``client(service, provisional=True)``); None: stop."""
-        if pem is None:
-            self._provisional.pop(service, None)
-        else:
-            self._provisional[service] = pem
-        self._close_later(self._provisional_clients.pop(service, None))
-
-    def provisional_identity(self, service: str) -> bytes | None:
-        return self._provisional.get(service)
-
-    def _close_later(self, old: CCFClient | None) -> None:
-        if old is not None:
-            task = asyncio.get_running_loop().create_task(old.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        self.ccf = CCFConnections(services, connector)
+        self.services = self.ccf.services
 
     async def open_pinned(self) -> None:
         """Open the clients whose service certificate is a file now, so a bad path fails at start-up."""
-        for name, cfg in self.services.items():
-            if cfg.service_certificate is not None:
-                await self.client(name)
-
-    async def client(self, service: str, *, provisional: bool = False) -> CCFClient:
-        """The service's client, pinned to its trusted identities; ``provisional`` (reads and ballots only): also
-        to an identity adopted provisionally after a recovery, if there is one."""
-        if service not in self.services:
-            known = ", ".join(sorted(self.services)) or "none"
-            raise UnknownServiceError(f"unknown service {service!r} (configured: {known})")
-        async with self._lock:
-            client = self._clients.get(service)
-            if client is None:
-                client = await CCFClient.open(self.services[service], pinned=self._pinned.get(service))
-                self._clients[service] = client
-            extra = self._provisional.get(service) if provisional else None
-            if extra is None:
-                return client
-            wider = self._provisional_clients.get(service)
-            if wider is None:
-                wider = CCFClient(
-                    client.config, client.service_cert_pem, also_trusted=(*client.trusted_pems[1:], extra)
-                )
-                self._provisional_clients[service] = wider
-            return wider
+        await self.ccf.open_pinned()
 
     async def forward(
-        self, service: str, path: str, signed: SignedMessage, *, provisional: bool = False
-    ) -> CCFResponse:
-        """Send a signed message to ``path`` of ``service`` and audit the outcome: ``forwarded`` with CCF's status
-        and transaction id (CCF's errors included: they are answers), or ``failed`` when no answer came.
-        ``provisional``: as for ``client`` (ballots only)."""
-        client = await self.client(service, provisional=provisional)
+        self,
+        service: str,
+        signed: SignedMessage,
+        send: Callable[[GovernanceAPI, bytes], Awaitable[Answer[T]]],
+        *,
+        provisional: bool = False,
+    ) -> Answer[T]:
+        """Send a signed message to ``service`` (``send`` posts the COSE bytes where they go) and audit the outcome:
+        ``forwarded`` with CCF's status and transaction id (CCF's errors included: they are answers), or ``failed``
+        when no answer came. ``provisional``: as for ``CCFConnections.client`` (ballots only)."""
+        client = await self.ccf.client(service, provisional=provisional)
         try:
-            resp = await client.post_cose(path, signed.cose)
+            resp = await send(client, signed.cose)
         except AgentError as exc:
             await self.signer.record("failed", {**signed.audit_fields(), "error": exc.code})
             raise
@@ -173,28 +126,28 @@ class GovernanceService:
         caller: Caller | None = None,
         request_id: str | None = None,
     ) -> Relay:
-        await self.client(service)  # an unknown service fails before anything is signed
+        await self.ccf.client(service)  # an unknown service fails before anything is signed
         signed = await self.signer.sign(
             identity, MsgType.PROPOSAL, proposal, service=service, caller=caller, request_id=request_id
         )
-        resp = await self.forward(service, "/gov/members/proposals:create", signed)
+        resp = await self.forward(service, signed, lambda api, cose: api.create_proposal(cose))
         if resp.error_code == "ProposalReplay" and resp.attempts > 1:
             recovered = await self._replayed_proposal(service, resp, signed)
             if recovered is not None:
                 return recovered
         return Relay.of(resp)
 
-    async def _replayed_proposal(self, service: str, resp: CCFResponse, signed: SignedMessage) -> Relay | None:
+    async def _replayed_proposal(self, service: str, resp: Answer[Proposal], signed: SignedMessage) -> Relay | None:
         """Our first attempt created the proposal and its answer was lost: return that proposal."""
         match = _REPLAY_ID.search(resp.error_message)
         if match is None:
             return None
-        client = await self.client(service)
-        got = await client.get(f"/gov/members/proposals/{match.group(1)}")
-        if not got.ok or not isinstance(got.body, dict) or got.body.get("proposerId") != signed.member_id:
+        client = await self.ccf.client(service)
+        got = await client.proposal(match.group(1))
+        if got.value is None or got.value.proposer_id != signed.member_id:
             return None
         _logger.info("proposal %s was created by an earlier attempt whose answer was lost", match.group(1))
-        return Relay(status=200, body=got.body, transaction_id=got.transaction_id, from_ccf=True)
+        return Relay(status=200, body=got.value.fields, transaction_id=got.transaction_id, from_ccf=True)
 
     async def vote(
         self,
@@ -208,11 +161,11 @@ class GovernanceService:
     ) -> Relay:
         check_proposal_id(proposal_id)
         ident = self.signer.identity(identity)
-        client = await self.client(service, provisional=True)
-        got = await client.get(f"/gov/members/proposals/{proposal_id}")
+        client = await self.ccf.client(service, provisional=True)
+        got = await client.proposal(proposal_id)
         if not got.ok:
             return Relay.of(got)
-        state = got.body.get("proposalState") if isinstance(got.body, dict) else None
+        state = got.value.state if got.value is not None else None
         if state != "Open":
             raise ConflictError(f"proposal {proposal_id} is {state}, not Open: no ballot was signed")
         voted = await self.voted_proposal(service, proposal_id)  # the policy judges the ballot by these actions
@@ -226,8 +179,14 @@ class GovernanceService:
             request_id=request_id,
             voted=voted,
         )
-        path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
-        return Relay.of(await self.forward(service, path, signed, provisional=True))
+        return Relay.of(
+            await self.forward(
+                service,
+                signed,
+                lambda api, cose: api.submit_ballot(proposal_id, ident.member_id, cose),
+                provisional=True,
+            )
+        )
 
     async def voted_proposal(self, service: str, proposal_id: str) -> VotedProposal:
         """The action names of proposal ``proposal_id`` as ``service`` holds it, for the policy to judge a ballot by.
@@ -238,17 +197,17 @@ class GovernanceService:
         actions then refuses the ballot (fail closed), a rule that does not lets it go on.
         """
         check_proposal_id(proposal_id)
-        client = await self.client(service, provisional=True)  # as the vote it judges: reads and ballots
+        client = await self.ccf.client(service, provisional=True)  # as the vote it judges: reads and ballots
         where = f"service {service!r}"
         try:
-            resp = await client.get(f"/gov/members/proposals/{proposal_id}/actions")
+            resp = await client.proposal_actions(proposal_id)
         except CCFError as exc:
             return VotedProposal(None, f"{where} could not be asked for them: {exc.message}")
-        if not resp.ok:
+        if resp.value is None:
             code = f" {resp.error_code}" if resp.error_code else ""
             return VotedProposal(None, f"{where} answered {resp.status}{code} when asked for them")
         try:
-            summary = summarise_payload(MsgType.PROPOSAL, resp.raw)
+            summary = summarise_payload(MsgType.PROPOSAL, resp.value.raw)
         except InvalidRequestError as exc:
             return VotedProposal(None, f"{where} answered with something that is not a proposal: {exc.message}")
         return VotedProposal(summary.actions)
@@ -273,7 +232,7 @@ class GovernanceService:
         request_id: str | None = None,
     ) -> Relay:
         check_proposal_id(proposal_id)
-        await self.client(service)
+        await self.ccf.client(service)
         # No proposal actions to judge: CCF lets a member withdraw only its own proposal, and a withdrawal makes
         # nothing happen (the policy's action constraints apply to proposals and the ballots that accept them).
         signed = await self.signer.sign(
@@ -285,49 +244,49 @@ class GovernanceService:
             caller=caller,
             request_id=request_id,
         )
-        return Relay.of(await self.forward(service, f"/gov/members/proposals/{proposal_id}:withdraw", signed))
+        return Relay.of(await self.forward(service, signed, lambda api, cose: api.withdraw_proposal(proposal_id, cose)))
 
     async def activate(
         self, service: str, identity: str, *, caller: Caller | None = None, request_id: str | None = None
     ) -> Relay:
         """State-digest update, then ack: an Accepted member becomes Active."""
         ident = self.signer.identity(identity)
-        client = await self.client(service)
-        base = f"/gov/members/state-digests/{ident.member_id}"
+        mid = ident.member_id
+        client = await self.ccf.client(service)
         update_msg = await self.signer.sign(
             identity, MsgType.STATE_DIGEST, b"", service=service, caller=caller, request_id=request_id
         )
-        update = await self.forward(service, f"{base}:update", update_msg)
+        update = await self.forward(service, update_msg, lambda api, cose: api.update_state_digest(mid, cose))
         if not update.ok:
             return Relay.of(update)
-        digest = update.body.get("stateDigest") if isinstance(update.body, dict) else None
-        if not isinstance(digest, str):
+        if update.value is None:
             raise CCFError(f"service {service!r} answered :update without a stateDigest")
+        digest = update.value.digest
         # The ack signs the :update answer as it came (CCF reads its stateDigest and ignores the rest).
         ack_msg = await self.signer.sign(
             identity, MsgType.ACK, update.raw, service=service, caller=caller, request_id=request_id
         )
-        ack = await self.forward(service, f"{base}:ack", ack_msg)
+        ack = await self.forward(service, ack_msg, lambda api, cose: api.ack_state_digest(mid, cose))
         if not ack.ok:
             return Relay.of(ack)
-        member = await client.get(f"/gov/service/members/{ident.member_id}")
-        status = member.body.get("status") if member.ok and isinstance(member.body, dict) else "Active"
+        member = await client.member(mid)
+        status = member.value.status if member.value is not None else "Active"
         return Relay(
             status=200,
-            body={"memberId": ident.member_id, "status": status, "stateDigest": digest},
+            body={"memberId": mid, "status": status, "stateDigest": digest},
             transaction_id=ack.transaction_id,
         )
 
     async def status(self, service: str) -> Relay:
-        client = await self.client(service, provisional=True)
-        info = await client.get("/gov/service/info")
-        if not info.ok or not isinstance(info.body, dict):
+        client = await self.ccf.client(service, provisional=True)
+        info = await client.service_info()
+        if info.value is None:
             return Relay.of(info)
         identities = []
         for ident in self.signer.identities.values():
-            member = await client.get(f"/gov/service/members/{ident.member_id}")
-            if member.ok and isinstance(member.body, dict):
-                member_status = member.body.get("status")
+            member = await client.member(ident.member_id)
+            if member.value is not None:
+                member_status = member.value.status
             elif member.status == 404:
                 member_status = "NotAMember"
             else:
@@ -335,46 +294,33 @@ class GovernanceService:
             identities.append({"name": ident.name, "memberId": ident.member_id, "status": member_status})
         return Relay(
             status=200,
-            body={**info.body, "service": service, "url": client.config.url, "identities": identities},
+            body={**info.value.fields, "service": service, "url": client.config.url, "identities": identities},
             transaction_id=info.transaction_id,
         )
 
     async def proposals(self, service: str) -> Relay:
-        client = await self.client(service, provisional=True)
-        return Relay.of(await client.get("/gov/members/proposals"))
+        client = await self.ccf.client(service, provisional=True)
+        return Relay.of(await client.proposals())
 
     async def proposal(self, service: str, proposal_id: str) -> Relay:
         """A proposal with its actions and the ballots cast so far, to review before voting."""
         check_proposal_id(proposal_id)
-        client = await self.client(service, provisional=True)
-        got = await client.get(f"/gov/members/proposals/{proposal_id}")
-        if not got.ok or not isinstance(got.body, dict):
+        client = await self.ccf.client(service, provisional=True)
+        got = await client.proposal(proposal_id)
+        if got.value is None:
             return Relay.of(got)
-        actions = await client.get(f"/gov/members/proposals/{proposal_id}/actions")
-        body: dict[str, Any] = dict(got.body)
-        if actions.ok:
-            try:
-                body["actions"] = json.loads(actions.raw).get("actions")
-            except (ValueError, AttributeError, RecursionError):
-                body["actions"] = actions.raw.decode("utf-8", "replace")
+        body: dict[str, Any] = dict(got.value.fields)
+        actions = await client.proposal_actions(proposal_id)
+        if actions.value is not None:
+            body["actions"] = actions.value.listed()
         ballots: dict[str, str] = {}
-        members = await client.get("/gov/service/members")
-        if members.ok and isinstance(members.body, dict):
-            listed = members.body.get("value")
-            for member in listed if isinstance(listed, list) else []:
-                mid = member.get("memberId") if isinstance(member, dict) else None
-                if not isinstance(mid, str):
-                    continue
-                ballot = await client.get(f"/gov/members/proposals/{proposal_id}/ballots/{mid}")
-                if ballot.ok:
-                    ballots[mid] = ballot.raw.decode("utf-8", "replace")
+        members = await client.members()
+        for member in members.value or ():
+            ballot = await client.ballot(proposal_id, member.member_id)
+            if ballot.value is not None:
+                ballots[member.member_id] = ballot.value.script
         body["ballots"] = ballots
         return Relay(status=200, body=body, transaction_id=got.transaction_id, from_ccf=True)
 
     async def aclose(self) -> None:
-        for client in (*self._clients.values(), *self._provisional_clients.values()):
-            await client.aclose()
-        self._clients.clear()
-        self._provisional_clients.clear()
-        if self._closing:
-            await asyncio.gather(*self._closing)
+        await self.ccf.aclose()

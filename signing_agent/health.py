@@ -89,19 +89,18 @@ class HealthChecker:
 
     async def _service(self, governance: GovernanceService, name: str) -> Check:
         async def probe() -> Check:
-            client = await governance.client(name)
-            node = await client.get("/node/state", gov=False, max_attempts=1)
-            if not node.ok:
-                return {"status": "unavailable", "error": f"GET /node/state answered {node.status}"}
+            client = await governance.ccf.client(name)
+            node = await client.node_state(max_attempts=1)
+            if node.value is None:
+                return {"status": "unavailable", "error": f"{node.request} answered {node.status}"}
             result: Check = {"status": "ok"}
-            if isinstance(node.body, dict) and isinstance(node.body.get("state"), str):
-                result["node_state"] = node.body["state"]
+            if node.value.state is not None:
+                result["node_state"] = node.value.state
             members: dict[str, str | None] = {}
             for ident in self.service.identities.values():
-                got = await client.get(f"/gov/service/members/{ident.member_id}", max_attempts=1)
-                if got.ok and isinstance(got.body, dict):
-                    status = got.body.get("status")
-                    members[ident.name] = status if isinstance(status, str) else None
+                got = await client.member(ident.member_id, max_attempts=1)
+                if got.value is not None:
+                    members[ident.name] = got.value.status
                 else:
                     members[ident.name] = "NotAMember" if got.status == 404 else None
             result["members"] = members

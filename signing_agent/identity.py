@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, for_curve, verify_digest
 from signing_agent.backends.base import DecryptionKey, KeyInfo, SigningKey
 from signing_agent.backends.factory import KeyStores
+from signing_agent.certs import member_id, read_certificate
 from signing_agent.config import IdentityConfig
-from signing_agent.cose.governance import member_id
 from signing_agent.errors import AgentError, IdentityError
 
 _logger = logging.getLogger(__name__)
@@ -39,16 +38,6 @@ class Identity:
     warnings: tuple[str, ...] = ()
     decryption_key: DecryptionKey | None = None
     encryption_public_key_pem: bytes | None = None
-
-
-def load_certificate(data: bytes, where: str) -> x509.Certificate:
-    """A PEM (or DER) X.509 certificate."""
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise IdentityError(f"{where}: not a PEM or DER X.509 certificate") from None
 
 
 def _same_key(a: object, b: object) -> bool:
@@ -88,11 +77,7 @@ async def _prove_key(
 async def open_identity(cfg: IdentityConfig, stores: KeyStores) -> Identity:
     """Open an identity's keys and prove the signing key matches the certificate."""
     where = f"identities.{cfg.name}"
-    try:
-        cert_bytes = cfg.certificate.read_bytes()
-    except OSError as exc:
-        raise IdentityError(f"{where}.certificate: cannot read {cfg.certificate}: {exc.strerror}") from None
-    cert = load_certificate(cert_bytes, f"{where}.certificate")
+    cert = read_certificate(cfg.certificate, f"{where}.certificate", error=IdentityError)
     cert_key = cert.public_key()
     if not isinstance(cert_key, ec.EllipticCurvePublicKey):
         raise IdentityError(
@@ -102,8 +87,7 @@ async def open_identity(cfg: IdentityConfig, stores: KeyStores) -> Identity:
         alg = for_curve(cert_key.curve.name)
     except IdentityError as exc:
         raise IdentityError(f"{where}.certificate: {exc.message}") from None
-    der = cert.public_bytes(serialization.Encoding.DER)
-    mid = member_id(der)
+    mid = member_id(cert)
 
     key = stores.signing_key(cfg.signing_key, name=f"{where}.signing_key")
     try:

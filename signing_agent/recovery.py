@@ -37,7 +37,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -46,21 +45,14 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import Any, TypeVar
 
 from signing_agent.backends.base import Priority
-from signing_agent.ccf.client import (
-    CCFClient,
-    CCFResponse,
-    configured_service_certificate,
-    fetch_presented_service_certificate,
-)
+from signing_agent.ccf.api import Answer, GovernanceAPI, ServiceInfo
+from signing_agent.certs import certificate_der, der_sha256
 from signing_agent.config import RecoveryConfig, ServiceConfig
 from signing_agent.cose.governance import MsgType, check_proposal_id
 from signing_agent.errors import (
@@ -74,15 +66,18 @@ from signing_agent.errors import (
     ConflictError,
     InvalidRequestError,
     PolicyDeniedError,
-    UnknownServiceError,
     UnsupportedOperationError,
 )
+from signing_agent.files import fsync_folder
 from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import ACCEPT_BALLOT, Caller
+from signing_agent.retry import Backoff
 from signing_agent.service import SignedMessage, SigningService
 
 _logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 WAITING = "WaitingForRecoveryShares"
 MAX_DECRYPTION_FAILURES = 3
@@ -100,40 +95,21 @@ _ADOPTED = "adopted_identity"
 _SECRET_LIKE = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
 
 
-def _der(pem: bytes | str) -> bytes | None:
-    """A certificate's DER, or None when it is not a PEM certificate."""
-    try:
-        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
-    except ValueError:
-        return None
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def _fingerprint(pem: bytes) -> str:
-    der = _der(pem)
-    return hashlib.sha256(der if der is not None else pem).hexdigest()
+    der = certificate_der(pem)
+    return der_sha256(der if der is not None else pem)
 
 
-async def _transition_from(client: CCFClient, proposal_id: str, previous: set[bytes], next_der: bytes) -> bytes | None:
+async def _transition_from(
+    client: GovernanceAPI, proposal_id: str, previous: set[bytes], next_der: bytes
+) -> bytes | None:
     """The ``previous_service_identity`` (DER) of a ``transition_service_to_open`` action in the proposal that comes
     from one of ``previous`` and goes to ``next_der``, as the service reports the proposal's actions; else None.
     Certificates are compared as DER, so PEM line breaks and headers do not matter."""
-    got = await client.get(f"/gov/members/proposals/{proposal_id}/actions", max_attempts=1)
-    try:
-        actions = json.loads(got.raw).get("actions") if got.ok else None
-    except (ValueError, AttributeError, RecursionError):
-        actions = None
-    for action in actions if isinstance(actions, list) else []:
-        if not isinstance(action, dict) or action.get("name") != "transition_service_to_open":
-            continue
-        args = action.get("args")
-        if not isinstance(args, dict):
-            continue
-        prev, nxt = args.get("previous_service_identity"), args.get("next_service_identity")
-        if not isinstance(prev, str) or not isinstance(nxt, str):
-            continue
-        prev_der = _der(prev)
-        if prev_der is not None and prev_der in previous and _der(nxt) == next_der:
+    got = await client.proposal_actions(proposal_id, max_attempts=1)
+    for transition in got.value.transitions() if got.value is not None else ():
+        prev_der = certificate_der(transition.previous)
+        if prev_der is not None and prev_der in previous and certificate_der(transition.next) == next_der:
             return prev_der
     return None
 
@@ -149,14 +125,14 @@ def _fingerprint_argument(text: str) -> str:
     return value
 
 
-async def _identity_record(cfg: ServiceConfig, candidate: bytes, previous: bytes, proposal_id: str) -> dict[str, Any]:
+def _identity_record(configured: bytes, candidate: bytes, previous: bytes, proposal_id: str) -> dict[str, Any]:
     """What the state file keeps of a service identity adopted or approved after a recovery. ``configured_sha256``
-    lets a later change of ``service_certificate`` in the configuration discard it."""
-    configured = await configured_service_certificate(cfg)
+    (of ``configured``, the configured service certificate) lets a later change of ``service_certificate`` in the
+    configuration discard it."""
     return {
         "certificate": candidate.decode("ascii"),
         "sha256": _fingerprint(candidate),
-        "previous_sha256": hashlib.sha256(previous).hexdigest(),
+        "previous_sha256": der_sha256(previous),
         "configured_sha256": _fingerprint(configured),
         "proposal_id": proposal_id,
     }
@@ -322,8 +298,7 @@ class RecoveryStateStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=folder)
                 raise
-            with contextlib.suppress(OSError):
-                os.fsync(folder)
+            fsync_folder(folder)
         finally:
             os.close(folder)
 
@@ -405,11 +380,7 @@ class RecoveryService:
         return RecoveryStateStore.for_path(self.config.state_dir / f"recovery-{service}.json")
 
     def _service(self, service: str) -> ServiceConfig:
-        cfg = self.governance.services.get(service)
-        if cfg is None:
-            known = ", ".join(sorted(self.governance.services)) or "none"
-            raise UnknownServiceError(f"unknown service {service!r} (configured: {known})")
-        return cfg
+        return self.governance.ccf.config(service)
 
     async def open(self) -> None:
         """Restore the trust kept in the state files (unless the configured certificate changed since): an identity
@@ -417,7 +388,7 @@ class RecoveryService:
         Each restored identity is audited. A state file the agent cannot trust is refused: logged, audited
         (``recovery_state_refused``), nothing restored from it, and recovery for that service stops (its watchers
         and submissions fail with the reason) until an operator moves the file aside."""
-        for name, cfg in self.governance.services.items():
+        for name in self.governance.services:
             store = self.store(name)
             if store.path is None:
                 continue
@@ -433,9 +404,9 @@ class RecoveryService:
             for key, trust in ((_APPROVED, "approved"), (_ADOPTED, "provisional")):
                 record = data.get(key)
                 pem = record.get("certificate") if isinstance(record, dict) else None
-                if not isinstance(record, dict) or not isinstance(pem, str) or _der(pem) is None:
+                if not isinstance(record, dict) or not isinstance(pem, str) or certificate_der(pem) is None:
                     continue
-                configured = configured or _fingerprint(await configured_service_certificate(cfg))
+                configured = configured or _fingerprint(await self.governance.ccf.configured_identity(name))
                 if record.get("configured_sha256") != configured:
                     _logger.warning(
                         "service %s: the configured service_certificate changed since identity %s was adopted; "
@@ -462,10 +433,10 @@ class RecoveryService:
             fields["restored_from"] = str(restored_from)
         await self.signer.record("identity_adopted", fields)
         if trust == "approved":
-            self.governance.pin(service, pem)
-            self.governance.trust_provisionally(service, None)
+            self.governance.ccf.pin(service, pem)
+            self.governance.ccf.trust_provisionally(service, None)
         else:
-            self.governance.trust_provisionally(service, pem)
+            self.governance.ccf.trust_provisionally(service, pem)
             self._provisional_proposal[service] = str(proposal_id)
         _logger.warning(
             "service %s: %s service identity %s (%s, proposal %s)%s",
@@ -482,22 +453,20 @@ class RecoveryService:
 
     # -- trust ---
 
-    async def _decided(self, service: str) -> tuple[CCFClient, set[bytes]]:
+    async def _decided(self, service: str) -> tuple[GovernanceAPI, set[bytes]]:
         """The client trusted for everything (shares included) and its identities as DER: the pinned one (configured,
         or approved after a recovery) and ``accepted_service_certificates``. Never a provisional identity."""
-        client = await self.governance.client(service)
-        return client, {d for d in (_der(p) for p in client.trusted_pems) if d is not None}
+        client = await self.governance.ccf.client(service)
+        return client, {d for d in (certificate_der(p) for p in client.trusted_pems) if d is not None}
 
-    async def _get(self, service: str, path: str) -> CCFResponse:
+    async def _read(self, service: str, read: Callable[[GovernanceAPI], Awaitable[Answer[T]]]) -> Answer[T]:
         """A read that may go to a provisional identity; on a trust failure, the proposal rule may adopt one, once."""
         try:
-            client = await self.governance.client(service, provisional=True)
-            return await client.get(path)
+            return await read(await self.governance.ccf.client(service, provisional=True))
         except CCFTrustError:
             if not self._service(service).accept_transition_to or not await self.adopt_by_proposal(service):
                 raise
-        client = await self.governance.client(service, provisional=True)
-        return await client.get(path)
+        return await read(await self.governance.ccf.client(service, provisional=True))
 
     async def adopt_by_proposal(self, service: str) -> bool:
         """The ``accept_transition_to`` rule, step one: trust a new service identity *provisionally* (reads and
@@ -520,25 +489,22 @@ class RecoveryService:
             return await self._adopt_locked(service)
 
     async def _adopt_locked(self, service: str) -> bool:
-        cfg = self._service(service)
+        ccf = self.governance.ccf
         _, decided = await self._decided(service)
-        candidate = await fetch_presented_service_certificate(cfg)
-        candidate_der = _der(candidate)
+        candidate = await ccf.presented_identity(service)
+        candidate_der = certificate_der(candidate)
         if candidate_der is None:
             raise CCFTrustError(f"service {service!r} claims a service certificate that is not a certificate")
-        provisional = self.governance.provisional_identity(service)
-        if candidate_der in decided or (provisional is not None and _der(provisional) == candidate_der):
+        provisional = ccf.provisional_identity(service)
+        if candidate_der in decided or (provisional is not None and certificate_der(provisional) == candidate_der):
             return False  # already trusted: the TLS failure was something else
-        probe = CCFClient(cfg, candidate)
-        try:
-            info = await probe.get("/gov/service/info", max_attempts=1)
-            reported = info.body.get("certificate") if info.ok and isinstance(info.body, dict) else None
-            if not isinstance(reported, str) or _der(reported) != candidate_der:
-                _logger.warning("service %s: /gov/service/info does not report the identity it presents", service)
+        async with ccf.probe(service, candidate) as probe:
+            info = await probe.service_info(max_attempts=1)
+            reported = info.value.certificate if info.value is not None else None
+            if reported is None or certificate_der(reported) != candidate_der:
+                _logger.warning("service %s: its service info does not report the identity it presents", service)
                 return False
             found = await self._transition_proposal(probe, decided, candidate_der)
-        finally:
-            await probe.aclose()
         if found is None:
             _logger.warning(
                 "service %s presents identity %s, which no Open or Accepted transition_service_to_open proposal "
@@ -548,7 +514,7 @@ class RecoveryService:
             )
             return False
         proposal_id, previous = found
-        record = await _identity_record(cfg, candidate, previous, proposal_id)
+        record = _identity_record(await ccf.configured_identity(service), candidate, previous, proposal_id)
         record.update(adopted_at=int(time.time()), trust="provisional")
 
         def change(data: dict[str, Any]) -> None:
@@ -560,17 +526,14 @@ class RecoveryService:
 
     @staticmethod
     async def _transition_proposal(
-        probe: CCFClient, decided: set[bytes], candidate_der: bytes
+        probe: GovernanceAPI, decided: set[bytes], candidate_der: bytes
     ) -> tuple[str, bytes] | None:
         """The first Open or Accepted proposal that transitions from ``decided`` to the candidate, with the previous
         identity it names (DER)."""
-        listed = await probe.get("/gov/members/proposals", max_attempts=1)
-        values = listed.body.get("value") if listed.ok and isinstance(listed.body, dict) else None
-        for proposal in values if isinstance(values, list) else []:
-            if not isinstance(proposal, dict) or proposal.get("proposalState") not in ("Open", "Accepted"):
-                continue
-            pid = proposal.get("proposalId")
-            if not isinstance(pid, str) or not re.fullmatch(r"[0-9a-f]{64}", pid):
+        listed = await probe.proposals(max_attempts=1)
+        for proposal in listed.value or ():
+            pid = proposal.proposal_id
+            if proposal.state not in ("Open", "Accepted") or pid is None:
                 continue
             previous = await _transition_from(probe, pid, decided, candidate_der)
             if previous is not None:
@@ -610,13 +573,13 @@ class RecoveryService:
                 hint="list the new service certificate in accepted_service_certificates and reload",
             )
         async with self._adopt_lock:
-            if self.governance.provisional_identity(service) is None:
+            if self.governance.ccf.provisional_identity(service) is None:
                 with contextlib.suppress(CCFTrustError, CCFUnavailableError):
                     await self._adopt_locked(service)
-            candidate = self.governance.provisional_identity(service)
+            candidate = self.governance.ccf.provisional_identity(service)
             _, decided = await self._decided(service)
             if candidate is None:
-                if wanted in {hashlib.sha256(d).hexdigest() for d in decided}:
+                if wanted in {der_sha256(d) for d in decided}:
                     raise ConflictError(
                         f"service identity {wanted[:16]} is already trusted for recovery shares on service "
                         f"{service!r}: nothing to approve; no ballot was signed"
@@ -634,8 +597,8 @@ class RecoveryService:
                     "signed",
                     hint="the endpoint is not the recovered service that was announced: do not vote; investigate",
                 )
-            client = await self.governance.client(service, provisional=True)
-            previous = await _transition_from(client, proposal_id, decided, _der(candidate) or b"")
+            client = await self.governance.ccf.client(service, provisional=True)
+            previous = await _transition_from(client, proposal_id, decided, certificate_der(candidate) or b"")
             if previous is None:
                 raise ConflictError(
                     f"proposal {proposal_id} is not a transition_service_to_open from an identity trusted for shares "
@@ -646,7 +609,8 @@ class RecoveryService:
             )
             if not 200 <= relay.status < 300:
                 return relay  # CCF refused the ballot: nothing is approved
-            record = await _identity_record(cfg, candidate, previous, proposal_id)
+            record = _identity_record(await self.governance.ccf.configured_identity(service), candidate, previous,
+                                      proposal_id)  # fmt: skip
             record.update(identity=identity, member_id=member_id, ballot_transaction_id=relay.transaction_id,
                           approved_at=int(time.time()))  # fmt: skip
             try:
@@ -658,7 +622,7 @@ class RecoveryService:
                     hint="no recovery share goes to that identity; fix the cause and approve again, or list the "
                     "identity in accepted_service_certificates and reload",
                 ) from None
-        ballot = relay.body if isinstance(relay.body, dict) else None
+        ballot = relay.body  # CCF's answer to the ballot as a JSON object, or None (``Relay.of``)
         return Relay(
             status=200,
             body={"service": service, "certificate_sha256": wanted, "previous_sha256": record["previous_sha256"],
@@ -690,8 +654,8 @@ class RecoveryService:
             data.pop(_ADOPTED, None)
 
         await self.store(service).update(change)
-        self.governance.pin(service, candidate)
-        self.governance.trust_provisionally(service, None)
+        self.governance.ccf.pin(service, candidate)
+        self.governance.ccf.trust_provisionally(service, None)
         self._provisional_proposal.pop(service, None)
         _logger.warning(
             "service %s: the new service identity %s (was %s) is approved for recovery shares by %s's accepting "
@@ -705,20 +669,20 @@ class RecoveryService:
 
     # -- submission ---
 
-    async def service_info(self, service: str, *, for_share: bool = False) -> dict[str, Any]:
-        """``/gov/service/info`` through the trust guard (``for_share``: the share guard); a non-200 answer is a
+    async def service_info(self, service: str, *, for_share: bool = False) -> ServiceInfo:
+        """The service's info through the trust guard (``for_share``: the share guard); a non-200 answer is a
         ``CCFError``."""
-        path = "/gov/service/info"
-        info = await (self._share_get(service, path) if for_share else self._get(service, path))
-        if not info.ok or not isinstance(info.body, dict):
-            raise CCFError(f"service {service!r}: /gov/service/info answered {info.status}")
-        return info.body
+        read = self._share_read if for_share else self._read
+        info = await read(service, lambda api: api.service_info())
+        if info.value is None:
+            raise CCFError(f"service {service!r}: {info.request} answered {info.status}")
+        return info.value
 
-    async def _share_get(self, service: str, path: str) -> CCFResponse:
+    async def _share_read(self, service: str, read: Callable[[GovernanceAPI], Awaitable[Answer[T]]]) -> Answer[T]:
         """A read on the way to a share: only from an identity trusted for shares (never a provisional one)."""
         client, _ = await self._decided(service)
         try:
-            return await client.get(path)
+            return await read(client)
         except CCFTrustError as exc:
             raise await self._untrusted_for_shares(service, exc) from None
 
@@ -727,12 +691,12 @@ class RecoveryService:
         proposal rule, first try to adopt it provisionally, so that the members can vote the transition through
         the agent (the error says how)."""
         adoption: AgentError | None = None
-        if self._service(service).accept_transition_to and self.governance.provisional_identity(service) is None:
+        if self._service(service).accept_transition_to and self.governance.ccf.provisional_identity(service) is None:
             try:
                 await self.adopt_by_proposal(service)
             except AgentError as failed:
                 adoption = failed
-        provisional = self.governance.provisional_identity(service)
+        provisional = self.governance.ccf.provisional_identity(service)
         if provisional is None:
             if adoption is None:
                 return exc
@@ -804,10 +768,7 @@ class RecoveryService:
         # From here on, every request goes only to an identity trusted for shares (the pinned one, a listed one, or
         # one this agent's own accepting ballot approved): the service info, the encrypted share and :recover.
         info = await self.service_info(service, for_share=True)
-        key = RecoveryKey(
-            info.get("recoveryCount") if isinstance(info.get("recoveryCount"), int) else None,
-            info.get("creationTransactionId") if isinstance(info.get("creationTransactionId"), str) else None,
-        )
+        key = RecoveryKey(info.recovery_count, info.creation_transaction_id)
         if unattended and key.matches(data["submissions"].get(identity)):
             return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
         facts: dict[str, Any] = {
@@ -820,20 +781,20 @@ class RecoveryService:
             "creation_transaction_id": key.creation_txid,
             "unattended": unattended,
         }
-        enc = await self._share_get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
+        mid = ident.member_id
+        enc = await self._share_read(service, lambda api: api.encrypted_share(mid))
         if not enc.ok:
             await self._failed(facts, ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
             return ShareResult(Relay.of(enc), submitted=False, key=key, ccf_error=enc.error_code)
-        encoded = enc.body.get("encryptedShare") if isinstance(enc.body, dict) else None
-        try:
-            ciphertext = base64.b64decode(encoded if isinstance(encoded, str) else "-", validate=True)
-        except ValueError:
+        if enc.value is None:
             await self._failed(facts, error="CCFError", message="malformed encryptedShare")
-            raise CCFError(f"service {service!r} answered an encrypted share that is not base64") from None
+            raise CCFError(f"service {service!r} answered an encrypted share that is not base64")
         try:
-            signed = await self._decrypt_and_sign(service, identity, ciphertext, caller, request_id)
+            signed = await self._decrypt_and_sign(service, identity, enc.value.ciphertext, caller, request_id)
             # Not provisional: the client trusts only the identities decided for shares.
-            resp = await self.governance.forward(service, f"/gov/recovery/members/{ident.member_id}:recover", signed)
+            resp = await self.governance.forward(
+                service, signed, lambda api, cose: api.submit_recovery_share(mid, cose)
+            )
         except AgentError as exc:
             await self._failed(facts, error=exc.code)
             raise
@@ -846,11 +807,11 @@ class RecoveryService:
         if not resp.ok:
             await self._failed(facts, ccf_status=resp.status, ccf_error=resp.error_code, message=resp.error_message)
             return ShareResult(Relay.of(resp), submitted=False, key=key, ccf_error=resp.error_code)
-        body = resp.body if isinstance(resp.body, dict) else {}
+        submission = resp.value
         facts.update(
-            ccf_message=scrub(str(body.get("message", ""))),
-            submitted_count=body.get("submittedCount"),
-            recovery_threshold=body.get("recoveryThreshold"),
+            ccf_message=scrub(submission.message if submission is not None else ""),
+            submitted_count=submission.submitted_count if submission is not None else None,
+            recovery_threshold=submission.recovery_threshold if submission is not None else None,
         )
         await self.signer.record("share_submitted", facts)
         self._metrics.recovery_shares.labels(service, identity, "submitted").inc()
@@ -1001,6 +962,7 @@ class RecoveryWatcher:
 
     async def _run(self) -> None:
         cfg = self.recovery.config
+        poll = Backoff(cfg.poll_interval, cfg.max_backoff, jitter=(0.8, 1.2))  # doubles after each failure
         failures = 0
         reported: str | None = None
         while not self._stop.is_set():
@@ -1020,8 +982,7 @@ class RecoveryWatcher:
             else:
                 failures = 0
                 reported = None
-            delay = min(cfg.max_backoff, cfg.poll_interval * 2.0**failures) if failures else cfg.poll_interval
-            delay *= 0.8 + 0.4 * self.recovery._rng()
+            delay = poll.delay(failures, self.recovery._rng())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
@@ -1032,13 +993,12 @@ class RecoveryWatcher:
         data = await self.recovery.store(self.service).load()
         info = await self.recovery.service_info(self.service)
         self.last_checked_at = round(time.time(), 3)
-        status = info.get("status")
-        self.service_status = status if isinstance(status, str) else None
-        if status != WAITING:
+        self.service_status = info.status
+        if info.status != WAITING:
             self._set("watching")
             return
         previous = data["submissions"].get(self.identity)
-        key = RecoveryKey(info.get("recoveryCount"), info.get("creationTransactionId"))
+        key = RecoveryKey(info.recovery_count, info.creation_transaction_id)
         if key.matches(previous):
             self.last_submission = previous
             self._set("submitted")

@@ -16,9 +16,11 @@ Design notes (why it is built this way):
 - **Our retry loop, not the SDK's.** The SDK's ``AsyncRetryPolicy`` retries POST only for 500/503/504, retries
   a 429 only when ``Retry-After`` is present, and retries a failing GET with 0.8 s, 1.6 s, ... backoff up to
   10 times. That makes throttling behaviour depend on a header. We set ``retry_total=0`` on every client and
-  run one loop: 429, 408, 5xx, connection errors and timeouts are retried, ``Retry-After`` (also
-  ``retry-after-ms`` and ``x-ms-retry-after-ms``) is honoured, otherwise jittered exponential backoff;
-  attempts and total time are bounded. Sign and decrypt are safe to repeat: neither changes vault state.
+  run one loop on the agent's ``RetryPolicy`` (``signing_agent.retry``): 429, 408, 5xx, connection errors and
+  timeouts are retried, ``Retry-After`` (also ``retry-after-ms`` and ``x-ms-retry-after-ms``) is honoured,
+  otherwise jittered exponential backoff; attempts and total time are bounded. Sign and decrypt are safe to
+  repeat: neither changes vault state. The SDK's exceptions are mapped to the agent's in one place
+  (``_AzureKey._vault_errors``, in the style of httpx's ``map_httpcore_exceptions``).
 - **Throttle per vault host.** Every attempt first takes a slot from a ``PriorityThrottle`` shared by all keys
   on the host (concurrency cap + token bucket). A 429 also drains that bucket, so the other requests to the
   same vault back off too. ``Priority.HIGH`` (recovery shares, acks) is served before ``Priority.NORMAL``.
@@ -35,13 +37,13 @@ Design notes (why it is built this way):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
-import email.utils
 import logging
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, assert_never
@@ -63,6 +65,7 @@ from signing_agent.errors import (
     KeyNotFoundError,
     SigningFailedError,
 )
+from signing_agent.retry import Backoff, GiveUp, RetryPolicy, retry_after_seconds
 
 try:
     import aiohttp
@@ -141,6 +144,15 @@ class AzureKeyVaultSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
+    def retry_policy(self) -> RetryPolicy:
+        """These settings as the agent's one ``RetryPolicy``."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            total_timeout=self.total_timeout,
+            backoff=Backoff(self.backoff_initial, self.backoff_max),
+            max_retry_after=self.max_retry_after,
+        )
+
 
 def _redact(text: str, limit: int = 400) -> str:
     """Strip anything that looks like a token or secret from a vendor message and bound its length."""
@@ -173,34 +185,6 @@ def _challenge_info(vault_url: str) -> tuple[str | None, str | None]:
         return None, None
     scope = challenge.get_scope() or (challenge.get_resource() + "/.default" if challenge.get_resource() else None)
     return challenge.tenant_id, scope
-
-
-def _retry_after_seconds(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms``, ``x-ms-retry-after-ms`` or ``Retry-After`` (seconds or an HTTP
-    date)."""
-    if headers is None:
-        return None
-    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
-        value: str | None = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) / 1000.0)
-            except ValueError:
-                continue
-    value = headers.get("Retry-After")
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def _jwk_text(jwk: object, name: str) -> str:
@@ -421,6 +405,16 @@ def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCrede
             assert_never(cfg.credential)
 
 
+class _TransientVaultError(BackendUnavailableError):
+    """A vault operation that failed in a way a retry may fix (``_AzureKey._vault_errors``): ``reason`` for the
+    final message, the wait the vault asked for, and whether the vault throttled."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None, throttled: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.throttled = throttled
+
+
 class _AzureKey:
     """What signing and decryption keys share: the one-time describe, the clients, the retry loop, error
     mapping."""
@@ -568,14 +562,11 @@ class _AzureKey:
         """Run one vault operation under the throttle with bounded, jittered retries (see the module
         docstring)."""
         s = self._settings
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.total_timeout
-        attempt = 0
+        retry = s.retry_policy().start(rng=_SYSTEM_RANDOM.random)
         while True:
-            attempt += 1
-            retry_after: float | None = None
+            attempt = retry.next_attempt()
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout(retry.remaining):
                     await self._throttle.acquire(priority)
             except TimeoutError:
                 raise BackendUnavailableError(
@@ -584,83 +575,98 @@ class _AzureKey:
                     hint="the agent is sending more than the configured Key Vault budget; raise "
                     "rate_per_second or max_concurrency if the vault's quota allows",
                 ) from None
-            timeout = min(s.attempt_timeout, max(0.0, deadline - loop.time()))
+            timeout = retry.attempt_timeout(s.attempt_timeout)
             try:
-                async with asyncio.timeout(timeout):
-                    return await fn()
-            except TimeoutError:
-                reason = f"no answer within {timeout:.3g}s"
-            except ClientAuthenticationError as exc:
-                raise self._auth_error(exc, what) from None
-            except ResourceNotFoundError:
-                version = self._cfg.key_version or "latest"
-                raise KeyNotFoundError(
-                    f"Key Vault {self._cfg.vault_url} has no key {self._cfg.key_name!r} (version {version})",
-                    hint=f"check {self._where}.key_name and key_version; a soft-deleted key must be recovered first",
-                ) from None
-            except HttpResponseError as exc:
-                status = exc.status_code or 0
-                detail = self._vault_message(exc)
-                if status not in _RETRYABLE_STATUSES:
-                    raise self._rejected(status, detail, what) from None
-                reason = f"HTTP {status} {detail}"
-                retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
-                if status == 429:
-                    self._throttle_penalty(retry_after)
-            except ServiceRequestError as exc:
-                text = _redact(str(exc))
-                if "CERTIFICATE_VERIFY_FAILED" in text or "SSLCertVerificationError" in text:
-                    raise BackendError(
-                        f"Key Vault {self._cfg.vault_url}: TLS certificate verification failed: {text}",
-                        hint=f"for a private CA or a test vault set {self._where}.ca_bundle to its CA (PEM)",
-                    ) from None
-                reason = f"cannot reach the vault: {text}"
-            except ServiceResponseError as exc:
-                reason = f"the connection failed: {_redact(str(exc))}"
-            except ValueError as exc:
-                # The SDK's challenge check: the vault asked for a token scope outside its own domain.
-                raise ConfigError(
-                    f"{self._where}.vault_url: {self._cfg.vault_url}: {_redact(str(exc))}",
-                    hint="vault_url must be the vault's own DNS name (https://<name>.vault.azure.net)",
-                ) from None
-            except AzureError as exc:
-                raise BackendError(f"Key Vault {self._cfg.vault_url}: {what} failed: {_redact(str(exc))}") from None
+                with self._vault_errors(what, timeout):
+                    async with asyncio.timeout(timeout):
+                        return await fn()
+            except _TransientVaultError as exc:
+                failure = exc
+                if exc.throttled:
+                    self._throttle_penalty(exc.retry_after)
             finally:
                 self._throttle.release()
-
-            remaining = deadline - loop.time()
-            if attempt >= s.max_attempts:
-                raise BackendUnavailableError(
-                    f"Key Vault {self._cfg.vault_url}: {what} for key {self._cfg.key_name!r} failed after "
-                    f"{attempt} attempts: {reason}",
-                    hint="the vault is throttling or unavailable; a later retry may succeed",
-                )
-            if retry_after is not None and retry_after > s.max_retry_after:
-                raise BackendUnavailableError(
-                    f"Key Vault {self._cfg.vault_url}: {what}: the vault asked to retry after "
-                    f"{retry_after:g}s (more than max_retry_after={s.max_retry_after:g}s): {reason}",
-                    hint="the vault's quota is exhausted; lower the agent's rate or raise the vault's limits",
-                    retry_after=retry_after,
-                )
-            delay = retry_after if retry_after is not None else self._backoff(attempt)
-            if delay >= remaining:
-                raise BackendUnavailableError(
-                    f"Key Vault {self._cfg.vault_url}: {what} for key {self._cfg.key_name!r} failed within "
-                    f"{s.total_timeout:g}s ({attempt} attempts): {reason}",
-                    hint="the vault is throttling or unavailable; a later retry may succeed",
-                )
+            wait = retry.after_failure(failure.retry_after)
+            if isinstance(wait, GiveUp):
+                raise self._gave_up(what, wait, attempt, failure) from None
             _logger.warning(
                 "Key Vault %s: %s for key %s: %s; attempt %d/%d, retrying in %.2fs",
-                self._cfg.vault_url, what, self._cfg.key_name, reason, attempt, s.max_attempts, delay,
+                self._cfg.vault_url, what, self._cfg.key_name, failure.message, attempt, s.max_attempts, wait,
             )  # fmt: skip
-            await asyncio.sleep(delay)
+            await retry.sleep(wait)
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with equal jitter: half fixed, half random, so retries of many callers spread
-        out."""
-        s = self._settings
-        cap = min(s.backoff_max, s.backoff_initial * 2.0 ** (attempt - 1))
-        return cap / 2 + _SYSTEM_RANDOM.uniform(0, cap / 2)
+    def _gave_up(self, what: str, why: GiveUp, attempts: int, failure: _TransientVaultError) -> BackendUnavailableError:
+        """The error for an operation that is not retried any more, and why."""
+        s, cfg, reason = self._settings, self._cfg, failure.message
+        busy = "the vault is throttling or unavailable; a later retry may succeed"
+        match why:
+            case GiveUp.ATTEMPTS:
+                return BackendUnavailableError(
+                    f"Key Vault {cfg.vault_url}: {what} for key {cfg.key_name!r} failed after {attempts} attempts: "
+                    f"{reason}",
+                    hint=busy,
+                )
+            case GiveUp.RETRY_AFTER:
+                return BackendUnavailableError(
+                    f"Key Vault {cfg.vault_url}: {what}: the vault asked to retry after {failure.retry_after:g}s "
+                    f"(more than max_retry_after={s.max_retry_after:g}s): {reason}",
+                    hint="the vault's quota is exhausted; lower the agent's rate or raise the vault's limits",
+                    retry_after=failure.retry_after,
+                )
+            case GiveUp.DEADLINE:
+                return BackendUnavailableError(
+                    f"Key Vault {cfg.vault_url}: {what} for key {cfg.key_name!r} failed within "
+                    f"{s.total_timeout:g}s ({attempts} attempts): {reason}",
+                    hint=busy,
+                )
+            case _:  # pragma: no cover -- exhaustive
+                assert_never(why)
+
+    @contextlib.contextmanager
+    def _vault_errors(self, what: str, timeout: float) -> Iterator[None]:
+        """The SDK's exceptions as the agent's, for one attempt at ``what`` bounded by ``timeout`` seconds: what a
+        retry may fix (a timeout, 408/429/5xx, a connection that failed) is a ``_TransientVaultError``; the rest is
+        final (authentication, a missing key, a refusal, a TLS failure, a vault URL outside the vault's domain). No
+        vendor exception leaves, and none is chained: their responses can carry the request's token."""
+        try:
+            yield
+        except TimeoutError:
+            raise _TransientVaultError(f"no answer within {timeout:.3g}s") from None
+        except ClientAuthenticationError as exc:
+            raise self._auth_error(exc, what) from None
+        except ResourceNotFoundError:
+            version = self._cfg.key_version or "latest"
+            raise KeyNotFoundError(
+                f"Key Vault {self._cfg.vault_url} has no key {self._cfg.key_name!r} (version {version})",
+                hint=f"check {self._where}.key_name and key_version; a soft-deleted key must be recovered first",
+            ) from None
+        except HttpResponseError as exc:
+            status = exc.status_code or 0
+            detail = self._vault_message(exc)
+            if status not in _RETRYABLE_STATUSES:
+                raise self._rejected(status, detail, what) from None
+            retry_after = retry_after_seconds(getattr(exc.response, "headers", None))
+            raise _TransientVaultError(
+                f"HTTP {status} {detail}", retry_after=retry_after, throttled=status == 429
+            ) from None
+        except ServiceRequestError as exc:
+            text = _redact(str(exc))
+            if "CERTIFICATE_VERIFY_FAILED" in text or "SSLCertVerificationError" in text:
+                raise BackendError(
+                    f"Key Vault {self._cfg.vault_url}: TLS certificate verification failed: {text}",
+                    hint=f"for a private CA or a test vault set {self._where}.ca_bundle to its CA (PEM)",
+                ) from None
+            raise _TransientVaultError(f"cannot reach the vault: {text}") from None
+        except ServiceResponseError as exc:
+            raise _TransientVaultError(f"the connection failed: {_redact(str(exc))}") from None
+        except ValueError as exc:
+            # The SDK's challenge check: the vault asked for a token scope outside its own domain.
+            raise ConfigError(
+                f"{self._where}.vault_url: {self._cfg.vault_url}: {_redact(str(exc))}",
+                hint="vault_url must be the vault's own DNS name (https://<name>.vault.azure.net)",
+            ) from None
+        except AzureError as exc:
+            raise BackendError(f"Key Vault {self._cfg.vault_url}: {what} failed: {_redact(str(exc))}") from None
 
     def _throttle_penalty(self, retry_after: float | None) -> None:
         # The vault throttles per vault, not per request: make every caller of this host slow down.

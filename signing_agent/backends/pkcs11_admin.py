@@ -19,7 +19,6 @@ wrapped.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from signing_agent.algorithms import der_to_raw, for_curve, raw_to_der, verify_d
 from signing_agent.backends import _p11init
 from signing_agent.backends._p11init import PinSource, describe_error, require_pkcs11
 from signing_agent.backends.pkcs11 import find_private_key, read_public_key
+from signing_agent.certs import member_id as member_id  # re-exported: keys list/generate print it
 from signing_agent.errors import AgentError, BackendError, ConfigError, IdentityError
 
 CURVES: dict[str, str] = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
@@ -72,11 +72,6 @@ class TokenKey:
         if isinstance(self.public_key, rsa.RSAPublicKey):
             return f"RSA-{self.public_key.key_size}"
         return f"{self.key_type} (no public key object)"
-
-
-def member_id(cert: x509.Certificate) -> str:
-    """CCF's member id: the lowercase hex SHA-256 of the certificate's DER."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 @contextmanager

@@ -5,8 +5,9 @@ the system CAs, never unverified. CCF nodes present a certificate endorsed by th
 service certificate as the only CA is exactly how CCF's own clients work.
 
 A signed message is sent as opaque bytes. On a connection failure, a timeout, or a 503/429 (honouring Retry-After)
-the *identical* bytes are sent again with bounded, jittered exponential backoff, within ``total_timeout``; nothing
-here ever re-signs.
+the *identical* bytes are sent again with bounded, jittered exponential backoff, within ``total_timeout`` (the
+agent's one ``RetryPolicy``, ``signing_agent.retry``); nothing here ever re-signs. CCF's paths and the shapes of its
+answers are ``ccf.api``'s; this module moves bytes.
 
 The pinned connection has no exits and no unbounded answers, in every request to a service or identity endpoint:
 a redirect is never followed (it would carry signed messages and shares away from the pinned service, even to plain
@@ -17,20 +18,20 @@ waits included, by ``total_timeout``. Whether
 a resend is safe is CCF's business: it answers a byte-identical proposal with ProposalReplay, a repeated ballot with
 200, a repeated ack with 204 (see ../shared/ccf-governance.md §6), and the governance layer interprets that.
 
-Must not import: ``signing_agent.cose``, key-store backends. aiohttp exceptions never leave this module.
+Must not import: ``signing_agent.cose``, key-store backends. aiohttp exceptions never leave this module: they are
+mapped in one place, ``map_aiohttp_exceptions``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,14 @@ from signing_agent.errors import (
     ConfigError,
 )
 from signing_agent.metrics import METRICS, Metrics
+from signing_agent.retry import Backoff, GiveUp, RetryPolicy, retry_after_seconds
 from signing_agent.waits import waiting_for
 
 _logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 503})
 MAX_RETRY_AFTER = 30.0
+"""A ``Retry-After`` over this is not waited for: the service's own answer (its 503 or 429) is relayed at once."""
 TX_HEADER = "x-ms-ccf-transaction-id"
 READ_CHUNK = 64 * 1024
 _MAX_LOCATION_CHARS = 300
@@ -70,6 +73,9 @@ class CCFResponse:
     transaction_id: str | None
     attempts: int = 1
     headers: Mapping[str, str] = field(default_factory=dict)
+    """With lower-case names."""
+    request: str = ""
+    """What was asked, for messages: ``GET /node/state`` (no query)."""
 
     @property
     def ok(self) -> bool:
@@ -89,6 +95,10 @@ class CCFResponse:
             return str(self.body["error"].get("message", ""))
         return ""
 
+    def json_object(self) -> dict[str, Any] | None:
+        """The body when it is a JSON object, else None."""
+        return self.body if isinstance(self.body, dict) else None
+
 
 def pinned_ssl_context(service_cert_pem: bytes) -> ssl.SSLContext:
     """A client TLS context whose only trust anchors are the service certificate(s) (one PEM, or a bundle)."""
@@ -99,22 +109,6 @@ def pinned_ssl_context(service_cert_pem: bytes) -> ssl.SSLContext:
     except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"the service certificate is not a PEM certificate: {exc}") from None
     return ctx
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), capped."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
 class AnswerTooLargeError(Exception):
@@ -192,8 +186,20 @@ def _abandon(resp: aiohttp.ClientResponse) -> None:
     resp.close()
 
 
+def retry_policy(config: ServiceConfig) -> RetryPolicy:
+    """The service's retry settings as the agent's one ``RetryPolicy``."""
+    return RetryPolicy(
+        max_attempts=config.max_attempts,
+        total_timeout=config.total_timeout,
+        backoff=Backoff(config.backoff_initial, config.backoff_max),
+        max_retry_after=MAX_RETRY_AFTER,
+        min_attempt_seconds=MIN_ATTEMPT_SECONDS,
+    )
+
+
 class CCFClient:
-    """Talks to one CCF service. Create with ``CCFClient.open(config)``; close with ``aclose()``."""
+    """Talks to one CCF service, trusting ``service_cert_pem`` and ``also_trusted``. Built by ``ccf.api.HttpConnector``
+    (the one place a client is made); close with ``aclose()``."""
 
     def __init__(
         self,
@@ -202,6 +208,7 @@ class CCFClient:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
         also_trusted: Sequence[bytes] = (),
     ) -> None:
@@ -211,23 +218,12 @@ class CCFClient:
         """The pinned service identity (the configured one, or one adopted after a recovery)."""
         self.trusted_pems: tuple[bytes, ...] = (service_cert_pem, *also_trusted)
         """Every service identity this client's TLS accepts: the pinned one and the accepted list."""
+        self._retry = retry_policy(config)
         self._sleep = sleep
         self._rng = rng
+        self._clock = clock
         self._ssl = pinned_ssl_context(b"\n".join(p.strip() for p in self.trusted_pems) + b"\n")
         self._session: aiohttp.ClientSession | None = None
-
-    @classmethod
-    async def open(cls, config: ServiceConfig, *, pinned: bytes | None = None) -> CCFClient:
-        """Pin the configured service certificate (or ``pinned``, an identity adopted after a recovery that
-        replaces it), or fetch it once from ``identity_url`` (Azure Managed CCF); plus every certificate in
-        ``accepted_service_certificates``. ``service_cert_pem`` stays the one pinned identity."""
-        if pinned is not None:
-            pem = pinned
-        else:
-            pem = await configured_service_certificate(config)
-        accepted = [_read_cert(path, f"services.{config.name}.accepted_service_certificates") for path in
-                    config.accepted_service_certificates]  # fmt: skip
-        return cls(config, pem, also_trusted=accepted)
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -239,10 +235,6 @@ class CCFClient:
 
     def url(self, path: str) -> str:
         return self.config.url + path
-
-    def _backoff(self, attempt: int) -> float:
-        base = min(self.config.backoff_max, self.config.backoff_initial * 2.0 ** (attempt - 1))
-        return base * (0.5 + self._rng() / 2)
 
     async def request(
         self,
@@ -262,85 +254,65 @@ class CCFClient:
         ``max_attempts`` lowers the configured number (health checks make one attempt).
         """
         cfg = self.config
-        attempts = min(max_attempts or cfg.max_attempts, cfg.max_attempts)
         service = cfg.name
         what = f"service {service!r}: {method} {path}"
         params = {"api-version": cfg.api_version} if gov else {}
         headers = {"Content-Type": content_type} if content_type else {}
-        last_problem = "no attempt made"
-        timed_out = False
-        deadline = time.monotonic() + cfg.total_timeout
-        attempt = 0
-        while attempt < attempts:
-            attempt += 1
+        retry = self._retry.start(clock=self._clock, sleep=self._sleep, rng=self._rng, max_attempts=max_attempts)
+        while True:
+            attempt = retry.next_attempt()
             answer: CCFResponse | None = None
+            problem: CCFTimeoutError | CCFUnavailableError | None = None
             outcome = "unreachable"
-            started = time.monotonic()
-            limit = max(0.01, min(cfg.request_timeout, deadline - started))  # 0 would mean no timeout at all
+            started = self._clock()
+            limit = retry.attempt_timeout(cfg.request_timeout)
             try:
-                session = self._session_or_new()
-                async with session.request(
-                    method,
-                    self.url(path),
-                    params=params,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=client_timeout(cfg, limit),
-                ) as resp:
-                    outcome = str(resp.status)
-                    answer = _response(resp, await read_answer(resp, cfg, what), attempt)
-            except aiohttp.ClientConnectorCertificateError as exc:
+                with map_aiohttp_exceptions(cfg, limit):
+                    async with self._session_or_new().request(
+                        method,
+                        self.url(path),
+                        params=params,
+                        data=body,
+                        headers=headers,
+                        allow_redirects=False,
+                        timeout=client_timeout(cfg, limit),
+                    ) as resp:
+                        outcome = str(resp.status)
+                        raw = await read_answer(resp, cfg, what)
+                        answer = _response(resp, raw, attempt, f"{method} {path}")
+            except CCFTrustError:
                 outcome = "untrusted"
-                raise CCFTrustError(
-                    f"{cfg.url} did not present a certificate endorsed by the pinned service certificate of "
-                    f"service {cfg.name!r}; nothing was sent ({exc.certificate_error})",
-                    hint="if the service was recovered it has a new identity: update service_certificate deliberately",
-                ) from None
-            except aiohttp.ClientSSLError as exc:
-                outcome = "untrusted"
-                raise CCFTrustError(f"TLS with {cfg.url} failed; nothing was sent: {exc}") from None
-            except TimeoutError as exc:
-                outcome = "timeout"
-                timed_out, last_problem = True, _describe_timeout(exc, cfg, limit)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                timed_out, last_problem = False, _describe(exc)
+                raise
+            except CCFTimeoutError as exc:
+                outcome, problem = "timeout", exc
+            except CCFUnavailableError as exc:
+                problem = exc
             finally:
-                self._metrics.ccf_seconds.labels(service).observe(time.monotonic() - started)
+                self._metrics.ccf_seconds.labels(service).observe(self._clock() - started)
                 self._metrics.ccf_responses.labels(service, outcome).inc()
-            delay: float | None = None
+            retry_after: float | None = None
             if answer is not None:
                 if answer.status not in RETRY_STATUSES:
                     return answer
-                timed_out = False
-                last_problem = f"CCF answered {answer.status} {answer.error_code or ''}".strip()
-                delay = retry_after_seconds(answer.headers.get("retry-after"))
-            wait = delay if delay is not None else self._backoff(attempt)
-            out_of_time = time.monotonic() + wait + MIN_ATTEMPT_SECONDS > deadline
-            if attempt == attempts or out_of_time:
+                problem = CCFUnavailableError(f"CCF answered {answer.status} {answer.error_code or ''}".strip())
+                retry_after = retry_after_seconds(answer.headers)
+            wait = retry.after_failure(retry_after)
+            if isinstance(wait, GiveUp):
                 if answer is not None:
                     return answer  # out of attempts or time: CCF's own answer is the most useful thing to relay
-                if attempt < attempts:
-                    timed_out = True
-                    last_problem += f"; no time left for another attempt within total_timeout ({cfg.total_timeout:g} s)"
-                break
+                raise _gave_up(cfg, problem, attempt, wait)
             self._metrics.ccf_retries.labels(service).inc()
             _logger.warning(
                 "%s %s to service %s: %s; resending the same bytes in %.2f s (attempt %d of %d)",
                 method,
                 path,
                 cfg.name,
-                last_problem,
+                problem.message if problem is not None else "",
                 wait,
                 attempt + 1,
-                attempts,
+                retry.max_attempts,
             )
-            await self._sleep(wait)
-        plural = "" if attempt == 1 else "s"
-        message = f"service {cfg.name!r} at {cfg.url}: {last_problem} (after {attempt} attempt{plural})"
-        if timed_out:
-            raise CCFTimeoutError(message)
-        raise CCFUnavailableError(message)
+            await retry.sleep(wait)
 
     async def get(self, path: str, *, gov: bool = True, max_attempts: int | None = None) -> CCFResponse:
         with waiting_for(self._waiting("GET", path)):
@@ -358,6 +330,49 @@ class CCFClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _gave_up(
+    config: ServiceConfig, problem: CCFTimeoutError | CCFUnavailableError | None, attempts: int, why: GiveUp
+) -> CCFTimeoutError | CCFUnavailableError:
+    """The error for a request whose every attempt failed without an answer: the last problem, and how many tries."""
+    last = problem.message if problem is not None else "no attempt made"
+    timed_out = isinstance(problem, CCFTimeoutError)
+    if why is GiveUp.DEADLINE:
+        timed_out = True
+        last += f"; no time left for another attempt within total_timeout ({config.total_timeout:g} s)"
+    plural = "" if attempts == 1 else "s"
+    message = f"service {config.name!r} at {config.url}: {last} (after {attempts} attempt{plural})"
+    return CCFTimeoutError(message) if timed_out else CCFUnavailableError(message)
+
+
+@contextlib.contextmanager
+def map_aiohttp_exceptions(config: ServiceConfig, limit: float, *, endpoint: str | None = None) -> Iterator[None]:
+    """aiohttp's exceptions as the agent's (httpx's ``map_httpcore_exceptions``), for one request bounded by
+    ``limit`` seconds to ``config``'s service, or to ``endpoint`` (another URL, e.g. an identity endpoint).
+
+    A certificate that the trusted identities do not endorse, or any other TLS failure, is a ``CCFTrustError``
+    (nothing was sent); a time bound a ``CCFTimeoutError`` that names its setting; a connection that failed or broke
+    a ``CCFUnavailableError``. Nothing else is caught (the agent's own errors pass through), so no aiohttp exception
+    leaves this module."""
+    try:
+        yield
+    except aiohttp.ClientConnectorCertificateError as exc:
+        if endpoint is not None:
+            raise CCFTrustError(
+                f"{endpoint} presented a certificate that is not trusted; nothing was sent ({exc.certificate_error})"
+            ) from None
+        raise CCFTrustError(
+            f"{config.url} did not present a certificate endorsed by the pinned service certificate of "
+            f"service {config.name!r}; nothing was sent ({exc.certificate_error})",
+            hint="if the service was recovered it has a new identity: update service_certificate deliberately",
+        ) from None
+    except aiohttp.ClientSSLError as exc:
+        raise CCFTrustError(f"TLS with {endpoint or config.url} failed; nothing was sent: {exc}") from None
+    except TimeoutError as exc:
+        raise CCFTimeoutError(_describe_timeout(exc, config, limit)) from None
+    except aiohttp.ClientError as exc:  # a connection that failed or broke, a malformed answer
+        raise CCFUnavailableError(_describe(exc)) from None
 
 
 def _describe_timeout(exc: TimeoutError, config: ServiceConfig, limit: float) -> str:
@@ -379,7 +394,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int) -> CCFResponse:
+def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int, request: str) -> CCFResponse:
     content_type = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
     body: Any = raw
     if content_type == "application/json" and raw:
@@ -397,6 +412,7 @@ def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int) -> CCFResp
         transaction_id=resp.headers.get(TX_HEADER),
         attempts=attempt,
         headers={k.lower(): v for k, v in resp.headers.items()},
+        request=request,
     )
 
 
@@ -416,8 +432,10 @@ async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"services.{config.name}.identity_ca_bundle: cannot load {bundle}: {exc}") from None
     try:
-        status, data = await _get_json(config, trust, url, f"identity endpoint {url}")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        status, data = await get_json(config, trust, url, f"identity endpoint {url}")
+    except (CCFTrustError, CCFTimeoutError, CCFUnavailableError) as exc:
+        raise CCFUnavailableError(f"cannot fetch the service identity from {url}: {exc.message}") from None
+    except ValueError as exc:
         raise CCFUnavailableError(f"cannot fetch the service identity from {url}: {exc}") from None
     if status != 200:
         raise CCFUnavailableError(f"identity endpoint {url} answered {status}")
@@ -427,11 +445,11 @@ async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     return pem.encode("ascii")
 
 
-async def _get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what: str) -> tuple[int, Any]:
-    """One GET outside the pinned session (an identity endpoint), within the same guards: no redirect, a capped
-    body, the service's time bounds. Returns the status and the body parsed as JSON (None when empty; ``ValueError``
-    when it is not JSON)."""
-    with waiting_for(f"CCF {what}"):
+async def get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what: str) -> tuple[int, Any]:
+    """One GET outside the pinned session (an identity endpoint, or what a service claims to be), within the same
+    guards: no redirect, a capped body, the service's time bounds, aiohttp's exceptions mapped. Returns the status
+    and the body parsed as JSON (None when empty; ``ValueError`` when it is not JSON)."""
+    with waiting_for(f"CCF {what}"), map_aiohttp_exceptions(config, config.request_timeout, endpoint=url):
         async with (
             aiohttp.ClientSession(timeout=client_timeout(config), connector=aiohttp.TCPConnector(ssl=trust)) as session,
             session.get(url, allow_redirects=False) as resp,
@@ -458,25 +476,3 @@ async def configured_service_certificate(config: ServiceConfig) -> bytes:
     if config.service_certificate is not None:
         return _read_cert(config.service_certificate, f"services.{config.name}.service_certificate")
     return await fetch_identity_certificate(config)
-
-
-async def fetch_presented_service_certificate(config: ServiceConfig) -> bytes:
-    """The service certificate the endpoint *claims* (``GET /node/network`` over TLS that verifies nothing).
-
-    Only a candidate: nothing is sent but this GET, and the caller must then verify that the endpoint proves
-    possession (a TLS connection pinned to the candidate) and that governance approved it. Never trust the answer
-    as such.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # a candidate only; verified by a pinned connection next
-    url = config.url + "/node/network"
-    try:
-        status, data = await _get_json(config, ctx, url, f"service {config.name!r}: GET /node/network")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise CCFUnavailableError(f"cannot read the service identity from {url}: {type(exc).__name__}") from None
-    pem = data.get("service_certificate") if isinstance(data, dict) and status == 200 else None
-    if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
-        raise CCFUnavailableError(f"{url} answered {status} without a service_certificate")
-    return pem.encode("ascii")

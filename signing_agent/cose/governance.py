@@ -55,11 +55,6 @@ class MsgType(enum.StrEnum):
         raise InvalidRequestError(f"msg_type: {value!r} is not a governance message type ({allowed})")
 
 
-def member_id(certificate_der: bytes) -> str:
-    """The CCF member id: lowercase hex SHA-256 of the certificate's DER."""
-    return hashlib.sha256(certificate_der).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class PayloadSummary:
     """What a governance payload says, for policy, explain and audit. Never holds a secret."""

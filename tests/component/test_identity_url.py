@@ -10,7 +10,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from signing_agent.ccf.client import CCFClient
+from signing_agent.ccf.connections import CCFConnections
 from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFTrustError, CCFUnavailableError
 from tests.support.pki import make_member
@@ -50,14 +50,16 @@ async def test_the_identity_is_fetched_once_and_pinned(ledger: SandboxProcess, w
     runner, url, bundle = await identity_endpoint(workdir, ledger.service_cert.read_bytes())
     try:
         config = ServiceConfig(name="mccf", url=ledger.url, identity_url=url, identity_ca_bundle=bundle)
-        client = await CCFClient.open(config)
+        ccf = CCFConnections({"mccf": config})
         try:
-            info = await client.get("/gov/service/info")
+            client = await ccf.client("mccf")
+            info = await client.service_info()
             assert info.status == 200
-            assert info.body["status"] == "Open"
-            assert client.service_cert_pem == ledger.service_cert.read_bytes()
+            assert info.value is not None
+            assert info.value.status == "Open"
+            assert client.trusted_pems == (ledger.service_cert.read_bytes(),)
         finally:
-            await client.aclose()
+            await ccf.aclose()
     finally:
         await runner.cleanup()
 
@@ -68,15 +70,16 @@ async def test_an_identity_that_is_not_the_service_s_is_refused_before_sending(
     other = make_member("not-the-service").cert_pem
     runner, url, bundle = await identity_endpoint(workdir, other)
     try:
-        client = await CCFClient.open(ServiceConfig(name="mccf", url=ledger.url, identity_url=url,
-                                                    identity_ca_bundle=bundle, max_attempts=2))  # fmt: skip
+        ccf = CCFConnections({"mccf": ServiceConfig(name="mccf", url=ledger.url, identity_url=url,
+                                                    identity_ca_bundle=bundle, max_attempts=2)})  # fmt: skip
         try:
+            client = await ccf.client("mccf")
             ledger.clear_requests()
             with pytest.raises(CCFTrustError):
-                await client.get("/gov/service/info")
+                await client.service_info()
             assert ledger.requests() == []
         finally:
-            await client.aclose()
+            await ccf.aclose()
     finally:
         await runner.cleanup()
 
@@ -86,6 +89,7 @@ async def test_an_untrusted_identity_endpoint_is_an_error(ledger: SandboxProcess
     try:
         # No identity_ca_bundle: the system CAs do not know the test CA.
         with pytest.raises(CCFUnavailableError, match="cannot fetch the service identity"):
-            await CCFClient.open(ServiceConfig(name="mccf", url=ledger.url, identity_url=url, connect_timeout=2))
+            await CCFConnections({"mccf": ServiceConfig(name="mccf", url=ledger.url, identity_url=url,
+                                                        connect_timeout=2)}).client("mccf")  # fmt: skip
     finally:
         await runner.cleanup()

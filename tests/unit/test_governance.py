@@ -11,20 +11,9 @@ from signing_agent.cose.governance import (
     MAX_CREATED_AT,
     GovernanceRequest,
     MsgType,
-    member_id,
     summarise_payload,
 )
 from signing_agent.errors import InvalidRequestError
-from tests.support.pki import make_member
-
-
-def test_member_id_is_sha256_of_the_der_in_lowercase_hex() -> None:
-    member = make_member()
-    from cryptography.hazmat.primitives import serialization
-
-    der = member.cert.public_bytes(serialization.Encoding.DER)
-    assert member_id(der) == hashlib.sha256(der).hexdigest() == member.member_id
-    assert member_id(der) == member_id(der).lower()
 
 
 @pytest.mark.parametrize("msg_type", [MsgType.BALLOT, MsgType.WITHDRAWAL])

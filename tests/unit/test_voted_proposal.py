@@ -1,64 +1,46 @@
 """What the governance layer hands the policy about the proposal a ballot votes on, from each kind of CCF answer.
 
-A fake CCF client stands in for the service: the real one, against the sandbox, is in tests/e2e/test_ballot_policy.py.
+An in-memory CCF (tests/support/fake_ccf.py) stands in for the service: the real one, against the sandbox, is in
+tests/e2e/test_ballot_policy.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from signing_agent.ccf.client import CCFClient, CCFResponse
-from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFUnavailableError, UnknownServiceError
 from signing_agent.governance import GovernanceService
 from signing_agent.service import SigningService, VotedProposal
+from tests.support.fake_ccf import FakeCCF, FakeService
 
 PID = "b" * 64
 
 
-class FakeCCF:
-    """Answers every GET with ``answer`` (or raises it), and remembers the paths asked for."""
-
-    def __init__(self, answer: CCFResponse | Exception) -> None:
-        self.answer = answer
-        self.paths: list[str] = []
-
-    async def get(self, path: str, **_: Any) -> CCFResponse:
-        self.paths.append(path)
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
-
-
-def answer(status: int, raw: bytes, body: Any = None) -> CCFResponse:
-    return CCFResponse(
-        status=status, body=body if body is not None else raw, raw=raw, content_type="", transaction_id=None
-    )
+async def voted(reply: tuple[int, object] | Exception) -> tuple[VotedProposal, FakeService]:
+    """What ``voted_proposal`` hands the policy when the service answers ``reply`` (status, body) for the actions."""
+    fake = FakeCCF()
+    service = fake.add("prod")
+    if isinstance(reply, Exception):
+        service.fail_next("proposal_actions", reply)
+    else:
+        service.answer_next("proposal_actions", *reply)
+    gov = GovernanceService(SigningService({}), {"prod": fake.config("prod")}, connector=fake)
+    try:
+        return await gov.voted_proposal("prod", PID), service
+    finally:
+        await gov.aclose()
 
 
-async def voted(monkeypatch: pytest.MonkeyPatch, reply: CCFResponse | Exception) -> tuple[VotedProposal, FakeCCF]:
-    fake = FakeCCF(reply)
-
-    async def open_fake(config: ServiceConfig, **_: Any) -> FakeCCF:
-        return fake
-
-    monkeypatch.setattr(CCFClient, "open", open_fake)
-    gov = GovernanceService(SigningService({}), {"prod": ServiceConfig(name="prod", url="https://ccf")})
-    return await gov.voted_proposal("prod", PID), fake
-
-
-async def test_the_actions_are_read_as_the_proposal_was_proposed(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_actions_are_read_as_the_proposal_was_proposed() -> None:
     body = b'{"actions":[{"name":"set_member","args":{}},{"name":"set_constitution","args":{}}]}'
-    got, fake = await voted(monkeypatch, answer(200, body))
+    got, service = await voted((200, body))
     assert got == VotedProposal(("set_member", "set_constitution"))
-    assert fake.paths == [f"/gov/members/proposals/{PID}/actions"]
+    assert service.calls == ["proposal_actions"]
 
 
-async def test_an_error_answer_leaves_the_actions_unknown_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_error_answer_leaves_the_actions_unknown_and_says_why() -> None:
     error = {"error": {"code": "ProposalNotFound", "message": "no"}}
-    got, _ = await voted(monkeypatch, answer(404, b"{}", error))
+    got, _ = await voted((404, error))
     assert got == VotedProposal(None, "service 'prod' answered 404 ProposalNotFound when asked for them")
 
 
@@ -73,17 +55,15 @@ async def test_an_error_answer_leaves_the_actions_unknown_and_says_why(monkeypat
         b"[]",
     ],
 )
-async def test_a_body_that_is_not_a_proposal_leaves_the_actions_unknown(
-    monkeypatch: pytest.MonkeyPatch, raw: bytes
-) -> None:
-    got, _ = await voted(monkeypatch, answer(200, raw))
+async def test_a_body_that_is_not_a_proposal_leaves_the_actions_unknown(raw: bytes) -> None:
+    got, _ = await voted((200, raw))
     assert got.actions is None
     assert got.unknown is not None
     assert got.unknown.startswith("service 'prod' answered with something that is not a proposal: ")
 
 
-async def test_no_answer_leaves_the_actions_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    got, _ = await voted(monkeypatch, CCFUnavailableError("cannot connect: refused"))
+async def test_no_answer_leaves_the_actions_unknown() -> None:
+    got, _ = await voted(CCFUnavailableError("cannot connect: refused"))
     assert got == VotedProposal(None, "service 'prod' could not be asked for them: cannot connect: refused")
 
 

@@ -1,0 +1,54 @@
+"""X.509 certificates as the agent uses them: read one from a file with an error that names the setting, its DER,
+and the SHA-256 of its DER, which is both CCF's member id and a service certificate's fingerprint (what ``openssl
+x509 -fingerprint -sha256`` prints, without the colons, in lower case).
+
+Every member id and fingerprint in the agent comes from here. Imports nothing from the package but ``errors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from signing_agent.errors import AgentError, ConfigError, IdentityError
+
+
+def der_sha256(der: bytes) -> str:
+    """The lowercase hex SHA-256 of a certificate's DER: CCF's member id, a service certificate's fingerprint."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def member_id(cert: x509.Certificate) -> str:
+    """CCF's member id of ``cert`` (and its fingerprint): the SHA-256 of its DER, lowercase hex."""
+    return der_sha256(cert.public_bytes(serialization.Encoding.DER))
+
+
+def load_certificate(data: bytes, where: str, *, error: type[AgentError] = IdentityError) -> x509.Certificate:
+    """A PEM (or DER) X.509 certificate; ``error`` naming ``where`` when ``data`` is not one."""
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise error(f"{where}: not a PEM or DER X.509 certificate") from None
+
+
+def read_certificate(path: Path, where: str, *, error: type[AgentError] = ConfigError) -> x509.Certificate:
+    """The certificate in the file ``path`` (PEM or DER), or ``error`` naming ``where`` (a setting or an option)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{where}: cannot read {path}: {exc.strerror}") from None
+    return load_certificate(data, f"{where}: {path}", error=error)
+
+
+def certificate_der(pem: bytes | str) -> bytes | None:
+    """The DER of a PEM certificate, or None when it is not one."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    except ValueError:
+        return None
+    return cert.public_bytes(serialization.Encoding.DER)

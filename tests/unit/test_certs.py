@@ -1,0 +1,43 @@
+"""The one place a member id, a fingerprint or a certificate file is computed or read."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from signing_agent.certs import certificate_der, der_sha256, load_certificate, member_id, read_certificate
+from signing_agent.errors import ConfigError, IdentityError, InvalidRequestError
+from tests.support.pki import make_member
+
+
+def test_member_id_is_sha256_of_the_der_in_lowercase_hex() -> None:
+    member = make_member()
+    der = member.cert.public_bytes(serialization.Encoding.DER)
+    assert member_id(member.cert) == hashlib.sha256(der).hexdigest() == member.member_id
+    assert member_id(member.cert) == member_id(member.cert).lower()
+    assert der_sha256(der) == member.member_id
+
+
+def test_a_certificate_is_read_as_pem_or_der(tmp_path: Path) -> None:
+    member = make_member()
+    pem, der = tmp_path / "c.pem", tmp_path / "c.der"
+    pem.write_bytes(member.cert_pem)
+    der.write_bytes(member.cert.public_bytes(serialization.Encoding.DER))
+    assert read_certificate(pem, "x") == read_certificate(der, "x") == member.cert
+    assert certificate_der(member.cert_pem) == der.read_bytes()
+    assert certificate_der(member.cert_pem.decode()) == der.read_bytes()
+    assert certificate_der(b"not a certificate") is None
+
+
+def test_errors_name_the_setting_and_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"^services\.s\.x: cannot read {tmp_path}/missing\.pem: No such file"):
+        read_certificate(tmp_path / "missing.pem", "services.s.x")
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    with pytest.raises(InvalidRequestError, match=rf"^--signing-cert: {junk}: not a PEM or DER X\.509 certificate$"):
+        read_certificate(junk, "--signing-cert", error=InvalidRequestError)
+    with pytest.raises(IdentityError, match=r"^identities\.m0\.certificate: not a PEM or DER X\.509 certificate$"):
+        load_certificate(b"\x30\x03\x02\x01\x00", "identities.m0.certificate")

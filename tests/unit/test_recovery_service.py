@@ -1,0 +1,213 @@
+"""Recovery against an in-memory CCF: the share flow (fetch, decrypt in the key store, sign, submit, remember) and the
+trust rules after a disaster recovery (adopt provisionally on the endpoint's word, approve with the member's
+fingerprint and this agent's accepting ballot).
+
+The same flows through the daemon, against the sandbox and forged services, are in tests/e2e/test_recovery*.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from signing_agent.config import RecoveryConfig
+from signing_agent.cose.governance import HEADER_MSG_TYPE
+from signing_agent.errors import CCFError, CCFTrustError, ConflictError, InvalidRequestError
+from signing_agent.recovery import RecoveryService, RecoveryWatcher
+from signing_agent.service import SigningService
+from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
+from tests.support.pki import make_member
+
+SHARE = bytes(range(44))
+PID = "d" * 64
+
+
+@dataclass
+class World(FakeWorld):
+    recovery: RecoveryService
+
+
+async def make_world(tmp_path: Path, **settings: object) -> World:
+    """``prod`` waits for recovery shares, and has one for ``m0``."""
+    base = await fake_world(tmp_path, encryption=True, state={"status": "WaitingForRecoveryShares",
+                            "recovery_count": 1}, **settings)  # fmt: skip
+    base.service.encrypted_shares[base.m0.member_id] = base.m0.encrypt_share(SHARE)
+    return World(**vars(base), recovery=RecoveryService(base.gov.signer, base.gov, RecoveryConfig()))
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = await make_world(tmp_path)
+    yield w
+    await w.gov.aclose()
+
+
+async def test_a_share_is_decrypted_in_the_key_store_signed_and_submitted(world: World) -> None:
+    result = await world.recovery.submit_share("prod", "m0")
+    assert result.submitted
+    assert (result.key.recovery_count, result.key.creation_txid) == (1, "2.1")
+    assert world.service.calls == ["service_info", "encrypted_share", "submit_recovery_share"]
+    ((_, message),) = world.service.received
+    assert message.headers[HEADER_MSG_TYPE] == "recovery_share"
+    assert json.loads(message.payload) == {"share": base64.b64encode(SHARE).decode()}
+    assert world.service.status == "Open"
+    assert result.relay.status == 200
+    assert result.relay.from_ccf
+    assert world.events() == ["received", "signed", "forwarded", "share_submitted"]
+    submitted = world.record("share_submitted")
+    assert submitted["ccf_message"] == "1/1 recovery shares successfully submitted\nEnd of recovery procedure initiated"
+    assert (submitted["submitted_count"], submitted["recovery_threshold"]) == (1, 1)
+    assert base64.b64encode(SHARE).decode() not in json.dumps(world.audit.records)
+    state = await world.recovery.store("prod").load()
+    assert state["submissions"]["m0"]["recoveryCount"] == 1
+
+
+async def test_the_watcher_submits_once_per_recovery(world: World) -> None:
+    assert (await world.recovery.submit_share("prod", "m0", unattended=True)).submitted
+    world.service.status = "WaitingForRecoveryShares"
+    again = await world.recovery.submit_share("prod", "m0", unattended=True)
+    assert again.skipped
+    assert not again.submitted
+    assert world.service.calls.count("encrypted_share") == 1
+
+
+async def test_ccf_s_refusal_is_relayed_and_audited_as_share_failed(world: World) -> None:
+    world.service.status = "Open"
+    result = await world.recovery.submit_share("prod", "m0")
+    assert not result.submitted
+    assert (result.relay.status, result.ccf_error) == (403, "ServiceNotWaitingForRecoveryShares")
+    failed = world.record("share_failed")
+    assert (failed["ccf_status"], failed["ccf_error"]) == (403, "ServiceNotWaitingForRecoveryShares")
+
+
+async def test_no_share_for_the_member_is_relayed(world: World) -> None:
+    del world.service.encrypted_shares[world.m0.member_id]
+    result = await world.recovery.submit_share("prod", "m0")
+    assert (result.relay.status, result.ccf_error) == (404, "ResourceNotFound")
+    assert world.service.received == []  # nothing decrypted, nothing signed
+    assert world.events() == ["share_failed"]
+
+
+async def test_a_share_that_is_not_base64_is_an_error_and_nothing_is_decrypted(world: World) -> None:
+    world.service.answer_next("encrypted_share", 200, {"encryptedShare": "not base64!"})
+    with pytest.raises(CCFError, match="answered an encrypted share that is not base64"):
+        await world.recovery.submit_share("prod", "m0")
+    assert world.record("share_failed")["ccf_message"] == "malformed encryptedShare"
+    assert world.service.received == []
+
+
+async def test_an_identity_without_an_encryption_key_cannot_submit(tmp_path: Path, world: World) -> None:
+    m1 = await file_identity(tmp_path, "m1")
+    world.recovery.signer = SigningService({"m1": m1.identity})
+    with pytest.raises(InvalidRequestError, match="has no encryption_key"):
+        await world.recovery.submit_share("prod", "m1")
+    assert world.service.calls == []
+
+
+async def test_no_share_goes_to_an_identity_that_is_not_the_pinned_one(world: World) -> None:
+    world.ccf.configured["prod"] = make_member("another-service").cert_pem
+    with pytest.raises(CCFTrustError):
+        await world.recovery.submit_share("prod", "m0")
+    assert world.service.calls == []
+
+
+# --- trust after a disaster recovery ---------------------------------------------------------------------------------
+
+OLD = make_member("old-service")
+NEW = make_member("new-service")
+
+
+def transition(previous: bytes, following: bytes) -> list[dict[str, object]]:
+    args = {"previous_service_identity": previous.decode(), "next_service_identity": following.decode()}
+    return [{"name": "transition_service_to_open", "args": args}]
+
+
+@pytest.fixture
+async def recovered(tmp_path: Path) -> AsyncIterator[World]:
+    """The service came back with a new identity; the configuration still pins the old one."""
+    w = await make_world(tmp_path, accept_transition_to=True)
+    w.service.identity = NEW.cert_pem
+    w.ccf.configured["prod"] = OLD.cert_pem
+    w.service.add_proposal(PID, transition(OLD.cert_pem, NEW.cert_pem))
+    yield w
+    await w.gov.aclose()
+
+
+async def test_a_new_identity_named_by_a_transition_proposal_is_trusted_for_reads_only(recovered: World) -> None:
+    assert await recovered.recovery.adopt_by_proposal("prod")
+    assert recovered.gov.ccf.provisional_identity("prod") == NEW.cert_pem
+    adopted = recovered.record("identity_adopted")
+    expected = ("provisional", NEW.member_id, PID)
+    assert (adopted["trust"], adopted["certificate_sha256"], adopted["proposal_id"]) == expected
+    assert (await recovered.recovery.service_info("prod")).status == "WaitingForRecoveryShares"
+    with pytest.raises(CCFTrustError, match=f"trusted provisionally only, after transition_service_to_open "
+                       f"proposal {PID}: no share was decrypted or sent"):  # fmt: skip
+        await recovered.recovery.submit_share("prod", "m0")
+    assert "encrypted_share" not in recovered.service.calls
+
+
+async def test_a_read_that_fails_pinned_tls_adopts_the_identity_on_the_way(recovered: World) -> None:
+    info = await recovered.recovery.service_info("prod")
+    assert info.certificate == NEW.cert_pem.decode()
+    assert recovered.gov.ccf.provisional_identity("prod") == NEW.cert_pem
+
+
+@pytest.mark.parametrize("case", ["no transition", "from an untrusted identity", "info disagrees", "withdrawn"])
+async def test_the_endpoint_s_claim_must_hold_together(recovered: World, case: str) -> None:
+    if case == "no transition":
+        recovered.service.actions[PID] = json.dumps({"actions": [{"name": "set_member"}]}).encode()
+    elif case == "from an untrusted identity":
+        recovered.service.add_proposal(PID, transition(make_member("x").cert_pem, NEW.cert_pem))
+    elif case == "info disagrees":
+        recovered.service.answer_next("service_info", 200, {"certificate": OLD.cert_pem.decode()})
+    else:
+        recovered.service.proposals[PID]["proposalState"] = "Withdrawn"
+    assert not await recovered.recovery.adopt_by_proposal("prod")
+    assert recovered.gov.ccf.provisional_identity("prod") is None
+    assert all(c.trusted_pems != (NEW.cert_pem,) or c.closed for c in recovered.ccf.connections)  # probes closed
+
+
+async def test_approval_needs_the_member_s_fingerprint(recovered: World) -> None:
+    with pytest.raises(ConflictError, match=r"presents identity [0-9a-f]{16}\.\.\., not [0-9a-f]{16}\.\.\.: no ballot"):
+        await recovered.recovery.approve_identity("prod", "m0", PID, OLD.member_id)
+    assert recovered.service.ballots == {}
+
+
+async def test_an_approved_identity_is_pinned_after_this_agent_s_accepting_ballot(recovered: World) -> None:
+    fingerprint = ":".join(NEW.member_id[i : i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints it
+    relay = await recovered.recovery.approve_identity("prod", "m0", PID, fingerprint)
+    assert relay.status == 200
+    assert relay.body["approved"] is True
+    assert relay.body["certificate_sha256"] == NEW.member_id
+    assert relay.body["ballot"]["proposalId"] == PID
+    assert recovered.service.ballots[(PID, recovered.m0.member_id)].startswith("export function vote")
+    assert recovered.gov.ccf.provisional_identity("prod") is None
+    assert (await recovered.gov.ccf.client("prod")).trusted_pems[0] == NEW.cert_pem
+    approved = recovered.record("identity_approved")
+    assert (approved["certificate_sha256"], approved["member_id"]) == (NEW.member_id, recovered.m0.member_id)
+    state = await recovered.recovery.store("prod").load()
+    assert state["approved_identity"]["sha256"] == NEW.member_id
+
+    assert (await recovered.recovery.submit_share("prod", "m0")).submitted  # shares go to it now
+
+
+async def test_an_identity_already_trusted_needs_no_approval(recovered: World) -> None:
+    recovered.ccf.configured["prod"] = NEW.cert_pem
+    with pytest.raises(ConflictError, match="is already trusted for recovery shares"):
+        await recovered.recovery.approve_identity("prod", "m0", PID, NEW.member_id)
+
+
+async def test_the_watcher_submits_when_the_service_waits_and_then_only_watches(world: World) -> None:
+    watcher = RecoveryWatcher(world.recovery, "prod", "m0")
+    await watcher.tick()
+    assert (watcher.state, watcher.service_status) == ("submitted", "WaitingForRecoveryShares")
+    assert watcher.last_submission is not None
+    assert watcher.last_submission["recoveryCount"] == 1
+    await watcher.tick()
+    assert (watcher.state, watcher.service_status) == ("watching", "Open")
+    assert world.service.calls.count("submit_recovery_share") == 1
