@@ -304,8 +304,11 @@ def run_generate_keyvault(args: argparse.Namespace, *, out: TextIO | None = None
     out, err = out or sys.stdout, err or sys.stderr
     try:
         import asyncio
+        import logging
 
         from signing_agent.backends import azure_keyvault_admin, member_cert
+
+        logging.getLogger("azure").setLevel(logging.CRITICAL)  # its failures reach the user once, in our error
 
         _require_backend_args(args, "azure-keyvault", required=("vault_url", "key_name"))
         signing = _keyvault_config(args, args.key_name)

@@ -913,7 +913,7 @@ class _KeyMaker(_AzureKey):
         """Creating under a name in use adds a version to that key: never do that to somebody's member key."""
         try:
             existing = await self._call(
-                "look for an existing key", lambda: key_client.get_key(self._cfg.key_name), priority=Priority.HIGH
+                "get key", lambda: key_client.get_key(self._cfg.key_name), priority=Priority.HIGH
             )
         except KeyNotFoundError:
             return
@@ -948,6 +948,11 @@ class _KeyMaker(_AzureKey):
             key_type=kty,
             public_key=public_key,
         )
+
+    def _auth_error(self, exc: ClientAuthenticationError, what: str) -> BackendError:
+        error = super()._auth_error(exc, what)
+        error.hint = (error.hint or "") + "; to create keys it needs keys/create too ('Key Vault Crypto Officer')"
+        return error
 
     def _rejected(self, status: int, detail: str, what: str) -> BackendError:
         if what != "create key":
