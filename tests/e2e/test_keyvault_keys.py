@@ -10,8 +10,11 @@ decrypts a recovery share with the RSA key the vault made.
 Credentials: client secret, client certificate and workload identity (a federated token file), directly and through
 ``default`` (``DefaultAzureCredential`` reading the environment), each getting its tokens from the Entra ID double at
 ``AZURE_AUTHORITY_HOST``, which checks the secret, the certificate's assertion signature and the federated token's
-issuer signature, subject and lifetime. Each kind runs through ``keys generate`` (the CLI's flags) and then
-``check-config`` (the printed configuration); each kind's refusal is shown too, with no secret in the error.
+issuer signature, subject and lifetime; ``azure-cli`` through an ``az`` logged in as a service principal
+(``tests/support/az_cli.py``) that gets its token from the same double. Managed identity is the vault double's own
+endpoint (the daemon test below, and ``test_keyvault_e2e.py``). Each kind runs through ``keys generate`` (the CLI's
+flags) and then ``check-config`` (the printed configuration); each kind's refusal is shown too, with no secret in the
+error.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from signing_agent.sandbox.identity import ServiceIdentity
 from tests.doubles.entra_id import FederatedIssuer, new_client_id, new_secret
 from tests.doubles.keyvault import OTHER_AZURE_ENV, TENANT_ID
 from tests.support.agent import cli_env, daemon, short_dir
+from tests.support.az_cli import calls as az_calls
+from tests.support.az_cli import install_az, path_with
 from tests.support.keyvault_proc import KeyVaultProcess, keyvault
 from tests.support.pki import make_rsa_key, pem_private, self_signed_cert
 from tests.support.sandbox_client import YES
@@ -378,12 +383,23 @@ def workload_identity(
     return Credential(flags, env, client_id, "federated", token)
 
 
+def azure_cli(vault: KeyVaultProcess, folder: Path, *, logged_in: bool = True) -> Credential:
+    """The Azure CLI logged in as a service principal (``tests.support.az_cli``), which gets the tokens."""
+    client_id, secret = new_client_id(), new_secret()
+    vault.register_app(client_id, {"secret": secret})
+    az = install_az(folder / "az", authority=vault.authority_host, tenant=TENANT_ID, client_id=client_id,
+                    secret=secret, ca_bundle=vault.ca_bundle, logged_in=logged_in)  # fmt: skip
+    flags = ["--credential", "azure-cli", "--tenant-id", TENANT_ID]
+    return Credential(flags, azure_env(PATH=path_with(az)), client_id, "client_secret", secret)
+
+
 KINDS = {
     "client-secret": lambda v, f: client_secret(v, f),
     "client-certificate": lambda v, f: client_certificate(v, f),
     "workload-identity": lambda v, f: workload_identity(v, f),
     "default-environment-secret": lambda v, f: client_secret(v, f, via_default=True),
     "default-workload-identity": lambda v, f: workload_identity(v, f, via_default=True),
+    "azure-cli": lambda v, f: azure_cli(v, f),
 }
 
 
@@ -407,6 +423,10 @@ def test_each_credential_kind_gets_real_tokens_for_keys_generate_and_for_the_age
     assert len(grants) >= 2  # one per process: keys generate and check-config
     assert {(g["method"], g["ok"]) for g in grants} == {(cred.method, True)}
     assert {g["scope"] for g in grants} == {"https://0.0.1:" + vault.vault_url.rsplit(":", 1)[1] + "/.default"}
+    if kind == "azure-cli":  # the agent asked the CLI for the vault's resource in the configured tenant
+        resource = "https://0.0.1:" + vault.vault_url.rsplit(":", 1)[1]
+        expected = ["account", "get-access-token", "--output", "json", "--resource", resource, "--tenant", TENANT_ID]
+        assert az_calls(workdir / "az")[:2] == [expected, expected]
 
 
 REFUSALS = {
@@ -419,6 +439,7 @@ REFUSALS = {
     ),
     "workload-identity-expired": (lambda v, f: workload_identity(v, f, lifetime=-3600), "AADSTS700024"),
     "workload-identity-forged": (lambda v, f: workload_identity(v, f, forged=True), "AADSTS50013"),
+    "azure-cli-logged-out": (lambda v, f: azure_cli(v, f, logged_in=False), "Please run 'az login'"),
 }
 
 
@@ -441,6 +462,7 @@ def test_each_credential_kind_is_refused_when_its_proof_is_wrong(
         for form in (cred.secret, base64.b64encode(cred.secret.encode()).decode()):
             assert form not in result.stderr
             assert form not in result.stdout
-    assert [(g["ok"], g["error"]) for g in grants_for(vault, cred.client_id)] == [(False, code)]
+    expected = [] if kind == "azure-cli-logged-out" else [(False, code)]
+    assert [(g["ok"], g["error"]) for g in grants_for(vault, cred.client_id)] == expected
     assert len(vault.created()) == before
     assert not (workdir / "never_cert.pem").exists()
