@@ -90,6 +90,16 @@ class Grant:
     scope: str
 
 
+@dataclass(frozen=True)
+class Jwt:
+    """A compact JWS, split: what a checker needs to verify it."""
+
+    header: dict[str, Any]
+    payload: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
 class TokenError(Exception):
     """Answered as Entra ID's error JSON."""
 
@@ -219,12 +229,11 @@ class EntraIdDouble:
             )
         if data.get("client_assertion_type") != JWT_BEARER:
             raise TokenError(400, "invalid_request", 90014, "client_assertion_type is missing or wrong.")
-        header, payload, signing_input, signature = _parse_jwt(assertion)
-        if app.federated is not None and payload.get("iss") == app.federated.issuer:
-            _check_federated(app.federated, header, payload, signing_input, signature)
+        jwt = _parse_jwt(assertion)
+        if app.federated is not None and jwt.payload.get("iss") == app.federated.issuer:
+            _check_federated(app.federated, jwt)
             return "federated"
-        audience = self.token_url(tenant)
-        _check_certificate_assertion(app, audience, header, payload, signing_input, signature)
+        _check_certificate_assertion(app, self.token_url(tenant), jwt)
         return "client_certificate"
 
     async def _ctl_register(self, request: web.Request) -> web.Response:
@@ -259,7 +268,7 @@ def _error(exc: TokenError) -> web.Response:
     )
 
 
-def _parse_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+def _parse_jwt(token: str) -> Jwt:
     parts = token.split(".")
     try:
         header, payload = (json.loads(_b64url_decode(p)) for p in parts[:2])
@@ -268,7 +277,7 @@ def _parse_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
         raise TokenError(400, "invalid_client", 50027, f"JWT token is invalid or malformed ({exc}).") from None
     if len(parts) != 3 or not isinstance(header, dict) or not isinstance(payload, dict):
         raise TokenError(400, "invalid_client", 50027, "JWT token is invalid or malformed.")
-    return header, payload, f"{parts[0]}.{parts[1]}".encode(), signature
+    return Jwt(header, payload, f"{parts[0]}.{parts[1]}".encode(), signature)
 
 
 def _check_times(payload: dict[str, Any]) -> None:
@@ -280,14 +289,8 @@ def _check_times(payload: dict[str, Any]) -> None:
         raise TokenError(400, "invalid_client", 700024, "Client assertion is not within its valid time range.")
 
 
-def _check_certificate_assertion(
-    app: AppRegistration,
-    audience: str,
-    header: dict[str, Any],
-    payload: dict[str, Any],
-    signing_input: bytes,
-    signature: bytes,
-) -> None:
+def _check_certificate_assertion(app: AppRegistration, audience: str, jwt: Jwt) -> None:
+    header, payload = jwt.header, jwt.payload
     cert = app.certificate
     if cert is None:
         raise TokenError(401, "invalid_client", 700027, f"No certificate is registered on app '{app.client_id}'.")
@@ -315,7 +318,7 @@ def _check_certificate_assertion(
     else:
         raise TokenError(401, "invalid_client", 700027, f"Unsupported assertion algorithm {header.get('alg')!r}.")
     try:
-        key.verify(signature, signing_input, pad, hashes.SHA256())
+        key.verify(jwt.signature, jwt.signing_input, pad, hashes.SHA256())
     except InvalidSignature:
         raise TokenError(401, "invalid_client", 700027, "Client assertion contains an invalid signature.") from None
     if payload.get("aud") != audience:
@@ -329,17 +332,12 @@ def _check_certificate_assertion(
     _check_times(payload)
 
 
-def _check_federated(
-    fed: FederatedCredential,
-    header: dict[str, Any],
-    payload: dict[str, Any],
-    signing_input: bytes,
-    signature: bytes,
-) -> None:
+def _check_federated(fed: FederatedCredential, jwt: Jwt) -> None:
+    header, payload = jwt.header, jwt.payload
     if header.get("alg") != "RS256":
         raise TokenError(400, "invalid_client", 50013, f"Unsupported federated token algorithm {header.get('alg')!r}.")
     try:
-        fed.issuer_key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+        fed.issuer_key.verify(jwt.signature, jwt.signing_input, padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature:
         raise TokenError(400, "invalid_client", 50013, "Assertion failed signature validation.") from None
     audiences = payload.get("aud")

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,7 +393,14 @@ def azure_cli(vault: KeyVaultProcess, folder: Path, *, logged_in: bool = True) -
     return Credential(flags, azure_env(PATH=path_with(az)), client_id, "client_secret", secret)
 
 
-KINDS = {
+def prepared(
+    vault: KeyVaultProcess, workdir: Path, make: Callable[[KeyVaultProcess, Path], Credential]
+) -> tuple[Path, Credential]:
+    workdir.mkdir()
+    return workdir, make(vault, workdir)
+
+
+KINDS: dict[str, Callable[[KeyVaultProcess, Path], Credential]] = {
     "client-secret": lambda v, f: client_secret(v, f),
     "client-certificate": lambda v, f: client_certificate(v, f),
     "workload-identity": lambda v, f: workload_identity(v, f),
@@ -407,9 +414,7 @@ KINDS = {
 def test_each_credential_kind_gets_real_tokens_for_keys_generate_and_for_the_agent(
     vault: KeyVaultProcess, folder: Path, kind: str
 ) -> None:
-    workdir = folder / f"cred-{kind}"
-    workdir.mkdir()
-    cred = KINDS[kind](vault, workdir)
+    workdir, cred = prepared(vault, folder / f"cred-{kind}", KINDS[kind])
     name = kind.replace("-", "")
     result = generate(vault, workdir, name, cred.env, *cred.flags)
     text = snippet(result)
@@ -429,7 +434,7 @@ def test_each_credential_kind_gets_real_tokens_for_keys_generate_and_for_the_age
         assert az_calls(workdir / "az")[:2] == [expected, expected]
 
 
-REFUSALS = {
+REFUSALS: dict[str, tuple[Callable[[KeyVaultProcess, Path], Credential], str]] = {
     "client-secret-wrong": (lambda v, f: client_secret(v, f, registered=False), "AADSTS7000215"),
     "client-certificate-unregistered": (lambda v, f: client_certificate(v, f, registered=False), "AADSTS700027"),
     "client-certificate-wrong-key": (lambda v, f: client_certificate(v, f, wrong_key=True), "AADSTS700027"),
@@ -447,10 +452,8 @@ REFUSALS = {
 def test_each_credential_kind_is_refused_when_its_proof_is_wrong(
     vault: KeyVaultProcess, folder: Path, kind: str
 ) -> None:
-    workdir = folder / f"refused-{kind}"
-    workdir.mkdir()
     make, code = REFUSALS[kind]
-    cred = make(vault, workdir)
+    workdir, cred = prepared(vault, folder / f"refused-{kind}", make)
     before = len(vault.created())
     result = generate(vault, workdir, "never", cred.env, *cred.flags)
     assert result.returncode == 1
