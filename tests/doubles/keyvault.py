@@ -281,6 +281,8 @@ class KeyVaultDouble:
         """Soft-deleted keys: their names cannot be reused until purged (409 on create)."""
         self.created: list[dict[str, Any]] = []
         """Every ``create`` request body, with the key's name under ``name``."""
+        self.downgrade_hsm = False
+        """Misbehave: make a software key when asked for an HSM one (a client must notice)."""
         self.requests: list[RequestRecord] = []
         self.operations: collections.Counter[str] = collections.Counter()
         """Authenticated requests per op (what Key Vault bills and throttles)."""
@@ -524,7 +526,7 @@ class KeyVaultDouble:
             name,
             kind,
             key_ops=list(key_ops) if key_ops is not None else sorted(allowed_ops),
-            hsm=hsm,
+            hsm=hsm and not self.downgrade_hsm,
             enabled=bool(attributes.get("enabled", True)),
         )
         return web.json_response(kv.bundle(self.base_url))
