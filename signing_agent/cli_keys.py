@@ -22,36 +22,64 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.certs import read_certificate
 from signing_agent.cli_exit import Exit, report
+from signing_agent.config import AZURE_CREDENTIALS
 from signing_agent.errors import AgentError, ConfigError, IdentityError
 
 if TYPE_CHECKING:
     from signing_agent.backends.pkcs11_admin import TokenTarget
+    from signing_agent.config import AzureKeyVaultKeyConfig
 
 EXIT_OK = Exit.OK
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``keys`` command with ``generate``, ``import`` and ``list`` subcommands."""
-    keys = subparsers.add_parser("keys", help="generate, import and list member keys in a PKCS#11 token")
+    keys = subparsers.add_parser(
+        "keys", help="generate, import and list member keys in a PKCS#11 token (generate: also in Azure Key Vault)"
+    )
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{generate,import,list}")
 
-    def token_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--module", required=True, help="path of the PKCS#11 module (.so)")
+    def token_args(p: argparse.ArgumentParser, *, module_required: bool = True) -> None:
+        p.add_argument("--module", required=module_required, help="path of the PKCS#11 module (.so)")
         p.add_argument("--token-label", help="label of the token (required when the module has several)")
         pin = p.add_mutually_exclusive_group()
         pin.add_argument("--pin-file", type=Path, help="file holding the user PIN (mode 0600)")
         pin.add_argument("--pin-env", metavar="VAR", help="environment variable holding the user PIN")
         p.add_argument("--init-params", help="module init parameters (NSS softoken: \"configdir='sql:DIR' ...\")")
 
-    gen = sub.add_parser("generate", help="create a member key pair in the token and its self-signed certificate")
-    token_args(gen)
-    gen.add_argument("--label", required=True, help="label of the new key (also the certificate CN by default)")
-    gen.add_argument("--id", help="CKA_ID of the new key, hex (default: random 8 bytes)")
+    gen = sub.add_parser(
+        "generate",
+        help="create a member key pair in a token or a vault, and its self-signed certificate",
+        description="Create a member key pair where it will live (a PKCS#11 token, or Azure Key Vault / Managed "
+        "HSM with --backend azure-keyvault), its self-signed member certificate signed there, and print the "
+        "configuration that uses them.",
+    )
+    gen.add_argument("--backend", choices=("pkcs11", "azure-keyvault"), default="pkcs11")
+    token_args(gen, module_required=False)
+    gen.add_argument("--label", help="pkcs11: label of the new key (also the certificate CN by default)")
+    gen.add_argument("--id", help="pkcs11: CKA_ID of the new key, hex (default: random 8 bytes)")
     gen.add_argument("--curve", choices=("P-256", "P-384", "P-521"), default="P-384")
-    gen.add_argument("--common-name", help="certificate CN (default: the label)")
-    gen.add_argument("--cert-out", type=Path, help="where to write the certificate (default: <label>_cert.pem)")
-    gen.add_argument("--encryption-key", action="store_true", help="also create an RSA-2048 encryption key")
-    gen.add_argument("--enc-pub-out", type=Path, help="encryption public key PEM (default: <label>_enc_pubk.pem)")
+    gen.add_argument("--common-name", help="certificate CN (default: the label or key name)")
+    gen.add_argument("--cert-out", type=Path, help="where to write the certificate (default: <name>_cert.pem)")
+    gen.add_argument("--encryption-key", action="store_true", help="also create an RSA encryption key")
+    gen.add_argument("--rsa-bits", type=int, choices=(2048, 3072, 4096),
+                     help="size of the encryption key (default: 2048 in a token, 3072 in a vault)")  # fmt: skip
+    gen.add_argument("--enc-pub-out", type=Path, help="encryption public key PEM (default: <name>_enc_pubk.pem)")
+    kv = gen.add_argument_group("azure-keyvault")
+    kv.add_argument("--vault-url", help="https://<name>.vault.azure.net or https://<name>.managedhsm.azure.net")
+    kv.add_argument("--key-name", help="name of the new member key (must not exist in the vault)")
+    kv.add_argument("--encryption-key-name", help="name of the new encryption key (default: <key-name>-enc)")
+    kv.add_argument("--protection", choices=("hsm", "software"),
+                    help="hsm (default): EC-HSM/RSA-HSM, on Managed HSM and Premium vaults; software: a Standard "
+                    "vault's software-protected keys")  # fmt: skip
+    kv.add_argument("--credential", choices=AZURE_CREDENTIALS,
+                    help="how to authenticate, as the config's credential (default: default)")  # fmt: skip
+    kv.add_argument("--client-id", help="the app or user-assigned identity's client id")
+    kv.add_argument("--tenant-id", help="the tenant of the app (client-secret, client-certificate, workload-identity)")
+    kv.add_argument("--client-secret-env", metavar="VAR", help="client-secret: variable holding the secret")
+    kv.add_argument("--client-certificate", type=Path, help="client-certificate: PEM with the app's key and cert")
+    kv.add_argument("--ca-bundle", type=Path, help="extra CA certificates (PEM) to trust for the vault")
+    kv.add_argument("--api-version", help="Key Vault REST API version (default: the SDK's)")
     gen.set_defaults(func=run_generate)
 
     imp = sub.add_parser("import", help="move an existing PEM member key (and encryption key) into the token")
@@ -149,10 +177,13 @@ def _config_name(label: str) -> str:
 
 def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``keys generate``: EC key pair + self-signed member certificate (+ optional RSA encryption key)."""
+    if args.backend == "azure-keyvault":
+        return run_generate_keyvault(args, out=out, err=err)
     out, err = out or sys.stdout, err or sys.stderr
     try:
         from signing_agent.backends import pkcs11_admin
 
+        _require_backend_args(args, "pkcs11", required=("module", "label"))
         target = _target(args)
         key_id = _key_id(args.id)
         cert_out = args.cert_out or Path(f"{args.label}_cert.pem")
@@ -178,7 +209,7 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
         print(f"wrote the member certificate to {cert_out}", file=out)
         enc_label = enc_id = None
         if args.encryption_key:
-            enc = pkcs11_admin.generate_rsa_key(target, label=f"{args.label}-enc")
+            enc = pkcs11_admin.generate_rsa_key(target, label=f"{args.label}-enc", bits=args.rsa_bits or 2048)
             if not isinstance(enc.public_key, rsa.RSAPublicKey):  # pragma: no cover -- generate_rsa_key made it
                 raise IdentityError("the generated encryption key is not RSA")
             pem = enc.public_key.public_bytes(
@@ -187,7 +218,8 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
             _write_new(enc_out, pem)
             enc_label, enc_id = enc.label, enc.key_id
             print(
-                f"created RSA-2048 encryption key {enc.label!r} id {enc.key_id.hex()}, public key {enc_out}",
+                f"created RSA-{enc.public_key.key_size} encryption key {enc.label!r} id {enc.key_id.hex()}, "
+                f"public key {enc_out}",
                 file=out,
             )
         print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
@@ -203,6 +235,122 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
             enc_id=enc_id,
         )
         print(snippet, file=out)
+    except AgentError as exc:
+        return _fail(exc, args, err)
+    return EXIT_OK
+
+
+_BACKEND_ARGS: dict[str, tuple[str, ...]] = {
+    "pkcs11": ("module", "token_label", "pin_file", "pin_env", "init_params", "label", "id"),
+    "azure-keyvault": (
+        "vault_url", "key_name", "encryption_key_name", "protection", "credential", "client_id", "tenant_id",
+        "client_secret_env", "client_certificate", "ca_bundle", "api_version",
+    ),
+}  # fmt: skip
+
+
+def _require_backend_args(args: argparse.Namespace, backend: str, *, required: tuple[str, ...]) -> None:
+    """Options of the other backend are a mistake (which key store did the user mean?); this one's must be there."""
+    for other, names in _BACKEND_ARGS.items():
+        given = [n for n in names if other != backend and getattr(args, n, None) is not None]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise ConfigError(f"{flags}: for --backend {other}, not --backend {backend}")
+    missing = [n for n in required if getattr(args, n, None) is None]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise ConfigError(f"--backend {backend} needs {flags}")
+
+
+def _keyvault_config(args: argparse.Namespace, key_name: str) -> AzureKeyVaultKeyConfig:
+    """The key's configuration as the agent will read it (credential options as the config names them)."""
+    from urllib.parse import urlsplit
+
+    from signing_agent.config import AzureKeyVaultKeyConfig
+
+    url = urlsplit(str(args.vault_url))
+    if url.scheme != "https" or not url.hostname or url.path not in ("", "/") or url.query:
+        raise ConfigError(f"--vault-url {args.vault_url!r}: expected https://<name>.vault.azure.net (no path)")
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None else path.absolute()
+
+    return AzureKeyVaultKeyConfig(
+        vault_url=str(args.vault_url).rstrip("/"),
+        key_name=key_name,
+        credential=args.credential or "default",
+        client_id=args.client_id,
+        tenant_id=args.tenant_id,
+        client_secret_env=args.client_secret_env,
+        client_certificate=absolute(args.client_certificate),
+        ca_bundle=absolute(args.ca_bundle),
+        api_version=args.api_version,
+    )
+
+
+def _keyvault_table(cfg: AzureKeyVaultKeyConfig) -> list[str]:
+    lines = ['backend = "azure-keyvault"', f"vault_url = {_q(cfg.vault_url)}", f"key_name = {_q(cfg.key_name)}"]
+    lines += [f"key_version = {_q(cfg.key_version)}", f"credential = {_q(cfg.credential)}"]
+    for name in ("client_id", "tenant_id", "client_secret_env", "client_certificate", "ca_bundle", "api_version"):
+        value = getattr(cfg, name)
+        if value is not None:
+            lines.append(f"{name} = {_q(value)}")
+    return lines
+
+
+def run_generate_keyvault(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``keys generate --backend azure-keyvault``: the vault makes the keys and signs the member certificate."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        import asyncio
+        import logging
+
+        from signing_agent.backends import azure_keyvault_admin, member_cert
+
+        logging.getLogger("azure").setLevel(logging.CRITICAL)  # its failures reach the user once, in our error
+
+        _require_backend_args(args, "azure-keyvault", required=("vault_url", "key_name"))
+        signing = _keyvault_config(args, args.key_name)
+        encryption = None
+        if args.encryption_key:
+            encryption = _keyvault_config(args, args.encryption_key_name or f"{args.key_name}-enc")
+        elif args.encryption_key_name is not None or args.enc_pub_out is not None:
+            raise ConfigError("--encryption-key-name and --enc-pub-out go with --encryption-key")
+        cert_out = args.cert_out or Path(f"{args.key_name}_cert.pem")
+        enc_out = args.enc_pub_out or Path(f"{args.key_name}_enc_pubk.pem")
+        for path in (cert_out, *((enc_out,) if encryption is not None else ())):
+            if path.exists():
+                raise ConfigError(f"{path} already exists; refusing to overwrite it")
+        name = _config_name(args.key_name)
+        made = asyncio.run(
+            azure_keyvault_admin.generate_member(
+                signing,
+                name=name,
+                curve=args.curve,
+                common_name=args.common_name or args.key_name,
+                hsm=args.protection != "software",
+                encryption=encryption,
+                rsa_bits=args.rsa_bits or 3072,
+            )
+        )
+        _write_new(cert_out, made.certificate.public_bytes(serialization.Encoding.PEM))
+        key = made.signing
+        print(f"created {key.key_type} {args.curve} key {key.kid} (not exportable; sign, verify)", file=out)
+        print(f"wrote the member certificate, signed in the vault, to {cert_out}", file=out)
+        lines = [f"[identities.{name}]", f"certificate = {_q(cert_out.absolute())}", ""]
+        lines += [f"[identities.{name}.signing_key]", *_keyvault_table(key.config)]
+        if made.encryption is not None:
+            enc = made.encryption
+            pem = enc.public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            _write_new(enc_out, pem)
+            print(f"created {enc.key_type} {args.rsa_bits or 3072} encryption key {enc.kid} (not exportable; "
+                  f"decrypt, unwrapKey), which decrypted a test message; public key {enc_out}", file=out)  # fmt: skip
+            lines += ["", f"[identities.{name}.encryption_key]", *_keyvault_table(enc.config)]
+        print(f"member id: {member_cert.member_id(made.certificate)}", file=out)
+        print("\nconfiguration to paste:\n", file=out)
+        print("\n".join(lines), file=out)
     except AgentError as exc:
         return _fail(exc, args, err)
     return EXIT_OK

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import re
@@ -102,7 +103,12 @@ __all__ = [
     "AzureKeyVaultRegistry",
     "AzureKeyVaultSettings",
     "AzureKeyVaultSigningKey",
+    "CreatedKey",
+    "NewKey",
     "ThrottleSettings",
+    "check_new_key",
+    "create_key",
+    "is_managed_hsm",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -470,16 +476,21 @@ class _AzureKey:
                 self._info = await self._load()
             return self._info
 
-    async def _load(self) -> KeyInfo:
+    async def _key_client(self) -> tuple[KeyClient, AsyncTokenCredential, ssl.SSLContext]:
+        """A ``KeyClient`` for the key's vault (close it), with the credential and TLS context it uses."""
         cfg = self._cfg
         credential = await self._registry._credential(cfg, self._where)
         ctx = await self._registry._ssl_context(cfg.ca_bundle)
         kwargs = self._client_kwargs(ctx)
         try:
-            key_client = KeyClient(cfg.vault_url, credential, **kwargs)
+            return KeyClient(cfg.vault_url, credential, **kwargs), credential, ctx
         except NotImplementedError as exc:  # the SDK's answer to an unknown api_version
             await kwargs["transport"].close()
             raise ConfigError(f"{self._where}.api_version: {exc}") from None
+
+    async def _load(self) -> KeyInfo:
+        cfg = self._cfg
+        key_client, credential, ctx = await self._key_client()
         try:
             version = cfg.key_version or None
             key = await self._call("get key", lambda: key_client.get_key(cfg.key_name, version), priority=Priority.HIGH)
@@ -789,3 +800,188 @@ class AzureKeyVaultDecryptionKey(_AzureKey):
             "decrypt", lambda: crypto.decrypt(EncryptionAlgorithm.rsa_oaep_256, ciphertext), priority=priority
         )
         return bytes(result.plaintext)
+
+
+# ----- creating keys (``signing-agent keys generate --backend azure-keyvault``) -----
+
+_KEY_NAME = re.compile(r"[0-9A-Za-z-]{1,127}")
+_CREATED_OPS: dict[str, list[str]] = {"sign": ["sign", "verify"], "decrypt": ["decrypt", "unwrapKey"]}
+"""What a created key may do in the vault: the agent signs with the member key and decrypts (or unwraps) with the
+encryption key; public operations run locally anyway."""
+
+
+def is_managed_hsm(vault_url: str) -> bool:
+    """True for a Managed HSM (``https://<name>.managedhsm.azure.net`` and its sovereign-cloud twins), which
+    makes HSM keys only."""
+    host = urlsplit(vault_url).hostname or ""
+    return host.split(".")[1:2] == ["managedhsm"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewKey:
+    """A key for the vault to make: an EC member key (``sign``) or an RSA encryption key (``decrypt``)."""
+
+    purpose: Literal["sign", "decrypt"]
+    curve: str = "P-384"
+    """For ``sign``: P-256, P-384 or P-521 (the curve chooses ES256/ES384/ES512)."""
+    rsa_bits: int = 3072
+    """For ``decrypt``: 2048, 3072 or 4096."""
+    hsm: bool = True
+    """``EC-HSM``/``RSA-HSM``: Managed HSM and Premium vaults; a Standard vault makes software keys only."""
+
+    @property
+    def key_type(self) -> str:
+        return ("EC" if self.purpose == "sign" else "RSA") + ("-HSM" if self.hsm else "")
+
+    @property
+    def description(self) -> str:
+        return f"{self.key_type} {self.curve if self.purpose == 'sign' else self.rsa_bits}"
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    """A key the vault made: the config that uses it (pinned to the new version) and its public key."""
+
+    config: AzureKeyVaultKeyConfig
+    kid: str
+    key_type: str
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+async def create_key(
+    registry: AzureKeyVaultRegistry, cfg: AzureKeyVaultKeyConfig, new: NewKey, *, where: str
+) -> CreatedKey:
+    """Have the vault make a non-exportable key named ``cfg.key_name``; refuse a name that already has a key.
+
+    The private key is generated in the vault (in its HSM for ``new.hsm``) and never leaves it. ``where`` names the
+    key in errors (like a config path).
+    """
+    maker = _KeyMaker(registry, cfg, new, name=where)
+    try:
+        return await maker.create()
+    finally:
+        await maker.aclose()
+
+
+async def check_new_key(
+    registry: AzureKeyVaultRegistry, cfg: AzureKeyVaultKeyConfig, new: NewKey, *, where: str
+) -> None:
+    """Refuse before anything is made what ``create_key`` would refuse: a bad name, a software key on a Managed
+    HSM, a name that already has a key (so that a run making two keys fails before the first)."""
+    maker = _KeyMaker(registry, cfg, new, name=where)
+    try:
+        key_client, _, _ = await maker._key_client()
+        try:
+            await maker._refuse_existing(key_client)
+        finally:
+            await key_client.close()
+    finally:
+        await maker.aclose()
+
+
+class _KeyMaker(_AzureKey):
+    """Creates one key, with the key's error mapping and throttle, and **one attempt** per request: a create whose
+    answer was lost may still have made the key, and a second create would make a second version."""
+
+    def __init__(self, registry: AzureKeyVaultRegistry, cfg: AzureKeyVaultKeyConfig, new: NewKey, *, name: str) -> None:
+        if not _KEY_NAME.fullmatch(cfg.key_name):
+            raise ConfigError(f"{name}: {cfg.key_name!r} is not a Key Vault key name (1-127 letters, digits and '-')")
+        if not new.hsm and is_managed_hsm(cfg.vault_url):
+            raise ConfigError(f"{name}: a Managed HSM makes HSM keys only; drop the software protection")
+        super().__init__(registry, cfg, name=name)
+        self._purpose = new.purpose
+        self._new = new
+        self._settings = dataclasses.replace(registry.settings, max_attempts=1)
+
+    async def create(self) -> CreatedKey:
+        cfg, new = self._cfg, self._new
+        key_client, _, _ = await self._key_client()
+        try:
+            await self._refuse_existing(key_client)
+            ops = _CREATED_OPS[new.purpose]
+            try:
+                if new.purpose == "sign":
+                    key = await self._call("create key", lambda: key_client.create_ec_key(
+                        cfg.key_name, curve=new.curve, key_operations=ops, hardware_protected=new.hsm,
+                        exportable=False), priority=Priority.HIGH)  # fmt: skip
+                else:
+                    key = await self._call("create key", lambda: key_client.create_rsa_key(
+                        cfg.key_name, size=new.rsa_bits, key_operations=ops, hardware_protected=new.hsm,
+                        exportable=False), priority=Priority.HIGH)  # fmt: skip
+            except BackendUnavailableError as exc:
+                raise BackendUnavailableError(
+                    exc.message,
+                    hint=f"the vault may have made the key anyway: look for key {cfg.key_name!r} in the vault "
+                    "(az keyvault key list-versions) before trying again",
+                ) from None
+        finally:
+            await key_client.close()
+        return self._checked(key)
+
+    async def _refuse_existing(self, key_client: KeyClient) -> None:
+        """Creating under a name in use adds a version to that key: never do that to somebody's member key."""
+        try:
+            existing = await self._call(
+                "get key", lambda: key_client.get_key(self._cfg.key_name), priority=Priority.HIGH
+            )
+        except KeyNotFoundError:
+            return
+        raise ConfigError(
+            f"{self._where}: {self._cfg.vault_url} already has a key named {self._cfg.key_name!r} ({existing.id})",
+            hint="choose another key name; signing-agent never adds a version to an existing key",
+        )
+
+    def _checked(self, key: KeyVaultKey) -> CreatedKey:
+        """What the vault made is what was asked for (some tools silently got a software key for an HSM one)."""
+        new = self._new
+        public_key = _public_key_from_jwk(key)
+        kty = _jwk_text(key.key, "kty")
+        problems = []
+        if kty != new.key_type:
+            problems.append(f"key type {kty}, not {new.key_type}")
+        if isinstance(public_key, ec.EllipticCurvePublicKey) and _jwk_text(key.key, "crv") != new.curve:
+            problems.append(f"curve {_jwk_text(key.key, 'crv')}, not {new.curve}")
+        if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size != new.rsa_bits:
+            problems.append(f"{public_key.key_size} bits, not {new.rsa_bits}")
+        if key.properties.exportable:
+            problems.append("an exportable private key")
+        if problems:
+            raise IdentityError(
+                f"{self._where}: the vault made key {key.id} with " + ", ".join(problems),
+                hint="do not use it; delete it in the vault",
+            )
+        version = key.properties.version or ""
+        return CreatedKey(
+            config=dataclasses.replace(self._cfg, key_version=version),
+            kid=str(key.id),
+            key_type=kty,
+            public_key=public_key,
+        )
+
+    def _auth_error(self, exc: ClientAuthenticationError, what: str) -> BackendError:
+        error = super()._auth_error(exc, what)
+        error.hint = (error.hint or "") + "; to create keys it needs keys/create too ('Key Vault Crypto Officer')"
+        return error
+
+    def _rejected(self, status: int, detail: str, what: str) -> BackendError:
+        if what != "create key":
+            return super()._rejected(status, detail, what)
+        cfg = self._cfg
+        message = f"Key Vault {cfg.vault_url} refused to create key {cfg.key_name!r} ({self._new.description}): "
+        message += f"HTTP {status} {detail}"
+        if status == 403:
+            hint = (
+                f"the principal of credential {cfg.credential!r} needs keys/create and keys/get on this vault (RBAC "
+                "role 'Key Vault Crypto Officer', or an access policy; on a Managed HSM the local role 'Managed HSM "
+                "Crypto User'); also check the vault's firewall"
+            )
+        elif status == 409:
+            hint = "a deleted key still holds the name (soft delete): recover or purge it, or choose another name"
+        elif self._new.hsm and not is_managed_hsm(cfg.vault_url):
+            hint = (
+                "a Standard-tier vault makes no HSM keys: use a Premium vault or a Managed HSM, or ask for a "
+                "software-protected key (--protection software) knowingly"
+            )
+        else:
+            hint = "check the key's parameters against what the vault offers"
+        return BackendError(message, hint=hint)

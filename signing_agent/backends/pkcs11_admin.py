@@ -4,7 +4,7 @@ Owns what ``signing-agent keys`` does to a token (``cli_keys`` is only its argum
 This is synchronous code for a command-line tool, not for the daemon's event loop. Keys are created
 non-extractable and sensitive; the member certificate (what CCF's ``keygenerator.sh`` makes: ``CN=<name>``,
 self-signed with the hash that matches the curve) is assembled with asn1crypto and its TBSCertificate is
-signed **by the token**, so the private key never leaves it.
+signed **by the token** (``member_cert``), so the private key never leaves it.
 
 What standard tools expect (OpenSC's ``pkcs11-tool``, p11-kit, OpenSSL's pkcs11 provider, browsers): the
 private key, its public key object and its certificate object share one ``CKA_ID`` and carry the label asked
@@ -18,7 +18,6 @@ wrapped.
 
 from __future__ import annotations
 
-import datetime
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from signing_agent.algorithms import der_to_raw, for_curve, raw_to_der, verify_digest
-from signing_agent.backends import _p11init
+from signing_agent.algorithms import for_curve, verify_digest
+from signing_agent.backends import _p11init, member_cert
 from signing_agent.backends._p11init import PinSource, describe_error, require_pkcs11
 from signing_agent.backends.pkcs11 import find_private_key, read_public_key
 from signing_agent.certs import member_id as member_id  # re-exported: keys list/generate print it
@@ -39,8 +37,6 @@ from signing_agent.errors import AgentError, BackendError, ConfigError, Identity
 
 CURVES: dict[str, str] = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
 """Curve names on the command line -> names as ``cryptography`` and asn1crypto spell them."""
-
-_ASN1_SIG_ALGS = {"sha256": "sha256_ecdsa", "sha384": "sha384_ecdsa", "sha512": "sha512_ecdsa"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,56 +272,16 @@ def self_signed_certificate(
     target: TokenTarget, key: TokenKey, *, common_name: str, days: int = 365
 ) -> x509.Certificate:
     """A member certificate like ``keygenerator.sh`` makes (CN, self-signed, v3 CA), signed in the token."""
-    from asn1crypto import algos, keys
-    from asn1crypto import x509 as ax
-
     public = key.public_key
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise IdentityError(f"key {key.label!r} is not an EC key")
-    alg = for_curve(public.curve.name)
-    spki = keys.PublicKeyInfo.load(
-        public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return member_cert.self_signed_certificate(
+        public,
+        lambda digest: sign_digest(target, label=key.label, key_id=key.key_id, digest=digest),
+        common_name=common_name,
+        signer="the token",
+        days=days,
     )
-    name = ax.Name.build({"common_name": common_name})
-    sig_alg = algos.SignedDigestAlgorithm({"algorithm": _ASN1_SIG_ALGS[alg.hash_name]})
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    ski = spki.sha1
-    tbs = ax.TbsCertificate(
-        {
-            "version": "v3",
-            "serial_number": int.from_bytes(secrets.token_bytes(16), "big") >> 1 or 1,
-            "signature": sig_alg,
-            "issuer": name,
-            "validity": {
-                "not_before": ax.Time({"utc_time": now}),
-                "not_after": ax.Time({"utc_time": now + datetime.timedelta(days=days)}),
-            },
-            "subject": name,
-            "subject_public_key_info": spki,
-            "extensions": [
-                {"extn_id": "basic_constraints", "critical": True, "extn_value": {"ca": True}},
-                {"extn_id": "key_identifier", "critical": False, "extn_value": ski},
-                {
-                    "extn_id": "authority_key_identifier",
-                    "critical": False,
-                    "extn_value": {"key_identifier": ski},
-                },
-            ],
-        }
-    )
-    digest = alg.digest(tbs.dump())
-    raw = sign_digest(target, label=key.label, key_id=key.key_id, digest=digest)
-    signature = raw_to_der(alg, raw)
-    cert_der = ax.Certificate(
-        {"tbs_certificate": tbs, "signature_algorithm": sig_alg, "signature_value": signature}
-    ).dump()
-    cert = x509.load_der_x509_certificate(cert_der)
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (InvalidSignature, ValueError, TypeError) as exc:
-        raise IdentityError(f"the token's certificate signature does not verify: {exc}") from None
-    der_to_raw(alg, signature)  # round-trip sanity: DER re-encodes to the same width
-    return cert
 
 
 def store_certificate(target: TokenTarget, key: TokenKey, cert: x509.Certificate) -> None:

@@ -24,9 +24,17 @@ kv)``. Standalone (for a daemon running as a subprocess)::
 
     python -m tests.doubles.keyvault --port 0 --cert-out /tmp/kv-ca.pem --key m0=P-384 --key m0-enc=RSA-2048
 
-prints one JSON line (vault_url, ca_bundle, env, keys) and serves until SIGINT/SIGTERM. Unauthenticated
-control routes for such tests: ``GET /_double/requests``, ``POST /_double/faults`` (a JSON ``Fault``), ``PUT
-/_double/keys/{name}`` (PEM private key body: import as a new version), ``POST /_double/keys/{name}/rotate``.
+prints one JSON line (vault_url, ca_bundle, env, keys, authority_host) and serves until SIGINT/SIGTERM.
+Unauthenticated control routes for such tests: ``GET /_double/requests`` (also every ``create`` body), ``POST
+/_double/faults`` (a JSON ``Fault``), ``PUT /_double/keys/{name}`` (PEM private key body: import as a new version),
+``POST /_double/keys/{name}/rotate``, ``POST /_double/keys/{name}/delete`` (soft delete).
+
+Key creation (``POST /keys/{name}/create``) checks the body as the service does, including what the vault's tier
+offers (``--tier``/``tier=``: a Standard vault has no ``EC-HSM``/``RSA-HSM``, a Managed HSM only those).
+
+The other credentials (client secret, client certificate, workload identity) get their tokens from a third server,
+the Entra ID token endpoint double (``tests/doubles/entra_id.py``) at ``authority_host``: point
+``AZURE_AUTHORITY_HOST`` at it and trust the CA (``SSL_CERT_FILE`` for azure-identity's aiohttp transport).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trustme
@@ -59,6 +67,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+
+from tests.doubles.entra_id import EntraIdDouble
 
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 
@@ -78,6 +88,13 @@ _RSA_HASHES: dict[str, hashes.HashAlgorithm] = {
     "384": hashes.SHA384(),
     "512": hashes.SHA512(),
 }
+_KEY_TYPES = frozenset({"EC", "EC-HSM", "RSA", "RSA-HSM"})
+"""What the double creates (``oct``/``oct-HSM`` exist only on Managed HSM, and the agent has no use for them)."""
+_EC_KEY_OPS = frozenset({"sign", "verify"})
+_RSA_KEY_OPS = frozenset({"encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"})
+_RSA_SIZES = (2048, 3072, 4096)
+VaultTier = Literal["standard", "premium", "managedhsm"]
+"""Standard vaults make software keys only, Premium both, Managed HSM only ``-HSM`` ones."""
 _OPS = {
     "sign": "sign",
     "verify": "verify",
@@ -106,11 +123,12 @@ def _int_bytes(value: int, size: int | None = None) -> bytes:
 class VaultError(Exception):
     """Answered as Key Vault's error JSON."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, inner: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.inner = inner
 
 
 @dataclass
@@ -251,11 +269,20 @@ class KeyVaultDouble:
     """The vault: keys, crypto, challenge auth, the request log and fault injection. ``app`` is the aiohttp
     app."""
 
-    def __init__(self, tokens: ManagedIdentityEndpoint, *, tenant_id: str = TENANT_ID) -> None:
+    def __init__(
+        self, tokens: ManagedIdentityEndpoint, *, tenant_id: str = TENANT_ID, tier: VaultTier = "premium"
+    ) -> None:
         self.token_endpoint = tokens
         self.tenant_id = tenant_id
+        self.tier = tier
         self.base_url = ""  # set when the server is bound
         self.keys: dict[str, list[KeyVersion]] = {}
+        self.deleted: dict[str, list[KeyVersion]] = {}
+        """Soft-deleted keys: their names cannot be reused until purged (409 on create)."""
+        self.created: list[dict[str, Any]] = []
+        """Every ``create`` request body, with the key's name under ``name``."""
+        self.downgrade_hsm = False
+        """Misbehave: make a software key when asked for an HSM one (a client must notice)."""
         self.requests: list[RequestRecord] = []
         self.operations: collections.Counter[str] = collections.Counter()
         """Authenticated requests per op (what Key Vault bills and throttles)."""
@@ -270,6 +297,7 @@ class KeyVaultDouble:
         r.add_post("/_double/faults", self._ctl_faults)
         r.add_put("/_double/keys/{name}", self._ctl_import)
         r.add_post("/_double/keys/{name}/rotate", self._ctl_rotate)
+        r.add_post("/_double/keys/{name}/delete", self._ctl_delete)
         r.add_get("/keys/{name}", self._get_key)
         r.add_get("/keys/{name}/{version:[^/]*}", self._get_key)
         r.add_post("/keys/{name}/create", self._create_key)
@@ -315,6 +343,10 @@ class KeyVaultDouble:
 
     def latest(self, name: str) -> KeyVersion:
         return self.keys[name][-1]
+
+    def soft_delete(self, name: str) -> None:
+        """Delete ``name`` the way a vault with soft delete does: gone for GET, its name still taken."""
+        self.deleted[name] = self.keys.pop(name)
 
     def kid(self, kv: KeyVersion) -> str:
         return f"{self.base_url}/keys/{kv.name}/{kv.version}"
@@ -448,24 +480,55 @@ class KeyVaultDouble:
         return web.json_response(kv.bundle(self.base_url))
 
     async def _create_key(self, request: web.Request) -> web.Response:
+        """``POST /keys/{name}/create``: Key Vault's ``KeyCreateParameters`` checked as the service does (the
+        kty the vault's tier offers, curve, size, key_ops, ``exportable`` only with a release policy); the
+        body is kept in ``created`` for tests."""
         body = await _json(request)
-        kty = str(body.get("kty", ""))
-        if kty.startswith("EC"):
-            kind = str(body.get("crv", "P-256"))
-        elif kty.startswith("RSA"):
-            kind = f"RSA-{int(body.get('key_size', 2048))}"
-        else:
-            raise VaultError(400, "BadParameter", f"unsupported kty {kty!r}")
-        try:
-            kv = self.add_key(
-                request.match_info["name"],
-                kind,
-                key_ops=body.get("key_ops"),
-                hsm=kty.endswith("-HSM"),
-                enabled=bool(body.get("attributes", {}).get("enabled", True)),
+        name = request.match_info["name"]
+        self.created.append({"name": name, **body})
+        if name in self.deleted:
+            raise VaultError(
+                409,
+                "Conflict",
+                f"Key {name} is currently in a deleted but recoverable state, and its name cannot be reused; in "
+                "this state, the key can only be recovered or purged.",
             )
-        except ValueError as exc:
-            raise VaultError(400, "BadParameter", str(exc)) from None
+        kty = str(body.get("kty", ""))
+        hsm = kty.endswith("-HSM")
+        if kty not in _KEY_TYPES:
+            raise VaultError(400, "BadParameter", f"Invalid kty value: {kty}", inner="KeyTypeNotSupported")
+        if hsm and self.tier == "standard":
+            raise VaultError(400, "BadParameter", "Hardware key operation not allowed on standard vault")
+        if not hsm and self.tier == "managedhsm":
+            raise VaultError(400, "BadParameter", f"Invalid kty value: {kty}", inner="KeyTypeNotSupported")
+        if kty.startswith("EC"):
+            kind = str(body.get("crv", "P-256"))  # the service's default curve
+            if kind not in _CURVES:
+                raise VaultError(400, "BadParameter", f"Invalid crv value: {kind}")
+            if "key_size" in body:
+                raise VaultError(400, "BadParameter", "key_size is not valid for an EC key")
+            allowed_ops = _EC_KEY_OPS
+        else:
+            size = body.get("key_size", 2048)
+            if size not in _RSA_SIZES:
+                raise VaultError(400, "BadParameter", f"Invalid key size: {size}. Valid sizes: 2048, 3072, 4096")
+            kind = f"RSA-{size}"
+            allowed_ops = _RSA_KEY_OPS
+        key_ops = body.get("key_ops")
+        if key_ops is not None and (
+            not isinstance(key_ops, list) or not key_ops or any(op not in allowed_ops for op in key_ops)
+        ):
+            raise VaultError(400, "BadParameter", f"Invalid key_ops for kty {kty}: {key_ops}")
+        attributes = body.get("attributes") or {}
+        if attributes.get("exportable") is True and not body.get("release_policy"):
+            raise VaultError(400, "BadParameter", "An exportable key needs a release policy")
+        kv = self.add_key(
+            name,
+            kind,
+            key_ops=list(key_ops) if key_ops is not None else sorted(allowed_ops),
+            hsm=hsm and not self.downgrade_hsm,
+            enabled=bool(attributes.get("enabled", True)),
+        )
         return web.json_response(kv.bundle(self.base_url))
 
     async def _import_key(self, request: web.Request) -> web.Response:
@@ -524,6 +587,7 @@ class KeyVaultDouble:
                 "requests": [dataclasses.asdict(r) for r in self.requests],
                 "operations": dict(self.operations),
                 "max_in_flight": self.max_in_flight,
+                "created": self.created,
             }
         )
 
@@ -544,9 +608,16 @@ class KeyVaultDouble:
         kv = self.rotate(request.match_info["name"])
         return web.json_response({"kid": self.kid(kv)})
 
+    async def _ctl_delete(self, request: web.Request) -> web.Response:
+        self.soft_delete(request.match_info["name"])
+        return web.json_response({})
+
 
 def _error(exc: VaultError) -> web.Response:
-    return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+    error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.inner is not None:
+        error["innererror"] = {"code": exc.inner}
+    return web.json_response({"error": error}, status=exc.status)
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
@@ -644,6 +715,13 @@ class RunningKeyVault:
     """PEM of the CA that signed the vault's certificate: ``ca_bundle`` in the agent's config."""
     identity_endpoint: str
     ca: trustme.CA
+    entra: EntraIdDouble
+    """Entra ID's token endpoint (client secret, client certificate, federated token), for the other credentials."""
+
+    @property
+    def authority_host(self) -> str:
+        """``https://127.0.0.1:PORT``: what ``AZURE_AUTHORITY_HOST`` must say for azure-identity to use ``entra``."""
+        return self.entra.base_url
 
     @property
     def env(self) -> dict[str, str]:
@@ -685,22 +763,24 @@ async def running_keyvault(
     token_port: int = 0,
     tenant_id: str = TENANT_ID,
     header_secret: str | None = None,
+    tier: VaultTier = "premium",
 ) -> AsyncIterator[RunningKeyVault]:
-    """Start the HTTPS vault and the HTTP token endpoint on 127.0.0.1; write the CA to ``folder/keyvault-ca.pem``."""
+    """Start the HTTPS vault, the HTTP managed-identity endpoint and the HTTPS Entra ID token endpoint on
+    127.0.0.1; write the CA to ``folder/keyvault-ca.pem``."""
     ca, server_ctx, ca_path = await asyncio.to_thread(_make_pki, folder)
     tokens = ManagedIdentityEndpoint(header_secret=header_secret)
-    vault = KeyVaultDouble(tokens, tenant_id=tenant_id)
-    token_runner = web.AppRunner(tokens.app, access_log=None)
-    vault_runner = web.AppRunner(vault.app, access_log=None)
-    await token_runner.setup()
-    await vault_runner.setup()
+    vault = KeyVaultDouble(tokens, tenant_id=tenant_id, tier=tier)
+    entra = EntraIdDouble(tokens.issue, tenant_id=tenant_id)
+    runners = [web.AppRunner(app.app, access_log=None) for app in (tokens, vault, entra)]
+    token_runner, vault_runner, entra_runner = runners
+    for runner in runners:
+        await runner.setup()
     try:
-        token_site = web.TCPSite(token_runner, "127.0.0.1", token_port)
-        await token_site.start()
-        vault_site = web.TCPSite(vault_runner, "127.0.0.1", port, ssl_context=server_ctx)
-        await vault_site.start()
-        vault_port = _bound_port(vault_runner)
-        vault.base_url = f"https://127.0.0.1:{vault_port}"
+        await web.TCPSite(token_runner, "127.0.0.1", token_port).start()
+        await web.TCPSite(vault_runner, "127.0.0.1", port, ssl_context=server_ctx).start()
+        await web.TCPSite(entra_runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+        vault.base_url = f"https://127.0.0.1:{_bound_port(vault_runner)}"
+        entra.base_url = f"https://127.0.0.1:{_bound_port(entra_runner)}"
         yield RunningKeyVault(
             vault=vault,
             token_endpoint=tokens,
@@ -708,10 +788,11 @@ async def running_keyvault(
             ca_bundle=ca_path,
             identity_endpoint=f"http://127.0.0.1:{_bound_port(token_runner)}{tokens.path}",
             ca=ca,
+            entra=entra,
         )
     finally:
-        await vault_runner.cleanup()
-        await token_runner.cleanup()
+        for runner in reversed(runners):
+            await runner.cleanup()
 
 
 def _make_pki(folder: Path) -> tuple[trustme.CA, ssl.SSLContext, Path]:
@@ -747,6 +828,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token-port", type=int, default=0, help="managed-identity endpoint HTTP port")
     p.add_argument("--cert-out", type=Path, required=True, help="where to write the CA certificate (PEM)")
     p.add_argument("--identity-header", default=None, help="the IDENTITY_HEADER secret (default: random)")
+    p.add_argument("--tier", choices=("standard", "premium", "managedhsm"), default="premium",
+                   help="which key types the vault creates (standard: no -HSM; managedhsm: only -HSM)")  # fmt: skip
     p.add_argument(
         "--key",
         action="append",
@@ -774,13 +857,23 @@ def _seed_keys(specs: list[str]) -> list[tuple[str, PrivateKey | str]]:
 
 async def _serve(args: argparse.Namespace, seeds: list[tuple[str, PrivateKey | str]]) -> None:
     async with running_keyvault(
-        args.cert_out.parent, port=args.port, token_port=args.token_port, header_secret=args.identity_header
+        args.cert_out.parent,
+        port=args.port,
+        token_port=args.token_port,
+        header_secret=args.identity_header,
+        tier=args.tier,
     ) as kv:
         if kv.ca_bundle != args.cert_out:
             await asyncio.to_thread(kv.ca_bundle.replace, args.cert_out)
             kv.ca_bundle = args.cert_out
         keys = {name: kv.vault.kid(kv.vault.add_key(name, source)) for name, source in seeds}
-        info = {"vault_url": kv.vault_url, "ca_bundle": str(kv.ca_bundle), "env": kv.env, "keys": keys}
+        info = {
+            "vault_url": kv.vault_url,
+            "ca_bundle": str(kv.ca_bundle),
+            "env": kv.env,
+            "keys": keys,
+            "authority_host": kv.authority_host,
+        }
         sys.stdout.write(json.dumps(info) + "\n")  # the harness reads this line
         sys.stdout.flush()
         stop = asyncio.Event()

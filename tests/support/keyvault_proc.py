@@ -35,6 +35,8 @@ class KeyVaultProcess:
     kids: dict[str, str]
     """Key name -> versioned key id of the seeded keys."""
     log: Path
+    authority_host: str
+    """The Entra ID token endpoint double: ``AZURE_AUTHORITY_HOST`` for the other credentials (trust ``ca_bundle``)."""
 
     def version(self, name: str) -> str:
         return self.kids[name].rsplit("/", 1)[1]
@@ -50,9 +52,10 @@ class KeyVaultProcess:
             "ca_bundle": self.ca_bundle,
         }
 
-    def control(self, method: str, path: str, body: Any = None) -> Any:
+    def control(self, method: str, path: str, body: Any = None, *, base: str | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.vault_url + path, data=data, method=method)  # noqa: S310 -- https loopback
+        url = (base or self.vault_url) + path
+        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 -- https loopback
         if data is not None:
             req.add_header("Content-Type", "application/json")
         ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
@@ -62,6 +65,24 @@ class KeyVaultProcess:
     def requests(self) -> list[dict[str, Any]]:
         """Every request the vault saw, in order (``method, path, op, status, authorized, ...``)."""
         result: list[dict[str, Any]] = self.control("GET", "/_double/requests")["requests"]
+        return result
+
+    def created(self) -> list[dict[str, Any]]:
+        """Every ``POST /keys/{name}/create`` body the vault received (with the key's ``name``)."""
+        result: list[dict[str, Any]] = self.control("GET", "/_double/requests")["created"]
+        return result
+
+    def soft_delete(self, name: str) -> None:
+        self.control("POST", f"/_double/keys/{name}/delete", {})
+
+    def register_app(self, client_id: str, registration: dict[str, Any]) -> None:
+        """Register an app with Entra ID (``secret``, ``certificate_pem``, ``federated``: see
+        ``tests.doubles.entra_id.registration_from_json``)."""
+        self.control("PUT", f"/_double/apps/{client_id}", registration, base=self.authority_host)
+
+    def grants(self) -> list[dict[str, Any]]:
+        """Every token request Entra ID judged: ``client_id, method, ok, error, scope``."""
+        result: list[dict[str, Any]] = self.control("GET", "/_double/grants", base=self.authority_host)["grants"]
         return result
 
     def max_in_flight(self) -> int:
@@ -85,11 +106,14 @@ class KeyVaultProcess:
 
 
 @contextlib.contextmanager
-def keyvault(folder: Path, keys: Mapping[str, Path | str], *, timeout: float = 20.0) -> Iterator[KeyVaultProcess]:
+def keyvault(
+    folder: Path, keys: Mapping[str, Path | str], *, timeout: float = 20.0, tier: str = "premium"
+) -> Iterator[KeyVaultProcess]:
     """Start the double with ``keys`` (name -> PEM private key file, or a kind such as ``P-384``)."""
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "keyvault.log"
     args = [sys.executable, "-m", "tests.doubles.keyvault", "--port", "0", "--cert-out", str(folder / "ca.pem")]
+    args += ["--tier", tier]
     for name, source in keys.items():
         args += ["--key", f"{name}={source}"]
     with log.open("wb") as err:
@@ -103,7 +127,13 @@ def keyvault(folder: Path, keys: Mapping[str, Path | str], *, timeout: float = 2
             raise RuntimeError(f"the Key Vault double did not start (rc={proc.returncode}):\n{log.read_text()}")
         info = json.loads(line)
         handle = KeyVaultProcess(
-            proc, info["vault_url"], Path(info["ca_bundle"]), dict(info["env"]), dict(info["keys"]), log
+            proc,
+            info["vault_url"],
+            Path(info["ca_bundle"]),
+            dict(info["env"]),
+            dict(info["keys"]),
+            log,
+            info["authority_host"],
         )
         yield handle
     finally:
