@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from signing_agent.audit import Auditor, Failed, Forwarded
 from signing_agent.ccf.client import CCFClient, CCFResponse
 from signing_agent.config import ServiceConfig
+from signing_agent.context import current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
 from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError, UnknownServiceError
-from signing_agent.policy import Caller
-from signing_agent.service import SignedMessage, SigningService, VotedProposal
+from signing_agent.service import SignedMessage, SigningService, SignRequest, VotedProposal
 
 _logger = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class GovernanceService:
     transition through the agent; never proposals, withdrawals, acks or recovery shares.
     """
 
-    def __init__(self, signer: SigningService, services: Mapping[str, ServiceConfig]) -> None:
+    def __init__(self, signer: SigningService, services: Mapping[str, ServiceConfig], *, auditor: Auditor) -> None:
         self.signer = signer
+        self.auditor = auditor
         self.services = dict(services)
         self._clients: dict[str, CCFClient] = {}
         self._provisional_clients: dict[str, CCFClient] = {}
@@ -136,20 +138,25 @@ class GovernanceService:
         and transaction id (CCF's errors included: they are answers), or ``failed`` when no answer came.
         ``provisional``: as for ``client`` (ballots only)."""
         client = await self.client(service, provisional=provisional)
+        ctx, subject, payload = current_request(), signed.subject, signed.payload_digest
         try:
             resp = await client.post_cose(path, signed.cose)
         except AgentError as exc:
-            await self.signer.record("failed", {**signed.audit_fields(), "error": exc.code})
+            await self.auditor.record(
+                Failed(request=ctx, subject=subject, payload=payload, cose_sha256=signed.cose_sha256, error=exc.code)
+            )
             raise
-        await self.signer.record(
-            "forwarded",
-            {
-                **signed.audit_fields(),
-                "ccf_status": resp.status,
-                "ccf_error": resp.error_code,
-                "transaction_id": resp.transaction_id,
-                "attempts": resp.attempts,
-            },
+        await self.auditor.record(
+            Forwarded(
+                request=ctx,
+                subject=subject,
+                payload=payload,
+                cose_sha256=signed.cose_sha256,
+                ccf_status=resp.status,
+                ccf_error=resp.error_code,
+                transaction_id=resp.transaction_id,
+                attempts=resp.attempts,
+            )
         )
         _logger.info(
             "forwarded %s from %s to %s: %d%s (tx %s, %d attempt%s)",
@@ -164,18 +171,10 @@ class GovernanceService:
         )
         return resp
 
-    async def propose(
-        self,
-        service: str,
-        identity: str,
-        proposal: bytes,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-    ) -> Relay:
+    async def propose(self, service: str, identity: str, proposal: bytes) -> Relay:
         await self.client(service)  # an unknown service fails before anything is signed
         signed = await self.signer.sign(
-            identity, MsgType.PROPOSAL, proposal, service=service, caller=caller, request_id=request_id
+            SignRequest(identity=identity, msg_type=MsgType.PROPOSAL, payload=proposal, service=service)
         )
         resp = await self.forward(service, "/gov/members/proposals:create", signed)
         if resp.error_code == "ProposalReplay" and resp.attempts > 1:
@@ -196,16 +195,7 @@ class GovernanceService:
         _logger.info("proposal %s was created by an earlier attempt whose answer was lost", match.group(1))
         return Relay(status=200, body=got.body, transaction_id=got.transaction_id, from_ccf=True)
 
-    async def vote(
-        self,
-        service: str,
-        identity: str,
-        proposal_id: str,
-        ballot: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-    ) -> Relay:
+    async def vote(self, service: str, identity: str, proposal_id: str, ballot: str) -> Relay:
         check_proposal_id(proposal_id)
         ident = self.signer.identity(identity)
         client = await self.client(service, provisional=True)
@@ -217,14 +207,14 @@ class GovernanceService:
             raise ConflictError(f"proposal {proposal_id} is {state}, not Open: no ballot was signed")
         voted = await self.voted_proposal(service, proposal_id)  # the policy judges the ballot by these actions
         signed = await self.signer.sign(
-            identity,
-            MsgType.BALLOT,
-            compact_json({"ballot": ballot}),
-            proposal_id=proposal_id,
-            service=service,
-            caller=caller,
-            request_id=request_id,
-            voted=voted,
+            SignRequest(
+                identity=identity,
+                msg_type=MsgType.BALLOT,
+                payload=compact_json({"ballot": ballot}),
+                proposal_id=proposal_id,
+                service=service,
+                voted=voted,
+            )
         )
         path = f"/gov/members/proposals/{proposal_id}/ballots/{ident.member_id}:submit"
         return Relay.of(await self.forward(service, path, signed, provisional=True))
@@ -263,39 +253,25 @@ class GovernanceService:
             return None
         return await self.voted_proposal(service, proposal_id)
 
-    async def withdraw(
-        self,
-        service: str,
-        identity: str,
-        proposal_id: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-    ) -> Relay:
+    async def withdraw(self, service: str, identity: str, proposal_id: str) -> Relay:
         check_proposal_id(proposal_id)
         await self.client(service)
         # No proposal actions to judge: CCF lets a member withdraw only its own proposal, and a withdrawal makes
         # nothing happen (the policy's action constraints apply to proposals and the ballots that accept them).
         signed = await self.signer.sign(
-            identity,
-            MsgType.WITHDRAWAL,
-            b"",
-            proposal_id=proposal_id,
-            service=service,
-            caller=caller,
-            request_id=request_id,
+            SignRequest(
+                identity=identity, msg_type=MsgType.WITHDRAWAL, payload=b"", proposal_id=proposal_id, service=service
+            )
         )
         return Relay.of(await self.forward(service, f"/gov/members/proposals/{proposal_id}:withdraw", signed))
 
-    async def activate(
-        self, service: str, identity: str, *, caller: Caller | None = None, request_id: str | None = None
-    ) -> Relay:
+    async def activate(self, service: str, identity: str) -> Relay:
         """State-digest update, then ack: an Accepted member becomes Active."""
         ident = self.signer.identity(identity)
         client = await self.client(service)
         base = f"/gov/members/state-digests/{ident.member_id}"
         update_msg = await self.signer.sign(
-            identity, MsgType.STATE_DIGEST, b"", service=service, caller=caller, request_id=request_id
+            SignRequest(identity=identity, msg_type=MsgType.STATE_DIGEST, payload=b"", service=service)
         )
         update = await self.forward(service, f"{base}:update", update_msg)
         if not update.ok:
@@ -305,7 +281,7 @@ class GovernanceService:
             raise CCFError(f"service {service!r} answered :update without a stateDigest")
         # The ack signs the :update answer as it came (CCF reads its stateDigest and ignores the rest).
         ack_msg = await self.signer.sign(
-            identity, MsgType.ACK, update.raw, service=service, caller=caller, request_id=request_id
+            SignRequest(identity=identity, msg_type=MsgType.ACK, payload=update.raw, service=service)
         )
         ack = await self.forward(service, f"{base}:ack", ack_msg)
         if not ack.ok:

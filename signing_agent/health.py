@@ -38,9 +38,9 @@ class HealthChecker:
     def __init__(
         self,
         service: SigningService,
-        governance: GovernanceService | None = None,
+        governance: GovernanceService,
         *,
-        stores: KeyStores | None = None,
+        stores: KeyStores,
         unavailable: Mapping[str, str] | None = None,
         metrics: Metrics | None = None,
         timeout: float = 3.0,
@@ -115,10 +115,7 @@ class HealthChecker:
     async def _audit(self) -> Check:
         """Not cached: a few ``stat`` calls. Nothing is signed while the audit log cannot be written, so a failing log
         makes the agent ``degraded`` even with every key store and service up."""
-        sink = self.service.audit
-        if sink is None:
-            return {"status": "ok", "note": "no audit log (embedded use)"}
-        problem = await sink.problem()
+        problem = await self.service.auditor.problem()
         if problem is None:
             return {"status": "ok"}
         _logger.warning("health: %s", problem)
@@ -128,9 +125,8 @@ class HealthChecker:
         """The report: ``status`` is ``ok`` when every check passed, else ``degraded``."""
         async with self._lock:  # concurrent probes share one round of checks
             identities = await asyncio.gather(*(self._identity(i) for i in self.service.identities.values()))
-            services: list[Check] = []
-            if (gov := self.governance) is not None:
-                services = list(await asyncio.gather(*(self._service(gov, n) for n in sorted(gov.services))))
+            gov = self.governance
+            services = list(await asyncio.gather(*(self._service(gov, n) for n in sorted(gov.services))))
         failed = [
             {"name": name, "status": "unavailable", "error": f"failed its self-test at start-up: {reason}"}
             for name, reason in sorted(self.unavailable.items())
@@ -144,7 +140,7 @@ class HealthChecker:
             "identities": all_identities,
             "services": services,
         }
-        registry = self.stores.pkcs11 if self.stores is not None else None
+        registry = self.stores.pkcs11
         if registry is not None:
             report["pkcs11_tokens"] = [
                 {

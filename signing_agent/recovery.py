@@ -54,6 +54,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from signing_agent.audit import (
+    Auditor,
+    Denied,
+    IdentityAdopted,
+    IdentityApproved,
+    RecoveryStateRefused,
+    ShareFailed,
+    ShareSubmitted,
+    Subject,
+)
 from signing_agent.backends.base import Priority
 from signing_agent.ccf.client import (
     CCFClient,
@@ -62,6 +72,7 @@ from signing_agent.ccf.client import (
     fetch_presented_service_certificate,
 )
 from signing_agent.config import RecoveryConfig, ServiceConfig
+from signing_agent.context import RequestContext, bound, current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id
 from signing_agent.errors import (
     AgentError,
@@ -79,15 +90,13 @@ from signing_agent.errors import (
 )
 from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.policy import ACCEPT_BALLOT, Caller
-from signing_agent.service import SignedMessage, SigningService
+from signing_agent.policy import ACCEPT_BALLOT
+from signing_agent.service import SignedMessage, SigningService, SignRequest
 
 _logger = logging.getLogger(__name__)
 
 WAITING = "WaitingForRecoveryShares"
 MAX_DECRYPTION_FAILURES = 3
-WATCHER_REQUEST_ID_PREFIX = "watcher-"
-"""The unattended watcher's request ids start with this; the API never takes it from a caller's X-Request-Id."""
 STATE_VERSION = 1
 MAX_STATE_BYTES = 1 << 20
 
@@ -202,9 +211,8 @@ class RecoveryStateStore:
 
     _stores: dict[Path, RecoveryStateStore] = {}  # noqa: RUF012 -- a process-wide registry, on purpose
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        """None keeps the state in memory only (an agent built without a configuration file)."""
         self._lock = asyncio.Lock()
         self._data: dict[str, Any] | None = None
 
@@ -244,8 +252,6 @@ class RecoveryStateStore:
 
     def _read_sync(self) -> dict[str, Any]:
         empty: dict[str, Any] = {"version": STATE_VERSION, "submissions": {}}
-        if self.path is None:
-            return empty
         try:
             folder = self._open_folder(self.path.parent)
         except FileNotFoundError:
@@ -299,8 +305,6 @@ class RecoveryStateStore:
             os.close(fd)
 
     def _write_sync(self, data: Mapping[str, Any]) -> None:
-        if self.path is None:
-            return
         name = self.path.name
         tmp = f".{name}.{secrets.token_hex(4)}.tmp"
         encoded = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
@@ -361,6 +365,69 @@ class ShareResult:
     """The share for this recovery had already been submitted (unattended mode only); nothing was sent."""
 
 
+def _count(value: object) -> int | None:
+    """A count from CCF's answer as the audit log keeps it: an integer, or nothing."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ShareAttempt:
+    """One share submission, as its audit records describe it: who asked, whose share, for which recovery."""
+
+    request: RequestContext
+    subject: Subject
+    key: RecoveryKey
+    unattended: bool
+
+    def failed(
+        self,
+        *,
+        message: str = "",
+        ccf_status: int | None = None,
+        ccf_error: str | None = None,
+        error: str | None = None,
+        transaction_id: str | None = None,
+        attempts: int | None = None,
+    ) -> ShareFailed:
+        return ShareFailed(
+            request=self.request,
+            subject=self.subject,
+            recovery_count=self.key.recovery_count,
+            creation_transaction_id=self.key.creation_txid,
+            unattended=self.unattended,
+            ccf_status=ccf_status,
+            ccf_error=ccf_error,
+            error=error,
+            ccf_message=scrub(message),
+            transaction_id=transaction_id,
+            attempts=attempts,
+        )
+
+    def submitted(
+        self,
+        *,
+        ccf_status: int,
+        transaction_id: str | None,
+        attempts: int,
+        message: str,
+        submitted_count: object,
+        recovery_threshold: object,
+    ) -> ShareSubmitted:
+        return ShareSubmitted(
+            request=self.request,
+            subject=self.subject,
+            recovery_count=self.key.recovery_count,
+            creation_transaction_id=self.key.creation_txid,
+            unattended=self.unattended,
+            ccf_status=ccf_status,
+            transaction_id=transaction_id,
+            attempts=attempts,
+            ccf_message=scrub(message),
+            submitted_count=_count(submitted_count),
+            recovery_threshold=_count(recovery_threshold),
+        )
+
+
 @dataclass
 class _Stats:
     decryption_failures: dict[str, int] = field(default_factory=dict)
@@ -375,19 +442,20 @@ class RecoveryService:
         governance: GovernanceService,
         config: RecoveryConfig,
         *,
+        auditor: Auditor,
         metrics: Metrics | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.signer = signer
         self.governance = governance
         self.config = config
+        self.auditor = auditor
         self._metrics = metrics or METRICS
         self._rng = rng
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._adopt_lock = asyncio.Lock()
         self._provisional_proposal: dict[str, str] = {}
         self._stats = _Stats()
-        self._memory: dict[str, RecoveryStateStore] = {}
         self.watchers: list[RecoveryWatcher] = []
         if config.enabled:
             for svc in governance.services.values():
@@ -400,8 +468,6 @@ class RecoveryService:
                         )
 
     def store(self, service: str) -> RecoveryStateStore:
-        if self.config.state_dir is None:
-            return self._memory.setdefault(service, RecoveryStateStore(None))
         return RecoveryStateStore.for_path(self.config.state_dir / f"recovery-{service}.json")
 
     def _service(self, service: str) -> ServiceConfig:
@@ -419,14 +485,12 @@ class RecoveryService:
         and submissions fail with the reason) until an operator moves the file aside."""
         for name, cfg in self.governance.services.items():
             store = self.store(name)
-            if store.path is None:
-                continue
             try:
                 data = await store.load()
             except ConfigError as exc:
                 _logger.error("service %s: recovery state refused, nothing restored from it: %s", name, exc.message)  # noqa: TRY400
-                await self.signer.record(
-                    "recovery_state_refused", {"service": name, "path": str(store.path), "reason": exc.message}
+                await self.auditor.record(
+                    RecoveryStateRefused(subject=Subject(service=name), path=str(store.path), reason=exc.message)
                 )
                 continue
             configured: str | None = None
@@ -451,16 +515,15 @@ class RecoveryService:
     ) -> None:
         """Put an identity to use (pinned when approved, else provisional) and audit it as ``identity_adopted``."""
         proposal_id = record.get("proposal_id")
-        fields: dict[str, Any] = {
-            "service": service,
-            "certificate_sha256": _fingerprint(pem),
-            "previous_sha256": record.get("previous_sha256"),
-            "proposal_id": proposal_id,
-            "trust": trust,
-        }
-        if restored_from is not None:
-            fields["restored_from"] = str(restored_from)
-        await self.signer.record("identity_adopted", fields)
+        previous = record.get("previous_sha256")
+        adopted = IdentityAdopted(
+            subject=Subject(service=service, proposal_id=proposal_id if isinstance(proposal_id, str) else None),
+            certificate_sha256=_fingerprint(pem),
+            previous_sha256=previous if isinstance(previous, str) else None,
+            trust=trust,
+            restored_from=str(restored_from) if restored_from is not None else None,
+        )
+        await self.auditor.record(adopted)
         if trust == "approved":
             self.governance.pin(service, pem)
             self.governance.trust_provisionally(service, None)
@@ -471,7 +534,7 @@ class RecoveryService:
             "service %s: %s service identity %s (%s, proposal %s)%s",
             service,
             "pinning the approved" if trust == "approved" else "trusting for reads and ballots only the",
-            fields["certificate_sha256"][:16],
+            adopted.certificate_sha256[:16],
             "restored from the recovery state" if restored_from is not None else "adopted now",
             proposal_id,
             ""
@@ -583,9 +646,6 @@ class RecoveryService:
         identity: str,
         proposal_id: str,
         sha256: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
     ) -> Relay:
         """The ``accept_transition_to`` rule, step two: ``identity`` votes accept on the ``transition_service_to_open``
         proposal ``proposal_id``, and that approves the new service identity it names for recovery shares.
@@ -641,16 +701,14 @@ class RecoveryService:
                     f"proposal {proposal_id} is not a transition_service_to_open from an identity trusted for shares "
                     f"to {wanted[:16]}: no ballot was signed"
                 )
-            relay = await self.governance.vote(
-                service, identity, proposal_id, ACCEPT_BALLOT, caller=caller, request_id=request_id
-            )
+            relay = await self.governance.vote(service, identity, proposal_id, ACCEPT_BALLOT)
             if not 200 <= relay.status < 300:
                 return relay  # CCF refused the ballot: nothing is approved
             record = await _identity_record(cfg, candidate, previous, proposal_id)
             record.update(identity=identity, member_id=member_id, ballot_transaction_id=relay.transaction_id,
                           approved_at=int(time.time()))  # fmt: skip
             try:
-                await self._approve(service, candidate, record, caller=caller, request_id=request_id)
+                await self._approve(service, candidate, record)
             except AgentError as exc:
                 raise type(exc)(
                     f"the ballot was forwarded (CCF answered {relay.status}), but approving service identity "
@@ -666,23 +724,21 @@ class RecoveryService:
             transaction_id=relay.transaction_id,
         )  # fmt: skip
 
-    async def _approve(
-        self, service: str, candidate: bytes, record: dict[str, Any], *, caller: Caller | None, request_id: str | None
-    ) -> None:
+    async def _approve(self, service: str, candidate: bytes, record: dict[str, Any]) -> None:
         """Audit, then keep, then pin: the approval is durable before any share can go to the identity."""
-        await self.signer.record(
-            "identity_approved",
-            {
-                "request_id": request_id,
-                "peer": caller.as_dict() if caller is not None else None,
-                "service": service,
-                "certificate_sha256": record["sha256"],
-                "previous_sha256": record["previous_sha256"],
-                "proposal_id": record["proposal_id"],
-                "identity": record["identity"],
-                "member_id": record["member_id"],
-                "ballot_transaction_id": record["ballot_transaction_id"],
-            },
+        await self.auditor.record(
+            IdentityApproved(
+                request=current_request(),
+                subject=Subject(
+                    identity=record["identity"],
+                    member_id=record["member_id"],
+                    proposal_id=record["proposal_id"],
+                    service=service,
+                ),
+                certificate_sha256=record["sha256"],
+                previous_sha256=record["previous_sha256"],
+                ballot_transaction_id=record["ballot_transaction_id"],
+            )
         )
 
         def change(data: dict[str, Any]) -> None:
@@ -743,16 +799,9 @@ class RecoveryService:
             "accept on that proposal; or list the certificate in accepted_service_certificates and reload",
         )
 
-    async def submit_share(
-        self,
-        service: str,
-        identity: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-        unattended: bool = False,
-    ) -> ShareResult:
-        """Fetch, decrypt (in the key store), sign and submit ``identity``'s share; CCF's answer is relayed.
+    async def submit_share(self, service: str, identity: str, *, unattended: bool = False) -> ShareResult:
+        """Fetch, decrypt (in the key store), sign and submit ``identity``'s share for the current caller; CCF's
+        answer is relayed.
 
         ``unattended`` (the watcher): skip when the share for the service's current recovery was submitted already.
         """
@@ -765,31 +814,29 @@ class RecoveryService:
             )
         # Decide before any key is used: a caller the policy refuses never makes the key store decrypt.
         explained = await self.signer.explain(
-            identity, MsgType.RECOVERY_SHARE, _POLICY_PROBE, service=service, caller=caller
+            SignRequest(identity=identity, msg_type=MsgType.RECOVERY_SHARE, payload=_POLICY_PROBE, service=service)
         )
         if not explained.decision.allowed:
-            self.signer.charge_denial(caller)  # past the peer's budget: 429, and no record
-            await self.signer.record(
-                "denied",
-                {
-                    "request_id": request_id,
-                    "peer": caller.as_dict() if caller is not None else None,
-                    "identity": identity,
-                    "member_id": ident.member_id,
-                    "msg_type": str(MsgType.RECOVERY_SHARE),
-                    "service": service,
-                    "rule": explained.decision.rule,
-                    "reason": explained.decision.reason,
-                },
+            self.signer.charge_denial()  # past the peer's budget: 429, and no record
+            await self.auditor.record(
+                Denied(
+                    request=current_request(),
+                    subject=Subject(
+                        identity=identity,
+                        member_id=ident.member_id,
+                        msg_type=str(MsgType.RECOVERY_SHARE),
+                        service=service,
+                    ),
+                    rule=explained.decision.rule,
+                    reason=explained.decision.reason,
+                )
             )
             raise PolicyDeniedError(f"policy: {explained.decision.describe()}")
         lock = self._locks.setdefault((service, identity), asyncio.Lock())
         async with lock:
-            return await self._submit_locked(service, identity, caller, request_id, unattended=unattended)
+            return await self._submit_locked(service, identity, unattended=unattended)
 
-    async def _submit_locked(
-        self, service: str, identity: str, caller: Caller | None, request_id: str | None, *, unattended: bool
-    ) -> ShareResult:
+    async def _submit_locked(self, service: str, identity: str, *, unattended: bool) -> ShareResult:
         ident = self.signer.identity(identity)
         store = self.store(service)
         data = await store.load()  # a refused state file stops every submission, before anything is fetched
@@ -802,49 +849,53 @@ class RecoveryService:
         )
         if unattended and key.matches(data["submissions"].get(identity)):
             return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
-        facts: dict[str, Any] = {
-            "request_id": request_id,
-            "peer": caller.as_dict() if caller is not None else None,
-            "service": service,
-            "identity": identity,
-            "member_id": ident.member_id,
-            "recovery_count": key.recovery_count,
-            "creation_transaction_id": key.creation_txid,
-            "unattended": unattended,
-        }
+        attempt = _ShareAttempt(
+            request=current_request(),
+            subject=Subject(identity=identity, member_id=ident.member_id, service=service),
+            key=key,
+            unattended=unattended,
+        )
         enc = await self._share_get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
         if not enc.ok:
-            await self._failed(facts, ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
+            await self._failed(
+                attempt.failed(ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
+            )
             return ShareResult(Relay.of(enc), submitted=False, key=key, ccf_error=enc.error_code)
         encoded = enc.body.get("encryptedShare") if isinstance(enc.body, dict) else None
         try:
             ciphertext = base64.b64decode(encoded if isinstance(encoded, str) else "-", validate=True)
         except ValueError:
-            await self._failed(facts, error="CCFError", message="malformed encryptedShare")
+            await self._failed(attempt.failed(error="CCFError", message="malformed encryptedShare"))
             raise CCFError(f"service {service!r} answered an encrypted share that is not base64") from None
         try:
-            signed = await self._decrypt_and_sign(service, identity, ciphertext, caller, request_id)
+            signed = await self._decrypt_and_sign(service, identity, ciphertext)
             # Not provisional: the client trusts only the identities decided for shares.
             resp = await self.governance.forward(service, f"/gov/recovery/members/{ident.member_id}:recover", signed)
         except AgentError as exc:
-            await self._failed(facts, error=exc.code)
+            await self._failed(attempt.failed(error=exc.code))
             raise
         del signed
-        facts.update(
+        if not resp.ok:
+            await self._failed(
+                attempt.failed(
+                    ccf_status=resp.status,
+                    ccf_error=resp.error_code,
+                    message=resp.error_message,
+                    transaction_id=resp.transaction_id,
+                    attempts=resp.attempts,
+                )
+            )
+            return ShareResult(Relay.of(resp), submitted=False, key=key, ccf_error=resp.error_code)
+        body = resp.body if isinstance(resp.body, dict) else {}
+        submitted = attempt.submitted(
             ccf_status=resp.status,
             transaction_id=resp.transaction_id,
             attempts=resp.attempts,
-        )
-        if not resp.ok:
-            await self._failed(facts, ccf_status=resp.status, ccf_error=resp.error_code, message=resp.error_message)
-            return ShareResult(Relay.of(resp), submitted=False, key=key, ccf_error=resp.error_code)
-        body = resp.body if isinstance(resp.body, dict) else {}
-        facts.update(
-            ccf_message=scrub(str(body.get("message", ""))),
+            message=str(body.get("message", "")),
             submitted_count=body.get("submittedCount"),
             recovery_threshold=body.get("recoveryThreshold"),
         )
-        await self.signer.record("share_submitted", facts)
+        await self.auditor.record(submitted)
         self._metrics.recovery_shares.labels(service, identity, "submitted").inc()
 
         def change(data: dict[str, Any]) -> None:
@@ -861,28 +912,16 @@ class RecoveryService:
             identity,
             service,
             key.recovery_count,
-            facts["ccf_message"].replace("\n", "; "),
+            submitted.ccf_message.replace("\n", "; "),
         )
         return ShareResult(Relay.of(resp), submitted=True, key=key)
 
-    async def _failed(
-        self,
-        facts: Mapping[str, Any],
-        *,
-        ccf_status: int | None = None,
-        ccf_error: str | None = None,
-        message: str = "",
-        error: str | None = None,
-    ) -> None:
-        await self.signer.record(
-            "share_failed",
-            {**facts, "ccf_status": ccf_status, "ccf_error": ccf_error, "error": error, "ccf_message": scrub(message)},
-        )
-        self._metrics.recovery_shares.labels(facts["service"], facts["identity"], "failed").inc()
+    async def _failed(self, failed: ShareFailed) -> None:
+        await self.auditor.record(failed)
+        service, identity = failed.subject.service or "", failed.subject.identity or ""
+        self._metrics.recovery_shares.labels(service, identity, "failed").inc()
 
-    async def _decrypt_and_sign(
-        self, service: str, identity: str, ciphertext: bytes, caller: Caller | None, request_id: str | None
-    ) -> SignedMessage:
+    async def _decrypt_and_sign(self, service: str, identity: str, ciphertext: bytes) -> SignedMessage:
         """The only place the agent decrypts: a ciphertext fetched from a configured service over pinned TLS."""
         ident = self.signer.identity(identity)
         key = ident.decryption_key
@@ -911,12 +950,7 @@ class RecoveryService:
             payload += base64.b64encode(share)
             payload += b'"}'
             return await self.signer.sign(
-                identity,
-                MsgType.RECOVERY_SHARE,
-                bytes(payload),
-                service=service,
-                caller=caller,
-                request_id=request_id,
+                SignRequest(identity=identity, msg_type=MsgType.RECOVERY_SHARE, payload=bytes(payload), service=service)
             )
         finally:
             share[:] = bytes(len(share))
@@ -1019,7 +1053,14 @@ class RecoveryWatcher:
                     await self._stop.wait()
 
     async def tick(self) -> None:
-        """One poll: submit when the service waits for shares and ours for this recovery is not in yet."""
+        """One poll: submit when the service waits for shares and ours for this recovery is not in yet.
+
+        The poll is the agent's own request: its own caller, and a fresh ``watcher-`` request id (a form no client
+        can give) in its log lines and audit records."""
+        with bound(RequestContext.for_agent()):
+            await self._poll()
+
+    async def _poll(self) -> None:
         # The state first: a refused state file shows as a failed watcher now, not only once a disaster happened.
         data = await self.recovery.store(self.service).load()
         info = await self.recovery.service_info(self.service)
@@ -1036,8 +1077,7 @@ class RecoveryWatcher:
             self._set("submitted")
             return
         self._set("recovering")
-        request_id = f"{WATCHER_REQUEST_ID_PREFIX}{secrets.token_hex(6)}"
-        result = await self.recovery.submit_share(self.service, self.identity, request_id=request_id, unattended=True)
+        result = await self.recovery.submit_share(self.service, self.identity, unattended=True)
         if result.submitted or result.skipped:
             data = await self.recovery.store(self.service).load()
             self.last_submission = data["submissions"].get(self.identity)

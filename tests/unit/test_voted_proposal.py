@@ -5,6 +5,7 @@ A fake CCF client stands in for the service: the real one, against the sandbox, 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -13,9 +14,17 @@ from signing_agent.ccf.client import CCFClient, CCFResponse
 from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFUnavailableError, UnknownServiceError
 from signing_agent.governance import GovernanceService
+from signing_agent.policy import default_policy
 from signing_agent.service import SigningService, VotedProposal
+from tests.support.fakes import denials, memory_auditor
 
 PID = "b" * 64
+
+
+def governance(services: dict[str, ServiceConfig]) -> GovernanceService:
+    auditor = memory_auditor()
+    signer = SigningService({}, policy=default_policy(os.getuid()), auditor=auditor, denials=denials())
+    return GovernanceService(signer, services, auditor=auditor)
 
 
 class FakeCCF:
@@ -45,7 +54,7 @@ async def voted(monkeypatch: pytest.MonkeyPatch, reply: CCFResponse | Exception)
         return fake
 
     monkeypatch.setattr(CCFClient, "open", open_fake)
-    gov = GovernanceService(SigningService({}), {"prod": ServiceConfig(name="prod", url="https://ccf")})
+    gov = governance({"prod": ServiceConfig(name="prod", url="https://ccf")})
     return await gov.voted_proposal("prod", PID), fake
 
 
@@ -88,6 +97,6 @@ async def test_no_answer_leaves_the_actions_unknown(monkeypatch: pytest.MonkeyPa
 
 
 async def test_an_unknown_service_is_an_error_not_an_unknown_proposal() -> None:
-    gov = GovernanceService(SigningService({}), {})
+    gov = governance({})
     with pytest.raises(UnknownServiceError):
         await gov.voted_proposal("prod", PID)
