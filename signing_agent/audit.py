@@ -170,11 +170,20 @@ def bound_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 # -- the records ---------------------------------------------------------------------------------------------------
 #
 # A closed union of frozen record types, one per kind of decision; ``encode`` is the only place a record becomes the
-# fields of a JSON line. A field's name is its name on disk, except the two shared parts, which are spread out:
+# fields of a JSON line. A field's name is its name on disk, except the shared parts, which are spread out:
 # ``request`` (a ``RequestContext``) is ``request_id`` and ``peer``; ``subject`` (a ``Subject``) is ``identity``,
 # ``member_id``, ``msg_type``, ``proposal_id`` and ``service``; ``payload`` (a ``Payload``) is ``payload_sha256``,
-# ``proposal_actions`` and ``ballot_sha256``. A None is left out of the line, and ``bound_fields`` cuts whatever a
+# ``proposal_actions`` and ``ballot_sha256``; ``share`` (a ``Share``) is ``recovery_count``,
+# ``creation_transaction_id`` and ``unattended``. A None is left out of the line, and ``bound_fields`` cuts whatever a
 # caller can grow.
+
+
+class _Record:
+    """What every record type has: its ``event`` name, and whether it is synced on its own (``durable``)."""
+
+    __slots__ = ()
+    event: ClassVar[AuditEvent]
+    durable: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,7 +208,16 @@ class Payload:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Received:
+class Share:
+    """Which recovery a share is for, and whether a watcher (``unattended``) or a caller submitted it."""
+
+    recovery_count: int | None
+    creation_transaction_id: str | None
+    unattended: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Received(_Record):
     """A signing request, before the policy decides (written unsynced: the decision's record syncs it)."""
 
     event: ClassVar[AuditEvent] = "received"
@@ -210,11 +228,10 @@ class Received:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Denied:
+class Denied(_Record):
     """The policy refused a message (``payload`` None: refused before there was one, as for a recovery share)."""
 
     event: ClassVar[AuditEvent] = "denied"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
     payload: Payload | None = None
@@ -223,7 +240,7 @@ class Denied:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerRefused:
+class PeerRefused(_Record):
     """A peer no policy rule admits, refused at the door. Not synced on its own: nothing leaves the agent, and an
     unauthorised peer must not be able to make the agent fsync at will; the next durable record makes it durable."""
 
@@ -236,9 +253,8 @@ class PeerRefused:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Signed:
+class Signed(_Record):
     event: ClassVar[AuditEvent] = "signed"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
     payload: Payload
@@ -247,12 +263,11 @@ class Signed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Failed:
+class Failed(_Record):
     """Signing failed in the key store (``rule`` set), or a signed message got no answer from CCF (``cose_sha256``
     set)."""
 
     event: ClassVar[AuditEvent] = "failed"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
     payload: Payload
@@ -262,11 +277,10 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Forwarded:
+class Forwarded(_Record):
     """CCF's answer to a signed message (its errors included: they are answers)."""
 
     event: ClassVar[AuditEvent] = "forwarded"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
     payload: Payload
@@ -278,16 +292,13 @@ class Forwarded:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ShareSubmitted:
+class ShareSubmitted(_Record):
     """A recovery share CCF took. Never the share: the member, the recovery, and CCF's (scrubbed) answer."""
 
     event: ClassVar[AuditEvent] = "share_submitted"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
-    recovery_count: int | None
-    creation_transaction_id: str | None
-    unattended: bool
+    share: Share
     ccf_status: int
     transaction_id: str | None
     attempts: int
@@ -297,16 +308,13 @@ class ShareSubmitted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ShareFailed:
+class ShareFailed(_Record):
     """A recovery share that was not submitted: CCF refused (``ccf_status``), or the agent failed (``error``)."""
 
     event: ClassVar[AuditEvent] = "share_failed"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
-    recovery_count: int | None
-    creation_transaction_id: str | None
-    unattended: bool
+    share: Share
     ccf_status: int | None = None
     ccf_error: str | None = None
     error: str | None = None
@@ -316,12 +324,11 @@ class ShareFailed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class IdentityAdopted:
+class IdentityAdopted(_Record):
     """A service identity put to use after a recovery (``trust``: ``approved`` or ``provisional``), now or restored
     from the recovery state file (``restored_from``)."""
 
     event: ClassVar[AuditEvent] = "identity_adopted"
-    durable: ClassVar[bool] = True
     subject: Subject
     certificate_sha256: str
     previous_sha256: str | None
@@ -330,11 +337,10 @@ class IdentityAdopted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class IdentityApproved:
+class IdentityApproved(_Record):
     """A member approved a new service identity for recovery shares, through this agent's accepting ballot."""
 
     event: ClassVar[AuditEvent] = "identity_approved"
-    durable: ClassVar[bool] = True
     request: RequestContext
     subject: Subject
     certificate_sha256: str
@@ -343,30 +349,27 @@ class IdentityApproved:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RecoveryStateRefused:
+class RecoveryStateRefused(_Record):
     """A recovery state file the agent cannot trust: nothing was restored from it."""
 
     event: ClassVar[AuditEvent] = "recovery_state_refused"
-    durable: ClassVar[bool] = True
     subject: Subject
     path: str
     reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Started:
+class Started(_Record):
     event: ClassVar[AuditEvent] = "started"
-    durable: ClassVar[bool] = True
     pid: int
     config: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Throttled:
+class Throttled(_Record):
     """What a peer's denial budget dropped in one window (``signing_agent.denials``); ``peer`` holds its uid only."""
 
     event: ClassVar[AuditEvent] = "throttled"
-    durable: ClassVar[bool] = True
     peer: Mapping[str, int]
     dropped: int
     denied: int
@@ -388,20 +391,18 @@ class Throttled:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Rotated:
+class Rotated(_Record):
     """The head of a file that continues the chain of ``prev_file`` (the sink writes it when it rotates)."""
 
     event: ClassVar[AuditEvent] = "rotated"
-    durable: ClassVar[bool] = True
     prev_file: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Pruned:
+class Pruned(_Record):
     """Rotated files about to be deleted, and where the kept chain then begins."""
 
     event: ClassVar[AuditEvent] = "pruned"
-    durable: ClassVar[bool] = True
     removed: tuple[str, ...]
     oldest_kept: str
     oldest_kept_seq: int | None
@@ -409,12 +410,11 @@ class Pruned:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Discontinuity:
+class Discontinuity(_Record):
     """The head of a new file after the live one was changed behind the agent's back (``found_file``: what was
     there, moved aside)."""
 
     event: ClassVar[AuditEvent] = "discontinuity"
-    durable: ClassVar[bool] = True
     reason: str
     found_file: str | None
 
@@ -448,6 +448,8 @@ def _spread(name: str, value: object) -> dict[str, Any]:
     if isinstance(value, RequestContext):
         return {"request_id": value.request_id, "peer": value.caller.as_dict()}
     if isinstance(value, Subject):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Share):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Payload):
         actions = list(value.actions) if value.actions else None

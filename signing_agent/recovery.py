@@ -60,6 +60,7 @@ from signing_agent.audit import (
     IdentityAdopted,
     IdentityApproved,
     RecoveryStateRefused,
+    Share,
     ShareFailed,
     ShareSubmitted,
     Subject,
@@ -376,8 +377,7 @@ class _ShareAttempt:
 
     request: RequestContext
     subject: Subject
-    key: RecoveryKey
-    unattended: bool
+    share: Share
 
     def failed(
         self,
@@ -392,9 +392,7 @@ class _ShareAttempt:
         return ShareFailed(
             request=self.request,
             subject=self.subject,
-            recovery_count=self.key.recovery_count,
-            creation_transaction_id=self.key.creation_txid,
-            unattended=self.unattended,
+            share=self.share,
             ccf_status=ccf_status,
             ccf_error=ccf_error,
             error=error,
@@ -403,28 +401,19 @@ class _ShareAttempt:
             attempts=attempts,
         )
 
-    def submitted(
-        self,
-        *,
-        ccf_status: int,
-        transaction_id: str | None,
-        attempts: int,
-        message: str,
-        submitted_count: object,
-        recovery_threshold: object,
-    ) -> ShareSubmitted:
+    def submitted(self, resp: CCFResponse) -> ShareSubmitted:
+        """CCF took the share: its status, transaction id and (scrubbed) message, and the recovery's progress."""
+        body = resp.body if isinstance(resp.body, dict) else {}
         return ShareSubmitted(
             request=self.request,
             subject=self.subject,
-            recovery_count=self.key.recovery_count,
-            creation_transaction_id=self.key.creation_txid,
-            unattended=self.unattended,
-            ccf_status=ccf_status,
-            transaction_id=transaction_id,
-            attempts=attempts,
-            ccf_message=scrub(message),
-            submitted_count=_count(submitted_count),
-            recovery_threshold=_count(recovery_threshold),
+            share=self.share,
+            ccf_status=resp.status,
+            transaction_id=resp.transaction_id,
+            attempts=resp.attempts,
+            ccf_message=scrub(str(body.get("message", ""))),
+            submitted_count=_count(body.get("submittedCount")),
+            recovery_threshold=_count(body.get("recoveryThreshold")),
         )
 
 
@@ -852,8 +841,9 @@ class RecoveryService:
         attempt = _ShareAttempt(
             request=current_request(),
             subject=Subject(identity=identity, member_id=ident.member_id, service=service),
-            key=key,
-            unattended=unattended,
+            share=Share(
+                recovery_count=key.recovery_count, creation_transaction_id=key.creation_txid, unattended=unattended
+            ),
         )
         enc = await self._share_get(service, f"/gov/recovery/encrypted-shares/{ident.member_id}")
         if not enc.ok:
@@ -886,15 +876,7 @@ class RecoveryService:
                 )
             )
             return ShareResult(Relay.of(resp), submitted=False, key=key, ccf_error=resp.error_code)
-        body = resp.body if isinstance(resp.body, dict) else {}
-        submitted = attempt.submitted(
-            ccf_status=resp.status,
-            transaction_id=resp.transaction_id,
-            attempts=resp.attempts,
-            message=str(body.get("message", "")),
-            submitted_count=body.get("submittedCount"),
-            recovery_threshold=body.get("recoveryThreshold"),
-        )
+        submitted = attempt.submitted(resp)
         await self.auditor.record(submitted)
         self._metrics.recovery_shares.labels(service, identity, "submitted").inc()
 
