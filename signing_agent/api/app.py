@@ -103,6 +103,12 @@ def _relayed(response: web.StreamResponse) -> bool:
     return response.headers.get("X-Relayed-From") == "ccf"
 
 
+def _logged_for(request_id: str) -> dict[str, str]:
+    """The request id of a log line written outside the request context (before the peer is known, or after the
+    request ended), as ``signing_agent.log`` shows it."""
+    return {"request_id": request_id}
+
+
 Failure = tuple[int, str, str, str]
 """A failure to log once the response is final: level, request id, error code, message."""
 
@@ -129,7 +135,7 @@ async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamRe
             response.force_close()  # no keep-alive after a body we refused to read
         return response, None
     except Exception:
-        _logger.exception("request %s: unexpected error", request_id)
+        _logger.exception("request %s: unexpected error", request_id, extra=_logged_for(request_id))
         return error_response(500, "InternalError", "internal error; see the agent's log", request_id), None
 
 
@@ -150,7 +156,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if closing:
                 response.force_close()
     if failure is not None:
-        _logger.log(failure[0], "request %s failed: %s: %s", *failure[1:])
+        _logger.log(failure[0], "request %s failed: %s: %s", *failure[1:], extra=_logged_for(request_id))
     response.headers["X-Request-Id"] = request_id
     resource = request.match_info.route.resource
     # The route template ("/v1/services/{svc}/status"), never the raw path: labels must stay a small, fixed set.
@@ -166,6 +172,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response.status,
             request_id,
             f"uid={peer.uid} pid={peer.pid}" if peer else "unknown",
+            extra=_logged_for(request_id),
         )
     return response
 
