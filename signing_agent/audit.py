@@ -20,8 +20,15 @@ live file that is removed, replaced, truncated or appended to behind the agent's
 SIGHUP (``reopen``) then continues the file only if it still ends with the agent's last record, and otherwise starts
 a new file with a ``discontinuity`` record, never silently.
 
+What a line says is typed: every record the agent writes is one of the frozen types of the closed union
+``AuditRecord`` (``Received``, ``Denied``, ``Signed``, ``Forwarded``, ``Failed``, ``ShareSubmitted``, ...), built where
+the decision is made, with the request context (``signing_agent.context``) and a shared ``Subject`` (identity, member
+id, message type, proposal id, service). ``encode`` is the one place a record becomes the fields of its line (the
+names on disk are unchanged); ``Auditor`` is the one way records reach the sink.
+
 Fail closed: any error writing or syncing a record raises ``AuditError`` (HTTP 503) and the caller must not release
-the signature. Records never hold a secret: digests, names and ids only, never payloads, PINs or tokens.
+the signature (``Auditor`` also counts it in ``signing_agent_audit_write_failures_total``). Records never hold a
+secret: digests, names and ids only, never payloads, PINs or tokens.
 
 Must not import: aiohttp, key-store backends, ``signing_agent.ccf``, ``signing_agent.cose``.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -43,10 +51,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
+from signing_agent.context import RequestContext
 from signing_agent.errors import AgentError, AuditError, ConfigError
 from signing_agent.files import fsync_folder
+from signing_agent.metrics import Metrics
 from signing_agent.waits import waiting_for
 
 _logger = logging.getLogger(__name__)
@@ -58,7 +68,6 @@ AuditEvent = Literal[
     "signed",
     "forwarded",
     "failed",
-    "explained",
     "rotated",
     "started",
     "share_submitted",
@@ -93,10 +102,11 @@ def line_hash(line: bytes) -> str:
 
 class AuditSink(Protocol):
     """**Protocol:** where audit records go. ``record`` returns once the record is written, and durable (fsynced)
-    unless ``sync=False``: such a record becomes durable with the next synced one, which is always written before
-    a signature leaves the agent (``received`` is written unsynced; ``signed`` syncs both)."""
+    unless the record's type is not ``durable``: such a record becomes durable with the next durable one, which is
+    always written before a signature leaves the agent (``received`` is written unsynced; ``signed`` syncs both).
+    A sink writes what ``encode`` makes of the record, and nothing else."""
 
-    async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None: ...
+    async def record(self, record: AuditRecord) -> None: ...
 
     async def problem(self) -> str | None:
         """Why records cannot be written now (for health), or None."""
@@ -159,21 +169,344 @@ def bound_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass
-class MemoryAuditSink:
-    """Keeps records in memory: for unit tests and embedding, never for the daemon."""
+# -- the records ---------------------------------------------------------------------------------------------------
+#
+# A closed union of frozen record types, one per kind of decision; ``encode`` is the only place a record becomes the
+# fields of a JSON line. A field's name is its name on disk, except the shared parts, which are spread out:
+# ``request`` (a ``RequestContext``) is ``request_id`` and ``peer``; ``subject`` (a ``Subject``) is ``identity``,
+# ``member_id``, ``msg_type``, ``proposal_id`` and ``service``; ``payload`` (a ``Payload``) is ``payload_sha256``,
+# ``proposal_actions`` and ``ballot_sha256``; ``share`` (a ``Share``) is ``recovery_count``,
+# ``creation_transaction_id`` and ``unattended``. A None is left out of the line, and ``bound_fields`` cuts whatever a
+# caller can grow.
 
-    records: list[dict[str, Any]] = field(default_factory=list)
-    fail: bool = False
-    """Set to make every record fail, to test fail-closed paths."""
 
-    async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
-        if self.fail:
-            raise AuditError("the audit log cannot be written (test)")
-        self.records.append({"event": event, **bound_fields(fields)})
+class _Record:
+    """What every record type has: its ``event`` name, and whether it is synced on its own (``durable``)."""
+
+    __slots__ = ()
+    event: ClassVar[AuditEvent]
+    durable: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subject:
+    """What a record is about, as far as it is known: the member identity, the message, the CCF service."""
+
+    identity: str | None = None
+    member_id: str | None = None
+    msg_type: str | None = None
+    proposal_id: str | None = None
+    service: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Payload:
+    """What is (or would be) signed, as a record may show it: digests and names, never the bytes."""
+
+    sha256: str
+    actions: tuple[str, ...] | None = None
+    """Proposal action names (for a ballot: those of the proposal it votes on); None or empty: left out."""
+    ballot_sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Share:
+    """Which recovery a share is for, and whether a watcher (``unattended``) or a caller submitted it."""
+
+    recovery_count: int | None
+    creation_transaction_id: str | None
+    unattended: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Received(_Record):
+    """A signing request, before the policy decides (written unsynced: the decision's record syncs it)."""
+
+    event: ClassVar[AuditEvent] = "received"
+    durable: ClassVar[bool] = False
+    request: RequestContext
+    subject: Subject
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Denied(_Record):
+    """The policy refused a message (``payload`` None: refused before there was one, as for a recovery share)."""
+
+    event: ClassVar[AuditEvent] = "denied"
+    request: RequestContext
+    subject: Subject
+    payload: Payload | None = None
+    rule: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerRefused(_Record):
+    """A peer no policy rule admits, refused at the door. Not synced on its own: nothing leaves the agent, and an
+    unauthorised peer must not be able to make the agent fsync at will; the next durable record makes it durable."""
+
+    event: ClassVar[AuditEvent] = "denied"
+    durable: ClassVar[bool] = False
+    request: RequestContext
+    route: str
+    rule: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signed(_Record):
+    event: ClassVar[AuditEvent] = "signed"
+    request: RequestContext
+    subject: Subject
+    payload: Payload
+    rule: str | None
+    cose_sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed(_Record):
+    """Signing failed in the key store (``rule`` set), or a signed message got no answer from CCF (``cose_sha256``
+    set)."""
+
+    event: ClassVar[AuditEvent] = "failed"
+    request: RequestContext
+    subject: Subject
+    payload: Payload
+    rule: str | None = None
+    cose_sha256: str | None = None
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forwarded(_Record):
+    """CCF's answer to a signed message (its errors included: they are answers)."""
+
+    event: ClassVar[AuditEvent] = "forwarded"
+    request: RequestContext
+    subject: Subject
+    payload: Payload
+    cose_sha256: str
+    ccf_status: int
+    ccf_error: str | None
+    transaction_id: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShareSubmitted(_Record):
+    """A recovery share CCF took. Never the share: the member, the recovery, and CCF's (scrubbed) answer."""
+
+    event: ClassVar[AuditEvent] = "share_submitted"
+    request: RequestContext
+    subject: Subject
+    share: Share
+    ccf_status: int
+    transaction_id: str | None
+    attempts: int
+    ccf_message: str
+    submitted_count: int | None
+    recovery_threshold: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShareFailed(_Record):
+    """A recovery share that was not submitted: CCF refused (``ccf_status``), or the agent failed (``error``)."""
+
+    event: ClassVar[AuditEvent] = "share_failed"
+    request: RequestContext
+    subject: Subject
+    share: Share
+    ccf_status: int | None = None
+    ccf_error: str | None = None
+    error: str | None = None
+    ccf_message: str
+    transaction_id: str | None = None
+    attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityAdopted(_Record):
+    """A service identity put to use after a recovery (``trust``: ``approved`` or ``provisional``), now or restored
+    from the recovery state file (``restored_from``)."""
+
+    event: ClassVar[AuditEvent] = "identity_adopted"
+    subject: Subject
+    certificate_sha256: str
+    previous_sha256: str | None
+    trust: str
+    restored_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityApproved(_Record):
+    """A member approved a new service identity for recovery shares, through this agent's accepting ballot."""
+
+    event: ClassVar[AuditEvent] = "identity_approved"
+    request: RequestContext
+    subject: Subject
+    certificate_sha256: str
+    previous_sha256: str
+    ballot_transaction_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryStateRefused(_Record):
+    """A recovery state file the agent cannot trust: nothing was restored from it."""
+
+    event: ClassVar[AuditEvent] = "recovery_state_refused"
+    subject: Subject
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Started(_Record):
+    event: ClassVar[AuditEvent] = "started"
+    pid: int
+    config: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Throttled(_Record):
+    """What a peer's denial budget dropped in one window (``signing_agent.denials``); ``peer`` holds its uid only."""
+
+    event: ClassVar[AuditEvent] = "throttled"
+    peer: Mapping[str, int]
+    dropped: int
+    denied: int
+    malformed: int
+    first_ts: str
+    last_ts: str
+    """UNIX times with six decimals, as the sink's own ``ts``."""
+
+    @classmethod
+    def summary(cls, *, uid: int, denied: int, malformed: int, first_ts: float, last_ts: float) -> Throttled:
+        return cls(
+            peer={"uid": uid},
+            dropped=denied + malformed,
+            denied=denied,
+            malformed=malformed,
+            first_ts=f"{first_ts:.6f}",
+            last_ts=f"{last_ts:.6f}",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rotated(_Record):
+    """The head of a file that continues the chain of ``prev_file`` (the sink writes it when it rotates)."""
+
+    event: ClassVar[AuditEvent] = "rotated"
+    prev_file: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pruned(_Record):
+    """Rotated files about to be deleted, and where the kept chain then begins."""
+
+    event: ClassVar[AuditEvent] = "pruned"
+    removed: tuple[str, ...]
+    oldest_kept: str
+    oldest_kept_seq: int | None
+    oldest_kept_prev: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discontinuity(_Record):
+    """The head of a new file after the live one was changed behind the agent's back (``found_file``: what was
+    there, moved aside)."""
+
+    event: ClassVar[AuditEvent] = "discontinuity"
+    reason: str
+    found_file: str | None
+
+
+AuditRecord = (
+    Received
+    | Denied
+    | PeerRefused
+    | Signed
+    | Failed
+    | Forwarded
+    | ShareSubmitted
+    | ShareFailed
+    | IdentityAdopted
+    | IdentityApproved
+    | RecoveryStateRefused
+    | Started
+    | Throttled
+    | Rotated
+    | Pruned
+    | Discontinuity
+)
+"""Every record the agent writes."""
+
+Encoded = tuple[AuditEvent, dict[str, Any]]
+"""An encoded record: its event name and its (bounded) fields, before the sink adds ``seq``, ``prev`` and ``ts``."""
+
+
+def _spread(name: str, value: object) -> dict[str, Any]:
+    """The on-disk fields of one field of a record (the shared parts spread out; see above)."""
+    if isinstance(value, RequestContext):
+        return {"request_id": value.request_id, "peer": value.caller.as_dict()}
+    if isinstance(value, Subject):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Share):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Payload):
+        actions = list(value.actions) if value.actions else None
+        return {"payload_sha256": value.sha256, "proposal_actions": actions, "ballot_sha256": value.ballot_sha256}
+    if isinstance(value, tuple):
+        return {name: list(value)}
+    if isinstance(value, Mapping):
+        return {name: dict(value)}
+    return {name: value}
+
+
+def encode(record: AuditRecord) -> Encoded:
+    """The one encoder: a record's event name and the fields of its JSON line, bounded (``bound_fields``)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        out.update(_spread(f.name, getattr(record, f.name)))
+    return record.event, bound_fields(out)
+
+
+class Auditor:
+    """The one way records reach the audit log: fail closed, and counted.
+
+    ``record`` returns once the record is written (and durable, for a ``durable`` record type); on any failure it
+    counts the failure in ``signing_agent_audit_write_failures_total`` and raises ``AuditError``, and the caller must
+    not release a signature. One per process, around the process's sink, injected wherever a decision is recorded.
+    """
+
+    def __init__(self, sink: AuditSink, *, metrics: Metrics) -> None:
+        self.sink = sink
+        self._metrics = metrics
+
+    async def record(self, record: AuditRecord) -> None:
+        try:
+            await self.sink.record(record)
+        except AuditError:
+            self._metrics.audit_write_failures.inc()
+            raise
+        except Exception as exc:
+            self._metrics.audit_write_failures.inc()
+            raise AuditError(f"the audit log cannot be written: {exc}") from exc
 
     async def problem(self) -> str | None:
-        return "the audit log cannot be written (test)" if self.fail else None
+        """Why records cannot be written now (for health), or None."""
+        return await self.sink.problem()
+
+
+class DryRunAuditSink:
+    """Writes nothing: for ``signing-agent check-config``, which opens a configuration as ``serve`` would (restoring
+    the recovery trust, which is audited) without touching the audit log a running agent holds. Never serves."""
+
+    async def record(self, record: AuditRecord) -> None:
+        encode(record)  # what the agent would write must still encode
+
+    async def problem(self) -> str | None:
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -384,7 +717,7 @@ class FileAuditSink:
         self._failure: str | None = None
         self._file_lock: AuditLock | None = None
         self._rotated = re.compile(re.escape(path.name) + r"\.\d{8}T\d{6}Z-(\d+)")
-        self._pending: list[tuple[AuditEvent, dict[str, Any], bool, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Encoded, bool, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
     @property
@@ -524,9 +857,7 @@ class FileAuditSink:
             found_name: str | None = None
         else:
             found_name = found
-        header: list[tuple[AuditEvent, dict[str, Any]]] = [
-            ("discontinuity", {"reason": reason, "found_file": found_name})
-        ]
+        header = [Discontinuity(reason=reason, found_file=found_name)]
 
         def swap(tmp: str) -> None:
             if found_name is not None:
@@ -546,7 +877,7 @@ class FileAuditSink:
     def _install(
         self,
         folder_fd: int,
-        header: Sequence[tuple[AuditEvent, Mapping[str, Any]]],
+        header: Sequence[AuditRecord],
         swap: Any,
         *,
         what: str,
@@ -558,8 +889,8 @@ class FileAuditSink:
             os.unlink(tmp, dir_fd=folder_fd)
         seq, prev = self._seq, self._prev
         data = b""
-        for event, fields in header:
-            line = self._encode(event, fields, seq, prev)
+        for record in header:
+            line = self._encode(encode(record), seq, prev)
             data += line
             seq, prev = seq + 1, line_hash(line)
         fd = -1
@@ -653,15 +984,15 @@ class FileAuditSink:
             return f"the live file grew by {ours.st_size - self._size} bytes the agent did not write"
         return None
 
-    async def record(self, event: AuditEvent, fields: Mapping[str, Any], *, sync: bool = True) -> None:
-        """Append one record (and fsync it unless ``sync=False``). Shielded: a cancelled caller cannot leave half a
-        record."""
+    async def record(self, record: AuditRecord) -> None:
+        """Append one record (and fsync it, unless its type is not ``durable``). Shielded: a cancelled caller cannot
+        leave half a record."""
         with waiting_for("the audit log (write and fsync)"):
-            await asyncio.shield(self._record(event, dict(fields), sync))
+            await asyncio.shield(self._record(encode(record), record.durable))
 
-    async def _record(self, event: AuditEvent, fields: dict[str, Any], sync: bool) -> None:
+    async def _record(self, encoded: Encoded, sync: bool) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, fields, sync, done))
+        self._pending.append((encoded, sync, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_pending())
         await done
@@ -670,27 +1001,29 @@ class FileAuditSink:
         async with self._lock:
             while self._pending:
                 group, self._pending = self._pending, []
-                sync = any(wants_sync for _, _, wants_sync, _ in group)
+                sync = any(wants_sync for _, wants_sync, _ in group)
                 try:
-                    await asyncio.to_thread(self._append_sync, [(e, f) for e, f, _, _ in group], sync=sync)
+                    await asyncio.to_thread(self._append_sync, [encoded for encoded, _, _ in group], sync=sync)
                 except AuditError as exc:
-                    for _, _, _, done in group:
+                    for _, _, done in group:
                         if not done.done():
                             done.set_exception(exc)
                 except BaseException as exc:  # pragma: no cover -- a bug or cancellation: never leave waiters hanging
                     failure = AuditError(f"cannot write the audit log {self.path}: {type(exc).__name__}")
-                    for _, _, _, done in group:
+                    for _, _, done in group:
                         if not done.done():
                             done.set_exception(failure)
                     raise
                 else:
-                    for _, _, _, done in group:
+                    for _, _, done in group:
                         if not done.done():
                             done.set_result(None)
 
-    def _encode(self, event: AuditEvent, fields: Mapping[str, Any], seq: int, prev: str) -> bytes:
+    def _encode(self, encoded: Encoded, seq: int, prev: str) -> bytes:
+        """The line of an encoded record at ``seq``, after the line whose hash is ``prev``."""
+        event, fields = encoded
         record = {
-            **bound_fields(fields),
+            **fields,
             "event": event,
             "seq": seq,
             "prev": prev,
@@ -698,7 +1031,7 @@ class FileAuditSink:
         }
         return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n"
 
-    def _append_sync(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]], *, sync: bool = True) -> None:
+    def _append_sync(self, records: Sequence[Encoded], *, sync: bool = True) -> None:
         """Chain and write ``records`` with one write and (``sync``) one fsync, rotating first where needed."""
         with self._thread_lock:
             self._check_usable()
@@ -713,19 +1046,19 @@ class FileAuditSink:
                 _logger.warning("audit log %s: records are written again", self.path)
                 self._failure = None
 
-    def _append_chunks(self, records: Sequence[tuple[AuditEvent, Mapping[str, Any]]], *, sync: bool) -> None:
+    def _append_chunks(self, records: Sequence[Encoded], *, sync: bool) -> None:
         chunk: list[bytes] = []
         chunk_size = 0
         seq, prev = self._seq, self._prev
-        for event, fields in records:
-            line = self._encode(event, fields, seq, prev)
+        for encoded in records:
+            line = self._encode(encoded, seq, prev)
             if self._size + chunk_size > 0 and self._size + chunk_size + len(line) > self.max_bytes:
                 if chunk:
                     self._write_lines(b"".join(chunk), seq, prev)
                     chunk, chunk_size = [], 0
                 self._rotate_sync()
                 seq, prev = self._seq, self._prev
-                line = self._encode(event, fields, seq, prev)
+                line = self._encode(encoded, seq, prev)
             chunk.append(line)
             chunk_size += len(line)
             seq, prev = seq + 1, line_hash(line)
@@ -770,10 +1103,10 @@ class FileAuditSink:
             except OSError as exc:
                 raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
             try:
-                header: list[tuple[AuditEvent, Mapping[str, Any]]] = [("rotated", {"prev_file": old})]
+                header: list[AuditRecord] = [Rotated(prev_file=old)]
                 removed, pruned = self._prune_plan(folder_fd)
                 if pruned is not None:
-                    header.append(("pruned", pruned))
+                    header.append(pruned)
 
                 def swap(tmp: str) -> None:
                     os.rename(tmp, self.path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
@@ -793,7 +1126,7 @@ class FileAuditSink:
             os.close(folder_fd)
         _logger.info("audit log rotated: %s -> %s%s", self.path, old, f"; deleted {len(removed)}" if removed else "")
 
-    def _prune_plan(self, folder_fd: int) -> tuple[list[str], dict[str, Any] | None]:
+    def _prune_plan(self, folder_fd: int) -> tuple[list[str], Pruned | None]:
         """The rotated files beyond ``keep_rotated`` (oldest first, at most ``MAX_LIST_ITEMS`` at a time, so the
         record names every one), and the ``pruned`` record: what goes, and where the kept chain then begins."""
         rotated = sorted((int(m[1]), name) for name in os.listdir(folder_fd) if (m := self._rotated.fullmatch(name)))
@@ -804,15 +1137,14 @@ class FileAuditSink:
         if excess < len(rotated):
             kept_name = rotated[excess][1]  # named after the seq its successor begins at; read its own first record
             first = _first_record(folder_fd, kept_name) or {}
-            kept_seq, kept_prev = first.get("seq"), first.get("prev")
+            seq, prev = first.get("seq"), first.get("prev")
+            kept_seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+            kept_prev = prev if isinstance(prev, str) else None
         else:  # keep_rotated = 0: the new live file is the oldest kept one; it starts from the current hash
             kept_seq, kept_name, kept_prev = self._seq, self.path.name, self._prev
-        return removed, {
-            "removed": removed,
-            "oldest_kept": kept_name,
-            "oldest_kept_seq": kept_seq,
-            "oldest_kept_prev": kept_prev,
-        }
+        return removed, Pruned(
+            removed=tuple(removed), oldest_kept=kept_name, oldest_kept_seq=kept_seq, oldest_kept_prev=kept_prev
+        )
 
     def _close_sync(self) -> None:
         with self._thread_lock:

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from signing_agent import __version__, policy
 from signing_agent.cli_exit import EXIT_CODES_HELP, Exit, report
@@ -27,6 +27,9 @@ from signing_agent.config import AgentConfig, load_config
 from signing_agent.cose.governance import MsgType
 from signing_agent.errors import AgentError, ConfigError, InvalidRequestError
 from signing_agent.log import setup_logging
+
+if TYPE_CHECKING:
+    from signing_agent.api.runtime import Generation
 
 CONFIG_ENV = "SIGNING_AGENT_CONFIG"
 EXIT_OK, EXIT_ERROR = Exit.OK, Exit.ERROR
@@ -129,11 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Open every key store and self-test each identity (its key matches its certificate, a probe signature
-    verifies), and read every pinned service certificate. Every failure is listed; any failure exits 1."""
-    from signing_agent.backends.factory import KeyStores
-    from signing_agent.ccf.connections import CCFConnections
-    from signing_agent.daemon import open_identities_degraded
+    """Open the configuration as ``serve`` would (``daemon.open_generation``: every key store, each identity
+    self-tested, the recovery trust restored, every pinned service certificate read), without the socket and
+    without writing the audit log. Every failed identity is listed; any failure exits 1."""
+    from signing_agent.audit import DryRunAuditSink
+    from signing_agent.daemon import open_generation, open_resources
+    from signing_agent.metrics import METRICS
 
     path = _config_path(args, required=True)
     assert path is not None  # noqa: S101 -- required=True
@@ -141,34 +145,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     setup_logging("critical")  # each failure is printed below, once
 
     async def check(config: AgentConfig) -> int:
-        stores = KeyStores(keyvault=config.keyvault)
+        failed: dict[str, str] = {}
         try:
-            idents, failed = await open_identities_degraded(config, stores)
-            for ident in idents.values():
-                print(f"ok    {ident.name}: member {ident.member_id} {ident.alg.name} {ident.backend} {ident.location}")
-                for warning in ident.warnings:
-                    print(f"      warning: {warning}")
-                await ident.signing_key.aclose()
-                if ident.decryption_key is not None:
-                    await ident.decryption_key.aclose()
-        finally:
-            await stores.aclose()
-        for name, reason in sorted(failed.items()):
-            print(f"FAIL  {name}: {reason}")
-        for name, svc in sorted(config.services.items()):
-            if svc.service_certificate is None:
-                print(f"ok    service {name}: {svc.url} (identity fetched from {svc.identity_url} at first use)")
-                continue
-            ccf = CCFConnections({name: svc})
-            try:
-                await ccf.open_pinned()
-            except AgentError as exc:
-                failed[f"service {name}"] = exc.message
-                print(f"FAIL  service {name}: {exc.message}")
-            else:
-                print(f"ok    service {name}: {svc.url}, pinned {svc.service_certificate}")
-            finally:
-                await ccf.aclose()
+            async with (
+                open_resources(config, DryRunAuditSink(), metrics=METRICS) as resources,
+                open_generation(config, resources, allow_degraded=True) as gen,
+            ):
+                failed.update(_report_generation(gen, config))
+        except AgentError as exc:
+            failed["configuration"] = exc.message
+            print(f"FAIL  {exc.message}")
         if failed:
             print(
                 f"signing-agent: configuration {path}: {len(failed)} check(s) failed: {', '.join(sorted(failed))}",
@@ -179,6 +165,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(check(config))
+
+
+def _report_generation(gen: Generation, config: AgentConfig) -> dict[str, str]:
+    """Print what ``check-config`` opened: each identity (ok or FAIL) and each service; the failed identities."""
+    for ident in gen.service.identities.values():
+        print(f"ok    {ident.name}: member {ident.member_id} {ident.alg.name} {ident.backend} {ident.location}")
+        for warning in ident.warnings:
+            print(f"      warning: {warning}")
+    for name, reason in sorted(gen.health.unavailable.items()):
+        print(f"FAIL  {name}: {reason}")
+    for name, svc in sorted(config.services.items()):
+        if svc.service_certificate is None:
+            print(f"ok    service {name}: {svc.url} (identity fetched from {svc.identity_url} at first use)")
+        else:
+            print(f"ok    service {name}: {svc.url}, pinned {svc.service_certificate}")
+    return dict(gen.health.unavailable)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -263,7 +263,7 @@ class RecoveryConfig:
     """Seconds between status polls of a healthy service (jittered +-20%)."""
     max_backoff: float = 60.0
     """After failures the interval doubles, jittered, up to this."""
-    state_dir: Path | None = None
+    state_dir: Path
     """Where submitted recoveries and adopted service identities are remembered (never a share).
     Default: the audit log's folder."""
 
@@ -274,11 +274,10 @@ class AgentConfig:
     agent: AgentSection
     identities: Mapping[str, IdentityConfig]
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
-    audit: AuditConfig | None = None
-    """None only when built by hand in tests; ``parse_config`` always sets it."""
+    audit: AuditConfig
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     keyvault: KeyVaultConfig = field(default_factory=KeyVaultConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    recovery: RecoveryConfig
 
 
 def one_of(value: str, choices: tuple[C, ...]) -> C | None:

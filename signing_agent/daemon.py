@@ -5,6 +5,11 @@ The socket is created under umask 0177, so it is never wider than 0600 even for 
 agent's own (owned by its uid or root, writable by the owner only, not a symlink); a stale socket left by a crash is
 replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
 (``api/connections.py``).
+
+The wiring, once, for the daemon, its reloads, ``check-config`` and the tests: ``open_audit`` (the locked log),
+``open_resources`` (what the process keeps across reloads: key stores, auditor, denial budget, rate-limit buckets) and
+``open_generation`` (what one configuration serves with), each an async context manager whose parts register their
+close as they open (``contextlib.AsyncExitStack``), so nothing is closed by hand on a failure.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import grp
 import logging
@@ -21,7 +25,8 @@ import resource
 import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -34,10 +39,11 @@ from signing_agent.api.connections import (
     GatedSockSite,
     ensure_fd_limit,
 )
-from signing_agent.api.runtime import RUNTIME, Generation, Runtime
-from signing_agent.audit import FileAuditSink
+from signing_agent.api.runtime import Generation, Runtime
+from signing_agent.audit import Auditor, AuditSink, FileAuditSink, Started
 from signing_agent.backends.factory import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
+from signing_agent.denials import DenialThrottle
 from signing_agent.errors import AgentError, ConfigError
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
@@ -159,43 +165,51 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
     return sock
 
 
-async def open_identities(config: AgentConfig, stores: KeyStores) -> dict[str, Identity]:
-    """Open every identity, or none: on a failure the ones already open are closed again."""
-    take_configured_secrets(config)
-    opened: dict[str, Identity] = {}
-    try:
-        for name, cfg in config.identities.items():
-            if isinstance(cfg.signing_key, FileKeyConfig):
-                _logger.warning(
-                    "identity %s uses a private key file (%s): development only; use pkcs11 or azure-keyvault",
-                    name,
-                    cfg.signing_key.path,
-                )
-            ident = await open_identity(cfg, stores)
-            opened[name] = ident
-            for warning in ident.warnings:
-                _logger.warning("identity %s: %s", name, warning)
-            _logger.info(
-                "identity %s: member %s, %s, %s key %s",
+async def open_identities(
+    config: AgentConfig, stores: KeyStores, opened: contextlib.AsyncExitStack, *, allow_degraded: bool = False
+) -> tuple[dict[str, Identity], dict[str, str]]:
+    """Open and self-test every identity, each closed by ``opened``: the ones that passed, and (``allow_degraded``)
+    why each of the others failed. Without ``allow_degraded`` the first failure is raised (``opened`` then closes
+    the ones already open when it unwinds)."""
+    take_configured_secrets(config)  # all of them, before the first identity can spawn a credential process
+    identities: dict[str, Identity] = {}
+    failed: dict[str, str] = {}
+    for name, cfg in config.identities.items():
+        if isinstance(cfg.signing_key, FileKeyConfig):
+            _logger.warning(
+                "identity %s uses a private key file (%s): development only; use pkcs11 or azure-keyvault",
                 name,
-                ident.member_id,
-                ident.alg.name,
-                ident.backend,
-                ident.location,
+                cfg.signing_key.path,
             )
-    except BaseException:
-        for ident in opened.values():
-            await ident.signing_key.aclose()
-            if ident.decryption_key is not None:
-                await ident.decryption_key.aclose()
-        raise
-    return opened
+        try:
+            ident = await open_identity(cfg, stores)
+        except AgentError as exc:
+            if not allow_degraded:
+                raise
+            _logger.error(  # noqa: TRY400 -- the message says it all; a traceback would only add noise
+                "identity %s failed its self-test; serving without it (degraded): %s", name, exc.message
+            )
+            failed[name] = exc.message
+            continue
+        opened.push_async_callback(ident.aclose)
+        identities[name] = ident
+        for warning in ident.warnings:
+            _logger.warning("identity %s: %s", name, warning)
+        _logger.info(
+            "identity %s: member %s, %s, %s key %s",
+            name,
+            ident.member_id,
+            ident.alg.name,
+            ident.backend,
+            ident.location,
+        )
+    return identities, failed
 
 
-def make_policy(config: AgentConfig, limiter: RateLimiter | None = None) -> Policy:
+def make_policy(config: AgentConfig, limiter: RateLimiter) -> Policy:
     """The configured rules, then (unless disabled) the default rule: root, our uid, agent.allowed_uids/gids.
 
-    ``limiter``: the rate-limit buckets to keep (a reload passes the serving policy's), else fresh ones.
+    ``limiter``: the process's rate-limit buckets, which every generation charges (a reload refills nobody's).
     """
     return Policy.from_config(
         config.policy,
@@ -206,21 +220,17 @@ def make_policy(config: AgentConfig, limiter: RateLimiter | None = None) -> Poli
     )
 
 
-async def open_audit(config: AgentConfig) -> FileAuditSink:
+@contextlib.asynccontextmanager
+async def open_audit(config: AgentConfig) -> AsyncIterator[FileAuditSink]:
     """Lock the audit log (``.<name>.lock`` beside it: a second agent on the same log stops here, having written
     nothing), open it and write a ``started`` record, so an unwritable log stops the agent at start-up. ``serve``
-    calls this before it opens a key store or binds the socket; the lock is held until the agent exits."""
-    if config.audit is None:  # pragma: no cover -- parse_config always sets it
-        raise ConfigError("audit: no audit log is configured")
+    enters this before it opens a key store or binds the socket; the lock is held until the agent exits."""
     sink = await FileAuditSink.open(
         config.audit.path, max_bytes=config.audit.max_bytes, keep_rotated=config.audit.keep_rotated
     )
-    try:
-        await sink.record("started", {"pid": os.getpid(), "config": str(config.path) if config.path else None})
-    except BaseException:
-        await sink.aclose()
-        raise
-    return sink
+    async with contextlib.aclosing(sink):
+        await sink.record(Started(pid=os.getpid(), config=str(config.path) if config.path else None))
+        yield sink
 
 
 def api_settings(config: AgentConfig) -> APISettings:
@@ -228,77 +238,108 @@ def api_settings(config: AgentConfig) -> APISettings:
         max_request_bytes=config.agent.max_request_bytes,
         request_timeout=config.agent.request_timeout,
         body_timeout=config.agent.body_timeout,
-        denial_rate_limit=config.agent.denial_rate_limit,
-        denial_rate_window=config.agent.denial_rate_window,
     )
 
 
-async def open_identities_degraded(
-    config: AgentConfig, stores: KeyStores
-) -> tuple[dict[str, Identity], dict[str, str]]:
-    """Open each identity on its own: the ones that pass their self-test, and why each of the others failed."""
-    take_configured_secrets(config)  # all of them, before the first identity can spawn a credential process
-    opened: dict[str, Identity] = {}
-    failed: dict[str, str] = {}
-    for name in config.identities:
-        single = dataclasses.replace(config, identities={name: config.identities[name]})
-        try:
-            opened.update(await open_identities(single, stores))
-        except AgentError as exc:
-            _logger.error(  # noqa: TRY400 -- the message says it all; a traceback would only add noise
-                "identity %s failed its self-test; serving without it (degraded): %s", name, exc.message
-            )
-            failed[name] = exc.message
-    return opened, failed
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentResources:
+    """What one process keeps across its configuration generations: the key stores (logins and sessions), the
+    auditor around its one audit sink, the peers' denial budget and the policy's rate-limit buckets (a reload must
+    refill neither), and the metrics."""
+
+    stores: KeyStores
+    auditor: Auditor
+    denials: DenialThrottle
+    limiter: RateLimiter
+    metrics: Metrics
+
+    def runtime(self, first: Generation) -> Runtime:
+        """What the API serves with, starting with ``first``."""
+        return Runtime(first, denials=self.denials, auditor=self.auditor, metrics=self.metrics)
 
 
-async def build_generation(
-    config: AgentConfig,
-    stores: KeyStores,
-    audit: FileAuditSink | None,
-    *,
-    number: int,
-    allow_degraded: bool,
-    metrics: Metrics,
-    limiter: RateLimiter | None = None,
-) -> Generation:
-    """Everything one configuration serves with: identities (self-tested), policy, CCF clients, health checks.
+@contextlib.asynccontextmanager
+async def open_resources(config: AgentConfig, sink: AuditSink, *, metrics: Metrics) -> AsyncIterator[AgentResources]:
+    """The process's resources around ``sink`` (the locked audit log; for ``check-config``, a dry run); the key
+    stores are closed on exit. ``[audit]``, ``[keyvault]`` and the denial budget are fixed for the process."""
+    stores = KeyStores(
+        keyvault=config.keyvault, on_sign=metrics.observe_sign, on_throttle_wait=metrics.observe_throttle_wait
+    )
+    async with contextlib.aclosing(stores):
+        yield AgentResources(
+            stores=stores,
+            auditor=Auditor(sink, metrics=metrics),
+            denials=DenialThrottle(config.agent.denial_rate_limit, config.agent.denial_rate_window),
+            limiter=RateLimiter(),
+            metrics=metrics,
+        )
 
-    ``limiter``: the rate-limit buckets the previous generation charged; a reload must not refill them.
+
+@contextlib.asynccontextmanager
+async def open_generation(
+    config: AgentConfig, resources: AgentResources, *, number: int = 1, allow_degraded: bool = False
+) -> AsyncIterator[Generation]:
+    """Everything one configuration serves with: identities (self-tested), policy, CCF clients (those pinned to a
+    certificate file open now, so a bad path fails here), the recovery trust restored from the state files, health
+    checks. The one wiring of the daemon, its reloads, ``check-config`` and the tests.
+
+    Each part registers its close as it opens, and on exit (or a failure half-way) they close in reverse: the
+    recovery watchers stop, the CCF clients close, then the identities' keys. The watchers are not started here:
+    the caller starts them once the generation serves.
     """
-    if allow_degraded:
-        identities, failed = await open_identities_degraded(config, stores)
-    else:
-        identities, failed = await open_identities(config, stores), {}
-    service = SigningService(
-        identities,
-        policy=make_policy(config, limiter),
-        audit=audit,
-        max_created_at_skew=config.agent.max_created_at_skew,
-    )
-    governance = GovernanceService(service, config.services)
-    recovery = RecoveryService(service, governance, config.recovery, metrics=metrics)
-    try:
+    async with contextlib.AsyncExitStack() as opened:
+        identities, failed = await open_identities(config, resources.stores, opened, allow_degraded=allow_degraded)
+        service = SigningService(
+            identities,
+            policy=make_policy(config, resources.limiter),
+            auditor=resources.auditor,
+            denials=resources.denials,
+            max_created_at_skew=config.agent.max_created_at_skew,
+        )
+        governance = GovernanceService(service, config.services, auditor=resources.auditor)
+        opened.push_async_callback(governance.aclose)
+        recovery = RecoveryService(
+            service, governance, config.recovery, auditor=resources.auditor, metrics=resources.metrics
+        )
+        opened.push_async_callback(recovery.stop_watchers)
         await recovery.open()  # identities adopted after earlier recoveries are pinned before the clients open
         await governance.open_pinned()
-    except BaseException:
-        await governance.aclose()
-        await service.aclose()
-        raise
-    health = HealthChecker(service, governance, stores=stores, unavailable=failed, metrics=metrics)
-    for name in identities:
-        metrics.identity_up.labels(name).set(1.0)
-    for name in failed:
-        metrics.identity_up.labels(name).set(0.0)
-    return Generation(number, service, governance, health, recovery=recovery)
+        health = HealthChecker(
+            service, governance, stores=resources.stores, unavailable=failed, metrics=resources.metrics
+        )
+        for name in identities:
+            resources.metrics.identity_up.labels(name).set(1.0)
+        for name in failed:
+            resources.metrics.identity_up.labels(name).set(0.0)
+        yield Generation(number, service, governance, health, recovery)
 
 
-async def close_generation(gen: Generation) -> None:
-    if gen.recovery is not None:
-        await gen.recovery.stop_watchers()
-    if gen.governance is not None:
-        await gen.governance.aclose()
-    await gen.service.aclose()
+class Generations:
+    """The open configuration generations of one process, each on its own exit stack: the first one, each reload's,
+    closed when retired, and whatever is left when the process ends (``aclose``)."""
+
+    def __init__(self, resources: AgentResources, *, allow_degraded: bool) -> None:
+        self.resources = resources
+        self._allow_degraded = allow_degraded
+        self._open: dict[Generation, contextlib.AsyncExitStack] = {}
+
+    async def open(self, config: AgentConfig, *, number: int) -> Generation:
+        """``open_generation``, kept open until ``close``; a failure leaves nothing open."""
+        stack = contextlib.AsyncExitStack()
+        gen = await stack.enter_async_context(
+            open_generation(config, self.resources, number=number, allow_degraded=self._allow_degraded)
+        )
+        self._open[gen] = stack
+        return gen
+
+    async def close(self, gen: Generation) -> None:
+        stack = self._open.pop(gen, None)
+        if stack is not None:
+            await stack.aclose()
+
+    async def aclose(self) -> None:
+        for gen in reversed(list(self._open)):
+            await self.close(gen)
 
 
 # Settings the running listener and HTTP server were built with; a reload keeps them and says so.
@@ -354,19 +395,17 @@ class Reloader:
         self,
         runtime: Runtime,
         config: AgentConfig,
-        stores: KeyStores,
-        audit: FileAuditSink | None,
+        generations: Generations,
+        audit: FileAuditSink,
         *,
-        allow_degraded: bool,
-        metrics: Metrics,
         notifier: Notifier,
     ) -> None:
         self.runtime = runtime
         self.config = config
-        self._stores = stores
+        self._generations = generations
+        self._stores = generations.resources.stores
         self._audit = audit
-        self._allow_degraded = allow_degraded
-        self._metrics = metrics
+        self._metrics = generations.resources.metrics
         self._notifier = notifier
         self._task: asyncio.Task[None] | None = None
         self._again = False
@@ -400,15 +439,7 @@ class Reloader:
             # New sessions and logins for every PKCS#11 token, and refused PINs forgotten: a replaced token or a
             # corrected PIN file takes effect now. The serving generation reconnects on its next operation.
             await self._stores.reset()
-            gen = await build_generation(
-                new_config,
-                self._stores,
-                self._audit,
-                number=current.number + 1,
-                allow_degraded=self._allow_degraded,
-                metrics=self._metrics,
-                limiter=current.service.policy.limiter,
-            )
+            gen = await self._generations.open(new_config, number=current.number + 1)
         except Exception as exc:  # noqa: BLE001 -- a bad new config must never take the serving agent down
             message = exc.diagnostics() if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
             _logger.error(  # noqa: TRY400 -- an expected outcome, explained in one line
@@ -426,10 +457,8 @@ class Reloader:
         old = self.runtime.swap(gen)
         self.config = new_config
         # One set of watchers at a time: the old ones finish their current step before the new ones start.
-        if old.recovery is not None:
-            await old.recovery.stop_watchers()
-        if gen.recovery is not None:
-            gen.recovery.start_watchers()
+        await old.recovery.stop_watchers()
+        gen.recovery.start_watchers()
         self._metrics.reloads.labels("ok").inc()
         _logger.info(
             "configuration reloaded from %s: generation %d, %d identities, %d services",
@@ -448,8 +477,6 @@ class Reloader:
         """The 503s told the operator: look at the audit log, then SIGHUP. In any failing state (write errors, a full
         disk, a removed or replaced file, a broken record), reopen it; a reopen that fails is logged and the log
         stays closed to records (fail closed) while the configuration reload goes on."""
-        if self._audit is None:
-            return
         problem = await self._audit.problem()
         if problem is None:
             return
@@ -469,7 +496,7 @@ class Reloader:
         if not await old.in_flight.drain(limit):
             _logger.warning("generation %d: %d request(s) still running after %.0f s; closing it", old.number,
                             old.in_flight.count, limit)  # fmt: skip
-        await close_generation(old)
+        await self._generations.close(old)
         _logger.info("configuration generation %d closed", old.number)
 
     async def aclose(self) -> None:
@@ -498,34 +525,28 @@ async def serve(
     Every identity self-tests at start-up (its key matches its certificate and a probe signature verifies); one
     that fails stops the start, unless ``allow_degraded`` (then it is left out and health says ``degraded``).
     SIGHUP reloads the configuration (``Reloader``). systemd: sd_notify and socket activation when present.
+
+    Everything opened registers its close on one exit stack, in order: the audit log (and its lock), the key
+    stores, the generations, the reloader, the socket and the HTTP runner; so they close in reverse, whether the
+    agent stops or fails to start.
     """
     metrics = metrics or METRICS
     notifier = Notifier()
     notifier.status("starting: opening identities")
-    audit = await open_audit(config)
-    stores = KeyStores(
-        keyvault=config.keyvault, on_sign=metrics.observe_sign, on_throttle_wait=metrics.observe_throttle_wait
-    )
-    try:
-        first = await build_generation(config, stores, audit, number=1, allow_degraded=allow_degraded, metrics=metrics)
-        app = make_app(
-            first.service,
-            api_settings(config),
-            first.governance,
-            health_checker=first.health,
-            metrics=metrics,
-            recovery=first.recovery,
-        )
-        runtime = app[RUNTIME]
-        reloader = Reloader(
-            runtime, config, stores, audit, allow_degraded=allow_degraded, metrics=metrics, notifier=notifier
-        )
-        owned = False
-        try:
-            sock, owned = listening_socket(config)
-        except BaseException:
-            await close_generation(runtime.current)
-            raise
+    async with contextlib.AsyncExitStack() as stack:
+        audit = await stack.enter_async_context(open_audit(config))
+        resources = await stack.enter_async_context(open_resources(config, audit, metrics=metrics))
+        generations = Generations(resources, allow_degraded=allow_degraded)
+        stack.push_async_callback(generations.aclose)
+        first = await generations.open(config, number=1)
+        runtime = resources.runtime(first)
+        app = make_app(runtime, api_settings(config))
+        reloader = Reloader(runtime, config, generations, audit, notifier=notifier)
+        stack.push_async_callback(reloader.aclose)
+        watchdog: list[asyncio.Task[None]] = []
+        stack.push_async_callback(_cancel, watchdog)  # the last to stop: systemd hears from us until the end
+        sock, owned = listening_socket(config)
+        stack.callback(sock.close)
         sock_path = config.agent.socket
         runner = web.AppRunner(
             app,
@@ -535,12 +556,12 @@ async def serve(
             keepalive_timeout=config.agent.header_timeout,
         )
         await runner.setup()
+        stack.push_async_callback(runner.cleanup)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
-        watchdog: asyncio.Task[None] | None = None
         loop.set_exception_handler(AcceptFailureLog())
         try:
             await GatedSockSite(runner, sock, connection_limiter(config)).start()
@@ -548,20 +569,18 @@ async def serve(
             state = f"{len(first.service.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
             _logger.info("listening on %s (%s)", sock_path, state)
             if notifier.watchdog_interval is not None:
-                watchdog = loop.create_task(_watchdog(notifier, notifier.watchdog_interval))
-            if first.recovery is not None:
-                first.recovery.start_watchers()
+                watchdog.append(loop.create_task(_watchdog(notifier, notifier.watchdog_interval)))
+            first.recovery.start_watchers()
             notifier.ready(f"serving: {state}")
             if on_ready is not None:
                 on_ready(sock_path)
             await stop.wait()
         finally:
             # Stop accepting, then let in-flight requests finish with their connections still open (aiohttp's own
-            # shutdown would drop the rest of a body still being uploaded), then close everything.
+            # shutdown would drop the rest of a body still being uploaded); the stack then closes everything.
             notifier.stopping()
             loop.remove_signal_handler(signal.SIGHUP)
-            if runtime.current.recovery is not None:
-                await runtime.current.recovery.stop_watchers()
+            await runtime.current.recovery.stop_watchers()
             for listening in list(runner.sites):
                 await listening.stop()
             if owned:
@@ -571,13 +590,10 @@ async def serve(
             _logger.info("shutting down: draining %d in-flight request(s)", in_flight.count)
             if not await in_flight.drain(SHUTDOWN_TIMEOUT):
                 _logger.warning("%d request(s) still running after %.0f s; closing", in_flight.count, SHUTDOWN_TIMEOUT)
-            await runner.cleanup()
-            await reloader.aclose()
-            await close_generation(runtime.current)
-            if watchdog is not None:
-                watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watchdog
-    finally:
-        await stores.aclose()
-        await audit.aclose()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -18,8 +18,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from signing_agent.audit import Throttled
 from signing_agent.errors import TooManyRequestsError
 from signing_agent.policy import RateLimiter
 
@@ -41,16 +42,11 @@ class Dropped:
     denied: int = 0
     malformed: int = 0
 
-    def audit_fields(self) -> dict[str, Any]:
+    def audit_record(self) -> Throttled:
         """The ``throttled`` audit record (the sink adds ``ts``: when the summary was written)."""
-        return {
-            "peer": {"uid": self.uid},
-            "dropped": self.denied + self.malformed,
-            "denied": self.denied,
-            "malformed": self.malformed,
-            "first_ts": f"{self.first_ts:.6f}",
-            "last_ts": f"{self.last_ts:.6f}",
-        }
+        return Throttled.summary(
+            uid=self.uid, denied=self.denied, malformed=self.malformed, first_ts=self.first_ts, last_ts=self.last_ts
+        )
 
 
 class DenialThrottle:

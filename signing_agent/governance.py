@@ -18,14 +18,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from signing_agent.audit import Auditor, Failed, Forwarded
 from signing_agent.ccf.api import Answer, Connector, GovernanceAPI, Proposal
 from signing_agent.ccf.client import CCFResponse
 from signing_agent.ccf.connections import CCFConnections
 from signing_agent.config import ServiceConfig
+from signing_agent.context import current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
 from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError
-from signing_agent.policy import Caller
-from signing_agent.service import SignedMessage, SigningService, VotedProposal
+from signing_agent.service import SignedMessage, SigningService, SignRequest, VotedProposal
 
 _logger = logging.getLogger(__name__)
 
@@ -67,9 +68,15 @@ class GovernanceService:
     """
 
     def __init__(
-        self, signer: SigningService, services: Mapping[str, ServiceConfig], *, connector: Connector | None = None
+        self,
+        signer: SigningService,
+        services: Mapping[str, ServiceConfig],
+        *,
+        auditor: Auditor,
+        connector: Connector | None = None,
     ) -> None:
         self.signer = signer
+        self.auditor = auditor
         self.ccf = CCFConnections(services, connector)
         self.services = self.ccf.services
 
@@ -89,20 +96,25 @@ class GovernanceService:
         ``forwarded`` with CCF's status and transaction id (CCF's errors included: they are answers), or ``failed``
         when no answer came. ``provisional``: as for ``CCFConnections.client`` (ballots only)."""
         client = await self.ccf.client(service, provisional=provisional)
+        ctx, subject, payload = current_request(), signed.subject, signed.payload_digest
         try:
             resp = await send(client, signed.cose)
         except AgentError as exc:
-            await self.signer.record("failed", {**signed.audit_fields(), "error": exc.code})
+            await self.auditor.record(
+                Failed(request=ctx, subject=subject, payload=payload, cose_sha256=signed.cose_sha256, error=exc.code)
+            )
             raise
-        await self.signer.record(
-            "forwarded",
-            {
-                **signed.audit_fields(),
-                "ccf_status": resp.status,
-                "ccf_error": resp.error_code,
-                "transaction_id": resp.transaction_id,
-                "attempts": resp.attempts,
-            },
+        await self.auditor.record(
+            Forwarded(
+                request=ctx,
+                subject=subject,
+                payload=payload,
+                cose_sha256=signed.cose_sha256,
+                ccf_status=resp.status,
+                ccf_error=resp.error_code,
+                transaction_id=resp.transaction_id,
+                attempts=resp.attempts,
+            )
         )
         _logger.info(
             "forwarded %s from %s to %s: %d%s (tx %s, %d attempt%s)",
@@ -117,18 +129,10 @@ class GovernanceService:
         )
         return resp
 
-    async def propose(
-        self,
-        service: str,
-        identity: str,
-        proposal: bytes,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-    ) -> Relay:
+    async def propose(self, service: str, identity: str, proposal: bytes) -> Relay:
         await self.ccf.client(service)  # an unknown service fails before anything is signed
         signed = await self.signer.sign(
-            identity, MsgType.PROPOSAL, proposal, service=service, caller=caller, request_id=request_id
+            SignRequest(identity=identity, msg_type=MsgType.PROPOSAL, payload=proposal, service=service)
         )
         resp = await self.forward(service, signed, lambda api, cose: api.create_proposal(cose))
         if resp.error_code == "ProposalReplay" and resp.attempts > 1:
@@ -149,16 +153,7 @@ class GovernanceService:
         _logger.info("proposal %s was created by an earlier attempt whose answer was lost", match.group(1))
         return Relay(status=200, body=got.value.fields, transaction_id=got.transaction_id, from_ccf=True)
 
-    async def vote(
-        self,
-        service: str,
-        identity: str,
-        proposal_id: str,
-        ballot: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-    ) -> Relay:
+    async def vote(self, service: str, identity: str, proposal_id: str, ballot: str) -> Relay:
         check_proposal_id(proposal_id)
         ident = self.signer.identity(identity)
         client = await self.ccf.client(service, provisional=True)
@@ -170,14 +165,14 @@ class GovernanceService:
             raise ConflictError(f"proposal {proposal_id} is {state}, not Open: no ballot was signed")
         voted = await self.voted_proposal(service, proposal_id)  # the policy judges the ballot by these actions
         signed = await self.signer.sign(
-            identity,
-            MsgType.BALLOT,
-            compact_json({"ballot": ballot}),
-            proposal_id=proposal_id,
-            service=service,
-            caller=caller,
-            request_id=request_id,
-            voted=voted,
+            SignRequest(
+                identity=identity,
+                msg_type=MsgType.BALLOT,
+                payload=compact_json({"ballot": ballot}),
+                proposal_id=proposal_id,
+                service=service,
+                voted=voted,
+            )
         )
         return Relay.of(
             await self.forward(
@@ -222,39 +217,25 @@ class GovernanceService:
             return None
         return await self.voted_proposal(service, proposal_id)
 
-    async def withdraw(
-        self,
-        service: str,
-        identity: str,
-        proposal_id: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-    ) -> Relay:
+    async def withdraw(self, service: str, identity: str, proposal_id: str) -> Relay:
         check_proposal_id(proposal_id)
         await self.ccf.client(service)
         # No proposal actions to judge: CCF lets a member withdraw only its own proposal, and a withdrawal makes
         # nothing happen (the policy's action constraints apply to proposals and the ballots that accept them).
         signed = await self.signer.sign(
-            identity,
-            MsgType.WITHDRAWAL,
-            b"",
-            proposal_id=proposal_id,
-            service=service,
-            caller=caller,
-            request_id=request_id,
+            SignRequest(
+                identity=identity, msg_type=MsgType.WITHDRAWAL, payload=b"", proposal_id=proposal_id, service=service
+            )
         )
         return Relay.of(await self.forward(service, signed, lambda api, cose: api.withdraw_proposal(proposal_id, cose)))
 
-    async def activate(
-        self, service: str, identity: str, *, caller: Caller | None = None, request_id: str | None = None
-    ) -> Relay:
+    async def activate(self, service: str, identity: str) -> Relay:
         """State-digest update, then ack: an Accepted member becomes Active."""
         ident = self.signer.identity(identity)
         mid = ident.member_id
         client = await self.ccf.client(service)
         update_msg = await self.signer.sign(
-            identity, MsgType.STATE_DIGEST, b"", service=service, caller=caller, request_id=request_id
+            SignRequest(identity=identity, msg_type=MsgType.STATE_DIGEST, payload=b"", service=service)
         )
         update = await self.forward(service, update_msg, lambda api, cose: api.update_state_digest(mid, cose))
         if not update.ok:
@@ -264,7 +245,7 @@ class GovernanceService:
         digest = update.value.digest
         # The ack signs the :update answer as it came (CCF reads its stateDigest and ignores the rest).
         ack_msg = await self.signer.sign(
-            identity, MsgType.ACK, update.raw, service=service, caller=caller, request_id=request_id
+            SignRequest(identity=identity, msg_type=MsgType.ACK, payload=update.raw, service=service)
         )
         ack = await self.forward(service, ack_msg, lambda api, cose: api.ack_state_digest(mid, cose))
         if not ack.ok:

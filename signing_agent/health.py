@@ -38,9 +38,9 @@ class HealthChecker:
     def __init__(
         self,
         service: SigningService,
-        governance: GovernanceService | None = None,
+        governance: GovernanceService,
         *,
-        stores: KeyStores | None = None,
+        stores: KeyStores,
         unavailable: Mapping[str, str] | None = None,
         metrics: Metrics | None = None,
         timeout: float = 3.0,
@@ -114,10 +114,7 @@ class HealthChecker:
     async def _audit(self) -> Check:
         """Not cached: a few ``stat`` calls. Nothing is signed while the audit log cannot be written, so a failing log
         makes the agent ``degraded`` even with every key store and service up."""
-        sink = self.service.audit
-        if sink is None:
-            return {"status": "ok", "note": "no audit log (embedded use)"}
-        problem = await sink.problem()
+        problem = await self.service.auditor.problem()
         if problem is None:
             return {"status": "ok"}
         _logger.warning("health: %s", problem)
@@ -127,16 +124,15 @@ class HealthChecker:
         """The report: ``status`` is ``ok`` when every check passed, else ``degraded``."""
         async with self._lock:  # concurrent probes share one round of checks
             identities = await asyncio.gather(*(self._identity(i) for i in self.service.identities.values()))
-            services: list[Check] = []
-            if (gov := self.governance) is not None:
-                services = list(await asyncio.gather(*(self._service(gov, n) for n in sorted(gov.services))))
+            gov = self.governance
+            services = list(await asyncio.gather(*(self._service(gov, n) for n in sorted(gov.services))))
         failed = [
             {"name": name, "status": "unavailable", "error": f"failed its self-test at start-up: {reason}"}
             for name, reason in sorted(self.unavailable.items())
         ]
         all_identities = sorted([*identities, *failed], key=lambda c: str(c["name"]))
         audit = await self._audit()
-        registry = self.stores.pkcs11 if self.stores is not None else None
+        registry = self.stores.pkcs11
         tokens = registry.status() if registry is not None else ()
         # A token the backend has found unavailable degrades health at once (it is live state, not a cached probe).
         healthy = all(c["status"] == "ok" for c in [*all_identities, *services, audit]) and all(

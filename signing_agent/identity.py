@@ -7,6 +7,7 @@ verify against the certificate; otherwise the identity is refused with a clear `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -38,6 +39,12 @@ class Identity:
     warnings: tuple[str, ...] = ()
     decryption_key: DecryptionKey | None = None
     encryption_public_key_pem: bytes | None = None
+
+    async def aclose(self) -> None:
+        """Close its keys (the key stores' sessions stay with ``KeyStores``)."""
+        await self.signing_key.aclose()
+        if self.decryption_key is not None:
+            await self.decryption_key.aclose()
 
 
 def _same_key(a: object, b: object) -> bool:
@@ -89,40 +96,33 @@ async def open_identity(cfg: IdentityConfig, stores: KeyStores) -> Identity:
         raise IdentityError(f"{where}.certificate: {exc.message}") from None
     mid = member_id(cert)
 
-    key = stores.signing_key(cfg.signing_key, name=f"{where}.signing_key")
-    try:
+    async with contextlib.AsyncExitStack() as opened:
+        key = stores.signing_key(cfg.signing_key, name=f"{where}.signing_key")
+        opened.push_async_callback(key.aclose)
         info = await _prove_key(key, cert_key, alg, where=where, certificate=cfg.certificate, member=mid)
-    except BaseException:
-        await key.aclose()
-        raise
-
-    decryption_key: DecryptionKey | None = None
-    enc_pem: bytes | None = None
-    if cfg.encryption_key is not None:
-        decryption_key = stores.decryption_key(cfg.encryption_key, name=f"{where}.encryption_key")
-        try:
+        decryption_key: DecryptionKey | None = None
+        enc_pem: bytes | None = None
+        if cfg.encryption_key is not None:
+            decryption_key = stores.decryption_key(cfg.encryption_key, name=f"{where}.encryption_key")
+            opened.push_async_callback(decryption_key.aclose)
             enc_info = await decryption_key.describe()
-        except BaseException:
-            await decryption_key.aclose()
-            await key.aclose()
-            raise
-        if not isinstance(enc_info.public_key, rsa.RSAPublicKey):
-            await decryption_key.aclose()
-            await key.aclose()
-            raise IdentityError(f"{where}.encryption_key: recovery shares need an RSA key")
-        enc_pem = enc_info.public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            if not isinstance(enc_info.public_key, rsa.RSAPublicKey):
+                raise IdentityError(f"{where}.encryption_key: recovery shares need an RSA key")
+            enc_pem = enc_info.public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        identity = Identity(
+            name=cfg.name,
+            certificate_pem=cert.public_bytes(serialization.Encoding.PEM),
+            member_id=mid,
+            alg=alg,
+            public_key=cert_key,
+            signing_key=key,
+            backend=info.backend,
+            location=info.location,
+            warnings=info.warnings,
+            decryption_key=decryption_key,
+            encryption_public_key_pem=enc_pem,
         )
-    return Identity(
-        name=cfg.name,
-        certificate_pem=cert.public_bytes(serialization.Encoding.PEM),
-        member_id=mid,
-        alg=alg,
-        public_key=cert_key,
-        signing_key=key,
-        backend=info.backend,
-        location=info.location,
-        warnings=info.warnings,
-        decryption_key=decryption_key,
-        encryption_public_key_pem=enc_pem,
-    )
+        opened.pop_all()  # proven: the keys are the identity's now, closed by ``Identity.aclose``
+    return identity

@@ -1,5 +1,8 @@
 """Logging set-up: JSON lines to stderr for journald, readable text on a TTY. Only the package logger is configured.
 
+Every line carries the id of the request it was logged for (``RequestIdFilter``, from ``signing_agent.context``):
+the API's and the recovery watchers' requests, down to the CCF client and the key stores.
+
 Nothing secret is ever passed to a logger (PINs, tokens, keys, payloads and decrypted shares are kept out at the
 call sites); this module adds no redaction magic that would make that look optional.
 """
@@ -13,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from signing_agent import context
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -25,6 +30,20 @@ CLIENT_ERROR_LOG_INTERVAL = 60.0
 """At most one "malformed request from a client" line per this many seconds (``ClientErrorFilter``)."""
 
 
+_NO_REQUEST = "-"
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s]: %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record: the current request's (``signing_agent.context``), or ``-`` outside
+    one. On the handlers, so every logger routed through them gets it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(getattr(record, "request_id", None), str):
+            record.request_id = context.request_id() or _NO_REQUEST
+        return True
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -33,6 +52,9 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if isinstance(request_id, str) and request_id != _NO_REQUEST:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -44,9 +66,8 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
     if json_lines is None:
         json_lines = not stream.isatty()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        JSONFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    )
+    handler.setFormatter(JSONFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RequestIdFilter())
     logger = logging.getLogger("signing_agent")
     logger.handlers[:] = [handler]
     logger.setLevel(_LEVELS.get(level, logging.INFO))
@@ -57,6 +78,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
     quiet = logging.StreamHandler(stream)
     quiet.setFormatter(handler.formatter)
     quiet.addFilter(ClientErrorFilter())
+    quiet.addFilter(RequestIdFilter())
     server.handlers[:] = [quiet]
     server.setLevel(logging.WARNING)
     server.propagate = False

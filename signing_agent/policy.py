@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from signing_agent.config import MsgTypeName, PolicyConfig, PolicyRuleConfig
+from signing_agent.context import Caller as Caller  # the policy's subject; defined low, beside the request context
 
 # The canonical ballots ``signing-agent vote --accept / --reject`` send (CCF's documented always-accept/reject).
 ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
@@ -45,19 +46,6 @@ BALLOT_ALIASES = {
 DEFAULT_RULE = "default"
 
 H = TypeVar("H", bound=Hashable)
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """The process on the other end of the socket. ``exe`` is None when it could not be read."""
-
-    uid: int
-    gid: int
-    pid: int
-    exe: str | None = None
-
-    def as_dict(self) -> dict[str, int | str | None]:
-        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "exe": self.exe}
 
 
 @dataclass(frozen=True, slots=True)

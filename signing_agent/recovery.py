@@ -50,10 +50,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from signing_agent.audit import (
+    Auditor,
+    Denied,
+    IdentityAdopted,
+    IdentityApproved,
+    RecoveryStateRefused,
+    Share,
+    ShareFailed,
+    ShareSubmitted,
+    Subject,
+)
 from signing_agent.backends.base import Priority
-from signing_agent.ccf.api import Answer, GovernanceAPI, ServiceInfo
+from signing_agent.ccf.api import Answer, GovernanceAPI, RecoverySubmission, ServiceInfo
 from signing_agent.certs import certificate_der, der_sha256
 from signing_agent.config import RecoveryConfig, ServiceConfig
+from signing_agent.context import RequestContext, bound, current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id
 from signing_agent.errors import (
     AgentError,
@@ -71,9 +83,9 @@ from signing_agent.errors import (
 from signing_agent.files import fsync_folder
 from signing_agent.governance import GovernanceService, Relay
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.policy import ACCEPT_BALLOT, Caller
+from signing_agent.policy import ACCEPT_BALLOT
 from signing_agent.retry import Backoff
-from signing_agent.service import SignedMessage, SigningService
+from signing_agent.service import SignedMessage, SigningService, SignRequest
 
 _logger = logging.getLogger(__name__)
 
@@ -81,8 +93,6 @@ T = TypeVar("T")
 
 WAITING = "WaitingForRecoveryShares"
 MAX_DECRYPTION_FAILURES = 3
-WATCHER_REQUEST_ID_PREFIX = "watcher-"
-"""The unattended watcher's request ids start with this; the API never takes it from a caller's X-Request-Id."""
 STATE_VERSION = 1
 MAX_STATE_BYTES = 1 << 20
 
@@ -178,9 +188,8 @@ class RecoveryStateStore:
 
     _stores: dict[Path, RecoveryStateStore] = {}  # noqa: RUF012 -- a process-wide registry, on purpose
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        """None keeps the state in memory only (an agent built without a configuration file)."""
         self._lock = asyncio.Lock()
         self._data: dict[str, Any] | None = None
 
@@ -220,8 +229,6 @@ class RecoveryStateStore:
 
     def _read_sync(self) -> dict[str, Any]:
         empty: dict[str, Any] = {"version": STATE_VERSION, "submissions": {}}
-        if self.path is None:
-            return empty
         try:
             folder = self._open_folder(self.path.parent)
         except FileNotFoundError:
@@ -275,8 +282,6 @@ class RecoveryStateStore:
             os.close(fd)
 
     def _write_sync(self, data: Mapping[str, Any]) -> None:
-        if self.path is None:
-            return
         name = self.path.name
         tmp = f".{name}.{secrets.token_hex(4)}.tmp"
         encoded = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
@@ -336,6 +341,57 @@ class ShareResult:
     """The share for this recovery had already been submitted (unattended mode only); nothing was sent."""
 
 
+def _count(value: object) -> int | None:
+    """A count from CCF's answer as the audit log keeps it: an integer, or nothing."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ShareAttempt:
+    """One share submission, as its audit records describe it: who asked, whose share, for which recovery."""
+
+    request: RequestContext
+    subject: Subject
+    share: Share
+
+    def failed(
+        self,
+        *,
+        message: str = "",
+        ccf_status: int | None = None,
+        ccf_error: str | None = None,
+        error: str | None = None,
+        transaction_id: str | None = None,
+        attempts: int | None = None,
+    ) -> ShareFailed:
+        return ShareFailed(
+            request=self.request,
+            subject=self.subject,
+            share=self.share,
+            ccf_status=ccf_status,
+            ccf_error=ccf_error,
+            error=error,
+            ccf_message=scrub(message),
+            transaction_id=transaction_id,
+            attempts=attempts,
+        )
+
+    def submitted(self, resp: Answer[RecoverySubmission]) -> ShareSubmitted:
+        """CCF took the share: its status, transaction id and (scrubbed) message, and the recovery's progress."""
+        got = resp.value
+        return ShareSubmitted(
+            request=self.request,
+            subject=self.subject,
+            share=self.share,
+            ccf_status=resp.status,
+            transaction_id=resp.transaction_id,
+            attempts=resp.attempts,
+            ccf_message=scrub(got.message if got is not None else ""),
+            submitted_count=got.submitted_count if got is not None else None,
+            recovery_threshold=got.recovery_threshold if got is not None else None,
+        )
+
+
 @dataclass
 class _Stats:
     decryption_failures: dict[str, int] = field(default_factory=dict)
@@ -350,19 +406,20 @@ class RecoveryService:
         governance: GovernanceService,
         config: RecoveryConfig,
         *,
+        auditor: Auditor,
         metrics: Metrics | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.signer = signer
         self.governance = governance
         self.config = config
+        self.auditor = auditor
         self._metrics = metrics or METRICS
         self._rng = rng
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._adopt_lock = asyncio.Lock()
         self._provisional_proposal: dict[str, str] = {}
         self._stats = _Stats()
-        self._memory: dict[str, RecoveryStateStore] = {}
         self.watchers: list[RecoveryWatcher] = []
         if config.enabled:
             for svc in governance.services.values():
@@ -375,8 +432,6 @@ class RecoveryService:
                         )
 
     def store(self, service: str) -> RecoveryStateStore:
-        if self.config.state_dir is None:
-            return self._memory.setdefault(service, RecoveryStateStore(None))
         return RecoveryStateStore.for_path(self.config.state_dir / f"recovery-{service}.json")
 
     def _service(self, service: str) -> ServiceConfig:
@@ -390,14 +445,12 @@ class RecoveryService:
         and submissions fail with the reason) until an operator moves the file aside."""
         for name in self.governance.services:
             store = self.store(name)
-            if store.path is None:
-                continue
             try:
                 data = await store.load()
             except ConfigError as exc:
                 _logger.error("service %s: recovery state refused, nothing restored from it: %s", name, exc.message)  # noqa: TRY400
-                await self.signer.record(
-                    "recovery_state_refused", {"service": name, "path": str(store.path), "reason": exc.message}
+                await self.auditor.record(
+                    RecoveryStateRefused(subject=Subject(service=name), path=str(store.path), reason=exc.message)
                 )
                 continue
             configured: str | None = None
@@ -422,16 +475,15 @@ class RecoveryService:
     ) -> None:
         """Put an identity to use (pinned when approved, else provisional) and audit it as ``identity_adopted``."""
         proposal_id = record.get("proposal_id")
-        fields: dict[str, Any] = {
-            "service": service,
-            "certificate_sha256": _fingerprint(pem),
-            "previous_sha256": record.get("previous_sha256"),
-            "proposal_id": proposal_id,
-            "trust": trust,
-        }
-        if restored_from is not None:
-            fields["restored_from"] = str(restored_from)
-        await self.signer.record("identity_adopted", fields)
+        previous = record.get("previous_sha256")
+        adopted = IdentityAdopted(
+            subject=Subject(service=service, proposal_id=proposal_id if isinstance(proposal_id, str) else None),
+            certificate_sha256=_fingerprint(pem),
+            previous_sha256=previous if isinstance(previous, str) else None,
+            trust=trust,
+            restored_from=str(restored_from) if restored_from is not None else None,
+        )
+        await self.auditor.record(adopted)
         if trust == "approved":
             self.governance.ccf.pin(service, pem)
             self.governance.ccf.trust_provisionally(service, None)
@@ -442,7 +494,7 @@ class RecoveryService:
             "service %s: %s service identity %s (%s, proposal %s)%s",
             service,
             "pinning the approved" if trust == "approved" else "trusting for reads and ballots only the",
-            fields["certificate_sha256"][:16],
+            adopted.certificate_sha256[:16],
             "restored from the recovery state" if restored_from is not None else "adopted now",
             proposal_id,
             ""
@@ -546,9 +598,6 @@ class RecoveryService:
         identity: str,
         proposal_id: str,
         sha256: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
     ) -> Relay:
         """The ``accept_transition_to`` rule, step two: ``identity`` votes accept on the ``transition_service_to_open``
         proposal ``proposal_id``, and that approves the new service identity it names for recovery shares.
@@ -604,9 +653,7 @@ class RecoveryService:
                     f"proposal {proposal_id} is not a transition_service_to_open from an identity trusted for shares "
                     f"to {wanted[:16]}: no ballot was signed"
                 )
-            relay = await self.governance.vote(
-                service, identity, proposal_id, ACCEPT_BALLOT, caller=caller, request_id=request_id
-            )
+            relay = await self.governance.vote(service, identity, proposal_id, ACCEPT_BALLOT)
             if not 200 <= relay.status < 300:
                 return relay  # CCF refused the ballot: nothing is approved
             record = _identity_record(await self.governance.ccf.configured_identity(service), candidate, previous,
@@ -614,7 +661,7 @@ class RecoveryService:
             record.update(identity=identity, member_id=member_id, ballot_transaction_id=relay.transaction_id,
                           approved_at=int(time.time()))  # fmt: skip
             try:
-                await self._approve(service, candidate, record, caller=caller, request_id=request_id)
+                await self._approve(service, candidate, record)
             except AgentError as exc:
                 raise type(exc)(
                     f"the ballot was forwarded (CCF answered {relay.status}), but approving service identity "
@@ -630,23 +677,21 @@ class RecoveryService:
             transaction_id=relay.transaction_id,
         )  # fmt: skip
 
-    async def _approve(
-        self, service: str, candidate: bytes, record: dict[str, Any], *, caller: Caller | None, request_id: str | None
-    ) -> None:
+    async def _approve(self, service: str, candidate: bytes, record: dict[str, Any]) -> None:
         """Audit, then keep, then pin: the approval is durable before any share can go to the identity."""
-        await self.signer.record(
-            "identity_approved",
-            {
-                "request_id": request_id,
-                "peer": caller.as_dict() if caller is not None else None,
-                "service": service,
-                "certificate_sha256": record["sha256"],
-                "previous_sha256": record["previous_sha256"],
-                "proposal_id": record["proposal_id"],
-                "identity": record["identity"],
-                "member_id": record["member_id"],
-                "ballot_transaction_id": record["ballot_transaction_id"],
-            },
+        await self.auditor.record(
+            IdentityApproved(
+                request=current_request(),
+                subject=Subject(
+                    identity=record["identity"],
+                    member_id=record["member_id"],
+                    proposal_id=record["proposal_id"],
+                    service=service,
+                ),
+                certificate_sha256=record["sha256"],
+                previous_sha256=record["previous_sha256"],
+                ballot_transaction_id=record["ballot_transaction_id"],
+            )
         )
 
         def change(data: dict[str, Any]) -> None:
@@ -715,16 +760,9 @@ class RecoveryService:
             "accept on that proposal; or list the certificate in accepted_service_certificates and reload",
         )
 
-    async def submit_share(
-        self,
-        service: str,
-        identity: str,
-        *,
-        caller: Caller | None = None,
-        request_id: str | None = None,
-        unattended: bool = False,
-    ) -> ShareResult:
-        """Fetch, decrypt (in the key store), sign and submit ``identity``'s share; CCF's answer is relayed.
+    async def submit_share(self, service: str, identity: str, *, unattended: bool = False) -> ShareResult:
+        """Fetch, decrypt (in the key store), sign and submit ``identity``'s share for the current caller; CCF's
+        answer is relayed.
 
         ``unattended`` (the watcher): skip when the share for the service's current recovery was submitted already.
         """
@@ -737,31 +775,29 @@ class RecoveryService:
             )
         # Decide before any key is used: a caller the policy refuses never makes the key store decrypt.
         explained = await self.signer.explain(
-            identity, MsgType.RECOVERY_SHARE, _POLICY_PROBE, service=service, caller=caller
+            SignRequest(identity=identity, msg_type=MsgType.RECOVERY_SHARE, payload=_POLICY_PROBE, service=service)
         )
         if not explained.decision.allowed:
-            self.signer.charge_denial(caller)  # past the peer's budget: 429, and no record
-            await self.signer.record(
-                "denied",
-                {
-                    "request_id": request_id,
-                    "peer": caller.as_dict() if caller is not None else None,
-                    "identity": identity,
-                    "member_id": ident.member_id,
-                    "msg_type": str(MsgType.RECOVERY_SHARE),
-                    "service": service,
-                    "rule": explained.decision.rule,
-                    "reason": explained.decision.reason,
-                },
+            self.signer.charge_denial()  # past the peer's budget: 429, and no record
+            await self.auditor.record(
+                Denied(
+                    request=current_request(),
+                    subject=Subject(
+                        identity=identity,
+                        member_id=ident.member_id,
+                        msg_type=str(MsgType.RECOVERY_SHARE),
+                        service=service,
+                    ),
+                    rule=explained.decision.rule,
+                    reason=explained.decision.reason,
+                )
             )
             raise PolicyDeniedError(f"policy: {explained.decision.describe()}")
         lock = self._locks.setdefault((service, identity), asyncio.Lock())
         async with lock:
-            return await self._submit_locked(service, identity, caller, request_id, unattended=unattended)
+            return await self._submit_locked(service, identity, unattended=unattended)
 
-    async def _submit_locked(
-        self, service: str, identity: str, caller: Caller | None, request_id: str | None, *, unattended: bool
-    ) -> ShareResult:
+    async def _submit_locked(self, service: str, identity: str, *, unattended: bool) -> ShareResult:
         ident = self.signer.identity(identity)
         store = self.store(service)
         data = await store.load()  # a refused state file stops every submission, before anything is fetched
@@ -771,49 +807,46 @@ class RecoveryService:
         key = RecoveryKey(info.recovery_count, info.creation_transaction_id)
         if unattended and key.matches(data["submissions"].get(identity)):
             return ShareResult(Relay(status=200, body=None), submitted=False, key=key, skipped=True)
-        facts: dict[str, Any] = {
-            "request_id": request_id,
-            "peer": caller.as_dict() if caller is not None else None,
-            "service": service,
-            "identity": identity,
-            "member_id": ident.member_id,
-            "recovery_count": key.recovery_count,
-            "creation_transaction_id": key.creation_txid,
-            "unattended": unattended,
-        }
+        attempt = _ShareAttempt(
+            request=current_request(),
+            subject=Subject(identity=identity, member_id=ident.member_id, service=service),
+            share=Share(
+                recovery_count=key.recovery_count, creation_transaction_id=key.creation_txid, unattended=unattended
+            ),
+        )
         mid = ident.member_id
         enc = await self._share_read(service, lambda api: api.encrypted_share(mid))
         if not enc.ok:
-            await self._failed(facts, ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
+            await self._failed(
+                attempt.failed(ccf_status=enc.status, ccf_error=enc.error_code, message=enc.error_message)
+            )
             return ShareResult(Relay.of(enc), submitted=False, key=key, ccf_error=enc.error_code)
         if enc.value is None:
-            await self._failed(facts, error="CCFError", message="malformed encryptedShare")
+            await self._failed(attempt.failed(error="CCFError", message="malformed encryptedShare"))
             raise CCFError(f"service {service!r} answered an encrypted share that is not base64")
         try:
-            signed = await self._decrypt_and_sign(service, identity, enc.value.ciphertext, caller, request_id)
+            signed = await self._decrypt_and_sign(service, identity, enc.value.ciphertext)
             # Not provisional: the client trusts only the identities decided for shares.
             resp = await self.governance.forward(
                 service, signed, lambda api, cose: api.submit_recovery_share(mid, cose)
             )
         except AgentError as exc:
-            await self._failed(facts, error=exc.code)
+            await self._failed(attempt.failed(error=exc.code))
             raise
         del signed
-        facts.update(
-            ccf_status=resp.status,
-            transaction_id=resp.transaction_id,
-            attempts=resp.attempts,
-        )
         if not resp.ok:
-            await self._failed(facts, ccf_status=resp.status, ccf_error=resp.error_code, message=resp.error_message)
+            await self._failed(
+                attempt.failed(
+                    ccf_status=resp.status,
+                    ccf_error=resp.error_code,
+                    message=resp.error_message,
+                    transaction_id=resp.transaction_id,
+                    attempts=resp.attempts,
+                )
+            )
             return ShareResult(Relay.of(resp), submitted=False, key=key, ccf_error=resp.error_code)
-        submission = resp.value
-        facts.update(
-            ccf_message=scrub(submission.message if submission is not None else ""),
-            submitted_count=submission.submitted_count if submission is not None else None,
-            recovery_threshold=submission.recovery_threshold if submission is not None else None,
-        )
-        await self.signer.record("share_submitted", facts)
+        submitted = attempt.submitted(resp)
+        await self.auditor.record(submitted)
         self._metrics.recovery_shares.labels(service, identity, "submitted").inc()
 
         def change(data: dict[str, Any]) -> None:
@@ -830,28 +863,16 @@ class RecoveryService:
             identity,
             service,
             key.recovery_count,
-            facts["ccf_message"].replace("\n", "; "),
+            submitted.ccf_message.replace("\n", "; "),
         )
         return ShareResult(Relay.of(resp), submitted=True, key=key)
 
-    async def _failed(
-        self,
-        facts: Mapping[str, Any],
-        *,
-        ccf_status: int | None = None,
-        ccf_error: str | None = None,
-        message: str = "",
-        error: str | None = None,
-    ) -> None:
-        await self.signer.record(
-            "share_failed",
-            {**facts, "ccf_status": ccf_status, "ccf_error": ccf_error, "error": error, "ccf_message": scrub(message)},
-        )
-        self._metrics.recovery_shares.labels(facts["service"], facts["identity"], "failed").inc()
+    async def _failed(self, failed: ShareFailed) -> None:
+        await self.auditor.record(failed)
+        service, identity = failed.subject.service or "", failed.subject.identity or ""
+        self._metrics.recovery_shares.labels(service, identity, "failed").inc()
 
-    async def _decrypt_and_sign(
-        self, service: str, identity: str, ciphertext: bytes, caller: Caller | None, request_id: str | None
-    ) -> SignedMessage:
+    async def _decrypt_and_sign(self, service: str, identity: str, ciphertext: bytes) -> SignedMessage:
         """The only place the agent decrypts: a ciphertext fetched from a configured service over pinned TLS."""
         ident = self.signer.identity(identity)
         key = ident.decryption_key
@@ -880,12 +901,7 @@ class RecoveryService:
             payload += base64.b64encode(share)
             payload += b'"}'
             return await self.signer.sign(
-                identity,
-                MsgType.RECOVERY_SHARE,
-                bytes(payload),
-                service=service,
-                caller=caller,
-                request_id=request_id,
+                SignRequest(identity=identity, msg_type=MsgType.RECOVERY_SHARE, payload=bytes(payload), service=service)
             )
         finally:
             share[:] = bytes(len(share))
@@ -988,7 +1004,14 @@ class RecoveryWatcher:
                     await self._stop.wait()
 
     async def tick(self) -> None:
-        """One poll: submit when the service waits for shares and ours for this recovery is not in yet."""
+        """One poll: submit when the service waits for shares and ours for this recovery is not in yet.
+
+        The poll is the agent's own request: its own caller, and a fresh ``watcher-`` request id (a form no client
+        can give) in its log lines and audit records."""
+        with bound(RequestContext.for_agent()):
+            await self._poll()
+
+    async def _poll(self) -> None:
         # The state first: a refused state file shows as a failed watcher now, not only once a disaster happened.
         data = await self.recovery.store(self.service).load()
         info = await self.recovery.service_info(self.service)
@@ -1004,8 +1027,7 @@ class RecoveryWatcher:
             self._set("submitted")
             return
         self._set("recovering")
-        request_id = f"{WATCHER_REQUEST_ID_PREFIX}{secrets.token_hex(6)}"
-        result = await self.recovery.submit_share(self.service, self.identity, request_id=request_id, unattended=True)
+        result = await self.recovery.submit_share(self.service, self.identity, unattended=True)
         if result.submitted or result.skipped:
             data = await self.recovery.store(self.service).load()
             self.last_submission = data["submissions"].get(self.identity)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -24,9 +25,10 @@ from signing_agent import __version__
 from signing_agent.api.context import BODY_TIMEOUT, CALLER, REQUEST_ID, read_body
 from signing_agent.api.governance_routes import add_governance_routes
 from signing_agent.api.peer import peer_of
-from signing_agent.api.runtime import GENERATION, RUNTIME, Generation, InFlight, Runtime, generation_of, service_of
+from signing_agent.api.runtime import GENERATION, RUNTIME, InFlight, Runtime, generation_of, service_of
 from signing_agent.api.schemas import parse_explain_request, parse_sign_request
-from signing_agent.denials import DenialThrottle
+from signing_agent.audit import PeerRefused
+from signing_agent.context import WATCHER_REQUEST_ID_PREFIX, RequestContext, bound
 from signing_agent.errors import (
     AgentError,
     AgentTimeoutError,
@@ -34,11 +36,7 @@ from signing_agent.errors import (
     ShuttingDownError,
     TooManyRequestsError,
 )
-from signing_agent.governance import GovernanceService
-from signing_agent.health import HealthChecker
-from signing_agent.metrics import CONTENT_TYPE_LATEST, METRICS, Metrics
-from signing_agent.recovery import WATCHER_REQUEST_ID_PREFIX, RecoveryService
-from signing_agent.service import SigningService
+from signing_agent.metrics import CONTENT_TYPE_LATEST
 from signing_agent.waits import Waits
 
 _logger = logging.getLogger(__name__)
@@ -52,16 +50,12 @@ class APISettings:
     max_request_bytes: int
     request_timeout: float
     body_timeout: float = 30.0
-    denial_rate_limit: int = 30
-    """Denied or malformed requests per peer uid and ``denial_rate_window`` before 429 (``DenialThrottle``)."""
-    denial_rate_window: float = 60.0
 
 
 # The current SigningService, GovernanceService and HealthChecker live in app[RUNTIME] (api/runtime.py), swapped on
 # reload; handlers reach them with service_of(request) / governance_of(request), never through an app key.
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 SETTINGS = web.AppKey("settings", APISettings)
-METRICS_KEY = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -116,6 +110,12 @@ def _relayed(response: web.StreamResponse) -> bool:
     return response.headers.get("X-Relayed-From") == "ccf"
 
 
+def _logged_for(request_id: str) -> dict[str, str]:
+    """The request id of a log line written outside the request context (before the peer is known, or after the
+    request ended), as ``signing_agent.log`` shows it."""
+    return {"request_id": request_id}
+
+
 Failure = tuple[int, str, str, str]
 """A failure to log once the response is final: level, request id, error code, message."""
 
@@ -152,7 +152,7 @@ async def _respond(request: web.Request, handler: Handler) -> tuple[web.StreamRe
             response.force_close()  # no keep-alive after a body we refused to read
         return response, None
     except Exception:
-        _logger.exception("request %s: unexpected error", request_id)
+        _logger.exception("request %s: unexpected error", request_id, extra=_logged_for(request_id))
         return error_response(500, "InternalError", "internal error; see the agent's log", request_id), None
 
 
@@ -173,12 +173,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if closing:
                 response.force_close()
     if failure is not None:
-        _logger.log(failure[0], "request %s failed: %s: %s", *failure[1:])
+        _logger.log(failure[0], "request %s failed: %s: %s", *failure[1:], extra=_logged_for(request_id))
     response.headers["X-Request-Id"] = request_id
     resource = request.match_info.route.resource
     # The route template ("/v1/services/{svc}/status"), never the raw path: labels must stay a small, fixed set.
     route = resource.canonical if resource is not None else "unmatched"
-    metrics = request.app[METRICS_KEY]
+    metrics = request.app[RUNTIME].metrics
     metrics.requests.labels(route, request.method, str(response.status)).inc()
     metrics.request_seconds.labels(route).observe(time.monotonic() - started)
     if not throttled:  # a throttled flood is counted in metrics and one audit summary, not a log line each
@@ -189,39 +189,38 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response.status,
             request_id,
             f"uid={peer.uid} pid={peer.pid}" if peer else "unknown",
+            extra=_logged_for(request_id),
         )
     return response
 
 
 @web.middleware
 async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
     who = peer_of(request)
     if who is None:
         raise PolicyDeniedError("the agent only serves local Unix-socket peers")
     request[CALLER] = who
+    # Who asks, for everything the request does below: the service reads it, the audit records carry it, and every
+    # log line carries its id.
+    with bound(RequestContext.for_peer(request[REQUEST_ID], who)) as ctx:
+        return await _admitted(request, handler, ctx)
+
+
+async def _admitted(request: web.Request, handler: Handler, ctx: RequestContext) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    runtime = request.app[RUNTIME]
     in_flight = request.app[IN_FLIGHT]
     if in_flight.draining:
         raise ShuttingDownError("the agent is shutting down; retry against its successor")
     # Pin the configuration generation for the whole request (a reload swaps it for later requests only).
-    gen = request.app[RUNTIME].current
+    gen = runtime.current
     request[GENERATION] = gen
-    admitted = gen.service.policy.admits(who)
+    admitted = gen.service.policy.admits(ctx.caller)
     if not admitted.allowed:
-        gen.service.charge_denial(who)  # past the peer's budget: 429, and no record
-        # Audited, but not synced on its own: nothing leaves the agent on a denial, and an unauthorised peer must
-        # not be able to make the agent fsync at will. The next synced record makes it durable.
-        await gen.service.record(
-            "denied",
-            {
-                "request_id": request[REQUEST_ID],
-                "peer": who.as_dict(),
-                "route": f"{request.method} {request.path}",
-                "rule": admitted.rule,
-                "reason": admitted.reason,
-            },
-            sync=False,
-        )
+        gen.service.charge_denial()  # past the peer's budget: 429, and no record
+        route = f"{request.method} {request.path}"
+        await runtime.auditor.record(PeerRefused(request=ctx, route=route, rule=admitted.rule, reason=admitted.reason))
+        who = ctx.caller
         raise PolicyDeniedError(
             f"peer uid {who.uid} (gid {who.gid}, pid {who.pid}) may not use this agent: {admitted.reason}",
             hint="by default only the agent's own user and root may; see agent.allowed_uids / allowed_gids "
@@ -258,7 +257,7 @@ async def _write_summaries(runtime: Runtime, *, flush: bool = False) -> None:
     """Audit what the denial budget dropped: one ``throttled`` record per uid and window."""
     for dropped in runtime.denials.due(flush=flush):
         try:
-            await runtime.current.service.record("throttled", dropped.audit_fields())
+            await runtime.auditor.record(dropped.audit_record())
         except AgentError as exc:
             _logger.error(  # noqa: TRY400 -- the audit failure is the news; its traceback adds nothing
                 "cannot audit that %d request(s) of peer uid %d were throttled: %s",
@@ -297,7 +296,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics_exposition(request: web.Request) -> web.Response:
     """Prometheus text format."""
-    body = request.app[METRICS_KEY].exposition()
+    body = request.app[RUNTIME].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -326,16 +325,7 @@ async def identities(request: web.Request) -> web.Response:
 
 async def sign(request: web.Request) -> web.Response:
     service = service_of(request)
-    req = parse_sign_request(await read_body(request))
-    signed = await service.sign(
-        req.identity,
-        req.msg_type,
-        req.payload,
-        created_at=req.created_at,
-        proposal_id=req.proposal_id,
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
-    )
+    signed = await service.sign(parse_sign_request(await read_body(request)))
     return web.Response(
         body=signed.cose,
         content_type="application/cose",
@@ -352,41 +342,18 @@ async def explain(request: web.Request) -> web.Response:
     gen = generation_of(request)
     req = parse_explain_request(await read_body(request))
     # A ballot for a service is judged by the proposal it votes on, which only the governance layer can read.
-    voted = None
-    if gen.governance is not None:
-        voted = await gen.governance.voted_for_explain(req.msg_type, req.service, req.proposal_id)
-    explanation = await gen.service.explain(
-        req.identity,
-        req.msg_type,
-        req.payload,
-        created_at=req.created_at,
-        proposal_id=req.proposal_id,
-        service=req.service,
-        caller=request[CALLER],
-        voted=voted,
-    )
+    voted = await gen.governance.voted_for_explain(req.msg_type, req.service, req.proposal_id)
+    explanation = await gen.service.explain(dataclasses.replace(req, voted=voted))
     return web.json_response(explanation.as_dict())
 
 
-def make_app(
-    service: SigningService,
-    settings: APISettings,
-    governance: GovernanceService | None = None,
-    *,
-    health_checker: HealthChecker | None = None,
-    metrics: Metrics | None = None,
-    recovery: RecoveryService | None = None,
-) -> web.Application:
-    """The API application. The daemon owns the services' lifecycles and swaps them through ``app[RUNTIME]``."""
+def make_app(runtime: Runtime, settings: APISettings) -> web.Application:
+    """The API application. The daemon owns the generations' lifecycles and swaps them through ``runtime``."""
     app = web.Application(
         middlewares=[error_middleware, peer_middleware],
         client_max_size=settings.max_request_bytes,
     )
-    metrics = metrics or METRICS
-    checker = health_checker or HealthChecker(service, governance, metrics=metrics)
-    denials = DenialThrottle(settings.denial_rate_limit, settings.denial_rate_window)
-    app[RUNTIME] = Runtime(Generation(1, service, governance, checker, recovery=recovery), denials)
-    app[METRICS_KEY] = metrics
+    app[RUNTIME] = runtime
     app[SETTINGS] = settings
     app[BODY_TIMEOUT] = settings.body_timeout
     app[IN_FLIGHT] = InFlight()
@@ -396,6 +363,5 @@ def make_app(
     app.router.add_get("/v1/identities", identities)
     app.router.add_post("/v1/sign", sign)
     app.router.add_post("/v1/explain", explain)
-    if governance is not None:
-        add_governance_routes(app, governance)
+    add_governance_routes(app)
     return app

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signing_agent.api.context import CALLER, REQUEST_ID, read_body
+from signing_agent.api.context import read_body
 from signing_agent.api.runtime import generation_of, governance_of, recovery_of
 from signing_agent.api.schemas import decode_base64, get_str, parse_object
 from signing_agent.cose.governance import compact_json
 from signing_agent.errors import InvalidRequestError
-from signing_agent.governance import GovernanceService, Relay
+from signing_agent.governance import Relay
 
 _PROPOSAL_FIELDS = frozenset({"identity", "proposal", "proposal_base64"})
 _BALLOT_FIELDS = frozenset({"identity", "ballot"})
@@ -62,8 +62,6 @@ async def propose(request: web.Request) -> web.Response:
         request.match_info["svc"],
         get_str(body, "identity"),
         payload,
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
     )
     return relay_response(relay)
 
@@ -76,8 +74,6 @@ async def vote(request: web.Request) -> web.Response:
         get_str(body, "identity"),
         request.match_info["pid"],
         get_str(body, "ballot"),
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
     )
     return relay_response(relay)
 
@@ -89,8 +85,6 @@ async def withdraw(request: web.Request) -> web.Response:
         request.match_info["svc"],
         get_str(body, "identity"),
         request.match_info["pid"],
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
     )
     return relay_response(relay)
 
@@ -103,8 +97,6 @@ async def activate(request: web.Request) -> web.Response:
     relay = await gov.activate(
         request.match_info["svc"],
         request.match_info["identity"],
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
     )
     return relay_response(relay)
 
@@ -113,7 +105,7 @@ async def status(request: web.Request) -> web.Response:
     service = request.match_info["svc"]
     relay = await governance_of(request).status(service)
     recovery = generation_of(request).recovery
-    if relay.raw is None and isinstance(relay.body, dict) and recovery is not None:
+    if relay.raw is None and isinstance(relay.body, dict):
         relay = Relay(
             status=relay.status,
             body={**relay.body, "recovery_watchers": recovery.status(service)},
@@ -130,8 +122,6 @@ async def submit_share(request: web.Request) -> web.Response:
     result = await recovery_of(request).submit_share(
         request.match_info["svc"],
         request.match_info["identity"],
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
     )
     return relay_response(result.relay)
 
@@ -145,17 +135,13 @@ async def approve_identity(request: web.Request) -> web.Response:
         get_str(body, "identity"),
         get_str(body, "proposal_id"),
         get_str(body, "sha256"),
-        caller=request[CALLER],
-        request_id=request[REQUEST_ID],
     )
     return relay_response(relay)
 
 
 async def recovery_status(request: web.Request) -> web.Response:
-    gen = generation_of(request)
-    watchers = gen.recovery.status() if gen.recovery is not None else []
-    enabled = gen.recovery.config.enabled if gen.recovery is not None else False
-    return web.json_response({"enabled": enabled, "watchers": watchers})
+    recovery = recovery_of(request)
+    return web.json_response({"enabled": recovery.config.enabled, "watchers": recovery.status()})
 
 
 async def proposals(request: web.Request) -> web.Response:
@@ -167,8 +153,8 @@ async def proposal(request: web.Request) -> web.Response:
     return relay_response(await gov.proposal(request.match_info["svc"], request.match_info["pid"]))
 
 
-def add_governance_routes(app: web.Application, governance: GovernanceService) -> None:
-    """The routes; handlers use the current generation's ``GovernanceService`` (``governance`` is the first)."""
+def add_governance_routes(app: web.Application) -> None:
+    """The routes; handlers use the ``GovernanceService`` of the generation their request pinned."""
     r = app.router
     r.add_get("/v1/services", list_services)
     r.add_get("/v1/services/{svc}/status", status)

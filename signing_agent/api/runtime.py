@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from signing_agent.config import RecoveryConfig
+from signing_agent.audit import Auditor
 from signing_agent.denials import DenialThrottle
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
+from signing_agent.metrics import Metrics
 from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 
@@ -61,21 +62,24 @@ class Generation:
 
     number: int
     service: SigningService
-    governance: GovernanceService | None
+    governance: GovernanceService
     health: HealthChecker
+    recovery: RecoveryService
     in_flight: InFlight = field(default_factory=InFlight)
-    recovery: RecoveryService | None = None
 
 
 class Runtime:
     """Holds the current ``Generation``; ``swap`` replaces it in one step (no await in between).
 
     Also holds what outlives a reload: the peers' budget of denials (``denials``), which each generation's service
-    charges, so reloading the configuration never hands a flooding peer a fresh budget.
+    charges, so reloading the configuration never hands a flooding peer a fresh budget; the process's ``auditor``;
+    and the ``metrics``.
     """
 
-    def __init__(self, first: Generation, denials: DenialThrottle) -> None:
+    def __init__(self, first: Generation, *, denials: DenialThrottle, auditor: Auditor, metrics: Metrics) -> None:
         self.denials = denials
+        self.auditor = auditor
+        self.metrics = metrics
         self._current = self._adopt(first)
 
     @property
@@ -83,7 +87,8 @@ class Runtime:
         return self._current
 
     def _adopt(self, gen: Generation) -> Generation:
-        gen.service.denials = self.denials
+        if gen.service.denials is not self.denials or gen.service.auditor is not self.auditor:
+            raise ValueError(f"generation {gen.number} was built with another denial budget or auditor")
         return gen
 
     def swap(self, new: Generation) -> Generation:
@@ -107,17 +112,8 @@ def service_of(request: web.Request) -> SigningService:
 
 
 def recovery_of(request: web.Request) -> RecoveryService:
-    gen = generation_of(request)
-    if gen.recovery is None:
-        if gen.governance is None:
-            raise web.HTTPNotFound()
-        # Built by hand (tests, embedding): recovery on request works, with no watchers and no state file.
-        gen.recovery = RecoveryService(gen.service, gen.governance, RecoveryConfig())
-    return gen.recovery
+    return generation_of(request).recovery
 
 
 def governance_of(request: web.Request) -> GovernanceService:
-    gov = generation_of(request).governance
-    if gov is None:
-        raise web.HTTPNotFound()
-    return gov
+    return generation_of(request).governance

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+import dataclasses
 from typing import Any
 
 from signing_agent import strict_json
 from signing_agent.cose.governance import MsgType, check_created_at, check_proposal_id, compact_json
 from signing_agent.errors import InvalidRequestError
+from signing_agent.service import SignRequest
 
 
 def parse_json(raw: bytes) -> Any:
@@ -50,15 +51,6 @@ def decode_base64(value: object, key: str) -> bytes:
         raise InvalidRequestError(f"{key} is not valid standard base64") from None
 
 
-@dataclass(frozen=True, slots=True)
-class SignRequest:
-    identity: str
-    msg_type: MsgType
-    payload: bytes
-    created_at: int | None
-    proposal_id: str | None
-
-
 _SIGN_FIELDS = frozenset({"identity", "msg_type", "proposal_id", "created_at", "payload", "payload_base64"})
 
 
@@ -84,27 +76,9 @@ def parse_sign_request(raw: bytes) -> SignRequest:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ExplainRequest:
-    identity: str
-    msg_type: MsgType
-    payload: bytes
-    created_at: int | None
-    proposal_id: str | None
-    service: str | None
-
-
-def parse_explain_request(raw: bytes) -> ExplainRequest:
+def parse_explain_request(raw: bytes) -> SignRequest:
     """``POST /v1/explain``: the fields of ``/v1/sign`` plus an optional ``service`` it would be submitted to."""
     body = parse_object(raw, _SIGN_FIELDS | {"service"}, frozenset({"identity", "msg_type"}))
     service = get_str(body, "service") if "service" in body else None
     body.pop("service", None)
-    req = parse_sign_request(compact_json(body))
-    return ExplainRequest(
-        identity=req.identity,
-        msg_type=req.msg_type,
-        payload=req.payload,
-        created_at=req.created_at,
-        proposal_id=req.proposal_id,
-        service=service,
-    )
+    return dataclasses.replace(parse_sign_request(compact_json(body)), service=service)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from ccf.cose import validate_cose_sign1
 
 from signing_agent.client import AgentClient, AgentRequestError
+from signing_agent.log import RequestIdFilter
 from tests.support.agent import agent_config, file_identity, running_agent
 from tests.support.pki import Member, make_member
 from tests.support.prereq import missing
@@ -320,3 +322,16 @@ async def test_a_callers_request_id_is_kept_only_when_safe(agent: Path, given: s
         assert re.fullmatch(r"[0-9a-f]{32}", answered), answered
     records = [r for r in audit_of(agent) if r["event"] in ("received", "signed")]
     assert [r["request_id"] for r in records] == [answered, answered]
+
+
+async def test_every_log_line_of_a_request_carries_its_id(agent: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The service's own lines (it never sees the id) and the access line, written after the request's context."""
+    caplog.handler.addFilter(RequestIdFilter())
+    client = AgentClient(agent, timeout=10)
+    body = {"identity": "m0", "msg_type": "proposal", "payload": PROPOSAL}
+    with caplog.at_level(logging.INFO, logger="signing_agent"):
+        resp = await asyncio.to_thread(client.request, "POST", "/v1/sign", body, headers={"X-Request-Id": "trace-1"})
+    assert resp.status == 200, resp.body
+    lines = {r.name: getattr(r, "request_id", None) for r in caplog.records}
+    assert lines["signing_agent.service"] == "trace-1"
+    assert lines["signing_agent.access"] == "trace-1"

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,17 +18,22 @@ from aiohttp import web
 
 from signing_agent.algorithms import SignatureAlgorithm
 from signing_agent.api.app import APISettings, make_app
+from signing_agent.api.runtime import Generation, Runtime
+from signing_agent.audit import Auditor, FileAuditSink
 from signing_agent.backends.base import KeyInfo, Priority, SigningKey
 from signing_agent.backends.factory import KeyStores
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
 from signing_agent.client import AgentClient
 from signing_agent.config import ServiceConfig, parse_config
 from signing_agent.daemon import bind_unix_socket
+from signing_agent.denials import DenialThrottle
 from signing_agent.errors import BackendUnavailableError
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
 from signing_agent.identity import open_identity
 from signing_agent.metrics import METRICS, RECOVERY_STATES, Metrics
+from signing_agent.policy import default_policy
+from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 from tests.support.agent import file_identity
 from tests.support.pki import Member, make_member
@@ -124,7 +130,10 @@ async def world(workdir: Path, members: dict[str, Member], sandbox_proc: Sandbox
         identities[name] = await open_identity(cfg, stores)
     switchable = SwitchableKey(identities["m1"].signing_key)
     identities["m1"] = dataclasses.replace(identities["m1"], signing_key=switchable)
-    service = SigningService(identities)
+    sink = await FileAuditSink.open(workdir / "audit" / "audit.jsonl", max_bytes=1 << 20)
+    auditor = Auditor(sink, metrics=metrics)
+    denials = DenialThrottle(30, 60.0)
+    service = SigningService(identities, policy=default_policy(os.getuid()), auditor=auditor, denials=denials)
     svc = ServiceConfig(
         name="default",
         url=sandbox_proc.url,
@@ -134,15 +143,13 @@ async def world(workdir: Path, members: dict[str, Member], sandbox_proc: Sandbox
         backoff_max=0.05,
         request_timeout=5.0,
     )
-    governance = GovernanceService(service, {"default": svc})
+    governance = GovernanceService(service, {"default": svc}, auditor=auditor)
     checker = HealthChecker(service, governance, stores=stores, metrics=metrics, timeout=3.0, cache_seconds=0.0)
-    app = make_app(
-        service,
-        APISettings(max_request_bytes=1 << 20, request_timeout=30.0),
-        governance,
-        health_checker=checker,
-        metrics=metrics,
+    recovery = RecoveryService(service, governance, config.recovery, auditor=auditor, metrics=metrics)
+    runtime = Runtime(
+        Generation(1, service, governance, checker, recovery), denials=denials, auditor=auditor, metrics=metrics
     )
+    app = make_app(runtime, APISettings(max_request_bytes=1 << 20, request_timeout=30.0))
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     path = workdir / "run" / "agent.sock"
@@ -152,8 +159,10 @@ async def world(workdir: Path, members: dict[str, Member], sandbox_proc: Sandbox
     finally:
         await runner.cleanup()
         await governance.aclose()
-        await service.aclose()
+        for ident in identities.values():
+            await ident.aclose()
         await stores.aclose()
+        await sink.aclose()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

@@ -242,3 +242,20 @@ def test_check_config_lists_every_failed_self_test(workdir: Path, members: dict[
     assert "FAIL  bad: identities.bad: the signing key" in result.stdout
     assert "1 check(s) failed: bad" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_opens_what_serve_opens_and_writes_no_audit_record(
+    workdir: Path, members: dict[str, Member]
+) -> None:
+    """The same wiring as ``serve``: a service certificate that is no certificate fails the check as it fails the
+    start; and the check never touches the audit log (a running agent holds it)."""
+    bad = workdir / "not-a-cert.pem"
+    bad.write_text("not a certificate")
+    service = {"url": "https://127.0.0.1:1", "service_certificate": bad}
+    config = write_toml(workdir / "agent.toml", {**tables(workdir, members, ["m0"]), "services.prod": service})
+    result = cli("check-config", "--config", str(config), sock=workdir / "unused.sock")
+    assert result.returncode == 1
+    assert f"FAIL  services.prod.service_certificate: {bad} is not a PEM certificate" in result.stdout
+    assert "1 check(s) failed: configuration" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "run" / "audit.jsonl").exists()

@@ -16,18 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from signing_agent.api.app import make_app
-from signing_agent.backends.factory import KeyStores
 from signing_agent.config import AgentConfig, parse_config
-from signing_agent.daemon import (
-    api_settings,
-    bind_unix_socket,
-    make_policy,
-    open_audit,
-    open_identities,
-)
-from signing_agent.governance import GovernanceService
-from signing_agent.policy import Policy
-from signing_agent.service import SigningService
+from signing_agent.daemon import api_settings, bind_unix_socket, open_audit, open_generation, open_resources
+from signing_agent.metrics import METRICS
 from tests.support import procs
 
 
@@ -70,36 +61,29 @@ def file_identity(name: str, cert: Path, key: Path) -> dict[str, dict[str, Any]]
 
 
 @contextlib.asynccontextmanager
-async def running_agent(config: AgentConfig, *, policy: Policy | None = None) -> AsyncIterator[Path]:
-    """The real API app (with the configured policy and audit log) on a real Unix socket, in this process.
-
-    Yields the socket path. Services in the config are wired up as in the daemon (their clients open lazily).
-    """
-    audit = await open_audit(config)
-    stores = KeyStores()
-    identities = await open_identities(config, stores)
-    service = SigningService(
-        identities,
-        policy=policy or make_policy(config),
-        audit=audit,
-        max_created_at_skew=config.agent.max_created_at_skew,
-    )
-    governance = GovernanceService(service, config.services)
-    app = make_app(service, api_settings(config), governance)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=config.agent.header_timeout)
-    await runner.setup()
-    sock = bind_unix_socket(config.agent.socket, config.agent.socket_mode, config.agent.socket_group)
-    try:
+async def running_agent(config: AgentConfig) -> AsyncIterator[Path]:
+    """The real API app on a real Unix socket, in this process, wired as the daemon wires it (``open_audit``,
+    ``open_resources``, ``open_generation``): the configured policy, audit log and services (their clients open as
+    in the daemon). Yields the socket path."""
+    async with contextlib.AsyncExitStack() as stack:
+        audit = await stack.enter_async_context(open_audit(config))
+        resources = await stack.enter_async_context(open_resources(config, audit, metrics=METRICS))
+        gen = await stack.enter_async_context(open_generation(config, resources))
+        app = make_app(resources.runtime(gen), api_settings(config))
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, keepalive_timeout=config.agent.header_timeout
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        sock = bind_unix_socket(config.agent.socket, config.agent.socket_mode, config.agent.socket_group)
+        stack.callback(_unlink, config.agent.socket)
         await web.SockSite(runner, sock).start()
         yield config.agent.socket
-    finally:
-        await runner.cleanup()
-        await governance.aclose()
-        await service.aclose()
-        await stores.aclose()
-        await audit.aclose()
-        with contextlib.suppress(FileNotFoundError):
-            config.agent.socket.unlink()
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def agent_config(folder: Path, tables: Mapping[str, Any]) -> AgentConfig:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from signing_agent.audit import MemoryAuditSink
 from signing_agent.backends.factory import KeyStores
 from signing_agent.ccf.api import (
     Answer,
@@ -46,7 +45,7 @@ from signing_agent.cose.sign1 import HEADER_KID, DecodedSign1, decode
 from signing_agent.errors import CCFTrustError, CCFUnavailableError
 from signing_agent.governance import GovernanceService
 from signing_agent.identity import Identity, open_identity
-from signing_agent.service import SigningService
+from tests.support.fakes import MemoryAuditSink, memory_auditor, signing_service
 from tests.support.pki import Member as PkiMember
 from tests.support.pki import make_member, make_rsa_key, pem_private
 
@@ -503,6 +502,7 @@ async def fake_world(
     m0 = await file_identity(folder, "m0", encryption=encryption)
     service.add_member(m0.member_id)
     audit = MemoryAuditSink()
-    signer = SigningService({"m0": m0.identity}, audit=audit)
-    gov = GovernanceService(signer, {"prod": ccf.config("prod", **settings)}, connector=ccf)
+    auditor = memory_auditor(audit)
+    signer = signing_service({"m0": m0.identity}, auditor)
+    gov = GovernanceService(signer, {"prod": ccf.config("prod", **settings)}, auditor=auditor, connector=ccf)
     return FakeWorld(ccf, service, m0, audit, gov)

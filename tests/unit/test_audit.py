@@ -14,21 +14,49 @@ from signing_agent.audit import (
     MAX_ACTION_CHARS,
     MAX_ACTIONS,
     MAX_TEXT_CHARS,
+    Denied,
     FileAuditSink,
-    MemoryAuditSink,
+    Payload,
+    Received,
+    Signed,
+    Subject,
     actions_digest,
+    bound_fields,
     chain_order,
+    encode,
     line_hash,
     verify_audit,
 )
+from signing_agent.context import Caller, RequestContext
 from signing_agent.errors import AuditError, ConfigError
+from tests.support.fakes import MemoryAuditSink
 from tests.support.prereq import missing
+
+PEER = Caller(uid=1000, gid=1000, pid=4242)
+
+
+def received(request_id: str) -> Received:
+    """A small record that asks not to be synced (the first record of a signing request)."""
+    return Received(
+        request=RequestContext(request_id, PEER), subject=Subject(identity="m0"), payload=Payload(sha256="ab" * 32)
+    )
+
+
+def signed(request_id: str, *, pad: str = "") -> Signed:
+    """A small durable record; ``pad`` makes it bigger (for rotation)."""
+    return Signed(
+        request=RequestContext(request_id, PEER),
+        subject=Subject(identity="m0", service=pad or None),
+        payload=Payload(sha256="ab" * 32),
+        rule="default",
+        cose_sha256="cd" * 32,
+    )
 
 
 async def write(path: Path, n: int, *, max_bytes: int = 1 << 20) -> FileAuditSink:
     sink = await FileAuditSink.open(path, max_bytes=max_bytes)
     for i in range(n):
-        await sink.record("received", {"request_id": f"r{i}", "payload_sha256": "ab" * 32})
+        await sink.record(received(f"r{i}"))
     return sink
 
 
@@ -133,7 +161,7 @@ async def test_a_write_error_fails_closed_and_leaves_no_partial_record(tmp_path:
     sink._fd = os.open("/dev/full", os.O_WRONLY)
     try:
         with pytest.raises(AuditError, match="cannot write"):
-            await sink.record("received", {"request_id": "x"})
+            await sink.record(received("x"))
         assert sink.next_seq == 0
         assert sink.last_hash == GENESIS
     finally:
@@ -143,7 +171,7 @@ async def test_a_write_error_fails_closed_and_leaves_no_partial_record(tmp_path:
 async def test_a_cancelled_caller_cannot_leave_half_a_record(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     sink = await FileAuditSink.open(path, max_bytes=1 << 20)
-    tasks = [asyncio.create_task(sink.record("received", {"request_id": f"r{i}"})) for i in range(50)]
+    tasks = [asyncio.create_task(sink.record(received(f"r{i}"))) for i in range(50)]
     await asyncio.sleep(0)
     for task in tasks[::2]:
         task.cancel()
@@ -172,7 +200,7 @@ async def test_concurrent_records_share_fsyncs_and_stay_chained(
     durable: list[int] = []
 
     async def one(i: int) -> None:
-        await sink.record("signed", {"request_id": str(i)})
+        await sink.record(signed(str(i)))
         durable.append(syncs)  # at least one fsync happened before this record was acknowledged
 
     await asyncio.gather(*(one(i) for i in range(200)))
@@ -187,7 +215,7 @@ async def test_concurrent_records_share_fsyncs_and_stay_chained(
 
 async def test_rotation_inside_a_group_keeps_the_chain(tmp_path: Path) -> None:
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096)
-    await asyncio.gather(*(sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100}) for i in range(120)))
+    await asyncio.gather(*(sink.record(signed(f"{i:04d}", pad="x" * 100)) for i in range(120)))
     await sink.aclose()
     files = chain_order([tmp_path / "audit.jsonl", *tmp_path.glob("audit.jsonl.*")])
     assert files[-1] == tmp_path / "audit.jsonl"
@@ -210,10 +238,10 @@ async def test_an_unsynced_record_becomes_durable_with_the_next_synced_one(
         real_fsync(fd)
 
     monkeypatch.setattr("signing_agent.audit.os.fsync", counting_fsync)
-    await sink.record("received", {"request_id": "r1"}, sync=False)
+    await sink.record(received("r1"))  # not durable: written, not synced
     assert syncs == []  # written (the chain advanced), not synced yet
     assert json.loads((tmp_path / "audit.jsonl").read_text())["event"] == "received"
-    await sink.record("signed", {"request_id": "r1"})
+    await sink.record(signed("r1"))
     assert len(syncs) == 1
     await sink.aclose()
     assert verify_audit([tmp_path / "audit.jsonl"]).ok
@@ -225,9 +253,9 @@ async def test_a_broken_log_refuses_records_until_it_is_reopened(tmp_path: Path)
     sink._broken = "a partial record could not be removed"  # what a failed ftruncate after a failed write leaves
     assert sink.broken
     with pytest.raises(AuditError, match="unusable"):
-        await sink.record("signed", {"request_id": "refused"})
+        await sink.record(signed("refused"))
     await sink.reopen()  # the daemon does this on SIGHUP when the log is broken
-    await sink.record("signed", {"request_id": "after"})
+    await sink.record(signed("after"))
     await sink.aclose()
     assert verify_audit([path]).ok
     assert "refused" not in path.read_text()
@@ -242,15 +270,13 @@ async def test_a_record_holds_a_bounded_digest_of_what_the_caller_sent(tmp_path:
     names = [f"{i:04d}" + "a" * 2500 for i in range(1000)]
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=1 << 30)
     await sink.record(
-        "denied",
-        {
-            "proposal_actions": names,
-            "reason": "proposal action(s) not allowed: " + ", ".join(names),
-            "peer": {"uid": 1000, "exe": "/x" * 3000},
-            "request_id": "r" * 10_000,
-            "huge": 10**5000,
-            "nested": list(range(1000)),
-        },
+        Denied(
+            request=RequestContext("r" * 10_000, Caller(uid=1000, gid=1000, pid=1, exe="/x" * 3000)),
+            subject=Subject(identity="m0", msg_type="proposal"),
+            payload=Payload(sha256="ab" * 32, actions=tuple(names)),
+            rule="voters",
+            reason="proposal action(s) not allowed: " + ", ".join(names),
+        )
     )
     await sink.aclose()
     data = (tmp_path / "audit.jsonl").read_bytes()
@@ -265,23 +291,55 @@ async def test_a_record_holds_a_bounded_digest_of_what_the_caller_sent(tmp_path:
     assert len(record["reason"]) < MAX_TEXT_CHARS + 120
     assert "sha256" in record["reason"]
     assert len(record["peer"]["exe"]) < MAX_TEXT_CHARS + 120
-    assert record["huge"] == f"[an integer of {(10**5000).bit_length()} bits]"
-    assert record["nested"][-1] == "...[1000 items]"
+    assert len(record["request_id"]) < MAX_TEXT_CHARS + 120
+    # Whatever else a record could carry is bounded the same way.
+    bounded = bound_fields({"huge": 10**5000, "nested": list(range(1000))})
+    assert bounded["huge"] == f"[an integer of {(10**5000).bit_length()} bits]"
+    assert bounded["nested"][-1] == "...[1000 items]"
     assert verify_audit([tmp_path / "audit.jsonl"]).ok
 
 
 async def test_short_values_are_kept_as_they_are(tmp_path: Path) -> None:
     sink = MemoryAuditSink()
-    await sink.record("received", {"proposal_actions": ["set_member"], "reason": "ok", "service": None})
+    await sink.record(
+        Denied(
+            request=RequestContext("r1", PEER),
+            subject=Subject(identity="m0"),
+            payload=Payload(sha256="ab" * 32, actions=("set_member",)),
+            rule=None,
+            reason="ok",
+        )
+    )
     assert sink.records == [
         {
-            "event": "received",
+            "event": "denied",
+            "request_id": "r1",
+            "peer": {"uid": 1000, "gid": 1000, "pid": 4242, "exe": None},
+            "identity": "m0",
+            "payload_sha256": "ab" * 32,
             "proposal_actions": ["set_member"],
             "proposal_actions_count": 1,
             "proposal_actions_sha256": actions_digest(["set_member"]),
             "reason": "ok",
         }
     ]
+
+
+def test_the_encoder_spreads_the_shared_parts_and_leaves_out_what_is_unknown() -> None:
+    """The on-disk names are the ones the log has always had: request context, subject and payload spread out."""
+    event, fields = encode(signed("r7"))
+    assert event == "signed"
+    assert fields == {
+        "request_id": "r7",
+        "peer": {"uid": 1000, "gid": 1000, "pid": 4242, "exe": None},
+        "identity": "m0",
+        "payload_sha256": "ab" * 32,
+        "rule": "default",
+        "cose_sha256": "cd" * 32,
+    }
+    assert encode(received("r7"))[1].keys() == {"request_id", "peer", "identity", "payload_sha256"}
+    assert not received("r7").durable
+    assert signed("r7").durable
 
 
 # -- rotation keeps a bounded number of files, and records what it deletes ---------------------------------------
@@ -294,7 +352,7 @@ def chain_files(folder: Path) -> list[Path]:
 async def test_rotation_keeps_only_keep_rotated_files_and_records_what_it_deletes(tmp_path: Path) -> None:
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=2)
     for i in range(200):
-        await sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100})
+        await sink.record(signed(f"{i:04d}", pad="x" * 100))
     await sink.aclose()
     files = chain_files(tmp_path)
     assert len(files) == 3, files  # two rotated files and the live one
@@ -326,7 +384,7 @@ async def test_a_rotation_cut_short_by_a_crash_leaves_no_second_copy(tmp_path: P
 async def test_keep_rotated_zero_keeps_the_live_file_only(tmp_path: Path) -> None:
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=0)
     for i in range(100):
-        await sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100})
+        await sink.record(signed(f"{i:04d}", pad="x" * 100))
     await sink.aclose()
     assert chain_files(tmp_path) == [tmp_path / "audit.jsonl"]
     report = verify_audit([tmp_path / "audit.jsonl"])
@@ -339,7 +397,7 @@ async def test_a_kept_chain_rewritten_from_another_start_is_caught(tmp_path: Pat
     something else (here: a copy whose first record claims another predecessor, re-chained) is a break."""
     sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=4096, keep_rotated=1)
     for i in range(120):
-        await sink.record("signed", {"request_id": f"{i:04d}", "pad": "x" * 100})
+        await sink.record(signed(f"{i:04d}", pad="x" * 100))
     await sink.aclose()
     files = chain_files(tmp_path)
     assert verify_audit(files).ok
@@ -427,11 +485,11 @@ async def test_a_live_file_changed_behind_the_agents_back_stops_the_log_until_re
     assert {"emptied": "cut to 0", "cut": "cut to", "replaced": "replaced", "removed": "removed",
             "appended": "grew by"}[how] in problem  # fmt: skip
     with pytest.raises(AuditError, match="stopped"):
-        await sink.record("signed", {"request_id": "refused"})
+        await sink.record(signed("refused"))
     assert sink.next_seq == last_seq
     await sink.reopen()  # SIGHUP
     assert await sink.problem() is None
-    await sink.record("signed", {"request_id": "after"})
+    await sink.record(signed("after"))
     await sink.aclose()
     head = json.loads(lines(path)[0])
     assert head["event"] == "discontinuity"
@@ -455,7 +513,7 @@ async def test_a_replaced_file_starts_a_new_one_even_with_the_same_content(tmp_p
     copy.replace(path)
     assert "replaced" in str(await sink.problem())
     await sink.reopen()
-    await sink.record("signed", {"request_id": "after"})
+    await sink.record(signed("after"))
     await sink.aclose()
     assert [json.loads(line)["event"] for line in lines(path)] == ["discontinuity", "signed"]
     (found,) = tmp_path.glob("audit.found-*.jsonl")
@@ -472,7 +530,7 @@ async def test_reopen_after_a_failed_write_continues_the_same_file(tmp_path: Pat
     assert "No space left" in str(await sink.problem())
     await sink.reopen()
     assert await sink.problem() is None
-    await sink.record("signed", {"request_id": "after"})
+    await sink.record(signed("after"))
     await sink.aclose()
     assert [json.loads(line)["event"] for line in lines(path)] == ["received", "received", "signed"]
 

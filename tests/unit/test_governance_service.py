@@ -7,18 +7,26 @@ milliseconds, and CCF's odd answers (a lost answer's ProposalReplay, a :update w
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from signing_agent.cose.governance import HEADER_MSG_TYPE, HEADER_PROPOSAL_ID
 from signing_agent.errors import CCFError, CCFTrustError, CCFUnavailableError, ConflictError, UnknownServiceError
-from signing_agent.service import SigningService
 from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
+from tests.support.fakes import as_peer, signing_service
 
 PID = "c" * 64
 PROPOSAL = {"actions": [{"name": "set_constitution", "args": {"constitution": "x"}}]}
+
+
+@pytest.fixture(autouse=True)
+def peer() -> Iterator[None]:
+    """Every call here acts for a socket peer (the test's own uid), as the API's middleware binds it."""
+    with as_peer(os.getuid()):
+        yield
 
 
 @pytest.fixture
@@ -142,7 +150,7 @@ async def test_activate_stops_at_an_update_without_a_digest_and_relays_a_refused
 
 async def test_status_lists_each_identity_s_membership(world: FakeWorld, tmp_path: Path) -> None:
     m1 = await file_identity(tmp_path, "m1")
-    world.gov.signer = SigningService({"m0": world.m0.identity, "m1": m1.identity})
+    world.gov.signer = signing_service({"m0": world.m0.identity, "m1": m1.identity}, world.gov.auditor)
     relay = await world.gov.status("prod")
     assert relay.status == 200
     assert relay.body["status"] == "Open"

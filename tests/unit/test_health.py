@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.audit import MemoryAuditSink
+from signing_agent.backends.factory import KeyStores
 from signing_agent.errors import CCFUnavailableError
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
-from signing_agent.service import SigningService
 from tests.support.fake_ccf import FakeCCF, FakeService, file_identity
+from tests.support.fakes import signing_service
 
 
 @dataclass
@@ -31,10 +31,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     m0 = await file_identity(tmp_path, "m0")
     m1 = await file_identity(tmp_path, "m1")
     service.add_member(m0.member_id, "Accepted")
-    signer = SigningService({"m0": m0.identity, "m1": m1.identity}, audit=MemoryAuditSink())
-    gov = GovernanceService(signer, {"prod": ccf.config("prod")}, connector=ccf)
+    signer = signing_service({"m0": m0.identity, "m1": m1.identity})
+    gov = GovernanceService(signer, {"prod": ccf.config("prod")}, auditor=signer.auditor, connector=ccf)
     now = [0.0]
-    checker = HealthChecker(signer, gov, cache_seconds=15.0, clock=lambda: now[0])
+    checker = HealthChecker(signer, gov, stores=KeyStores(), cache_seconds=15.0, clock=lambda: now[0])
     yield World(service, checker, now, m0.member_id)
     await gov.aclose()
 

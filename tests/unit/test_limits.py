@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from signing_agent.api.connections import ConnectionLimiter, ConnectionLimits, LogOncePer
+from signing_agent.audit import encode
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import TooManyRequestsError
 
@@ -33,14 +34,17 @@ def test_a_uid_past_its_budget_gets_429s_that_are_counted_per_window() -> None:
     assert throttle.due() == []  # the window is not over yet
     clock.now += 9
     [dropped] = throttle.due()
-    assert dropped.audit_fields() == {
-        "peer": {"uid": 7},
-        "dropped": 2,
-        "denied": 1,
-        "malformed": 1,
-        "first_ts": "1000.000000",
-        "last_ts": "1001.000000",
-    }
+    assert encode(dropped.audit_record()) == (
+        "throttled",
+        {
+            "peer": {"uid": 7},
+            "dropped": 2,
+            "denied": 1,
+            "malformed": 1,
+            "first_ts": "1000.000000",
+            "last_ts": "1001.000000",
+        },
+    )
     assert throttle.due(flush=True) == []  # each dropped request is summarised once
 
 

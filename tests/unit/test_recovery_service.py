@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,19 @@ from signing_agent.config import RecoveryConfig
 from signing_agent.cose.governance import HEADER_MSG_TYPE
 from signing_agent.errors import CCFError, CCFTrustError, ConflictError, InvalidRequestError
 from signing_agent.recovery import RecoveryService, RecoveryWatcher
-from signing_agent.service import SigningService
 from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
+from tests.support.fakes import as_peer, signing_service
 from tests.support.pki import make_member
 
 SHARE = bytes(range(44))
 PID = "d" * 64
+
+
+@pytest.fixture(autouse=True)
+def peer() -> Iterator[None]:
+    """Every call here acts for a socket peer (the test's own uid), as the API's middleware binds it."""
+    with as_peer(os.getuid()):
+        yield
 
 
 @dataclass
@@ -37,7 +45,8 @@ async def make_world(tmp_path: Path, **settings: object) -> World:
     base = await fake_world(tmp_path, encryption=True, state={"status": "WaitingForRecoveryShares",
                             "recovery_count": 1}, **settings)  # fmt: skip
     base.service.encrypted_shares[base.m0.member_id] = base.m0.encrypt_share(SHARE)
-    return World(**vars(base), recovery=RecoveryService(base.gov.signer, base.gov, RecoveryConfig()))
+    config = RecoveryConfig(state_dir=tmp_path / "state")
+    return World(**vars(base), recovery=RecoveryService(base.gov.signer, base.gov, config, auditor=base.gov.auditor))
 
 
 @pytest.fixture
@@ -103,7 +112,7 @@ async def test_a_share_that_is_not_base64_is_an_error_and_nothing_is_decrypted(w
 
 async def test_an_identity_without_an_encryption_key_cannot_submit(tmp_path: Path, world: World) -> None:
     m1 = await file_identity(tmp_path, "m1")
-    world.recovery.signer = SigningService({"m1": m1.identity})
+    world.recovery.signer = signing_service({"m1": m1.identity}, world.gov.auditor)
     with pytest.raises(InvalidRequestError, match="has no encryption_key"):
         await world.recovery.submit_share("prod", "m1")
     assert world.service.calls == []

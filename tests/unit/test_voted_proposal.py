@@ -10,8 +10,9 @@ import pytest
 
 from signing_agent.errors import CCFUnavailableError, UnknownServiceError
 from signing_agent.governance import GovernanceService
-from signing_agent.service import SigningService, VotedProposal
+from signing_agent.service import VotedProposal
 from tests.support.fake_ccf import FakeCCF, FakeService
+from tests.support.fakes import memory_auditor, signing_service
 
 PID = "b" * 64
 
@@ -24,7 +25,10 @@ async def voted(reply: tuple[int, object] | Exception) -> tuple[VotedProposal, F
         service.fail_next("proposal_actions", reply)
     else:
         service.answer_next("proposal_actions", *reply)
-    gov = GovernanceService(SigningService({}), {"prod": fake.config("prod")}, connector=fake)
+    auditor = memory_auditor()
+    gov = GovernanceService(
+        signing_service({}, auditor), {"prod": fake.config("prod")}, auditor=auditor, connector=fake
+    )
     try:
         return await gov.voted_proposal("prod", PID), service
     finally:
@@ -68,6 +72,7 @@ async def test_no_answer_leaves_the_actions_unknown() -> None:
 
 
 async def test_an_unknown_service_is_an_error_not_an_unknown_proposal() -> None:
-    gov = GovernanceService(SigningService({}), {})
+    auditor = memory_auditor()
+    gov = GovernanceService(signing_service({}, auditor), {}, auditor=auditor)
     with pytest.raises(UnknownServiceError):
         await gov.voted_proposal("prod", PID)
