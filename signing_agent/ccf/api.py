@@ -32,6 +32,7 @@ from signing_agent.ccf.client import (
     _read_cert,
     configured_service_certificate,
     get_json,
+    pem_bytes,
 )
 from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFTimeoutError, CCFTrustError, CCFUnavailableError
@@ -349,8 +350,7 @@ def _nothing(_: CCFResponse) -> None:
 def presented_certificate(status: int, body: object) -> bytes | None:
     """The service certificate in a ``GET /node/network`` answer, or None."""
     found = _object(body)
-    pem = _text(found.get("service_certificate")) if found is not None and status == 200 else None
-    return pem.encode("ascii") if pem is not None and "BEGIN CERTIFICATE" in pem else None
+    return pem_bytes(found.get("service_certificate")) if found is not None and status == 200 else None
 
 
 # --- the Protocol and its HTTP implementation ------------------------------------------------------------------------

@@ -439,10 +439,18 @@ async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
         raise CCFUnavailableError(f"cannot fetch the service identity from {url}: {exc}") from None
     if status != 200:
         raise CCFUnavailableError(f"identity endpoint {url} answered {status}")
-    pem = data.get("ledgerTlsCertificate") if isinstance(data, dict) else None
-    if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
+    pem = pem_bytes(data.get("ledgerTlsCertificate") if isinstance(data, dict) else None)
+    if pem is None:
         raise CCFUnavailableError(f"identity endpoint {url} returned no ledgerTlsCertificate")
-    return pem.encode("ascii")
+    return pem
+
+
+def pem_bytes(text: object) -> bytes | None:
+    """A certificate an endpoint sent in a JSON string, as PEM bytes; None unless it is ASCII text that holds
+    ``BEGIN CERTIFICATE`` (an endpoint may send anything: a non-ASCII character must not become a 500)."""
+    if not isinstance(text, str) or not text.isascii() or "BEGIN CERTIFICATE" not in text:
+        return None
+    return text.encode("ascii")
 
 
 async def get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what: str) -> tuple[int, Any]:

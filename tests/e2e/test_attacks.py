@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from signing_agent.client import AgentClient
+from tests.e2e.test_hostile_ccf import error_of, stage
 from tests.e2e.test_peer_limits import NOBODY, agent_with_limits, system_python
 from tests.support.agent import DaemonProcess, daemon, file_identity, write_toml
 from tests.support.hostile_ccf import Answer, HostileCCF, hostile_ccf, json_answer
@@ -248,3 +249,41 @@ def test_a_deeply_nested_answer_from_the_service_is_not_a_500(workdir: Path, mem
             stderr = proc.stderr
     assert "Traceback" not in stderr
     assert "RecursionError" not in stderr
+
+
+# --- Bad input never gets a 500: a claimed service certificate that is not ASCII -------------------------------------
+
+NOT_ASCII_PEM = "-----BEGIN CERTIFICATE-----\u00e9\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize(
+    ("pin", "method", "route", "body"),
+    [
+        pytest.param("other", "POST", "/v1/services/default/recovery/m0/share", None, id="node-network-share"),
+        pytest.param(
+            "other",
+            "POST",
+            "/v1/services/default/recovery/approve-identity",
+            {"identity": "m0", "proposal_id": "ab" * 32, "sha256": "cd" * 32},
+            id="node-network-approve",
+        ),
+        pytest.param("identity_url", "GET", "/v1/services/default/proposals", None, id="identity-endpoint"),
+    ],
+)
+def test_a_claimed_certificate_that_is_not_ascii_is_not_a_500(
+    pin: str, method: str, route: str, body: dict[str, Any] | None
+) -> None:
+    """A network attacker in front of the service (``accept_transition_to``: the agent reads the identity the
+    endpoint claims on ``/node/network``), or the identity endpoint, answers a "certificate" with a non-ASCII
+    character in it. Encoding it raised UnicodeEncodeError, which no one caught: a 500 with a traceback for the
+    share and approve-identity routes (and each recovery watcher poll), and for every request to an
+    ``identity_url`` service."""
+    with stage({"accept_transition_to": True}, {"enabled": False}, pin=pin) as (world, _):
+        world.ccf.answer("GET", "^/node/network$", json_answer({"service_certificate": NOT_ASCII_PEM}))
+        world.ccf.answer("GET", "^/ledgerIdentity/x$", json_answer({"ledgerTlsCertificate": NOT_ASCII_PEM}))
+        resp = world.client.request(method, route, body)
+        stderr = world.agent.stderr
+    assert resp.status != 500, resp.body[:300]
+    assert error_of(resp)["code"] in ("CCFTrustError", "CCFUnavailable", "Conflict"), resp.body[:300]
+    assert "Traceback" not in stderr
+    assert "UnicodeEncodeError" not in stderr
