@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import fcntl
@@ -994,7 +995,9 @@ class FileAuditSink:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((encoded, sync, done))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+            # A fresh context: the writer commits every caller's records, and its own log lines (rotation, write
+            # failures) belong to no request, not to whichever one happened to start it.
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending(), context=contextvars.Context())
         await done
 
     async def _write_pending(self) -> None:

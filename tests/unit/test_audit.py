@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from signing_agent.audit import (
     line_hash,
     verify_audit,
 )
-from signing_agent.context import Caller, RequestContext
+from signing_agent.context import Caller, RequestContext, bound
 from signing_agent.errors import AuditError, ConfigError
+from signing_agent.log import RequestIdFilter
 from tests.support.fakes import MemoryAuditSink
 from tests.support.prereq import missing
 
@@ -583,3 +585,32 @@ async def test_files_of_another_user_or_writable_by_others_are_refused(tmp_path:
     planted.chmod(0o770 if what == "folder" else 0o620)
     with pytest.raises(ConfigError, match="group- or world-writable"):
         await FileAuditSink.open(path, max_bytes=1 << 20)
+
+
+async def test_the_writer_s_own_log_lines_carry_no_caller_s_request_id(tmp_path: Path) -> None:
+    """The writer task writes every caller's records (group commit): its lines (a rotation here) are its own, not
+    tagged with whichever request happened to start it."""
+    seen: list[tuple[str, str]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), str(getattr(record, "request_id", None))))
+
+    handler = Capture()
+    handler.addFilter(RequestIdFilter())  # as the daemon's handlers do: the id is read when the line is written
+    logger = logging.getLogger("signing_agent.audit")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        sink = await FileAuditSink.open(tmp_path / "audit.jsonl", max_bytes=2048)
+        with bound(RequestContext("caller-1", PEER)):
+            for i in range(30):
+                await sink.record(signed(f"r{i}", pad="x" * 40))
+        await sink.aclose()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    rotations = [(msg, rid) for msg, rid in seen if msg.startswith("audit log rotated")]
+    assert rotations, seen
+    assert all(rid == "-" for _, rid in rotations), rotations
