@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: all test demo lint typecheck unit bench soak bootstrap clean
+.PHONY: all test test-slow demo lint typecheck unit bench soak bootstrap clean
 
 all: test
 
@@ -25,6 +25,10 @@ typecheck: $(STAMP)
 test: lint typecheck
 	rm -rf .coverage
 	$(VENV)/bin/pytest --cov --cov-report=term --cov-report=html:.coverage/html
+
+# The same suite with the large budgets (fuzzing): before a release, not on every change.
+test-slow: lint typecheck
+	$(VENV)/bin/pytest --run-slow
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit -q

@@ -9,6 +9,19 @@ import pytest
 from tests.support.agent import short_dir
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="give budgeted tests (fuzzing) their large budget; by default they run a small one (make test-slow)",
+    )
+
+
+@pytest.fixture(scope="session")
+def run_slow(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--run-slow"))
+
+
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's agent."""

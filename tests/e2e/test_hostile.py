@@ -28,7 +28,8 @@ from tests.support.pki import Member, make_member
 
 pytestmark = pytest.mark.e2e
 
-FUZZ_REQUESTS = 2000
+FUZZ_BUDGET = (300, 3000)
+"""Fuzzed requests per run: the small budget by default, the large one with ``--run-slow`` (``make test-slow``)."""
 FIELDS = ["identity", "msg_type", "proposal_id", "created_at", "payload", "payload_base64", "service", "proposal"]
 PATHS = [
     "/v1/sign",
@@ -119,13 +120,16 @@ def hostile_requests(draw: st.DrawFn) -> bytes:
 
 
 @pytest.mark.slow
-def test_fuzzed_requests_leave_a_healthy_agent_and_a_valid_audit_log(agent: tuple[DaemonProcess, Path]) -> None:
+@pytest.mark.timeout(900)  # the large budget; a hang still ends the test
+def test_fuzzed_requests_leave_a_healthy_agent_and_a_valid_audit_log(
+    agent: tuple[DaemonProcess, Path], run_slow: bool
+) -> None:
     proc, audit_path = agent
+    requests = FUZZ_BUDGET[run_slow]
     statuses: dict[int, int] = {}
-    started = time.monotonic()
 
     @settings(
-        max_examples=FUZZ_REQUESTS,
+        max_examples=requests,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
@@ -141,12 +145,10 @@ def test_fuzzed_requests_leave_a_healthy_agent_and_a_valid_audit_log(agent: tupl
             assert status != 500, reply[:300]
 
     fuzz()
-    elapsed = time.monotonic() - started
     assert proc.proc.poll() is None, proc.stderr[-2000:]
     assert AgentClient(proc.socket, timeout=10).health()["status"] == "ok"
-    assert sum(statuses.values()) >= FUZZ_REQUESTS, statuses
-    assert sum(n for status, n in statuses.items() if 400 <= status < 500) >= FUZZ_REQUESTS // 4, statuses
-    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert sum(statuses.values()) >= requests, statuses
+    assert sum(n for status, n in statuses.items() if 400 <= status < 500) >= requests // 4, statuses
     report = verify_audit([audit_path])
     assert report.ok, report.first_break
     # aiohttp's own parser logs malformed HTTP with a traceback (see the report); our code must never fail.
