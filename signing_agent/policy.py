@@ -66,6 +66,14 @@ class Action:
     ballot_sha256: str | None = None
     proposal_id: str | None = None
 
+    @classmethod
+    def recovery_share(cls, identity: str, service: str) -> Action:
+        """Submitting ``identity``'s recovery share to the CCF service ``service``: the question asked before the
+        share is fetched and decrypted. It needs no payload: a share's payload is the secret alone, and no rule
+        looks into it (only identity, message type and service), so this is the very action the signature of the
+        real share is judged by, and the answer is the same, rate limit aside (charged when the share is signed)."""
+        return cls(identity=identity, msg_type="recovery_share", service=service, proposal_actions=())
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
