@@ -23,7 +23,7 @@ a new file with a ``discontinuity`` record, never silently.
 What a line says is typed: every record the agent writes is one of the frozen types of the closed union
 ``AuditRecord`` (``Received``, ``Denied``, ``Signed``, ``Forwarded``, ``Failed``, ``ShareSubmitted``, ...), built where
 the decision is made, with the request context (``signing_agent.context``) and a shared ``Subject`` (identity, member
-id, message type, proposal id, service). ``encode`` is the one place a record becomes the fields of its line (the
+id, message type, proposal id, CCF service). ``encode`` is the one place a record becomes the fields of its line (the
 names on disk are unchanged); ``Auditor`` is the one way records reach the sink.
 
 Fail closed: any error writing or syncing a record raises ``AuditError`` (HTTP 503) and the caller must not release
