@@ -23,7 +23,7 @@ a new file with a ``discontinuity`` record, never silently.
 What a line says is typed: every record the agent writes is one of the frozen types of the closed union
 ``AuditRecord`` (``Received``, ``Denied``, ``Signed``, ``Forwarded``, ``Failed``, ``ShareSubmitted``, ...), built where
 the decision is made, with the request context (``signing_agent.context``) and a shared ``Subject`` (identity, member
-id, message type, proposal id, service). ``encode`` is the one place a record becomes the fields of its line (the
+id, message type, proposal id, CCF service). ``encode`` is the one place a record becomes the fields of its line (the
 names on disk are unchanged); ``Auditor`` is the one way records reach the sink.
 
 Fail closed: any error writing or syncing a record raises ``AuditError`` (HTTP 503) and the caller must not release
@@ -54,9 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+from signing_agent import files
 from signing_agent.context import RequestContext
 from signing_agent.errors import AgentError, AuditError, ConfigError
-from signing_agent.files import fsync_folder
+from signing_agent.files import NotOursError, Problem, fsync_folder
 from signing_agent.metrics import Metrics
 from signing_agent.waits import waiting_for
 
@@ -516,14 +517,11 @@ class DryRunAuditSink:
 # -- files that are really ours ------------------------------------------------------------------------------------
 
 
-def _not_ours(st: os.stat_result) -> str | None:
-    """Why a file or folder with this ``stat`` is not the agent's to trust, or None."""
-    uid = os.geteuid()
-    if st.st_uid not in (uid, 0):
-        return f"is owned by uid {st.st_uid}, not by the agent's user (uid {uid}) or root"
-    if st.st_mode & 0o022:
-        return f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
+def _why(problem: Problem, st: os.stat_result) -> str:
+    """Why a file or folder of the agent's (``signing_agent.files``) is refused, in the audit log's words."""
+    if problem == "owner":
+        return f"is owned by uid {st.st_uid}, not by the agent's user (uid {os.geteuid()}) or root"
+    return f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
 
 
 _AUDIT_FOLDER_HINT = "keep the audit log in a folder of its own, mode 0700, owned by the agent's user"
@@ -534,7 +532,8 @@ def open_own_folder(
 ) -> int:
     """A folder the agent keeps files in (``setting`` names it in messages), as a descriptor: created 0700 when
     missing; refused (``ConfigError``) when it is a symlink, is not owned by the agent's user or root, or others may
-    write it (they could swap its files or plant their own). Other failures raise ``error``."""
+    write it (they could swap its files or plant their own; ``signing_agent.files``). Other failures raise
+    ``error``."""
     try:
         folder.mkdir(mode=0o700, parents=True)
     except FileExistsError:
@@ -542,20 +541,14 @@ def open_own_folder(
     except OSError as exc:
         raise error(f"{setting}: cannot create the folder {folder}: {exc.strerror}") from None
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return files.open_own_folder(folder)
+    except NotOursError as exc:
+        if exc.st is None:  # a symlink, or not a folder
             raise ConfigError(f"{setting}: {folder} is a symlink or not a folder; refusing it") from None
+        why = _why(exc.problem, exc.st)
+        raise ConfigError(f"{setting}: the folder {folder} {why}; refusing it", hint=hint) from None
+    except OSError as exc:
         raise error(f"{setting}: cannot open the folder {folder}: {exc.strerror}") from None
-    return _kept_if_ours(fd, _not_ours(os.fstat(fd)), f"the folder {folder}", hint, setting)
-
-
-def _kept_if_ours(fd: int, problem: str | None, what: str, hint: str, setting: str) -> int:
-    """``fd``, or (closed) a ConfigError that says why ``what`` is refused."""
-    if problem is not None:
-        os.close(fd)
-        raise ConfigError(f"{setting}: {what} {problem}; refusing it", hint=hint)
-    return fd
 
 
 def open_own_file(
@@ -565,29 +558,36 @@ def open_own_file(
     ours: never a file planted by another user, whose mode we will not touch. Narrowed to 0600 when readable by
     others."""
     try:
-        fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
+        fd = files.open_in_folder(folder_fd, path, flags)
+    except NotOursError:
+        raise ConfigError(f"{setting}: {path} is a symlink; refusing to follow it") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(f"{setting}: {path} is a symlink; refusing to follow it") from None
         raise error(f"{setting}: cannot open {path}: {exc.strerror}") from None
     try:
         problem = _narrow_own_file(fd)
     except OSError as exc:
         os.close(fd)
         raise error(f"{setting}: cannot check {path}: {exc.strerror}") from None
-    hint = "move it aside and look at it: the agent only writes its own files"
-    return _kept_if_ours(fd, problem, str(path), hint, setting)
+    if problem is not None:
+        os.close(fd)
+        hint = "move it aside and look at it: the agent only writes its own files"
+        raise ConfigError(f"{setting}: {path} {problem}; refusing it", hint=hint)
+    return fd
 
 
 def _narrow_own_file(fd: int) -> str | None:
     """Why the open file is not ours to write, or None (after narrowing a file of ours that others may read)."""
     st = os.fstat(fd)
-    problem = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _not_ours(st)
-    if problem is None and st.st_mode & 0o077:
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    problem = files.foreign(st)
+    if problem is not None:
+        return _why(problem, st)
+    if st.st_mode & 0o077:
         if st.st_uid != os.geteuid():
             return f"is readable by others (mode {stat.S_IMODE(st.st_mode):04o}) and not ours to chmod"
         os.fchmod(fd, 0o600)
-    return problem
+    return None
 
 
 class AuditLock:

@@ -1,4 +1,12 @@
-"""Small file-system helpers shared by the modules that keep files of their own (the audit log, the recovery state).
+"""Files the agent keeps of its own (the audit log, the recovery state): the one way they are opened and checked.
+
+A folder the agent keeps files in is opened without following a symlink, and used only if it belongs to the agent's
+uid or root and no group or other may write in it (they could swap its files or plant their own). Files in it are
+opened relative to that folder's descriptor, again without following a symlink, and checked on the opened
+descriptor, so a swap between a check and a use cannot slip through.
+
+What is wrong is raised as a ``NotOursError`` naming the problem; each caller words the refusal in its own terms (its
+setting's name, its hint), because its messages are part of what it promises. Other ``OSError`` pass through.
 
 Imports nothing from the package.
 """
@@ -6,7 +14,89 @@ Imports nothing from the package.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+Problem = Literal["link", "owner", "writable"]
+"""``link``: a symbolic link (or, for a folder, not a folder); ``owner``: owned by neither the agent's uid nor
+root; ``writable``: group or others may write it."""
+
+
+class NotOursError(Exception):
+    """A file or folder the agent will not take for its own. ``st`` is its ``fstat`` when it could be opened (for
+    ``owner`` and ``writable``; None for ``link``)."""
+
+    def __init__(self, path: Path, problem: Problem, st: os.stat_result | None = None) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+        self.st = st
+
+
+def foreign(st: os.stat_result) -> Problem | None:
+    """Why a file or folder with this ``stat`` is not the agent's to trust (``owner`` or ``writable``), or None."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return "owner"
+    if st.st_mode & 0o022:
+        return "writable"
+    return None
+
+
+def open_own_folder(folder: Path) -> int:
+    """The folder as a descriptor, if it is the agent's own; else ``NotOursError`` (``link``, ``owner`` or
+    ``writable``). A missing folder is ``FileNotFoundError``."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotOursError(folder, "link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    problem = foreign(st)
+    if problem is not None:
+        os.close(fd)
+        raise NotOursError(folder, problem, st)
+    return fd
+
+
+def open_in_folder(folder_fd: int, path: Path, flags: int, mode: int = 0o600) -> int:
+    """``path``'s entry in the open folder ``folder_fd``, opened with ``flags`` without following a symlink
+    (``NotOursError("link")``); the caller checks what it opened."""
+    try:
+        return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotOursError(path, "link") from None
+        raise
+
+
+def replace_file(folder_fd: int, name: str, data: bytes) -> None:
+    """Put ``data`` at ``name`` in the open folder atomically: a fresh hidden file (mode 0600, never through a
+    symlink), written and fsynced, renamed over ``name``, then the folder fsynced. On failure ``name`` keeps what it
+    had, and the hidden file is removed."""
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=folder_fd)
+        raise
+    fsync_folder(folder_fd)
 
 
 def fsync_folder(folder_fd: int) -> None:

@@ -5,7 +5,7 @@ API layer read from ``/proc/<pid>/exe``. The action is what would be signed, rea
 proposal's action names and the ballot script's SHA-256 come from the bytes that get signed, never from a label the
 caller chose, so a caller allowed only ``transition_node_to_trusted`` cannot get ``set_constitution`` signed through
 ``/v1/sign`` either. A ballot is judged by the proposal it votes on: its action names are the ones the governance
-layer read from the service (over pinned TLS) before asking; a ballot whose proposal the agent could not read, such
+layer read from the CCF service (over pinned TLS) before asking; a ballot whose proposal the agent could not read, such
 as one through ``/v1/sign``, is refused by any rule that constrains actions.
 
 Evaluation (documented in config.example.toml and the README's Security model):
@@ -13,7 +13,7 @@ Evaluation (documented in config.example.toml and the README's Security model):
 1. Rules are tried in order; the **first rule whose caller match fits decides** (uid in ``uids`` or primary gid in
    ``gids``, and, when ``executables`` is given, the peer's executable is one of them). Later rules are not tried,
    so a restrictive rule for a uid cannot be widened by a later, broader one.
-2. Within that rule, every constraint must hold: identity, message type, service (or ``raw_sign`` for
+2. Within that rule, every constraint must hold: identity, message type, CCF service (or ``raw_sign`` for
    ``/v1/sign``), proposal actions (``actions_deny`` wins over ``actions_allow``; for a ballot, the actions of the
    proposal it votes on), ballot script hash; then the rate limit (a token bucket per rule and uid) is charged.
 3. The built-in ``default`` rule comes last (unless ``policy.default_rule = false``): root, the daemon's own uid and
@@ -58,13 +58,21 @@ class Action:
     """The CCF service it is forwarded to; None for ``POST /v1/sign`` (the signature goes back to the caller)."""
     proposal_actions: tuple[str, ...] | None = None
     """The action names of the proposal the message is about: a proposal's own (from the payload that gets signed),
-    or, for a ballot, those of the proposal it votes on, as the governance layer read them from the service. None
+    or, for a ballot, those of the proposal it votes on, as the governance layer read them from the CCF service. None
     when the agent does not know them (a ballot through ``/v1/sign``, or actions that could not be read): a rule
     that constrains actions then refuses (fail closed)."""
     actions_unknown: str | None = None
-    """Why ``proposal_actions`` is None, for the refusal (e.g. what the service answered when asked for them)."""
+    """Why ``proposal_actions`` is None, for the refusal (e.g. what the CCF service answered when asked for them)."""
     ballot_sha256: str | None = None
     proposal_id: str | None = None
+
+    @classmethod
+    def recovery_share(cls, identity: str, service: str) -> Action:
+        """Submitting ``identity``'s recovery share to the CCF service ``service``: the question asked before the
+        share is fetched and decrypted. It needs no payload: a share's payload is the secret alone, and no rule
+        looks into it (only identity, message type and CCF service), so this is the very action the signature of the
+        real share is judged by, and the answer is the same, rate limit aside (charged when the share is signed)."""
+        return cls(identity=identity, msg_type="recovery_share", service=service, proposal_actions=())
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,10 @@
 Every signature is verified against the identity's certificate before the message leaves the agent, so a key store
 that signs with the wrong key, or returns a malformed signature, can never put a bad message on the wire.
 This module knows nothing of HTTP; the API and the CLI reach the key stores only through it.
+
+Naming: ``SigningService`` is the agent's signing use case. Wherever a ``service`` is named here
+(``SignRequest.service``, ``SignedMessage.service``), it is a CCF service: the name of a configured
+``[services.NAME]`` the message goes to.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class SignedMessage:
 
 @dataclass(frozen=True, slots=True)
 class VotedProposal:
-    """What the governance layer read from the service (over pinned TLS) of the proposal a ballot votes on.
+    """What the governance layer read from the CCF service (over pinned TLS) of the proposal a ballot votes on.
 
     ``actions`` are its action names, parsed as a proposal payload is; None when they could not be read, and then
     ``unknown`` says why. The policy judges the ballot by these actions.
@@ -93,10 +97,10 @@ class SignRequest:
     """One message to sign (``SigningService.sign``) or to explain (``SigningService.explain``); who asks is the
     request context (``signing_agent.context``).
 
-    ``created_at`` defaults to now (integer seconds, UTC). ``service`` is where the message goes (None: a raw
-    signature returned to the caller). ``voted``, for a ballot, is what the governance layer read of the proposal it
-    votes on: the policy judges the ballot by those actions, and without them a rule that constrains actions refuses
-    it.
+    ``created_at`` defaults to now (integer seconds, UTC). ``service`` is the CCF service the message goes to (None:
+    a raw signature returned to the caller). ``voted``, for a ballot, is what the governance layer read of the
+    proposal it votes on: the policy judges the ballot by those actions, and without them a rule that constrains
+    actions refuses it.
     """
 
     identity: str

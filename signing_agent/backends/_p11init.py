@@ -2,9 +2,10 @@
 
 Owns everything the PKCS#11 backend (``pkcs11.py``) and the key tooling (``pkcs11_admin.py``) share below the
 level of keys: the ssh-agent style module path check, reading a PIN from a file or an environment variable,
-finding a token by label (and saying which tokens exist when none matches), opening a logged-in session, and
-sorting PKCS#11 errors into "the session went away" and "the module or its device went away". Loading and
-initialising a module thread-safely is ``_p11module``'s job.
+finding a token by label (and saying which tokens exist when none matches), opening a logged-in session,
+sorting PKCS#11 errors into "the session went away" and "the module or its device went away", and the one map from
+PKCS#11 errors to the agent's (``map_pkcs11_errors``). Loading and initialising a module thread-safely is
+``_p11module``'s job.
 
 Vendor imports (``pkcs11``) stay in ``signing_agent.backends``; nothing here may be imported outside it.
 """
@@ -15,13 +16,21 @@ import contextlib
 import importlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from signing_agent.backends._secrets import check_secret_file, read_secret_file, secret_env
-from signing_agent.errors import BackendUnavailableError, ConfigError, PinRejectedError
+from signing_agent.errors import (
+    AgentError,
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    KeyNotFoundError,
+    PinRejectedError,
+    UnsupportedOperationError,
+)
 
 
 def _optional_import(name: str) -> Any:
@@ -226,6 +235,109 @@ def describe_error(exc: BaseException) -> str:
     return f"{name} ({detail.splitlines()[0][:120]})" if detail else name
 
 
+DECRYPTION_FAILED = "RSA-OAEP decryption failed"
+"""The one message for every decryption failure (padding-oracle hygiene: nothing about where it failed)."""
+
+
+class TokenLostError(BackendUnavailableError):
+    """A PKCS#11 error after which a fresh session, or a re-initialised module, may succeed (``is_reconnectable``).
+
+    ``map_pkcs11_errors`` raises it so that the token connection reconnects and tries again (``pkcs11``'s
+    ``_TokenConnection``); ``reason`` names the PKCS#11 error. Should one ever reach a caller, it is what it says: the
+    token is unavailable (503, retryable)."""
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        self.reason = describe_error(exc)
+        super().__init__(f"{where}: the token failed: {self.reason}")
+
+
+def pin_errors() -> tuple[type[BaseException], ...]:
+    """PKCS#11 errors that are the token's refusal of a PIN: never retried, since repeated failures lock a token."""
+    require_pkcs11()
+    return (p11exc.PinIncorrect, p11exc.PinInvalid, p11exc.PinLenRange, p11exc.PinExpired, p11exc.PinLocked)
+
+
+def pin_rejected(
+    exc: BaseException, where: str, *, named: str = "the token", source: str | None = None
+) -> PinRejectedError:
+    """The ``PinRejectedError`` for a PIN error (``pin_errors``) of the token ``named`` (as messages name it), the PIN
+    read from ``source``."""
+    if isinstance(exc, p11exc.PinLocked):
+        return PinRejectedError(f"{where}: the user PIN of {named} is locked", hint="unlock it with the SO PIN")
+    from_source = f" from {source}" if source is not None else ""
+    return PinRejectedError(
+        f"{where}: {named} rejected the PIN{from_source} ({type(exc).__name__})",
+        hint="fix the PIN source; the agent does not retry: repeated failures can lock the token",
+    )
+
+
+@contextlib.contextmanager
+def map_pkcs11_errors(
+    where: str,
+    *,
+    session: Any = None,
+    unsupported: Callable[[BaseException], UnsupportedOperationError] | None = None,
+    failed: Callable[[BaseException], BackendError] | None = None,
+    mechanism_param: bool = False,
+) -> Iterator[None]:
+    """python-pkcs11's exceptions raised inside, as the agent's (in the style of httpx's ``map_httpcore_exceptions``):
+    the one table for the PKCS#11 calls the backend makes on a token's worker thread. No vendor exception leaves it.
+
+    ==========================================================  ====================================================
+    PKCS#11 error                                               becomes
+    ==========================================================  ====================================================
+    a lost session, token or device (``is_reconnectable``:      ``TokenLostError``: the token connection opens a
+    SessionHandleInvalid, SessionClosed, UserNotLoggedIn,       fresh session, then re-initialises the module, then
+    KeyHandleInvalid, TokenNotPresent, TokenNotRecognised,      reports the retryable ``BackendUnavailableError``.
+    DeviceRemoved, DeviceError, GeneralError, not initialised)  With ``session`` (a key operation), a device-level
+                                                                error of a device that still answers
+                                                                ``C_GenerateRandom`` was the request's own: the rows
+                                                                below decide (``refused_by_a_working_device``)
+    PinIncorrect, PinInvalid, PinLenRange, PinExpired,          ``PinRejectedError`` (``pin_rejected``)
+    PinLocked
+    NoSuchKey                                                   ``KeyNotFoundError``
+    MechanismInvalid, MechanismParamInvalid,                    ``unsupported(exc)``: what the token lacks (by
+    FunctionNotSupported; ArgumentsBad too when the call        default ``UnsupportedOperationError``)
+    passes mechanism parameters (``mechanism_param``)
+    EncryptedDataInvalid, EncryptedDataLenRange                 ``BackendError(DECRYPTION_FAILED)``: one uniform
+                                                                error, nothing about the data (padding oracles)
+    any other                                                   ``failed(exc)``: the operation's own error (by
+                                                                default ``BackendError("the token failed")``)
+    ==========================================================  ====================================================
+    """
+    require_pkcs11()
+    try:
+        yield
+    except p11exc.PKCS11Error as exc:
+        if is_reconnectable(exc) and not (session is not None and refused_by_a_working_device(session, exc)):
+            raise TokenLostError(where, exc) from None
+        raise _mapped(exc, where, unsupported, failed, mechanism_param) from None
+
+
+def _mapped(
+    exc: BaseException,
+    where: str,
+    unsupported: Callable[[BaseException], UnsupportedOperationError] | None,
+    failed: Callable[[BaseException], BackendError] | None,
+    mechanism_param: bool,
+) -> AgentError:
+    """The table's rows after the first (``map_pkcs11_errors``)."""
+    lacking = (p11exc.MechanismInvalid, p11exc.MechanismParamInvalid, p11exc.FunctionNotSupported)
+    if isinstance(exc, pin_errors()):
+        return pin_rejected(exc, where)
+    if isinstance(exc, p11exc.NoSuchKey):
+        return KeyNotFoundError(f"{where}: the token has no such key ({describe_error(exc)})")
+    if isinstance(exc, lacking) or (mechanism_param and isinstance(exc, p11exc.ArgumentsBad)):
+        if unsupported is not None:
+            return unsupported(exc)
+        return UnsupportedOperationError(f"{where}: the token cannot do this: {describe_error(exc)}")
+    if isinstance(exc, p11exc.EncryptedDataInvalid | p11exc.EncryptedDataLenRange):
+        return BackendError(DECRYPTION_FAILED)
+    if failed is not None:
+        return failed(exc)
+    return BackendError(f"{where}: the token failed: {describe_error(exc)}")
+
+
 def _text(value: object) -> str:
     raw = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     return raw.strip().strip("\0").strip()
@@ -302,15 +414,8 @@ def open_session(token: Any, pin_source: PinSource, *, rw: bool, where: str) -> 
             return token.open(rw=rw, user_pin=pin)
         except p11exc.UserAlreadyLoggedIn:
             return token.open(rw=rw)
-    except (p11exc.PinIncorrect, p11exc.PinInvalid, p11exc.PinLenRange, p11exc.PinExpired) as exc:
-        raise PinRejectedError(
-            f"{where}: token {token.label!r} rejected the PIN from {pin_source.describe()} ({type(exc).__name__})",
-            hint="fix the PIN source; the agent does not retry: repeated failures can lock the token",
-        ) from None
-    except p11exc.PinLocked:
-        raise PinRejectedError(
-            f"{where}: the user PIN of token {token.label!r} is locked", hint="unlock it with the SO PIN"
-        ) from None
+    except pin_errors() as exc:
+        raise pin_rejected(exc, where, named=f"token {token.label!r}", source=pin_source.describe()) from None
     finally:
         del pin
 

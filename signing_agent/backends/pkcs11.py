@@ -22,21 +22,28 @@ unless the key has ``oaep = "host"``, which uses raw RSA (CKM_RSA_X_509) in the 
 host (opt-in, because a host-side decoder is a potential padding oracle: it reports one uniform error for
 every failure).
 
-A lost session, token or device (``SessionHandleInvalid``, ``DeviceRemoved``, ``UserNotLoggedIn``,
-tpm2-pkcs11's ``GeneralError`` ...) drops the session and its cached handles; the operation is retried on a
-fresh session and login, then once more after the module was finalised and initialised again, and then fails
-with the retryable ``BackendUnavailableError`` (503). The token is then *unavailable*: calls fail at once
-without touching the module until the next reconnection attempt, at most one per ``RETRY_SECONDS`` (one log
-line each), and the first call that succeeds ends the outage. A rejected PIN is not retried (repeated
-failures can lock a token) until ``reset()``.
+Every PKCS#11 call runs inside ``_p11init.map_pkcs11_errors``, the one table from python-pkcs11's exceptions to
+``signing_agent.errors`` (a refused PIN, a mechanism the token lacks, the one uniform decryption failure ...).
 
-``pkcs11`` and ``asn1crypto`` are imported here and in ``_p11init``/``pkcs11_admin`` only, and their
-exceptions never leave this package: they are wrapped into ``signing_agent.errors``.
+A lost session, token or device (``SessionHandleInvalid``, ``UserNotLoggedIn``, ``DeviceRemoved``,
+``TokenNotPresent``, tpm2-pkcs11's ``GeneralError`` ...; the map's ``TokenLostError``) drops the session and its
+cached handles; the operation is retried on a fresh session and login, then once more after the module was
+finalised and initialised again, and then fails with the retryable ``BackendUnavailableError`` (503). A
+device-level error during a signature or a decryption counts as lost only when the device also fails a neutral
+``C_GenerateRandom``; otherwise the request itself was refused (SoftHSM2 answers ``CKR_GENERAL_ERROR`` to some
+requests it merely refuses), and the token stays in service. An unavailable token fails calls at once without
+touching the module until the next reconnection attempt, at most one per ``RETRY_SECONDS`` (one log line each),
+and the first call that succeeds ends the outage. A rejected PIN is not retried (repeated failures can lock a
+token) until ``reset()``.
+
+``pkcs11`` and ``asn1crypto`` are imported in ``signing_agent.backends`` only (here, ``_p11init``, ``_p11module``
+and ``pkcs11_admin``), and their exceptions never leave it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import difflib
 import hashlib
@@ -53,10 +60,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from signing_agent.algorithms import SignatureAlgorithm, for_curve
 from signing_agent.backends import _p11init, _p11module
 from signing_agent.backends._p11init import (
+    DECRYPTION_FAILED,
     DEFAULT_MODULE_DIRS,
     PinSource,
+    TokenLostError,
     check_module_path,
     describe_error,
+    map_pkcs11_errors,
     require_pkcs11,
 )
 from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority, SigningKey
@@ -77,10 +87,6 @@ __all__ = ["DECRYPTION_FAILED", "KeySelector", "PKCS11Registry", "TokenStatus", 
 _logger = logging.getLogger("signing_agent.backend")
 
 T = TypeVar("T")
-
-DECRYPTION_FAILED = "RSA-OAEP decryption failed"
-"""The one message for every decryption failure (padding-oracle hygiene: nothing about where it failed)."""
-
 
 # --- configuration ------------------------------------------------------------------------------------------
 
@@ -290,18 +296,16 @@ class _TokenConnection:
         return self._module
 
     def _try(self, module: _p11module.LoadedModule, fn: Callable[[Any], T], where: str) -> T:
-        p11exc = require_pkcs11().exceptions
         with module.use(where) as generation:
             if generation != self._generation:
                 self._forget()  # the module was initialised again: these handles belong to its former life
                 self._generation = generation
             try:
-                return fn(self._ensure(module, where))
-            except p11exc.PKCS11Error as exc:
-                if not _p11init.is_reconnectable(exc):
-                    raise BackendError(f"{where}: the token failed: {describe_error(exc)}") from None
+                with map_pkcs11_errors(where):
+                    return fn(self._ensure(module, where))
+            except TokenLostError as lost:
                 self._drop()
-                raise _RetryableError(describe_error(exc), generation) from None
+                raise _RetryableError(lost.reason, generation) from None
 
     def _unavailable(self, where: str, outage: _Outage) -> BackendUnavailableError:
         since = datetime.datetime.fromtimestamp(outage.since, datetime.UTC).strftime("%H:%M:%SZ")
@@ -610,14 +614,13 @@ class PKCS11SigningKey(_PKCS11Key):
     def _sign_sync(self, session: Any, digest: bytes) -> bytes:
         p11 = require_pkcs11()
         key = self._handle(session)
-        try:
+        with map_pkcs11_errors(
+            self._name,
+            session=session,
+            unsupported=lambda _: UnsupportedOperationError(f"{self._name}: the token cannot sign with CKM_ECDSA"),
+            failed=lambda exc: SigningFailedError(f"{self._name}: the token refused to sign: {describe_error(exc)}"),
+        ):
             return bytes(key.sign(digest, mechanism=p11.Mechanism.ECDSA))
-        except p11.exceptions.PKCS11Error as exc:
-            if _p11init.is_reconnectable(exc) and not _p11init.refused_by_a_working_device(session, exc):
-                raise
-            if isinstance(exc, p11.exceptions.MechanismInvalid | p11.exceptions.FunctionNotSupported):
-                raise UnsupportedOperationError(f"{self._name}: the token cannot sign with CKM_ECDSA") from None
-            raise SigningFailedError(f"{self._name}: the token refused to sign: {describe_error(exc)}") from None
 
 
 class PKCS11DecryptionKey(_PKCS11Key):
@@ -641,8 +644,7 @@ class PKCS11DecryptionKey(_PKCS11Key):
     def _oaep_sync(self, session: Any, ciphertext: bytes) -> bytes:
         p11 = require_pkcs11()
         key = self._handle(session)
-        x = p11.exceptions
-        try:
+        with self._decryption_errors(session, self._lacks_oaep, mechanism_param=True):
             return bytes(
                 key.decrypt(
                     ciphertext,
@@ -650,34 +652,43 @@ class PKCS11DecryptionKey(_PKCS11Key):
                     mechanism_param=(p11.Mechanism.SHA256, p11.MGF.SHA256, None),
                 )
             )
-        except x.PKCS11Error as exc:
-            if _p11init.is_reconnectable(exc) and not _p11init.refused_by_a_working_device(session, exc):
-                raise
-            if isinstance(exc, x.ArgumentsBad | x.MechanismInvalid | x.MechanismParamInvalid | x.FunctionNotSupported):
-                raise UnsupportedOperationError(
-                    f"{self._name}: token {self._conn.token_label!r} lacks RSA-OAEP with SHA-256 "
-                    f"({type(exc).__name__}); SoftHSM2 2.6 only does OAEP with SHA-1",
-                    hint='set oaep = "host" on this key to opt in to raw RSA in the token and OAEP decoding '
-                    "on the host, or use a token that supports OAEP-SHA256 (NSS softoken, most HSMs)",
-                ) from None
-            raise BackendError(DECRYPTION_FAILED) from None
 
     def _raw_rsa_sync(self, session: Any, ciphertext: bytes) -> bytes:
         p11 = require_pkcs11()
         key = self._handle(session)
-        x = p11.exceptions
-        try:
+        with self._decryption_errors(session, self._lacks_raw_rsa):
             return bytes(key.decrypt(ciphertext, mechanism=p11.Mechanism.RSA_X_509))
-        except x.PKCS11Error as exc:
-            if _p11init.is_reconnectable(exc) and not _p11init.refused_by_a_working_device(session, exc):
-                raise
-            if isinstance(exc, x.MechanismInvalid | x.FunctionNotSupported):
-                raise UnsupportedOperationError(
-                    f"{self._name}: token {self._conn.token_label!r} does not allow raw RSA (CKM_RSA_X_509), "
-                    "which "
-                    'oaep = "host" needs'
-                ) from None
-            raise BackendError(DECRYPTION_FAILED) from None
+
+    def _decryption_errors(
+        self,
+        session: Any,
+        unsupported: Callable[[BaseException], UnsupportedOperationError],
+        *,
+        mechanism_param: bool = False,
+    ) -> contextlib.AbstractContextManager[None]:
+        """``map_pkcs11_errors`` for a decryption: a token that cannot is ``unsupported``, and every other failure
+        the one uniform ``DECRYPTION_FAILED``."""
+        return map_pkcs11_errors(
+            self._name,
+            session=session,
+            unsupported=unsupported,
+            failed=lambda _: BackendError(DECRYPTION_FAILED),
+            mechanism_param=mechanism_param,
+        )
+
+    def _lacks_oaep(self, exc: BaseException) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{self._name}: token {self._conn.token_label!r} lacks RSA-OAEP with SHA-256 "
+            f"({type(exc).__name__}); SoftHSM2 2.6 only does OAEP with SHA-1",
+            hint='set oaep = "host" on this key to opt in to raw RSA in the token and OAEP decoding '
+            "on the host, or use a token that supports OAEP-SHA256 (NSS softoken, most HSMs)",
+        )
+
+    def _lacks_raw_rsa(self, exc: BaseException) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{self._name}: token {self._conn.token_label!r} does not allow raw RSA (CKM_RSA_X_509), which "
+            'oaep = "host" needs'
+        )
 
 
 # --- the registry -------------------------------------------------------------------------------------------

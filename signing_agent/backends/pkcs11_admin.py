@@ -122,6 +122,44 @@ def _int_bytes(value: int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
+def _generate_pair(
+    session: Any,
+    key_type: Any,
+    *args: Any,
+    label: str,
+    key_id: bytes,
+    capabilities: Any,
+    public: dict[Any, Any],
+    private: dict[Any, Any],
+    **options: Any,
+) -> Any:
+    """A key pair made in the token, as its private key: both are token objects, the public one readable without a
+    login, the private one private, sensitive and never extractable. ``public``/``private`` add what the key is
+    for; ``args``/``options`` go to python-pkcs11 (key size, mechanism). Refused when the label or id is taken."""
+    p11 = require_pkcs11()
+    a = p11.Attribute
+    _refuse_duplicates(session, label=label, key_id=key_id)
+    public_template = {
+        a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: key_type, a.TOKEN: True, a.PRIVATE: False, **public,
+    }  # fmt: skip
+    private_template = {
+        a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: key_type, a.TOKEN: True, a.PRIVATE: True,
+        a.SENSITIVE: True, a.EXTRACTABLE: False, **private,
+    }  # fmt: skip
+    _pub, priv = session.generate_keypair(
+        key_type,
+        *args,
+        id=key_id,
+        label=label,
+        store=True,
+        capabilities=capabilities,
+        public_template=public_template,
+        private_template=private_template,
+        **options,
+    )
+    return priv
+
+
 def generate_ec_key(
     target: TokenTarget, *, label: str, key_id: bytes | None = None, curve: str = "secp384r1"
 ) -> TokenKey:
@@ -131,25 +169,15 @@ def generate_ec_key(
     for_curve(curve)  # refuse curves CCF does not accept before touching the token
     key_id = _new_id(key_id)
     with admin_session(target) as session:
-        _refuse_duplicates(session, label=label, key_id=key_id)
-        public_template = {
-            a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: False,
-            a.VERIFY: True, a.ENCRYPT: default, a.WRAP: default, a.EC_PARAMS: _ec_params(curve),
-        }  # fmt: skip
-        private_template = {
-            a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.EC, a.TOKEN: True, a.PRIVATE: True,
-            a.SENSITIVE: True, a.EXTRACTABLE: False, a.SIGN: True, a.DECRYPT: default, a.UNWRAP: default,
-            a.DERIVE: default,
-        }  # fmt: skip
-        _pub, priv = session.generate_keypair(
+        priv = _generate_pair(
+            session,
             p11.KeyType.EC,
-            id=key_id,
             label=label,
-            store=True,
+            key_id=key_id,
             capabilities=p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY,
             mechanism=p11.Mechanism.EC_KEY_PAIR_GEN,
-            public_template=public_template,
-            private_template=private_template,
+            public={a.VERIFY: True, a.ENCRYPT: default, a.WRAP: default, a.EC_PARAMS: _ec_params(curve)},
+            private={a.SIGN: True, a.DECRYPT: default, a.UNWRAP: default, a.DERIVE: default},
         )
         public = read_public_key(session, priv, where=f"key {label!r}")
     return TokenKey(label=label, key_id=key_id, key_type="EC", public_key=public)
@@ -161,25 +189,15 @@ def generate_rsa_key(target: TokenTarget, *, label: str, key_id: bytes | None = 
     a, default = p11.Attribute, p11.DEFAULT
     key_id = _new_id(key_id)
     with admin_session(target) as session:
-        _refuse_duplicates(session, label=label, key_id=key_id)
-        public_template = {
-            a.CLASS: p11.ObjectClass.PUBLIC_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: False,
-            a.ENCRYPT: True, a.WRAP: True, a.VERIFY: default,
-        }  # fmt: skip
-        private_template = {
-            a.CLASS: p11.ObjectClass.PRIVATE_KEY, a.KEY_TYPE: p11.KeyType.RSA, a.TOKEN: True, a.PRIVATE: True,
-            a.SENSITIVE: True, a.EXTRACTABLE: False, a.DECRYPT: True, a.UNWRAP: True, a.SIGN: default,
-            a.DERIVE: default,
-        }  # fmt: skip
-        _pub, priv = session.generate_keypair(
+        priv = _generate_pair(
+            session,
             p11.KeyType.RSA,
             bits,
-            id=key_id,
             label=label,
-            store=True,
+            key_id=key_id,
             capabilities=p11.MechanismFlag.DECRYPT | p11.MechanismFlag.UNWRAP,
-            public_template=public_template,
-            private_template=private_template,
+            public={a.ENCRYPT: True, a.WRAP: True, a.VERIFY: default},
+            private={a.DECRYPT: True, a.UNWRAP: True, a.SIGN: default, a.DERIVE: default},
         )
         public = read_public_key(session, priv, where=f"key {label!r}")
     return TokenKey(label=label, key_id=key_id, key_type="RSA", public_key=public)

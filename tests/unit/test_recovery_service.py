@@ -7,19 +7,38 @@ The same flows through the daemon, against the sandbox and forged services, are 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from signing_agent.config import RecoveryConfig
-from signing_agent.cose.governance import HEADER_MSG_TYPE
-from signing_agent.errors import CCFError, CCFTrustError, ConflictError, InvalidRequestError
-from signing_agent.recovery import RecoveryService, RecoveryWatcher
+from signing_agent.ccf.api import ServiceInfo
+from signing_agent.config import PolicyConfig, PolicyRuleConfig, RecoveryConfig
+from signing_agent.cose.governance import HEADER_MSG_TYPE, MsgType, summarise_payload
+from signing_agent.errors import (
+    CCFError,
+    CCFTrustError,
+    ConflictError,
+    InvalidRequestError,
+    PolicyDeniedError,
+)
+from signing_agent.governance import Relay
+from signing_agent.metrics import METRICS, Metrics
+from signing_agent.policy import Action, Policy
+from signing_agent.recovery import (
+    RecoveryKey,
+    RecoveryService,
+    RecoveryStateStore,
+    RecoveryWatcher,
+    ShareResult,
+)
+from signing_agent.service import SigningService, SignRequest
 from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
 from tests.support.fakes import as_peer, signing_service
 from tests.support.pki import make_member
@@ -112,10 +131,54 @@ async def test_a_share_that_is_not_base64_is_an_error_and_nothing_is_decrypted(w
 
 async def test_an_identity_without_an_encryption_key_cannot_submit(tmp_path: Path, world: World) -> None:
     m1 = await file_identity(tmp_path, "m1")
-    world.recovery.signer = signing_service({"m1": m1.identity}, world.gov.auditor)
+    signer = signing_service({"m1": m1.identity}, world.gov.auditor)
+    recovery = RecoveryService(signer, world.gov, world.recovery.config, auditor=world.gov.auditor)
     with pytest.raises(InvalidRequestError, match="has no encryption_key"):
-        await world.recovery.submit_share("prod", "m1")
+        await recovery.submit_share("prod", "m1")
     assert world.service.calls == []
+
+
+def only(**rule: object) -> Policy:
+    """A policy of one rule for the test's own uid (no default rule)."""
+    cfg = PolicyConfig(rules=(PolicyRuleConfig(name="r", uids=(os.getuid(),), **rule),), default_rule=False)  # type: ignore[arg-type]
+    return Policy.from_config(cfg, daemon_uid=os.getuid())
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [{"msg_types": ("proposal",)}, {"identities": ("m1",)}, {"services": ("staging",)}],
+    ids=["another message type", "another identity", "another service"],
+)
+async def test_the_policy_is_asked_before_anything_is_fetched_or_decrypted(
+    world: World, rule: dict[str, object]
+) -> None:
+    world.gov.signer.policy = only(**rule)
+    with pytest.raises(PolicyDeniedError, match="denied by rule 'r'"):
+        await world.recovery.submit_share("prod", "m0")
+    assert world.service.calls == []  # no state read from the service, no encrypted share fetched
+    assert world.events() == ["denied"]
+    denied = world.record("denied")
+    assert (denied["msg_type"], denied["service"], denied["identity"], denied["rule"]) == (
+        "recovery_share",
+        "prod",
+        "m0",
+        "r",
+    )
+
+
+async def test_the_question_charges_no_rate_limit_the_signature_does(world: World) -> None:
+    world.gov.signer.policy = only(msg_types=("recovery_share",), services=("prod",), rate_limit=1, rate_window=3600.0)
+    assert (await world.recovery.submit_share("prod", "m0")).submitted
+    with pytest.raises(PolicyDeniedError, match="rate limit of 1 per 3600 s"):
+        await world.recovery.submit_share("prod", "m0")
+    assert world.service.calls.count("encrypted_share") == 1
+
+
+def test_the_question_before_decryption_is_the_one_the_share_s_signature_gets() -> None:
+    payload = json.dumps({"share": base64.b64encode(SHARE).decode()}).encode()
+    req = SignRequest(identity="m0", msg_type=MsgType.RECOVERY_SHARE, payload=payload, service="prod")
+    signed = SigningService._action("m0", req, summarise_payload(req.msg_type, req.payload))
+    assert Action.recovery_share("m0", "prod") == signed
 
 
 async def test_no_share_goes_to_an_identity_that_is_not_the_pinned_one(world: World) -> None:
@@ -220,3 +283,69 @@ async def test_the_watcher_submits_when_the_service_waits_and_then_only_watches(
     await watcher.tick()
     assert (watcher.state, watcher.service_status) == ("watching", "Open")
     assert world.service.calls.count("submit_recovery_share") == 1
+
+
+# --- the watcher alone, against a fake of what it needs (the Recovering Protocol) -------------------------------------
+
+
+@dataclass
+class FakeRecovering:
+    """Answers ``service_info`` from ``answers`` (an exception is raised), and records each submission."""
+
+    config: RecoveryConfig
+    answers: list[ServiceInfo | Exception]
+    metrics: Metrics = METRICS
+    rng: Callable[[], float] = random.random
+    submitted: list[str] = field(default_factory=list)
+
+    def store(self, service: str) -> RecoveryStateStore:
+        return RecoveryStateStore(self.config.state_dir / f"recovery-{service}.json")
+
+    def request_timeout(self, service: str) -> float:
+        return 1.0
+
+    async def service_info(self, service: str) -> ServiceInfo:
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def submit_share(self, service: str, identity: str, *, unattended: bool = False) -> ShareResult:
+        self.submitted.append(identity)
+        return ShareResult(Relay(status=403, body=None), submitted=False, key=RecoveryKey(1, "2.1"), ccf_error="Nope")
+
+
+def info(status: str) -> ServiceInfo:
+    return ServiceInfo(status=status, certificate=None, recovery_count=1, creation_transaction_id="2.1", fields={})
+
+
+async def until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not check():  # noqa: ASYNC110 -- the watcher's state is plain attributes, with no event to wait on
+            await asyncio.sleep(0.005)
+
+
+async def test_a_watcher_reports_an_untrusted_service_and_polls_on_until_it_is_stopped(tmp_path: Path) -> None:
+    config = RecoveryConfig(enabled=True, poll_interval=0.01, max_backoff=0.02, state_dir=tmp_path)
+    fake = FakeRecovering(config, [CCFTrustError("not the pinned identity"), info("Open")])
+    watcher = RecoveryWatcher(fake, "prod", "m0")
+    watcher.start()
+    await until(lambda: watcher.service_status == "Open")
+    assert watcher.state == "watching"
+    assert watcher.last_error is None
+    await watcher.stop()
+    assert watcher.status()["state"] == "stopped"
+    assert fake.submitted == []
+
+
+async def test_a_watcher_whose_share_is_refused_fails_and_says_why(tmp_path: Path) -> None:
+    config = RecoveryConfig(enabled=True, poll_interval=0.01, max_backoff=0.02, state_dir=tmp_path)
+    fake = FakeRecovering(config, [info("WaitingForRecoveryShares")])
+    watcher = RecoveryWatcher(fake, "prod", "m0")
+    with pytest.raises(CCFError, match="refused the recovery share: 403 Nope"):
+        await watcher.tick()
+    assert (watcher.state, fake.submitted) == ("recovering", ["m0"])
+    watcher.start()
+    await until(lambda: watcher.state == "failed")
+    assert watcher.last_error == "service 'prod' refused the recovery share: 403 Nope"
+    await watcher.stop()
