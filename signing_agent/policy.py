@@ -74,6 +74,20 @@ class Action:
         real share is judged by, and the answer is the same, rate limit aside (charged when the share is signed)."""
         return cls(identity=identity, msg_type="recovery_share", service=service, proposal_actions=())
 
+    @classmethod
+    def approving_transition(cls, identity: str, service: str, proposal_id: str) -> Action:
+        """Approving a recovered service identity (``recovery approve-identity``): ``identity``'s accepting ballot on
+        the ``transition_service_to_open`` proposal ``proposal_id``. Asked before the agent adopts or checks anything
+        for the caller; the real ballot is judged again, by the proposal's full list of actions, when it is signed."""
+        return cls(
+            identity=identity,
+            msg_type="ballot",
+            service=service,
+            proposal_actions=("transition_service_to_open",),
+            ballot_sha256=BALLOT_ALIASES["accept"],
+            proposal_id=proposal_id,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:

@@ -197,6 +197,26 @@ class SigningService:
         if not ctx.by_agent:
             self.denials.charge(ctx.caller.uid, "denied")
 
+    async def precheck(self, action: Action) -> None:
+        """Ask the policy about ``action`` before work that must not happen for a refused caller (a decryption, an
+        adoption of trust), without charging the rate limit (the signature that follows is charged). A refusal is
+        charged to the peer's denial budget, audited ``denied`` and raised as ``PolicyDeniedError``."""
+        ctx = current_request()
+        decision = self.policy.decide(ctx.caller, action, consume=False)
+        if decision.allowed:
+            return
+        self.charge_denial()  # past the peer's budget: 429, and no record
+        member_id = self._identities[action.identity].member_id if action.identity in self._identities else None
+        subject = Subject(
+            identity=action.identity,
+            member_id=member_id,
+            msg_type=action.msg_type,
+            proposal_id=action.proposal_id,
+            service=action.service,
+        )
+        await self.auditor.record(Denied(request=ctx, subject=subject, rule=decision.rule, reason=decision.reason))
+        raise PolicyDeniedError(f"policy: {decision.describe()}")
+
     async def explain(self, req: SignRequest) -> Explanation:
         """What ``sign`` would sign and whether the policy allows the current caller. Touches no key, charges no
         rate limit, and writes no audit record: nothing is decided, so nothing costs the disk."""

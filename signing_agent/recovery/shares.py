@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from signing_agent.audit import Auditor, Denied, Share, ShareFailed, ShareSubmitted, Subject
+from signing_agent.audit import Auditor, Share, ShareFailed, ShareSubmitted, Subject
 from signing_agent.backends.base import Priority
 from signing_agent.ccf.api import Answer, RecoverySubmission
 from signing_agent.context import RequestContext, current_request
@@ -39,7 +39,6 @@ from signing_agent.errors import (
     BackendUnavailableError,
     CCFError,
     InvalidRequestError,
-    PolicyDeniedError,
     UnsupportedOperationError,
 )
 from signing_agent.governance import GovernanceService, Relay
@@ -160,24 +159,7 @@ class ShareSubmitter:
                 hint=f"configure [identities.{identity}.encryption_key]",
             )
         # Decide before any key is used: a caller the policy refuses never makes the key store decrypt.
-        ctx = current_request()
-        decision = self.signer.policy.decide(ctx.caller, Action.recovery_share(identity, service), consume=False)
-        if not decision.allowed:
-            self.signer.charge_denial()  # past the peer's budget: 429, and no record
-            await self.auditor.record(
-                Denied(
-                    request=ctx,
-                    subject=Subject(
-                        identity=identity,
-                        member_id=ident.member_id,
-                        msg_type=str(MsgType.RECOVERY_SHARE),
-                        service=service,
-                    ),
-                    rule=decision.rule,
-                    reason=decision.reason,
-                )
-            )
-            raise PolicyDeniedError(f"policy: {decision.describe()}")
+        await self.signer.precheck(Action.recovery_share(identity, service))
         lock = self._locks.setdefault((service, identity), asyncio.Lock())
         async with lock:
             return await self._submit_locked(service, identity, unattended=unattended)

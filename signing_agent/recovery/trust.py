@@ -38,7 +38,7 @@ from signing_agent.errors import (
     InvalidRequestError,
 )
 from signing_agent.governance import GovernanceService, Relay
-from signing_agent.policy import ACCEPT_BALLOT
+from signing_agent.policy import ACCEPT_BALLOT, Action
 from signing_agent.recovery.store import ADOPTED, APPROVED, RecoveryStateStore
 from signing_agent.service import SigningService
 
@@ -341,6 +341,8 @@ class ServiceTrust:
                 "identity to approve; no ballot was signed",
                 hint="list the new service certificate in accepted_service_certificates and reload",
             )
+        # A caller who may not cast this ballot gets nothing done for it: no adoption, no state file, no reads.
+        await self.signer.precheck(Action.approving_transition(identity, service, proposal_id))
         async with self._adopt_lock:
             if self.governance.ccf.provisional_identity(service) is None:
                 with contextlib.suppress(CCFTrustError, CCFUnavailableError):

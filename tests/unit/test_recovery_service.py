@@ -250,6 +250,25 @@ async def test_approval_needs_the_member_s_fingerprint(recovered: World) -> None
     assert recovered.service.ballots == {}
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [{"msg_types": ("proposal",)}, {"actions_allow": ("transition_node_to_trusted",)}, {"ballots": ("reject",)}],
+    ids=["no ballots", "not this action", "not an accepting ballot"],
+)
+async def test_a_caller_who_may_not_cast_the_ballot_gets_no_adoption_either(
+    recovered: World, rule: dict[str, object]
+) -> None:
+    """Approval adopts the endpoint's identity on the way: only for a caller the policy lets vote accept on it."""
+    recovered.gov.signer.policy = only(**rule)
+    with pytest.raises(PolicyDeniedError, match="denied by rule 'r'"):
+        await recovered.recovery.approve_identity("prod", "m0", PID, NEW.member_id)
+    assert recovered.service.calls == []  # no probe, no read: nothing adopted
+    assert recovered.gov.ccf.provisional_identity("prod") is None
+    assert recovered.events() == ["denied"]
+    denied = recovered.record("denied")
+    assert (denied["msg_type"], denied["proposal_id"], denied["identity"]) == ("ballot", PID, "m0")
+
+
 async def test_an_approved_identity_is_pinned_after_this_agent_s_accepting_ballot(recovered: World) -> None:
     fingerprint = ":".join(NEW.member_id[i : i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints it
     relay = await recovered.recovery.approve_identity("prod", "m0", PID, fingerprint)
