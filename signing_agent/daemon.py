@@ -2,8 +2,8 @@
 SIGTERM, and tell systemd (sd_notify: READY, RELOADING, STOPPING, WATCHDOG) when it is listening.
 
 The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is the
-agent's own (owned by its uid or root, writable by the owner only, not a symlink); a stale socket left by a crash is
-replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
+agent's own (owned by its uid or root, writable by the owner only, not a symlink: ``preflight``'s rules, which
+``check-config`` applies too); a stale socket left by a crash is replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
 (``api/connections.py``).
 
 The wiring, once, for the daemon, its reloads, ``check-config`` and the tests: ``open_audit`` (the locked log),
@@ -501,8 +501,10 @@ async def serve(
 ) -> None:
     """Run the agent until SIGTERM or SIGINT, then drain in-flight requests and remove the socket.
 
-    Every identity self-tests at start-up (its key matches its certificate and a probe signature verifies); one
-    that fails stops the start, unless ``allow_degraded`` (then it is left out and health says ``degraded``).
+    Every identity self-tests at start-up (its certificate is valid now, its key matches it and a probe signature
+    verifies; an encryption key's round trip is logged, not fatal); one that fails stops the start, unless
+    ``allow_degraded`` (then it is left out and health says ``degraded``). Once listening, the identity each CCF
+    service presents is logged (``preflight.check_service``), never a reason to stop.
     SIGHUP reloads the configuration (``Reloader``). systemd: sd_notify and socket activation when present.
 
     Everything opened registers its close on one exit stack, in order: the audit log (and its lock), the key
