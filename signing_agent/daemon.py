@@ -3,8 +3,8 @@ SIGTERM, and tell systemd (sd_notify: READY, RELOADING, STOPPING, WATCHDOG) when
 
 The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is the
 agent's own (owned by its uid or root, writable by the owner only, not a symlink: ``preflight``'s rules, which
-``check-config`` applies too); a stale socket left by a crash is replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
-(``api/connections.py``).
+``check-config`` applies too); a stale socket left by a crash is replaced, a live agent's socket is never stolen.
+Connections are capped per peer uid and in total (``api/connections.py``).
 
 The wiring, once, for the daemon, its reloads, ``check-config`` and the tests: ``open_audit`` (the locked log),
 ``open_resources`` (what the process keeps across reloads: key stores, auditor, denial budget, rate-limit buckets) and
@@ -88,7 +88,9 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
     folder = path.parent
     if not os.path.lexists(folder):
         folder.mkdir(mode=0o700, parents=True)
-    check_socket_folder(folder, group_access=group is not None)
+    warning = check_socket_folder(folder, group_access=group is not None)
+    if warning is not None:
+        _logger.warning("%s", warning)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
@@ -476,9 +478,10 @@ async def _log_services(gen: Generation) -> None:
     """At start-up, once listening (a service that is down must not delay signing): the identity each service's
     endpoint presents in a TLS handshake, logged: info when trusted, a warning when unreachable, an error when the
     agent does not trust it (nothing is sent to it then; the agent still serves, because after a disaster recovery
-    it must run to vote the new identity in and submit shares: see ``preflight.check_service``)."""
+    it must run to vote the new identity in and submit shares: see ``preflight.check_service``). A service pinned
+    through ``identity_url`` is left out: its identity is fetched when the agent first talks to it, as before."""
     try:
-        checks = await check_services(gen.governance.ccf)
+        checks = await check_services(gen.governance.ccf, fetch_identities=False)
     except Exception:  # a log line at start-up must never take the serving agent down
         _logger.exception("the start-up check of the CCF services failed")
         return

@@ -87,10 +87,11 @@ def check_socket_path(path: Path) -> None:
         )
 
 
-def check_socket_folder(folder: Path, *, group_access: bool) -> None:
+def check_socket_folder(folder: Path, *, group_access: bool) -> str | None:
     """The socket's folder must be the agent's own: whoever can write to it can replace the socket, and a symlink
     can be pointed elsewhere. So: a real folder (not a symlink), owned by the agent's uid or root, and writable by
-    its owner only. A ``socket_group`` needs group *search* on the folder to reach the socket, never group write."""
+    its owner only. A ``socket_group`` needs group *search* on the folder to reach the socket, never group write:
+    without it, a warning is returned (the agent works, its group cannot reach it)."""
     try:
         st = folder.lstat()
     except OSError as exc:
@@ -115,11 +116,11 @@ def check_socket_folder(folder: Path, *, group_access: bool) -> None:
                 "on the folder, never group write)",
             )
     if group_access and not st.st_mode & stat.S_IXGRP:
-        _logger.warning(
-            "agent.socket_group is set, but the folder %s has no group search permission: the group cannot reach "
-            "the socket (chmod g+x)",
-            folder,
+        return (
+            f"agent.socket_group is set, and the folder {folder} has no group search permission: the group cannot "
+            "reach the socket (chmod g+x)"
         )
+    return None
 
 
 def socket_gid(group: str) -> int:
@@ -185,30 +186,31 @@ def _bind_probe(folder: Path) -> None:
             probe.unlink()
 
 
-def _socket_findings(agent: AgentSection) -> str:
+def _socket_check(agent: AgentSection) -> Check:
     path = agent.socket
     check_socket_path(path)
     if agent.socket_group is not None:
         socket_gid(agent.socket_group)
     folder = path.parent
     if not os.path.lexists(folder):
-        return f"{path}: {_creatable(folder, 'agent.socket')}"
-    check_socket_folder(folder, group_access=agent.socket_group is not None)
+        return Check("socket", "ok", f"{path}: {_creatable(folder, 'agent.socket')}")
+    warning = check_socket_folder(folder, group_access=agent.socket_group is not None)
     _bind_probe(folder)
-    match socket_state(path):
-        case "live":
-            return f"{path}: a running agent listens on it (serve would refuse to start beside it)"
-        case "stale":
-            return f"{path}: a socket nobody listens on (left by an earlier run); serve replaces it"
-        case "absent":
-            return f"{path} can be bound (the folder is the agent's own)"
+    found = {
+        "live": f"{path}: a running agent listens on it (serve would refuse to start beside it)",
+        "stale": f"{path}: a socket nobody listens on (left by an earlier run); serve replaces it",
+        "absent": f"{path} can be bound (the folder is the agent's own)",
+    }[socket_state(path)]
+    if warning is not None:
+        return Check("socket", "warn", f"{found}; but {warning}", f"chmod g+x {folder}")
+    return Check("socket", "ok", found)
 
 
 def check_socket(agent: AgentSection) -> Check:
     """The socket: its path fits, its folder is the agent's own (or can be made), a socket can be bound there, and
     whatever is at the path now is a socket serve may replace, or a running agent's."""
     try:
-        return Check("socket", "ok", _socket_findings(agent))
+        return _socket_check(agent)
     except AgentError as exc:
         return Check.failed("socket", exc)
 
@@ -369,10 +371,16 @@ async def check_service(
 
 
 async def check_services(
-    connections: CCFConnections, *, require_reachable: bool = False, ask_claimed: bool = False
+    connections: CCFConnections,
+    *,
+    require_reachable: bool = False,
+    ask_claimed: bool = False,
+    fetch_identities: bool = True,
 ) -> list[Check]:
-    """``check_service`` for every configured service, at once, in the order of their names."""
-    names = sorted(connections.services)
+    """``check_service`` for every configured service, at once, in the order of their names. ``fetch_identities``
+    False: leave out the services pinned through ``identity_url`` (``serve``, which fetches that identity when it
+    first talks to the service, and only then)."""
+    names = sorted(n for n, cfg in connections.services.items() if fetch_identities or cfg.service_certificate)
     return list(
         await asyncio.gather(
             *(

@@ -144,6 +144,22 @@ def test_what_serve_would_refuse_fails(workdir: Path, spoil: object, agent: dict
     assert message in check.message
 
 
+def test_a_socket_group_without_search_on_the_folder_warns(workdir: Path) -> None:
+    folder = workdir / "run"
+    folder.mkdir(mode=0o700)
+    check = check_socket(AgentSection(socket=folder / "agent.sock", socket_mode=0o660, socket_group="root"))
+    assert check.status == "warn"
+    assert check.message == (
+        f"{folder}/agent.sock can be bound (the folder is the agent's own); but agent.socket_group is set, and the "
+        f"folder {folder} has no group search permission: the group cannot reach the socket (chmod g+x)"
+    )
+    assert check.hint == f"chmod g+x {folder}"
+    folder.chmod(0o750)
+    assert check_socket(AgentSection(socket=folder / "agent.sock", socket_mode=0o660, socket_group="root")).status == (
+        "ok"
+    )
+
+
 def test_a_missing_folder_that_cannot_be_made_fails(workdir: Path) -> None:
     if os.geteuid() == 0:
         missing("root may create folders anywhere")
