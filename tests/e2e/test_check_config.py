@@ -183,16 +183,24 @@ def test_a_socket_path_over_107_bytes_fails_here_and_at_start_up(workdir: Path, 
 
 
 def test_an_audit_path_the_agent_cannot_write_fails(workdir: Path, member: Member) -> None:
-    """As the agent's user: a folder it may not write. (As root, in a user namespace that makes it an ordinary
-    user, so that the folder's permissions bind it.)"""
+    """As the agent's user: a folder it may not write, and a socket folder it could not create. (As root, in a user
+    namespace that makes it an ordinary user, so that the folders' permissions bind it.)"""
     folder = workdir / "audit"
     folder.mkdir(mode=0o500)
-    config = write_toml(workdir / "agent.toml", tables(workdir, member))
+    locked = workdir / "locked"
+    locked.mkdir(mode=0o500)
+    config = write_toml(
+        workdir / "agent.toml", {**tables(workdir, member), "agent": {"socket": locked / "run" / "agent.sock"}}
+    )
     result = check_config(config, wrapper=p11kit.userns_wrapper())
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"FAIL  audit: audit.path: cannot create files in {folder}: Permission denied" in result.stdout
     assert "hint: the agent's user must be able to write the audit log's folder" in result.stdout
-    assert "1 check(s) failed: audit" in result.stderr
+    assert (
+        f"FAIL  socket: agent.socket: the folder {locked}/run does not exist, and {locked} is not writable to create it"
+        in result.stdout
+    )
+    assert "2 check(s) failed: audit, socket" in result.stderr
 
 
 def test_an_audit_path_that_names_a_folder_or_a_folder_of_another_user_fails(workdir: Path, member: Member) -> None:
