@@ -213,6 +213,8 @@ def check_socket(agent: AgentSection) -> Check:
         return _socket_check(agent)
     except AgentError as exc:
         return Check.failed("socket", exc)
+    except OSError as exc:  # anything the checks above do not word themselves
+        return Check("socket", "fail", f"agent.socket: {agent.socket}: {exc.strerror or exc}")
 
 
 # -- the audit log -------------------------------------------------------------------------------------------------
@@ -263,6 +265,8 @@ def check_audit(audit: AuditConfig) -> Check:
         return Check("audit", "ok", _audit_findings(audit))
     except AgentError as exc:
         return Check.failed("audit", exc)
+    except OSError as exc:  # anything the checks above do not word themselves
+        return Check("audit", "fail", f"audit.path: {audit.path}: {exc.strerror or exc}")
 
 
 # -- identities ----------------------------------------------------------------------------------------------------
