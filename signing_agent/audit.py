@@ -590,6 +590,25 @@ def _narrow_own_file(fd: int) -> str | None:
     return None
 
 
+def lock_path(log: Path) -> Path:
+    """The audit log's lock file: ``.<name>.lock`` beside it, hidden so that ``audit verify audit.jsonl*`` does not
+    pick it up."""
+    return log.with_name(f".{log.name}.lock")
+
+
+def _lock_holder(fd: int, path: Path) -> str | None:
+    """Take the exclusive lock on the open lock file ``fd`` (``path``): None when taken (it is held until ``fd`` is
+    closed), else who holds it, ``pid N`` as the holder wrote it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise AuditError(f"audit.path: cannot lock {path}: {exc.strerror}") from None
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return f"pid {holder}" if holder.isdigit() else "pid unknown"
+    return None
+
+
 class AuditLock:
     """An exclusive ``flock`` on ``.<name>.lock`` beside the audit log, held for the life of the process (SIGHUP too).
 
@@ -605,18 +624,17 @@ class AuditLock:
     def acquire(cls, folder_fd: int, path: Path, *, log: Path) -> AuditLock:
         fd = open_own_file(folder_fd, path, os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = _lock_holder(fd, path)
+        except BaseException:
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AuditError(f"audit.path: cannot lock {path}: {exc.strerror}") from None
-            who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise
+        if who is not None:
+            os.close(fd)
             raise AuditError(
                 f"audit.path: {log} is in use by another signing-agent ({who} holds the lock {path}); "
                 "this one writes nothing and exits",
                 hint="stop the running agent first (systemctl stop signing-agent), or give this one its own audit.path",
-            ) from None
+            )
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
@@ -624,6 +642,22 @@ class AuditLock:
             os.close(fd)
             raise AuditError(f"audit.path: cannot write {path}: {exc.strerror}") from None
         return cls(path, fd)
+
+    @staticmethod
+    def probe(folder_fd: int, path: Path) -> str | None:
+        """Who holds the lock at ``path`` (``pid N``), or None when it is free: for ``check-config`` beside a running
+        agent. A free lock is taken and released at once; nothing is written, and a missing lock file is not made."""
+        try:
+            os.stat(path.name, dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuditError(f"audit.path: cannot inspect {path}: {exc.strerror}") from None
+        fd = open_own_file(folder_fd, path, os.O_RDWR)
+        try:
+            return _lock_holder(fd, path)
+        finally:
+            os.close(fd)  # releases the lock, if it was taken here
 
     def held(self) -> bool:
         """Whether the lock file at ``path`` is still the one we locked (its folder may have been removed)."""
@@ -737,7 +771,7 @@ class FileAuditSink:
     @property
     def lock_path(self) -> Path:
         """``.<name>.lock`` beside the log: hidden, so ``audit verify audit.jsonl*`` does not pick it up."""
-        return self.path.with_name(f".{self.path.name}.lock")
+        return lock_path(self.path)
 
     @classmethod
     async def open(

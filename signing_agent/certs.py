@@ -1,13 +1,15 @@
 """X.509 certificates as the agent uses them: read one from a file with an error that names the setting, its DER,
-and the SHA-256 of its DER, which is both CCF's member id and a service certificate's fingerprint (what ``openssl
-x509 -fingerprint -sha256`` prints, without the colons, in lower case).
+the SHA-256 of its DER, which is both CCF's member id and a service certificate's fingerprint (what ``openssl
+x509 -fingerprint -sha256`` prints, without the colons, in lower case), and its validity period (``Validity``).
 
 Every member id and fingerprint in the agent comes from here. Imports nothing from the package but ``errors``.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -52,3 +54,39 @@ def certificate_der(pem: bytes | str) -> bytes | None:
     except ValueError:
         return None
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _utc(when: datetime.datetime) -> str:
+    return when.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Validity:
+    """A certificate's validity period (``notBefore`` .. ``notAfter``, UTC), and what an operator must hear of it."""
+
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> Validity:
+        return cls(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+    def seconds_left(self, now: datetime.datetime) -> float:
+        """Seconds from ``now`` until it expires (negative once it has)."""
+        return (self.not_after - now).total_seconds()
+
+    def problem(self, now: datetime.datetime) -> str | None:
+        """Why it is not valid at ``now`` (expired, or not valid yet), or None."""
+        if now > self.not_after:
+            return f"expired on {_utc(self.not_after)}"
+        if now < self.not_before:
+            return f"is not valid before {_utc(self.not_before)}"
+        return None
+
+    def expiry_warning(self, now: datetime.datetime, within: datetime.timedelta) -> str | None:
+        """A warning when it expires within ``within`` of ``now`` (and is still valid), else None."""
+        left = self.not_after - now
+        if self.problem(now) is not None or left > within:
+            return None
+        days = left.total_seconds() / 86400
+        return f"expires on {_utc(self.not_after)} (in {days:.1f} days)"

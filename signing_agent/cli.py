@@ -29,7 +29,7 @@ from signing_agent.errors import AgentError, ConfigError, InvalidRequestError
 from signing_agent.log import setup_logging
 
 if TYPE_CHECKING:
-    from signing_agent.api.runtime import Generation
+    from signing_agent.preflight import Check
 
 CONFIG_ENV = "SIGNING_AGENT_CONFIG"
 EXIT_OK, EXIT_ERROR = Exit.OK, Exit.ERROR
@@ -132,55 +132,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Open the configuration as ``serve`` would (``daemon.open_generation``: every key store, each identity
-    self-tested, the recovery trust restored, every pinned service certificate read), without the socket and
-    without writing the audit log. Every failed identity is listed; any failure exits 1."""
+    """Prove the configuration as ``serve`` would use it, beside a running agent if there is one: the socket (path
+    length, folder, a bind), the audit log (folder, file, lock: never taken from a running agent, never written),
+    every identity opened and self-tested by ``daemon.open_generation`` (certificate validity, probe signature, an
+    encryption key's round trip), and each service's presented identity over pinned TLS. Prints each check (``--json``:
+    one document) and exits 1 when any failed."""
     from signing_agent.audit import DryRunAuditSink
     from signing_agent.daemon import open_generation, open_resources
-    from signing_agent.metrics import METRICS
+    from signing_agent.metrics import Metrics
+    from signing_agent.preflight import Check, check_audit, check_services, check_socket, identity_checks
 
     path = _config_path(args, required=True)
     assert path is not None  # noqa: S101 -- required=True
     config = load_config(path)
     setup_logging("critical")  # each failure is printed below, once
 
-    async def check(config: AgentConfig) -> int:
-        failed: dict[str, str] = {}
+    async def check(config: AgentConfig) -> list[Check]:
+        checks: list[Check] = []
         try:
             async with (
-                open_resources(config, DryRunAuditSink(), metrics=METRICS) as resources,
+                open_resources(config, DryRunAuditSink(), metrics=Metrics()) as resources,
                 open_generation(config, resources, allow_degraded=True) as gen,
             ):
-                failed.update(_report_generation(gen, config))
+                checks += identity_checks(gen.service.identities, gen.failed)
+                checks += await check_services(
+                    gen.governance.ccf, require_reachable=args.require_services, ask_claimed=True
+                )
         except AgentError as exc:
-            failed["configuration"] = exc.message
-            print(f"FAIL  {exc.message}")
-        if failed:
-            print(
-                f"signing-agent: configuration {path}: {len(failed)} check(s) failed: {', '.join(sorted(failed))}",
-                file=sys.stderr,
-            )
-            return EXIT_ERROR
-        print(f"configuration {path} is valid: {len(config.identities)} identities, socket {config.agent.socket}")
-        return EXIT_OK
+            checks.append(Check.failed("configuration", exc))
+        return checks
 
-    return asyncio.run(check(config))
+    checks = [*asyncio.run(check(config)), check_socket(config.agent), check_audit(config.audit)]
+    failed = sorted({c.name for c in checks if c.status == "fail"})
+    if args.json:
+        worst = "fail" if failed else "warn" if any(c.status == "warn" for c in checks) else "ok"
+        _print_json({"config": str(path), "status": worst, "checks": [c.as_dict() for c in checks]})
+    else:
+        _print_checks(checks)
+    if failed:
+        print(
+            f"signing-agent: configuration {path}: {len(failed)} check(s) failed: {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    if not args.json:
+        warned = sum(c.status == "warn" for c in checks)
+        print(
+            f"configuration {path} is valid: {len(config.identities)} identities, socket {config.agent.socket}"
+            + (f"; {warned} warning(s)" if warned else "")
+        )
+    return EXIT_OK
 
 
-def _report_generation(gen: Generation, config: AgentConfig) -> dict[str, str]:
-    """Print what ``check-config`` opened: each identity (ok or FAIL) and each service; the failed identities."""
-    for ident in gen.service.identities.values():
-        print(f"ok    {ident.name}: member {ident.member_id} {ident.alg.name} {ident.backend} {ident.location}")
-        for warning in ident.warnings:
-            print(f"      warning: {warning}")
-    for name, reason in sorted(gen.health.unavailable.items()):
-        print(f"FAIL  {name}: {reason}")
-    for name, svc in sorted(config.services.items()):
-        if svc.service_certificate is None:
-            print(f"ok    service {name}: {svc.url} (identity fetched from {svc.identity_url} at first use)")
-        else:
-            print(f"ok    service {name}: {svc.url}, pinned {svc.service_certificate}")
-    return dict(gen.health.unavailable)
+def _print_checks(checks: Sequence[Check]) -> None:
+    """``check-config``'s lines: ``ok``, ``warn`` or ``FAIL``, the check's name and message, then its hint."""
+    for check in checks:
+        print(f"{'FAIL' if check.status == 'fail' else check.status:<6}{check.name}: {check.message}")
+        if check.hint:
+            print(f"      hint: {check.hint}")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -286,8 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check-config", help="validate the config, open every key and self-test each identity")
+    p = sub.add_parser(
+        "check-config",
+        help="prove the config: socket, audit log, every key self-tested, each service's identity over pinned TLS",
+    )
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    p.add_argument(
+        "--require-services",
+        action="store_true",
+        help="fail (not warn) when a service cannot be reached",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document: {config, status, checks: [...]}")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("health", help="the agent's health; exit 0 only when healthy (for probes)")

@@ -168,6 +168,9 @@ class AgentSection:
     """Denied or malformed requests a peer uid may make per ``denial_rate_window`` before it gets 429s."""
     denial_rate_window: float = 60.0
     log_level: LogLevel = "info"
+    certificate_expiry_warning_days: int = 30
+    """Warn (start-up, ``check-config``, health, ``/v1/identities``) when a member certificate expires within this
+    many days: its hash is the member id, so a renewal is a governance round. 0: only once it has expired."""
 
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
@@ -571,6 +574,7 @@ def _agent(root: _Table) -> AgentSection:
         denial_rate_limit=t.get_int("denial_rate_limit", minimum=1),
         denial_rate_window=t.get_number("denial_rate_window"),
         log_level=t.get_choice("log_level", LOG_LEVELS),
+        certificate_expiry_warning_days=t.get_int("certificate_expiry_warning_days", minimum=0),
     )
     t.finish()
     if agent.max_connections < 2 * agent.max_connections_per_uid:

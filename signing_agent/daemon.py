@@ -2,9 +2,9 @@
 SIGTERM, and tell systemd (sd_notify: READY, RELOADING, STOPPING, WATCHDOG) when it is listening.
 
 The socket is created under umask 0177, so it is never wider than 0600 even for an instant, in a folder that is the
-agent's own (owned by its uid or root, writable by the owner only, not a symlink); a stale socket left by a crash is
-replaced, a live agent's socket is never stolen. Connections are capped per peer uid and in total
-(``api/connections.py``).
+agent's own (owned by its uid or root, writable by the owner only, not a symlink: ``preflight``'s rules, which
+``check-config`` applies too); a stale socket left by a crash is replaced, a live agent's socket is never stolen.
+Connections are capped per peer uid and in total (``api/connections.py``).
 
 The wiring, once, for the daemon, its reloads, ``check-config`` and the tests: ``open_audit`` (the locked log),
 ``open_resources`` (what the process keeps across reloads: key stores, auditor, denial budget, rate-limit buckets) and
@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
-import grp
+import datetime
 import logging
 import os
 import resource
 import signal
 import socket
-import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from signing_agent.identity import Identity, open_identity
 from signing_agent.log import set_level
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import Policy, RateLimiter
+from signing_agent.preflight import check_services, check_socket_folder, check_socket_path, socket_gid, socket_state
 from signing_agent.recovery import RecoveryService
 from signing_agent.service import SigningService
 from signing_agent.systemd import Notifier, inherited_socket
@@ -69,73 +68,29 @@ def harden_process() -> None:
         libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
-def _check_folder(folder: Path, *, group_access: bool) -> None:
-    """The socket's folder must be the agent's own: whoever can write to it can replace the socket, and a symlink
-    can be pointed elsewhere. So: a real folder (not a symlink), owned by the agent's uid or root, and writable by
-    its owner only. A ``socket_group`` needs group *search* on the folder to reach the socket, never group write."""
-    try:
-        st = folder.lstat()
-    except OSError as exc:
-        raise ConfigError(f"agent.socket: cannot inspect the folder {folder}: {exc.strerror}") from None
-    hint = "put the socket in a private folder, e.g. $XDG_RUNTIME_DIR/signing-agent/ or /run/signing-agent/"
-    if stat.S_ISLNK(st.st_mode):
-        raise ConfigError(f"agent.socket: the folder {folder} is a symlink; name the real folder", hint=hint)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"agent.socket: {folder} is not a folder")
-    me = os.geteuid()
-    if st.st_uid not in (me, 0):
-        raise ConfigError(
-            f"agent.socket: the folder {folder} is owned by uid {st.st_uid}, not by the agent (uid {me}) or root; "
-            "its owner could replace the socket",
-            hint=hint,
-        )
-    for bit, who in ((stat.S_IWOTH, "world"), (stat.S_IWGRP, "group")):
-        if st.st_mode & bit:
-            raise ConfigError(
-                f"agent.socket: the folder {folder} is {who}-writable (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "another user could replace the socket",
-                hint=f"chmod {'0750' if group_access else '0700'} {folder} (agent.socket_group needs group search "
-                "on the folder, never group write)",
-            )
-    if group_access and not st.st_mode & stat.S_IXGRP:
-        _logger.warning(
-            "agent.socket_group is set, but the folder %s has no group search permission: the group cannot reach "
-            "the socket (chmod g+x)",
-            folder,
-        )
-
-
 def _remove_stale(path: Path) -> None:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise ConfigError(f"agent.socket: {path} is a symlink; refusing to follow or replace it")
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"agent.socket: {path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConfigError(f"agent.socket: cannot probe {path}: {exc.strerror}") from None
-        _logger.info("replacing stale socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    else:
-        raise ConfigError(f"agent.socket: another agent is already listening on {path}")
-    finally:
-        probe.close()
+    """Remove a socket nobody listens on (left by a crash); never a live agent's, a symlink or another file."""
+    match socket_state(path):
+        case "live":
+            raise ConfigError(f"agent.socket: another agent is already listening on {path}")
+        case "stale":
+            _logger.info("replacing stale socket %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        case "absent":
+            pass
 
 
 def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) -> socket.socket:
-    """Bind and listen on ``path`` with ``mode``, never wider in between."""
+    """Bind and listen on ``path`` with ``mode``, never wider in between, in a folder that is the agent's own
+    (``preflight.check_socket_folder``)."""
+    check_socket_path(path)
     folder = path.parent
     if not os.path.lexists(folder):
         folder.mkdir(mode=0o700, parents=True)
-    _check_folder(folder, group_access=group is not None)
+    warning = check_socket_folder(folder, group_access=group is not None)
+    if warning is not None:
+        _logger.warning("%s", warning)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
@@ -148,11 +103,7 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
         os.umask(old)
     try:
         if group is not None:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise ConfigError(f"agent.socket_group: no group named {group!r}") from None
-            os.chown(path, -1, gid)
+            os.chown(path, -1, socket_gid(group))
         if mode != 0o600:
             os.chmod(path, mode)
         sock.listen(128)
@@ -167,13 +118,15 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
 
 async def open_identities(
     config: AgentConfig, stores: KeyStores, opened: contextlib.AsyncExitStack, *, allow_degraded: bool = False
-) -> tuple[dict[str, Identity], dict[str, str]]:
+) -> tuple[dict[str, Identity], dict[str, AgentError]]:
     """Open and self-test every identity, each closed by ``opened``: the ones that passed, and (``allow_degraded``)
     why each of the others failed. Without ``allow_degraded`` the first failure is raised (``opened`` then closes
-    the ones already open when it unwinds)."""
+    the ones already open when it unwinds). An encryption key that fails its round trip does not fail its identity
+    (which still signs): it is logged as an error, with its hint, and carried as ``Identity.encryption_error``."""
     take_configured_secrets(config)  # all of them, before the first identity can spawn a credential process
+    expiry_warning = datetime.timedelta(days=config.agent.certificate_expiry_warning_days)
     identities: dict[str, Identity] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, AgentError] = {}
     for name, cfg in config.identities.items():
         if isinstance(cfg.signing_key, FileKeyConfig):
             _logger.warning(
@@ -182,19 +135,26 @@ async def open_identities(
                 cfg.signing_key.path,
             )
         try:
-            ident = await open_identity(cfg, stores)
+            ident = await open_identity(cfg, stores, expiry_warning=expiry_warning)
         except AgentError as exc:
             if not allow_degraded:
                 raise
             _logger.error(  # noqa: TRY400 -- the message says it all; a traceback would only add noise
-                "identity %s failed its self-test; serving without it (degraded): %s", name, exc.message
+                "identity %s failed its self-test; serving without it (degraded): %s", name, exc.diagnostics()
             )
-            failed[name] = exc.message
+            failed[name] = exc
             continue
         opened.push_async_callback(ident.aclose)
         identities[name] = ident
-        for warning in ident.warnings:
-            _logger.warning("identity %s: %s", name, warning)
+        for warning in (*ident.warnings, ident.certificate_warning()):
+            if warning is not None:
+                _logger.warning("identity %s: %s", name, warning)
+        if ident.encryption_error is not None:
+            _logger.error(
+                "identity %s: %s; it signs, but its recovery shares will fail",
+                name,
+                ident.encryption_error.diagnostics(),
+            )
         _logger.info(
             "identity %s: member %s, %s, %s key %s",
             name,
@@ -305,13 +265,20 @@ async def open_generation(
         await recovery.open()  # identities adopted after earlier recoveries are pinned before the clients open
         await governance.open_pinned()
         health = HealthChecker(
-            service, governance, stores=resources.stores, unavailable=failed, metrics=resources.metrics
+            service,
+            governance,
+            stores=resources.stores,
+            unavailable={name: exc.message for name, exc in failed.items()},
+            metrics=resources.metrics,
         )
         for name in identities:
             resources.metrics.identity_up.labels(name).set(1.0)
         for name in failed:
             resources.metrics.identity_up.labels(name).set(0.0)
-        yield Generation(number, service, governance, health, recovery)
+        resources.metrics.set_certificate_expiries(
+            {name: i.validity.not_after.timestamp() for name, i in identities.items() if i.validity is not None}
+        )
+        yield Generation(number, service, governance, health, recovery, failed=failed)
 
 
 class Generations:
@@ -507,6 +474,21 @@ class Reloader:
             await asyncio.gather(*self._retiring)
 
 
+async def _log_services(gen: Generation) -> None:
+    """At start-up, once listening (a service that is down must not delay signing): the identity each service's
+    endpoint presents in a TLS handshake, logged: info when trusted, a warning when unreachable, an error when the
+    agent does not trust it (nothing is sent to it then; the agent still serves, because after a disaster recovery
+    it must run to vote the new identity in and submit shares: see ``preflight.check_service``). A service pinned
+    through ``identity_url`` is left out: its identity is fetched when the agent first talks to it, as before."""
+    try:
+        checks = await check_services(gen.governance.ccf, fetch_identities=False)
+    except Exception:  # a log line at start-up must never take the serving agent down
+        _logger.exception("the start-up check of the CCF services failed")
+        return
+    for check in checks:
+        check.log()
+
+
 async def _watchdog(notifier: Notifier, interval: float) -> None:
     while True:
         notifier.watchdog()
@@ -522,8 +504,10 @@ async def serve(
 ) -> None:
     """Run the agent until SIGTERM or SIGINT, then drain in-flight requests and remove the socket.
 
-    Every identity self-tests at start-up (its key matches its certificate and a probe signature verifies); one
-    that fails stops the start, unless ``allow_degraded`` (then it is left out and health says ``degraded``).
+    Every identity self-tests at start-up (its certificate is valid now, its key matches it and a probe signature
+    verifies; an encryption key's round trip is logged, not fatal); one that fails stops the start, unless
+    ``allow_degraded`` (then it is left out and health says ``degraded``). Once listening, the identity each CCF
+    service presents is logged (``preflight.check_service``), never a reason to stop.
     SIGHUP reloads the configuration (``Reloader``). systemd: sd_notify and socket activation when present.
 
     Everything opened registers its close on one exit stack, in order: the audit log (and its lock), the key
@@ -543,8 +527,8 @@ async def serve(
         app = make_app(runtime, api_settings(config))
         reloader = Reloader(runtime, config, generations, audit, notifier=notifier)
         stack.push_async_callback(reloader.aclose)
-        watchdog: list[asyncio.Task[None]] = []
-        stack.push_async_callback(_cancel, watchdog)  # the last to stop: systemd hears from us until the end
+        background: list[asyncio.Task[None]] = []
+        stack.push_async_callback(_cancel, background)  # the last to stop: systemd hears from us until the end
         sock, owned = listening_socket(config)
         stack.callback(sock.close)
         sock_path = config.agent.socket
@@ -569,7 +553,8 @@ async def serve(
             state = f"{len(first.service.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
             _logger.info("listening on %s (%s)", sock_path, state)
             if notifier.watchdog_interval is not None:
-                watchdog.append(loop.create_task(_watchdog(notifier, notifier.watchdog_interval)))
+                background.append(loop.create_task(_watchdog(notifier, notifier.watchdog_interval)))
+            background.append(loop.create_task(_log_services(first)))
             first.recovery.start_watchers()
             notifier.ready(f"serving: {state}")
             if on_ready is not None:

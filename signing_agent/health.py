@@ -12,6 +12,7 @@ Must not import aiohttp or the API: it reports plain dicts.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -85,7 +86,21 @@ class HealthChecker:
         self._metrics.identity_up.labels(ident.name).set(1.0 if result["status"] == "ok" else 0.0)
         if result["status"] != "ok":
             _logger.warning("health: identity %s failed its self-test: %s", ident.name, result.get("error"))
-        return {"name": ident.name, "member_id": ident.member_id, "backend": ident.backend, **result}
+        check: Check = {"name": ident.name, "member_id": ident.member_id, "backend": ident.backend, **result}
+        return {**check, **self._certificate(ident)}
+
+    def _certificate(self, ident: Identity) -> Check:
+        """Not cached (a date comparison): the member certificate's expiry, the identity's warnings (an expiring
+        certificate among them), and ``unavailable`` once the certificate has expired, which the agent would refuse
+        at start-up."""
+        now = datetime.datetime.now(datetime.UTC)
+        found: Check = {"warnings": list(ident.current_warnings(now))}
+        if ident.validity is not None:
+            found["certificate_not_after"] = ident.validity.not_after.isoformat()
+        problem = ident.certificate_problem(now)
+        if problem is not None:
+            found.update(status="unavailable", error=problem)
+        return found
 
     async def _service(self, governance: GovernanceService, name: str) -> Check:
         async def probe() -> Check:

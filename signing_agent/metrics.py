@@ -10,6 +10,9 @@ handed callbacks that update it, as the vendor-free backends are).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "METRICS", "RECOVERY_STATES", "Metrics"]
@@ -87,6 +90,12 @@ class Metrics:
             "signing_agent_service_up", "1 when the CCF service answered the last health check, else 0.",
             ("service",), registry=r,
         )  # fmt: skip
+        self.certificate_expiry_seconds = Gauge(
+            "signing_agent_certificate_expiry_seconds",
+            "Seconds until the identity's member certificate expires (negative once it has), as of the scrape.",
+            ("identity",), registry=r,
+        )  # fmt: skip
+        self._expiring: set[str] = set()
 
     def set_recovery_state(self, service: str, identity: str, state: str) -> None:
         """Mark ``state`` (one of ``RECOVERY_STATES``) as the watcher's current state."""
@@ -94,6 +103,15 @@ class Metrics:
             raise ValueError(f"unknown recovery watcher state {state!r}")
         for s in RECOVERY_STATES:
             self.recovery_watcher_state.labels(service, identity, s).set(1.0 if s == state else 0.0)
+
+    def set_certificate_expiries(self, not_after: Mapping[str, float], clock: Callable[[], float] = time.time) -> None:
+        """Export each identity's member certificate expiry (``notAfter`` as UNIX time), counted down at every scrape;
+        identities not named any more (a reload removed them) are dropped."""
+        for gone in self._expiring - not_after.keys():
+            self.certificate_expiry_seconds.remove(gone)
+        for identity, when in not_after.items():
+            self.certificate_expiry_seconds.labels(identity).set_function(_countdown(when, clock))
+        self._expiring = set(not_after)
 
     def observe_sign(self, backend: str, seconds: float, ok: bool) -> None:
         """A key store signature took ``seconds`` (the ``KeyStores`` observer)."""
@@ -113,6 +131,10 @@ class Metrics:
         """One sample's current value (0.0 when absent): for tests and the health output."""
         got = self.registry.get_sample_value(name, labels or {})
         return 0.0 if got is None else got
+
+
+def _countdown(when: float, clock: Callable[[], float]) -> Callable[[], float]:
+    return lambda: when - clock()
 
 
 METRICS = Metrics()

@@ -315,7 +315,7 @@ async def identities(request: web.Request) -> web.Response:
                     "encryption_key": ident.encryption_public_key_pem.decode("ascii")
                     if ident.encryption_public_key_pem
                     else None,
-                    "warnings": list(ident.warnings),
+                    "warnings": list(ident.current_warnings()),
                 }
                 for ident in service.identities.values()
             ]

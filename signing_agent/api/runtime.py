@@ -10,12 +10,14 @@ Must not import ``signing_agent.api.app`` (which imports this module).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from signing_agent.audit import Auditor
 from signing_agent.denials import DenialThrottle
+from signing_agent.errors import AgentError
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker
 from signing_agent.metrics import Metrics
@@ -66,6 +68,8 @@ class Generation:
     health: HealthChecker
     recovery: RecoveryService
     in_flight: InFlight = field(default_factory=InFlight)
+    failed: Mapping[str, AgentError] = field(default_factory=dict)
+    """The identities that failed their self-test (``--allow-degraded``), and why."""
 
 
 class Runtime:

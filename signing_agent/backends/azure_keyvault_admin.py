@@ -11,12 +11,10 @@ before its public key is handed out.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.backends import member_cert
 from signing_agent.backends.azure_keyvault import (
@@ -27,7 +25,7 @@ from signing_agent.backends.azure_keyvault import (
     check_new_key,
     create_key,
 )
-from signing_agent.backends.base import Priority
+from signing_agent.backends.base import Priority, decrypts_round_trip
 from signing_agent.config import AzureKeyVaultKeyConfig
 from signing_agent.errors import AgentError, BackendError, IdentityError
 
@@ -98,14 +96,12 @@ async def _check_decrypts(registry: AzureKeyVaultRegistry, key: CreatedKey, wher
     public = key.public_key
     if not isinstance(public, rsa.RSAPublicKey):  # pragma: no cover -- create_key checked the type
         raise IdentityError(f"{key.kid} is not an RSA key")
-    probe = secrets.token_bytes(32)
-    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     decrypter = registry.decryption_key(key.config, name=where)
     try:
-        plain = await decrypter.decrypt_oaep_sha256(public.encrypt(probe, oaep))
+        same = await decrypts_round_trip(decrypter, public)
     except AgentError as exc:
         raise _made_but(key, f"the vault did not decrypt a test message: {exc.message}", exc.hint) from None
-    if plain != probe:
+    if not same:
         raise _made_but(key, "the vault's decryption of a test message came back wrong", None)
 
 

@@ -8,10 +8,12 @@ Each backend module keeps its vendor SDK imports to itself and wraps vendor exce
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm
 from signing_agent.config import BackendKind
@@ -76,3 +78,13 @@ class DecryptionKey(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+async def decrypts_round_trip(key: DecryptionKey, public_key: rsa.RSAPublicKey) -> bool:
+    """Encrypt a random message to ``public_key`` here, with RSA-OAEP-SHA256 as CCF encrypts recovery shares, and have
+    ``key`` decrypt it in its key store: True when it came back unchanged. The key store's errors pass through (a
+    token without OAEP-SHA256 raises ``UnsupportedOperationError``, with a hint)."""
+    probe = secrets.token_bytes(32)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    plain = await key.decrypt_oaep_sha256(public_key.encrypt(probe, oaep), priority=Priority.NORMAL)
+    return secrets.compare_digest(plain, probe)

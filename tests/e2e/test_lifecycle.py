@@ -255,7 +255,7 @@ def test_check_config_opens_what_serve_opens_and_writes_no_audit_record(
     config = write_toml(workdir / "agent.toml", {**tables(workdir, members, ["m0"]), "services.prod": service})
     result = cli("check-config", "--config", str(config), sock=workdir / "unused.sock")
     assert result.returncode == 1
-    assert f"FAIL  services.prod.service_certificate: {bad} is not a PEM certificate" in result.stdout
+    assert f"FAIL  configuration: services.prod.service_certificate: {bad} is not a PEM certificate" in result.stdout
     assert "1 check(s) failed: configuration" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / "run" / "audit.jsonl").exists()

@@ -54,7 +54,11 @@ def self_signed_cert(
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
     common_name: str,
     sig_hash: hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None = None,
+    *,
+    valid_from: datetime.timedelta = datetime.timedelta(days=-1),
+    valid_until: datetime.timedelta = datetime.timedelta(days=365),
 ) -> x509.Certificate:
+    """``valid_from`` and ``valid_until``: the validity period, relative to now."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -63,8 +67,8 @@ def self_signed_cert(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
+        .not_valid_before(now + valid_from)
+        .not_valid_after(now + valid_until)
         .sign(key, sig_hash or hashes.SHA384())
     )
 
@@ -73,10 +77,15 @@ def make_member(
     name: str = "member0",
     curve: str = "secp384r1",
     sig_hash: hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None = None,
+    *,
+    valid_from: datetime.timedelta = datetime.timedelta(days=-1),
+    valid_until: datetime.timedelta = datetime.timedelta(days=365),
 ) -> Member:
-    """A member identity; ``sig_hash`` signs its certificate (default SHA-384, as keygenerator.sh does)."""
+    """A member identity; ``sig_hash`` signs its certificate (default SHA-384, as keygenerator.sh does), valid from
+    ``valid_from`` to ``valid_until`` (relative to now)."""
     key = ec.generate_private_key(CURVES[curve])
-    return Member(name=name, key=key, cert=self_signed_cert(key, name, sig_hash))
+    cert = self_signed_cert(key, name, sig_hash, valid_from=valid_from, valid_until=valid_until)
+    return Member(name=name, key=key, cert=cert)
 
 
 def make_rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:

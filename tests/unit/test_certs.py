@@ -41,3 +41,29 @@ def test_errors_name_the_setting_and_the_file(tmp_path: Path) -> None:
         read_certificate(junk, "--signing-cert", error=InvalidRequestError)
     with pytest.raises(IdentityError, match=r"^identities\.m0\.certificate: not a PEM or DER X\.509 certificate$"):
         load_certificate(b"\x30\x03\x02\x01\x00", "identities.m0.certificate")
+
+
+def test_validity_says_when_a_certificate_is_not_valid_or_expires_soon() -> None:
+    import datetime
+
+    from signing_agent.certs import Validity
+
+    start = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    validity = Validity(start, start + datetime.timedelta(days=100))
+    month = datetime.timedelta(days=30)
+    assert validity.problem(start - datetime.timedelta(seconds=1)) == "is not valid before 2030-01-01 00:00:00Z"
+    assert validity.problem(start) is None
+    assert validity.problem(start + datetime.timedelta(days=100)) is None  # notAfter itself is still valid
+    assert validity.problem(start + datetime.timedelta(days=101)) == "expired on 2030-04-11 00:00:00Z"
+    assert validity.expiry_warning(start + datetime.timedelta(days=69), month) is None
+    assert validity.expiry_warning(start + datetime.timedelta(days=70), month) == (
+        "expires on 2030-04-11 00:00:00Z (in 30.0 days)"
+    )
+    assert validity.expiry_warning(start + datetime.timedelta(days=99, hours=12), month) == (
+        "expires on 2030-04-11 00:00:00Z (in 0.5 days)"
+    )
+    assert validity.expiry_warning(start + datetime.timedelta(days=101), month) is None  # a problem, not a warning
+    assert validity.expiry_warning(start + datetime.timedelta(days=99), datetime.timedelta(0)) is None
+    assert validity.seconds_left(start + datetime.timedelta(days=99)) == 86400.0
+    member = make_member(valid_from=datetime.timedelta(days=-1), valid_until=datetime.timedelta(days=5))
+    assert Validity.of(member.cert) == Validity(member.cert.not_valid_before_utc, member.cert.not_valid_after_utc)
