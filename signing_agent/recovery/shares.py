@@ -10,9 +10,10 @@ or metrics. The signed COSE message necessarily carries it (that is the protocol
 nowhere else: audit records hold its SHA-256 only. The daemon disables core dumps (``daemon.harden_process``).
 
 Only ciphertexts fetched from a configured CCF service over TLS pinned to an identity trusted for shares
-(``recovery.trust``) are ever decrypted, and the agent exposes no generic decryption API: that is what makes the
-opt-in ``oaep = "host"`` PKCS#11 mode (raw RSA in the token, OAEP decoded on the host, a potential padding oracle)
-acceptable. Keep it that way. On top of that, decryption for an identity is suspended after
+(``recovery.trust``) are ever decrypted here (the one other decryption is the start-up self-test of an encryption
+key, of a random message the agent encrypted itself: ``identity``), and the agent exposes no generic decryption
+API: that is what makes the opt-in ``oaep = "host"`` PKCS#11 mode (raw RSA in the token, OAEP decoded on the host, a
+potential padding oracle) acceptable. Keep it that way. On top of that, decryption for an identity is suspended after
 ``MAX_DECRYPTION_FAILURES`` failures until the next reload: a padding-oracle attack needs thousands of failing queries.
 
 Must not import aiohttp or the API.
