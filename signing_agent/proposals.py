@@ -114,7 +114,7 @@ def needs(payload: bytes) -> Needs:
     for _, name, action in _actions(payload):
         args = action.get("args")
         if name == OPEN_SERVICE:
-            wanted |= Needs.INFO
+            wanted |= Needs.INFO | Needs.MEMBERS  # opening a new service issues the first recovery shares
             if isinstance(args, dict) and "previous_service_identity" in args:
                 wanted |= Needs.PREVIOUS_IDENTITY
         elif name == REMOVE_MEMBER:
@@ -310,31 +310,35 @@ def _template_text(value: object) -> str:
     return str(value)
 
 
-def _refresh_shares(action: Mapping[str, Any], facts: ServiceFacts | None) -> None:
-    """New shares for the active recovery members: CCF's share manager refuses to issue them to none, or to fewer
-    participants than the threshold."""
-    _no_args(action, facts)
-    if facts is None or facts.members is None or facts.recovery_threshold is None:
-        return
+def _cannot_issue_shares(facts: ServiceFacts) -> str | None:
+    """Why CCF's share manager would refuse to issue recovery shares now (its message), or None."""
+    if facts.members is None or facts.recovery_threshold is None:
+        return None
     active = [m for m in facts.members if m.status == "Active"]
     participants = sum(1 for m in active if m.role() == "Participant")
     owners = sum(1 for m in active if m.role() == "Owner")
     threshold = facts.recovery_threshold
     if not participants and not owners:
-        ccf = "There should be at least one active recovery member to issue recovery shares"
-        raise _RefusedError(None, _would_refuse(facts), ccf)
+        return "There should be at least one active recovery member to issue recovery shares"
     if participants and threshold > participants:
-        ccf = (
+        return (
             f"Recovery threshold {threshold} should be equal to or less than the number of active recovery members "
             f"{participants}"
         )
-        raise _RefusedError(None, _would_refuse(facts), ccf)
     if not participants and threshold > 1:
-        ccf = (
+        return (
             f"Recovery threshold {threshold} cannot be greater than 1 when the consortium consists of only active "
             f"recovery owner members ({owners})"
         )
-        raise _RefusedError(None, _would_refuse(facts), ccf)
+    return None
+
+
+def _refresh_shares(action: Mapping[str, Any], facts: ServiceFacts | None) -> None:
+    """New shares for the active recovery members, which CCF's share manager must be able to issue."""
+    _no_args(action, facts)
+    why = _cannot_issue_shares(facts) if facts is not None else None
+    if facts is not None and why is not None:
+        raise _RefusedError(None, _would_refuse(facts), why)
 
 
 def _open_service(action: Mapping[str, Any], facts: ServiceFacts | None) -> None:
@@ -357,6 +361,8 @@ def _open_service(action: Mapping[str, Any], facts: ServiceFacts | None) -> None
     elif previous is not None:
         why = f"{name} is {facts.status}, not Recovering: only the opening of a recovered service names one"
         raise _RefusedError("previous_service_identity", why)
+    elif facts.status == "Opening" and (cannot := _cannot_issue_shares(facts)) is not None:
+        raise _RefusedError(None, _would_refuse(facts), f"Failed to issue recovery shares: {cannot}")
     if facts.identity is None:
         raise _RefusedError("next_service_identity", f"{name} reported no service identity to compare it with")
     if not facts.identity_trusted:
