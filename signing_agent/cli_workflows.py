@@ -168,8 +168,20 @@ def cmd_pending(args: argparse.Namespace, client: AgentClient) -> int:
         print(p.get("proposalId"))
         print(f"  proposer {p.get('proposerId')}, {p.get('ballotCount', 0)} ballot(s) so far")
         for action in p.get("actions") or []:
-            print(f"  - {json.dumps(action, sort_keys=True)}")
+            print(f"  - {json.dumps(_shortened(action), sort_keys=True)}")
     return Exit.OK
+
+
+def _shortened(value: Any) -> Any:
+    """For reading: a PEM in an action shown by its kind and length (``--json`` shows it whole)."""
+    if isinstance(value, dict):
+        return {k: _shortened(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shortened(v) for v in value]
+    if isinstance(value, str) and value.startswith("-----BEGIN "):
+        kind = value[len("-----BEGIN ") :].split("-----", 1)[0]
+        return f"<{kind} PEM, {len(value)} characters>"
+    return value
 
 
 # -- proposals -----------------------------------------------------------------------------------------------------
