@@ -556,6 +556,8 @@ def register_governance(sub: Any) -> None:
     p.add_argument(
         "--pending", action="store_true", help="the Open proposals --identity has not voted on yet, with their actions"
     )
+    for flag in ("--dry-run", "--wait"):  # taken by every workflow command; a read signs and waits for nothing
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     common(p)
     p.set_defaults(func=cmd_proposals)
 

@@ -27,7 +27,7 @@ from signing_agent.errors import InvalidRequestError
 
 SERVICE_ENV = "SIGNING_AGENT_SERVICE"
 IDENTITY_ENV = "SIGNING_AGENT_IDENTITY"
-WAIT_INTERVAL = 0.5
+WAIT_INTERVAL = 1.0
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -98,29 +98,36 @@ def _tx(headers: dict[str, str]) -> str:
 # -- reads ---------------------------------------------------------------------------------------------------------
 
 
-def cmd_members(args: argparse.Namespace, client: AgentClient) -> int:
-    ctx = Context(args, client)
-    body = client.call("GET", f"{ctx.base()}/members").json()
-    if args.json:
-        _print_json(body)
-        return Exit.OK
-    for m in body.get("value", []):
-        ours = f"  (identity {m['identity']})" if m.get("identity") else ""
-        data = json.dumps(m.get("memberData"), sort_keys=True) if m.get("memberData") is not None else "-"
-        print(f"{m.get('memberId')}  {m.get('status', '?'):<8}  {m.get('recoveryRole') or '-':<14}  {data}{ours}")
-    return Exit.OK
+def _data(value: Any) -> str:
+    return json.dumps(value, sort_keys=True) if value is not None else "-"
 
 
-def cmd_nodes(args: argparse.Namespace, client: AgentClient) -> int:
-    ctx = Context(args, client)
-    body = client.call("GET", f"{ctx.base()}/nodes").json()
-    if args.json:
-        _print_json(body)
+def _member_row(m: dict[str, Any]) -> str:
+    ours = f"  (identity {m['identity']})" if m.get("identity") else ""
+    role = m.get("recoveryRole") or "-"
+    return f"{m.get('memberId')}  {m.get('status', '?'):<8}  {role:<14}  {_data(m.get('memberData'))}{ours}"
+
+
+def _node_row(n: dict[str, Any]) -> str:
+    return f"{n.get('nodeId')}  {n.get('status', '?'):<8}  {_data(n.get('nodeData'))}"
+
+
+def _listing(what: str, row: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace, AgentClient], int]:
+    """A read of ``GET /v1/services/{svc}/{what}``: a line per entry, or the JSON."""
+
+    def command(args: argparse.Namespace, client: AgentClient) -> int:
+        body = client.call("GET", f"{Context(args, client).base()}/{what}").json()
+        if args.json:
+            _print_json(body)
+        for entry in [] if args.json else body.get("value", []):
+            print(row(entry))
         return Exit.OK
-    for n in body.get("value", []):
-        data = json.dumps(n.get("nodeData"), sort_keys=True) if n.get("nodeData") is not None else "-"
-        print(f"{n.get('nodeId')}  {n.get('status', '?'):<8}  {data}")
-    return Exit.OK
+
+    return command
+
+
+cmd_members = _listing("members", _member_row)
+cmd_nodes = _listing("nodes", _node_row)
 
 
 def cmd_service_identity(args: argparse.Namespace, client: AgentClient) -> int:
@@ -243,20 +250,19 @@ def _print_dry_run(args: argparse.Namespace, answer: dict[str, Any]) -> int:
 
 
 def _wait(client: AgentClient, base: str, pid: str, answer: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Poll the proposal until it leaves Open; its last state (printed)."""
+    """Poll the proposal (in CCF's list: one request a poll) until it leaves Open; its last state (printed)."""
     state = answer
     deadline = time.monotonic() + timeout
     while state.get("proposalState") == "Open":
         if time.monotonic() > deadline:
             raise AgentNoAnswerError(f"proposal {pid} is still Open after {timeout:g} s (--timeout)")
         time.sleep(WAIT_INTERVAL)
-        resp = client.request("GET", f"{base}/proposals/{pid}")
-        if resp.status == 404:
+        listed = client.call("GET", f"{base}/proposals").json().get("value", [])
+        found = next((p for p in listed if isinstance(p, dict) and p.get("proposalId") == pid), None)
+        if found is None:
             print(f"  proposal {pid} is no longer listed (CCF drops a closed proposal when another one closes)")
             return {"proposalState": "Unknown"}
-        if resp.status >= 300:
-            client.call("GET", f"{base}/proposals/{pid}")  # raises with the agent's error
-        state = resp.json()
+        state = found
     print(f"  {state.get('proposalState')}" + (f": {state['failure'].get('reason')}" if state.get("failure") else ""))
     return state
 

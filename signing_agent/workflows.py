@@ -151,7 +151,6 @@ class Workflows:
         payload = compact_json(built)
         gov = self.governance
         if dry_run:
-            gov.signer.identity(identity)  # an unknown identity is named before the proposal is judged
             facts = await gov.proposal_facts(service, payload)
             request = SignRequest(
                 identity=identity, msg_type=MsgType.PROPOSAL, payload=payload, service=service, service_facts=facts
@@ -165,6 +164,10 @@ class Workflows:
             return relay
         body = {**relay.body, "actions": built["actions"], **extra}
         return Relay(status=200, body=body, transaction_id=relay.transaction_id, from_ccf=True)
+
+    def _known(self, identity: str) -> None:
+        """An unknown identity is named before the service is asked anything."""
+        self.governance.signer.identity(identity)
 
     def _static_check(self, built: dict[str, Any]) -> None:
         """The argument checks, before the service is asked anything."""
@@ -183,6 +186,7 @@ class Workflows:
     ) -> Relay:
         """``set_member``; refused when the certificate is already a member's (set_member would reset it to
         Accepted)."""
+        self._known(identity)
         member = set_member(
             cert, encryption_pub_key=encryption_pub_key, member_data=member_data, recovery_role=recovery_role
         )
@@ -209,6 +213,7 @@ class Workflows:
         dry_run: bool = False,
     ) -> Relay:
         """``remove_member`` by member id (or the member's certificate); refused when it is not a member."""
+        self._known(identity)
         if (member_id is None) == (cert is None):
             raise InvalidRequestError("give member_id or cert (the member's certificate), not both")
         if cert is not None:
@@ -245,6 +250,7 @@ class Workflows:
     ) -> Relay:
         """``transition_node_to_trusted`` for a Pending node, valid from ``valid_from`` (default: now, in the form
         CCF's own tooling writes)."""
+        self._known(identity)
         if valid_from is None:
             valid_from = x509_time(datetime.datetime.fromtimestamp(self._clock(), datetime.UTC))
         built = proposal(trust_node(node_id, valid_from, validity_days))
@@ -267,6 +273,7 @@ class Workflows:
 
     async def node_retire(self, service: str, identity: str, node_id: str, *, dry_run: bool = False) -> Relay:
         """``remove_node``: a Pending node is removed, a Trusted one retired."""
+        self._known(identity)
         built = proposal(remove_node(node_id))
         self._static_check(built)
         status, failed = await self._node(service, node_id)
@@ -300,6 +307,7 @@ class Workflows:
 
     async def service_open(self, service: str, identity: str, *, dry_run: bool = False) -> Relay:
         """``transition_service_to_open`` of a new service (``Opening``), to the identity it presents."""
+        self._known(identity)
         _, status, presented = await self._status_and_identity(service)
         if status != "Opening":
             hint = "signing-agent recovery accept" if status == "Recovering" else None
@@ -324,6 +332,7 @@ class Workflows:
         """``transition_service_to_open`` of a recovered service, from ``previous`` (default: the identity the agent
         pinned before the disaster) to ``following`` (default: the identity the service presents, which the agent
         must trust). Both go in as the text the service reports."""
+        self._known(identity)
         client, status, presented = await self._status_and_identity(service)
         if status != "Recovering":
             raise ConflictError(
@@ -362,4 +371,5 @@ class Workflows:
 
     async def refresh_shares(self, service: str, identity: str, *, dry_run: bool = False) -> Relay:
         """``trigger_recovery_shares_refresh`` (no ``args``): new shares for the active recovery members."""
+        self._known(identity)
         return await self._propose(service, identity, proposal(refresh_shares()), dry_run=dry_run)

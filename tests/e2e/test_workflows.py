@@ -113,7 +113,8 @@ def make_world(
                 (folder / "accepted_cert.pem").write_bytes(accepted)
                 service["accepted_service_certificates"] = [folder / "accepted_cert.pem"]
             tables: dict[str, dict[str, Any]] = {
-                "agent": {"socket": folder / "run" / "agent.sock"},
+                # Many refusals on purpose: more than the default budget of denied requests a minute.
+                "agent": {"socket": folder / "run" / "agent.sock", "denial_rate_limit": 10_000},
                 "audit": {"path": folder / "audit" / "audit.jsonl"},
                 "services.default": service,
             }
@@ -487,3 +488,27 @@ def test_a_recovering_service_refuses_a_previous_identity_that_is_not_the_one_it
             path = world.file(f"t{i}.json", json.dumps(proposal))
             _refused(world, lambda p=path: world.cli("propose", p, "--identity", "m0"), 400, *expected)
         _refused(world, lambda: world.cli("service", "open", "--identity", "m0"), 409, "is Recovering, not Opening")
+
+
+def test_the_workflow_routes_take_strict_bodies(open_world: World) -> None:
+    base = "/v1/services/default/workflows"
+    cert = open_world.members["m2"].cert_pem.decode()
+    cases = [
+        ("member-add", {"identity": "m0", "cert": cert, "extra": 1}, "unknown field(s): extra"),
+        ("member-add", {"identity": "m0"}, "missing field(s): cert"),
+        ("member-add", {"identity": "m0", "cert": cert, "dry_run": "yes"}, "dry_run must be true or false"),
+        ("node-trust", {"identity": "m0", "node_id": "ab" * 32, "validity_days": "3"}, "validity_days must be a whole"),
+        ("member-remove", {"identity": "m0"}, "give member_id or cert"),
+        ("service-open", {"identity": "nobody"}, "unknown identity 'nobody'"),
+    ]
+    open_world.sandbox.clear_requests()
+    for name, body, message in cases:
+        with pytest.raises(AgentRequestError) as info:
+            open_world.client.call("POST", f"{base}/{name}", body)
+        assert info.value.status in (400, 404), info.value
+        assert message in info.value.message
+    assert open_world.client.request("POST", f"{base}/make-coffee", {"identity": "m0"}).status == 404
+    dry = open_world.client.call("POST", f"{base}/member-add", {"identity": "m0", "cert": cert, "dry_run": True}).json()
+    assert dry["proposal"]["actions"][0]["name"] == "set_member"
+    assert dry["explanation"]["identity"] == "m0"
+    assert open_world.created() == []
