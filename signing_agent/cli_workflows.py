@@ -3,11 +3,12 @@ trust|retire``, ``service open|identity``, ``recovery accept|refresh-shares`` an
 
 Thin clients of the socket routes of ``signing_agent.api.workflow_routes`` (where every check runs, for tools as for
 this CLI): they read the files named on the command line, send their text, and print the answer. A proposal command
-prints the proposal id on its own line first; ``--dry-run`` prints the proposal and the policy's decision (nothing is
-signed or sent; exit 1 when the policy refuses); ``--wait`` polls the proposal until it leaves Open and exits 0 only
-when it is Accepted.
+prints the proposal id on its own line first (``--json``: the agent's JSON only); ``--dry-run`` prints the proposal
+and the policy's decision (nothing is signed or sent; exit 1 when the policy refuses); ``--wait`` polls the proposal
+until it leaves Open and exits 0 only when it is Accepted.
 
-Standard library and ``signing_agent.client`` only, as the other client commands: they must start fast.
+Imports the standard library, ``client``, ``cli_exit`` and ``errors`` only, as the other client commands: they must
+start fast.
 """
 
 from __future__ import annotations
@@ -205,18 +206,13 @@ def _propose(args: argparse.Namespace, client: AgentClient, workflow: str, field
     if args.dry_run:
         return _print_dry_run(args, answer)
     pid = str(answer.get("proposalId"))
-    if args.json and not args.wait:
-        _print_json(answer)
-        return Exit.OK
-    print(pid, flush=True)  # on its own line, at once: a script (or --wait's caller) can take it
     if not args.json:
+        print(pid, flush=True)  # on its own line, at once: a script (or --wait's caller) can take it
         _describe(answer, resp.headers)
-    if args.wait:
-        final = _wait(client, ctx.base(), pid, answer, args.timeout)
-        if args.json:
-            _print_json({**answer, **final})
-        return Exit.OK if final.get("proposalState") == "Accepted" else Exit.ERROR
-    return Exit.OK
+    final = _wait(client, ctx.base(), pid, answer, args.timeout, quiet=args.json) if args.wait else answer
+    if args.json:
+        _print_json({**answer, **final})  # CCF's Proposal (its last state, with --wait) and the actions
+    return Exit.OK if not args.wait or final.get("proposalState") == "Accepted" else Exit.ERROR
 
 
 def _describe(answer: dict[str, Any], headers: dict[str, str]) -> None:
@@ -249,8 +245,11 @@ def _print_dry_run(args: argparse.Namespace, answer: dict[str, Any]) -> int:
     return Exit.OK if decision["allowed"] else Exit.ERROR
 
 
-def _wait(client: AgentClient, base: str, pid: str, answer: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Poll the proposal (in CCF's list: one request a poll) until it leaves Open; its last state (printed)."""
+def _wait(
+    client: AgentClient, base: str, pid: str, answer: dict[str, Any], timeout: float, *, quiet: bool
+) -> dict[str, Any]:
+    """Poll the proposal (in CCF's list: one request a poll) until it leaves Open; its last state (printed unless
+    ``quiet``)."""
     state = answer
     deadline = time.monotonic() + timeout
     while state.get("proposalState") == "Open":
@@ -260,10 +259,13 @@ def _wait(client: AgentClient, base: str, pid: str, answer: dict[str, Any], time
         listed = client.call("GET", f"{base}/proposals").json().get("value", [])
         found = next((p for p in listed if isinstance(p, dict) and p.get("proposalId") == pid), None)
         if found is None:
-            print(f"  proposal {pid} is no longer listed (CCF drops a closed proposal when another one closes)")
+            if not quiet:
+                print(f"  proposal {pid} is no longer listed (CCF drops a closed proposal when another one closes)")
             return {"proposalState": "Unknown"}
         state = found
-    print(f"  {state.get('proposalState')}" + (f": {state['failure'].get('reason')}" if state.get("failure") else ""))
+    if not quiet:
+        failure = f": {state['failure'].get('reason')}" if state.get("failure") else ""
+        print(f"  {state.get('proposalState')}{failure}")
     return state
 
 
