@@ -97,8 +97,7 @@ class SignRequest:
     ``created_at`` defaults to now (integer seconds, UTC). ``service`` is where the message goes (None: a raw
     signature returned to the caller). ``voted``, for a ballot, is what the governance layer read of the proposal it
     votes on: the policy judges the ballot by those actions, and without them a rule that constrains actions refuses
-    it. ``service_facts``, for a proposal to a service, is what the governance layer read of the service's state
-    for the proposal's checks (``SigningService.check_proposal``); one whose checks need it cannot be signed without.
+    it.
     """
 
     identity: str
@@ -109,6 +108,8 @@ class SignRequest:
     service: str | None = None
     voted: VotedProposal | None = None
     service_facts: ServiceFacts | None = None
+    """For a proposal to a service: what the governance layer read of the service's state for the proposal's checks
+    (``SigningService.check_proposal``); one whose checks need it cannot be signed without."""
 
 
 @dataclass(frozen=True, slots=True)
