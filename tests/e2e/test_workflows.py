@@ -247,6 +247,13 @@ def test_wait_exits_0_when_accepted_and_1_when_rejected(world: World) -> None:
         assert proc.returncode == code, err
         assert state in out
 
+    # With --json, only the agent's JSON; no ballot comes within --timeout: exit 6.
+    late = world.cli("member", "add", "--cert", world.file("m3.pem", make_member("m3").cert_pem), "--identity", "m0",
+                     "--wait", "--timeout", "1", "--json")  # fmt: skip
+    assert late.returncode == 6, late.stderr
+    assert "still Open after 1 s" in late.stderr
+    assert late.stdout == ""
+
 
 def test_identity_and_service_come_from_the_environment_when_there_are_several(open_world: World) -> None:
     cert = open_world.file("m2_cert.pem", open_world.members["m2"].cert_pem)
@@ -346,6 +353,9 @@ def test_recovery_accept_proposes_the_previous_and_next_identity(members: dict[s
             assert f"args.{field}: is sha256" in refused.stderr
         assert world.created() == []
 
+        dry = world.ok("recovery", "accept", "--identity", "m0", "--dry-run")
+        assert "previous service identity sha256" in dry
+        assert "next service identity sha256" in dry
         out = world.ok("recovery", "accept", "--identity", "m0")
         pid = out.splitlines()[0]
         from signing_agent.proposals import fingerprint
@@ -512,3 +522,20 @@ def test_the_workflow_routes_take_strict_bodies(open_world: World) -> None:
     assert dry["proposal"]["actions"][0]["name"] == "set_member"
     assert dry["explanation"]["identity"] == "m0"
     assert open_world.created() == []
+
+
+def test_the_commands_name_what_they_cannot_read_or_write(open_world: World) -> None:
+    w = open_world
+    cert = w.file("m2_cert.pem", w.members["m2"].cert_pem)
+    missing = w.cli("member", "add", "--cert", str(w.folder / "missing.pem"), "--identity", "m0")
+    assert missing.returncode == 2
+    assert "--cert: cannot read" in missing.stderr
+    bad_json = w.cli("member", "add", "--cert", cert, "--member-data", "{nope", "--identity", "m0")
+    assert bad_json.returncode == 2
+    assert "--member-data: not JSON" in bad_json.stderr
+    other = w.file("other.pem", "something else")
+    kept = w.cli("service", "identity", "--save", other)
+    assert kept.returncode == 2
+    assert "exists with other content" in kept.stderr
+    assert Path(other).read_text() == "something else"
+    assert "no Open proposal waits for a ballot from m1" in w.ok("proposals", "--pending", "--identity", "m1")
