@@ -88,7 +88,14 @@ def main() -> int:
             )
             with daemon(config, {}) as agent:
                 client = AgentClient(agent.socket)
-                proposal = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab"}}]}
+                proposal = {
+                    "actions": [
+                        {
+                            "name": "transition_node_to_trusted",
+                            "args": {"node_id": "ab" * 32, "valid_from": "20240101000000Z"},
+                        }
+                    ]
+                }
                 pid = client.call("POST", "/v1/services/default/proposals", {"identity": "m", "proposal": proposal})
                 proposal_id = pid.json()["proposalId"]
                 load = asyncio.run(ballots(agent.socket, "m", proposal_id, args.clients, args.seconds))

@@ -1,17 +1,19 @@
-"""`make demo`: a governance round between CCF members whose keys live in a SoftHSM2 token, then a disaster.
+"""`make demo`: a consortium's life, through the agent's workflow commands, with member keys in a SoftHSM2 token.
 
-It starts the local CCF governance sandbox and the agent (keys made in a SoftHSM2 token on the first run, kept in
-.demo/), then drives the agent through its CLI, as a member would: sign a message and verify it with CCF's own
-tooling, propose a new member, vote it in, activate it, and withdraw a proposal. Then the disaster: the service
-restarts into recovery with a new identity, the operator trusts that identity (``accepted_service_certificates``,
-then SIGHUP), the members open the recovered service through the agent, and the agent's unattended watchers decrypt
-member0's and member1's recovery shares in the token and submit them: the service is Open again. Re-runs reuse the
-token.
+It starts the local CCF governance sandbox as a new service (Opening) and the agent (keys made in a SoftHSM2 token on
+the first run, kept in .demo/), then drives the agent through its CLI, as members would: sign a proposal and verify
+it with CCF's own tooling, open the service, add a member and activate it, trust a node that joins, propose and
+withdraw. Then the disaster: the service restarts into recovery with a new identity, the operator reads that identity
+(``service identity``), checks it, lists it (``accepted_service_certificates``, then SIGHUP), the members accept the
+recovery (``recovery accept``: the previous and the next identity), and the agent's unattended watchers decrypt
+member0's and member1's recovery shares in the token and submit them: the service is Open again. Every proposal is
+built and checked by the agent; no proposal JSON is written by hand. Re-runs reuse the token.
 
 The encryption keys are in the same SoftHSM2 token with ``oaep = "host"``: SoftHSM2 2.6 has no RSA-OAEP with
-SHA-256, so the token does raw RSA and the agent decodes OAEP on the host. That is the opt-in for such tokens (see
-the README's "Recovery" section for its risk); an HSM or an NSS softoken does OAEP-SHA256 itself (``oaep = "token"``,
-the default), and the end-to-end tests use both.
+SHA-256, so the token does raw RSA and the agent decodes OAEP on the host. ``keys generate --encryption-key`` finds
+that out and prints that configuration; it is the opt-in for such tokens (see the README's "Recovery" section for
+its risk); an HSM or an NSS softoken does OAEP-SHA256 itself (``oaep = "token"``, the default), and the end-to-end
+tests use both.
 """
 
 from __future__ import annotations
@@ -186,45 +188,37 @@ def wait_for(env: dict[str, str], status: str, timeout: float = 20.0) -> dict[st
         time.sleep(0.2)
 
 
-def disaster(url: str, config_url: str, env: dict[str, str]) -> None:
-    """The service restarts into recovery; the members open it through the agent; the watchers submit shares."""
-    step("recovery shares: member0 and member1 hold them (threshold 2), sealed to RSA keys in the token")
-    threshold = DEMO / "threshold.json"
-    threshold.write_text(json.dumps({"actions": [{"name": "set_recovery_threshold",
-                                                  "args": {"recovery_threshold": 2}}]}))  # fmt: skip
-    created = json.loads(run("propose", str(threshold), "--identity", "member0", "--json", env=env, show=False))
-    print(f"{DIM}$ signing-agent propose {threshold} --identity member0{RESET}  (set_recovery_threshold 2)")
-    run("vote", created["proposalId"], "--accept", "--identity", "member0", env=env, show=False)
-    run("vote", created["proposalId"], "--accept", "--identity", "member1", env=env)
-    run("recovery", "status", env=env)
+def propose(env: dict[str, str], *args: str) -> str:
+    """A workflow command that makes a proposal; the proposal id it prints on its first line."""
+    return run(*args, env=env).splitlines()[0]
 
+
+def vote(env: dict[str, str], proposal_id: str, *identities: str) -> None:
+    for identity in identities:
+        run("vote", proposal_id, "--accept", "--identity", identity, env=env)
+
+
+def disaster(url: str, env: dict[str, str]) -> None:
+    """The service restarts into recovery; the members accept it through the agent; the watchers submit shares."""
     step("DISASTER: the service restarts in recovery mode with a new service identity")
-    previous = (DEMO / "service_cert.pem").read_text()
     answer = sandbox_control(url, "/_sandbox/recover", {})
-    new_cert = str(answer["serviceCertificate"])
     print(f"service is {answer['status']}, recovery count {answer['recoveryCount']}")
     result = subprocess.run([sys.executable, "-m", "signing_agent", "status"], env=env, capture_output=True,
                             text=True, timeout=60, check=False)  # fmt: skip
     print(f"{DIM}$ signing-agent status{RESET}\n{result.stderr.strip().splitlines()[0]}")
     print(f"{GREEN}the agent refuses the new identity: nothing is sent to a service it does not trust{RESET}")
 
-    step("the operator checks the new service certificate out of band, lists it, and reloads the agent (SIGHUP)")
-    (DEMO / "recovered_service_cert.pem").write_text(new_cert)
-    write_config(config_url, accepted="recovered_service_cert.pem")
-    print('accepted_service_certificates = ["recovered_service_cert.pem"]')
+    step("the operator reads the identity the service presents, checks its fingerprint out of band, lists it")
+    run("service", "identity", "--save", str(DEMO / "recovered_service_cert.pem"), env=env)
+    write_config(url, accepted="recovered_service_cert.pem")
+    print('accepted_service_certificates = ["recovered_service_cert.pem"]; SIGHUP')
     PROCS["agent"].send_signal(signal.SIGHUP)
     wait_for(env, "Recovering")
-    run("status", env=env)
+    run("service", "identity", env=env)
 
-    step("the members open the recovered service: transition_service_to_open, previous and next identity")
-    opening = DEMO / "transition.json"
-    args = {"previous_service_identity": previous, "next_service_identity": new_cert}
-    opening.write_text(json.dumps({"actions": [{"name": "transition_service_to_open", "args": args}]}))
-    created = json.loads(run("propose", str(opening), "--identity", "member0", "--json", env=env, show=False))
-    print(f"{DIM}$ signing-agent propose {opening} --identity member0{RESET}")
-    print(f"proposal {created['proposalId']} is {created['proposalState']}")
-    run("vote", created["proposalId"], "--accept", "--identity", "member0", env=env)
-    run("vote", created["proposalId"], "--accept", "--identity", "member1", env=env)
+    step("the members accept the recovery: transition_service_to_open from the identity before to the one now")
+    proposal_id = propose(env, "recovery", "accept", "--identity", "member0")
+    vote(env, proposal_id, "member0", "member1")
 
     step("the agent's watchers see WaitingForRecoveryShares, decrypt each share in the token, sign and submit it")
     body = wait_for(env, "Open")
@@ -254,8 +248,9 @@ def main() -> int:
     env["SOFTHSM2_CONF"] = str(DEMO / "softhsm" / "softhsm2.conf")
     ensure_token(env)
 
-    step("starting the CCF governance sandbox (member0 and member1 are its active members, and recovery members)")
-    sandbox_args = ["sandbox", "--service-cert-out", str(DEMO / "sandbox" / "service_cert.pem")]
+    step("starting the CCF governance sandbox: a new service (Opening), member0 and member1 its recovery members")
+    sandbox_args = ["sandbox", "--opening", "--recovery-threshold", "2",
+                    "--service-cert-out", str(DEMO / "sandbox" / "service_cert.pem")]  # fmt: skip
     (DEMO / "sandbox").mkdir(exist_ok=True)
     shutil.rmtree(DEMO / "state", ignore_errors=True)  # each run is a new service
     for stale in ("recovered_service_cert.pem", "agent.log"):
@@ -277,46 +272,45 @@ def main() -> int:
             env["SIGNING_AGENT_SOCK"] = sock
             print(f"agent listening on {sock}")
             run("identities", env=env)
+            run("members", env=env)
 
-            step("sign a governance message through the socket, then verify it with CCF's own ccf.cose")
-            proposal = DEMO / "trust_node.json"
-            trust = {
-                "name": "transition_node_to_trusted",
-                "args": {"node_id": "ab" * 32, "valid_from": "240101000000Z"},
-            }
-            proposal.write_text(json.dumps({"actions": [trust]}))
-            cose = DEMO / "trust_node.cose"
-            run("sign", "--identity", "member0", "--ccf-gov-msg-type", "proposal", "--content", str(proposal),
-                "--out", str(cose), env=env)  # fmt: skip
+            step("the proposal the agent would make (--dry-run), signed through the socket, verified by ccf.cose")
+            member2 = str(DEMO / "member2_cert.pem")
+            dry = json.loads(run("member", "add", "--cert", member2, "--identity", "member0", "--dry-run", "--json",
+                                 env=env, show=False))  # fmt: skip
+            print(f"{DIM}$ signing-agent member add --cert {member2} --identity member0 --dry-run{RESET}")
+            print(f"policy: {dry['explanation']['decision']['reason']}; nothing signed, nothing sent")
+            cose = DEMO / "add_member2.cose"
+            run("sign", "--identity", "member0", "--ccf-gov-msg-type", "proposal", "--content", "-", "--out",
+                str(cose), env=env, stdin=json.dumps(dry["proposal"]).encode())  # fmt: skip
             verify_with_ccf(cose, DEMO / "member0_cert.pem")
             print(f"{GREEN}{cose.stat().st_size}-byte COSE_Sign1 verified by ccf.cose.validate_cose_sign1 "
                   f"against member0's certificate{RESET}")  # fmt: skip
 
+            step("the members open the new service (transition_service_to_open, to the identity it presents)")
+            proposal_id = propose(env, "service", "open", "--identity", "member0")
+            run("proposals", "--pending", "--identity", "member1", env=env)
+            vote(env, proposal_id, "member0", "member1")
             run("status", env=env)
 
-            step("member0 proposes to add member2; member0 and member1 vote to accept")
-            add = DEMO / "add_member2.json"
-            cert_pem = (DEMO / "member2_cert.pem").read_text()
-            add.write_text(json.dumps({"actions": [{"name": "set_member", "args": {"cert": cert_pem}}]}))
-            created = json.loads(run("propose", str(add), "--identity", "member0", "--json", env=env, show=False))
-            proposal_id = created["proposalId"]
-            print(f"{DIM}$ signing-agent propose {add} --identity member0{RESET}")
-            print(f"proposal {proposal_id} is {created['proposalState']}")
-            run("proposals", env=env)
-            run("vote", proposal_id, "--accept", "--identity", "member0", env=env)
-            run("vote", proposal_id, "--accept", "--identity", "member1", env=env)
-
-            step("member2 activates itself through the agent (state digest update, then ack)")
+            step("member0 proposes to add member2; member0 and member1 vote it in; member2 activates itself")
+            proposal_id = propose(env, "member", "add", "--cert", member2, "--identity", "member0")
+            vote(env, proposal_id, "member0", "member1")
             run("activate", "--identity", "member2", env=env)
-            run("status", env=env)
+            run("members", env=env)
 
-            step("member2 proposes, then withdraws its proposal")
-            created = json.loads(run("propose", str(proposal), "--identity", "member2", "--json", env=env, show=False))
-            print(f"{DIM}$ signing-agent propose {proposal} --identity member2{RESET}")
-            print(f"proposal {created['proposalId']} is {created['proposalState']}")
-            run("withdraw", created["proposalId"], "--identity", "member2", env=env)
+            step("a node joins; member1 proposes to trust it; member0 and member2 vote")
+            joined = sandbox_control(url, "/_sandbox/nodes", {})
+            run("nodes", env=env)
+            proposal_id = propose(env, "node", "trust", str(joined["nodeId"]), "--identity", "member1")
+            vote(env, proposal_id, "member0", "member2")
+            run("nodes", env=env)
 
-            disaster(url, url, env)
+            step("member2 proposes to retire that node, then withdraws its proposal")
+            proposal_id = propose(env, "node", "retire", str(joined["nodeId"]), "--identity", "member2")
+            run("withdraw", proposal_id, "--identity", "member2", env=env)
+
+            disaster(url, env)
 
     step(f"done in {time.monotonic() - started:.1f} s: logs in .demo/agent.log and .demo/sandbox.log")
     return 0

@@ -369,6 +369,9 @@ def _register_optional(sub: Any) -> None:
         pass
     else:
         cli_keys.register(sub)
+    from signing_agent import cli_workflows
+
+    cli_workflows.register(sub, _client)
 
     # Listed for --help only: main() hands "sandbox ..." to the sandbox's own parser.
     sub.add_parser("sandbox", help="run the local CCF governance sandbox (a test double of CCF's /gov API)")
@@ -488,6 +491,12 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 
 def cmd_proposals(args: argparse.Namespace) -> int:
+    if args.pending:
+        from signing_agent import cli_workflows
+
+        if args.proposal_id:
+            raise InvalidRequestError("--pending lists proposals: give no proposal id with it")
+        return cli_workflows.cmd_pending(args, _client(args))
     client, service, _ = _gov_context(args, identity=False)
     if args.proposal_id:
         body = client.call("GET", f"/v1/services/{service}/proposals/{args.proposal_id}").json()
@@ -562,7 +571,12 @@ def register_governance(sub: Any) -> None:
 
     p = sub.add_parser("proposals", help="list proposals, or show one with its actions and ballots")
     p.add_argument("proposal_id", nargs="?")
-    common(p, identity=False)
+    p.add_argument(
+        "--pending", action="store_true", help="the Open proposals --identity has not voted on yet, with their actions"
+    )
+    for flag in ("--dry-run", "--wait"):  # taken by every workflow command; a read signs and waits for nothing
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    common(p)
     p.set_defaults(func=cmd_proposals)
 
     p = sub.add_parser("status", help="the service's status and the member status of each identity")
@@ -661,6 +675,9 @@ def register_recovery(sub: Any) -> None:
     a.add_argument("--identity", help="the identity that votes (default: the only one)")
     a.add_argument("--json", action="store_true", help="print the agent's JSON answer")
     a.set_defaults(func=cmd_recovery_approve)
+    from signing_agent import cli_workflows
+
+    cli_workflows.register_recovery(rec_sub, _client)
     st = rec_sub.add_parser("status", help="the state of each recovery watcher")
     _add_client_options(st)
     st.add_argument("--json", action="store_true")

@@ -26,7 +26,7 @@ from signing_agent.config import AZURE_CREDENTIALS
 from signing_agent.errors import AgentError, ConfigError, IdentityError
 
 if TYPE_CHECKING:
-    from signing_agent.backends.pkcs11_admin import TokenTarget
+    from signing_agent.backends.pkcs11_admin import TokenKey, TokenTarget
     from signing_agent.config import AzureKeyVaultKeyConfig
 
 EXIT_OK = Exit.OK
@@ -144,7 +144,7 @@ def _q(value: object) -> str:
 
 
 def _snippet(args: argparse.Namespace, *, name: str, cert: Path | None, label: str, key_id: bytes,
-             enc_label: str | None, enc_id: bytes | None) -> str:  # fmt: skip
+             enc_label: str | None, enc_id: bytes | None, oaep: str = "token") -> str:  # fmt: skip
     pin = (
         f"pin_file = {_q(Path(args.pin_file).absolute())}"
         if args.pin_file
@@ -163,7 +163,27 @@ def _snippet(args: argparse.Namespace, *, name: str, cert: Path | None, label: s
     if enc_label is not None and enc_id is not None:
         lines += ["", f"[identities.{name}.encryption_key]", 'backend = "pkcs11"', *common]
         lines += [f"key_label = {_q(enc_label)}", f"key_id = {_q(enc_id.hex())}"]
+        if oaep == "host":
+            lines.append(
+                'oaep = "host"                     # the token lacks RSA-OAEP-SHA256: raw RSA, OAEP on the host'
+            )
     return "\n".join(lines)
+
+
+def _report_oaep(target: TokenTarget, key: TokenKey, out: TextIO) -> str:
+    """Prove how the token decrypts recovery shares with ``key`` (a test message) and say so."""
+    from signing_agent.backends import pkcs11_admin
+
+    mode = pkcs11_admin.oaep_mode(target, key)
+    if mode == "token":
+        print("the token decrypted a test message with RSA-OAEP-SHA256 itself", file=out)
+    else:
+        print(
+            "the token lacks RSA-OAEP-SHA256 (as SoftHSM2 2.6 does): it decrypted a test message as raw RSA, so the "
+            'configuration below sets oaep = "host" (OAEP decoded by the agent; see the README\'s "Recovery")',
+            file=out,
+        )
+    return mode
 
 
 def _fail(exc: AgentError, args: argparse.Namespace, err: TextIO) -> int:
@@ -208,6 +228,7 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
               file=out)  # fmt: skip
         print(f"wrote the member certificate to {cert_out}", file=out)
         enc_label = enc_id = None
+        oaep = "token"
         if args.encryption_key:
             enc = pkcs11_admin.generate_rsa_key(target, label=f"{args.label}-enc", bits=args.rsa_bits or 2048)
             if not isinstance(enc.public_key, rsa.RSAPublicKey):  # pragma: no cover -- generate_rsa_key made it
@@ -222,6 +243,7 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
                 f"public key {enc_out}",
                 file=out,
             )
+            oaep = _report_oaep(target, enc, out)
         print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
         print("\nconfiguration to paste:\n", file=out)
         name = _config_name(args.label)
@@ -233,8 +255,12 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
             key_id=key.key_id,
             enc_label=enc_label,
             enc_id=enc_id,
+            oaep=oaep,
         )
         print(snippet, file=out)
+        if args.encryption_key:
+            print(f"\npropose the member with: signing-agent member add --cert {cert_out} --encryption-key {enc_out}",
+                  file=out)  # fmt: skip
     except AgentError as exc:
         return _fail(exc, args, err)
     return EXIT_OK
@@ -400,10 +426,12 @@ def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: Text
             pkcs11_admin.store_certificate(target, imported, cert)
             print(f"stored the certificate {args.cert} in the token with the key", file=out)
         enc_label = enc_id = None
+        oaep = "token"
         if enc_key is not None:
             enc = pkcs11_admin.import_rsa_key(target, enc_key, label=f"{args.label}-enc")
             enc_label, enc_id = enc.label, enc.key_id
             print(f"imported {args.encryption_key} as key {enc.label!r} (id {enc.key_id.hex()})", file=out)
+            oaep = _report_oaep(target, enc, out)
         if cert is not None:
             print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
         pems = [args.key, *((args.encryption_key,) if enc_key is not None else ())]
@@ -419,7 +447,7 @@ def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: Text
             )  # fmt: skip
         print("\nconfiguration to paste:\n", file=out)
         print(_snippet(args, name=_config_name(args.label), cert=args.cert, label=imported.label,
-                       key_id=imported.key_id, enc_label=enc_label, enc_id=enc_id), file=out)  # fmt: skip
+                       key_id=imported.key_id, enc_label=enc_label, enc_id=enc_id, oaep=oaep), file=out)  # fmt: skip
     except AgentError as exc:
         return _fail(exc, args, err)
     return EXIT_OK

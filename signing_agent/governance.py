@@ -22,10 +22,12 @@ from signing_agent.audit import Auditor, Failed, Forwarded
 from signing_agent.ccf.api import Answer, Connector, GovernanceAPI, Proposal
 from signing_agent.ccf.client import CCFResponse
 from signing_agent.ccf.connections import CCFConnections
+from signing_agent.ccf.facts import read_facts
 from signing_agent.config import ServiceConfig
 from signing_agent.context import current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
 from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError
+from signing_agent.proposals import ServiceFacts, needs
 from signing_agent.service import SignedMessage, SigningService, SignRequest, VotedProposal
 
 _logger = logging.getLogger(__name__)
@@ -131,8 +133,11 @@ class GovernanceService:
 
     async def propose(self, service: str, identity: str, proposal: bytes) -> Relay:
         await self.ccf.client(service)  # an unknown service fails before anything is signed
+        facts = await self.proposal_facts(service, proposal)
         signed = await self.signer.sign(
-            SignRequest(identity=identity, msg_type=MsgType.PROPOSAL, payload=proposal, service=service)
+            SignRequest(
+                identity=identity, msg_type=MsgType.PROPOSAL, payload=proposal, service=service, service_facts=facts
+            )
         )
         resp = await self.forward(service, signed, lambda api, cose: api.create_proposal(cose))
         if resp.error_code == "ProposalReplay" and resp.attempts > 1:
@@ -140,6 +145,14 @@ class GovernanceService:
             if recovered is not None:
                 return recovered
         return Relay.of(resp)
+
+    async def proposal_facts(self, service: str, proposal: bytes) -> ServiceFacts | None:
+        """What a proposal to ``service`` is checked against before it is signed (``signing_agent.proposals``),
+        read over the connection it would go through; None when its checks need nothing of the service."""
+        wanted = needs(proposal)
+        if not wanted:
+            return None
+        return await read_facts(await self.ccf.client(service), service, wanted)
 
     async def _replayed_proposal(self, service: str, resp: Answer[Proposal], signed: SignedMessage) -> Relay | None:
         """Our first attempt created the proposal and its answer was lost: return that proposal."""

@@ -41,6 +41,7 @@ from signing_agent.errors import (
 )
 from signing_agent.identity import Identity
 from signing_agent.policy import Action, Decision, Policy
+from signing_agent.proposals import ServiceFacts, check_proposal, needs
 
 _logger = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ class SignRequest:
     proposal_id: str | None = None
     service: str | None = None
     voted: VotedProposal | None = None
+    service_facts: ServiceFacts | None = None
+    """For a proposal to a service: what the governance layer read of the service's state for the proposal's checks
+    (``SigningService.check_proposal``); one whose checks need it cannot be signed without."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +253,16 @@ class SigningService:
             self._check_created_at(request.created_at)
         return ident, request, summarise_payload(req.msg_type, req.payload)
 
+    @staticmethod
+    def check_proposal(req: SignRequest) -> None:
+        """A proposal for a service is checked as CCF's constitution would check it (``signing_agent.proposals``),
+        against the service's state where it matters, before anything is signed (a dry run calls this too)."""
+        if req.msg_type is not MsgType.PROPOSAL or req.service is None:
+            return
+        if req.service_facts is None and needs(req.payload):
+            raise ValueError("a proposal whose checks read the service's state needs service_facts")
+        check_proposal(req.payload, req.service_facts)
+
     def _check_created_at(self, created_at: int) -> None:
         """Refuse a caller's ``created_at`` far from the agent's clock, for every message type.
 
@@ -292,6 +306,7 @@ class SigningService:
         returns; if it cannot be written, ``AuditError`` is raised and the signature is dropped.
         """
         ident, request, summary = self._request(req)
+        self.check_proposal(req)
         action = self._action(ident.name, req, summary)
         ctx = current_request()
         subject = Subject(

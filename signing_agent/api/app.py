@@ -27,6 +27,7 @@ from signing_agent.api.governance_routes import add_governance_routes
 from signing_agent.api.peer import peer_of
 from signing_agent.api.runtime import GENERATION, RUNTIME, InFlight, Runtime, generation_of, service_of
 from signing_agent.api.schemas import parse_explain_request, parse_sign_request
+from signing_agent.api.workflow_routes import add_workflow_routes
 from signing_agent.audit import PeerRefused
 from signing_agent.context import WATCHER_REQUEST_ID_PREFIX, RequestContext, bound
 from signing_agent.errors import (
@@ -364,4 +365,5 @@ def make_app(runtime: Runtime, settings: APISettings) -> web.Application:
     app.router.add_post("/v1/sign", sign)
     app.router.add_post("/v1/explain", explain)
     add_governance_routes(app)
+    add_workflow_routes(app)
     return app

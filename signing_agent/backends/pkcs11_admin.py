@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import for_curve, verify_digest
 from signing_agent.backends import _p11init, member_cert
 from signing_agent.backends._p11init import PinSource, describe_error, require_pkcs11
-from signing_agent.backends.pkcs11 import find_private_key, read_public_key
+from signing_agent.backends.pkcs11 import find_private_key, oaep_sha256_decode, read_public_key
 from signing_agent.certs import member_id as member_id  # re-exported: keys list/generate print it
 from signing_agent.errors import AgentError, BackendError, ConfigError, IdentityError
 
@@ -274,6 +274,40 @@ def sign_digest(target: TokenTarget, *, label: str | None, key_id: bytes | None,
     with admin_session(target, rw=False) as session:
         key = find_private_key(session, label=label, key_id=key_id, key_type=p11.KeyType.EC, where="key")
         return bytes(key.sign(digest, mechanism=p11.Mechanism.ECDSA))
+
+
+OaepMode = Literal["token", "host"]
+
+
+def oaep_mode(target: TokenTarget, key: TokenKey) -> OaepMode:
+    """How the token decrypts RSA-OAEP-SHA256 (what CCF encrypts recovery shares with) with ``key``, proved on a
+    test message: ``token`` when it does OAEP-SHA256 itself, ``host`` when it does only raw RSA (``CKM_RSA_X_509``)
+    and the agent must decode OAEP (SoftHSM2 2.6); ``BackendError`` when it can do neither."""
+    p11 = require_pkcs11()
+    x = p11.exceptions
+    public = key.public_key
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise IdentityError(f"key {key.label!r} is not an RSA key")
+    message = secrets.token_bytes(32)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    ciphertext = public.encrypt(message, oaep)
+    size = (public.key_size + 7) // 8
+    with admin_session(target, rw=False) as session:
+        private = find_private_key(session, label=key.label, key_id=key.key_id, key_type=p11.KeyType.RSA, where="key")
+        try:
+            decrypted = private.decrypt(
+                ciphertext,
+                mechanism=p11.Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=(p11.Mechanism.SHA256, p11.MGF.SHA256, None),
+            )
+        except (x.ArgumentsBad, x.MechanismInvalid, x.MechanismParamInvalid, x.FunctionNotSupported):
+            raw = bytes(private.decrypt(ciphertext, mechanism=p11.Mechanism.RSA_X_509))
+            if oaep_sha256_decode(raw.rjust(size, b"\0"), size) == message:
+                return "host"
+        else:
+            if bytes(decrypted) == message:
+                return "token"
+    raise BackendError(f"key {key.label!r} did not decrypt a test message correctly")
 
 
 def check_signs(target: TokenTarget, key: TokenKey) -> None:

@@ -23,7 +23,7 @@ import json
 import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from signing_agent.ccf.client import (
@@ -54,6 +54,7 @@ class Paths:
     MEMBERS = "/gov/service/members"
     MEMBER = "/gov/service/members/{member_id}"
     NODES = "/gov/service/nodes"
+    NODE = "/gov/service/nodes/{node_id}"
     PROPOSALS = "/gov/members/proposals"
     CREATE_PROPOSAL = "/gov/members/proposals:create"
     PROPOSAL = "/gov/members/proposals/{proposal_id}"
@@ -67,6 +68,7 @@ class Paths:
     RECOVER = "/gov/recovery/members/{member_id}:recover"
     NODE_STATE = "/node/state"
     NODE_NETWORK = "/node/network"
+    PREVIOUS_IDENTITY = "/node/service/previous_identity"
 
 
 # --- answers ------------------------------------------------------------------------------------------------------
@@ -127,6 +129,19 @@ class ServiceInfo:
             fields=body,
         )
 
+    def _configuration(self, key: str) -> int | None:
+        configuration = _object(self.fields.get("configuration"))
+        return _count(configuration.get(key)) if configuration is not None else None
+
+    @property
+    def recovery_threshold(self) -> int | None:
+        return self._configuration("recoveryThreshold")
+
+    @property
+    def max_node_validity_days(self) -> int | None:
+        """``maximumNodeCertificateValidityDays``: the longest ``validity_period_days`` a node may be trusted for."""
+        return self._configuration("maximumNodeCertificateValidityDays")
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -135,12 +150,28 @@ class Member:
     member_id: str
     status: str | None
     """``Accepted`` or ``Active``."""
+    recovery_role: str | None = None
+    """``NonParticipant``, ``Participant`` or ``Owner``."""
+    encryption_key: str | None = None
+    """``publicEncryptionKey`` (PEM): a recovery member's."""
+    fields: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """The whole object as CCF sent it."""
+
+    @classmethod
+    def from_object(cls, body: Mapping[str, Any], member_id: str) -> Member:
+        return cls(
+            member_id,
+            _text(body.get("status")),
+            _text(body.get("recoveryRole")),
+            _text(body.get("publicEncryptionKey")),
+            body,
+        )
 
     @staticmethod
     def parse_one(member_id: str) -> Callable[[CCFResponse], Member | None]:
         def parse(response: CCFResponse) -> Member | None:
             body = _object(response.body)
-            return None if body is None else Member(_text(body.get("memberId")) or member_id, _text(body.get("status")))
+            return None if body is None else Member.from_object(body, _text(body.get("memberId")) or member_id)
 
         return parse
 
@@ -149,12 +180,11 @@ class Member:
         values = _values(response)
         if values is None:
             return None
-        members = []
-        for entry in values:
-            member_id = _text(entry.get("memberId"))
-            if member_id is not None:
-                members.append(Member(member_id, _text(entry.get("status"))))
-        return tuple(members)
+        return tuple(
+            Member.from_object(entry, member_id)
+            for entry in values
+            if (member_id := _text(entry.get("memberId"))) is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +194,8 @@ class Node:
     node_id: str
     status: str | None
     """``Pending``, ``Trusted``, ``Retired``."""
+    fields: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """The whole object as CCF sent it."""
 
     @staticmethod
     def parse_list(response: CCFResponse) -> tuple[Node, ...] | None:
@@ -171,10 +203,36 @@ class Node:
         if values is None:
             return None
         return tuple(
-            Node(node_id, _text(entry.get("status")))
+            Node(node_id, _text(entry.get("status")), entry)
             for entry in values
             if (node_id := _text(entry.get("nodeId"))) is not None
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousIdentity:
+    """``GET /node/service/previous_identity``: the identity (PEM text, as CCF compares it) a recovered service
+    recovered from; ``pem`` None when the service says it is not a recovery of a previous service."""
+
+    pem: str | None
+
+    NOT_A_RECOVERY = "This service is not a recovery of a previous service."
+
+    @classmethod
+    def parse(cls, response: CCFResponse) -> PreviousIdentity | None:
+        body = _object(response.body)
+        pem = _text(body.get("previous_service_identity")) if body is not None else None
+        return None if pem is None else cls(pem)
+
+    @classmethod
+    def of(cls, answer: Answer[PreviousIdentity]) -> PreviousIdentity | None:
+        """What the answer says: the identity, none (CCF's 404 saying so), or None when it does not say (an older
+        CCF without the endpoint, an error)."""
+        if answer.value is not None:
+            return answer.value
+        if answer.status == 404 and answer.error_message == cls.NOT_A_RECOVERY:
+            return cls(None)
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +439,8 @@ class GovernanceAPI(Protocol):
 
     async def nodes(self) -> Answer[tuple[Node, ...]]: ...
 
+    async def previous_service_identity(self) -> Answer[PreviousIdentity]: ...
+
     async def node_state(self, *, max_attempts: int | None = None) -> Answer[NodeState]: ...
 
     async def proposals(self, *, max_attempts: int | None = None) -> Answer[tuple[Proposal, ...]]: ...
@@ -468,6 +528,9 @@ class CCFGovernanceClient:
 
     async def nodes(self) -> Answer[tuple[Node, ...]]:
         return await self._get(Paths.NODES, Node.parse_list)
+
+    async def previous_service_identity(self) -> Answer[PreviousIdentity]:
+        return await self._get(Paths.PREVIOUS_IDENTITY, PreviousIdentity.parse, gov=False)
 
     async def node_state(self, *, max_attempts: int | None = None) -> Answer[NodeState]:
         return await self._get(Paths.NODE_STATE, NodeState.parse, gov=False, max_attempts=max_attempts)

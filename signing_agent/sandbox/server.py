@@ -9,6 +9,8 @@ like it. It adds members, injects faults and exposes the request log:
 
 - ``POST /_sandbox/members`` ``{"cert": PEM, "encryption_pub_key"?: PEM, "member_data"?: any, "status"?:
   "Accepted"|"Active", "recovery_role"?: str}`` → ``{"memberId": id}``
+- ``POST /_sandbox/nodes`` ``{"node_data"?: any}`` (body optional) → ``{"nodeId": id, "status": "Pending"}``: a node
+  joins, and waits for a ``transition_node_to_trusted`` proposal
 - ``GET|POST|DELETE /_sandbox/faults`` (POST body: ``{"kind": "reset"|"drop_after"|"status"|"delay", "path":
   regex, "method"?: "POST"|"*", "count"?: n, "status"?: n, "retry_after"?: str, "code"?: str, "message"?:
   str, "delay"?: seconds}`` → the rule with its ``id``)
@@ -245,6 +247,25 @@ def _encrypted_share(call: _Call) -> web.Response:
     return _json(call.state, {"memberId": member_id, "encryptedShare": base64.b64encode(encrypted).decode()})
 
 
+def _nodes(call: _Call) -> web.Response:
+    return _json(call.state, {"value": [n.to_json() for n in call.state.nodes()]})
+
+
+def _node(call: _Call) -> web.Response:
+    node_id = check_hex_id(call.params[0], "node")
+    node = call.state.node(node_id)
+    if node is None:
+        raise GovError(404, "ResourceNotFound", f"Node {node_id} does not exist.")
+    return _json(call.state, node.to_json())
+
+
+def _previous_identity(call: _Call) -> web.Response:
+    previous = call.state.previous_service_cert_pem
+    if previous is None:
+        raise GovError(404, "ResourceNotFound", "This service is not a recovery of a previous service.")
+    return _json(call.state, {"previous_service_identity": previous})
+
+
 def _node_state(call: _Call) -> web.Response:
     state = call.state
     body: dict[str, Any] = {
@@ -295,12 +316,15 @@ _ROUTES: Final[tuple[_Route, ...]] = (
     _route("GET", r"/gov/service/info", _service_info),
     _route("GET", r"/gov/service/members", _members),
     _route("GET", rf"/gov/service/members/{_ID}", _member),
+    _route("GET", r"/gov/service/nodes", _nodes),
+    _route("GET", rf"/gov/service/nodes/{_ID}", _node),
     _route("GET", r"/gov/service/constitution", _constitution),
     _route("GET", r"/gov/service/transactions/commit", _commit),
     _route("GET", rf"/gov/service/transactions/{_ID}", _transaction),
     _route("GET", rf"/gov/recovery/encrypted-shares/{_ID}", _encrypted_share),
     _route("GET", r"/node/state", _node_state),
     _route("GET", r"/node/network", _node_network),
+    _route("GET", r"/node/service/previous_identity", _previous_identity),
 )
 
 
@@ -331,12 +355,14 @@ class SandboxApp:
         *,
         private_recovery_seconds: float = 0.2,
         on_recover: Callable[[dict[str, Any], object], Awaitable[dict[str, Any]]] | None = None,
+        on_join: Callable[[Any], str] | None = None,
     ) -> None:
         self.state = state
         self.faults = faults
         self.requests: list[RequestRecord] = []
         self.private_recovery_seconds = private_recovery_seconds
         self.on_recover = on_recover
+        self.on_join = on_join
         self._replay: asyncio.TimerHandle | None = None
         self.app = web.Application(client_max_size=1024 * 1024)
         self.app.router.add_route("*", "/_sandbox/{tail:.*}", self._control)
@@ -438,6 +464,18 @@ class SandboxApp:
                     recovery_role=body.get("recovery_role"),
                 )
                 return web.json_response({"memberId": member_id})
+            case ("POST", "nodes"):
+                if self.on_join is None:
+                    raise ValueError("no node can join this sandbox")
+                raw = await request.read()
+                body = json.loads(raw) if raw.strip() else {}
+                if not isinstance(body, dict):
+                    raise TypeError("the body must be a JSON object")
+                unknown = set(body) - {"node_data"}
+                if unknown:
+                    raise ValueError(f"unknown node fields: {', '.join(sorted(unknown))}")
+                node_id = self.on_join(body.get("node_data"))
+                return web.json_response({"nodeId": node_id, "status": "Pending"})
             case ("GET", "faults"):
                 return web.json_response({"value": [rule.to_json() for rule in self.faults.pending()]})
             case ("POST", "faults"):
@@ -509,6 +547,7 @@ class SandboxServer:
         service_cert_pem: bytes | None = None,
         *,
         service_status: ServiceStatus = "Open",
+        recovery_threshold: int = 1,
         private_recovery_seconds: float = 0.2,
     ) -> None:
         if service_key_pem is None and service_cert_pem is not None:
@@ -520,12 +559,18 @@ class SandboxServer:
         )
         self.host = host
         self.port = port
-        self.state = GovernanceState(self.identity.cert_pem.decode(), service_status=service_status)
+        self.state = GovernanceState(
+            self.identity.cert_pem.decode(), service_status=service_status, recovery_threshold=recovery_threshold
+        )
         self.faults = Faults()
         for cert in members:
             self.state.add_member(cert, status="Active")
         self._app = SandboxApp(
-            self.state, self.faults, private_recovery_seconds=private_recovery_seconds, on_recover=self._control_recover
+            self.state,
+            self.faults,
+            private_recovery_seconds=private_recovery_seconds,
+            on_recover=self._control_recover,
+            on_join=self.add_node,
         )
         self._runner: web.AppRunner | None = None
         self._ssl_context: ssl.SSLContext | None = None
@@ -570,6 +615,12 @@ class SandboxServer:
             member_data=member_data,
             recovery_role=recovery_role,
         )
+
+    def add_node(self, node_data: Any = None) -> str:
+        """A new node joins the service: Pending (``GET /gov/service/nodes``) until members trust it. Returns its
+        node id."""
+        _, node_cert = self.identity.issue_node_cert()
+        return self.state.add_node(node_cert, node_data)
 
     def issued_share(self, member_id: str) -> bytes | None:
         """The plaintext (44 bytes) of the share currently issued to ``member_id``, or None.

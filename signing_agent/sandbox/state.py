@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from signing_agent.sandbox.clock import parse_x509_time
 from signing_agent.sandbox.constitution import (
     BALLOT_NOT_SUPPORTED,
     SANDBOX_CONSTITUTION,
@@ -55,11 +56,13 @@ ProposalState = Literal["Open", "Accepted", "Withdrawn", "Rejected", "Failed", "
 ServiceStatus = Literal["Opening", "Open", "Recovering", "WaitingForRecoveryShares"]
 NodeState = Literal["PartOfNetwork", "PartOfPublicNetwork", "ReadingPrivateLedger"]
 RecoveryRole = Literal["NonParticipant", "Participant", "Owner"]
+NodeStatus = Literal["Pending", "Trusted", "Retired"]
 RECOVERY_ROLES: Final[tuple[RecoveryRole, ...]] = ("NonParticipant", "Participant", "Owner")
 
 VIEW: Final = 2
 MAX_CREATED_AT: Final = 9_999_999_999
 DEFAULT_WINDOW_SIZE: Final = 100
+MAX_NODE_CERT_VALIDITY_DAYS: Final = 365
 
 _T = TypeVar("_T")
 
@@ -71,11 +74,10 @@ def member_id_of(cert_pem: str | bytes) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
-def _same_cert(a: str, b: str) -> bool:
-    try:
-        return member_id_of(a) == member_id_of(b)
-    except ValueError:
-        return False
+def node_id_of(node_cert: x509.Certificate) -> str:
+    """CCF's node id: hex SHA-256 of the node's public key (DER)."""
+    der = node_cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 @dataclass(slots=True)
@@ -109,6 +111,27 @@ class Member:
             body["publicEncryptionKey"] = self.encryption_pub_key
         body["recoveryRole"] = self.role
         return body
+
+
+@dataclass(slots=True)
+class Node:
+    """A node of ``public:ccf.gov.nodes.info``: Pending until trusted, then Trusted, then Retired."""
+
+    node_id: str
+    status: NodeStatus
+    cert_pem: str
+    node_data: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodeId": self.node_id,
+            "status": self.status,
+            "nodeData": self.node_data,
+            "certificate": self.cert_pem,
+            "retiredCommitted": False,
+            "quoteInfo": {"format": "Insecure_Virtual", "quote": "", "endorsements": ""},
+            "rpcInterfaces": {},
+        }
 
 
 @dataclass(slots=True)
@@ -149,6 +172,7 @@ class _Data:
     """Everything a transaction may change (deep-copied as the rollback snapshot)."""
 
     members: dict[str, Member] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
     acks: dict[str, AckRecord] = field(default_factory=dict)
     proposals: dict[str, Proposal] = field(default_factory=dict)
     recent_proposals: dict[str, str] = field(default_factory=dict)
@@ -173,8 +197,12 @@ class _Data:
 class GovernanceState:
     """The sandbox's KV store and governance logic. Not thread-safe: use it from one event loop."""
 
-    def __init__(self, service_cert_pem: str, *, service_status: ServiceStatus = "Open") -> None:
-        self._data = _Data(service_cert_pem=service_cert_pem, service_status=service_status)
+    def __init__(
+        self, service_cert_pem: str, *, service_status: ServiceStatus = "Open", recovery_threshold: int = 1
+    ) -> None:
+        self._data = _Data(
+            service_cert_pem=service_cert_pem, service_status=service_status, recovery_threshold=recovery_threshold
+        )
         self._seqno = 1
         self._root = hashlib.sha256(b"ccf-sandbox-genesis" + service_cert_pem.encode()).digest()
         self.creation_txid = f"{VIEW}.1"
@@ -185,9 +213,31 @@ class GovernanceState:
         self.recovery_target_seqno: int | None = None
 
     def set_node_identity(self, node_cert: x509.Certificate) -> None:
-        """CCF's node id: hex SHA-256 of the node's public key (DER)."""
-        der = node_cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        self.node_id = hashlib.sha256(der).hexdigest()
+        """The sandbox's own node (its id: hex SHA-256 of the node's public key, DER), Trusted."""
+        self.node_id = node_id_of(node_cert)
+        pem = node_cert.public_bytes(Encoding.PEM).decode()
+        self._data.nodes[self.node_id] = Node(self.node_id, "Trusted", pem)
+
+    # -- nodes ---
+
+    def add_node(self, node_cert: x509.Certificate, node_data: Any = None) -> str:
+        """A node joins (control API): Pending until a ``transition_node_to_trusted`` proposal is accepted."""
+        node_id = node_id_of(node_cert)
+        pem = node_cert.public_bytes(Encoding.PEM).decode()
+
+        def tx() -> str:
+            if node_id in self._data.nodes:
+                raise ValueError(f"node {node_id} is already known")
+            self._data.nodes[node_id] = Node(node_id, "Pending", pem, node_data)
+            return node_id
+
+        return self._write(f"join:{node_id}", tx)
+
+    def node(self, node_id: str) -> Node | None:
+        return self._data.nodes.get(node_id)
+
+    def nodes(self) -> list[Node]:
+        return list(self._data.nodes.values())
 
     # -- transactions ---
 
@@ -330,7 +380,7 @@ class GovernanceState:
             "serviceData": d.service_data,
             "configuration": {
                 "recoveryThreshold": d.recovery_threshold,
-                "maximumNodeCertificateValidityDays": 365,
+                "maximumNodeCertificateValidityDays": MAX_NODE_CERT_VALIDITY_DAYS,
                 "maximumServiceCertificateValidityDays": 365,
                 "recentCoseProposalsWindowSize": d.window_size,
             },
@@ -515,21 +565,16 @@ class GovernanceState:
 
     def _apply(self, action: Action) -> None:
         d = self._data
-        args: dict[str, Any] = action.args
+        args: dict[str, Any] = action.args if isinstance(action.args, dict) else {}
         match action.name:
             case "set_member":
-                self._set_member(
-                    args["cert"],
-                    args.get("encryption_pub_key"),
-                    args.get("member_data"),
-                    args.get("recovery_role"),
-                )
+                self._apply_set_member(args)
             case "remove_member":
-                member_id = args.get("member_id") or member_id_of(args["cert"])
+                member_id = args["member_id"]
                 removed = d.members.get(member_id)
-                active_recovery = (
-                    removed is not None and removed.status == "Active" and removed.encryption_pub_key is not None
-                )
+                if removed is None:
+                    return  # idempotent, as in CCF
+                active_recovery = removed.status == "Active" and removed.encryption_pub_key is not None
                 if active_recovery:
                     after = self._active_recovery_member_count() - 1
                     if after < d.recovery_threshold:
@@ -559,10 +604,57 @@ class GovernanceState:
             case "trigger_recovery_shares_refresh":
                 if d.service_status == "Open":
                     self._issue_recovery_shares()
+            case "trigger_ledger_rekey":
+                if d.service_status != "Open":
+                    raise _ApplyError("Could not rekey ledger: the service is not open")
+                self._issue_recovery_shares()  # a new ledger secret, so new shares
             case "transition_node_to_trusted":
-                pass  # NOTE: single-node sandbox: nothing to do
+                self._trust_node(args)
+            case "remove_node":
+                node = d.nodes.get(args["node_id"])
+                if node is None:
+                    return
+                if node.status == "Pending":
+                    del d.nodes[node.node_id]
+                else:
+                    node.status = "Retired"
             case _:
                 raise _ApplyError(f"{action.name}: no such action")
+
+    def _apply_set_member(self, args: dict[str, Any]) -> None:
+        """The constitution's ``set_member``: (re-)registers the member, which is then Accepted (an Active member
+        proposed again starts over), with a fresh ack record."""
+        d = self._data
+        cert = args["cert"]
+        member_id = member_id_of(cert)
+        key = args.get("encryption_pub_key")
+        d.members[member_id] = Member(
+            member_id=member_id,
+            cert_pem=cert,
+            status="Accepted",
+            member_data=args.get("member_data"),
+            encryption_pub_key=key,
+            recovery_role=args.get("recovery_role"),
+        )
+        self._keys.pop(member_id, None)
+        d.acks[member_id] = AckRecord(state_digest=self.root_hex)
+
+    def _trust_node(self, args: dict[str, Any]) -> None:
+        """The constitution's ``transition_node_to_trusted``: a Pending node becomes Trusted, with a certificate
+        endorsed from ``valid_from`` for ``validity_period_days`` (the service's maximum by default)."""
+        node = self._data.nodes.get(args["node_id"])
+        if node is None:
+            raise _ApplyError(f"No such node: {args['node_id']}")
+        if node.status != "Pending":
+            return
+        node.status = "Trusted"
+        days = args.get("validity_period_days")
+        if days is not None and days > MAX_NODE_CERT_VALIDITY_DAYS:
+            raise _ApplyError(f"Validity period {days} is not allowed: max allowed is {MAX_NODE_CERT_VALIDITY_DAYS}")
+        try:
+            parse_x509_time(args["valid_from"])  # generateEndorsedCertificate reads it
+        except ValueError as exc:
+            raise _ApplyError(str(exc)) from None
 
     def _set_recovery_threshold(self, threshold: int) -> None:
         d = self._data
@@ -582,21 +674,27 @@ class GovernanceState:
             self._issue_recovery_shares()
 
     def _transition_to_open(self, args: dict[str, Any]) -> None:
+        """The constitution's ``transition_service_to_open`` and the node's ``transitionServiceToOpen``: service
+        identities are compared as PEM text, byte for byte (``ccf::crypto::Pem`` equality)."""
         d = self._data
-        if d.service_status == "WaitingForRecoveryShares":
-            return  # CCF: idempotent while waiting for shares
+        previous = args.get("previous_service_identity")
+        if d.service_status == "Recovering" and previous is None:
+            raise _ApplyError("Opening a recovering network requires both, the previous and the next service identity")
+        if d.service_status in ("Open", "WaitingForRecoveryShares"):
+            return  # CCF: "Service in state ... is already open", with no effect
         if d.service_status == "Recovering":
-            previous = args.get("previous_service_identity")
-            if previous is None:
+            if d.previous_service_cert_pem is None:
                 raise _ApplyError(
-                    "Opening a recovering network requires both, the previous and the next service identity"
+                    "Recovery with service certificates requires both, a previous service identity written to the "
+                    "KV during recovery genesis and a transition_service_to_open proposal that contains previous and "
+                    "next service certificates"
                 )
-            if d.previous_service_cert_pem is None or not _same_cert(previous, d.previous_service_cert_pem):
+            if _pem(previous) != d.previous_service_cert_pem:
                 raise _ApplyError(
                     f"Previous service identity does not match.\nActual:\n{d.previous_service_cert_pem}\n"
-                    f"In proposal:\n{previous}"
+                    f"In proposal:\n{_pem(previous)}"
                 )
-        if not _same_cert(args["next_service_identity"], d.service_cert_pem):
+        if _pem(args["next_service_identity"]) != d.service_cert_pem:
             raise _ApplyError(
                 "Service identity mismatch: the next service identity in the transition_service_to_open proposal "
                 f"does not match the current service identity:\nNext:\n{args['next_service_identity']}\n"
@@ -605,10 +703,12 @@ class GovernanceState:
         if d.service_status == "Recovering":
             d.submitted_shares.clear()
             d.service_status = "WaitingForRecoveryShares"
-        elif d.service_status == "Opening":
-            d.service_status = "Open"
-            if self._recovery_members("Participant") or self._recovery_members("Owner"):
+        else:  # Opening
+            try:
                 self._issue_recovery_shares()
+            except _ApplyError as exc:
+                raise _ApplyError(f"Failed to issue recovery shares: {exc}") from exc
+            d.service_status = "Open"
 
     # -- recovery shares ---
 
@@ -683,6 +783,8 @@ class GovernanceState:
             d.service_status = "Recovering"
             d.recovery_count += 1
             d.submitted_shares.clear()
+            for node in d.nodes.values():  # the old network's nodes; the restarted node joins as Trusted
+                node.status = "Retired"
 
         self._write("recovery_genesis", tx)
         self.previous_creation_txid = previous_creation
@@ -852,6 +954,11 @@ class GovernanceState:
 
 class _ApplyError(Exception):
     pass
+
+
+def _pem(value: object) -> str:
+    """A PEM as ``ccf::crypto::Pem`` keeps it: the text, without a trailing NUL."""
+    return str(value).removesuffix("\0")
 
 
 def _check_path_signer(url_member_id: str, signer: str) -> None:

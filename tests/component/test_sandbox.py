@@ -70,7 +70,7 @@ async def gov(sandbox: SandboxServer) -> AsyncIterator[GovClient]:
 
 
 def noop_action() -> list[dict[str, Any]]:
-    return [{"name": "transition_node_to_trusted", "args": {"node_id": "n0"}}]
+    return [{"name": "remove_node", "args": {"node_id": "0" * 64}}]  # no such node: removing it does nothing
 
 
 def assert_401(reply: Any, policy: str, message: str) -> None:
@@ -369,7 +369,7 @@ async def test_create_returns_a_proposal_bound_to_the_state(
         (
             [{"name": "set_member", "args": {}}],
             "Proposal failed to validate: set_member at position 0 failed validation: "
-            "Error: cert must be of type string but is of type undefined",
+            "Error: cert must be a valid X509 certificate (bundle) in PEM format",
         ),
         (
             [
@@ -377,7 +377,7 @@ async def test_create_returns_a_proposal_bound_to_the_state(
                 {"name": "set_service_recent_cose_proposals_window_size", "args": {"proposal_count": "1"}},
             ],
             "Proposal failed to validate: set_service_recent_cose_proposals_window_size at position 1 failed "
-            "validation: Error: proposal_count must be of type integer but is of type string",
+            "validation: Error: proposal_count must be an integer",
         ),
     ],
 )
@@ -442,7 +442,7 @@ async def test_median_rule_and_empty_table(gov: GovClient, alice: Member) -> Non
     for offset in range(4):
         assert (await gov.propose(alice, noop_action(), created_at=base + offset)).status == 200
     # 5 keys: 5, base..base+3 (sorted as strings) -> median keys[2] = base+1
-    other_action = [{"name": "transition_node_to_trusted", "args": {"node_id": "n1"}}]
+    other_action = [{"name": "remove_node", "args": {"node_id": "1" * 64}}]
     old = await gov.propose(alice, other_action, created_at=base)
     assert old.status == 400
     assert old.error == (
@@ -780,17 +780,15 @@ async def test_governance_actions_change_the_service(gov: GovClient, alice: Memb
 async def test_failed_apply_is_a_500_and_records_nothing(
     gov: GovClient, sandbox: SandboxServer, alice: Member, bob: Member
 ) -> None:
-    other_service = SandboxServer().service_cert_pem.decode()
-    pid = await _open_proposal(
-        gov, alice, [{"name": "transition_service_to_open", "args": {"next_service_identity": other_service}}]
-    )
+    no_such_node = {"node_id": "ab" * 32, "valid_from": "20240101000000Z"}
+    pid = await _open_proposal(gov, alice, [{"name": "transition_node_to_trusted", "args": no_such_node}])
     await gov.vote(alice, pid)
     txid = sandbox.state.txid
     reply = await gov.vote(bob, pid)
     assert reply.status == 500
     code, message = reply.error
     assert code == "InternalError"
-    assert message.startswith("Failed to apply(): Error: ")
+    assert message == f"Failed to apply(): Error: No such node: {'ab' * 32}"
     assert sandbox.state.txid == txid
     proposal = (await gov.get(f"/gov/members/proposals/{pid}")).json
     assert proposal["proposalState"] == "Open"

@@ -224,7 +224,7 @@ async def test_threshold_refresh_and_removal_reissue_shares(
     assert recover_secret(shares[::-1], 2).serialise() == secret
     assert recover_secret(shares[:1], 1).serialise() != secret  # one share of a 2-of-2 split is not enough
 
-    refresh = await gov.pass_proposal(alice, voters, [{"name": "trigger_recovery_shares_refresh", "args": {}}])
+    refresh = await gov.pass_proposal(alice, voters, [{"name": "trigger_recovery_shares_refresh"}])
     assert refresh.json["proposalState"] == "Accepted"
     refreshed = await decrypted(gov, people, "alice")
     assert refreshed != after["alice"]
@@ -248,7 +248,7 @@ async def test_refresh_without_recovery_members_fails_as_in_ccf(
 ) -> None:
     alice = member(people, "alice")
     sandbox.add_member(alice.cert_pem)
-    reply = await gov.pass_proposal(alice, [alice], [{"name": "trigger_recovery_shares_refresh", "args": {}}])
+    reply = await gov.pass_proposal(alice, [alice], [{"name": "trigger_recovery_shares_refresh"}])
     assert_apply_failed(reply, "There should be at least one active recovery member to issue recovery shares")
 
 
@@ -381,7 +381,7 @@ async def test_full_disaster_recovery_flow(
         fresh = {n: await decrypted(new, people, n) for n in ("alice", "bob", "carol")}
         assert all(fresh[n] != shares[n] for n in fresh)
         assert fresh["alice"] == sandbox.issued_share(alice.member_id)
-        assert (await new.propose(alice, [{"name": "trigger_recovery_shares_refresh", "args": {}}])).status == 200
+        assert (await new.propose(alice, [{"name": "trigger_recovery_shares_refresh"}])).status == 200
 
 
 async def _recovering(

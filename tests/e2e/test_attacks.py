@@ -28,7 +28,9 @@ from tests.support.prereq import missing
 
 pytestmark = pytest.mark.e2e
 
-PROPOSAL = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
+PROPOSAL = {
+    "actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab" * 32, "valid_from": "20240101000000Z"}}]
+}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.e2e
 
 REQUEST_TIMEOUT = 2.0
 """The agent's agent.request_timeout here: short, so a slow CCF outlives it quickly."""
-TRUST_NODE = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
+TRUST_NODE = {
+    "actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab" * 32, "valid_from": "20240101000000Z"}}]
+}
 CONSTITUTION = {"actions": [{"name": "set_constitution", "args": {"constitution": "x"}}]}
 
 

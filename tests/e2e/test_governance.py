@@ -29,7 +29,9 @@ pytestmark = pytest.mark.e2e
 
 ACCEPT = "export function vote (proposal, proposerId) { return true }"
 REJECT = "export function vote (proposal, proposerId) { return false }"
-TRUST_NODE = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
+TRUST_NODE = {
+    "actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab" * 32, "valid_from": "20240101000000Z"}}]
+}
 
 
 @dataclass

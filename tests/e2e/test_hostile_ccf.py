@@ -41,7 +41,9 @@ MiB = 1024 * 1024
 RSS_LIMIT_MIB = 200
 """Well above the daemon's working set (about 60 MiB) and the 4 MiB answer cap; far below an answer held whole."""
 PID = "ab" * 32
-PROPOSAL = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
+PROPOSAL = {
+    "actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab" * 32, "valid_from": "20240101000000Z"}}]
+}
 BALLOT = "export function vote (proposal, proposerId) { return true }"
 
 

@@ -126,7 +126,10 @@ def world() -> Iterator[World]:
 
 def proposal(i: int) -> bytes:
     """A distinct, valid proposal per ``i``."""
-    return b'{"actions":[{"name":"transition_node_to_trusted","args":{"node_id":"%x","valid_from":"x"}}]}' % i
+    return (
+        b'{"actions":[{"name":"transition_node_to_trusted","args":{"node_id":"%064x","valid_from":"20240101000000Z"}}]}'
+        % i
+    )
 
 
 def sign(world: World, identity: str, msg_type: str, payload: bytes = b"", **extra: Any) -> bytes:
@@ -211,7 +214,12 @@ def test_a_vault_member_is_proposed_voted_in_and_activated(world: World) -> None
         {
             "identity": "m2",
             "proposal": {
-                "actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]
+                "actions": [
+                    {
+                        "name": "transition_node_to_trusted",
+                        "args": {"node_id": "ab" * 32, "valid_from": "20240101000000Z"},
+                    }
+                ]
             },
         },
     ).json()

@@ -33,6 +33,7 @@ from signing_agent.ccf.api import (
     Node,
     NodeState,
     Paths,
+    PreviousIdentity,
     Proposal,
     ProposalActions,
     RecoverySubmission,
@@ -78,6 +79,9 @@ class FakeService:
     shares: dict[str, bytes] = field(default_factory=dict)
     """Member id -> the payload of its :recover (the agent's signed ``{"share": ...}``)."""
     recovery_threshold: int = 1
+    nodes: dict[str, dict[str, Any]] = field(default_factory=lambda: {"n0": {"nodeId": "n0", "status": "Trusted"}})
+    previous_identity: bytes | None = None
+    """What ``/node/service/previous_identity`` reports: the identity the service recovered from."""
     calls: list[str] = field(default_factory=list)
     received: list[tuple[str, DecodedSign1]] = field(default_factory=list)
     _queued: dict[str, list[Reply]] = field(default_factory=dict)
@@ -130,7 +134,7 @@ class FakeService:
             "certificate": self.identity.decode(),
             "recoveryCount": self.recovery_count,
             "creationTransactionId": self.creation_txid,
-            "configuration": {"recoveryThreshold": self.recovery_threshold},
+            "configuration": {"recoveryThreshold": self.recovery_threshold, "maximumNodeCertificateValidityDays": 365},
         }
 
     def signed(self, operation: str, cose: bytes) -> tuple[str, bytes]:
@@ -284,8 +288,17 @@ class FakeGovernanceAPI:
             "nodes",
             f"GET {Paths.NODES}",
             Node.parse_list,
-            lambda: (200, {"value": [{"nodeId": "n0", "status": "Trusted"}]}),
+            lambda: (200, {"value": list(self.service.nodes.values())}),
         )
+
+    async def previous_service_identity(self) -> Answer[PreviousIdentity]:
+        def handle() -> tuple[int, Any]:
+            found = self.service.previous_identity
+            if found is None:
+                return _error(404, "ResourceNotFound", PreviousIdentity.NOT_A_RECOVERY)
+            return 200, {"previous_service_identity": found.decode()}
+
+        return self._call("previous_service_identity", f"GET {Paths.PREVIOUS_IDENTITY}", PreviousIdentity.parse, handle)
 
     async def node_state(self, *, max_attempts: int | None = None) -> Answer[NodeState]:
         return self._call(

@@ -47,6 +47,10 @@ class SandboxProcess:
             ]
         )
 
+    def join_node(self, node_data: Any = None) -> str:
+        """A node joins (``POST /_sandbox/nodes``): Pending until members trust it. Its node id."""
+        return str(self.control("POST", "/_sandbox/nodes", {"node_data": node_data})["nodeId"])
+
     def fault(self, kind: str, path: str, **extra: Any) -> Any:
         return self.control("POST", "/_sandbox/faults", {"kind": kind, "path": path, **extra})
 
@@ -88,12 +92,15 @@ class SandboxProcess:
 
 
 @contextlib.contextmanager
-def sandbox(folder: Path, member_certs: Sequence[Path] = (), *, timeout: float = 20.0) -> Iterator[SandboxProcess]:
+def sandbox(
+    folder: Path, member_certs: Sequence[Path] = (), *, timeout: float = 20.0, args: Sequence[str] = ()
+) -> Iterator[SandboxProcess]:
+    """The sandbox, with ``member_certs`` as its Active members and ``args`` more options (``--opening``...)."""
     folder.mkdir(parents=True, exist_ok=True)
     ready = folder / "sandbox.ready"
     cert = folder / "service_cert.pem"
     log = folder / "sandbox.log"
-    args = [
+    command = [
         sys.executable,
         "-m",
         "signing_agent",
@@ -102,11 +109,12 @@ def sandbox(folder: Path, member_certs: Sequence[Path] = (), *, timeout: float =
         str(ready),
         "--service-cert-out",
         str(cert),
+        *args,
     ]
     for member in member_certs:
-        args += ["--member-cert", str(member)]
+        command += ["--member-cert", str(member)]
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while not (ready.exists() and ready.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -19,6 +19,7 @@ from signing_agent.ccf.api import (
     Member,
     Node,
     NodeState,
+    PreviousIdentity,
     Proposal,
     ProposalActions,
     RecoverySubmission,
@@ -129,6 +130,34 @@ def test_members() -> None:
     listed = {"value": [{"memberId": MID, "status": "Accepted"}, {"status": "Active"}, "junk"]}
     assert Member.parse_list(response(body=listed)) == (Member(MID, "Accepted"),)
     assert Member.parse_list(response(body={"value": {}})) is None
+
+
+def test_members_carry_their_recovery_role_and_key() -> None:
+    body = {"memberId": MID, "status": "Active", "recoveryRole": "Owner", "publicEncryptionKey": "PEM", "x": 1}
+    (member,) = Member.parse_list(response(body={"value": [body]})) or ()
+    assert (member.recovery_role, member.encryption_key, member.fields) == ("Owner", "PEM", body)
+
+
+def test_service_info_configuration() -> None:
+    configuration = {"recoveryThreshold": 2, "maximumNodeCertificateValidityDays": 30}
+    info = ServiceInfo.parse(response(body={"configuration": configuration}))
+    assert info is not None
+    assert (info.recovery_threshold, info.max_node_validity_days) == (2, 30)
+    bare = ServiceInfo.parse(response(body={"configuration": 5}))
+    assert bare is not None
+    assert (bare.recovery_threshold, bare.max_node_validity_days) == (None, None)
+
+
+async def test_the_previous_identity_a_service_recovered_from() -> None:
+    transport = RecordingTransport(response(200, {"previous_service_identity": "PEM"}))
+    got = await CCFGovernanceClient(transport).previous_service_identity()
+    assert transport.requests == [("GET", "/node/service/previous_identity", False, None, None)]
+    assert PreviousIdentity.of(got) == PreviousIdentity("PEM")
+    none = {"error": {"code": "ResourceNotFound", "message": PreviousIdentity.NOT_A_RECOVERY}}
+    assert PreviousIdentity.of(Answer.parse(response(404, none), PreviousIdentity.parse)) == PreviousIdentity(None)
+    unknown = {"error": {"code": "ResourceNotFound", "message": "Unknown path: /node/service/previous_identity."}}
+    assert PreviousIdentity.of(Answer.parse(response(404, unknown), PreviousIdentity.parse)) is None
+    assert PreviousIdentity.parse(response(body={"previous_service_identity": 3})) is None
 
 
 def test_nodes() -> None:

@@ -1,0 +1,51 @@
+"""The workflow commands' own parsing: ``--valid-from`` as CCF's tooling writes it, PEMs shortened for reading, and
+the options every workflow command takes (the flows themselves run in tests/e2e/test_workflows.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from signing_agent.cli import build_parser
+from signing_agent.cli_workflows import _shortened, valid_from
+
+
+def test_valid_from_iso_8601_becomes_ccf_s_form() -> None:
+    assert valid_from("2025-01-01T00:00:00Z") == "20250101000000Z"
+    assert valid_from("2025-01-01 02:30:00+02:30") == "20250101000000Z"
+    assert valid_from("2025-01-01") == "20250101000000Z"  # no offset: UTC
+    assert valid_from("20250101000000Z") == "20250101000000Z"  # CCF's own form goes as written
+    assert valid_from("whenever") == "whenever"  # the agent refuses it, naming valid_from
+    assert valid_from(None) is None
+
+
+def test_pems_are_shown_by_kind_and_length() -> None:
+    pem = "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n"
+    action = {"name": "x", "args": {"cert": pem, "n": [pem, 3]}}
+    assert _shortened(action) == {
+        "name": "x",
+        "args": {
+            "cert": f"<CERTIFICATE PEM, {len(pem)} characters>",
+            "n": [f"<CERTIFICATE PEM, {len(pem)} characters>", 3],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["members"],
+        ["nodes"],
+        ["member", "add", "--cert", "c.pem"],
+        ["member", "remove", "--member-id", "x"],
+        ["node", "trust", "x"],
+        ["node", "retire", "x"],
+        ["service", "open"],
+        ["service", "identity"],
+        ["recovery", "accept"],
+        ["recovery", "refresh-shares"],
+        ["proposals", "--pending"],
+    ],
+)
+def test_every_workflow_command_takes_the_common_options(command: list[str]) -> None:
+    args = build_parser().parse_args([*command, "--service", "s", "--identity", "i", "--json", "--dry-run", "--wait"])
+    assert (args.service, args.identity, args.json, args.dry_run, args.wait) == ("s", "i", True, True, True)
