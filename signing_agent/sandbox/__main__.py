@@ -15,12 +15,40 @@ from pathlib import Path
 
 from signing_agent.sandbox.server import SandboxServer, serve_until_signalled
 
+CONTROL_API_HELP = """\
+use it:
+  signing-agent sandbox --member-cert member0_cert.pem --service-cert-out service_cert.pem --port 8000
+  then, in the agent's config:
+    [services.default]
+    url = "https://127.0.0.1:8000"
+    service_certificate = "service_cert.pem"
+  It prints its URL and what to pin once it listens (and writes the URL to --ready-file). Each start makes a new
+  service identity unless given --service-key; --service-cert-out then overwrites the file, and says so: an agent
+  pinning it must be reloaded (signing-agent reload).
+
+control API (unauthenticated, HTTPS with the same certificate; a real CCF has nothing like it):
+  POST   /_sandbox/members   {"cert": PEM, "encryption_pub_key"?: PEM, "member_data"?, "status"?: "Accepted"|"Active",
+                              "recovery_role"?}: add a member -> {"memberId"}
+  GET    /_sandbox/faults    the fault rules
+  POST   /_sandbox/faults    {"kind": "reset"|"drop_after"|"status"|"delay", "path": REGEX, "method"?, "count"?,
+                              "status"?, "retry_after"?, "code"?, "message"?, "delay"?}: inject a fault -> the rule
+  DELETE /_sandbox/faults    remove every fault rule
+  GET    /_sandbox/requests  the request log: [{"method", "path", "query", "status", "fault"}]
+  DELETE /_sandbox/requests  clear it
+  POST   /_sandbox/recover   {"service_key"?: PEM, "service_cert"?: PEM}: a disaster; the service restarts in
+                             recovery with a new identity (rewritten to --service-cert-out)
+  e.g. curl --cacert service_cert.pem -X POST https://127.0.0.1:8000/_sandbox/members \\
+         -H 'Content-Type: application/json' -d "$(jq -n --rawfile c member1_cert.pem '{cert: $c}')"
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="signing-agent sandbox",
         description="CCF governance sandbox: an HTTPS test double of CCF's /gov API "
         "(api-version 2024-07-01). For tests and demos only.",
+        epilog=CONTROL_API_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="listen port (default: a free port)")
