@@ -11,9 +11,16 @@ from tests.support.agent import short_dir
 
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's agent."""
-    for name in ("SIGNING_AGENT_SOCK", "SIGNING_AGENT_CONFIG", "SIGNING_AGENT_LOGLEVEL"):
+    """Tests never see the developer's agent, nor the defaults of the developer's own client config."""
+    for name in (
+        "SIGNING_AGENT_SOCK",
+        "SIGNING_AGENT_CONFIG",
+        "SIGNING_AGENT_LOGLEVEL",
+        "SIGNING_AGENT_IDENTITY",
+        "SIGNING_AGENT_SERVICE",
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/nonexistent/signing-agent-tests")
 
 
 @pytest.fixture
