@@ -4,9 +4,9 @@ It starts the local CCF governance sandbox and the agent (keys made in a SoftHSM
 .demo/), then drives the agent through its CLI, as a member would: sign a message and verify it with CCF's own
 tooling, propose a new member, vote it in, activate it, and withdraw a proposal. Then the disaster: the service
 restarts into recovery with a new identity, the operator trusts that identity (``accepted_service_certificates``,
-then SIGHUP), the members open the recovered service through the agent, and the agent's unattended watchers decrypt
-member0's and member1's recovery shares in the token and submit them: the service is Open again. Re-runs reuse the
-token.
+then ``signing-agent reload``), the members open the recovered service through the agent, and the agent's
+unattended watchers decrypt member0's and member1's recovery shares in the token and submit them: the service is
+Open again. Re-runs reuse the token.
 
 The encryption keys are in the same SoftHSM2 token with ``oaep = "host"``: SoftHSM2 2.6 has no RSA-OAEP with
 SHA-256, so the token does raw RSA and the agent decodes OAEP on the host. That is the opt-in for such tokens (see
@@ -208,11 +208,11 @@ def disaster(url: str, config_url: str, env: dict[str, str]) -> None:
     print(f"{DIM}$ signing-agent status{RESET}\n{result.stderr.strip().splitlines()[0]}")
     print(f"{GREEN}the agent refuses the new identity: nothing is sent to a service it does not trust{RESET}")
 
-    step("the operator checks the new service certificate out of band, lists it, and reloads the agent (SIGHUP)")
+    step("the operator checks the new service certificate out of band, lists it, and reloads the agent")
     (DEMO / "recovered_service_cert.pem").write_text(new_cert)
     write_config(config_url, accepted="recovered_service_cert.pem")
     print('accepted_service_certificates = ["recovered_service_cert.pem"]')
-    PROCS["agent"].send_signal(signal.SIGHUP)
+    run("reload", env=env)
     wait_for(env, "Recovering")
     run("status", env=env)
 
