@@ -65,8 +65,8 @@ EXIT_CODES_HELP = """\
 exit codes (the same for every command):
   0    success
   1    other failure, or the answer is no (health not ok, --explain denied, broken audit chain, check-config)
-  2    usage or configuration error (bad arguments, invalid config, PIN refused, InvalidRequest,
-       UnknownIdentity, UnknownService, PayloadTooLarge)
+  2    usage or configuration error (bad arguments, invalid config or one `reload` refused, PIN refused,
+       InvalidRequest, UnknownIdentity, UnknownService, PayloadTooLarge, an ambiguous id prefix)
   3    agent unreachable (no socket, connection refused, permission denied)
   4    refused by the agent's policy (PolicyDenied 403, TooManyRequests 429)
   5    refused by CCF (CCF's error answer, relayed)
