@@ -1,7 +1,8 @@
 """The typed answers of the agent's routes, parsed once from the JSON the agent sent.
 
-Each keeps that JSON as ``raw`` (what ``--json`` prints), so a field the agent or CCF adds later is not lost. Times
-are seconds since the epoch, as the agent sends them; ``iso_utc`` is how they are shown to a person.
+Each keeps that JSON as ``raw`` (what ``--json`` prints), so a field the agent or CCF adds later is not lost, and
+``result["field"]`` reads it (as code written when the client returned plain dicts does). Times are seconds since
+the epoch, as the agent sends them; ``iso_utc`` is how they are shown to a person.
 
 They are ``NamedTuple``s, not dataclasses: creating a dataclass costs the fast CLI half a millisecond each, and
 importing ``dataclasses`` a dozen more.
@@ -38,7 +39,15 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-class Identity(Record):
+class AsSent:
+    """``result["field"]``: the JSON of the result as the agent sent it (``raw``)."""
+
+    def __getitem__(self, key: str) -> Any:
+        raw: Mapping[str, Any] = getattr(self, "raw")  # noqa: B009 -- a field of the Record it is mixed into
+        return raw[key]
+
+
+class Identity(Record, AsSent):
     """``GET /v1/identities``: one identity the agent signs as."""
 
     name: str
@@ -49,11 +58,13 @@ class Identity(Record):
     certificate: str
     encryption_key: str | None
     warnings: tuple[str, ...]
+    raw: Mapping[str, Any]
 
     @classmethod
     def from_json(cls, obj: Any) -> Identity:
         o = _obj(obj)
         return cls(
+            raw=o,
             name=str(o.get("name")),
             member_id=str(o.get("member_id")),
             algorithm=str(o.get("algorithm")),
@@ -126,7 +137,7 @@ class HealthCheck(Record):
         )
 
 
-class Health(Record):
+class Health(Record, AsSent):
     """``GET /v1/health``: ``status`` is ``ok`` when every check passed, else ``degraded``."""
 
     status: str
@@ -189,7 +200,7 @@ class Decision(Record):
     reason: str | None
 
 
-class Explanation(Record):
+class Explanation(Record, AsSent):
     """``POST /v1/explain``: what would be signed, and the policy's decision; nothing was signed."""
 
     decision: Decision
@@ -223,7 +234,7 @@ def action_names(actions: Any) -> tuple[str, ...]:
     return tuple(str(a.get("name")) for a in actions if isinstance(a, Mapping))
 
 
-class Proposal(Record):
+class Proposal(Record, AsSent):
     """A proposal as CCF describes it (the answer to a proposal, a ballot or a withdrawal, one of the list, or
     ``GET .../proposals/{id}`` with its ``actions`` and the ``ballots`` cast so far)."""
 
@@ -265,7 +276,7 @@ class Proposal(Record):
         )
 
 
-class Activation(Record):
+class Activation(Record, AsSent):
     """``POST .../members/{identity}/activate``: the member's status after the state digest and the ack."""
 
     member_id: str
@@ -299,7 +310,7 @@ class MemberStatus(Record):
         return self.status == "Accepted"
 
 
-class ServiceStatus(Record):
+class ServiceStatus(Record, AsSent):
     """``GET /v1/services/{svc}/status``: CCF's service information, and each identity's member status."""
 
     service: str
@@ -328,7 +339,7 @@ class ServiceStatus(Record):
         )
 
 
-class ShareSubmission(Record):
+class ShareSubmission(Record, AsSent):
     """``POST .../recovery/{identity}/share``: CCF's answer to the share."""
 
     message: str
@@ -350,7 +361,7 @@ class ShareSubmission(Record):
         )
 
 
-class IdentityApproval(Record):
+class IdentityApproval(Record, AsSent):
     """``POST .../recovery/approve-identity``: the approved service certificate and the accepting ballot's answer."""
 
     certificate_sha256: str
@@ -395,7 +406,7 @@ class RecoveryWatcher(Record):
         )
 
 
-class RecoveryStatus(Record):
+class RecoveryStatus(Record, AsSent):
     """``GET /v1/recovery``."""
 
     enabled: bool

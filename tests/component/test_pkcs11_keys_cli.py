@@ -154,7 +154,8 @@ async def test_import_then_list(p11_token: TokenInfo, tmp_path: Path) -> None:
 def test_generate_and_import_print_json(p11_token: TokenInfo, tmp_path: Path) -> None:
     label = unique_label("member")
     rc, out, err = _run(["keys", "generate", *_token_argv(p11_token), "--label", label, "--curve", "P-256",
-                         "--cert-out", str(tmp_path / "c.pem"), "--encryption-key", "--json"])  # fmt: skip
+                         "--cert-out", str(tmp_path / "c.pem"), "--encryption-key", "--enc-pub-out",
+                         str(tmp_path / "enc.pem"), "--json"])  # fmt: skip
     assert rc == 0, err
     made = json.loads(out)  # JSON only: the lines for a person are not printed
     assert (made["backend"], made["key_label"], made["curve"], made["certificate"]) == (

@@ -58,7 +58,9 @@ def test_the_quick_start_and_the_client_library_example_run_as_written(workdir: 
     )
     folder = workdir / "signing-agent-quickstart"
     logs = "".join(
-        f"\n--- {name}\n{(folder / name).read_text()}" for name in ("agent.log", "sandbox.log") if (folder / name).exists()
+        f"\n--- {name}\n{(folder / name).read_text()}"
+        for name in ("agent.log", "sandbox.log")
+        if (folder / name).exists()
     )
     assert result.returncode == 0, result.stdout + result.stderr + logs
 

@@ -297,3 +297,13 @@ def test_names_in_a_route_are_refused_not_escaped() -> None:
         _calls.status("../x")
     with pytest.raises(errors.InvalidRequestError, match="proposal 'a/b'"):
         _calls.proposal("default", "a/b")
+
+
+def test_a_result_reads_as_the_json_it_came_from() -> None:
+    health = Health.from_json({"status": "ok", "identities": [{"name": "m0", "status": "ok"}]})
+    assert health["status"] == "ok"  # as when the client returned dicts
+    assert health["identities"][0]["name"] == "m0"
+    ident = Identity.from_json({"name": "m0", "member_id": "ab", "new": 1})
+    assert (ident["name"], ident["new"], ident.raw["member_id"]) == ("m0", 1, "ab")
+    with pytest.raises(KeyError):
+        health["nothing"]
