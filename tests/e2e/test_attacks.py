@@ -89,7 +89,7 @@ def test_malformed_http_from_an_unadmitted_peer_cannot_flood_the_log(workdir: Pa
         before = len(proc.stderr)
         answered = as_uid(NOBODY, MALFORMED_HTTP, str(proc.socket), "2000")
         assert int(answered) == 2000  # each got its 400: the agent still answers them
-        assert AgentClient(proc.socket, timeout=30).health().status == "ok"
+        assert AgentClient(proc.socket, timeout=30).health()["status"] == "ok"
         grown = proc.stderr[before:]
     lines = grown.count("malformed request from a client")
     assert 1 <= lines <= 3, f"{lines} log lines ({len(grown)} bytes) for one peer's malformed requests"

@@ -64,7 +64,7 @@ class Stage:
 
     def still_serves(self) -> None:
         """The daemon answers other requests, and the same service again once it behaves (a healthy pool)."""
-        assert [i.name for i in self.client.identities()] == ["m0"]
+        assert [i["name"] for i in self.client.identities()] == ["m0"]
         self.ccf.answer("GET", r"^/gov/members/proposals$", json_answer({"value": []}))
         assert self.client.call("GET", "/v1/services/default/proposals").json() == {"value": []}
 

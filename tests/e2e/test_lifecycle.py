@@ -61,7 +61,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) ->
 
 
 def identity_names(sock: Path) -> set[str]:
-    return {i.name for i in AgentClient(sock, timeout=10).identities()}
+    return {i["name"] for i in AgentClient(sock, timeout=10).identities()}
 
 
 def metric(sock: Path, name: str) -> float:

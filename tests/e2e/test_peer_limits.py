@@ -136,7 +136,7 @@ def seconds_until_answered(sock: Path, limit: float = 30.0) -> float:
     started = time.monotonic()
     while True:
         try:
-            assert AgentClient(sock, timeout=limit).health().status == "ok"
+            assert AgentClient(sock, timeout=limit).health()["status"] == "ok"
             return time.monotonic() - started
         except AgentUnreachableError:
             if time.monotonic() - started > limit:

@@ -110,7 +110,7 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
         }
         with daemon(config, env=env, args=["--allow-degraded"], timeout=60) as proc:
             client = AgentClient(proc.socket, timeout=60)
-            assert {i.name for i in client.identities()} == {"hsm"}
+            assert {i["name"] for i in client.identities()} == {"hsm"}
             assert client.call("POST", "/v1/sign", {"identity": "hsm", "msg_type": "state_digest"}).status == 200
             [first] = az_environments(dump)  # the fake az really ran, as a child of the daemon
             assert "AZURE_CORE_NO_COLOR=true" in first
@@ -119,7 +119,7 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
             # The new generation logged in to the token again (the reload dropped every session and login) with the
             # PIN the daemon kept in memory: the environment no longer has it.
             assert "reload rejected" not in proc.stderr
-            assert {i.name for i in client.identities()} == {"hsm"}
+            assert {i["name"] for i in client.identities()} == {"hsm"}
             assert client.call("POST", "/v1/sign", {"identity": "hsm", "msg_type": "state_digest"}).status == 200
             assert len(az_environments(dump)) == 2
         for environment in az_environments(dump):
