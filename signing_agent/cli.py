@@ -332,7 +332,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
         )
     settings = _settings(args)
     client = _client(args, settings)
-    identity = resolve_identity(client, settings.identity, args.signing_cert)
+    # --signing-cert names the identity as --identity does: it beats $SIGNING_AGENT_IDENTITY and [client].
+    named = args.identity if args.identity is not None or args.signing_cert is not None else settings.identity
+    identity = resolve_identity(client, named, args.signing_cert)
     payload = _read_content(args.content)
     created_at = parse_created_at(args.created_at) if args.created_at else None
     if args.explain:

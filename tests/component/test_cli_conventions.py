@@ -184,6 +184,20 @@ def test_an_identity_may_be_named_by_a_member_id_prefix(agent: FakeAgent) -> Non
     assert signed_as(agent) == "m1"
 
 
+def test_a_signing_cert_beats_the_environments_identity(agent: FakeAgent, workdir: Path) -> None:
+    from tests.support.pki import make_member
+
+    member = make_member("m9")
+    _, cert = member.write(workdir)
+    agent.routes["GET /v1/identities"] = (
+        200,
+        {"identities": [*IDENTITIES["identities"], {"name": "m9", "member_id": member.member_id}]},
+    )
+    args = ("sign", "--signing-cert", str(cert), "--ccf-gov-msg-type", "ack", "--out", "/dev/null")
+    assert run(agent, *args, env={"SIGNING_AGENT_IDENTITY": "m0"}).returncode == 0
+    assert signed_as(agent) == "m9"
+
+
 # -- sign refuses a terminal; feedback on long waits ---------------------------------------------------------------
 
 
