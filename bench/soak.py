@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  requests ok: {sum(ok)}; errors: {dict(errors) or 'none'}; unexpected: {unexpected or 'none'}")
     print(f"  daemon RSS after warm-up {rss0} KiB -> {rss1} KiB ({rss1 - rss0:+d} KiB)")
     print(f"  daemon open fds {fds0} -> {fds1} ({fds1 - fds0:+d})")
-    print(f"  final health: {health.get('status')}")
+    print(f"  final health: {health.status}")
     failed = bool(unexpected) or rss1 - rss0 > args.max_rss_growth_kib or fds1 - fds0 > 8
     return 1 if failed else 0
 

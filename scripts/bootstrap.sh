@@ -6,10 +6,10 @@ VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 # Key stores for the PKCS#11 tests: SoftHSM2, NSS softoken, p11-kit's proxy, a software TPM behind tpm2-pkcs11
 # (swtpm, tpm2-abrmd on a private dbus-daemon, the tabrmd and swtpm TCTIs) and OpenSC's pkcs11-tool.
-# systemd: systemd-analyze verify.
+# systemd: systemd-analyze verify. zsh and fish: running the completion scripts they are given.
 DEB_PACKAGES=(softhsm2 libnss3 libnss3-tools p11-kit p11-kit-modules
               swtpm libtpm2-pkcs11-1 tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 dbus-daemon opensc
-              systemd)
+              systemd zsh fish)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

@@ -4,10 +4,10 @@ It starts the local CCF governance sandbox as a new service (Opening) and the ag
 the first run, kept in .demo/), then drives the agent through its CLI, as members would: sign a proposal and verify
 it with CCF's own tooling, open the service, add a member and activate it, trust a node that joins, propose and
 withdraw. Then the disaster: the service restarts into recovery with a new identity, the operator reads that identity
-(``service identity``), checks it, lists it (``accepted_service_certificates``, then SIGHUP), the members accept the
-recovery (``recovery accept``: the previous and the next identity), and the agent's unattended watchers decrypt
-member0's and member1's recovery shares in the token and submit them: the service is Open again. Every proposal is
-built and checked by the agent; no proposal JSON is written by hand. Re-runs reuse the token.
+(``service identity``), checks it, lists it (``accepted_service_certificates``, then ``signing-agent reload``), the
+members accept the recovery (``recovery accept``: the previous and the next identity), and the agent's unattended
+watchers decrypt member0's and member1's recovery shares in the token and submit them: the service is Open again.
+Every proposal is built and checked by the agent; no proposal JSON is written by hand. Re-runs reuse the token.
 
 The encryption keys are in the same SoftHSM2 token with ``oaep = "host"``: SoftHSM2 2.6 has no RSA-OAEP with
 SHA-256, so the token does raw RSA and the agent decodes OAEP on the host. ``keys generate --encryption-key`` finds
@@ -211,8 +211,8 @@ def disaster(url: str, env: dict[str, str]) -> None:
     step("the operator reads the identity the service presents, checks its fingerprint out of band, lists it")
     run("service", "identity", "--save", str(DEMO / "recovered_service_cert.pem"), env=env)
     write_config(url, accepted="recovered_service_cert.pem")
-    print('accepted_service_certificates = ["recovered_service_cert.pem"]; SIGHUP')
-    PROCS["agent"].send_signal(signal.SIGHUP)
+    print('accepted_service_certificates = ["recovered_service_cert.pem"]')
+    run("reload", env=env)
     wait_for(env, "Recovering")
     run("service", "identity", env=env)
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import enum
 import sys
-import traceback
-from typing import TextIO
 
-from signing_agent.client import AgentNoAnswerError, AgentRequestError, AgentUnreachableError
+from signing_agent.client.errors import (
+    AgentNoAnswerError,
+    AgentRequestError,
+    AgentUnreachableError,
+    WaitTimeoutError,
+)
 from signing_agent.errors import (
     AgentError,
     AgentTimeoutError,
@@ -28,6 +31,10 @@ from signing_agent.errors import (
     UnknownServiceError,
     error_class,
 )
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every client command 2 ms
+if TYPE_CHECKING:
+    from typing import TextIO
 
 
 class Exit(enum.IntEnum):
@@ -49,7 +56,7 @@ class Exit(enum.IntEnum):
     """Refused by CCF: CCF's own error answer (4xx/5xx), relayed by the agent."""
     TIMEOUT = 6
     """Timed out: ``RequestTimeout`` (408), ``AgentTimeout`` (504, the message names what was slow), ``CCFTimeout``
-    (504), or no answer within the client's own time limit."""
+    (504), no answer within the client's own time limit, or a ``--wait`` whose state change did not come."""
     INTERRUPTED = 130
     """Ctrl-C."""
 
@@ -58,12 +65,12 @@ EXIT_CODES_HELP = """\
 exit codes (the same for every command):
   0    success
   1    other failure, or the answer is no (health not ok, --explain denied, broken audit chain, check-config)
-  2    usage or configuration error (bad arguments, invalid config, PIN refused, InvalidRequest,
-       UnknownIdentity, UnknownService, PayloadTooLarge)
+  2    usage or configuration error (bad arguments, invalid config or one `reload` refused, PIN refused,
+       InvalidRequest, UnknownIdentity, UnknownService, PayloadTooLarge, an ambiguous id prefix)
   3    agent unreachable (no socket, connection refused, permission denied)
   4    refused by the agent's policy (PolicyDenied 403, TooManyRequests 429)
   5    refused by CCF (CCF's error answer, relayed)
-  6    timeout (RequestTimeout 408, AgentTimeout 504, CCFTimeout 504, no answer within --timeout)
+  6    timeout (RequestTimeout 408, AgentTimeout 504, CCFTimeout 504, no answer within --timeout, --wait ran out)
   130  interrupted
 """
 
@@ -94,7 +101,7 @@ def _classified(cls: type[AgentError] | None, status: int) -> Exit:
 def exit_code(exc: BaseException) -> Exit:
     """The exit code for a failure of any command."""
     match exc:
-        case AgentNoAnswerError():
+        case AgentNoAnswerError() | WaitTimeoutError():
             return Exit.TIMEOUT
         case AgentUnreachableError():
             return Exit.UNREACHABLE
@@ -112,7 +119,7 @@ def exit_code(exc: BaseException) -> Exit:
 
 def describe(exc: BaseException) -> str:
     """The one line (and hint) printed for a failure, never a traceback."""
-    if isinstance(exc, AgentError):
+    if isinstance(exc, AgentError) and not isinstance(exc, AgentRequestError):  # the agent's answer says more
         return f"{exc.code}: {exc.diagnostics()}"
     return str(exc)
 
@@ -122,6 +129,8 @@ def report(exc: BaseException, *, verbose: bool = False, err: TextIO | None = No
     return its exit code."""
     err = err or sys.stderr
     if verbose:
+        import traceback
+
         traceback.print_exception(exc, file=err)
     print(f"signing-agent: {describe(exc)}", file=err)
     return exit_code(exc)

@@ -1,31 +1,32 @@
 """``signing-agent keys generate|import|list``: member keys in PKCS#11 tokens, from the command line.
 
 Owns argument parsing, PIN prompting and printing for the key tooling; the work is done by
-``signing_agent.backends.pkcs11_admin``. Errors go through the CLI's one mapper (``cli_exit.report``): their
-diagnostics on stderr and the documented exit code (2 for a configuration error or a refused PIN), never a
-traceback unless ``-v``. A PIN is read from ``--pin-file`` (mode 0600), ``--pin-env``, or an interactive prompt.
+``signing_agent.backends.pkcs11_admin``, whose imports (cryptography, the backends) are made by the commands
+themselves: ``cli.build_parser`` builds this parser for ``--help`` and completion. Errors go through the CLI's one
+mapper (``cli_exit.report``): their diagnostics on stderr and the documented exit code (2 for a configuration error
+or a refused PIN), never a traceback unless ``-v``. A PIN is read from ``--pin-file`` (mode 0600), ``--pin-env``,
+or an interactive prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
+import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-from signing_agent.certs import read_certificate
 from signing_agent.cli_exit import Exit, report
-from signing_agent.config import AZURE_CREDENTIALS
 from signing_agent.errors import AgentError, ConfigError, IdentityError
+from signing_agent.names import AZURE_CREDENTIALS
 
+TYPE_CHECKING = False  # not typing's: --help builds this parser, and importing typing costs it 2 ms
 if TYPE_CHECKING:
+    from typing import Any, TextIO
+
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     from signing_agent.backends.pkcs11_admin import TokenKey, TokenTarget
     from signing_agent.config import AzureKeyVaultKeyConfig
 
@@ -80,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     kv.add_argument("--client-certificate", type=Path, help="client-certificate: PEM with the app's key and cert")
     kv.add_argument("--ca-bundle", type=Path, help="extra CA certificates (PEM) to trust for the vault")
     kv.add_argument("--api-version", help="Key Vault REST API version (default: the SDK's)")
+    gen.add_argument("--json", action="store_true", help="print what was made (and the configuration) as JSON")
     gen.set_defaults(func=run_generate)
 
     imp = sub.add_parser("import", help="move an existing PEM member key (and encryption key) into the token")
@@ -90,11 +92,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     imp.add_argument("--cert", type=Path, help="the member certificate: checked against the key")
     imp.add_argument("--encryption-key", type=Path, metavar="FILE", help="PEM RSA encryption private key to import")
     imp.add_argument("--delete-pem", action="store_true", help="delete the PEM file(s) after a verified import")
+    imp.add_argument("--json", action="store_true", help="print what was imported (and the configuration) as JSON")
     imp.set_defaults(func=run_import)
 
     lst = sub.add_parser("list", help="list the private keys in the token")
     token_args(lst)
     lst.add_argument("--cert", type=Path, action="append", default=[], help="certificate(s) to show member ids for")
+    lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=run_list)
 
 
@@ -108,6 +112,8 @@ def _target(args: argparse.Namespace) -> TokenTarget:
             raise ConfigError("no PIN source: give --pin-file or --pin-env (no terminal to prompt on)")
         # An interactive PIN lives only in this process's environment, under a private name.
         var = "_SIGNING_AGENT_KEYS_PIN"
+        import getpass
+
         os.environ[var] = getpass.getpass(f"User PIN for token {args.token_label or ''}: ")
         pin = PinSource(pin_env=var)
     return TokenTarget(module=args.module, token_label=args.token_label, pin=pin, init_params=args.init_params)
@@ -127,6 +133,8 @@ def _key_id(text: str | None) -> bytes | None:
 
 def _write_new(path: Path, data: bytes) -> None:
     """Write a new file atomically; refuse to overwrite an existing one."""
+    import tempfile
+
     if path.exists():
         raise ConfigError(f"{path} already exists; refusing to overwrite it")
     fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.")
@@ -186,6 +194,16 @@ def _report_oaep(target: TokenTarget, key: TokenKey, out: TextIO) -> str:
     return mode
 
 
+def _printer(args: argparse.Namespace, out: TextIO) -> TextIO:
+    """Where a command's lines go: ``out``, or nowhere with ``--json`` (its summary is printed instead)."""
+    return io.StringIO() if getattr(args, "json", False) else out
+
+
+def _summary(args: argparse.Namespace, out: TextIO, summary: dict[str, Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2, sort_keys=True), file=out)
+
+
 def _fail(exc: AgentError, args: argparse.Namespace, err: TextIO) -> int:
     return report(exc, verbose=getattr(args, "verbose", False), err=err)
 
@@ -200,7 +218,11 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
     if args.backend == "azure-keyvault":
         return run_generate_keyvault(args, out=out, err=err)
     out, err = out or sys.stdout, err or sys.stderr
+    text = _printer(args, out)
     try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         from signing_agent.backends import pkcs11_admin
 
         _require_backend_args(args, "pkcs11", required=("module", "label"))
@@ -225,8 +247,8 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
         pkcs11_admin.store_certificate(target, key, cert)
         _write_new(cert_out, cert.public_bytes(serialization.Encoding.PEM))
         print(f"created {args.curve} key {key.label!r} (id {key.key_id.hex()}) in the token, with its certificate",
-              file=out)  # fmt: skip
-        print(f"wrote the member certificate to {cert_out}", file=out)
+              file=text)  # fmt: skip
+        print(f"wrote the member certificate to {cert_out}", file=text)
         enc_label = enc_id = None
         oaep = "token"
         if args.encryption_key:
@@ -241,11 +263,11 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
             print(
                 f"created RSA-{enc.public_key.key_size} encryption key {enc.label!r} id {enc.key_id.hex()}, "
                 f"public key {enc_out}",
-                file=out,
+                file=text,
             )
-            oaep = _report_oaep(target, enc, out)
-        print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
-        print("\nconfiguration to paste:\n", file=out)
+            oaep = _report_oaep(target, enc, text)
+        print(f"member id: {pkcs11_admin.member_id(cert)}", file=text)
+        print("\nconfiguration to paste:\n", file=text)
         name = _config_name(args.label)
         snippet = _snippet(
             args,
@@ -257,10 +279,17 @@ def run_generate(args: argparse.Namespace, *, out: TextIO | None = None, err: Te
             enc_id=enc_id,
             oaep=oaep,
         )
-        print(snippet, file=out)
+        print(snippet, file=text)
         if args.encryption_key:
             print(f"\npropose the member with: signing-agent member add --cert {cert_out} --encryption-key {enc_out}",
-                  file=out)  # fmt: skip
+                  file=text)  # fmt: skip
+        _summary(args, out, {
+            "backend": "pkcs11", "identity": name, "key_label": key.label, "key_id": key.key_id.hex(),
+            "curve": args.curve, "certificate": str(cert_out), "member_id": pkcs11_admin.member_id(cert),
+            "encryption_key": None if enc_label is None or enc_id is None else {
+                "key_label": enc_label, "key_id": enc_id.hex(), "public_key": str(enc_out), "oaep": oaep},
+            "configuration": snippet,
+        })  # fmt: skip
     except AgentError as exc:
         return _fail(exc, args, err)
     return EXIT_OK
@@ -327,9 +356,12 @@ def _keyvault_table(cfg: AzureKeyVaultKeyConfig) -> list[str]:
 def run_generate_keyvault(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``keys generate --backend azure-keyvault``: the vault makes the keys and signs the member certificate."""
     out, err = out or sys.stdout, err or sys.stderr
+    text = _printer(args, out)
     try:
         import asyncio
         import logging
+
+        from cryptography.hazmat.primitives import serialization
 
         from signing_agent.backends import azure_keyvault_admin, member_cert
 
@@ -361,8 +393,8 @@ def run_generate_keyvault(args: argparse.Namespace, *, out: TextIO | None = None
         )
         _write_new(cert_out, made.certificate.public_bytes(serialization.Encoding.PEM))
         key = made.signing
-        print(f"created {key.key_type} {args.curve} key {key.kid} (not exportable; sign, verify)", file=out)
-        print(f"wrote the member certificate, signed in the vault, to {cert_out}", file=out)
+        print(f"created {key.key_type} {args.curve} key {key.kid} (not exportable; sign, verify)", file=text)
+        print(f"wrote the member certificate, signed in the vault, to {cert_out}", file=text)
         lines = [f"[identities.{name}]", f"certificate = {_q(cert_out.absolute())}", ""]
         lines += [f"[identities.{name}.signing_key]", *_keyvault_table(key.config)]
         if made.encryption is not None:
@@ -372,17 +404,27 @@ def run_generate_keyvault(args: argparse.Namespace, *, out: TextIO | None = None
             )
             _write_new(enc_out, pem)
             print(f"created {enc.key_type} {args.rsa_bits or 3072} encryption key {enc.kid} (not exportable; "
-                  f"decrypt, unwrapKey), which decrypted a test message; public key {enc_out}", file=out)  # fmt: skip
+                  f"decrypt, unwrapKey), which decrypted a test message; public key {enc_out}", file=text)  # fmt: skip
             lines += ["", f"[identities.{name}.encryption_key]", *_keyvault_table(enc.config)]
-        print(f"member id: {member_cert.member_id(made.certificate)}", file=out)
-        print("\nconfiguration to paste:\n", file=out)
-        print("\n".join(lines), file=out)
+        print(f"member id: {member_cert.member_id(made.certificate)}", file=text)
+        print("\nconfiguration to paste:\n", file=text)
+        print("\n".join(lines), file=text)
+        _summary(args, out, {
+            "backend": "azure-keyvault", "identity": name, "kid": key.kid, "key_type": key.key_type,
+            "curve": args.curve, "certificate": str(cert_out), "member_id": member_cert.member_id(made.certificate),
+            "encryption_key": None if made.encryption is None else {
+                "kid": made.encryption.kid, "key_type": made.encryption.key_type, "public_key": str(enc_out)},
+            "configuration": "\n".join(lines),
+        })  # fmt: skip
     except AgentError as exc:
         return _fail(exc, args, err)
     return EXIT_OK
 
 
 def _load_pem_key(path: Path) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -401,8 +443,12 @@ def _load_pem_key(path: Path) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
 def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``keys import``: copy a PEM member key (and encryption key) into the token, then check it signs."""
     out, err = out or sys.stdout, err or sys.stderr
+    text = _printer(args, out)
     try:
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         from signing_agent.backends import pkcs11_admin
+        from signing_agent.certs import read_certificate
 
         target = _target(args)
         key = _load_pem_key(args.key)
@@ -421,33 +467,41 @@ def run_import(args: argparse.Namespace, *, out: TextIO | None = None, err: Text
             enc_key = loaded
         imported = pkcs11_admin.import_ec_key(target, key, label=args.label, key_id=_key_id(args.id))
         pkcs11_admin.check_signs(target, imported)
-        print(f"imported {args.key} as key {imported.label!r} (id {imported.key_id.hex()}); it signs", file=out)
+        print(f"imported {args.key} as key {imported.label!r} (id {imported.key_id.hex()}); it signs", file=text)
         if cert is not None:
             pkcs11_admin.store_certificate(target, imported, cert)
-            print(f"stored the certificate {args.cert} in the token with the key", file=out)
+            print(f"stored the certificate {args.cert} in the token with the key", file=text)
         enc_label = enc_id = None
         oaep = "token"
         if enc_key is not None:
             enc = pkcs11_admin.import_rsa_key(target, enc_key, label=f"{args.label}-enc")
             enc_label, enc_id = enc.label, enc.key_id
-            print(f"imported {args.encryption_key} as key {enc.label!r} (id {enc.key_id.hex()})", file=out)
-            oaep = _report_oaep(target, enc, out)
+            print(f"imported {args.encryption_key} as key {enc.label!r} (id {enc.key_id.hex()})", file=text)
+            oaep = _report_oaep(target, enc, text)
         if cert is not None:
-            print(f"member id: {pkcs11_admin.member_id(cert)}", file=out)
+            print(f"member id: {pkcs11_admin.member_id(cert)}", file=text)
         pems = [args.key, *((args.encryption_key,) if enc_key is not None else ())]
         if args.delete_pem:
             for pem in pems:
                 pem.unlink()
-                print(f"deleted {pem} (it may survive in backups and on disk blocks)", file=out)
+                print(f"deleted {pem} (it may survive in backups and on disk blocks)", file=text)
         else:
             print(
                 "the key is now in the token: delete " + " and ".join(str(p) for p in pems)
                 + " (and its backups), e.g. with shred -u",
-                file=out,
+                file=text,
             )  # fmt: skip
-        print("\nconfiguration to paste:\n", file=out)
-        print(_snippet(args, name=_config_name(args.label), cert=args.cert, label=imported.label,
-                       key_id=imported.key_id, enc_label=enc_label, enc_id=enc_id, oaep=oaep), file=out)  # fmt: skip
+        snippet = _snippet(args, name=_config_name(args.label), cert=args.cert, label=imported.label,
+                           key_id=imported.key_id, enc_label=enc_label, enc_id=enc_id, oaep=oaep)  # fmt: skip
+        print("\nconfiguration to paste:\n", file=text)
+        print(snippet, file=text)
+        _summary(args, out, {
+            "backend": "pkcs11", "identity": _config_name(args.label), "key_label": imported.label,
+            "key_id": imported.key_id.hex(), "member_id": pkcs11_admin.member_id(cert) if cert is not None else None,
+            "encryption_key": None if enc_label is None or enc_id is None else {
+                "key_label": enc_label, "key_id": enc_id.hex(), "oaep": oaep},
+            "deleted": [str(p) for p in pems] if args.delete_pem else [], "configuration": snippet,
+        })  # fmt: skip
     except AgentError as exc:
         return _fail(exc, args, err)
     return EXIT_OK
@@ -458,9 +512,15 @@ def run_list(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO
     out, err = out or sys.stdout, err or sys.stderr
     try:
         from signing_agent.backends import pkcs11_admin
+        from signing_agent.certs import read_certificate
 
         certs = [read_certificate(Path(path), "--cert") for path in args.cert]
         keys = pkcs11_admin.list_keys(_target(args), certificates=certs)
+        if args.json:
+            listed = [{"label": k.label, "id": k.key_id.hex(), "type": k.description, "member_id": k.member_id}
+                      for k in keys]  # fmt: skip
+            print(json.dumps(listed, indent=2, sort_keys=True), file=out)
+            return EXIT_OK
         print(f"{'LABEL':<24} {'ID':<18} {'TYPE':<10} MEMBER ID", file=out)
         for k in keys:
             print(f"{k.label:<24} {k.key_id.hex():<18} {k.description:<10} {k.member_id or '-'}", file=out)

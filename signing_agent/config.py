@@ -22,35 +22,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, assert_never, get_args
 
+from signing_agent.client_config import ClientSection, default_socket, parse_client_section, resolve_config_path
 from signing_agent.errors import ConfigError
+from signing_agent.names import AZURE_CREDENTIALS as AZURE_CREDENTIALS
+from signing_agent.names import LOG_LEVELS as LOG_LEVELS
+from signing_agent.names import MSG_TYPES as MSG_TYPES
+from signing_agent.names import AzureCredential as AzureCredential
+from signing_agent.names import LogLevel as LogLevel
+from signing_agent.names import MsgTypeName as MsgTypeName
 from signing_agent.pkcs11_uri import PKCS11URI, parse_uri
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-DEFAULT_SOCKET = Path("/run/signing-agent/agent.sock")
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_CREATED_AT_SKEW = 300
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 # The closed sets of names a value may take. Each Literal types its fields (and the code that reads them, so a typo
-# is a mypy error), and its values, get_args(), are the choices the parser accepts: each name is written once.
+# is a mypy error), and its values, get_args(), are the choices the parser accepts: each name is written once. Those
+# the command line offers too (message types, Azure credentials, log levels) live in signing_agent.names.
 ApiVersion = Literal["2023-06-01-preview", "2024-07-01"]
 """The CCF governance API versions the agent speaks."""
 SUPPORTED_API_VERSIONS: tuple[ApiVersion, ...] = get_args(ApiVersion)
 DEFAULT_API_VERSION: ApiVersion = "2024-07-01"
-AzureCredential = Literal[
-    "default", "managed-identity", "workload-identity", "client-secret", "client-certificate", "azure-cli"
-]
-AZURE_CREDENTIALS: tuple[AzureCredential, ...] = get_args(AzureCredential)
 OaepMode = Literal["token", "host"]
 OAEP_MODES: tuple[OaepMode, ...] = get_args(OaepMode)
-LogLevel = Literal["debug", "info", "warning", "error"]
-LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
-MsgTypeName = Literal["proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share"]
-"""The governance message types, as policy rules and the policy name them (``cose.governance.MsgType`` has the same
-values, a unit test keeps them in step: cose and policy are sibling layers and share this instead)."""
-MSG_TYPES: tuple[MsgTypeName, ...] = get_args(MsgTypeName)
 FileBackend = Literal["file"]
 PKCS11Backend = Literal["pkcs11"]
 AzureKeyVaultBackend = Literal["azure-keyvault"]
@@ -145,7 +142,9 @@ class IdentityConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentSection:
-    socket: Path = DEFAULT_SOCKET
+    socket: Path = field(default_factory=default_socket)
+    """Default: root's ``/run/signing-agent/agent.sock``, another user's under ``$XDG_RUNTIME_DIR``
+    (``client_config.default_socket``)."""
     socket_mode: int = 0o600
     socket_group: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -281,6 +280,8 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     keyvault: KeyVaultConfig = field(default_factory=KeyVaultConfig)
     recovery: RecoveryConfig
+    client: ClientSection = field(default_factory=ClientSection)
+    """What client commands use by default (``client_config``); the daemon itself does not read it."""
 
 
 def one_of(value: str, choices: tuple[C, ...]) -> C | None:
@@ -443,8 +444,11 @@ class _Table:
         return value if value is not None else self._default(key, Path)
 
     def _resolve(self, text: str) -> Path:
-        p = Path(os.path.expanduser(text))
-        return p if p.is_absolute() else (self._base / p)
+        return Path(resolve_config_path(text, self._base))
+
+    def get_raw_table(self, key: str) -> Mapping[str, object]:
+        """A table as TOML has it (empty when absent), for a section another module validates."""
+        return self._lookup(key, (dict,), "a table") or {}
 
     def get_opt_hex(self, key: str) -> bytes | None:
         """Bytes written as hex (``"01a2"``)."""
@@ -854,6 +858,18 @@ def _recovery(
     return cfg
 
 
+def _client(
+    root: _Table, identities: Mapping[str, IdentityConfig], services: Mapping[str, ServiceConfig]
+) -> ClientSection:
+    """``[client]``, as clients read it (``client_config``), and naming what this config has."""
+    client = parse_client_section(root.get_raw_table("client"), root._base)
+    if client.identity is not None and client.identity not in identities:
+        raise ConfigError(f"client.identity: no identity named {client.identity!r} is configured")
+    if client.service is not None and client.service not in services:
+        raise ConfigError(f"client.service: no service named {client.service!r} is configured")
+    return client
+
+
 def parse_config(data: Mapping[str, object], *, path: Path | None = None) -> AgentConfig:
     """Validate an already-parsed TOML document. ``path`` anchors relative paths (default: the cwd)."""
     base = path.parent if path is not None else Path.cwd()
@@ -865,6 +881,7 @@ def parse_config(data: Mapping[str, object], *, path: Path | None = None) -> Age
     policy = _policy(root, services)
     keyvault = _keyvault(root)
     recovery = _recovery(root, audit, services, identities)
+    client = _client(root, identities, services)
     for i, rule in enumerate(policy.rules):
         for ident in rule.identities or ():
             if ident not in identities:
@@ -879,6 +896,7 @@ def parse_config(data: Mapping[str, object], *, path: Path | None = None) -> Age
         policy=policy,
         keyvault=keyvault,
         recovery=recovery,
+        client=client,
     )
 
 

@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from signing_agent.api.connections import (
     GatedSockSite,
     ensure_fd_limit,
 )
-from signing_agent.api.runtime import Generation, Runtime
+from signing_agent.api.runtime import Generation, ReloadResult, Runtime
 from signing_agent.audit import Auditor, AuditSink, FileAuditSink, Started
 from signing_agent.backends.factory import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
@@ -352,10 +353,13 @@ def listening_socket(config: AgentConfig) -> tuple[socket.socket, bool]:
 
 
 class Reloader:
-    """SIGHUP: load and self-test the new configuration while the old one serves, swap, then retire the old one.
+    """SIGHUP (or ``POST /v1/reload``): load and self-test the new configuration while the old one serves, swap, then
+    retire the old one.
 
     A configuration that does not load, or whose identities or services fail to open, is rejected with a log line
     and the running one keeps serving. Reloads never overlap: a SIGHUP during a reload runs one more afterwards.
+    Each outcome is kept in ``runtime.last_reload`` (health shows it); ``reload_now`` is what the socket's route
+    runs.
     """
 
     def __init__(
@@ -377,6 +381,7 @@ class Reloader:
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._retiring: set[asyncio.Task[None]] = set()
+        runtime.reload = self.reload_now
 
     def request(self) -> None:
         """Schedule a reload (the SIGHUP handler)."""
@@ -384,6 +389,21 @@ class Reloader:
             self._again = True
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def reload_now(self) -> ReloadResult:
+        """A reload asked for over the socket: run it, or (one is running) run one more after it, as for a SIGHUP
+        then; its outcome. The reload goes on if the asker hangs up."""
+        self.request()
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+        result = self.runtime.last_reload
+        if result is None:  # pragma: no cover -- every reload records its outcome
+            raise RuntimeError("the reload recorded no outcome")
+        return result
+
+    def _outcome(self, reloaded: bool, error: str | None = None) -> None:
+        self.runtime.last_reload = ReloadResult(reloaded, self.runtime.current.number, time.time(), error)
 
     async def _run(self) -> None:
         while True:
@@ -398,6 +418,7 @@ class Reloader:
         path = self.config.path
         if path is None:
             _logger.error("configuration reload: the agent was started without a config file; nothing to reload")
+            self._outcome(False, "the agent was started without a config file: nothing to reload")
             return False
         self._notifier.reloading()
         current = self.runtime.current
@@ -414,6 +435,7 @@ class Reloader:
             )
             self._metrics.reloads.labels("rejected").inc()
             self._notifier.ready(f"reload rejected; serving generation {current.number}")
+            self._outcome(False, message)
             return False
         for setting in _fixed_changes(self.config, new_config):
             _logger.warning(
@@ -427,6 +449,7 @@ class Reloader:
         await old.recovery.stop_watchers()
         gen.recovery.start_watchers()
         self._metrics.reloads.labels("ok").inc()
+        self._outcome(True)
         _logger.info(
             "configuration reloaded from %s: generation %d, %d identities, %d services",
             path,

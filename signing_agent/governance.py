@@ -12,6 +12,7 @@ pinned TLS) and hands them to the policy with the ballot, before anything is sig
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +34,9 @@ from signing_agent.service import SignedMessage, SigningService, SignRequest, Vo
 _logger = logging.getLogger(__name__)
 
 _REPLAY_ID = re.compile(r"\b([0-9a-f]{64})\b")
+_PROPOSAL_ID = re.compile(r"[0-9a-f]{64}")
+PROPOSAL_READS_AT_ONCE = 8
+"""Proposals whose actions are read from a service at the same time (``proposals(with_actions=True)``)."""
 
 T = TypeVar("T")
 
@@ -292,9 +296,28 @@ class GovernanceService:
             transaction_id=info.transaction_id,
         )
 
-    async def proposals(self, service: str) -> Relay:
+    async def proposals(self, service: str, *, with_actions: bool = False) -> Relay:
+        """The service's proposals, relayed; ``with_actions``: each with its ``actions`` as proposed (read from the
+        service, a few at a time; a proposal whose actions cannot be read is listed without them)."""
         client = await self.ccf.client(service, provisional=True)
-        return Relay.of(await client.proposals())
+        listed = await client.proposals()
+        body = listed.json_object()
+        if not with_actions or listed.value is None or body is None:
+            return Relay.of(listed)
+        limit = asyncio.Semaphore(PROPOSAL_READS_AT_ONCE)
+
+        async def with_its_actions(entry: Any) -> Any:
+            pid = entry.get("proposalId") if isinstance(entry, dict) else None
+            if not isinstance(pid, str) or not _PROPOSAL_ID.fullmatch(pid):
+                return entry
+            async with limit:
+                actions = await client.proposal_actions(pid, max_attempts=1)
+            return {**entry, "actions": actions.value.listed()} if actions.value is not None else entry
+
+        values = body.get("value")
+        if isinstance(values, list):
+            body = {**body, "value": list(await asyncio.gather(*(with_its_actions(v) for v in values)))}
+        return Relay(status=listed.status, body=body, transaction_id=listed.transaction_id, from_ccf=True)
 
     async def proposal(self, service: str, proposal_id: str) -> Relay:
         """A proposal with its actions and the ballots cast so far, to review before voting."""

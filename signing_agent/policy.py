@@ -34,10 +34,10 @@ from typing import TypeVar
 
 from signing_agent.config import MsgTypeName, PolicyConfig, PolicyRuleConfig
 from signing_agent.context import Caller as Caller  # the policy's subject; defined low, beside the request context
+from signing_agent.names import ACCEPT_BALLOT as ACCEPT_BALLOT
+from signing_agent.names import REJECT_BALLOT as REJECT_BALLOT
 
 # The canonical ballots ``signing-agent vote --accept / --reject`` send (CCF's documented always-accept/reject).
-ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
-REJECT_BALLOT = "export function vote (proposal, proposerId) { return false }"
 BALLOT_ALIASES = {
     "accept": hashlib.sha256(ACCEPT_BALLOT.encode("utf-8")).hexdigest(),
     "reject": hashlib.sha256(REJECT_BALLOT.encode("utf-8")).hexdigest(),

@@ -24,9 +24,16 @@ def run_slow(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's agent."""
-    for name in ("SIGNING_AGENT_SOCK", "SIGNING_AGENT_CONFIG", "SIGNING_AGENT_LOGLEVEL"):
+    """Tests never see the developer's agent, nor the defaults of the developer's own client config."""
+    for name in (
+        "SIGNING_AGENT_SOCK",
+        "SIGNING_AGENT_CONFIG",
+        "SIGNING_AGENT_LOGLEVEL",
+        "SIGNING_AGENT_IDENTITY",
+        "SIGNING_AGENT_SERVICE",
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/nonexistent/signing-agent-tests")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -29,13 +30,14 @@ from signing_agent.api.runtime import GENERATION, RUNTIME, InFlight, Runtime, ge
 from signing_agent.api.schemas import parse_explain_request, parse_sign_request
 from signing_agent.api.workflow_routes import add_workflow_routes
 from signing_agent.audit import PeerRefused
-from signing_agent.context import WATCHER_REQUEST_ID_PREFIX, RequestContext, bound
+from signing_agent.context import WATCHER_REQUEST_ID_PREFIX, RequestContext, bound, current_request
 from signing_agent.errors import (
     AgentError,
     AgentTimeoutError,
     PolicyDeniedError,
     ShuttingDownError,
     TooManyRequestsError,
+    UnsupportedOperationError,
 )
 from signing_agent.metrics import CONTENT_TYPE_LATEST
 from signing_agent.waits import Waits
@@ -289,10 +291,44 @@ async def _summarise_throttled(app: web.Application) -> AsyncIterator[None]:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Key stores, CCF services and member status: ``status`` is ``ok`` or ``degraded`` (200 either way)."""
+    """Key stores, CCF services and member status: ``status`` is ``ok`` or ``degraded`` (200 either way); and the
+    last configuration reload's result (``last_reload``: null until one was asked for)."""
     gen = generation_of(request)
     report = await gen.health.check()
-    return web.json_response({**report, "version": __version__, "generation": gen.number})
+    last = request.app[RUNTIME].last_reload
+    return web.json_response(
+        {
+            **report,
+            "version": __version__,
+            "generation": gen.number,
+            "last_reload": last.as_dict() if last is not None else None,
+        }
+    )
+
+
+RELOAD_RULE = "reload"
+"""The rule a refused reload is audited under: not the policy's, which cannot grant it."""
+
+
+async def reload(request: web.Request) -> web.Response:
+    """Reload the configuration as SIGHUP does, and answer the outcome (a refused configuration is an answer, 200,
+    with the reason). Only the agent's own uid and root may: no policy rule can grant it to another peer, whose
+    attempt is refused, charged to its denial budget and audited."""
+    caller = request[CALLER]
+    runtime = request.app[RUNTIME]
+    if caller.uid not in (0, os.getuid()):
+        service_of(request).charge_denial()
+        reason = f"only the agent's own user (uid {os.getuid()}) and root may reload it"
+        route = f"{request.method} {request.path}"
+        await runtime.auditor.record(
+            PeerRefused(request=current_request(), route=route, rule=RELOAD_RULE, reason=reason)
+        )
+        raise PolicyDeniedError(f"peer uid {caller.uid}: {reason}", hint="or send the agent SIGHUP, as root")
+    if runtime.reload is None:
+        raise UnsupportedOperationError("this agent cannot reload its configuration (it was given none to reload)")
+    _logger.info("configuration reload asked for by peer uid %d (pid %d)", caller.uid, caller.pid)
+    result = await runtime.reload()
+    return web.json_response(result.as_dict())
 
 
 async def metrics_exposition(request: web.Request) -> web.Response:
@@ -364,6 +400,7 @@ def make_app(runtime: Runtime, settings: APISettings) -> web.Application:
     app.router.add_get("/v1/identities", identities)
     app.router.add_post("/v1/sign", sign)
     app.router.add_post("/v1/explain", explain)
+    app.router.add_post("/v1/reload", reload)
     add_governance_routes(app)
     add_workflow_routes(app)
     return app

@@ -145,7 +145,12 @@ async def recovery_status(request: web.Request) -> web.Response:
 
 
 async def proposals(request: web.Request) -> web.Response:
-    return relay_response(await governance_of(request).proposals(request.match_info["svc"]))
+    """The proposals; ``?actions=true``: each with its ``actions`` (one more read of CCF per proposal)."""
+    with_actions = request.query.get("actions", "false")
+    if with_actions not in ("true", "false"):
+        raise InvalidRequestError(f"actions: expected true or false, got {with_actions!r}")
+    gov = governance_of(request)
+    return relay_response(await gov.proposals(request.match_info["svc"], with_actions=with_actions == "true"))
 
 
 async def proposal(request: web.Request) -> web.Response:

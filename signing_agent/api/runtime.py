@@ -10,8 +10,9 @@ Must not import ``signing_agent.api.app`` (which imports this module).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -72,18 +73,35 @@ class Generation:
     """The identities that failed their self-test (``--allow-degraded``), and why."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """One configuration reload (SIGHUP or ``POST /v1/reload``): whether the new configuration now serves, the
+    generation serving after it, when (seconds since the epoch), and why the new configuration was refused."""
+
+    reloaded: bool
+    generation: int
+    at: float
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reloaded": self.reloaded, "generation": self.generation, "at": self.at, "error": self.error}
+
+
 class Runtime:
     """Holds the current ``Generation``; ``swap`` replaces it in one step (no await in between).
 
     Also holds what outlives a reload: the peers' budget of denials (``denials``), which each generation's service
     charges, so reloading the configuration never hands a flooding peer a fresh budget; the process's ``auditor``;
-    and the ``metrics``.
+    and the ``metrics``. The daemon sets ``reload`` (run a reload and return its result; None: nothing to reload
+    with, as in tests) and ``last_reload``, which health reports.
     """
 
     def __init__(self, first: Generation, *, denials: DenialThrottle, auditor: Auditor, metrics: Metrics) -> None:
         self.denials = denials
         self.auditor = auditor
         self.metrics = metrics
+        self.reload: Callable[[], Awaitable[ReloadResult]] | None = None
+        self.last_reload: ReloadResult | None = None
         self._current = self._adopt(first)
 
     @property

@@ -2,8 +2,8 @@
 sandbox``).
 
 Runs the HTTPS test double until SIGTERM/SIGINT and logs every request. This is NOT a CCF node: it has an
-unauthenticated ``/_sandbox/`` control API (``CONTROL_API``, printed by ``--help``) and must never face a network you
-do not control.
+unauthenticated ``/_sandbox/`` control API (``CONTROL_API_HELP``, printed by ``--help``) and must never face a
+network you do not control.
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ from pathlib import Path
 
 from signing_agent.sandbox.server import SandboxServer, serve_until_signalled
 
-CONTROL_API = """\
+CONTROL_API_HELP = """\
+use it:
+  signing-agent sandbox --member-cert member0_cert.pem --service-cert-out service_cert.pem --port 8000
+  then, in the agent's config:
+    [services.default]
+    url = "https://127.0.0.1:8000"
+    service_certificate = "service_cert.pem"
+  It prints its URL and what to pin once it listens (and writes the URL to --ready-file). Each start makes a new
+  service identity unless given --service-key; --service-cert-out then overwrites the file, and says so: an agent
+  pinning it must be reloaded (signing-agent reload).
+
 control API (unauthenticated, over the same HTTPS; a real CCF has nothing like it):
   POST   /_sandbox/members   {"cert": PEM, "encryption_pub_key"?: PEM, "member_data"?: any,
                               "status"?: "Active"|"Accepted", "recovery_role"?: str}   -> {"memberId"}
@@ -45,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="signing-agent sandbox",
         description="CCF governance sandbox: an HTTPS test double of CCF's /gov API "
         "(api-version 2024-07-01). For tests and demos only.",
-        epilog=CONTROL_API,
+        epilog=CONTROL_API_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")

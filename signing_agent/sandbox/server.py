@@ -38,6 +38,7 @@ import logging
 import re
 import signal
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -687,8 +688,26 @@ class SandboxServer:
         }
 
     def write_service_cert(self, path: str | Path) -> Path:
+        """Write the service certificate (the CA to pin) to ``path``, atomically. An agent may pin that file: when
+        it held another certificate, a warning says that this file now names this sandbox's identity, which such an
+        agent trusts from its next reload on (and refuses until then)."""
         target = Path(path)
-        target.write_bytes(self.service_cert_pem)
+        try:
+            previous = target.read_bytes()
+        except FileNotFoundError:
+            previous = None
+        if previous == self.service_cert_pem:
+            return target
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_bytes(self.service_cert_pem)
+        partial.replace(target)
+        if previous is not None:
+            _logger.warning(
+                "overwrote %s, which held another service certificate: an agent pinning that file trusts this "
+                "sandbox's new service identity only after a reload ('signing-agent reload'), and refuses this "
+                "sandbox until then",
+                target,
+            )
         return target
 
     def client_ssl_context(self) -> ssl.SSLContext:
@@ -728,6 +747,24 @@ class SandboxServer:
         await self.close()
 
 
+def usage(server: SandboxServer, service_cert_out: Path | None) -> str:
+    """What a person needs once the sandbox listens: its URL, what to pin, the agent's config, the control API."""
+    members = len(server.state.active_member_ids())
+    pinned = str(service_cert_out.absolute()) if service_cert_out is not None else None
+    lines = [
+        f"CCF governance sandbox on {server.url} (a test double, not a CCF node; never expose it)",
+        f"  service certificate to pin: {pinned or '(not written: pass --service-cert-out FILE)'}",
+        f"  active members: {members} (--member-cert; more with POST /_sandbox/members)",
+        "  the agent's config:",
+        "    [services.default]",
+        f'    url = "{server.url}"',
+        f'    service_certificate = "{pinned or "service_cert.pem"}"',
+        f"  control API: {server.url}/_sandbox/ (members, faults, requests, recover: signing-agent sandbox --help)",
+        "  stop: Ctrl-C or SIGTERM",
+    ]
+    return "\n".join(lines)
+
+
 async def serve_until_signalled(
     server: SandboxServer,
     *,
@@ -752,6 +789,7 @@ async def serve_until_signalled(
             if on_ready is not None:
                 await on_ready(server)
             _logger.info("CCF governance sandbox listening on %s", server.url)
+            print(usage(server, service_cert_out), file=sys.stderr, flush=True)
             await stop.wait()
             _logger.info("stopping")
     finally:

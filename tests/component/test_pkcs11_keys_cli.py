@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -149,6 +150,34 @@ async def test_import_then_list(p11_token: TokenInfo, tmp_path: Path) -> None:
     assert "P-384" in row
     assert member.member_id in row
     assert any(line.startswith(f"{label}-enc ") and "RSA-2048" in line for line in out.splitlines())
+    rc, out, err = _run(["keys", "list", *_token_argv(p11_token), "--cert", str(cert_path), "--json"])
+    assert rc == 0, err
+    listed = {k["label"]: k for k in json.loads(out)}
+    assert listed[label] == {"label": label, "id": "c0ffee", "type": "P-384", "member_id": member.member_id}
+    assert listed[f"{label}-enc"]["type"] == "RSA-2048"
+
+
+def test_generate_and_import_print_json(p11_token: TokenInfo, tmp_path: Path) -> None:
+    label = unique_label("member")
+    rc, out, err = _run(["keys", "generate", *_token_argv(p11_token), "--label", label, "--curve", "P-256",
+                         "--cert-out", str(tmp_path / "c.pem"), "--encryption-key", "--enc-pub-out",
+                         str(tmp_path / "enc.pem"), "--json"])  # fmt: skip
+    assert rc == 0, err
+    made = json.loads(out)  # JSON only: the lines for a person are not printed
+    assert (made["backend"], made["key_label"], made["curve"], made["certificate"]) == (
+        "pkcs11", label, "P-256", str(tmp_path / "c.pem"),
+    )  # fmt: skip
+    cert = x509.load_pem_x509_certificate((tmp_path / "c.pem").read_bytes())
+    assert made["member_id"] == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert made["encryption_key"]["key_label"] == f"{label}-enc"
+    assert f'key_id = "{made["key_id"]}"' in made["configuration"]
+    member = pki.make_member(unique_label("m"))
+    key_path, cert_path = member.write(tmp_path)
+    rc, out, err = _run(["keys", "import", *_token_argv(p11_token), "--label", member.name, "--key", str(key_path),
+                         "--cert", str(cert_path), "--json"])  # fmt: skip
+    assert rc == 0, err
+    imported = json.loads(out)
+    assert (imported["key_label"], imported["member_id"], imported["deleted"]) == (member.name, member.member_id, [])
 
 
 def test_import_checks_the_certificate_and_can_delete_the_pem(p11_token: TokenInfo, tmp_path: Path) -> None:

@@ -343,3 +343,20 @@ async def test_a_summary_is_written_each_window_while_the_flood_goes_on(
     summaries = events_of(config, "throttled", NOBODY)
     denied = events_of(config, "denied", NOBODY)
     assert sum(s["dropped"] for s in summaries) + len(denied) == 50
+
+
+async def test_no_rule_lets_another_uid_reload_the_agent(workdir: Path, members: dict[str, Member]) -> None:
+    config = config_for(workdir, {"m0": members["m0"]}, [{"name": "nobody-may-all", "uids": [NOBODY]}])
+    async with running_agent(config) as sock:
+        [(status, body)] = await asyncio.to_thread(as_nobody, sock, [("POST", "/v1/reload", None)])
+        # The agent's own uid (this test's) may ask; this in-process agent has no configuration to reload with.
+        own = await asyncio.to_thread(AgentClient(sock, timeout=10).request, "POST", "/v1/reload")
+    assert status == 403, body
+    assert body["error"]["code"] == "PolicyDenied"
+    assert (
+        f"peer uid {NOBODY}: only the agent's own user (uid {os.getuid()}) and root may reload it"
+        in (body["error"]["message"])
+    )
+    assert (own.status, own.json()["error"]["code"]) == (500, "UnsupportedOperation")
+    refused = [r for r in audit_records(config) if r["event"] == "denied"]
+    assert [(r["peer"]["uid"], r["rule"], r["route"]) for r in refused] == [(NOBODY, "reload", "POST /v1/reload")]

@@ -52,7 +52,7 @@ def sign(sock: Path, msg_type: str = "state_digest", payload: bytes = b"") -> Re
 
 
 def health(sock: Path) -> dict[str, Any]:
-    report: dict[str, Any] = AgentClient(sock, timeout=30).health()
+    report: dict[str, Any] = dict(AgentClient(sock, timeout=30).health().raw)
     return report
 
 

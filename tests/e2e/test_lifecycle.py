@@ -259,3 +259,35 @@ def test_check_config_opens_what_serve_opens_and_writes_no_audit_record(
     assert "1 check(s) failed: configuration" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / "run" / "audit.jsonl").exists()
+
+
+def test_the_reload_command_prints_the_outcome_and_health_keeps_it(
+    reloadable: tuple[DaemonProcess, Path], workdir: Path, members: dict[str, Member]
+) -> None:
+    proc, config = reloadable
+    assert json.loads(cli("health", "--json", sock=proc.socket).stdout)["last_reload"] is None
+
+    write_toml(config, tables(workdir, members, ["m0", "m1"]))
+    reloaded = cli("reload", sock=proc.socket)
+    assert (reloaded.returncode, reloaded.stdout) == (0, "configuration reloaded: generation 2 serves\n")
+    assert identity_names(proc.socket) == {"m0", "m1"}  # done when the command returns: no waiting
+    shown = cli("health", sock=proc.socket).stdout
+    assert shown.startswith("ok (signing-agent ")
+    assert ", configuration generation 2 serves" in shown.splitlines()[1]
+
+    write_toml(config, {**tables(workdir, members, ["m0"]), **mismatched(workdir, members)})
+    refused = cli("reload", sock=proc.socket)
+    assert refused.returncode == 2
+    assert "the new configuration was refused; generation 2 still serves: " in refused.stderr
+    assert "does not match the certificate" in refused.stderr
+    last = json.loads(cli("health", "--json", sock=proc.socket).stdout)["last_reload"]
+    assert (last["reloaded"], last["generation"]) == (False, 2)
+    assert "does not match the certificate" in last["error"]
+    assert "REFUSED (generation 2 still serves)" in cli("health", sock=proc.socket).stdout
+    assert identity_names(proc.socket) == {"m0", "m1"}
+
+    # SIGHUP's outcome is kept the same way
+    write_toml(config, tables(workdir, members, ["m1"]))
+    sighup_and_wait(proc, "configuration reloaded", 2)
+    last = json.loads(cli("health", "--json", sock=proc.socket).stdout)["last_reload"]
+    assert (last["reloaded"], last["generation"], last["error"]) == (True, 3, None)

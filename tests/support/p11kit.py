@@ -44,11 +44,17 @@ def write_user_config(home: Path, modules: Mapping[str, tuple[str, str | None]])
     return conf
 
 
+def user_env(home: Path) -> dict[str, str]:
+    """The variables that point p11-kit at ``home``'s user configuration: it expands ``~/.config`` through
+    ``$XDG_CONFIG_HOME`` when that is set (as the tests set it, away from the developer's own), else ``$HOME``."""
+    return {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+
+
 @contextlib.contextmanager
 def user_config(home: Path) -> Iterator[None]:
     """While inside: p11-kit, when it initialises in this process, reads ``home``'s user configuration."""
-    previous_home = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)
+    previous = {name: os.environ.get(name) for name in user_env(home)}
+    os.environ.update(user_env(home))
     uids = os.getresuid()
     try:
         if uids[0] == 0:
@@ -57,10 +63,11 @@ def user_config(home: Path) -> Iterator[None]:
     finally:
         if uids[0] == 0:
             os.setresuid(*uids)
-        if previous_home is None:
-            del os.environ["HOME"]
-        else:
-            os.environ["HOME"] = previous_home
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def load_proxy(home: Path) -> None:
@@ -89,7 +96,7 @@ def list_modules(home: Path, env: Mapping[str, str]) -> str:
     tool = shutil.which("p11-kit") or "p11-kit"
     result = subprocess.run(
         [*userns_wrapper(), tool, "list-modules"],
-        env={**os.environ, **env, "HOME": str(home)},
+        env={**os.environ, **env, **user_env(home)},
         capture_output=True,
         text=True,
         check=False,

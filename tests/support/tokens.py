@@ -240,7 +240,7 @@ def through_p11kit(token: TokenInfo, home: Path, env: dict[str, str]) -> TokenIn
         token,
         module=Path(p11kit.P11KIT_PROXY),
         init_params=None,
-        env={**env, "HOME": str(home)},
+        env={**env, **p11kit.user_env(home)},
         via="p11-kit",
         wrapper=tuple(p11kit.userns_wrapper()),
     )

@@ -116,3 +116,14 @@ def test_argparse_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["sign", "--no-such-flag"])
     assert info.value.code == Exit.USAGE
+
+
+def test_a_wait_that_ran_out_is_a_timeout_and_answered_errors_keep_their_status_line() -> None:
+    from signing_agent.client.errors import WaitTimeoutError, answered_error
+
+    assert exit_code(WaitTimeoutError("proposal p is still Open after 5 s")) == Exit.TIMEOUT
+    typed = answered_error(403, {}, b'{"error": {"code": "PolicyDenied", "message": "rule x"}}')
+    assert isinstance(typed, errors.PolicyDeniedError)  # the agent's own class...
+    err = io.StringIO()
+    assert report(typed, err=err) == Exit.POLICY
+    assert err.getvalue() == "signing-agent: PolicyDenied (403): rule x\n"  # ...printed as the answer it was
