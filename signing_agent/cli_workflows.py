@@ -20,11 +20,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from signing_agent.cli_exit import Exit
 from signing_agent.client import AgentClient, AgentNoAnswerError
 from signing_agent.errors import InvalidRequestError
+
+TYPE_CHECKING = False  # not typing's: the client commands must not import typing (startup time)
+if TYPE_CHECKING:
+    from typing import Any
 
 SERVICE_ENV = "SIGNING_AGENT_SERVICE"
 IDENTITY_ENV = "SIGNING_AGENT_IDENTITY"

@@ -29,7 +29,8 @@ from signing_agent.sandbox import SandboxServer
 from tests.support.agent import agent_config, file_identity, running_agent
 from tests.support.pki import Member, make_member
 
-TRUST = {"actions": [{"name": "transition_node_to_trusted", "args": {"node_id": "ab", "valid_from": "x"}}]}
+TRUST: dict[str, list[dict[str, object]]] = {"actions": []}
+"""Trusts a node that joined the sandbox (filled in by the ``world`` fixture: CCF applies it on acceptance)."""
 CONSTITUTION = {"actions": [{"name": "set_constitution", "args": {"constitution": "x"}}]}
 
 
@@ -49,6 +50,10 @@ class World:
 async def world(workdir: Path, members: dict[str, Member]) -> AsyncIterator[World]:
     async with SandboxServer(members=[members["m0"].cert_pem]) as sandbox:
         sandbox.add_member(members["m1"].cert_pem, status="Accepted")
+        node = sandbox.add_node()
+        TRUST["actions"] = [
+            {"name": "transition_node_to_trusted", "args": {"node_id": node, "valid_from": "20240101000000Z"}}
+        ]
         cert = sandbox.write_service_cert(workdir / "service_cert.pem")
         tables: dict[str, object] = {
             "agent": {"socket": workdir / "run" / "agent.sock"},
