@@ -63,7 +63,7 @@ def test_bash(scripts: dict[str, Path]) -> None:
     assert "complete -o default -F _signing_agent signing-agent" in script.read_text()
     assert bash_complete(script, "signing-agent si") == ["sign"]
     assert {"propose", "proposals", "recovery", "reload"} <= set(bash_complete(script, "signing-agent "))
-    assert bash_complete(script, "signing-agent recovery ")[:3] == ["submit-share", "approve-identity", "status"]
+    assert {"submit-share", "approve-identity", "status"} <= set(bash_complete(script, "signing-agent recovery "))
     assert bash_complete(script, "signing-agent sign --ccf-gov-msg-type b") == ["ballot"]
     assert "--ccf-gov-msg-proposal_id" in bash_complete(script, "signing-agent sign --ccf")
     assert bash_complete(script, "signing-agent sign --content ") == []  # a value: bash's files
