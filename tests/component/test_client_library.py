@@ -29,8 +29,7 @@ from signing_agent.sandbox import SandboxServer
 from tests.support.agent import agent_config, file_identity, running_agent
 from tests.support.pki import Member, make_member
 
-TRUST: dict[str, list[dict[str, object]]] = {"actions": []}
-"""Trusts a node that joined the sandbox (filled in by the ``world`` fixture: CCF applies it on acceptance)."""
+THRESHOLD = {"actions": [{"name": "set_recovery_threshold", "args": {"recovery_threshold": 1}}]}  # no effect: 1 already
 CONSTITUTION = {"actions": [{"name": "set_constitution", "args": {"constitution": "x"}}]}
 
 
@@ -50,10 +49,6 @@ class World:
 async def world(workdir: Path, members: dict[str, Member]) -> AsyncIterator[World]:
     async with SandboxServer(members=[members["m0"].cert_pem]) as sandbox:
         sandbox.add_member(members["m1"].cert_pem, status="Accepted")
-        node = sandbox.add_node()
-        TRUST["actions"] = [
-            {"name": "transition_node_to_trusted", "args": {"node_id": node, "valid_from": "20240101000000Z"}}
-        ]
         cert = sandbox.write_service_cert(workdir / "service_cert.pem")
         tables: dict[str, object] = {
             "agent": {"socket": workdir / "run" / "agent.sock"},
@@ -81,7 +76,7 @@ async def test_every_route_through_the_async_client(world: World) -> None:
     assert await agent.resolve_identity(world.members["m1"].member_id[:6]) == "m1"
     assert "signing_agent_requests_total" in await agent.metrics()
 
-    signed = await agent.sign("m0", "proposal", json.dumps(TRUST).encode())
+    signed = await agent.sign("m0", "proposal", json.dumps(THRESHOLD).encode())
     assert signed.member_id == world.members["m0"].member_id
     cert = x509.load_pem_x509_certificate(world.members["m0"].cert_pem)
     validate_cose_sign1(cert.public_key(), bytes(signed))
@@ -90,20 +85,20 @@ async def test_every_route_through_the_async_client(world: World) -> None:
         False, "no-constitution", ("set_constitution",),
     )  # fmt: skip
 
-    created = await agent.propose("default", "m0", TRUST)
+    created = await agent.propose("default", "m0", THRESHOLD)
     assert created.open
     assert created.transaction_id
     listed = await agent.proposals("default", actions=True)
-    assert [(p.proposal_id, p.action_names) for p in listed] == [(created.proposal_id, ("transition_node_to_trusted",))]
+    assert [(p.proposal_id, p.action_names) for p in listed] == [(created.proposal_id, ("set_recovery_threshold",))]
     assert (await agent.proposals("default"))[0].actions is None
     assert await agent.resolve_proposal_id("default", created.proposal_id[:5].upper()) == created.proposal_id
     shown = await agent.proposal("default", created.proposal_id)
-    assert (shown.action_names, shown.ballots) == (("transition_node_to_trusted",), {})
+    assert (shown.action_names, shown.ballots) == (("set_recovery_threshold",), {})
     voted = await agent.vote("default", "m0", created.proposal_id)  # the canonical accepting ballot
     assert voted.state == "Accepted"
     assert (await agent.wait_for_proposal("default", created.proposal_id, timeout=5)).state == "Accepted"
 
-    mine = await agent.propose("default", "m0", json.dumps(TRUST).encode())  # exact bytes
+    mine = await agent.propose("default", "m0", json.dumps(THRESHOLD).encode())  # exact bytes
     withdrawn = await agent.withdraw("default", "m0", mine.proposal_id)
     assert withdrawn is not None
     assert withdrawn.state == "Withdrawn"
@@ -137,9 +132,9 @@ async def test_errors_are_typed_by_the_agents_codes(world: World) -> None:
     with pytest.raises(errors.InvalidRequestError, match="needs proposal_id"):
         await agent.sign("m0", "ballot")
     with pytest.raises(CCFRefusedError) as refused:  # m2 is no member of the service: CCF says so
-        await agent.propose("default", "m2", TRUST)
+        await agent.propose("default", "m2", THRESHOLD)
     assert (refused.value.status, refused.value.from_ccf) == (401, True)
-    opened = await agent.propose("default", "m0", TRUST)
+    opened = await agent.propose("default", "m0", THRESHOLD)
     with pytest.raises(WaitTimeoutError, match="still Open"):
         await agent.wait_for_proposal("default", opened.proposal_id, timeout=0.2)
     await agent.vote("default", "m0", opened.proposal_id)
@@ -153,7 +148,7 @@ async def test_the_sync_client_answers_as_the_async_one(world: World) -> None:
     sync, aio = AgentClient(world.socket, timeout=30), AsyncAgentClient(world.socket, timeout=30)
     assert await asyncio.to_thread(sync.identities) == await aio.identities()
     assert (await asyncio.to_thread(sync.status, "default")).identities == (await aio.status("default")).identities
-    created = await asyncio.to_thread(sync.propose, "default", "m0", TRUST)
+    created = await asyncio.to_thread(sync.propose, "default", "m0", THRESHOLD)
     voted = await asyncio.to_thread(sync.vote, "default", "m0", created.proposal_id, ACCEPT_BALLOT)
     assert voted.state == "Accepted"
     assert await asyncio.to_thread(sync.resolve_proposal_id, "default", created.proposal_id[:8]) == created.proposal_id

@@ -69,7 +69,7 @@ def test_the_quick_start_and_the_client_library_example_run_as_written(workdir: 
     assert "[policy" not in (folder / "agent.toml").read_text()
     out = result.stdout
     assert '"proposalState":"Open"' in out.replace(" ", "")  # curl: CCF took ccf_cose_sign1's replacement
-    assert "transition_node_to_trusted" in out  # proposals lists the actions
+    assert "set_recovery_threshold" in out  # proposals lists the actions
     proposed = json.loads((folder / "proposed.json").read_text())
     assert f"ballot submitted by member0: proposal {proposed['proposalId']} is Accepted" in out
     assert "member0" in out.split("IDENTITY")[-1]  # status: a table of identities
