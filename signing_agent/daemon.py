@@ -40,7 +40,7 @@ from signing_agent.api.connections import (
 )
 from signing_agent.api.runtime import Generation, ReloadResult, Runtime
 from signing_agent.audit import Auditor, AuditSink, FileAuditSink, Started
-from signing_agent.backends.factory import KeyStores, take_configured_secrets
+from signing_agent.backends.keystores import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import AgentError, ConfigError

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from signing_agent.algorithms import verify_digest
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.errors import AgentError
 from signing_agent.governance import GovernanceService
 from signing_agent.identity import Identity

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, for_curve, verify_digest
 from signing_agent.backends.base import DecryptionKey, KeyInfo, SigningKey, decrypts_round_trip
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.certs import Validity, member_id, read_certificate
 from signing_agent.config import IdentityConfig
 from signing_agent.errors import AgentError, IdentityError

@@ -1,7 +1,7 @@
 """What a request is waiting for, so that its deadline can say what was slow.
 
 The API gives each request a ``Waits`` and runs it under ``Waits.deadline(seconds)``. The layers that wait on
-something outside the agent mark the wait with ``waiting_for(what)``: the key store (``backends.factory``), a CCF
+something outside the agent mark the wait with ``waiting_for(what)``: the key store (``backends.keystores``), a CCF
 service and the path asked (``ccf.client``), the audit log (``audit``), the request body (``api.context``). When the
 deadline expires, the waits open at that instant are taken down (``Waits.expired``), before the cancellation
 unwinds them, and the 504 names them. Outside a request (start-up, the recovery watcher) a mark costs one

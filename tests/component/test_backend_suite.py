@@ -4,7 +4,7 @@ The same tests run against ``file`` (a PEM key), PKCS#11 tokens (the session-sco
 ``tests.support.tokens``: ``pkcs11-softhsm``, ``pkcs11-nss``, ``pkcs11-tpm`` (tpm2-pkcs11 on swtpm), and each of
 them again through p11-kit's proxy, ``pkcs11-*-p11kit``) and ``azure-keyvault`` (the HTTPS Key Vault double with
 the real Azure SDK and the real ``ManagedIdentityCredential``). Keys are always opened through ``KeyStores`` from
-real config dataclasses, so the factory is exercised too. A case that does not apply to a backend is left out of
+real config dataclasses, so the key-store selection (backends/keystores.py) is exercised too. A case that does not apply to a backend is left out of
 its parametrisation in ``NOT_APPLICABLE``, with the reason, and never skipped at run time.
 
 The last section checks that the ``[keyvault]`` config table reaches the Key Vault backend through ``KeyStores``.
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import ES256, ES384, ES512, SignatureAlgorithm, verify_digest
 from signing_agent.backends.base import DecryptionKey, SigningKey
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.config import (
     AzureKeyVaultKeyConfig,
     FileKeyConfig,

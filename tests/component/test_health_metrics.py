@@ -21,7 +21,7 @@ from signing_agent.api.app import APISettings, make_app
 from signing_agent.api.runtime import Generation, Runtime
 from signing_agent.audit import Auditor, FileAuditSink
 from signing_agent.backends.base import KeyInfo, Priority, SigningKey
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
 from signing_agent.client import AgentClient
 from signing_agent.config import ServiceConfig, parse_config

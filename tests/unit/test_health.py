@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.errors import CCFUnavailableError
 from signing_agent.governance import GovernanceService
 from signing_agent.health import HealthChecker

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.config import FileKeyConfig, IdentityConfig, KeyConfig
 from signing_agent.errors import IdentityError, UnsupportedOperationError
 from signing_agent.identity import open_identity

@@ -9,8 +9,8 @@ import pytest
 
 from signing_agent.backends import _secrets
 from signing_agent.backends._secrets import check_secret_file, read_secret_file, secret_env, take_secret_env
-from signing_agent.backends.factory import secret_env_names
 from signing_agent.backends.file import FileSigningKey
+from signing_agent.backends.keystores import secret_env_names
 from signing_agent.config import parse_config
 from signing_agent.errors import ConfigError
 from tests.support.pki import make_member

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from signing_agent.backends.factory import KeyStores
+from signing_agent.backends.keystores import KeyStores
 from signing_agent.config import FileKeyConfig, IdentityConfig
 from signing_agent.cose.governance import MsgType
 from signing_agent.cose.sign1 import decode, verify
