@@ -4,8 +4,9 @@ The same tests run against ``file`` (a PEM key), PKCS#11 tokens (the session-sco
 ``tests.support.tokens``: ``pkcs11-softhsm``, ``pkcs11-nss``, ``pkcs11-tpm`` (tpm2-pkcs11 on swtpm), and each of
 them again through p11-kit's proxy, ``pkcs11-*-p11kit``) and ``azure-keyvault`` (the HTTPS Key Vault double with
 the real Azure SDK and the real ``ManagedIdentityCredential``). Keys are always opened through ``KeyStores`` from
-real config dataclasses, so the key-store selection (backends/keystores.py) is exercised too. A case that does not apply to a backend is left out of
-its parametrisation in ``NOT_APPLICABLE``, with the reason, and never skipped at run time.
+real config dataclasses, so the key-store selection (backends/keystores.py) is exercised too. A case that does not
+apply to a backend is left out of its parametrisation in ``NOT_APPLICABLE``, with the reason, and never skipped at
+run time.
 
 The last section checks that the ``[keyvault]`` config table reaches the Key Vault backend through ``KeyStores``.
 """
