@@ -16,70 +16,42 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from signing_agent.cli_exit import Exit
 from signing_agent.client import AgentClient, AgentNoAnswerError
+from signing_agent.client_config import IDENTITY_ENV, SERVICE_ENV, client_settings
 from signing_agent.errors import InvalidRequestError
 
 TYPE_CHECKING = False  # not typing's: the client commands must not import typing (startup time)
 if TYPE_CHECKING:
     from typing import Any
 
-SERVICE_ENV = "SIGNING_AGENT_SERVICE"
-IDENTITY_ENV = "SIGNING_AGENT_IDENTITY"
 WAIT_INTERVAL = 1.0
 
 Command = Callable[[argparse.Namespace], int]
 
 
 class Context:
-    """What every workflow command needs: the agent, the service, and (when asked for) the identity."""
+    """What every workflow command needs: the agent, the service, and (when asked for) the identity. Defaults are the
+    client's, as for every other command: the flag, ``$SIGNING_AGENT_*``, ``[client]``, else the agent's only one."""
 
     def __init__(self, args: argparse.Namespace, client: AgentClient) -> None:
         self.args = args
         self.client = client
-        self.service = pick_service(client, args.service)
+        self._settings = client_settings(
+            config=getattr(args, "config", None), identity=args.identity, service=args.service
+        )
+        self.service = client.pick_service(self._settings.service)
 
     @property
     def identity(self) -> str:
-        return pick_identity(self.client, self.args.identity)
+        return self.client.resolve_identity(self._settings.identity)
 
     def base(self) -> str:
         return f"/v1/services/{self.service}"
-
-
-def pick_service(client: AgentClient, service: str | None) -> str:
-    """``--service``, else the only configured one, else ``$SIGNING_AGENT_SERVICE``, else ``default``."""
-    if service:
-        return service
-    names = [str(s["name"]) for s in client.call("GET", "/v1/services").json()["services"]]
-    if len(names) == 1:
-        return names[0]
-    if os.environ.get(SERVICE_ENV):
-        return os.environ[SERVICE_ENV]
-    if "default" in names:
-        return "default"
-    raise InvalidRequestError(
-        f"the agent knows several services ({', '.join(names) or 'none'}): pick --service or set {SERVICE_ENV}"
-    )
-
-
-def pick_identity(client: AgentClient, identity: str | None) -> str:
-    """``--identity``, else the agent's only identity, else ``$SIGNING_AGENT_IDENTITY``."""
-    if identity:
-        return identity
-    names = [str(i["name"]) for i in client.identities()]
-    if len(names) == 1:
-        return names[0]
-    if os.environ.get(IDENTITY_ENV):
-        return os.environ[IDENTITY_ENV]
-    raise InvalidRequestError(
-        f"the agent has several identities ({', '.join(names) or 'none'}): pick --identity or set {IDENTITY_ENV}"
-    )
 
 
 def _print_json(value: Any) -> None:
@@ -341,8 +313,10 @@ def common_options(p: argparse.ArgumentParser, *, proposal: bool) -> None:
     """The options every workflow command takes."""
     p.add_argument("--socket", help="the agent's socket (default: $SIGNING_AGENT_SOCK, then the config's)")
     p.add_argument("--config", help="config file, to find the socket (default: $SIGNING_AGENT_CONFIG)")
-    p.add_argument("--service", help=f"the configured service (default: the only one, else ${SERVICE_ENV})")
-    p.add_argument("--identity", help=f"the identity to act as (default: the only one, else ${IDENTITY_ENV})")
+    p.add_argument("--service", help=f"the configured service (default: ${SERVICE_ENV}, the only one, 'default')")
+    p.add_argument(
+        "--identity", help=f"the identity to act as, or its member id (default: ${IDENTITY_ENV}, the only one)"
+    )
     p.add_argument("--json", action="store_true", help="print the agent's JSON answer")
     reads = "" if proposal else " (no effect on a read, which signs and waits for nothing)"
     p.add_argument(
