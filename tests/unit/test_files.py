@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from signing_agent.files import NotOursError, open_in_folder, open_own_folder, replace_file
+from tests.support.prereq import missing
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_a_symlink_a_file_or_a_writable_folder_is_not_ours(tmp_path: Path) -> No
 
 def test_a_folder_of_another_user_is_not_ours(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("chown to another uid needs root")
+        missing("chown to another uid needs root")
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
     os.chown(theirs, 65534, 65534)

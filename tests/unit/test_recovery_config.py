@@ -17,6 +17,7 @@ import pytest
 from signing_agent.config import load_config, parse_config
 from signing_agent.errors import ConfigError
 from signing_agent.recovery import RecoveryKey, RecoveryStateStore, scrub
+from tests.support.prereq import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,7 +159,7 @@ def test_a_state_file_wider_than_0600_is_refused(tmp_path: Path) -> None:
 
 def test_a_state_file_of_another_uid_is_refused(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("chown to another uid needs root")
+        missing("chown to another uid needs root")
     path = _planted(tmp_path)
     os.chown(path, 65534, 65534)
     _refused_and_untouched(path, "owned by uid 65534")
