@@ -149,6 +149,34 @@ def test_a_network_attacker_with_a_fabricated_accepted_transition_never_gets_a_s
             assert_no_leak(world.shares, world.folder)
 
 
+def test_a_caller_the_policy_refuses_the_ballot_gets_no_adoption_from_approve_identity(setup: Setup) -> None:
+    """approve-identity adopts the endpoint's claimed identity on its way to the ballot: only for a caller who may
+    cast that ballot. Another gets 403 before the agent asks the endpoint anything or writes any trust."""
+    with setup.world({"m0": "file"}, service={"recovery_identities": ["m0"], "accept_transition_to": True}) as world:
+        m0 = world.people["m0"].member
+        real_share = world.sandbox.gov_get(f"/gov/recovery/encrypted-shares/{m0.member_id}")
+        pinned = world.sandbox.service_cert.read_text()
+        with HostileCCF(pinned, {m0.member_id: real_share}) as hostile:
+            config = world.config.read_text().replace(world.sandbox.url, hostile.url)
+            rule = f'\n[[policy.rules]]\nname = "proposals-only"\nuids = [{os.getuid()}]\nmsg_types = ["proposal"]\n'
+            world.config.write_text(config + rule)
+            world.start()
+            before = len(hostile.requests())
+            refused = world.cli("recovery", "approve-identity", hostile.proposal_id, "--sha256",
+                                der_sha256(hostile.identity_pem), "--identity", "m0")  # fmt: skip
+            assert refused.returncode == 4, refused.stderr  # refused by policy
+            assert "PolicyDenied" in refused.stderr
+            assert "proposals-only" in refused.stderr
+            assert hostile.requests()[before:] == []  # nothing asked of the endpoint: no probe, no adoption
+            records = audit_records(world)
+            assert not [r for r in records if r["event"] in ("identity_adopted", "identity_approved")]
+            assert [r["msg_type"] for r in records if r["event"] == "denied"] == ["ballot"]
+            assert (
+                not (world.folder / "state" / "recovery-default.json").exists()
+                or "adopted_identity" not in (world.folder / "state" / "recovery-default.json").read_text()
+            )
+
+
 # -- the legitimate flow ---
 
 
