@@ -55,9 +55,9 @@ def in_process_verified_rate(key: ec.EllipticCurvePrivateKey, alg: SignatureAlgo
 def direct_pkcs11_rate(label: str, alg: SignatureAlgorithm, seconds: float) -> float:
     import pkcs11
 
-    from signing_agent.backends import _p11init
+    from signing_agent.backends import _p11session
 
-    lib = _p11init.load_module(SOFTHSM_MODULE)
+    lib = _p11session.load_module(SOFTHSM_MODULE)
     token = lib.get_token(token_label="bench")
     digest = alg.digest(b"x")
     with token.open(user_pin="1234") as session:
@@ -104,7 +104,7 @@ def main() -> int:
     member_file, member_hsm = make_member("file", args.curve), make_member("hsm", args.curve)
     key_path, cert_path = member_file.write(folder)
     _, hsm_cert = member_hsm.write(folder)
-    from signing_agent.backends._p11init import PinSource
+    from signing_agent.backends._p11session import PinSource
     from signing_agent.backends.pkcs11_admin import TokenTarget, import_ec_key
 
     token = TokenTarget(

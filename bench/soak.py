@@ -133,7 +133,7 @@ def world(folder: Path) -> Iterator[tuple[Sandbox, Path, dict[str, dict[str, obj
 def softhsm_identity(folder: Path, identities: dict[str, dict[str, object]]) -> dict[str, str]:
     """Identity ``hsm`` with its key imported into a SoftHSM2 token under ``folder``; the daemon's environment."""
     from bench.common import SOFTHSM_MODULE, softhsm_token
-    from signing_agent.backends._p11init import PinSource
+    from signing_agent.backends._p11session import PinSource
     from signing_agent.backends.pkcs11_admin import TokenTarget, import_ec_key
 
     env = softhsm_token(folder / "hsm")

@@ -217,7 +217,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 open_resources(config, DryRunAuditSink(), metrics=Metrics()) as resources,
                 open_generation(config, resources, allow_degraded=True) as gen,
             ):
-                checks += identity_checks(gen.service.identities, gen.failed)
+                checks += identity_checks(gen.signer.identities, gen.failed)
                 checks += await check_services(
                     gen.governance.ccf, require_reachable=args.require_services, ask_claimed=True
                 )

@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _target(args: argparse.Namespace) -> TokenTarget:
-    from signing_agent.backends._p11init import PinSource
+    from signing_agent.backends._p11session import PinSource
     from signing_agent.backends.pkcs11_admin import TokenTarget
 
     pin = PinSource(pin_file=args.pin_file, pin_env=args.pin_env)

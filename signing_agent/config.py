@@ -248,7 +248,7 @@ class ServiceConfig:
     """Trust a new service identity provisionally (reads and ballots) when an Open or Accepted
     ``transition_service_to_open`` proposal names a trusted identity as ``previous_service_identity`` and the
     presented one as ``next_service_identity``; approve it for recovery shares when a member gives its fingerprint and
-    this agent casts the canonical accepting ballot on such a proposal (``RecoveryService.approve_identity``)."""
+    this agent casts the canonical accepting ballot on such a proposal (``RecoveryMember.approve_identity``)."""
     recovery_identities: tuple[str, ...] = ()
     """Identities (each with an ``encryption_key``) whose recovery share the watcher submits unattended."""
 

@@ -44,15 +44,15 @@ from signing_agent.backends.keystores import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import AgentError, ConfigError
-from signing_agent.governance import GovernanceService
+from signing_agent.governance import Governance
 from signing_agent.health import HealthChecker
 from signing_agent.identity import Identity, open_identity
 from signing_agent.log import set_level
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import Policy, RateLimiter
 from signing_agent.preflight import check_services, check_socket_folder, check_socket_path, socket_gid, socket_state
-from signing_agent.recovery import RecoveryService
-from signing_agent.service import SigningService
+from signing_agent.recovery import RecoveryMember
+from signing_agent.signer import Signer
 from signing_agent.systemd import Notifier, inherited_socket
 
 _logger = logging.getLogger(__name__)
@@ -250,16 +250,16 @@ async def open_generation(
     """
     async with contextlib.AsyncExitStack() as opened:
         identities, failed = await open_identities(config, resources.stores, opened, allow_degraded=allow_degraded)
-        service = SigningService(
+        service = Signer(
             identities,
             policy=make_policy(config, resources.limiter),
             auditor=resources.auditor,
             denials=resources.denials,
             max_created_at_skew=config.agent.max_created_at_skew,
         )
-        governance = GovernanceService(service, config.services, auditor=resources.auditor)
+        governance = Governance(service, config.services, auditor=resources.auditor)
         opened.push_async_callback(governance.aclose)
-        recovery = RecoveryService(
+        recovery = RecoveryMember(
             service, governance, config.recovery, auditor=resources.auditor, metrics=resources.metrics
         )
         opened.push_async_callback(recovery.stop_watchers)
@@ -454,7 +454,7 @@ class Reloader:
             "configuration reloaded from %s: generation %d, %d identities, %d services",
             path,
             gen.number,
-            len(gen.service.identities),
+            len(gen.signer.identities),
             len(new_config.services),
         )
         self._notifier.ready(f"serving generation {gen.number}")
@@ -573,7 +573,7 @@ async def serve(
         try:
             await GatedSockSite(runner, sock, connection_limiter(config)).start()
             failed = len(first.health.unavailable)
-            state = f"{len(first.service.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
+            state = f"{len(first.signer.identities)} identities" + (f", {failed} failed (degraded)" if failed else "")
             _logger.info("listening on %s (%s)", sock_path, state)
             if notifier.watchdog_interval is not None:
                 background.append(loop.create_task(_watchdog(notifier, notifier.watchdog_interval)))

@@ -29,7 +29,7 @@ from signing_agent.context import current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
 from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError
 from signing_agent.proposals import ServiceFacts, needs
-from signing_agent.service import SignedMessage, SigningService, SignRequest, VotedProposal
+from signing_agent.signer import SignedMessage, Signer, SignRequest, VotedProposal
 
 _logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Relay:
         )
 
 
-class GovernanceService:
+class Governance:
     """Forwards signed governance messages to the configured CCF services.
 
     The clients, and the trust each one has (the pinned identity, ``accepted_service_certificates``, an identity
@@ -75,7 +75,7 @@ class GovernanceService:
 
     def __init__(
         self,
-        signer: SigningService,
+        signer: Signer,
         services: Mapping[str, ServiceConfig],
         *,
         auditor: Auditor,

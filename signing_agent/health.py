@@ -21,10 +21,10 @@ from typing import Any
 from signing_agent.algorithms import verify_digest
 from signing_agent.backends.keystores import KeyStores
 from signing_agent.errors import AgentError
-from signing_agent.governance import GovernanceService
+from signing_agent.governance import Governance
 from signing_agent.identity import Identity
 from signing_agent.metrics import METRICS, Metrics
-from signing_agent.service import SigningService
+from signing_agent.signer import Signer
 
 _logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class HealthChecker:
 
     def __init__(
         self,
-        service: SigningService,
-        governance: GovernanceService,
+        signer: Signer,
+        governance: Governance,
         *,
         stores: KeyStores,
         unavailable: Mapping[str, str] | None = None,
@@ -49,7 +49,7 @@ class HealthChecker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``unavailable`` names identities that failed their self-test at start-up (``--allow-degraded``)."""
-        self.service = service
+        self.signer = signer
         self.governance = governance
         self.stores = stores
         self.unavailable = dict(unavailable or {})
@@ -102,7 +102,7 @@ class HealthChecker:
             found.update(status="unavailable", error=problem)
         return found
 
-    async def _service(self, governance: GovernanceService, name: str) -> Check:
+    async def _service(self, governance: Governance, name: str) -> Check:
         async def probe() -> Check:
             client = await governance.ccf.client(name)
             node = await client.node_state(max_attempts=1)
@@ -112,7 +112,7 @@ class HealthChecker:
             if node.value.state is not None:
                 result["node_state"] = node.value.state
             members: dict[str, str | None] = {}
-            for ident in self.service.identities.values():
+            for ident in self.signer.identities.values():
                 got = await client.member(ident.member_id, max_attempts=1)
                 if got.value is not None:
                     members[ident.name] = got.value.status
@@ -129,7 +129,7 @@ class HealthChecker:
     async def _audit(self) -> Check:
         """Not cached: a few ``stat`` calls. Nothing is signed while the audit log cannot be written, so a failing log
         makes the agent ``degraded`` even with every key store and service up."""
-        problem = await self.service.auditor.problem()
+        problem = await self.signer.auditor.problem()
         if problem is None:
             return {"status": "ok"}
         _logger.warning("health: %s", problem)
@@ -138,7 +138,7 @@ class HealthChecker:
     async def check(self) -> dict[str, Any]:
         """The report: ``status`` is ``ok`` when every check passed, else ``degraded``."""
         async with self._lock:  # concurrent probes share one round of checks
-            identities = await asyncio.gather(*(self._identity(i) for i in self.service.identities.values()))
+            identities = await asyncio.gather(*(self._identity(i) for i in self.signer.identities.values()))
             gov = self.governance
             services = list(await asyncio.gather(*(self._service(gov, n) for n in sorted(gov.services))))
         failed = [

@@ -3,9 +3,9 @@ accept a recovery, refresh the recovery shares; and the reads a member needs for
 
 Each workflow builds the exact proposal CCF's default constitution expects (``signing_agent.proposals``), refuses
 what would do nothing (``ConflictError``, 409: a member that is already one, a node that is not Pending, a service
-that is not waiting to be opened) and then goes the way of every proposal: ``GovernanceService.propose``, where the
+that is not waiting to be opened) and then goes the way of every proposal: ``Governance.propose``, where the
 checks of ``proposals.check_proposal`` run against the service's state and the policy decides, before anything is
-signed. A dry run (``dry_run``) builds and checks the same proposal and asks the policy (``SigningService.explain``)
+signed. A dry run (``dry_run``) builds and checks the same proposal and asks the policy (``Signer.explain``)
 without signing or sending anything.
 
 Service identities go into a ``transition_service_to_open`` as the PEM text the service reports (CCF compares the
@@ -26,7 +26,7 @@ from signing_agent.ccf.api import GovernanceAPI, PreviousIdentity
 from signing_agent.certs import certificate_der, der_sha256
 from signing_agent.cose.governance import MsgType, compact_json
 from signing_agent.errors import CCFError, ConflictError, InvalidRequestError
-from signing_agent.governance import GovernanceService, Relay
+from signing_agent.governance import Governance, Relay
 from signing_agent.proposals import (
     check_proposal,
     fingerprint,
@@ -40,7 +40,7 @@ from signing_agent.proposals import (
     trust_node,
     x509_time,
 )
-from signing_agent.service import SignRequest
+from signing_agent.signer import SignRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +67,9 @@ class IdentityReport:
 
 
 class Workflows:
-    """The workflows of one configuration generation, over its ``GovernanceService``."""
+    """The workflows of one configuration generation, over its ``Governance``."""
 
-    def __init__(self, governance: GovernanceService, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, governance: Governance, *, clock: Callable[[], float] = time.time) -> None:
         self.governance = governance
         self._clock = clock
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from signing_agent import __version__
-from signing_agent.api.context import BODY_TIMEOUT, CALLER, REQUEST_ID, read_body
 from signing_agent.api.governance_routes import add_governance_routes
 from signing_agent.api.peer import peer_of
-from signing_agent.api.runtime import GENERATION, RUNTIME, InFlight, Runtime, generation_of, service_of
+from signing_agent.api.request import BODY_TIMEOUT, CALLER, REQUEST_ID, read_body
+from signing_agent.api.runtime import GENERATION, RUNTIME, InFlight, Runtime, generation_of, signer_of
 from signing_agent.api.schemas import parse_explain_request, parse_sign_request
 from signing_agent.api.workflow_routes import add_workflow_routes
 from signing_agent.audit import PeerRefused
@@ -48,15 +48,15 @@ _access = logging.getLogger("signing_agent.access")
 
 @dataclass(frozen=True, slots=True)
 class APISettings:
-    """Who may do what is the service's policy (``SigningService.policy``), not a setting of the HTTP layer."""
+    """Who may do what is the service's policy (``Signer.policy``), not a setting of the HTTP layer."""
 
     max_request_bytes: int
     request_timeout: float
     body_timeout: float = 30.0
 
 
-# The current SigningService, GovernanceService and HealthChecker live in app[RUNTIME] (api/runtime.py), swapped on
-# reload; handlers reach them with service_of(request) / governance_of(request), never through an app key.
+# The current Signer, Governance and HealthChecker live in app[RUNTIME] (api/runtime.py), swapped on
+# reload; handlers reach them with signer_of(request) / governance_of(request), never through an app key.
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 SETTINGS = web.AppKey("settings", APISettings)
 
@@ -218,9 +218,9 @@ async def _admitted(request: web.Request, handler: Handler, ctx: RequestContext)
     # Pin the configuration generation for the whole request (a reload swaps it for later requests only).
     gen = runtime.current
     request[GENERATION] = gen
-    admitted = gen.service.policy.admits(ctx.caller)
+    admitted = gen.signer.policy.admits(ctx.caller)
     if not admitted.allowed:
-        gen.service.charge_denial()  # past the peer's budget: 429, and no record
+        gen.signer.charge_denial()  # past the peer's budget: 429, and no record
         route = f"{request.method} {request.path}"
         await runtime.auditor.record(PeerRefused(request=ctx, route=route, rule=admitted.rule, reason=admitted.reason))
         who = ctx.caller
@@ -317,7 +317,7 @@ async def reload(request: web.Request) -> web.Response:
     caller = request[CALLER]
     runtime = request.app[RUNTIME]
     if caller.uid not in (0, os.getuid()):
-        service_of(request).charge_denial()
+        signer_of(request).charge_denial()
         reason = f"only the agent's own user (uid {os.getuid()}) and root may reload it"
         route = f"{request.method} {request.path}"
         await runtime.auditor.record(
@@ -338,7 +338,7 @@ async def metrics_exposition(request: web.Request) -> web.Response:
 
 
 async def identities(request: web.Request) -> web.Response:
-    service = service_of(request)
+    service = signer_of(request)
     return web.json_response(
         {
             "identities": [
@@ -361,7 +361,7 @@ async def identities(request: web.Request) -> web.Response:
 
 
 async def sign(request: web.Request) -> web.Response:
-    service = service_of(request)
+    service = signer_of(request)
     signed = await service.sign(parse_sign_request(await read_body(request)))
     return web.Response(
         body=signed.cose,
@@ -380,7 +380,7 @@ async def explain(request: web.Request) -> web.Response:
     req = parse_explain_request(await read_body(request))
     # A ballot for a service is judged by the proposal it votes on, which only the governance layer can read.
     voted = await gen.governance.voted_for_explain(req.msg_type, req.service, req.proposal_id)
-    explanation = await gen.service.explain(dataclasses.replace(req, voted=voted))
+    explanation = await gen.signer.explain(dataclasses.replace(req, voted=voted))
     return web.json_response(explanation.as_dict())
 
 

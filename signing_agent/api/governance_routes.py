@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from signing_agent.api.context import read_body
+from signing_agent.api.request import read_body
 from signing_agent.api.runtime import generation_of, governance_of, recovery_of
 from signing_agent.api.schemas import decode_base64, get_str, parse_object
 from signing_agent.cose.governance import compact_json
@@ -159,7 +159,7 @@ async def proposal(request: web.Request) -> web.Response:
 
 
 def add_governance_routes(app: web.Application) -> None:
-    """The routes; handlers use the ``GovernanceService`` of the generation their request pinned."""
+    """The routes; handlers use the ``Governance`` of the generation their request pinned."""
     r = app.router
     r.add_get("/v1/services", list_services)
     r.add_get("/v1/services/{svc}/status", status)

@@ -19,11 +19,11 @@ from aiohttp import web
 from signing_agent.audit import Auditor
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import AgentError
-from signing_agent.governance import GovernanceService
+from signing_agent.governance import Governance
 from signing_agent.health import HealthChecker
 from signing_agent.metrics import Metrics
-from signing_agent.recovery import RecoveryService
-from signing_agent.service import SigningService
+from signing_agent.recovery import RecoveryMember
+from signing_agent.signer import Signer
 
 
 class InFlight:
@@ -64,10 +64,10 @@ class Generation:
     """One loaded configuration: the services built from it and the requests still using them."""
 
     number: int
-    service: SigningService
-    governance: GovernanceService
+    signer: Signer
+    governance: Governance
     health: HealthChecker
-    recovery: RecoveryService
+    recovery: RecoveryMember
     in_flight: InFlight = field(default_factory=InFlight)
     failed: Mapping[str, AgentError] = field(default_factory=dict)
     """The identities that failed their self-test (``--allow-degraded``), and why."""
@@ -109,7 +109,7 @@ class Runtime:
         return self._current
 
     def _adopt(self, gen: Generation) -> Generation:
-        if gen.service.denials is not self.denials or gen.service.auditor is not self.auditor:
+        if gen.signer.denials is not self.denials or gen.signer.auditor is not self.auditor:
             raise ValueError(f"generation {gen.number} was built with another denial budget or auditor")
         return gen
 
@@ -129,13 +129,13 @@ def generation_of(request: web.Request) -> Generation:
     return gen if gen is not None else request.app[RUNTIME].current
 
 
-def service_of(request: web.Request) -> SigningService:
-    return generation_of(request).service
+def signer_of(request: web.Request) -> Signer:
+    return generation_of(request).signer
 
 
-def recovery_of(request: web.Request) -> RecoveryService:
+def recovery_of(request: web.Request) -> RecoveryMember:
     return generation_of(request).recovery
 
 
-def governance_of(request: web.Request) -> GovernanceService:
+def governance_of(request: web.Request) -> Governance:
     return generation_of(request).governance

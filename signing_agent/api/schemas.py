@@ -13,7 +13,7 @@ from typing import Any
 from signing_agent import strict_json
 from signing_agent.cose.governance import MsgType, check_created_at, check_proposal_id, compact_json
 from signing_agent.errors import InvalidRequestError
-from signing_agent.service import SignRequest
+from signing_agent.signer import SignRequest
 
 
 def parse_json(raw: bytes) -> Any:

@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from signing_agent.api.context import read_body
 from signing_agent.api.governance_routes import relay_response
+from signing_agent.api.request import read_body
 from signing_agent.api.runtime import governance_of
 from signing_agent.api.schemas import get_str, parse_object
 from signing_agent.errors import InvalidRequestError

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from signing_agent.backends._p11init import (
+from signing_agent.backends._p11session import (
     DEFAULT_MODULE_DIRS,
     check_module_path,
     p11exc,

@@ -22,7 +22,7 @@ unless the key has ``oaep = "host"``, which uses raw RSA (CKM_RSA_X_509) in the 
 host (opt-in, because a host-side decoder is a potential padding oracle: it reports one uniform error for
 every failure).
 
-Every PKCS#11 call runs inside ``_p11init.map_pkcs11_errors``, the one table from python-pkcs11's exceptions to
+Every PKCS#11 call runs inside ``_p11session.map_pkcs11_errors``, the one table from python-pkcs11's exceptions to
 ``signing_agent.errors`` (a refused PIN, a mechanism the token lacks, the one uniform decryption failure ...).
 
 A lost session, token or device (``SessionHandleInvalid``, ``UserNotLoggedIn``, ``DeviceRemoved``,
@@ -36,7 +36,7 @@ touching the module until the next reconnection attempt, at most one per ``RETRY
 and the first call that succeeds ends the outage. A rejected PIN is not retried (repeated failures can lock a
 token) until ``reset()``.
 
-``pkcs11`` and ``asn1crypto`` are imported in ``signing_agent.backends`` only (here, ``_p11init``, ``_p11module``
+``pkcs11`` and ``asn1crypto`` are imported in ``signing_agent.backends`` only (here, ``_p11session``, ``_p11module``
 and ``pkcs11_admin``), and their exceptions never leave it.
 """
 
@@ -58,8 +58,8 @@ from typing import Any, Literal, TypeVar
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, for_curve
-from signing_agent.backends import _p11init, _p11module
-from signing_agent.backends._p11init import (
+from signing_agent.backends import _p11module, _p11session
+from signing_agent.backends._p11session import (
     DECRYPTION_FAILED,
     DEFAULT_MODULE_DIRS,
     PinSource,
@@ -340,9 +340,9 @@ class _TokenConnection:
             return self._session
         if self._refused is not None:
             raise PinRejectedError(self._refused.message, hint=self._refused.hint)
-        token = _p11init.find_token(module.lib, self.token_label, where=where)
+        token = _p11session.find_token(module.lib, self.token_label, where=where)
         try:
-            session = _p11init.open_session(token, self.pin, rw=False, where=where)
+            session = _p11session.open_session(token, self.pin, rw=False, where=where)
         except PinRejectedError as exc:
             self._refused = exc
             raise
@@ -362,7 +362,7 @@ class _TokenConnection:
         self.handles.clear()
         session, self._session = self._session, None
         if session is not None:
-            _p11init.close_session(session)
+            _p11session.close_session(session)
 
     def _drop_now(self) -> None:
         module = self._module

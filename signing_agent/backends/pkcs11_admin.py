@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import for_curve, verify_digest
-from signing_agent.backends import _p11init, member_cert
-from signing_agent.backends._p11init import PinSource, describe_error, require_pkcs11
+from signing_agent.backends import _p11session, member_cert
+from signing_agent.backends._p11session import PinSource, describe_error, require_pkcs11
 from signing_agent.backends.pkcs11 import find_private_key, oaep_sha256_decode, read_public_key
 from signing_agent.certs import member_id as member_id  # re-exported: keys list/generate print it
 from signing_agent.errors import AgentError, BackendError, ConfigError, IdentityError
@@ -75,10 +75,10 @@ def admin_session(target: TokenTarget, *, rw: bool = True) -> Iterator[Any]:
     """A logged-in session to the target token (rw by default); PKCS#11 errors become ``AgentError``."""
     p11 = require_pkcs11()
     where = f"token {target.token_label!r}" if target.token_label else "token"
-    lib = _p11init.load_module(target.module, target.init_params)
+    lib = _p11session.load_module(target.module, target.init_params)
     try:
-        token = _p11init.find_token(lib, target.token_label, where=where)
-        session = _p11init.open_session(token, target.pin, rw=rw, where=where)
+        token = _p11session.find_token(lib, target.token_label, where=where)
+        session = _p11session.open_session(token, target.pin, rw=rw, where=where)
     except p11.exceptions.PKCS11Error as exc:
         raise BackendError(f"{where}: {describe_error(exc)}") from None
     try:
@@ -86,7 +86,7 @@ def admin_session(target: TokenTarget, *, rw: bool = True) -> Iterator[Any]:
     except p11.exceptions.PKCS11Error as exc:
         raise BackendError(f"{where}: the token failed: {describe_error(exc)}") from None
     finally:
-        _p11init.close_session(session)
+        _p11session.close_session(session)
 
 
 def _new_id(key_id: bytes | None) -> bytes:

@@ -4,7 +4,7 @@
 ``watcher`` and ``service``.
 """
 
-from signing_agent.recovery.service import RecoveryService
+from signing_agent.recovery.member import RecoveryMember
 from signing_agent.recovery.shares import MAX_DECRYPTION_FAILURES, ShareResult, ShareSubmitter, scrub
 from signing_agent.recovery.store import MAX_STATE_BYTES, STATE_VERSION, RecoveryKey, RecoveryStateStore
 from signing_agent.recovery.trust import ServiceTrust
@@ -17,7 +17,7 @@ __all__ = [
     "WAITING",
     "Recovering",
     "RecoveryKey",
-    "RecoveryService",
+    "RecoveryMember",
     "RecoveryStateStore",
     "RecoveryWatcher",
     "ServiceTrust",

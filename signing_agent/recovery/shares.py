@@ -2,7 +2,7 @@
 
 The policy is asked first, before anything is fetched or decrypted: may the caller have this identity's recovery
 share submitted to this CCF service (``Action.recovery_share``)? The signature of the real share then goes through
-the normal sign path (``SigningService.sign``), which asks again and audits it.
+the normal sign path (``Signer.sign``), which asks again and audits it.
 
 The share is secret. Its plaintext and base64 live in local bytearrays for the few statements between decryption and
 signing, and are zeroed afterwards; they never reach a log line, an audit record, an exception message, the state file
@@ -42,12 +42,12 @@ from signing_agent.errors import (
     InvalidRequestError,
     UnsupportedOperationError,
 )
-from signing_agent.governance import GovernanceService, Relay
+from signing_agent.governance import Governance, Relay
 from signing_agent.metrics import Metrics
 from signing_agent.policy import Action
 from signing_agent.recovery.store import RecoveryKey
 from signing_agent.recovery.trust import ServiceTrust
-from signing_agent.service import SignedMessage, SigningService, SignRequest
+from signing_agent.signer import SignedMessage, Signer, SignRequest
 
 _logger = logging.getLogger("signing_agent.recovery")
 
@@ -131,8 +131,8 @@ class ShareSubmitter:
 
     def __init__(
         self,
-        signer: SigningService,
-        governance: GovernanceService,
+        signer: Signer,
+        governance: Governance,
         trust: ServiceTrust,
         *,
         auditor: Auditor,

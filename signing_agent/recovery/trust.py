@@ -37,10 +37,10 @@ from signing_agent.errors import (
     ConflictError,
     InvalidRequestError,
 )
-from signing_agent.governance import GovernanceService, Relay
+from signing_agent.governance import Governance, Relay
 from signing_agent.policy import ACCEPT_BALLOT, Action
 from signing_agent.recovery.store import ADOPTED, APPROVED, RecoveryStateStore
-from signing_agent.service import SigningService
+from signing_agent.signer import Signer
 
 _logger = logging.getLogger("signing_agent.recovery")
 
@@ -96,9 +96,7 @@ class ServiceTrust:
     ways to read from a service (``read``: a provisional identity will do; ``share_read``: only one decided for
     shares)."""
 
-    def __init__(
-        self, signer: SigningService, governance: GovernanceService, state_dir: Path, *, auditor: Auditor
-    ) -> None:
+    def __init__(self, signer: Signer, governance: Governance, state_dir: Path, *, auditor: Auditor) -> None:
         self.signer = signer
         self.governance = governance
         self.state_dir = state_dir

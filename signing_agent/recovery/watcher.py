@@ -5,7 +5,7 @@ A recovery is keyed by the CCF service's ``recoveryCount`` and ``creationTransac
 remembered in the state file (``recovery.store``), so that a restart never submits again. Each poll is the agent's
 own request (``RequestContext.for_agent``): its own caller, and a ``watcher-`` request id no client can forge.
 
-What a watcher needs of the recovery use case is the ``Recovering`` Protocol (``RecoveryService`` is one), so this
+What a watcher needs of the recovery use case is the ``Recovering`` Protocol (``RecoveryMember`` is one), so this
 module imports neither the use case nor the key stores.
 
 Must not import aiohttp or the API.

@@ -333,5 +333,5 @@ async def test_every_log_line_of_a_request_carries_its_id(agent: Path, caplog: p
         resp = await asyncio.to_thread(client.request, "POST", "/v1/sign", body, headers={"X-Request-Id": "trace-1"})
     assert resp.status == 200, resp.body
     lines = {r.name: getattr(r, "request_id", None) for r in caplog.records}
-    assert lines["signing_agent.service"] == "trace-1"
+    assert lines["signing_agent.signer"] == "trace-1"
     assert lines["signing_agent.access"] == "trace-1"

@@ -28,13 +28,13 @@ from signing_agent.config import ServiceConfig, parse_config
 from signing_agent.daemon import bind_unix_socket
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import BackendUnavailableError
-from signing_agent.governance import GovernanceService
+from signing_agent.governance import Governance
 from signing_agent.health import HealthChecker
 from signing_agent.identity import open_identity
 from signing_agent.metrics import METRICS, RECOVERY_STATES, Metrics
 from signing_agent.policy import default_policy
-from signing_agent.recovery import RecoveryService
-from signing_agent.service import SigningService
+from signing_agent.recovery import RecoveryMember
+from signing_agent.signer import Signer
 from tests.support.agent import file_identity
 from tests.support.pki import Member, make_member
 from tests.support.sandbox_proc import SandboxProcess, sandbox
@@ -133,7 +133,7 @@ async def world(workdir: Path, members: dict[str, Member], sandbox_proc: Sandbox
     sink = await FileAuditSink.open(workdir / "audit" / "audit.jsonl", max_bytes=1 << 20)
     auditor = Auditor(sink, metrics=metrics)
     denials = DenialThrottle(30, 60.0)
-    service = SigningService(identities, policy=default_policy(os.getuid()), auditor=auditor, denials=denials)
+    service = Signer(identities, policy=default_policy(os.getuid()), auditor=auditor, denials=denials)
     svc = ServiceConfig(
         name="default",
         url=sandbox_proc.url,
@@ -143,9 +143,9 @@ async def world(workdir: Path, members: dict[str, Member], sandbox_proc: Sandbox
         backoff_max=0.05,
         request_timeout=5.0,
     )
-    governance = GovernanceService(service, {"default": svc}, auditor=auditor)
+    governance = Governance(service, {"default": svc}, auditor=auditor)
     checker = HealthChecker(service, governance, stores=stores, metrics=metrics, timeout=3.0, cache_seconds=0.0)
-    recovery = RecoveryService(service, governance, config.recovery, auditor=auditor, metrics=metrics)
+    recovery = RecoveryMember(service, governance, config.recovery, auditor=auditor, metrics=metrics)
     runtime = Runtime(
         Generation(1, service, governance, checker, recovery), denials=denials, auditor=auditor, metrics=metrics
     )

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signing_agent.algorithms import ES256, ES384, ES512, SignatureAlgorithm, verify_digest
-from signing_agent.backends._p11init import load_module
+from signing_agent.backends._p11session import load_module
 from signing_agent.backends.pkcs11 import (
     DECRYPTION_FAILED,
     PKCS11DecryptionKey,

@@ -82,7 +82,7 @@ def keys_generate(token: TokenInfo, *args: str) -> tuple[int, str, str]:
 def _objects(token: TokenInfo, key_id: bytes) -> dict[str, list[dict[str, Any]]]:
     """The token's objects with ``key_id``, by class, with the attributes the tools look at."""
     from signing_agent.backends import pkcs11_admin
-    from signing_agent.backends._p11init import require_pkcs11
+    from signing_agent.backends._p11session import require_pkcs11
 
     p11 = require_pkcs11()
     a, oc = p11.Attribute, p11.ObjectClass
@@ -99,7 +99,7 @@ def _objects(token: TokenInfo, key_id: bytes) -> dict[str, list[dict[str, Any]]]
 
 
 def test_pkcs11_tool_lists_signs_with_and_pairs_a_generated_key(tool_token: TokenInfo, tmp_path: Path) -> None:
-    from signing_agent.backends._p11init import require_pkcs11
+    from signing_agent.backends._p11session import require_pkcs11
 
     a = require_pkcs11().Attribute
     label, key_id = unique_label("member"), secrets.token_bytes(6)

@@ -61,7 +61,7 @@ async def test_a_generation_closes_what_it_opened_in_reverse(
 ) -> None:
     config = config_for(workdir, members)
     async with dry_resources(config) as resources, open_generation(config, resources) as gen:
-        assert sorted(gen.service.identities) == ["m0", "m1"]
+        assert sorted(gen.signer.identities) == ["m0", "m1"]
         assert gen.recovery.governance is gen.governance
         assert closed == []
     assert closed == ["m1", "m0"]
@@ -90,14 +90,14 @@ async def test_generations_share_the_process_budgets_and_close_one_at_a_time(
         first = await generations.open(config, number=1)
         second = await generations.open(config, number=2)
         # A reload refills nobody's budget: the rate-limit buckets and the denial budget are the process's.
-        assert second.service.policy.limiter is first.service.policy.limiter is resources.limiter
-        assert second.service.denials is first.service.denials is resources.denials
-        assert second.service.auditor is first.service.auditor is resources.auditor
+        assert second.signer.policy.limiter is first.signer.policy.limiter is resources.limiter
+        assert second.signer.denials is first.signer.denials is resources.denials
+        assert second.signer.auditor is first.signer.auditor is resources.auditor
         runtime = resources.runtime(first)
         assert runtime.swap(second) is first
         await generations.close(first)
         assert closed == ["m1", "m0"]
-        assert second.service.identity("m0").signing_key is not first.service.identity("m0").signing_key
+        assert second.signer.identity("m0").signing_key is not first.signer.identity("m0").signing_key
         await generations.aclose()
         assert closed == ["m1", "m0", "m1", "m0"]
 

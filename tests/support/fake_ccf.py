@@ -44,7 +44,7 @@ from signing_agent.ccf.client import CCFResponse
 from signing_agent.config import FileKeyConfig, IdentityConfig, ServiceConfig
 from signing_agent.cose.sign1 import HEADER_KID, DecodedSign1, decode
 from signing_agent.errors import CCFTrustError, CCFUnavailableError
-from signing_agent.governance import GovernanceService
+from signing_agent.governance import Governance
 from signing_agent.identity import Identity, open_identity
 from tests.support.fakes import MemoryAuditSink, memory_auditor, signing_service
 from tests.support.pki import Member as PkiMember
@@ -412,7 +412,7 @@ class FakeGovernanceAPI:
 
 
 class FakeCCF:
-    """The ``Connector`` to in-memory services: ``add`` them, then give ``GovernanceService(..., connector=fake)``."""
+    """The ``Connector`` to in-memory services: ``add`` them, then give ``Governance(..., connector=fake)``."""
 
     def __init__(self) -> None:
         self.services: dict[str, FakeService] = {}
@@ -496,7 +496,7 @@ class FakeWorld:
     service: FakeService
     m0: FileIdentity
     audit: MemoryAuditSink
-    gov: GovernanceService
+    gov: Governance
 
     def events(self) -> list[str]:
         return [r["event"] for r in self.audit.records]
@@ -517,5 +517,5 @@ async def fake_world(
     audit = MemoryAuditSink()
     auditor = memory_auditor(audit)
     signer = signing_service({"m0": m0.identity}, auditor)
-    gov = GovernanceService(signer, {"prod": ccf.config("prod", **settings)}, auditor=auditor, connector=ccf)
+    gov = Governance(signer, {"prod": ccf.config("prod", **settings)}, auditor=auditor, connector=ccf)
     return FakeWorld(ccf, service, m0, audit, gov)

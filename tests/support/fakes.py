@@ -19,7 +19,7 @@ from signing_agent.errors import AuditError
 from signing_agent.identity import Identity
 from signing_agent.metrics import METRICS
 from signing_agent.policy import default_policy
-from signing_agent.service import SigningService
+from signing_agent.signer import Signer
 
 
 @dataclass
@@ -50,9 +50,9 @@ def memory_auditor(sink: MemoryAuditSink | None = None) -> Auditor:
     return Auditor(sink if sink is not None else MemoryAuditSink(), metrics=METRICS)
 
 
-def signing_service(identities: Mapping[str, Identity], auditor: Auditor | None = None) -> SigningService:
-    """A ``SigningService`` with the default policy (the test's own uid and root may do everything)."""
-    return SigningService(
+def signing_service(identities: Mapping[str, Identity], auditor: Auditor | None = None) -> Signer:
+    """A ``Signer`` with the default policy (the test's own uid and root may do everything)."""
+    return Signer(
         identities,
         policy=default_policy(os.getuid()),
         auditor=auditor if auditor is not None else memory_auditor(),

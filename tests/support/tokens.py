@@ -92,7 +92,7 @@ class TokenInfo:
 
     def target(self) -> Any:
         """A ``pkcs11_admin.TokenTarget`` for this token."""
-        from signing_agent.backends._p11init import PinSource
+        from signing_agent.backends._p11session import PinSource
         from signing_agent.backends.pkcs11_admin import TokenTarget
 
         return TokenTarget(
@@ -205,10 +205,10 @@ def import_rsa(token: TokenInfo, key: rsa.RSAPrivateKey, label: str | None = Non
 
 def close_all_sessions(token: TokenInfo) -> None:
     """``C_CloseAllSessions`` on the token's slot: every session of this process, and the login, are gone."""
-    from signing_agent.backends import _p11init, _p11module
+    from signing_agent.backends import _p11module, _p11session
 
     module = _p11module.open_module(token.module, token.init_params)
-    slot = _p11init.find_token(module.lib, token.token_label, where="test").slot
+    slot = _p11session.find_token(module.lib, token.token_label, where="test").slot
     module.close_all_sessions(slot.slot_id)
 
 

@@ -59,7 +59,7 @@ def test_the_http_layers_own_codes_map_by_status(status: int, code: str, expecte
 
 def test_the_body_timeout_is_a_timeout_whichever_way_it_comes() -> None:
     # BodyTimeoutError (the API's 408) registers the code RequestTimeout once the API is imported: still a timeout.
-    from signing_agent.api.context import BodyTimeoutError
+    from signing_agent.api.request import BodyTimeoutError
 
     assert exit_code(BodyTimeoutError("x")) == Exit.TIMEOUT
     assert exit_code(AgentRequestError(408, "RequestTimeout", "x")) == Exit.TIMEOUT

@@ -10,7 +10,7 @@ import pytest
 
 from signing_agent.backends.keystores import KeyStores
 from signing_agent.errors import CCFUnavailableError
-from signing_agent.governance import GovernanceService
+from signing_agent.governance import Governance
 from signing_agent.health import HealthChecker
 from tests.support.fake_ccf import FakeCCF, FakeService, file_identity
 from tests.support.fakes import signing_service
@@ -32,7 +32,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     m1 = await file_identity(tmp_path, "m1")
     service.add_member(m0.member_id, "Accepted")
     signer = signing_service({"m0": m0.identity, "m1": m1.identity})
-    gov = GovernanceService(signer, {"prod": ccf.config("prod")}, auditor=signer.auditor, connector=ccf)
+    gov = Governance(signer, {"prod": ccf.config("prod")}, auditor=signer.auditor, connector=ccf)
     now = [0.0]
     checker = HealthChecker(signer, gov, stores=KeyStores(), cache_seconds=15.0, clock=lambda: now[0])
     yield World(service, checker, now, m0.member_id)

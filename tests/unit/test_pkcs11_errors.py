@@ -1,4 +1,4 @@
-"""The PKCS#11 exception map (``_p11init.map_pkcs11_errors``), row by row, with python-pkcs11's own exception classes.
+"""The PKCS#11 exception map (``_p11session.map_pkcs11_errors``), row by row, with python-pkcs11's exception classes.
 
 That the token connection reconnects on a ``TokenLostError`` (and reports an outage after that) is proven against
 SoftHSM2 in tests/component/test_pkcs11_backend.py and tests/e2e/test_pkcs11_daemon.py.
@@ -11,7 +11,7 @@ from typing import Any
 import pkcs11.exceptions as x
 import pytest
 
-from signing_agent.backends._p11init import DECRYPTION_FAILED, TokenLostError, map_pkcs11_errors
+from signing_agent.backends._p11session import DECRYPTION_FAILED, TokenLostError, map_pkcs11_errors
 from signing_agent.errors import (
     AgentError,
     BackendError,

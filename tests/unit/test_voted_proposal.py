@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from signing_agent.errors import CCFUnavailableError, UnknownServiceError
-from signing_agent.governance import GovernanceService
-from signing_agent.service import VotedProposal
+from signing_agent.governance import Governance
+from signing_agent.signer import VotedProposal
 from tests.support.fake_ccf import FakeCCF, FakeService
 from tests.support.fakes import memory_auditor, signing_service
 
@@ -26,9 +26,7 @@ async def voted(reply: tuple[int, object] | Exception) -> tuple[VotedProposal, F
     else:
         service.answer_next("proposal_actions", *reply)
     auditor = memory_auditor()
-    gov = GovernanceService(
-        signing_service({}, auditor), {"prod": fake.config("prod")}, auditor=auditor, connector=fake
-    )
+    gov = Governance(signing_service({}, auditor), {"prod": fake.config("prod")}, auditor=auditor, connector=fake)
     try:
         return await gov.voted_proposal("prod", PID), service
     finally:
@@ -73,6 +71,6 @@ async def test_no_answer_leaves_the_actions_unknown() -> None:
 
 async def test_an_unknown_service_is_an_error_not_an_unknown_proposal() -> None:
     auditor = memory_auditor()
-    gov = GovernanceService(signing_service({}, auditor), {}, auditor=auditor)
+    gov = Governance(signing_service({}, auditor), {}, auditor=auditor)
     with pytest.raises(UnknownServiceError):
         await gov.voted_proposal("prod", PID)

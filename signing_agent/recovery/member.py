@@ -1,7 +1,7 @@
-"""The recovery use case for one configuration generation: ``RecoveryService``, the one entry point the API, the CLI
+"""The recovery use case for one configuration generation: ``RecoveryMember``, the one entry point the API, the CLI
 and the daemon use.
 
-Two ways in: ``RecoveryService.submit_share`` on request (the API and ``signing-agent recovery submit-share``), and a
+Two ways in: ``RecoveryMember.submit_share`` on request (the API and ``signing-agent recovery submit-share``), and a
 ``RecoveryWatcher`` per configured (CCF service, identity) that polls the CCF service and submits the share once per
 recovery. The work is done by the package's parts, each with one job:
 
@@ -25,25 +25,25 @@ from typing import Any
 from signing_agent.audit import Auditor
 from signing_agent.ccf.api import ServiceInfo
 from signing_agent.config import RecoveryConfig
-from signing_agent.governance import GovernanceService, Relay
+from signing_agent.governance import Governance, Relay
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.recovery.shares import ShareResult, ShareSubmitter
 from signing_agent.recovery.store import RecoveryStateStore
 from signing_agent.recovery.trust import ServiceTrust
 from signing_agent.recovery.watcher import RecoveryWatcher
-from signing_agent.service import SigningService
+from signing_agent.signer import Signer
 
 _logger = logging.getLogger("signing_agent.recovery")
 
 
-class RecoveryService:
+class RecoveryMember:
     """Recovery-share submission for the identities of one configuration generation, the trust rules after a
     disaster recovery, and the watchers."""
 
     def __init__(
         self,
-        signer: SigningService,
-        governance: GovernanceService,
+        signer: Signer,
+        governance: Governance,
         config: RecoveryConfig,
         *,
         auditor: Auditor,
@@ -67,11 +67,11 @@ class RecoveryService:
                         )
 
     @property
-    def signer(self) -> SigningService:
+    def signer(self) -> Signer:
         return self.shares.signer
 
     @property
-    def governance(self) -> GovernanceService:
+    def governance(self) -> Governance:
         return self.shares.governance
 
     @property

@@ -33,12 +33,12 @@ from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import Action, Policy
 from signing_agent.recovery import (
     RecoveryKey,
-    RecoveryService,
+    RecoveryMember,
     RecoveryStateStore,
     RecoveryWatcher,
     ShareResult,
 )
-from signing_agent.service import SigningService, SignRequest
+from signing_agent.signer import Signer, SignRequest
 from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
 from tests.support.fakes import as_peer, signing_service
 from tests.support.pki import make_member
@@ -56,7 +56,7 @@ def peer() -> Iterator[None]:
 
 @dataclass
 class World(FakeWorld):
-    recovery: RecoveryService
+    recovery: RecoveryMember
 
 
 async def make_world(tmp_path: Path, **settings: object) -> World:
@@ -65,7 +65,7 @@ async def make_world(tmp_path: Path, **settings: object) -> World:
                             "recovery_count": 1}, **settings)  # fmt: skip
     base.service.encrypted_shares[base.m0.member_id] = base.m0.encrypt_share(SHARE)
     config = RecoveryConfig(state_dir=tmp_path / "state")
-    return World(**vars(base), recovery=RecoveryService(base.gov.signer, base.gov, config, auditor=base.gov.auditor))
+    return World(**vars(base), recovery=RecoveryMember(base.gov.signer, base.gov, config, auditor=base.gov.auditor))
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ async def test_a_share_that_is_not_base64_is_an_error_and_nothing_is_decrypted(w
 async def test_an_identity_without_an_encryption_key_cannot_submit(tmp_path: Path, world: World) -> None:
     m1 = await file_identity(tmp_path, "m1")
     signer = signing_service({"m1": m1.identity}, world.gov.auditor)
-    recovery = RecoveryService(signer, world.gov, world.recovery.config, auditor=world.gov.auditor)
+    recovery = RecoveryMember(signer, world.gov, world.recovery.config, auditor=world.gov.auditor)
     with pytest.raises(InvalidRequestError, match="has no encryption_key"):
         await recovery.submit_share("prod", "m1")
     assert world.service.calls == []
@@ -177,7 +177,7 @@ async def test_the_question_charges_no_rate_limit_the_signature_does(world: Worl
 def test_the_question_before_decryption_is_the_one_the_share_s_signature_gets() -> None:
     payload = json.dumps({"share": base64.b64encode(SHARE).decode()}).encode()
     req = SignRequest(identity="m0", msg_type=MsgType.RECOVERY_SHARE, payload=payload, service="prod")
-    signed = SigningService._action("m0", req, summarise_payload(req.msg_type, req.payload))
+    signed = Signer._action("m0", req, summarise_payload(req.msg_type, req.payload))
     assert Action.recovery_share("m0", "prod") == signed
 
 

@@ -16,18 +16,18 @@ from signing_agent.errors import AuditError, InvalidRequestError, PolicyDeniedEr
 from signing_agent.identity import open_identity
 from signing_agent.metrics import METRICS
 from signing_agent.policy import Policy, default_policy
-from signing_agent.service import SigningService, SignRequest
+from signing_agent.signer import Signer, SignRequest
 from tests.support.fakes import MemoryAuditSink, as_agent, as_peer, denials, memory_auditor
 from tests.support.pki import make_member
 
 
-async def service_with(tmp_path: Path, audit: MemoryAuditSink) -> SigningService:
+async def service_with(tmp_path: Path, audit: MemoryAuditSink) -> Signer:
     member = make_member("m0", "secp256r1")
     key, cert = member.write(tmp_path)
     ident = await open_identity(
         IdentityConfig(name="m0", certificate=cert, signing_key=FileKeyConfig(path=key)), KeyStores()
     )
-    return SigningService(
+    return Signer(
         {"m0": ident},
         policy=default_policy(os.getuid()),
         auditor=memory_auditor(audit),
@@ -74,7 +74,7 @@ async def test_a_caller_created_at_must_be_within_the_skew_of_the_clock(tmp_path
     await service.identity("m0").aclose()
 
 
-async def created_at_checks(service: SigningService) -> None:
+async def created_at_checks(service: Signer) -> None:
     for edge in (1_700_000_000 - 300, 1_700_000_000 + 300):
         assert (await service.sign(state_digest(edge))).created_at == edge
     for outside in (1_700_000_000 - 301, 1_700_000_000 + 301, 9_999_999_999):

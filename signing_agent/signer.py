@@ -4,7 +4,7 @@ Every signature is verified against the identity's certificate before the messag
 that signs with the wrong key, or returns a malformed signature, can never put a bad message on the wire.
 This module knows nothing of HTTP; the API and the CLI reach the key stores only through it.
 
-Naming: ``SigningService`` is the agent's signing use case. Wherever a ``service`` is named here
+Naming: ``Signer`` is the agent's signing use case. Wherever a ``service`` is named here
 (``SignRequest.service``, ``SignedMessage.service``), it is a CCF service: the name of a configured
 ``[services.NAME]`` the message goes to.
 """
@@ -95,7 +95,7 @@ class VotedProposal:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SignRequest:
-    """One message to sign (``SigningService.sign``) or to explain (``SigningService.explain``); who asks is the
+    """One message to sign (``Signer.sign``) or to explain (``Signer.explain``); who asks is the
     request context (``signing_agent.context``).
 
     ``created_at`` defaults to now (integer seconds, UTC). ``service`` is the CCF service the message goes to (None:
@@ -113,7 +113,7 @@ class SignRequest:
     voted: VotedProposal | None = None
     service_facts: ServiceFacts | None = None
     """For a proposal to a service: what the governance layer read of the service's state for the proposal's checks
-    (``SigningService.check_proposal``); one whose checks need it cannot be signed without."""
+    (``Signer.check_proposal``); one whose checks need it cannot be signed without."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +153,7 @@ def _listed(actions: tuple[str, ...] | None) -> list[str] | None:
     return list(actions) if actions else None
 
 
-class SigningService:
+class Signer:
     """Signs governance messages for the configured identities, as the policy allows, with every step audited.
 
     Who asks is the current request context (``signing_agent.context``): a socket peer, or the agent itself (a
