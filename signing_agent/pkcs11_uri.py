@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from signing_agent.errors import ConfigError
 
@@ -94,6 +95,13 @@ def _text(value: str, *, what: str) -> str:
         raise ConfigError(f"pkcs11 URI: {what}: not UTF-8 after percent-decoding") from None
 
 
+_PARTS = {
+    # where: (the separator, the attributes it takes, the other part's and where they go)
+    "path": (";", PATH_ATTRIBUTES, QUERY_ATTRIBUTES, "a query attribute: write it after '?'"),
+    "query": ("&", QUERY_ATTRIBUTES, PATH_ATTRIBUTES, "a path attribute: write it before '?'"),
+}
+
+
 def _pairs(part: str, sep: str, *, where: str) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     if not part:
@@ -108,6 +116,28 @@ def _pairs(part: str, sep: str, *, where: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _attributes(part: str, where: Literal["path", "query"]) -> dict[str, str]:
+    """The attributes of the URI's path or query part, by (lowercased) name, values still percent-encoded. Each
+    must belong to this part (or be a vendor's ``x-...``) and appear once; ``pin-value`` is refused in the query
+    (and, in the path, as a query attribute)."""
+    sep, known, elsewhere, misplaced = _PARTS[where]
+    values: dict[str, str] = {}
+    for name, value in _pairs(part, sep, where=where):
+        if name == "pin-value" and where == "query":
+            raise ConfigError(
+                "pkcs11 URI: pin-value is refused: a PIN is never written inline",
+                hint="use pin-source=file:/path/to/pin (mode 0600), or pin_file / pin_env in the config",
+            )
+        if name in elsewhere:
+            raise ConfigError(f"pkcs11 URI: {name} is {misplaced}")
+        if name not in known and not name.startswith("x-"):
+            raise ConfigError(f"pkcs11 URI: unknown {where} attribute {name!r}")
+        if name in values:
+            raise ConfigError(f"pkcs11 URI: {where} attribute {name!r} appears twice")
+        values[name] = value
+    return values
+
+
 def parse_uri(text: str) -> PKCS11URI:
     """Parse an RFC 7512 URI. Raises ``ConfigError`` that says what is wrong (never a secret)."""
     if not text.lower().startswith("pkcs11:"):
@@ -116,29 +146,8 @@ def parse_uri(text: str) -> PKCS11URI:
     if "#" in rest:
         raise ConfigError("pkcs11 URI: a fragment ('#') is not allowed")
     path, _, query = rest.partition("?")
-    values: dict[str, str] = {}
-    for name, value in _pairs(path, ";", where="path"):
-        if name in QUERY_ATTRIBUTES:
-            raise ConfigError(f"pkcs11 URI: {name} is a query attribute: write it after '?'")
-        if name not in PATH_ATTRIBUTES and not name.startswith("x-"):
-            raise ConfigError(f"pkcs11 URI: unknown path attribute {name!r}")
-        if name in values:
-            raise ConfigError(f"pkcs11 URI: path attribute {name!r} appears twice")
-        values[name] = value
-    query_values: dict[str, str] = {}
-    for name, value in _pairs(query, "&", where="query"):
-        if name == "pin-value":
-            raise ConfigError(
-                "pkcs11 URI: pin-value is refused: a PIN is never written inline",
-                hint="use pin-source=file:/path/to/pin (mode 0600), or pin_file / pin_env in the config",
-            )
-        if name in PATH_ATTRIBUTES:
-            raise ConfigError(f"pkcs11 URI: {name} is a path attribute: write it before '?'")
-        if name not in QUERY_ATTRIBUTES and not name.startswith("x-"):
-            raise ConfigError(f"pkcs11 URI: unknown query attribute {name!r}")
-        if name in query_values:
-            raise ConfigError(f"pkcs11 URI: query attribute {name!r} appears twice")
-        query_values[name] = value
+    values = _attributes(path, "path")
+    query_values = _attributes(query, "query")
 
     other: dict[str, str] = {}
     for name in ("library-manufacturer", "library-description", "library-version", "slot-description",

@@ -33,18 +33,23 @@ def test_minimal_and_pin_source_forms() -> None:
     assert parse_uri("pkcs11:?pin-source=/run/pin").pin_file == Path("/run/pin")
     assert parse_uri("pkcs11:?pin-source=file:///run/pin").pin_file == Path("/run/pin")
     assert parse_uri("pkcs11:slot-id=7").slot_id == 7
+    assert parse_uri("pkcs11:X-Path=a?x-query=b&").other == {"x-path": "a", "x-query": "b"}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("pkcs11:object=a?pin-value=1234", "pin-value is refused"),
-        ("pkcs11:pin-value=1234", "query attribute"),
+        ("pkcs11:pin-value=1234", "pin-value is a query attribute: write it after '\\?'"),
+        ("pkcs11:?pin-value=1&pin-value=2", "pin-value is refused"),
         ("file:/x", "must start with 'pkcs11:'"),
         ("pkcs11:object=a;object=b", "appears twice"),
         ("pkcs11:objekt=a", "unknown path attribute"),
         ("pkcs11:?module=x", "unknown query attribute"),
-        ("pkcs11:?token=x", "path attribute"),
+        ("pkcs11:?token=x", "token is a path attribute: write it before '\\?'"),
+        ("pkcs11:?module-name=a&module-name=b", "query attribute 'module-name' appears twice"),
+        ("pkcs11:?x-v=1&X-V=2", "query attribute 'x-v' appears twice"),
+        ("pkcs11:?module-name", "query attribute 'module-name' has no '=value'"),
         ("pkcs11:object=%zz", "two hex digits"),
         ("pkcs11:object=%4", "two hex digits"),
         ("pkcs11:object=%ff", "not UTF-8"),
