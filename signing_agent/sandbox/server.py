@@ -39,11 +39,11 @@ import re
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -115,6 +115,24 @@ def _error(error: GovError) -> web.Response:
     )
 
 
+class _Described(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def _listed(call: _Call, items: Iterable[_Described]) -> web.Response:
+    """A collection as CCF lists it: ``{"value": [...]}``."""
+    return _json(call.state, {"value": [item.to_json() for item in items]})
+
+
+def _found(call: _Call, what: str, find: Callable[[str], _Described | None]) -> web.Response:
+    """The ``what`` (member, node) the path's id names, or CCF's 404 ``ResourceNotFound``."""
+    item_id = check_hex_id(call.params[0], what)
+    item = find(item_id)
+    if item is None:
+        raise GovError(404, "ResourceNotFound", f"{what.capitalize()} {item_id} does not exist.")
+    return _json(call.state, item.to_json())
+
+
 # -- handlers ---
 
 
@@ -165,7 +183,7 @@ def _find_proposal(call: _Call) -> tuple[str, Any]:
 
 
 def _list_proposals(call: _Call) -> web.Response:
-    return _json(call.state, {"value": [p.to_json() for p in call.state.proposals()]})
+    return _listed(call, call.state.proposals())
 
 
 def _get_proposal(call: _Call) -> web.Response:
@@ -208,15 +226,11 @@ def _service_info(call: _Call) -> web.Response:
 
 
 def _members(call: _Call) -> web.Response:
-    return _json(call.state, {"value": [m.to_json() for m in call.state.members()]})
+    return _listed(call, call.state.members())
 
 
 def _member(call: _Call) -> web.Response:
-    member_id = check_hex_id(call.params[0], "member")
-    member = call.state.member(member_id)
-    if member is None:
-        raise GovError(404, "ResourceNotFound", f"Member {member_id} does not exist.")
-    return _json(call.state, member.to_json())
+    return _found(call, "member", call.state.member)
 
 
 def _constitution(call: _Call) -> web.Response:
@@ -249,15 +263,11 @@ def _encrypted_share(call: _Call) -> web.Response:
 
 
 def _nodes(call: _Call) -> web.Response:
-    return _json(call.state, {"value": [n.to_json() for n in call.state.nodes()]})
+    return _listed(call, call.state.nodes())
 
 
 def _node(call: _Call) -> web.Response:
-    node_id = check_hex_id(call.params[0], "node")
-    node = call.state.node(node_id)
-    if node is None:
-        raise GovError(404, "ResourceNotFound", f"Node {node_id} does not exist.")
-    return _json(call.state, node.to_json())
+    return _found(call, "node", call.state.node)
 
 
 def _previous_identity(call: _Call) -> web.Response:

@@ -161,6 +161,11 @@ async def test_set_member_registers_an_active_member_again_as_accepted(
     assert (await gov.pass_proposal(alice, [alice, bob], [again])).json["proposalState"] == "Accepted"
     member = (await gov.get(f"/gov/service/members/{bob_id}")).json
     assert (member["status"], member["memberData"]) == ("Accepted", {"v": 2})
+    unknown = "ab" * 32
+    assert (await gov.get(f"/gov/service/members/{unknown}")).error == (
+        "ResourceNotFound", f"Member {unknown} does not exist."
+    )  # fmt: skip
+    assert bob_id in {m["memberId"] for m in (await gov.get("/gov/service/members")).json["value"]}
 
 
 async def test_opening_an_open_service_does_nothing(gov: GovClient, sandbox: SandboxServer, alice: Member) -> None:
