@@ -27,6 +27,20 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _for_a_year(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+    """A certificate valid from a day ago for a year, with a random serial; the caller adds its extensions."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceIdentity:
     key: ec.EllipticCurvePrivateKey
@@ -44,16 +58,9 @@ class ServiceIdentity:
     def generate(cls, key: ec.EllipticCurvePrivateKey | None = None) -> ServiceIdentity:
         key = key or ec.generate_private_key(ec.SECP384R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CCF Service")])
-        now = datetime.datetime.now(datetime.UTC)
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
+            _for_a_year(name, name, key.public_key())
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -90,15 +97,12 @@ class ServiceIdentity:
 
     def issue_node_cert(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         node_key = ec.generate_private_key(ec.SECP384R1())
-        now = datetime.datetime.now(datetime.UTC)
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CCF Node")]))
-            .issuer_name(self.cert.subject)
-            .public_key(node_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
+            _for_a_year(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CCF Node")]),
+                self.cert.subject,
+                node_key.public_key(),
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.SubjectAlternativeName(
