@@ -36,6 +36,13 @@ def relay_response(relay: Relay) -> web.Response:
     return web.json_response(relay.body, status=relay.status, headers=headers)
 
 
+async def _no_fields(request: web.Request) -> None:
+    """The body of a route that takes no fields: nothing (or only white space), or ``{}``."""
+    raw = await read_body(request)
+    if raw.strip():
+        parse_object(raw, frozenset())
+
+
 async def list_services(request: web.Request) -> web.Response:
     gov = governance_of(request)
     return web.json_response(
@@ -90,9 +97,7 @@ async def withdraw(request: web.Request) -> web.Response:
 
 
 async def activate(request: web.Request) -> web.Response:
-    raw = await read_body(request)
-    if raw.strip():
-        parse_object(raw, frozenset())
+    await _no_fields(request)
     gov = governance_of(request)
     relay = await gov.activate(
         request.match_info["svc"],
@@ -116,9 +121,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def submit_share(request: web.Request) -> web.Response:
     """Fetch, decrypt (in the key store), sign and submit the identity's recovery share; CCF's answer relayed."""
-    raw = await read_body(request)
-    if raw.strip():
-        parse_object(raw, frozenset())
+    await _no_fields(request)
     result = await recovery_of(request).submit_share(
         request.match_info["svc"],
         request.match_info["identity"],

@@ -335,3 +335,20 @@ async def test_every_log_line_of_a_request_carries_its_id(agent: Path, caplog: p
     lines = {r.name: getattr(r, "request_id", None) for r in caplog.records}
     assert lines["signing_agent.signer"] == "trace-1"
     assert lines["signing_agent.access"] == "trace-1"
+
+
+@pytest.mark.parametrize("path", ["/v1/services/default/members/m0/activate", "/v1/services/default/recovery/m0/share"])
+async def test_a_route_without_fields_takes_an_empty_body_or_an_empty_object_only(agent: Path, path: str) -> None:
+    """The body is read before the service is looked up: a field is a 400, nothing or ``{}`` goes on (and finds no
+    service ``default`` here: 404)."""
+    for body, status, code in (
+        (None, 404, "UnknownService"),
+        ({}, 404, "UnknownService"),
+        ({"x": 1}, 400, "InvalidRequest"),
+    ):
+        got, _, raw = await call(agent, "POST", path, body)
+        assert (got, json.loads(raw)["error"]["code"]) == (status, code), (body, raw)
+    reply = await raw_exchange(
+        agent, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n \n ".encode()
+    )
+    assert reply.startswith(b"HTTP/1.1 404 "), reply[:200]
