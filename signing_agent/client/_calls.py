@@ -1,6 +1,7 @@
 """Each route of the agent's API once: its method, path and body, how its answer is read, and what a person waits
 for meanwhile; and the few flows made of several calls (pick the only identity, match an id prefix, wait for a
-state change). Both clients run these, so the sync and async clients cannot drift apart.
+state change); and what both clients hold (``BaseClient``: the socket, the timeout, whom to tell of a slow call) and
+how they read an answer (``checked``). Both clients run these, so the sync and async clients cannot drift apart.
 
 Adding a route: a function here that returns a ``Call``, and a one-line method on each client
 (``AgentClient`` and ``AsyncAgentClient``) that runs it.
@@ -12,11 +13,12 @@ blocking or awaiting, and throws a call's error into it.
 from __future__ import annotations
 
 import binascii
+import os
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 
 from signing_agent.client._http import Response
-from signing_agent.client.errors import AgentUnreachableError, WaitTimeoutError
+from signing_agent.client.errors import AgentUnreachableError, WaitTimeoutError, answered_error
 from signing_agent.client.results import (
     Activation,
     Explanation,
@@ -31,6 +33,7 @@ from signing_agent.client.results import (
     ShareSubmission,
     Signed,
 )
+from signing_agent.client_config import DEFAULT_TIMEOUT, client_settings
 from signing_agent.errors import InvalidRequestError
 from signing_agent.record import Record
 
@@ -77,6 +80,35 @@ class Sleep(Record):
 if TYPE_CHECKING:
     Step = Call[Any] | Sleep
     Flow = Generator[Step, Any, T]
+
+
+Notice = Callable[[str], None]
+"""Told what a call waits for, once it has taken ``notice_after`` seconds (the CLI prints it on a terminal)."""
+
+
+class BaseClient:
+    """What ``AgentClient`` and ``AsyncAgentClient`` share (as httpx's ``BaseClient``): where the agent listens, how
+    long to wait for each answer, and whom to tell what a slow call waits for."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_wait: Notice | None = None,
+        notice_after: float = 1.0,
+    ) -> None:
+        self.socket_path = str(socket_path if socket_path is not None else client_settings().socket)
+        self.timeout = timeout
+        self.on_wait = on_wait
+        self.notice_after = notice_after
+
+
+def checked(resp: Response) -> Response:
+    """A 2xx answer as it came; any other raised as the agent's typed error (``AgentRequestError``)."""
+    if resp.status >= 300:
+        raise answered_error(resp.status, resp.headers, resp.body)
+    return resp
 
 
 def segment(value: str, what: str) -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Mapping
 
 from signing_agent.client import _calls
-from signing_agent.client._calls import Sleep
+from signing_agent.client._calls import BaseClient, Sleep, checked
 from signing_agent.client._http import (
     MalformedAnswerError,
     Response,
@@ -19,7 +18,6 @@ from signing_agent.client._http import (
     talk_failed,
     unreachable,
 )
-from signing_agent.client.errors import answered_error
 from signing_agent.client.results import (
     Activation,
     Explanation,
@@ -34,8 +32,6 @@ from signing_agent.client.results import (
     ShareSubmission,
     Signed,
 )
-from signing_agent.client.sync import Notice
-from signing_agent.client_config import DEFAULT_TIMEOUT, client_settings
 from signing_agent.names import ACCEPT_BALLOT
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every client command 2 ms
@@ -47,21 +43,8 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 
-class AsyncAgentClient:
+class AsyncAgentClient(BaseClient):
     """An asyncio client of the agent's socket API; see ``AgentClient`` for the arguments and each method."""
-
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str] | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        on_wait: Notice | None = None,
-        notice_after: float = 1.0,
-    ) -> None:
-        self.socket_path = str(socket_path if socket_path is not None else client_settings().socket)
-        self.timeout = timeout
-        self.on_wait = on_wait
-        self.notice_after = notice_after
 
     # -- the transport ---------------------------------------------------------------------------------------------
 
@@ -93,10 +76,7 @@ class AsyncAgentClient:
             raise talk_failed(path_, exc) from None
 
     async def call(self, method: str, path: str, body: Any = None) -> Response:
-        resp = await self.request(method, path, body)
-        if resp.status >= 300:
-            raise answered_error(resp.status, resp.headers, resp.body)
-        return resp
+        return checked(await self.request(method, path, body))
 
     async def run(self, call: Call[T]) -> T:
         notice = None

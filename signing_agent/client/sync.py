@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from signing_agent.client import _calls
-from signing_agent.client._calls import Sleep
+from signing_agent.client._calls import BaseClient, Sleep, checked
 from signing_agent.client._http import Response, encode_request, exchange
-from signing_agent.client.errors import answered_error
 from signing_agent.client.results import (
     Activation,
     Explanation,
@@ -25,7 +23,6 @@ from signing_agent.client.results import (
     ShareSubmission,
     Signed,
 )
-from signing_agent.client_config import DEFAULT_TIMEOUT, client_settings
 from signing_agent.names import ACCEPT_BALLOT
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every client command 2 ms
@@ -37,30 +34,14 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 
-Notice = Callable[[str], None]
-"""Told what a call waits for, once it has taken ``notice_after`` seconds (the CLI prints it on a terminal)."""
-
-
-class AgentClient:
+class AgentClient(BaseClient):
     """A blocking client of the agent's socket API.
 
     ``socket_path``: the agent's socket; None finds it as the CLI does (``$SIGNING_AGENT_SOCK``, the config's
     ``[client]`` section, the default socket: ``signing_agent.client_config``). ``timeout``: seconds to wait for each
-    answer (``AgentNoAnswerError`` after it). Errors: ``signing_agent.client.errors``.
+    answer (``AgentNoAnswerError`` after it). ``on_wait``: told what a call waits for once it has taken
+    ``notice_after`` seconds. Errors: ``signing_agent.client.errors``.
     """
-
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str] | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        on_wait: Notice | None = None,
-        notice_after: float = 1.0,
-    ) -> None:
-        self.socket_path = str(socket_path if socket_path is not None else client_settings().socket)
-        self.timeout = timeout
-        self.on_wait = on_wait
-        self.notice_after = notice_after
 
     # -- the transport ---------------------------------------------------------------------------------------------
 
@@ -70,10 +51,7 @@ class AgentClient:
 
     def call(self, method: str, path: str, body: Any = None) -> Response:
         """A request whose non-2xx answer raises (``AgentRequestError``, typed by the agent's error code)."""
-        resp = self.request(method, path, body)
-        if resp.status >= 300:
-            raise answered_error(resp.status, resp.headers, resp.body)
-        return resp
+        return checked(self.request(method, path, body))
 
     @contextlib.contextmanager
     def _notice(self, waiting_for: str) -> Iterator[None]:

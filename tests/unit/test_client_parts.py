@@ -24,6 +24,7 @@ from signing_agent.client.errors import (
     answered_error,
 )
 from signing_agent.client.results import Health, Identity, Proposal, ReloadOutcome, Signed, iso_utc
+from signing_agent.client_config import SOCKET_ENV
 from signing_agent.cose.governance import MsgType
 from signing_agent.record import Record
 
@@ -148,6 +149,32 @@ def test_a_refusal_of_ccf_is_ccfs_never_the_agents() -> None:
     assert not isinstance(ccf, errors.AgentError)
     assert (ccf.from_ccf, ccf.retryable) == (True, False)
     assert str(ccf) == "CCF: PolicyDenied (400): CCF's own words"
+
+
+def test_both_clients_raise_an_error_answer_and_return_any_other() -> None:
+    ok = Response(204, {}, b"")
+    assert _calls.checked(ok) is ok
+    assert _calls.checked(Response(299, {}, b"x")).body == b"x"
+    with pytest.raises(errors.PolicyDeniedError) as info:
+        _calls.checked(Response(403, {}, _error_body("PolicyDenied", "rule x")))
+    assert isinstance(info.value, AgentRequestError)
+    with pytest.raises(AgentRequestError) as redirected:
+        _calls.checked(Response(300, {}, b""))
+    assert redirected.value.status == 300
+
+
+def test_both_clients_find_the_socket_as_the_cli_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from signing_agent.client.aio import AsyncAgentClient
+    from signing_agent.client.sync import AgentClient
+
+    monkeypatch.setenv(SOCKET_ENV, str(tmp_path / "env.sock"))
+    for cls in (AgentClient, AsyncAgentClient):
+        found = cls()
+        assert (found.socket_path, found.on_wait, found.notice_after) == (str(tmp_path / "env.sock"), None, 1.0)
+        given = cls(tmp_path / "given.sock", timeout=3.0, on_wait=print, notice_after=0.5)
+        assert (given.socket_path, given.timeout, given.on_wait, given.notice_after) == (
+            str(tmp_path / "given.sock"), 3.0, print, 0.5
+        )  # fmt: skip
 
 
 # -- results -------------------------------------------------------------------------------------------------------
