@@ -96,6 +96,14 @@ def for_public_key(key: object) -> SignatureAlgorithm:
     return for_curve(key.curve.name)
 
 
+def from_name(name: str) -> SignatureAlgorithm:
+    """The algorithm named ``name`` (``ES384``)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unsupported algorithm {name!r}") from None
+
+
 def from_cose_id(cose_id: int) -> SignatureAlgorithm:
     try:
         return _BY_COSE_ID[cose_id]

@@ -182,9 +182,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     def ready(sock: Path) -> None:
+        """Write the socket path to ``--ready-file`` atomically: whoever waits for the file never reads it half
+        written (a temporary file beside it, renamed over it)."""
         if args.ready_file:
-            with open(args.ready_file, "w") as f:
-                f.write(str(sock))
+            from pathlib import Path
+
+            path = Path(args.ready_file)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(str(sock))
+            os.replace(tmp, path)
 
     asyncio.run(serve(config, on_ready=ready, allow_degraded=args.allow_degraded))
     return EXIT_OK

@@ -170,6 +170,9 @@ class AgentSection:
     certificate_expiry_warning_days: int = 30
     """Warn (start-up, ``check-config``, health, ``/v1/identities``) when a member certificate expires within this
     many days: its hash is the member id, so a renewal is a governance round. 0: only once it has expired."""
+    crypto_workers: int | None = None
+    """Processes that sign with file keys and verify every signature off the event loop (0: none, all inline).
+    Default: one per core on a machine with two or more, at most 8. Fixed for the process (a reload keeps it)."""
 
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
@@ -579,8 +582,11 @@ def _agent(root: _Table) -> AgentSection:
         denial_rate_window=t.get_number("denial_rate_window"),
         log_level=t.get_choice("log_level", LOG_LEVELS),
         certificate_expiry_warning_days=t.get_int("certificate_expiry_warning_days", minimum=0),
+        crypto_workers=t.get_opt_int("crypto_workers", minimum=0),
     )
     t.finish()
+    if agent.crypto_workers is not None and agent.crypto_workers > 64:
+        raise ConfigError(f"agent.crypto_workers: at most 64, got {agent.crypto_workers}")
     if agent.max_connections < 2 * agent.max_connections_per_uid:
         raise ConfigError(
             f"agent.max_connections: must be at least twice agent.max_connections_per_uid "

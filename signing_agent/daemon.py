@@ -54,6 +54,7 @@ from signing_agent.preflight import check_services, check_socket_folder, check_s
 from signing_agent.recovery import RecoveryMember
 from signing_agent.signer import Signer
 from signing_agent.systemd import Notifier, inherited_socket
+from signing_agent.workers.pool import CryptoPool, default_workers
 
 _logger = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ class AgentResources:
     denials: DenialThrottle
     limiter: RateLimiter
     metrics: Metrics
+    crypto: CryptoPool | None = None
+    """The crypto workers (``agent.crypto_workers``), or None: sign and verify on the event loop's thread."""
 
     def runtime(self, first: Generation) -> Runtime:
         """What the API serves with, starting with ``first``."""
@@ -220,20 +223,39 @@ class AgentResources:
 
 
 @contextlib.asynccontextmanager
-async def open_resources(config: AgentConfig, sink: AuditSink, *, metrics: Metrics) -> AsyncIterator[AgentResources]:
-    """The process's resources around ``sink`` (the locked audit log; for ``check-config``, a dry run); the key
-    stores are closed on exit. ``[audit]``, ``[keyvault]`` and the denial budget are fixed for the process."""
-    stores = KeyStores(
-        keyvault=config.keyvault, on_sign=metrics.observe_sign, on_throttle_wait=metrics.observe_throttle_wait
-    )
-    async with contextlib.aclosing(stores):
+async def open_resources(
+    config: AgentConfig, sink: AuditSink, *, metrics: Metrics, crypto_workers: int = 0
+) -> AsyncIterator[AgentResources]:
+    """The process's resources around ``sink`` (the locked audit log; for ``check-config``, a dry run), with
+    ``crypto_workers`` crypto worker processes (``crypto_workers_of(config)`` for a daemon; none for a dry run); the
+    key stores and the workers are closed on exit. ``[audit]``, ``[keyvault]``, the workers and the denial budget
+    are fixed for the process."""
+    async with contextlib.AsyncExitStack() as opened:
+        crypto = None
+        if crypto_workers > 0:
+            crypto = CryptoPool(crypto_workers)
+            opened.push_async_callback(crypto.aclose)
+            await crypto.start()
+        stores = KeyStores(
+            keyvault=config.keyvault,
+            on_sign=metrics.observe_sign,
+            on_throttle_wait=metrics.observe_throttle_wait,
+            crypto=crypto,
+        )
+        opened.push_async_callback(stores.aclose)
         yield AgentResources(
             stores=stores,
             auditor=Auditor(sink, metrics=metrics),
             denials=DenialThrottle(config.agent.denial_rate_limit, config.agent.denial_rate_window),
             limiter=RateLimiter(),
             metrics=metrics,
+            crypto=crypto,
         )
+
+
+def crypto_workers_of(config: AgentConfig) -> int:
+    """How many crypto workers the daemon runs: ``agent.crypto_workers``, or one per core (``default_workers``)."""
+    return config.agent.crypto_workers if config.agent.crypto_workers is not None else default_workers()
 
 
 @contextlib.asynccontextmanager
@@ -256,6 +278,7 @@ async def open_generation(
             auditor=resources.auditor,
             denials=resources.denials,
             max_created_at_skew=config.agent.max_created_at_skew,
+            crypto=resources.crypto,
         )
         governance = Governance(service, config.services, auditor=resources.auditor)
         opened.push_async_callback(governance.aclose)
@@ -313,7 +336,7 @@ class Generations:
 # Settings the running listener and HTTP server were built with; a reload keeps them and says so.
 _FIXED_AGENT_SETTINGS = ("socket", "socket_mode", "socket_group", "max_request_bytes", "request_timeout",
                          "header_timeout", "body_timeout", "max_connections", "max_connections_per_uid",
-                         "denial_rate_limit", "denial_rate_window")  # fmt: skip
+                         "denial_rate_limit", "denial_rate_window", "crypto_workers")  # fmt: skip
 
 
 def _fixed_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
@@ -542,7 +565,9 @@ async def serve(
     notifier.status("starting: opening identities")
     async with contextlib.AsyncExitStack() as stack:
         audit = await stack.enter_async_context(open_audit(config))
-        resources = await stack.enter_async_context(open_resources(config, audit, metrics=metrics))
+        resources = await stack.enter_async_context(
+            open_resources(config, audit, metrics=metrics, crypto_workers=crypto_workers_of(config))
+        )
         generations = Generations(resources, allow_degraded=allow_degraded)
         stack.push_async_callback(generations.aclose)
         first = await generations.open(config, number=1)

@@ -60,6 +60,9 @@ class Identity:
     validity: Validity | None = None
     """The member certificate's validity period."""
     expiry_warning: datetime.timedelta = DEFAULT_EXPIRY_WARNING
+    key_verifies: bool = False
+    """The signing key verifies each signature against its public key, proved equal to the certificate's at open
+    (``KeyInfo.verifies``)."""
 
     def certificate_problem(self, now: datetime.datetime | None = None) -> str | None:
         """Why the member certificate is not valid now (it expired while the agent ran), or None."""
@@ -198,6 +201,7 @@ async def open_identity(
             encryption_error=encryption_error,
             validity=validity,
             expiry_warning=expiry_warning,
+            key_verifies=info.verifies,
         )
         opened.pop_all()  # proven: the keys are the identity's now, closed by ``Identity.aclose``
     return identity

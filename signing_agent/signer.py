@@ -42,6 +42,8 @@ from signing_agent.errors import (
 from signing_agent.identity import Identity
 from signing_agent.policy import Action, Decision, Policy
 from signing_agent.proposals import ServiceFacts, check_proposal, needs
+from signing_agent.waits import waiting_for
+from signing_agent.workers.pool import CryptoPool
 
 _logger = logging.getLogger(__name__)
 
@@ -172,8 +174,11 @@ class Signer:
         denials: DenialThrottle,
         clock: Callable[[], float] = time.time,
         max_created_at_skew: int = DEFAULT_MAX_CREATED_AT_SKEW,
+        crypto: CryptoPool | None = None,
     ) -> None:
+        """``crypto``: the crypto workers that verify each signature off the event loop (None: verify inline)."""
         self._identities = dict(identities)
+        self._crypto = crypto
         self._clock = clock
         self.max_created_at_skew = max_created_at_skew
         self.policy = policy
@@ -299,6 +304,14 @@ class Signer:
             proposal_id=req.proposal_id,
         )
 
+    async def _verify(self, ident: Identity, digest: bytes, signature: bytes) -> None:
+        """Verify ``signature`` against the identity's certificate: in a crypto worker when there are any."""
+        if self._crypto is None:
+            verify_digest(ident.public_key, ident.alg, digest, signature)
+            return
+        with waiting_for("the crypto workers"):
+            await self._crypto.verify(ident.public_key, ident.alg, digest, signature)
+
     async def sign(self, req: SignRequest) -> SignedMessage:
         """Sign one governance message, if the policy allows the current caller to.
 
@@ -332,7 +345,8 @@ class Signer:
         priority = Priority.HIGH if req.msg_type in _HIGH_PRIORITY else Priority.NORMAL
         try:
             signature = await ident.signing_key.sign_digest(ident.alg, tbs.digest, priority=priority)
-            verify_digest(ident.public_key, ident.alg, tbs.digest, signature)
+            if not ident.key_verifies:
+                await self._verify(ident, tbs.digest, signature)
         except AgentError as exc:
             await self.auditor.record(
                 Failed(request=ctx, subject=subject, payload=payload, rule=decision.rule, error=exc.code)

@@ -30,6 +30,9 @@ class KeyInfo:
     public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
     warnings: tuple[str, ...] = ()
     """Things an operator should know, e.g. that the vault's current key version drifted from the pinned one."""
+    verifies: bool = False
+    """Every signature the key returns was verified against ``public_key`` first, in the same step (a file key in
+    the crypto workers): the signer, which has proved ``public_key`` equal to the certificate's, need not again."""
 
 
 class Priority(enum.IntEnum):

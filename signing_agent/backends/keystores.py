@@ -25,6 +25,7 @@ from signing_agent.config import (
 )
 from signing_agent.errors import ConfigError
 from signing_agent.waits import waiting_for
+from signing_agent.workers.pool import CryptoPool
 
 if TYPE_CHECKING:
     from signing_agent.backends.azure_keyvault import AzureKeyVaultRegistry
@@ -125,8 +126,11 @@ class KeyStores:
         keyvault: KeyVaultConfig | None = None,
         on_sign: SignObserver | None = None,
         on_throttle_wait: Callable[[str, float], None] | None = None,
+        crypto: CryptoPool | None = None,
     ) -> None:
-        """``keyvault`` is the config's ``[keyvault]`` table (default: its defaults)."""
+        """``keyvault`` is the config's ``[keyvault]`` table (default: its defaults); file keys sign in ``crypto``'s
+        workers when there is one."""
+        self._crypto = crypto
         self._keyvault = keyvault if keyvault is not None else KeyVaultConfig()
         self._pkcs11: PKCS11Registry | None = None
         self._azure: AzureKeyVaultRegistry | None = None
@@ -186,7 +190,7 @@ class KeyStores:
     def _signing_key(self, cfg: KeyConfig, *, name: str) -> SigningKey:
         match cfg:
             case FileKeyConfig():
-                return FileSigningKey(cfg.path, name=name)
+                return FileSigningKey(cfg.path, name=name, pool=self._crypto)
             case PKCS11KeyConfig():
                 return self._pkcs11_registry(name).signing_key(cfg, name=name)
             case AzureKeyVaultKeyConfig():
