@@ -127,5 +127,47 @@ async def run_load(
     return LoadResult(len(latencies), errors, time.monotonic() - started, latencies)
 
 
+def http_request(method: str, path: str, body: bytes) -> bytes:
+    """One HTTP/1.1 keep-alive request, as bytes a load client sends again and again."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+async def raw_load(socket_path: Path, request: bytes, *, clients: int, seconds: float) -> LoadResult:
+    """``clients`` keep-alive connections sending ``request`` until ``seconds`` have passed, each waiting for its
+    answer before the next (a closed loop).
+
+    A lean client (asyncio streams, the request's bytes built once, only the status line and Content-Length read)
+    rather than aiohttp's: it runs on the same two cores as the agent, and aiohttp's client costs about as much per
+    request as the agent's own HTTP handling, which would measure the load generator as much as the agent.
+    """
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        try:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t0)
+                if head[9:12] != b"200":
+                    errors += 1
+        finally:
+            writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return LoadResult(len(latencies), errors, time.monotonic() - started, latencies)
+
+
 def unix_session(socket_path: Path) -> Callable[[], aiohttp.ClientSession]:
     return lambda: aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path)))

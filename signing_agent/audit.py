@@ -721,6 +721,14 @@ def _write_all(fd: int, data: bytes) -> None:
         raise OSError(0, f"short write ({written} of {len(data)} bytes)")
 
 
+class Fsyncer(Protocol):
+    """**Protocol:** fsyncs a descriptor somewhere other than the event loop's thread (``workers.syncer.Syncer``).
+    Raises ``OSError`` when the fsync failed, and ``RuntimeError`` when it cannot be asked (then the log fsyncs on a
+    thread from there on)."""
+
+    async def fsync(self, fd: int) -> None: ...
+
+
 class FileAuditSink:
     """Appends hash-chained JSON lines to a file (mode 0600), fsynced before ``record`` returns.
 
@@ -736,8 +744,10 @@ class FileAuditSink:
         max_bytes: int,
         keep_rotated: int = DEFAULT_KEEP_ROTATED,
         clock: Any = time.time,
+        fsyncer: Fsyncer | None = None,
     ) -> None:
         self.path = path
+        self._fsyncer = fsyncer
         self.max_bytes = max_bytes
         self.keep_rotated = keep_rotated
         self._clock = clock
@@ -775,11 +785,18 @@ class FileAuditSink:
 
     @classmethod
     async def open(
-        cls, path: Path, *, max_bytes: int, keep_rotated: int = DEFAULT_KEEP_ROTATED, lock: bool = True
+        cls,
+        path: Path,
+        *,
+        max_bytes: int,
+        keep_rotated: int = DEFAULT_KEEP_ROTATED,
+        lock: bool = True,
+        fsyncer: Fsyncer | None = None,
     ) -> FileAuditSink:
         """Open (or create) the log and continue its chain. ``lock``: take ``<path>.lock`` first, or refuse to start
-        when another agent holds it (before anything is written)."""
-        sink = cls(path, max_bytes=max_bytes, keep_rotated=keep_rotated)
+        when another agent holds it (before anything is written). ``fsyncer``: where group commits are fsynced
+        (default: a thread)."""
+        sink = cls(path, max_bytes=max_bytes, keep_rotated=keep_rotated, fsyncer=fsyncer)
         await asyncio.to_thread(sink._open_sync, lock)
         return sink
 
@@ -1083,7 +1100,7 @@ class FileAuditSink:
         if before is None:
             await asyncio.to_thread(self._append_sync, records, sync=sync)
         elif sync:
-            await asyncio.to_thread(self._sync_written, before)
+            await self._sync_written(before)
 
     @contextlib.contextmanager
     def _reporting(self) -> Iterator[None]:
@@ -1115,19 +1132,36 @@ class FileAuditSink:
         self._write_lines(data, seq, prev, sync=False)
         return before
 
-    def _sync_written(self, before: tuple[int, int, str]) -> None:
+    async def _sync_written(self, before: tuple[int, int, str]) -> None:
         """fsync what ``_write_here`` wrote; if that fails, take it back (the chain returns to ``before``)."""
+        fd = self._fd
+        if fd is None:  # pragma: no cover -- closed only under the writer's lock
+            raise AuditError("the audit log is closed")
+        failure = await self._fsync(fd)
         with self._thread_lock, self._reporting():
-            fd = self._fd
-            if fd is None:  # pragma: no cover -- closed only under the writer's lock
-                raise AuditError("the audit log is closed")
-            try:
-                os.fsync(fd)
-            except OSError as exc:
+            if failure is not None:
                 size, seq, prev = before
                 self._take_back(fd, size)
                 self._size, self._seq, self._prev = size, seq, prev
-                raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}") from None
+                raise AuditError(f"cannot write the audit log {self.path}: {failure.strerror}")
+
+    async def _fsync(self, fd: int) -> OSError | None:
+        """fsync ``fd`` off the event loop's thread: with the fsyncer while it works, else on a thread."""
+        if self._fsyncer is not None:
+            try:
+                await self._fsyncer.fsync(fd)
+            except OSError as exc:
+                return exc
+            except RuntimeError as exc:
+                _logger.warning("audit log %s: %s; fsyncing on a thread from now on", self.path, exc)
+                self._fsyncer = None
+            else:
+                return None
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        except OSError as exc:
+            return exc
+        return None
 
     def _take_back(self, fd: int, size: int) -> None:
         """Cut the live file back to ``size`` bytes so the chain stays intact; if even that fails, stop for good."""

@@ -55,6 +55,7 @@ from signing_agent.recovery import RecoveryMember
 from signing_agent.signer import Signer
 from signing_agent.systemd import Notifier, inherited_socket
 from signing_agent.workers.pool import CryptoPool, default_workers
+from signing_agent.workers.syncer import Syncer
 
 _logger = logging.getLogger(__name__)
 
@@ -187,10 +188,15 @@ async def open_audit(config: AgentConfig) -> AsyncIterator[FileAuditSink]:
     """Lock the audit log (``.<name>.lock`` beside it: a second agent on the same log stops here, having written
     nothing), open it and write a ``started`` record, so an unwritable log stops the agent at start-up. ``serve``
     enters this before it opens a key store or binds the socket; the lock is held until the agent exits."""
-    sink = await FileAuditSink.open(
-        config.audit.path, max_bytes=config.audit.max_bytes, keep_rotated=config.audit.keep_rotated
-    )
-    async with contextlib.aclosing(sink):
+    async with contextlib.AsyncExitStack() as opened:
+        syncer = None
+        if crypto_workers_of(config) > 0:  # a machine with cores to spare: the group commit fsyncs in a helper
+            syncer = await Syncer.start()
+            opened.push_async_callback(syncer.aclose)
+        sink = await FileAuditSink.open(
+            config.audit.path, max_bytes=config.audit.max_bytes, keep_rotated=config.audit.keep_rotated, fsyncer=syncer
+        )
+        opened.push_async_callback(sink.aclose)
         await sink.record(Started(pid=os.getpid(), config=str(config.path) if config.path else None))
         yield sink
 
