@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 bench: $(STAMP)
-	$(PY) bench/bench_sign.py
+	$(PY) bench/run.py
 
 soak: $(STAMP)
 	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-60}

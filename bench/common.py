@@ -10,12 +10,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -50,10 +49,36 @@ class Daemon:
     start_seconds: float
 
     def rss_mib(self) -> float:
+        """The peak resident size of the daemon process alone (its high-water mark)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def tree(self) -> list[int]:
+        """The daemon and its child processes (crypto workers, the fsync helper)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [self.proc.pid, *map(int, children)]
+
+    def tree_rss_mib(self) -> float:
+        """The resident size of the whole process tree now: the sum over its processes, so pages they share (the
+        interpreter, libraries) count once per process: an upper bound of what the tree costs."""
+        total = 0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total / 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the whole process tree so far."""
+        total = 0.0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
 
 @contextlib.contextmanager
@@ -78,6 +103,29 @@ def daemon(config: Path, env: dict[str, str]) -> Iterator[Daemon]:
         proc.wait(20)
 
 
+class PeakRSS:
+    """Samples a daemon's process-tree RSS every 50 ms on a thread while a load runs; ``peak`` is the largest."""
+
+    def __init__(self, agent: Daemon) -> None:
+        self.agent = agent
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.agent.tree_rss_mib())
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.agent.tree_rss_mib())
+
+
 @dataclass
 class LoadResult:
     count: int
@@ -100,37 +148,10 @@ class LoadResult:
         return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
 
 
-async def run_load(
-    make_session: Callable[[], aiohttp.ClientSession],
-    request: Callable[[aiohttp.ClientSession], Awaitable[bool]],
-    *,
-    clients: int,
-    seconds: float,
-) -> LoadResult:
-    """``clients`` concurrent keep-alive clients calling ``request`` until ``seconds`` have passed."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.monotonic() + seconds
-
-    async def worker() -> None:
-        nonlocal errors
-        async with make_session() as session:
-            while time.monotonic() < deadline:
-                t0 = time.perf_counter()
-                ok = await request(session)
-                latencies.append(time.perf_counter() - t0)
-                if not ok:
-                    errors += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return LoadResult(len(latencies), errors, time.monotonic() - started, latencies)
-
-
 def http_request(method: str, path: str, body: bytes) -> bytes:
     """One HTTP/1.1 keep-alive request, as bytes a load client sends again and again."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
+    head = f"{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 async def raw_load(socket_path: Path, request: bytes, *, clients: int, seconds: float) -> LoadResult:
@@ -167,7 +188,3 @@ async def raw_load(socket_path: Path, request: bytes, *, clients: int, seconds: 
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(clients)))
     return LoadResult(len(latencies), errors, time.monotonic() - started, latencies)
-
-
-def unix_session(socket_path: Path) -> Callable[[], aiohttp.ClientSession]:
-    return lambda: aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path)))

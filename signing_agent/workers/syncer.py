@@ -8,8 +8,8 @@ the event loop sends the file descriptor itself (``SCM_RIGHTS``) with one byte o
 that answer like any socket read, and no other thread ever wants its GIL.
 
 The descriptor travels with every request, so the child can never sync a file the log has rotated away from. Should
-the child fail in any way, ``Syncer.fsync`` raises ``SyncerUnavailableError`` and the audit log goes back to fsyncing on a thread
-for good (and says so once): a helper process is a speed-up, never a condition for durability.
+the child fail in any way, ``Syncer.fsync`` raises ``SyncerUnavailableError`` and the audit log goes back to fsyncing
+on a thread for good (and says so once): a helper process is a speed-up, never a condition for durability.
 """
 
 from __future__ import annotations
