@@ -240,6 +240,7 @@ async def open_resources(
         crypto = None
         if crypto_workers > 0:
             crypto = CryptoPool(crypto_workers)
+            crypto.on_restart = lambda _number: metrics.crypto_worker_restarts.inc()
             opened.push_async_callback(crypto.aclose)
             await crypto.start()
         stores = KeyStores(

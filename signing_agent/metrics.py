@@ -78,6 +78,10 @@ class Metrics:
             "signing_agent_audit_write_failures", "Audit records that could not be written (the request failed).",
             registry=r,
         )  # fmt: skip
+        self.crypto_worker_restarts = Counter(
+            "signing_agent_crypto_worker_restarts", "Crypto worker processes that died and were replaced.",
+            registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "signing_agent_config_reloads", "Configuration reloads (SIGHUP) by result: 'ok' or 'rejected'.",
             ("result",), registry=r,

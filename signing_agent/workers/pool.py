@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
@@ -38,9 +39,26 @@ RESTART_DELAYS = (0.05, 0.5, 2.0, 10.0)
 
 
 def default_workers() -> int:
-    """One worker per core when there are two or more cores; none (everything on the event loop) on one core."""
-    cores = len(os.sched_getaffinity(0))
+    """One worker per core this process may use, when that is two or more (at most 8); none (everything on the event
+    loop) on one core. The cores are the CPU affinity, bounded by a cgroup CPU quota (a container's CPU limit)."""
+    cores = min(len(os.sched_getaffinity(0)), cgroup_cpu_limit() or 1024)
     return min(cores, 8) if cores > 1 else 0
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Whole CPUs the cgroup quota allows (rounded down, at least 1), or None without a quota: ``cpu.max`` (cgroup
+    v2, ``"50000 100000"`` or ``"max 100000"``) or ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (v1)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, int(quota) // int(period))
 
 
 @dataclass(eq=False)

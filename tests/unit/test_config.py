@@ -146,6 +146,9 @@ def test_service_answers_are_bounded_by_default() -> None:
         (minimal(allowed_uids=["root"]), "non-negative integers"),
         (minimal(max_created_at_skew=-1), "agent.max_created_at_skew: must be at least 0"),
         (minimal(max_created_at_skew=1.5), "agent.max_created_at_skew: expected an integer"),
+        (minimal(crypto_workers=-1), "agent.crypto_workers: must be at least 0"),
+        (minimal(crypto_workers=65), "agent.crypto_workers: at most 64"),
+        (minimal(crypto_workers="auto"), "agent.crypto_workers: expected an integer"),
         (
             {"identities": {"m0": {"signing_key": {"backend": "file", "path": "k"}}}},
             "identities.m0.certificate",
