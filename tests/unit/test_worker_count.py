@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,13 @@ def test_no_cgroup_files_and_garbage_mean_no_quota(tmp_path: Path) -> None:
     [(1, None, 0), (2, None, 2), (16, None, 8), (16, 1, 0), (16, 3, 3)],
 )
 def test_default_workers(monkeypatch: pytest.MonkeyPatch, cores: int, quota: int | None, workers: int) -> None:
-    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
     monkeypatch.setattr(pool, "cgroup_cpu_limit", lambda: quota)
     assert default_workers() == workers
 
 
 def test_the_configured_count_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda _pid: set(range(4)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(4)))
     monkeypatch.setattr(pool, "cgroup_cpu_limit", lambda: None)
     identities = {"m0": {"certificate": "c.pem", "signing_key": {"backend": "file", "path": "k.pem"}}}
     assert crypto_workers_of(parse_config({"identities": identities}, path=Path("/x/agent.toml"))) == 4
