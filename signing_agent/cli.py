@@ -166,8 +166,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from signing_agent.config import load_config
-    from signing_agent.daemon import harden_process, serve
+    from signing_agent.daemon import serve
     from signing_agent.log import setup_logging
+    from signing_agent.workers.hardening import harden_process
 
     path = _config_path(args, required=True)
     assert path is not None  # noqa: S101 -- required=True

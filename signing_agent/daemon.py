@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import logging
 import os
-import resource
 import signal
 import socket
 import time
@@ -60,15 +58,6 @@ from signing_agent.workers.syncer import Syncer
 _logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
-
-
-def harden_process() -> None:
-    """No core dumps (they would hold PINs, tokens, decrypted shares) and no ptrace by same-uid processes."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_dumpable = 4
-        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
 def _remove_stale(path: Path) -> None:

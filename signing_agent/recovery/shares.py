@@ -7,7 +7,7 @@ the normal sign path (``Signer.sign``), which asks again and audits it.
 The share is secret. Its plaintext and base64 live in local bytearrays for the few statements between decryption and
 signing, and are zeroed afterwards; they never reach a log line, an audit record, an exception message, the state file
 or metrics. The signed COSE message necessarily carries it (that is the protocol), so it goes to the CCF service and
-nowhere else: audit records hold its SHA-256 only. The daemon disables core dumps (``daemon.harden_process``).
+nowhere else: audit records hold its SHA-256 only. Core dumps are off (``harden_process``).
 
 Only ciphertexts fetched from a configured CCF service over TLS pinned to an identity trusted for shares
 (``recovery.trust``) are ever decrypted here (the one other decryption is the start-up self-test of an encryption

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from signing_agent.algorithms import SignatureAlgorithm, der_to_raw, from_name, verify_digest
 from signing_agent.errors import AgentError
 from signing_agent.workers import frames
+from signing_agent.workers.hardening import harden_process
 
 _MAX_PUBLIC_KEYS = 256
 
@@ -112,6 +113,7 @@ def serve(rfile: BinaryIO, wfile: BinaryIO) -> None:
 
 
 def main() -> int:
+    harden_process()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     try:
