@@ -1,4 +1,4 @@
-"""fsync in a helper process, for the audit log's group commit: ``Syncer`` (the daemon's side) and ``main`` (the child).
+"""The audit log's fsync helper, daemon side: ``Syncer`` (the child is ``fsync_child``).
 
 The audit log fsyncs each group of records before any of them is released. On a thread, the fsync itself waits on the
 disk without the GIL, but handing the job to the thread and taking the answer back cost the event loop more than the
@@ -20,7 +20,8 @@ import os
 import socket
 import sys
 
-_ANSWER = 3
+from signing_agent.workers.fsync_child import ANSWER as _ANSWER
+
 """Bytes in an answer: 0 and two zero bytes after a good fsync, 1 and the errno (big-endian) after a failed one."""
 
 
@@ -41,7 +42,7 @@ class Syncer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "signing_agent.workers.syncer", str(theirs.fileno()),
+                sys.executable, "-m", "signing_agent.workers.fsync_child", str(theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
             )  # fmt: skip
         except BaseException:
@@ -88,40 +89,3 @@ class Syncer:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             await self._proc.wait()
-
-
-def serve(sock: socket.socket) -> None:
-    """Answer each request (one byte and a descriptor) with the fsync's outcome, until the daemon hangs up."""
-    while True:
-        data, fds, _, _ = socket.recv_fds(sock, 1, 4)
-        if not data:
-            return
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError("a request without exactly one descriptor")
-        try:
-            os.fsync(fds[0])
-        except OSError as exc:
-            sock.sendall(b"\x01" + min(exc.errno or 5, 0xFFFF).to_bytes(2, "big"))
-        else:
-            sock.sendall(bytes(_ANSWER))
-        finally:
-            os.close(fds[0])
-
-
-def main() -> int:
-    import signal
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    try:
-        serve(socket.socket(fileno=int(sys.argv[1])))
-    except (ValueError, OSError) as exc:
-        print(f"signing-agent fsync helper: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
