@@ -110,6 +110,16 @@ class AuditSink(Protocol):
 
     async def record(self, record: AuditRecord) -> None: ...
 
+    def enqueue(self, record: AuditRecord) -> asyncio.Future[None]:
+        """Queue ``record`` now, before any record queued or recorded after this call, and return the future of its
+        write (``record`` is this, awaited)."""
+        ...
+
+    @property
+    def failing(self) -> bool:
+        """The last write failed, or the log stopped: a request should wait for its records before going on."""
+        ...
+
     async def problem(self) -> str | None:
         """Why records cannot be written now (for health), or None."""
         ...
@@ -486,8 +496,22 @@ class Auditor:
         self._metrics = metrics
 
     async def record(self, record: AuditRecord) -> None:
-        try:
+        with self._counted():
             await self.sink.record(record)
+
+    def enqueue(self, record: AuditRecord) -> QueuedRecord:
+        """Queue ``record`` for the next write without waiting for it: whatever is recorded after this call is
+        written after it. The caller must wait until it is ``written`` before it records what follows from it."""
+        return QueuedRecord(self.sink.enqueue(record), self._metrics)
+
+    @property
+    def failing(self) -> bool:
+        return self.sink.failing
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        try:
+            yield
         except AuditError:
             self._metrics.audit_write_failures.inc()
             raise
@@ -500,12 +524,48 @@ class Auditor:
         return await self.sink.problem()
 
 
+class QueuedRecord:
+    """A record on its way to the log (``Auditor.enqueue``)."""
+
+    def __init__(self, future: asyncio.Future[None], metrics: Metrics) -> None:
+        self._future = future
+        self._metrics = metrics
+        self._counted = False
+
+    async def written(self) -> None:
+        """Wait until it is written; raises ``AuditError`` if it could not be (counted once, however often asked)."""
+        try:
+            await asyncio.shield(self._future)
+        except Exception as exc:
+            if not self._counted:
+                self._counted = True
+                self._metrics.audit_write_failures.inc()
+            if isinstance(exc, AuditError):
+                raise
+            raise AuditError(f"the audit log cannot be written: {exc}") from exc
+
+    async def settle(self) -> None:
+        """Wait for it on the way out of a request that failed anyway: a failed write is counted, not raised."""
+        with contextlib.suppress(AuditError):
+            await self.written()
+
+
 class DryRunAuditSink:
     """Writes nothing: for ``signing-agent check-config``, which opens a configuration as ``serve`` would (restoring
     the recovery trust, which is audited) without touching the audit log a running agent holds. Never serves."""
 
     async def record(self, record: AuditRecord) -> None:
         encode(record)  # what the agent would write must still encode
+
+    def enqueue(self, record: AuditRecord) -> asyncio.Future[None]:
+        encode(record)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    @property
+    def failing(self) -> bool:
+        return False
 
     async def problem(self) -> str | None:
         return None
@@ -1040,16 +1100,23 @@ class FileAuditSink:
         """Append one record (and fsync it, unless its type is not ``durable``). Shielded: a cancelled caller cannot
         leave half a record."""
         with waiting_for("the audit log (write and fsync)"):
-            await asyncio.shield(self._record(encode(record), record.durable))
+            await asyncio.shield(self.enqueue(record))
 
-    async def _record(self, encoded: Encoded, sync: bool) -> None:
+    @property
+    def failing(self) -> bool:
+        return self._failure is not None or self._stopped is not None or self._broken is not None or self._fd is None
+
+    def enqueue(self, record: AuditRecord) -> asyncio.Future[None]:
+        """Queue one record for the next group; the future is done once the group is written (and fsynced, if any
+        record in it is ``durable``)."""
+        encoded = encode(record)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((encoded, sync, done))
+        self._pending.append((encoded, record.durable, done))
         if self._writer is None or self._writer.done():
             # A fresh context: the writer commits every caller's records, and its own log lines (rotation, write
             # failures) belong to no request, not to whichever one happened to start it.
             self._writer = asyncio.get_running_loop().create_task(self._write_pending(), context=contextvars.Context())
-        await done
+        return done
 
     async def _write_pending(self) -> None:
         async with self._lock:

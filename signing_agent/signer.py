@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from signing_agent.algorithms import verify_digest
-from signing_agent.audit import Auditor, Denied, Failed, Payload, Received, Signed, Subject
+from signing_agent.audit import Auditor, Denied, Failed, Payload, QueuedRecord, Received, Signed, Subject
 from signing_agent.backends.base import Priority
 from signing_agent.config import DEFAULT_MAX_CREATED_AT_SKEW, msg_type_name
 from signing_agent.context import current_request
@@ -333,9 +333,32 @@ class Signer:
         decision = self.policy.decide(ctx.caller, action)
         if not decision.allowed:
             self.charge_denial()  # past the peer's budget: 429, and no record at all
-        # Written, not yet synced: the fsync of the decision record below makes it durable too, before a
-        # signature can leave (one fsync per request instead of two).
-        await self.auditor.record(Received(request=ctx, subject=subject, payload=payload))
+        # Queued, not awaited, and not synced: it is written before the decision record below, whose fsync makes it
+        # durable too before a signature can leave (one fsync per request, and no wait for the log before signing).
+        # While the log is failing, the request waits for it instead, so a broken log stops it before any key store.
+        received = self.auditor.enqueue(Received(request=ctx, subject=subject, payload=payload))
+        try:
+            if not decision.allowed or self.auditor.failing:
+                await received.written()
+            return await self._decided(req, ident, request, summary, subject, payload, decision, received)
+        except BaseException:
+            await received.settle()
+            raise
+
+    async def _decided(
+        self,
+        req: SignRequest,
+        ident: Identity,
+        request: GovernanceRequest,
+        summary: PayloadSummary,
+        subject: Subject,
+        payload: Payload,
+        decision: Decision,
+        received: QueuedRecord,
+    ) -> SignedMessage:
+        """``sign`` once the ``received`` record is queued: the ``denied``, ``failed`` or ``signed`` record, durable,
+        each recorded only once ``received`` is written (never a decision without its request in the log)."""
+        ctx = current_request()
         if not decision.allowed:
             await self.auditor.record(
                 Denied(request=ctx, subject=subject, payload=payload, rule=decision.rule, reason=decision.reason)
@@ -348,6 +371,7 @@ class Signer:
             if not ident.key_verifies:
                 await self._verify(ident, tbs.digest, signature)
         except AgentError as exc:
+            await received.written()
             await self.auditor.record(
                 Failed(request=ctx, subject=subject, payload=payload, rule=decision.rule, error=exc.code)
             )
@@ -362,6 +386,7 @@ class Signer:
             summary=summary,
             service=req.service,
         )
+        await received.written()  # queued before the signing began: written by now, or nearly
         await self.auditor.record(
             Signed(request=ctx, subject=subject, payload=payload, rule=decision.rule, cose_sha256=message.cose_sha256)
         )

@@ -27,7 +27,13 @@ LIMIT = 0.5
 async def agent(workdir: Path) -> AsyncIterator[Path]:
     key, cert = make_member("m0").write(workdir)
     tables = {
-        "agent": {"socket": workdir / "run" / "agent.sock", "request_timeout": LIMIT, "body_timeout": 30.0},
+        # No helper processes: the audit log fsyncs on a thread, where test_a_slow_audit_log_is_named slows it.
+        "agent": {
+            "socket": workdir / "run" / "agent.sock",
+            "request_timeout": LIMIT,
+            "body_timeout": 30.0,
+            "crypto_workers": 0,
+        },
         "audit": {"path": workdir / "audit" / "audit.jsonl"},
         **file_identity("m0", cert, key),
     }

@@ -17,7 +17,14 @@ from aiohttp import web
 
 from signing_agent.api.app import make_app
 from signing_agent.config import AgentConfig, parse_config
-from signing_agent.daemon import api_settings, bind_unix_socket, open_audit, open_generation, open_resources
+from signing_agent.daemon import (
+    api_settings,
+    bind_unix_socket,
+    crypto_workers_of,
+    open_audit,
+    open_generation,
+    open_resources,
+)
 from signing_agent.metrics import METRICS
 from tests.support import procs
 
@@ -67,7 +74,9 @@ async def running_agent(config: AgentConfig) -> AsyncIterator[Path]:
     in the daemon). Yields the socket path."""
     async with contextlib.AsyncExitStack() as stack:
         audit = await stack.enter_async_context(open_audit(config))
-        resources = await stack.enter_async_context(open_resources(config, audit, metrics=METRICS))
+        resources = await stack.enter_async_context(
+            open_resources(config, audit, metrics=METRICS, crypto_workers=crypto_workers_of(config))
+        )
         gen = await stack.enter_async_context(open_generation(config, resources))
         app = make_app(resources.runtime(gen), api_settings(config))
         runner = web.AppRunner(

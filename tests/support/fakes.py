@@ -6,6 +6,7 @@ a recovery watcher binding the context) where a unit test needs no file or socke
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
@@ -33,11 +34,28 @@ class MemoryAuditSink:
     """Whether each record asked to be synced."""
 
     async def record(self, record: AuditRecord) -> None:
+        self._keep(record)
+
+    def _keep(self, record: AuditRecord) -> None:
         if self.fail:
             raise AuditError("the audit log cannot be written (test)")
         event, fields = encode(record)
         self.records.append({"event": event, **fields})
         self.durable.append(record.durable)
+
+    def enqueue(self, record: AuditRecord) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._keep(record)
+        except AuditError as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        return done
+
+    @property
+    def failing(self) -> bool:
+        return self.fail
 
     async def problem(self) -> str | None:
         return "the audit log cannot be written (test)" if self.fail else None
