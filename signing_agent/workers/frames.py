@@ -29,8 +29,14 @@ def body_length(header: bytes) -> int:
 
 
 def decode(body: bytes) -> list[tuple[object, ...]]:
-    """The items of a frame, each a non-empty tuple (cbor2 5 decodes arrays as lists, cbor2 6 as tuples)."""
-    items = cbor2.loads(body)
+    """The items of a frame, each a non-empty tuple (cbor2 5 decodes arrays as lists, cbor2 6 as tuples).
+
+    Anything else is a ValueError, the one error both ends take for a broken peer: cbor2's own errors for a truncated
+    or too deeply nested body are not ValueErrors, nor is a bad decimal fraction's."""
+    try:
+        items = cbor2.loads(body)
+    except (cbor2.CBORError, ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+        raise ValueError(f"a crypto worker frame that cannot be decoded ({type(exc).__name__})") from None
     if not isinstance(items, list | tuple) or not all(isinstance(item, list | tuple) and item for item in items):
         raise ValueError("a crypto worker frame is not a list of lists")
     return [tuple(item) for item in items]

@@ -366,9 +366,13 @@ def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _error(value: object) -> AgentError:
-    """The agent error a worker reported as ``[code, message, hint]``."""
+    """The agent error a worker reported as ``[code, message, hint]``: a key store's (``BackendError`` and its
+    subclasses). A worker's job cannot fail with any other (a policy denial, a throttle, whose class may not even be
+    built from a message alone), so any other code is a plain ``BackendError``."""
     if isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(v, str | None) for v in value):
         code, message, hint = value
-        cls = error_class(str(code)) or BackendError
+        cls = error_class(str(code))
+        if cls is None or not issubclass(cls, BackendError):
+            cls = BackendError
         return cls(str(message), hint=hint if isinstance(hint, str) else None)
     return BackendError("a crypto worker reported an error the agent cannot read")
