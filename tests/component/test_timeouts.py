@@ -7,10 +7,13 @@ slow Key Vault double and a slow sandbox); here, the request body and the audit 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,26 +21,24 @@ import pytest
 from signing_agent.client import AgentClient
 from tests.support.agent import agent_config, file_identity, running_agent
 from tests.support.pki import make_member
+from tests.support.procs import running_modules
 
 LIMIT = 0.5
 """agent.request_timeout of these tests."""
 
 
-@pytest.fixture
-async def agent(workdir: Path) -> AsyncIterator[Path]:
+def tables(workdir: Path, **agent: object) -> dict[str, dict[str, object]]:
     key, cert = make_member("m0").write(workdir)
-    tables = {
-        # No helper processes: the audit log fsyncs on a thread, where test_a_slow_audit_log_is_named slows it.
-        "agent": {
-            "socket": workdir / "run" / "agent.sock",
-            "request_timeout": LIMIT,
-            "body_timeout": 30.0,
-            "crypto_workers": 0,
-        },
+    return {
+        "agent": {"socket": workdir / "run" / "agent.sock", "request_timeout": LIMIT, "body_timeout": 30.0, **agent},
         "audit": {"path": workdir / "audit" / "audit.jsonl"},
         **file_identity("m0", cert, key),
     }
-    async with running_agent(agent_config(workdir, tables)) as sock:
+
+
+@pytest.fixture
+async def agent(workdir: Path) -> AsyncIterator[Path]:
+    async with running_agent(agent_config(workdir, tables(workdir))) as sock:
         yield sock
 
 
@@ -69,19 +70,42 @@ async def test_a_body_that_does_not_arrive_is_named(agent: Path) -> None:
     assert time.monotonic() - started < 5  # the request deadline, not body_timeout's 30 s
 
 
-async def test_a_slow_audit_log_is_named(agent: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_fsync = os.fsync
+@contextlib.contextmanager
+def slow_disk(fsync_in: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """fsyncs that take ``2 * LIMIT`` seconds, where the audit log runs them: on a thread (``os.fsync`` slowed) or in
+    the fsync helper (stopped that long)."""
+    if fsync_in == "a thread":
+        real_fsync = os.fsync
 
-    def slow_fsync(fd: int) -> None:  # on the audit writer's thread: a disk that takes its time
-        time.sleep(2 * LIMIT)
-        real_fsync(fd)
+        def slow_fsync(fd: int) -> None:  # on the audit writer's thread: a disk that takes its time
+            time.sleep(2 * LIMIT)
+            real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", slow_fsync)
-    status, headers, raw = await call(agent, "POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest"})
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        yield
+        return
+    modules = running_modules(os.getpid(), "signing_agent.workers")
+    [helper] = [pid for pid, module in modules.items() if module != "signing_agent.workers.child"]
+    os.kill(helper, signal.SIGSTOP)
+    timer = threading.Timer(2 * LIMIT, os.kill, (helper, signal.SIGCONT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
+
+
+@pytest.mark.parametrize(("fsync_in", "workers"), [("a thread", 0), ("the fsync helper", 2)])
+async def test_a_slow_audit_log_is_named(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, fsync_in: str, workers: int
+) -> None:
+    async with running_agent(agent_config(workdir, tables(workdir, crypto_workers=workers))) as agent:
+        with slow_disk(fsync_in, monkeypatch):
+            status, headers, raw = await call(agent, "POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest"})
+            await asyncio.sleep(3 * LIMIT)  # let the shielded audit write finish before the sink closes
     assert status == 504
     error = json.loads(raw)["error"]
     assert error["code"] == "AgentTimeout"
     assert "waiting for the audit log (write and fsync)" in error["message"]
     assert "key store" not in error["message"]
     assert "retry-after" not in headers  # the agent does not know when the disk will be faster
-    await asyncio.sleep(3 * LIMIT)  # let the shielded audit write finish before the sink closes
