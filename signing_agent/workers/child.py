@@ -16,6 +16,11 @@ so a ``systemctl stop`` that signals the whole unit never cuts the signatures th
 from __future__ import annotations
 
 import signal
+
+if __name__ == "__main__":  # before the imports below (tens of milliseconds): a stop signal then cannot end us
+    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_signum, signal.SIG_IGN)
+
 import sys
 from typing import BinaryIO
 
@@ -44,7 +49,7 @@ class Worker:
             return (job_id, True, self._do(op, args))
         except AgentError as exc:
             return (job_id, False, [exc.code, exc.message, exc.hint])
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- any job's failure is an answer: the worker serves on
             return (job_id, False, ["BackendError", f"a crypto worker could not do a {op!r} job ({type(exc).__name__})",
                                     None])  # fmt: skip
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -36,6 +37,11 @@ _logger = logging.getLogger(__name__)
 
 RESTART_DELAYS = (0.05, 0.5, 2.0, 10.0)
 """Seconds before a dead worker's replacement starts: the first at once, then slower while replacements keep dying."""
+DEATHS_FORGOTTEN_AFTER = 60.0
+"""Seconds without a death after which the next one is a first one again (its replacement starts at once)."""
+STALLED_AFTER = 10.0
+"""Seconds a worker may hold jobs without answering any before it is taken for stuck: replaced, its jobs re-sent.
+Its jobs take milliseconds; a worker this slow is stopped, or stuck."""
 
 
 def default_workers() -> int:
@@ -80,6 +86,8 @@ class _Worker:
     """Jobs sent and not yet answered, by job id."""
     reader: asyncio.Task[None] | None = None
     alive: bool = True
+    waiting_since: float | None = None
+    """Since when (loop time) the worker has held jobs without answering any, or None when it holds none."""
 
     @property
     def load(self) -> int:
@@ -94,10 +102,14 @@ class CryptoPool:
     pipes, which ends them, and waits for them.
     """
 
-    def __init__(self, size: int, *, command: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, size: int, *, command: tuple[str, ...] | None = None, stalled_after: float = STALLED_AFTER
+    ) -> None:
         if size < 1:
             raise ValueError("a crypto pool needs at least one worker")
         self.size = size
+        self.stalled_after = stalled_after
+        self._watchdog: asyncio.Task[None] | None = None
         self._command = command or (sys.executable, "-m", "signing_agent.workers.child")
         self._workers: dict[int, _Worker] = {}
         self._keys: dict[int, ec.EllipticCurvePrivateKey] = {}
@@ -107,6 +119,7 @@ class CryptoPool:
         self._flush_scheduled = False
         self._closing = False
         self._deaths = 0
+        self._last_death = float("-inf")
         self._restarts: set[asyncio.Task[None]] = set()
         self.on_restart: Callable[[int], None] | None = None
         """Called with the worker's number each time a dead worker is replaced (metrics)."""
@@ -122,9 +135,23 @@ class CryptoPool:
     async def start(self) -> None:
         for number in range(self.size):
             await self._spawn(number)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), context=contextvars.Context())
+
+    async def _watch(self) -> None:
+        """Take a worker that holds jobs and answers none for ``stalled_after`` seconds for stuck, as if it died."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self.stalled_after / 2))
+            for worker in self._live():
+                if worker.waiting_since is not None and loop.time() - worker.waiting_since > self.stalled_after:
+                    _logger.warning("crypto worker %d (pid %d) answered nothing for %g s; starting another",
+                                    worker.number, worker.proc.pid, self.stalled_after)  # fmt: skip
+                    self._died(worker)
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._restarts):
             task.cancel()
         workers = list(self._workers.values())
@@ -206,6 +233,8 @@ class CryptoPool:
             job.future.set_result(self._run_inline(job.op, job.args))
         except AgentError as exc:
             job.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 -- whatever went wrong is this job's answer, not the dispatcher's
+            job.future.set_exception(BackendError(f"a {job.op} job failed inline ({type(exc).__name__})"))
 
     def _run_inline(self, op: str, args: tuple[object, ...]) -> object:
         match op, args:
@@ -246,6 +275,8 @@ class CryptoPool:
                 self._died(worker)
                 continue
             worker.sent.update(batch)
+            if worker.waiting_since is None:
+                worker.waiting_since = asyncio.get_running_loop().time()
 
     async def _read(self, worker: _Worker) -> None:
         """Answer the futures of ``worker``'s jobs as its frames come, until it dies."""
@@ -255,6 +286,7 @@ class CryptoPool:
                 body = await stdout.readexactly(frames.body_length(await stdout.readexactly(frames.HEADER)))
                 for item in frames.decode(body):
                     self._answer(worker, item)
+                worker.waiting_since = asyncio.get_running_loop().time() if worker.sent else None
         except (asyncio.IncompleteReadError, ValueError, OSError) as exc:
             if worker.alive and not self._closing:
                 reason = "exited" if isinstance(exc, asyncio.IncompleteReadError) else f"broke ({exc})"
@@ -296,7 +328,9 @@ class CryptoPool:
                 job.future.set_exception(BackendError(f"a {job.op} job ended two crypto workers"))
             else:
                 self._dispatch(job)
-        self._deaths += 1
+        now = asyncio.get_running_loop().time()
+        self._deaths = 1 if now - self._last_death > DEATHS_FORGOTTEN_AFTER else self._deaths + 1
+        self._last_death = now
         delay = RESTART_DELAYS[min(self._deaths, len(RESTART_DELAYS)) - 1]
         task = asyncio.get_running_loop().create_task(self._replace(worker.number, delay))
         self._restarts.add(task)

@@ -8,6 +8,7 @@ Every wait on the pool is bounded (``asyncio.timeout``): a lost job must fail th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -249,6 +250,41 @@ async def test_a_worker_killed_with_jobs_in_flight_loses_none_and_is_replaced(
     assert f"(pid {victim}) exited; starting another" in caplog.text
     async with asyncio.timeout(BOUND):  # the replacement got the key
         await asyncio.gather(*(pool.sign(handle, ES256, d) for d in digests[:20]))
+
+
+async def test_a_worker_that_holds_jobs_and_answers_none_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    """A stopped (or stuck) worker is taken for dead after ``stalled_after``: its jobs are done elsewhere."""
+    pool = CryptoPool(2, stalled_after=1.0)
+    await pool.start()
+    try:
+        key = KEYS["ES256"]
+        handle = pool.add_key(key)
+        async with asyncio.timeout(BOUND):
+            await asyncio.gather(*(pool.sign(handle, ES256, ES256.digest(b"warm %d" % i)) for i in range(2)))
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGSTOP)
+        digests = [ES256.digest(b"job %d" % i) for i in range(40)]
+        async with asyncio.timeout(BOUND):  # about half wait in the stopped worker's pipe until it is replaced
+            signatures = await asyncio.gather(*(pool.sign(handle, ES256, d) for d in digests))
+        for digest, signature in zip(digests, signatures, strict=True):
+            check_with_cryptography(key.public_key(), ES256, digest, signature)
+        assert f"(pid {victim}) answered nothing for 1 s; starting another" in caplog.text
+        await eventually(lambda: pool.alive == pool.size and victim not in pool.pids, "a replacement worker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+        await pool.aclose()
+
+
+async def test_a_job_that_fails_inline_is_that_jobs_error() -> None:
+    pool = CryptoPool(1, command=(sys.executable, "-c", "pass"))
+    await pool.start()
+    try:
+        async with asyncio.timeout(BOUND):
+            with pytest.raises(BackendError, match="a verify job failed inline"):
+                await pool.verify(KEYS["ES256"].public_key(), ES256, b"short", bytes(64))
+    finally:
+        await pool.aclose()
 
 
 async def test_with_no_worker_alive_the_jobs_run_inline(caplog: pytest.LogCaptureFixture) -> None:
