@@ -173,7 +173,7 @@ class AgentSection:
     crypto_workers: int | None = None
     """Processes that sign with file keys and verify every signature off the event loop (0: none, all inline).
     Default: one per core this process may use (CPU affinity, a cgroup CPU quota) when that is two or more, at most
-    8. Fixed for the process (a reload keeps it)."""
+    4. Fixed for the process (a reload keeps it)."""
 
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024

@@ -44,11 +44,17 @@ STALLED_AFTER = 10.0
 Its jobs take milliseconds; a worker this slow is stopped, or stuck."""
 
 
+MAX_DEFAULT_WORKERS = 4
+"""Workers by default on a machine with more cores: four already sign faster than any consortium governs, and each
+costs the process tree about 25 MiB."""
+
+
 def default_workers() -> int:
-    """One worker per core this process may use, when that is two or more (at most 8); none (everything on the event
-    loop) on one core. The cores are the CPU affinity, bounded by a cgroup CPU quota (a container's CPU limit)."""
+    """One worker per core this process may use, when that is two or more (at most ``MAX_DEFAULT_WORKERS``); none
+    (everything on the event loop) on one core. The cores are the CPU affinity, bounded by a cgroup CPU quota (a
+    container's CPU limit)."""
     cores = min(len(os.sched_getaffinity(0)), cgroup_cpu_limit() or 1024)
-    return min(cores, 8) if cores > 1 else 0
+    return min(cores, MAX_DEFAULT_WORKERS) if cores > 1 else 0
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:

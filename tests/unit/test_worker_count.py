@@ -41,7 +41,7 @@ def test_no_cgroup_files_and_garbage_mean_no_quota(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("cores", "quota", "workers"),
-    [(1, None, 0), (2, None, 2), (16, None, 8), (16, 1, 0), (16, 3, 3)],
+    [(1, None, 0), (2, None, 2), (16, None, 4), (16, 1, 0), (16, 3, 3)],
 )
 def test_default_workers(monkeypatch: pytest.MonkeyPatch, cores: int, quota: int | None, workers: int) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
