@@ -15,11 +15,10 @@ so a ``systemctl stop`` that signals the whole unit never cuts the signatures th
 
 from __future__ import annotations
 
-import signal
+from signing_agent.workers.hardening import child_main, ignore_stop_signals
 
 if __name__ == "__main__":  # before the imports below (tens of milliseconds): a stop signal then cannot end us
-    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(_signum, signal.SIG_IGN)
+    ignore_stop_signals()
 
 import sys
 from typing import BinaryIO
@@ -31,7 +30,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from signing_agent.algorithms import SignatureAlgorithm, der_to_raw, from_name, verify_digest
 from signing_agent.errors import AgentError
 from signing_agent.workers import frames
-from signing_agent.workers.hardening import harden_process
 
 _MAX_PUBLIC_KEYS = 256
 
@@ -118,15 +116,7 @@ def serve(rfile: BinaryIO, wfile: BinaryIO) -> None:
 
 
 def main() -> int:
-    harden_process()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    try:
-        serve(sys.stdin.buffer, sys.stdout.buffer)
-    except (ValueError, OSError) as exc:
-        print(f"signing-agent crypto worker: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return child_main("crypto worker", lambda: serve(sys.stdin.buffer, sys.stdout.buffer))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The fsync helper (``python -m signing_agent.workers.fsync_child FD``): the child side of ``workers.syncer``.
 
-It imports nothing but the standard library's ``os``, ``socket`` and ``sys`` (no asyncio: it costs the process tree
+It imports little beyond the standard library's ``os``, ``socket`` and ``sys`` (no asyncio: it costs the process tree
 10 MiB). Each request is one byte with one descriptor (``SCM_RIGHTS``); the answer is three bytes: ``0 0 0`` after a
 good fsync, ``1`` and the errno (big-endian) after a failed one. It ignores SIGINT, SIGTERM and SIGHUP and ends when the
 daemon hangs up.
@@ -9,9 +9,10 @@ daemon hangs up.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
+
+from signing_agent.workers.hardening import child_main
 
 ANSWER = 3
 
@@ -37,14 +38,7 @@ def serve(sock: socket.socket) -> None:
 
 
 def main() -> int:
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    try:
-        serve(socket.socket(fileno=int(sys.argv[1])))
-    except (ValueError, OSError) as exc:
-        print(f"signing-agent fsync helper: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return child_main("fsync helper", lambda: serve(socket.socket(fileno=int(sys.argv[1]))))
 
 
 if __name__ == "__main__":

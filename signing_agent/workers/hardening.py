@@ -9,8 +9,31 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import resource
+import signal
+import sys
+from collections.abc import Callable
 
 _PR_SET_DUMPABLE = 4
+
+
+def ignore_stop_signals() -> None:
+    """A helper process ignores SIGINT, SIGTERM and SIGHUP: the daemon ends it by closing its pipe, after draining,
+    so a ``systemctl stop`` (which signals every process of the unit) or a Ctrl-C cannot cut its work short."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def child_main(name: str, serve: Callable[[], None]) -> int:
+    """A helper process's ``main``: hardened, deaf to stop signals, serving until the daemon hangs up; 2 when its
+    pipe broke or carried something it cannot read (the daemon then starts another)."""
+    harden_process()
+    ignore_stop_signals()
+    try:
+        serve()
+    except (ValueError, OSError) as exc:
+        print(f"signing-agent {name}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def harden_process() -> None:
