@@ -299,6 +299,10 @@ def _print_health(health: Health) -> None:
         print("problems:")
         for kind, c in failing:
             print(f"  {f'{kind} {c.name}'.strip()}: {c.error}")
+    for c in health.identities:  # an expiring certificate, a key store's warning: not failures, still worth a line
+        warnings = c.details.get("warnings")
+        for warning in warnings if isinstance(warnings, list) else ():
+            print(f"warning: identity {c.name}: {warning}")
     for c in health.services:
         members = c.details.get("members")
         for name, status in sorted(members.items() if isinstance(members, dict) else ()):

@@ -308,6 +308,12 @@ def test_a_member_certificate_about_to_expire_warns_everywhere(workdir: Path) ->
         assert health["status"] == "ok"  # a warning, not a failure
         [check] = health["identities"]
         assert check["warnings"] == ident["warnings"]
+        text = subprocess.run(
+            [sys.executable, "-m", "signing_agent", "health", "--socket", str(agent.socket)],
+            capture_output=True, text=True, env=cli_env(), timeout=60, check=False,
+        )  # fmt: skip
+        assert text.returncode == 0, text.stderr
+        assert f"warning: identity m0: {ident['warnings'][0]}" in text.stdout
         assert check["certificate_not_after"] == soon.cert.not_valid_after_utc.isoformat()
         metrics = client.call("GET", "/metrics").body.decode()
         [sample] = [
