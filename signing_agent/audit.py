@@ -348,6 +348,8 @@ class IdentityAdopted(_Record):
     previous_sha256: str | None
     trust: str
     restored_from: str | None = None
+    request: RequestContext | None = None
+    """The request (or watcher) whose work adopted it; None when restored at start-up."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -461,6 +463,8 @@ def _spread(name: str, value: object) -> dict[str, Any]:
     """The on-disk fields of one field of a record (the shared parts spread out; see above)."""
     if isinstance(value, RequestContext):
         return {"request_id": value.request_id, "peer": value.caller.as_dict()}
+    if name == "request" and value is None:  # work no request asked for (start-up): no request fields at all
+        return {}
     if isinstance(value, Subject):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Share):

@@ -80,6 +80,11 @@ def current_request() -> RequestContext:
         raise LookupError("no request context: bind one (signing_agent.context.bound) before acting") from None
 
 
+def request_or_none() -> RequestContext | None:
+    """The request being handled, or None outside one (start-up work that no request asked for)."""
+    return _CURRENT.get(None)
+
+
 def request_id() -> str | None:
     """The current request's id, or None outside a request (for log lines)."""
     ctx = _CURRENT.get(None)

@@ -26,7 +26,7 @@ from signing_agent.audit import Auditor, IdentityAdopted, IdentityApproved, Reco
 from signing_agent.ccf.api import Answer, GovernanceAPI, ServiceInfo
 from signing_agent.certs import certificate_der, der_sha256
 from signing_agent.config import ServiceConfig
-from signing_agent.context import current_request
+from signing_agent.context import current_request, request_or_none
 from signing_agent.cose.governance import check_proposal_id
 from signing_agent.errors import (
     AgentError,
@@ -156,6 +156,7 @@ class ServiceTrust:
             previous_sha256=previous if isinstance(previous, str) else None,
             trust=trust,
             restored_from=str(restored_from) if restored_from is not None else None,
+            request=request_or_none(),
         )
         await self.auditor.record(adopted)
         if trust == "approved":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
 import signal
 import stat
@@ -472,6 +473,8 @@ def test_trust_guard_no_share_to_an_unapproved_identity_then_the_proposal_rule(s
         assert world.recover_posts() == []
         adopted = [r for r in audit_records(world) if r["event"] == "identity_adopted"]
         assert [(r["service"], r["proposal_id"], r["trust"]) for r in adopted] == [("default", pid, "provisional")]
+        assert adopted[0]["peer"]["uid"] == os.getuid()  # the watcher's work: the agent's own caller and request id
+        assert adopted[0]["request_id"]
         saved = json.loads((world.folder / "state" / "recovery-default.json").read_text())
         assert saved["adopted_identity"]["certificate"] == new_cert
         assert saved["adopted_identity"]["proposal_id"] == pid
@@ -499,5 +502,6 @@ def test_trust_guard_no_share_to_an_unapproved_identity_then_the_proposal_rule(s
         restored = [r for r in audit_records(world) if r["event"] == "identity_adopted"][-1]
         assert restored["trust"] == "provisional"
         assert restored["restored_from"] == str(world.folder / "state" / "recovery-default.json")
+        assert "request_id" not in restored  # start-up work: no request asked for it
         world.stop()
         assert_no_leak(world.shares, world.folder)

@@ -216,6 +216,7 @@ async def test_a_new_identity_named_by_a_transition_proposal_is_trusted_for_read
     adopted = recovered.record("identity_adopted")
     expected = ("provisional", NEW.member_id, PID)
     assert (adopted["trust"], adopted["certificate_sha256"], adopted["proposal_id"]) == expected
+    assert adopted["peer"]["uid"] == os.getuid()  # the request that adopted it, as every decision record carries
     assert (await recovered.recovery.service_info("prod")).status == "WaitingForRecoveryShares"
     with pytest.raises(CCFTrustError, match=f"trusted provisionally only, after transition_service_to_open "
                        f"proposal {PID}: no share was decrypted or sent"):  # fmt: skip
