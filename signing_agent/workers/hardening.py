@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import resource
 import signal
 import sys
 from collections.abc import Callable
 
 _PR_SET_DUMPABLE = 4
+
+
+_CHILD_ENVIRONMENT = ("PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+_CHILD_ENVIRONMENT_PREFIXES = ("LC_", "COVERAGE_")
+
+
+def child_environment() -> dict[str, str]:
+    """The environment a helper process starts with: what Python needs to find its modules (and a coverage run its
+    configuration), nothing else. Not the daemon's: a PIN or client secret a later reload names may still be there."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in _CHILD_ENVIRONMENT or name.startswith(_CHILD_ENVIRONMENT_PREFIXES)
+    }
 
 
 def ignore_stop_signals() -> None:

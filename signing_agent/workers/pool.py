@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from signing_agent.algorithms import SignatureAlgorithm, der_to_raw, from_name, verify_digest
 from signing_agent.errors import AgentError, BackendError, error_class
 from signing_agent.workers import frames
+from signing_agent.workers.hardening import child_environment
 
 _logger = logging.getLogger(__name__)
 
@@ -360,8 +361,9 @@ class CryptoPool:
 
     async def _spawn(self, number: int) -> None:
         proc = await asyncio.create_subprocess_exec(
-            *self._command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, close_fds=True
-        )
+            *self._command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, close_fds=True,
+            env=child_environment(),
+        )  # fmt: skip
         worker = _Worker(number, proc)
         self._workers[number] = worker
         for handle, key in self._keys.items():

@@ -21,6 +21,7 @@ import socket
 import sys
 
 from signing_agent.workers.fsync_child import ANSWER as _ANSWER
+from signing_agent.workers.hardening import child_environment
 
 """Bytes in an answer: 0 and two zero bytes after a good fsync, 1 and the errno (big-endian) after a failed one."""
 
@@ -43,7 +44,7 @@ class Syncer:
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "signing_agent.workers.fsync_child", str(theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=child_environment(),
             )  # fmt: skip
         except BaseException:
             ours.close()

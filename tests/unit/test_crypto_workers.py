@@ -28,9 +28,10 @@ from signing_agent.backends.file import FileSigningKey
 from signing_agent.errors import BackendError, SigningFailedError
 from signing_agent.workers import frames
 from signing_agent.workers.child import Worker, serve
+from signing_agent.workers.hardening import child_environment
 from signing_agent.workers.pool import CryptoPool
 from tests.support.pki import make_member
-from tests.support.procs import gone, ignored_signals
+from tests.support.procs import gone, ignored_signals, private_proc_files
 
 KEYS = {alg.name: ec.generate_private_key(alg.curve()) for alg in ALGORITHMS}
 """One key per algorithm (P-256, P-384, P-521), made once."""
@@ -554,3 +555,32 @@ def test_serve_refuses_a_truncated_frame(cut: int) -> None:
     request = frames.encode([(1, "drop", 1)])
     with pytest.raises(ValueError, match="truncated"):
         serve(io.BytesIO(request[:cut]), io.BytesIO())
+
+
+# -- the environment a helper process starts with ----------------------------------------------------------------------
+
+
+def test_a_helper_process_gets_only_what_python_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("COVERAGE_PROCESS_START", "/x/pyproject.toml")
+    monkeypatch.setenv("MEMBER0_PIN", "1234")  # a PIN a reloaded configuration would name: not taken out at start
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", "s3cret")
+    env = child_environment()
+    assert {"PYTHONPATH", "LC_ALL", "COVERAGE_PROCESS_START"} <= env.keys()
+    assert "MEMBER0_PIN" not in env
+    assert "AZURE_CLIENT_SECRET" not in env
+
+
+async def test_a_worker_does_not_inherit_the_daemons_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMBER0_PIN", "1234")
+    pool = CryptoPool(1)
+    await pool.start()
+    try:
+        [pid] = pool.pids
+        private_proc_files(pid)
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"MEMBER0_PIN" not in environ
+        assert b"1234" not in environ
+    finally:
+        await pool.aclose()
