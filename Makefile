@@ -22,13 +22,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Two workers (pytest-xdist), each taking whole modules so that a module's shared world is set up once.
+PARALLEL ?= -n 2 --dist loadscope
+
 test: lint typecheck
 	rm -rf .coverage
-	$(VENV)/bin/pytest --cov --cov-report=term --cov-report=html:.coverage/html
+	$(VENV)/bin/pytest $(PARALLEL) --cov --cov-report=term --cov-report=html:.coverage/html
 
 # The same suite with the large budgets (fuzzing): before a release, not on every change.
 test-slow: lint typecheck
-	$(VENV)/bin/pytest --run-slow
+	$(VENV)/bin/pytest $(PARALLEL) --run-slow
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit -q

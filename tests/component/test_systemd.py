@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,49 +76,56 @@ def test_listen_fds_only_for_this_pid_and_the_variables_are_consumed() -> None:
     assert listen_fds({}) == []
 
 
-def _at_fd3(sock: socket.socket) -> None:
-    os.dup2(sock.fileno(), 3)
+# Socket activation hands over fd 3, which in a pytest-xdist worker is the worker's own channel to the controller:
+# replacing it here, even for a moment, can cut the worker off. The adoption runs in a child process, given the
+# socket at fd 3 as systemd gives it; what it adopted (or refused) comes back as JSON.
+ADOPT = """
+import json, os, sys
+from signing_agent.systemd import inherited_socket
+given = int(sys.argv[1])
+if given != 3:
+    os.dup2(given, 3)
+    os.close(given)
+try:
+    sock = inherited_socket({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"})
+except Exception as exc:
+    print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+else:
+    assert sock is not None
+    print(json.dumps({"fileno": sock.fileno(), "name": sock.getsockname(), "inheritable": os.get_inheritable(3)}))
+"""
 
 
-@pytest.fixture
-def fd3() -> Iterator[None]:
-    """Fd 3 is whatever the test puts there, restored afterwards."""
-    try:
-        saved: int | None = os.dup(3)
-    except OSError:
-        saved = None
-    yield
-    if saved is None:
-        with contextlib.suppress(OSError):
-            os.close(3)
-    else:
-        os.dup2(saved, 3)
-        os.close(saved)
+def adopt_at_fd3(sock: socket.socket) -> dict[str, Any]:
+    """What ``inherited_socket`` makes of ``sock`` at fd 3 (LISTEN_FDS=1 for the child's own pid)."""
+    result = subprocess.run(
+        [sys.executable, "-c", ADOPT, str(sock.fileno())],
+        pass_fds=(sock.fileno(),),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    adopted: dict[str, Any] = json.loads(result.stdout)
+    return adopted
 
 
-@pytest.mark.usefixtures("fd3")
 def test_an_inherited_listening_unix_socket_is_adopted(workdir: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(workdir / "a.sock"))
         listener.listen(1)
-        _at_fd3(listener)
-    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
-    sock = inherited_socket(env)
-    assert sock is not None
-    assert sock.fileno() == 3
-    assert sock.getsockname() == str(workdir / "a.sock")
-    assert not os.get_inheritable(3)
-    sock.detach()  # the fixture closes fd 3
+        adopted = adopt_at_fd3(listener)
+    assert adopted == {"fileno": 3, "name": str(workdir / "a.sock"), "inheritable": False}
 
 
-@pytest.mark.usefixtures("fd3")
 def test_an_inherited_socket_of_the_wrong_kind_is_refused() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
         tcp.bind(("127.0.0.1", 0))
         tcp.listen(1)
-        _at_fd3(tcp)
-    with pytest.raises(ConfigError, match="AF_UNIX/SOCK_STREAM"):
-        inherited_socket({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"})
+        refused = adopt_at_fd3(tcp)
+    assert refused["error"] == ConfigError.__name__
+    assert "AF_UNIX/SOCK_STREAM" in refused["message"]
 
 
 def test_several_inherited_sockets_are_refused() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from signing_agent.client import AgentClient
 from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, write_toml
 from tests.support.pki import make_member
 
@@ -60,10 +61,10 @@ def test_explain_shows_the_decision_and_signs_nothing(agent: DaemonProcess, work
 
 
 def test_audit_verify_follows_rotation_and_catches_tampering(agent: DaemonProcess, workdir: Path) -> None:
-    for _ in range(30):  # enough records to rotate the 4 KiB log several times
-        assert (
-            cli("sign", "--ccf-gov-msg-type", "state_digest", "--out", "/dev/null", sock=agent.socket).returncode == 0
-        )
+    assert cli("sign", "--ccf-gov-msg-type", "state_digest", "--out", "/dev/null", sock=agent.socket).returncode == 0
+    client = AgentClient(agent.socket)
+    for _ in range(29):  # enough records to rotate the 4 KiB log several times (the same request, without a process)
+        assert client.request("POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest"}).status == 200
     files = sorted((workdir / "audit").glob("audit.jsonl*"))
     assert len(files) >= 3
     files.reverse()  # the current file first: verify puts them back in chain order

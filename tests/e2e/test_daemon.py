@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import cbor2
 import pytest
 from ccf.cose import validate_cose_sign1
 
-from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, write_toml
+from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, short_dir, write_toml
 from tests.support.pki import Member, make_member
 
 pytestmark = pytest.mark.e2e
@@ -42,13 +44,29 @@ def members() -> dict[str, Member]:
     return {"m0": make_member("m0", "secp384r1"), "m1": make_member("m1", "secp256r1")}
 
 
-@pytest.fixture
-def agent(workdir: Path, members: dict[str, Member]) -> Iterator[DaemonProcess]:
-    tables: dict[str, dict[str, object]] = {"agent": {"socket": workdir / "run" / "agent.sock"}}
+def start(folder: Path, members: dict[str, Member]) -> contextlib.AbstractContextManager[DaemonProcess]:
+    tables: dict[str, dict[str, object]] = {"agent": {"socket": folder / "run" / "agent.sock"}}
     for name, member in members.items():
-        key, cert = member.write(workdir)
+        key, cert = member.write(folder)
         tables.update(file_identity(name, cert, key))
-    with daemon(write_toml(workdir / "agent.toml", tables)) as proc:
+    return daemon(write_toml(folder / "agent.toml", tables))
+
+
+@pytest.fixture(scope="module")
+def agent(members: dict[str, Member]) -> Iterator[DaemonProcess]:
+    """One daemon for the tests that only ask it things (each writes its own files in its own ``workdir``)."""
+    folder = short_dir()
+    try:
+        with start(folder, members) as proc:
+            yield proc
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def own_agent(workdir: Path, members: dict[str, Member]) -> Iterator[DaemonProcess]:
+    """A daemon of the test's own, for a test that stops it."""
+    with start(workdir, members) as proc:
         yield proc
 
 
@@ -197,7 +215,8 @@ def test_garbage_on_the_socket_does_not_hurt_the_daemon(agent: DaemonProcess) ->
     assert "malformed request from a client" in agent.stderr
 
 
-def test_sigterm_drains_in_flight_requests_and_removes_the_socket(agent: DaemonProcess) -> None:
+def test_sigterm_drains_in_flight_requests_and_removes_the_socket(own_agent: DaemonProcess) -> None:
+    agent = own_agent
     body = json.dumps({"identity": "m0", "msg_type": "state_digest"}).encode()
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(20)

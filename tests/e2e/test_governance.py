@@ -7,7 +7,9 @@ service certificate before any request is sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from signing_agent.client import AgentClient, AgentRequestError
-from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, write_toml
+from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, short_dir, write_toml
 from tests.support.pki import Member, make_member
 from tests.support.sandbox_proc import SandboxProcess, sandbox
 
@@ -76,10 +78,10 @@ def members() -> dict[str, Member]:
     return {"m0": make_member("m0"), "m1": make_member("m1", "secp256r1"), "m2": make_member("m2")}
 
 
-@pytest.fixture
-def world(workdir: Path, members: dict[str, Member]) -> Iterator[World]:
-    certs = [members[n].write(workdir / "keys")[1] for n in ("m0", "m1")]  # m2 is not a member yet
-    with sandbox(workdir / "sandbox", certs) as sb:
+@contextlib.contextmanager
+def make_world(folder: Path, members: dict[str, Member]) -> Iterator[World]:
+    certs = [members[n].write(folder / "keys")[1] for n in ("m0", "m1")]  # m2 is not a member yet
+    with sandbox(folder / "sandbox", certs) as sb:
         service = {
             "url": sb.url,
             "service_certificate": sb.service_cert,
@@ -88,9 +90,36 @@ def world(workdir: Path, members: dict[str, Member]) -> Iterator[World]:
             "backoff_initial": 0.05,
             "backoff_max": 0.2,
         }
-        config = write_toml(workdir / "agent.toml", agent_tables(workdir, members, service))
+        config = write_toml(folder / "agent.toml", agent_tables(folder, members, service))
         with daemon(config) as agent:
-            yield World(sb, agent, members, workdir)
+            yield World(sb, agent, members, folder)
+
+
+@pytest.fixture
+def world(workdir: Path, members: dict[str, Member]) -> Iterator[World]:
+    """A world of the test's own: for tests that change the membership, count every proposal or audit record, or
+    stop the agent."""
+    with make_world(workdir, members) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def shared_world(members: dict[str, Member]) -> Iterator[World]:
+    folder = short_dir()
+    try:
+        with make_world(folder, members) as w:
+            yield w
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def common(shared_world: World) -> World:
+    """The module's shared world, for tests that look only at their own proposals and at the requests they make:
+    no fault rule and no request record from an earlier test is left."""
+    shared_world.sandbox.clear_faults()
+    shared_world.sandbox.clear_requests()
+    return shared_world
 
 
 def test_a_governance_round_through_the_cli(world: World) -> None:
@@ -144,7 +173,8 @@ def test_activate_returns_the_member_status_and_digest(world: World) -> None:
     assert resp.headers["x-ms-ccf-transaction-id"]
 
 
-def test_a_ballot_for_a_proposal_that_is_not_open_is_refused_before_signing(world: World) -> None:
+def test_a_ballot_for_a_proposal_that_is_not_open_is_refused_before_signing(common: World) -> None:
+    world = common
     pid = world.propose("m0")["proposalId"]
     world.client.call("POST", f"/v1/services/default/proposals/{pid}/withdraw", {"identity": "m0"})
     world.sandbox.clear_requests()
@@ -156,7 +186,8 @@ def test_a_ballot_for_a_proposal_that_is_not_open_is_refused_before_signing(worl
     assert not world.sandbox.requests(":submit")
 
 
-def test_ccf_errors_are_relayed_unchanged(world: World) -> None:
+def test_ccf_errors_are_relayed_unchanged(common: World) -> None:
+    world = common
     resp = world.client.request(
         "POST", "/v1/services/default/proposals", {"identity": "m0", "proposal": {"actions": [{"name": "nope"}]}}
     )
@@ -195,7 +226,8 @@ def test_a_reset_connection_is_retried_with_the_same_bytes(world: World) -> None
     assert [p["proposalId"] for p in world.sandbox.proposals()] == [created["proposalId"]]
 
 
-def test_503_with_retry_after_is_honoured(world: World) -> None:
+def test_503_with_retry_after_is_honoured(common: World) -> None:
+    world = common
     world.sandbox.fault("status", r"proposals:create", status=503, retry_after="1", count=1)
     started = time.monotonic()
     created = world.propose("m0")
@@ -203,7 +235,8 @@ def test_503_with_retry_after_is_honoured(world: World) -> None:
     assert created["proposalState"] == "Open"
 
 
-def test_a_lost_ballot_response_is_resent_and_idempotent(world: World) -> None:
+def test_a_lost_ballot_response_is_resent_and_idempotent(common: World) -> None:
+    world = common
     pid = world.propose("m0")["proposalId"]
     world.sandbox.fault("drop_after", r"/ballots/", count=1)
     body = world.client.call(
@@ -213,7 +246,8 @@ def test_a_lost_ballot_response_is_resent_and_idempotent(world: World) -> None:
     assert [(r["fault"], r["status"]) for r in world.sandbox.requests(":submit")] == [("drop_after", 200), (None, 200)]
 
 
-def test_unreachable_service_is_a_502_that_names_the_cause(world: World) -> None:
+def test_unreachable_service_is_a_502_that_names_the_cause(common: World) -> None:
+    world = common
     world.sandbox.fault("reset", r"/gov/service/info", count=100)
     resp = world.client.request("GET", "/v1/services/default/status")
     assert resp.status == 502
@@ -222,7 +256,8 @@ def test_unreachable_service_is_a_502_that_names_the_cause(world: World) -> None
     assert "after 4 attempts" in error["message"]
 
 
-def test_unknown_service_is_refused_before_signing(world: World) -> None:
+def test_unknown_service_is_refused_before_signing(common: World) -> None:
+    world = common
     resp = world.client.request("POST", "/v1/services/prod/proposals", {"identity": "m0", "proposal": TRUST_NODE})
     assert (resp.status, resp.json()["error"]["code"]) == (404, "UnknownService")
 

@@ -295,7 +295,7 @@ def test_identity_reads_are_capped_too(pin: str) -> None:
 
 @pytest.fixture(scope="module")
 def slow() -> Iterator[Stage]:
-    with stage({"request_timeout": 6.0, "read_timeout": 2.0, "total_timeout": 10.0, "max_attempts": 5}) as (w, _):
+    with stage({"request_timeout": 3.0, "read_timeout": 2.0, "total_timeout": 5.0, "max_attempts": 5}) as (w, _):
         yield w
 
 
@@ -309,20 +309,20 @@ def test_a_slow_drip_answer_ends_in_a_timeout_within_total_timeout(slow: Stage) 
     error = error_of(resp)
     assert error["code"] == "CCFTimeout"
     assert "no complete answer within" in error["message"]
-    assert "total_timeout (10 s)" in error["message"]
-    # request_timeout ends each attempt, total_timeout the request: 2 attempts fit in 10 s, not max_attempts.
+    assert "total_timeout (5 s)" in error["message"]
+    # request_timeout ends each attempt, total_timeout the request: 2 attempts fit in 5 s, not max_attempts.
     assert len(slow.ccf.seen("GET")) <= 2
     slow.still_serves()
 
 
 def test_a_service_gone_silent_after_its_headers_ends_at_read_timeout() -> None:
-    with stage({"request_timeout": 60.0, "read_timeout": 2.0, "total_timeout": 60.0, "max_attempts": 2}) as (w, _):
+    with stage({"request_timeout": 60.0, "read_timeout": 1.0, "total_timeout": 60.0, "max_attempts": 2}) as (w, _):
         w.ccf.answer("GET", "^/gov/members/proposals$", silence())
 
         resp = w.client.request("GET", "/v1/services/default/proposals")
 
         assert resp.status == 504
-        assert "the service sent nothing for 2 s (read_timeout) (after 2 attempts)" in error_of(resp)["message"]
+        assert "the service sent nothing for 1 s (read_timeout) (after 2 attempts)" in error_of(resp)["message"]
         w.still_serves()
 
 

@@ -315,13 +315,16 @@ def test_a_vault_key_that_does_not_match_the_certificate_stops_the_daemon(world:
 
 
 @contextlib.contextmanager
-def own_agent(world: World, name: str, agent: dict[str, Any] | None = None) -> Iterator[DaemonProcess]:
+def own_agent(
+    world: World, name: str, agent: dict[str, Any] | None = None, keyvault: dict[str, Any] | None = None
+) -> Iterator[DaemonProcess]:
     """A daemon of its own for m0 on the world's vault: its throttle and deadline do not touch the world's agent."""
     folder = world.folder / name
     folder.mkdir()
     _, cert = world.members["m0"].write(folder)
     tables = agent_tables(folder, world.vault, {"m0": cert}, {"m0": "m0"}, {})
     tables["agent"].update(agent or {})
+    tables["keyvault"].update(keyvault or {})
     with daemon(write_toml(folder / "agent.toml", tables), env=world.env) as proc:
         yield proc
 
@@ -338,18 +341,20 @@ def cli_sign(world: World, agent: DaemonProcess) -> subprocess.CompletedProcess[
 
 
 def test_a_vault_that_asks_for_a_long_wait_gives_retry_after(world: World) -> None:
-    with own_agent(world, "long-wait") as agent:
+    # total_timeout bounds the second signature's wait in the throttle (the default 30 s would be waited out).
+    with own_agent(world, "long-wait", keyvault={"total_timeout": 2.0}) as agent:
         world.vault.inject(status=429, retry_after="120", count=1)  # over the default max_retry_after (30 s)
         resp = AgentClient(agent.socket, timeout=60).request(
             "POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest", "payload_base64": ""}
         )
-        result = cli_sign(world, agent)  # the vault's throttle penalty holds: still refused, at once
+        result = cli_sign(world, agent)  # the vault's throttle penalty holds: still refused, within total_timeout
     assert resp.status == 503, resp.body
     error = resp.json()["error"]
     assert (error["code"], error["retryable"]) == ("BackendUnavailable", True)
     assert resp.headers["retry-after"] == "120"
     assert result.returncode == 1, result.stderr  # another failure: neither policy, nor CCF, nor a timeout
     assert "signing-agent: BackendUnavailable (503)" in result.stderr
+    assert "waited 2s for the local rate limit" in result.stderr  # the penalty, not a second request to the vault
 
 
 def test_a_slow_vault_is_a_timeout_that_names_the_key_store(world: World) -> None:

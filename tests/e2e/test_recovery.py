@@ -432,6 +432,14 @@ def test_trust_guard_no_share_to_an_unapproved_identity_then_the_proposal_rule(s
     ) as world:
         (world.folder / "unrelated.pem").write_bytes(unrelated.cert_pem)
         world.start()
+        # The watcher's first poll before the disaster: its connection is then open, verified against the pinned
+        # identity, and closed by the sandbox's restart. A TLS handshake still under way while the sandbox restarts
+        # would outlive it with the previous identity (a restarted CCF node keeps no connection), and the watcher
+        # would read the recovered service through it.
+        deadline = time.monotonic() + 30
+        while world.client.call("GET", "/v1/recovery").json()["watchers"][0]["last_checked_at"] is None:
+            assert time.monotonic() < deadline, "the watcher never polled"
+            time.sleep(0.02)
         m0 = world.people["m0"].member
         previous, new_cert = world.disaster()
         # The member opens the recovered service without the agent (the agent does not trust it yet).

@@ -39,7 +39,7 @@ setup = test_recovery.setup  # the fixture that builds a world (sandbox, members
 Setup = test_recovery.Setup
 
 NOBODY = 65534
-WATCH = {"enabled": True, "poll_interval": 0.2, "max_backoff": 0.4, "state_dir": "state"}
+WATCH = {"enabled": True, "poll_interval": 0.1, "max_backoff": 0.2, "state_dir": "state"}
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:

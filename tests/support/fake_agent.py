@@ -71,7 +71,8 @@ def fake_agent(socket: Path, routes: Mapping[str, Answer] | None = None) -> Iter
     agent = FakeAgent(socket, dict(routes or {}))
     server = socketserver.ThreadingUnixStreamServer(str(socket), _handler(agent))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever to notice, one poll_interval at most (0.5 s by default).
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield agent

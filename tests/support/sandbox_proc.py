@@ -54,6 +54,9 @@ class SandboxProcess:
     def fault(self, kind: str, path: str, **extra: Any) -> Any:
         return self.control("POST", "/_sandbox/faults", {"kind": kind, "path": path, **extra})
 
+    def clear_faults(self) -> None:
+        self.control("DELETE", "/_sandbox/faults")
+
     def requests(self, path_contains: str = "") -> list[dict[str, Any]]:
         log: list[dict[str, Any]] = self.control("GET", "/_sandbox/requests")["value"]
         return [r for r in log if path_contains in r["path"]]
