@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.agent import short_dir
+from tests.support.agent import private_dir
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,8 +38,5 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A private folder with a short path (Unix sockets), removed afterwards."""
-    path = short_dir()
-    try:
+    with private_dir() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import cbor2
 import pytest
 from ccf.cose import validate_cose_sign1
 
-from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, short_dir, write_toml
+from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, private_dir, write_toml
 from tests.support.pki import Member, make_member
 
 pytestmark = pytest.mark.e2e
@@ -55,12 +54,8 @@ def start(folder: Path, members: dict[str, Member]) -> contextlib.AbstractContex
 @pytest.fixture(scope="module")
 def agent(members: dict[str, Member]) -> Iterator[DaemonProcess]:
     """One daemon for the tests that only ask it things (each writes its own files in its own ``workdir``)."""
-    folder = short_dir()
-    try:
-        with start(folder, members) as proc:
-            yield proc
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with private_dir() as folder, start(folder, members) as proc:
+        yield proc
 
 
 @pytest.fixture

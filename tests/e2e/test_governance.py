@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from signing_agent.client import AgentClient, AgentRequestError
-from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, short_dir, write_toml
+from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, private_dir, write_toml
 from tests.support.pki import Member, make_member
 from tests.support.sandbox_proc import SandboxProcess, sandbox
 
@@ -105,12 +104,8 @@ def world(workdir: Path, members: dict[str, Member]) -> Iterator[World]:
 
 @pytest.fixture(scope="module")
 def shared_world(members: dict[str, Member]) -> Iterator[World]:
-    folder = short_dir()
-    try:
-        with make_world(folder, members) as w:
-            yield w
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with private_dir() as folder, make_world(folder, members) as w:
+        yield w
 
 
 @pytest.fixture

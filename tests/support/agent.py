@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,16 @@ from tests.support import procs
 def short_dir(prefix: str = "sa-") -> Path:
     """A private (0700) folder with a short path: Unix socket paths must stay under 108 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextlib.contextmanager
+def private_dir(prefix: str = "sa-") -> Iterator[Path]:
+    """A ``short_dir``, removed afterwards."""
+    path = short_dir(prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def toml_value(value: Any) -> str:
