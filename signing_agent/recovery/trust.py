@@ -208,7 +208,27 @@ class ServiceTrust:
         info = await read(service, lambda api: api.service_info())
         if info.value is None:
             raise CCFError(f"service {service!r}: {info.request} answered {info.status}")
+        if for_share:
+            await self._reports_a_trusted_identity(service, info.value)
         return info.value
+
+    async def _reports_a_trusted_identity(self, service: str, info: ServiceInfo) -> None:
+        """On the way to a share, the identity the service reports for itself must be one trusted for shares too, not
+        only the one its connection presented: a connection made before a recovery (its handshake against the old
+        identity) must not carry a share to the recovered service. A service that reports none is judged by its TLS
+        identity alone."""
+        if info.certificate is None:
+            return
+        reported = certificate_der(info.certificate)
+        _, trusted = await self._decided(service)
+        if reported is None or reported not in trusted:
+            shown = fingerprint(info.certificate.encode())[:16] if reported is not None else "(not a certificate)"
+            raise CCFTrustError(
+                f"service {service!r} reports the service identity {shown} in its service info, which is not an "
+                "identity trusted for recovery shares: no share was decrypted or sent",
+                hint="after a recovery, a member approves the new identity (signing-agent recovery approve-identity) "
+                "or lists it in accepted_service_certificates and reloads",
+            )
 
     async def _untrusted_for_shares(self, service: str, exc: CCFTrustError) -> CCFTrustError:
         """The error for a share refused because the service's identity is not trusted for shares; under the

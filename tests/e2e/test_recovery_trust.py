@@ -149,6 +149,32 @@ def test_a_network_attacker_with_a_fabricated_accepted_transition_never_gets_a_s
             assert_no_leak(world.shares, world.folder)
 
 
+def test_no_share_through_a_trusted_connection_to_a_service_that_reports_another_identity(setup: Setup) -> None:
+    """The endpoint presents the pinned identity, but its service info names another (a connection whose handshake
+    began before a recovery, still open to the recovered service): the reported identity must be trusted for shares
+    too, so nothing is fetched, decrypted or sent."""
+    with setup.world({"m0": "file"}, service={"recovery_identities": ["m0"]}) as world:
+        m0 = world.people["m0"].member
+        world.collect_shares()
+        real_share = world.sandbox.gov_get(f"/gov/recovery/encrypted-shares/{m0.member_id}")
+        reported = ServiceIdentity.generate().cert_pem.decode()
+        with HostileCCF(world.sandbox.service_cert.read_text(), {m0.member_id: real_share}) as hostile:
+            hostile.reported_certificate = reported
+            # The connection's identity is the pinned one (the world's config pins its own copy of the certificate).
+            (world.folder / "service_cert.pem").write_text(hostile.identity_pem)
+            world.config.write_text(world.config.read_text().replace(world.sandbox.url, hostile.url))
+            world.start()
+            with pytest.raises(AgentRequestError) as refused:
+                world.client.call("POST", "/v1/services/default/recovery/m0/share")
+            assert refused.value.code == "CCFTrustError"
+            assert f"reports the service identity {der_sha256(reported)[:16]}" in refused.value.message
+            assert hostile.recover_posts() == []
+            assert not [r for r in hostile.requests() if "/encrypted-shares/" in r.path]
+            records = audit_records(world)
+            assert not [r for r in records if r["event"] in ("signed", "share_submitted")]
+            world.stop()  # before the endpoint goes: the agent closes its connection to it
+
+
 def test_a_caller_the_policy_refuses_the_ballot_gets_no_adoption_from_approve_identity(setup: Setup) -> None:
     """approve-identity adopts the endpoint's claimed identity on its way to the ballot: only for a caller who may
     cast that ballot. Another gets 403 before the agent asks the endpoint anything or writes any trust."""

@@ -43,6 +43,9 @@ class HostileCCF:
     """When set, the proposal's actions as served (else the fabricated transition): the attacker may show one thing
     to the member's review and another to the agent."""
     proposal_id: str = field(default_factory=lambda: secrets.token_hex(32))
+    reported_certificate: str | None = None
+    """When set, the service identity its service info and ``/node/network`` report, instead of the one its TLS
+    presents (a connection made before a recovery, still open to the recovered service)."""
     ca: trustme.CA = field(default_factory=trustme.CA)
     url: str = ""
     _requests: list[Recorded] = field(default_factory=list)
@@ -74,12 +77,13 @@ class HostileCCF:
                 return 200, {"message": "1/1 recovery shares successfully submitted", "submittedCount": 1,
                              "recoveryThreshold": 1}  # fmt: skip
             return 200, self._proposal()
-        waiting = {"status": "WaitingForRecoveryShares", "certificate": self.identity_pem, "recoveryCount": 1,
+        reported = self.reported_certificate or self.identity_pem
+        waiting = {"status": "WaitingForRecoveryShares", "certificate": reported, "recoveryCount": 1,
                    "creationTransactionId": "2.1", "previousServiceIdentityVersion": "1.1"}  # fmt: skip
         proposals = "/gov/members/proposals"
         routes: list[tuple[str, Any]] = [
             (r"/node/network", {"service_status": "WaitingForRecoveryShares", "service_certificate":
-                                self.identity_pem, "recovery_count": 1, "current_service_create_txid": "2.1"}),
+                                reported, "recovery_count": 1, "current_service_create_txid": "2.1"}),
             (r"/node/state", {"state": "PartOfPublicNetwork"}),
             (r"/gov/service/info", waiting),
             (r"/gov/service/members", {"value": []}),

@@ -188,6 +188,20 @@ async def test_no_share_goes_to_an_identity_that_is_not_the_pinned_one(world: Wo
     assert world.service.calls == []
 
 
+async def test_no_share_when_the_service_reports_an_identity_not_trusted_for_shares(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection presented the pinned identity, but the service reports another for itself (a connection made
+    before a recovery, still open to the recovered service): the reported identity must be trusted for shares too."""
+    info = world.service.info
+    recovered = make_member("recovered-service").cert_pem.decode()
+    monkeypatch.setattr(world.service, "info", lambda: {**info(), "certificate": recovered})
+    with pytest.raises(CCFTrustError, match=r"reports the service identity .* not an identity trusted for recovery"):
+        await world.recovery.submit_share("prod", "m0")
+    assert world.service.calls == ["service_info"]  # no share fetched, nothing decrypted, signed or sent
+    assert "signed" not in world.events()
+
+
 # --- trust after a disaster recovery ---------------------------------------------------------------------------------
 
 OLD = make_member("old-service")
