@@ -576,6 +576,7 @@ class _AzureKey:
         retry = s.retry_policy().start(rng=_SYSTEM_RANDOM.random)
         while True:
             attempt = retry.next_attempt()
+            self._refuse_if_told_to_wait(what, retry.remaining)
             try:
                 async with asyncio.timeout(retry.remaining):
                     await self._throttle.acquire(priority)
@@ -678,6 +679,18 @@ class _AzureKey:
             ) from None
         except AzureError as exc:
             raise BackendError(f"Key Vault {self._cfg.vault_url}: {what} failed: {_redact(str(exc))}") from None
+
+    def _refuse_if_told_to_wait(self, what: str, remaining: float) -> None:
+        """Fail at once, rather than wait out the whole deadline in the throttle, while the vault's last 429 holds
+        every request back for longer than this one may take."""
+        left = self._throttle.penalty_left()
+        if left > remaining:
+            raise BackendUnavailableError(
+                f"Key Vault {self._cfg.vault_url}: {what} for key {self._cfg.key_name!r}: the vault asked to wait "
+                f"{left:.0f}s more, longer than this request may take ({remaining:.0f}s)",
+                hint="the vault's quota is exhausted: retry later, lower the agent's rate or raise the vault's limits",
+                retry_after=left,
+            )
 
     def _throttle_penalty(self, retry_after: float | None) -> None:
         # The vault throttles per vault, not per request: make every caller of this host slow down.

@@ -77,6 +77,7 @@ class PriorityThrottle:
         self._timer: asyncio.TimerHandle | None = None
         self.max_in_flight_seen = 0
         """The most holders there ever were at once (for tests and the benchmark)."""
+        self._penalty_until = float("-inf")
 
     @property
     def settings(self) -> ThrottleSettings:
@@ -85,6 +86,10 @@ class PriorityThrottle:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def penalty_left(self) -> float:
+        """Seconds until the vault's last "slow down" (``penalize``) lets anything through again; 0 when none holds."""
+        return max(0.0, self._penalty_until - self._clock())
 
     @property
     def queued(self) -> int:
@@ -153,6 +158,7 @@ class PriorityThrottle:
         rate."""
         if seconds <= 0:
             return
+        self._penalty_until = max(self._penalty_until, self._clock() + seconds)
         self._refill()
         self._tokens = min(self._tokens, 1.0 - seconds * self._settings.rate_per_second)
         if self._timer is not None:

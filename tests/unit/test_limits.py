@@ -65,3 +65,23 @@ def test_connection_caps_keep_a_share_for_root_and_count_releases() -> None:
     limiter.release(0)
     assert limiter.admit(1003) is not None  # root's freed slot stays root's
     assert limiter.admit(0) is None
+
+
+async def test_a_vault_penalty_is_told_for_as_long_as_it_holds() -> None:
+    """``penalty_left``: how long the vault's last 429 still holds every request back (the Key Vault backend fails a
+    request at once rather than wait out its deadline behind it)."""
+    from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
+
+    now = [100.0]
+    throttle = PriorityThrottle(
+        ThrottleSettings(max_concurrency=4, rate_per_second=10.0, burst=10), clock=lambda: now[0]
+    )
+    assert throttle.penalty_left() == 0.0
+    throttle.penalize(120.0)
+    assert throttle.penalty_left() == 120.0
+    throttle.penalize(5.0)  # a shorter one later does not shorten it
+    now[0] += 100.0
+    assert throttle.penalty_left() == 20.0
+    now[0] += 30.0
+    assert throttle.penalty_left() == 0.0
+    throttle.close()
