@@ -66,12 +66,15 @@ class Worker:
                 loaded = serialization.load_der_private_key(pkcs8, password=None)
                 if not isinstance(loaded, ec.EllipticCurvePrivateKey):
                     raise TypeError("not an EC key")
-                self.keys[handle] = (loaded, loaded.public_key())
+                self.hold(handle, loaded)
                 return True
             case "drop", (int() as handle,):
                 self.keys.pop(handle, None)
                 return True
         raise ValueError("unknown job")
+
+    def hold(self, handle: int, key: ec.EllipticCurvePrivateKey) -> None:
+        self.keys[handle] = (key, key.public_key())
 
     def _public_key(self, spki: bytes) -> ec.EllipticCurvePublicKey:
         key = self.public_keys.get(spki)

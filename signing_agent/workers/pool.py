@@ -27,11 +27,11 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from signing_agent.algorithms import SignatureAlgorithm, der_to_raw, from_name, verify_digest
+from signing_agent.algorithms import SignatureAlgorithm, verify_digest
 from signing_agent.errors import AgentError, BackendError, error_class
 from signing_agent.workers import frames
+from signing_agent.workers.child import Worker
 from signing_agent.workers.hardening import child_environment
 
 _logger = logging.getLogger(__name__)
@@ -119,10 +119,11 @@ class CryptoPool:
         self._watchdog: asyncio.Task[None] | None = None
         self._command = command or (sys.executable, "-m", "signing_agent.workers.child")
         self._workers: dict[int, _Worker] = {}
-        self._keys: dict[int, ec.EllipticCurvePrivateKey] = {}
+        self._here = Worker()
+        """The jobs done on the event loop's thread while no worker is alive (the workers' own code), and the keys
+        each replacement worker is handed."""
         self._handles = itertools.count(1)
         self._job_ids = itertools.count(1)
-        self._spki: dict[int, tuple[ec.EllipticCurvePublicKey, bytes]] = {}
         self._flush_scheduled = False
         self._closing = False
         self._deaths = 0
@@ -133,11 +134,11 @@ class CryptoPool:
 
     @property
     def alive(self) -> int:
-        return sum(1 for w in self._workers.values() if w.alive)
+        return len(self._live())
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return tuple(w.proc.pid for w in self._workers.values() if w.alive)
+        return tuple(w.proc.pid for w in self._live())
 
     async def start(self) -> None:
         for number in range(self.size):
@@ -179,20 +180,20 @@ class CryptoPool:
                     await worker.reader
             self._fail_sent(worker)
         self._workers.clear()
-        self._keys.clear()
+        self._here.keys.clear()
 
     # -- keys ------------------------------------------------------------------------------------------------------
 
     def add_key(self, key: ec.EllipticCurvePrivateKey) -> int:
         """Hand a file key to every worker; returns its handle for ``sign``."""
         handle = next(self._handles)
-        self._keys[handle] = key
+        self._here.hold(handle, key)
         for worker in self._live():
             self._queue(worker, _Job("key", (handle, _pkcs8(key)), None))
         return handle
 
     def drop_key(self, handle: int) -> None:
-        if self._keys.pop(handle, None) is not None:
+        if self._here.keys.pop(handle, None) is not None:
             for worker in self._live():
                 self._queue(worker, _Job("drop", (handle,), None))
 
@@ -201,7 +202,7 @@ class CryptoPool:
     async def sign(self, handle: int, alg: SignatureAlgorithm, digest: bytes) -> bytes:
         """The raw ``r||s`` signature of ``digest`` with the file key ``handle``, verified against the key's public
         key in the same job (``SigningFailedError`` when it does not verify)."""
-        if handle not in self._keys:
+        if handle not in self._here.keys:
             raise BackendError("the file key was closed")
         result = await self._submit("sign", (handle, alg.name, digest))
         if not isinstance(result, bytes) or len(result) != alg.signature_size:
@@ -215,7 +216,8 @@ class CryptoPool:
         verify against ``public_key``."""
         if public_key.curve.name != alg.curve_name or len(signature) != alg.signature_size:
             verify_digest(public_key, alg, digest, signature)  # raises the inline error, with its message
-        if await self._submit("verify", (self._der(public_key), alg.name, digest, signature)) is not True:
+        spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if await self._submit("verify", (spki, alg.name, digest, signature)) is not True:
             raise BackendError("a crypto worker answered a verification job with something else than True")
 
     async def _submit(self, op: str, args: tuple[object, ...]) -> object:
@@ -233,33 +235,14 @@ class CryptoPool:
         self._queue(min(live, key=lambda w: w.load), job)
 
     def _inline(self, job: _Job) -> None:
-        """The job on the event loop's thread, as the agent did before it had workers."""
-        if job.future is None:  # a key's registration: nothing to do here, the pool holds the key
+        """The job on the event loop's thread, as the agent did before it had workers, by the workers' own code."""
+        if job.future is None:  # a key's registration: the pool holds the key already
             return
-        try:
-            job.future.set_result(self._run_inline(job.op, job.args))
-        except AgentError as exc:
-            job.future.set_exception(exc)
-        except Exception as exc:  # noqa: BLE001 -- whatever went wrong is this job's answer, not the dispatcher's
-            job.future.set_exception(BackendError(f"a {job.op} job failed inline ({type(exc).__name__})"))
-
-    def _run_inline(self, op: str, args: tuple[object, ...]) -> object:
-        match op, args:
-            case "sign", (int() as handle, str() as alg_name, bytes() as digest):
-                alg = from_name(alg_name)
-                key = self._keys.get(handle)
-                if key is None:
-                    raise BackendError("the file key was closed")
-                signature = der_to_raw(alg, key.sign(digest, ec.ECDSA(Prehashed(alg.hash_algorithm()))))
-                verify_digest(key.public_key(), alg, digest, signature)
-                return signature
-            case "verify", (bytes() as spki, str() as alg_name, bytes() as digest, bytes() as signature):
-                public = serialization.load_der_public_key(spki)
-                if not isinstance(public, ec.EllipticCurvePublicKey):
-                    raise BackendError("not an EC public key")
-                verify_digest(public, from_name(alg_name), digest, signature)
-                return True
-        raise BackendError(f"no inline form of the crypto job {op!r}")
+        _, ok, value = self._here.run((0, job.op, *job.args))
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(_error(value))
 
     def _queue(self, worker: _Worker, job: _Job) -> None:
         worker.queued.append((next(self._job_ids), job))
@@ -366,7 +349,7 @@ class CryptoPool:
         )  # fmt: skip
         worker = _Worker(number, proc)
         self._workers[number] = worker
-        for handle, key in self._keys.items():
+        for handle, (key, _) in self._here.keys.items():
             self._queue(worker, _Job("key", (handle, _pkcs8(key)), None))
         worker.reader = asyncio.get_running_loop().create_task(self._read(worker))
 
@@ -381,16 +364,6 @@ class CryptoPool:
 
     def _live(self) -> list[_Worker]:
         return [w for w in self._workers.values() if w.alive]
-
-    def _der(self, public_key: ec.EllipticCurvePublicKey) -> bytes:
-        """The SubjectPublicKeyInfo of ``public_key``, encoded once per key object (an identity's lives long)."""
-        entry = self._spki.get(id(public_key))
-        if entry is None or entry[0] is not public_key:
-            if len(self._spki) >= 256:
-                self._spki.clear()
-            der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-            entry = self._spki[id(public_key)] = (public_key, der)
-        return entry[1]
 
 
 _P = TypeVar("_P")
