@@ -65,6 +65,28 @@ async def test_no_signature_without_an_audit_record_and_the_failure_is_counted(t
     await service.identity("m0").aclose()
 
 
+async def test_a_failing_log_stops_a_request_before_any_key_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``received`` record is normally queued while the signing goes on; while the log is failing, the request
+    waits for it first, so nothing is asked of a key store (a vault request, a token operation) for a request that
+    cannot be audited."""
+    audit = MemoryAuditSink(fail=True)
+    service = await service_with(tmp_path, audit)
+    key = service.identity("m0").signing_key
+    asked: list[bytes] = []
+
+    async def sign_digest(alg: object, digest: bytes, **_: object) -> bytes:
+        asked.append(digest)
+        raise AssertionError("the key store was asked")
+
+    monkeypatch.setattr(key, "sign_digest", sign_digest)
+    with pytest.raises(AuditError), as_peer(os.getuid()):
+        await service.sign(state_digest())
+    assert asked == []
+    await service.identity("m0").aclose()
+
+
 async def test_a_caller_created_at_must_be_within_the_skew_of_the_clock(tmp_path: Path) -> None:
     audit = MemoryAuditSink()
     service = await service_with(tmp_path, audit)  # clock: 1_700_000_000.5, default skew 300 s
