@@ -48,13 +48,6 @@ class Daemon:
     socket: Path
     start_seconds: float
 
-    def rss_mib(self) -> float:
-        """The peak resident size of the daemon process alone (its high-water mark)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
     def tree(self) -> list[int]:
         """The daemon and its child processes (crypto workers, the fsync helper)."""
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
