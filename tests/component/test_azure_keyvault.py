@@ -32,7 +32,7 @@ from signing_agent.errors import (
     KeyNotFoundError,
     SigningFailedError,
 )
-from tests.doubles.keyvault import Fault, RunningKeyVault, managed_identity_env, running_keyvault
+from tests.doubles.keyvault import Fault, RunningKeyVault
 from tests.support.pki import make_member, make_rsa_key
 
 FAST = AzureKeyVaultSettings(
@@ -45,13 +45,6 @@ FAST = AzureKeyVaultSettings(
     max_retry_after=5.0,
 )
 WHERE = "identities.m0.signing_key"
-
-
-@pytest.fixture
-async def kv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RunningKeyVault]:
-    async with running_keyvault(tmp_path / "kv") as running:
-        managed_identity_env(monkeypatch, running)
-        yield running
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ the answer, and what the user is told when a step fails after a key was made."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -15,17 +14,10 @@ from signing_agent.backends.azure_keyvault_admin import generate_member
 from signing_agent.backends.member_cert import member_id
 from signing_agent.config import AzureKeyVaultKeyConfig
 from signing_agent.errors import BackendError, BackendUnavailableError, ConfigError, IdentityError
-from tests.doubles.keyvault import RunningKeyVault, managed_identity_env, running_keyvault
+from tests.doubles.keyvault import RunningKeyVault
 
 FAST = AzureKeyVaultSettings(max_attempts=4, total_timeout=10.0, attempt_timeout=2.0, backoff_initial=0.05)
 WHERE = "identities.m0.signing_key"
-
-
-@pytest.fixture
-async def kv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RunningKeyVault]:
-    async with running_keyvault(tmp_path / "kv") as running:
-        managed_identity_env(monkeypatch, running)
-        yield running
 
 
 @pytest.fixture

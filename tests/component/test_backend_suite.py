@@ -534,13 +534,6 @@ async def test_decrypts_rsa_oaep_sha256(backend: Harness) -> None:
 # ----- [keyvault] settings reach the Key Vault backend through KeyStores -----
 
 
-@pytest.fixture
-async def kv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RunningKeyVault]:
-    async with running_keyvault(tmp_path / "kv") as running:
-        managed_identity_env(monkeypatch, running)
-        yield running
-
-
 async def _open_kv_key(kv: RunningKeyVault, settings: KeyVaultConfig) -> tuple[KeyStores, SigningKey]:
     member = make_member("m0", "secp384r1")
     version = kv.vault.add_key("m0", member.key)

@@ -62,13 +62,6 @@ async def sandbox(alice: Member, bob: Member) -> AsyncIterator[SandboxServer]:
         yield server
 
 
-@pytest.fixture
-async def gov(sandbox: SandboxServer) -> AsyncIterator[GovClient]:
-    connector = aiohttp.TCPConnector(ssl=sandbox.client_ssl_context())
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield GovClient(sandbox.url, session)
-
-
 def noop_action() -> list[dict[str, Any]]:
     return [{"name": "remove_node", "args": {"node_id": "0" * 64}}]  # no such node: removing it does nothing
 

@@ -41,13 +41,6 @@ async def sandbox(alice: Member) -> AsyncIterator[SandboxServer]:
         yield server
 
 
-@pytest.fixture
-async def gov(sandbox: SandboxServer) -> AsyncIterator[GovClient]:
-    connector = aiohttp.TCPConnector(ssl=sandbox.client_ssl_context())
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield GovClient(sandbox.url, session)
-
-
 async def _failed_validation(gov: GovClient, member: Member, action: dict[str, Any]) -> str:
     reply = await gov.propose(member, [action])
     assert reply.status == 400, reply.body
