@@ -172,8 +172,8 @@ class AgentSection:
     many days: its hash is the member id, so a renewal is a governance round. 0: only once it has expired."""
     crypto_workers: int | None = None
     """Processes that sign with file keys and verify every signature off the event loop (0: none, all inline).
-    Default: one per core this process may use (CPU affinity, a cgroup CPU quota) when that is two or more, at most
-    4. Fixed for the process (a reload keeps it)."""
+    Default: one per core this process may use (CPU affinity, a cgroup CPU quota) beyond the one the event loop keeps
+    busy, at most 4. Fixed for the process (a reload keeps it)."""
 
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024

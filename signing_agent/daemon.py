@@ -250,7 +250,8 @@ async def open_resources(
 
 
 def crypto_workers_of(config: AgentConfig) -> int:
-    """How many crypto workers the daemon runs: ``agent.crypto_workers``, or one per core (``default_workers``)."""
+    """How many crypto workers the daemon runs: ``agent.crypto_workers``, or one per core beyond the loop's
+    (``default_workers``)."""
     return config.agent.crypto_workers if config.agent.crypto_workers is not None else default_workers()
 
 

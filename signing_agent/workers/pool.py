@@ -51,11 +51,15 @@ costs the process tree about 25 MiB."""
 
 
 def default_workers() -> int:
-    """One worker per core this process may use, when that is two or more (at most ``MAX_DEFAULT_WORKERS``); none
-    (everything on the event loop) on one core. The cores are the CPU affinity, bounded by a cgroup CPU quota (a
-    container's CPU limit)."""
+    """One worker per core this process may use beyond the one the event loop keeps busy (at most
+    ``MAX_DEFAULT_WORKERS``); none (everything on the event loop) on one core. The cores are the CPU affinity, bounded
+    by a cgroup CPU quota (a container's CPU limit).
+
+    Not one per core: the event loop is a busy process too (HTTP, policy, audit: about a third of each signature's
+    CPU), and the one stage every request passes through. A worker per core preempts it whenever a job comes back, and
+    on two cores one worker signs 7% faster than two, with a lower p99 (``make bench``; README, "Benchmarks")."""
     cores = min(len(os.sched_getaffinity(0)), cgroup_cpu_limit() or 1024)
-    return min(cores, MAX_DEFAULT_WORKERS) if cores > 1 else 0
+    return min(cores - 1, MAX_DEFAULT_WORKERS)
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -41,7 +41,7 @@ def test_no_cgroup_files_and_garbage_mean_no_quota(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("cores", "quota", "workers"),
-    [(1, None, 0), (2, None, 2), (16, None, 4), (16, 1, 0), (16, 3, 3)],
+    [(1, None, 0), (2, None, 1), (3, None, 2), (16, None, 4), (16, 1, 0), (16, 2, 1), (16, 3, 2)],
 )
 def test_default_workers(monkeypatch: pytest.MonkeyPatch, cores: int, quota: int | None, workers: int) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
@@ -53,6 +53,6 @@ def test_the_configured_count_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(4)))
     monkeypatch.setattr(pool, "cgroup_cpu_limit", lambda: None)
     identities = {"m0": {"certificate": "c.pem", "signing_key": {"backend": "file", "path": "k.pem"}}}
-    assert crypto_workers_of(parse_config({"identities": identities}, path=Path("/x/agent.toml"))) == 4
+    assert crypto_workers_of(parse_config({"identities": identities}, path=Path("/x/agent.toml"))) == 3
     configured = parse_config({"agent": {"crypto_workers": 0}, "identities": identities}, path=Path("/x/agent.toml"))
     assert crypto_workers_of(configured) == 0
