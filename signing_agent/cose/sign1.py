@@ -79,11 +79,16 @@ def finish(tbs: ToBeSigned, signature: bytes) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [tbs.protected, {}, tbs.payload, signature]))
 
 
+_CBOR_ERRORS = (cbor2.CBORDecodeError, ValueError, TypeError, ArithmeticError, RecursionError)
+"""What ``cbor2.loads`` raises on bad input: a decimal fraction (tag 4) with a huge exponent is a
+``decimal.InvalidOperation``, a big integer one an ``OverflowError``; both are ``ArithmeticError``s."""
+
+
 def decode(message: bytes) -> DecodedSign1:
     """Parse a tagged COSE_Sign1 with an attached payload. Raises ``InvalidRequestError`` on anything else."""
     try:
         outer = cbor2.loads(message)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+    except _CBOR_ERRORS as exc:
         raise InvalidRequestError(f"COSE_Sign1: not valid CBOR: {exc}") from None
     if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
         raise InvalidRequestError("COSE_Sign1: not tagged 18")
@@ -102,7 +107,7 @@ def decode(message: bytes) -> DecodedSign1:
         raise InvalidRequestError("COSE_Sign1: the signature must be a byte string")
     try:
         headers = cbor2.loads(protected) if protected else {}
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+    except _CBOR_ERRORS as exc:
         raise InvalidRequestError(f"COSE_Sign1: the protected header is not valid CBOR: {exc}") from None
     if not isinstance(headers, dict):
         raise InvalidRequestError("COSE_Sign1: the protected header must be a map")

@@ -146,6 +146,13 @@ def test_a_tampered_message_does_not_verify() -> None:
         (cbor2.dumps(cbor2.CBORTag(18, [b"", {}, b""])), "4 elements"),
         (cbor2.dumps(cbor2.CBORTag(18, [b"", {}, None, b""])), "attached"),
         (cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps([1]), {}, b"", b""])), "must be a map"),
+        # decimal fractions (tag 4) that cbor2 cannot build: decimal.InvalidOperation, then OverflowError
+        (bytes.fromhex("c4821b7fffffffffffffff01"), "not valid CBOR"),
+        (cbor2.dumps(cbor2.CBORTag(4, [2**70, 1])), "not valid CBOR"),
+        (
+            cbor2.dumps(cbor2.CBORTag(18, [bytes.fromhex("a101c4821b7fffffffffffffff01"), {}, b"", b""])),
+            "protected header is not valid CBOR",
+        ),
     ],
 )
 def test_decode_refuses_malformed_messages(data: bytes, message: str) -> None:
