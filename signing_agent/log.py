@@ -1,4 +1,5 @@
-"""Logging set-up: JSON lines to stderr for journald, readable text on a TTY. Only the package logger is configured.
+"""Logging set-up: JSON lines to stderr for journald, readable text on a TTY. The package logger is configured; other
+libraries' warnings and errors go through the same formatter.
 
 Every line carries the id of the request it was logged for (``RequestIdFilter``, from ``signing_agent.context``):
 the API's and the recovery watchers' requests, down to the CCF client and the key stores.
@@ -82,6 +83,21 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
     server.handlers[:] = [quiet]
     server.setLevel(logging.WARNING)
     server.propagate = False
+    # Every other library's warnings and errors (the Azure SDK's credential failures, asyncio's "exception was never
+    # retrieved") reach the root logger; unconfigured, Python prints them raw to stderr, one unparseable line each in
+    # a JSON journal. Through our formatter instead, at WARNING and above only: a library's INFO and DEBUG lines
+    # (azure-core's request logging) are not the agent's to print.
+    others = logging.StreamHandler(stream)
+    others.setFormatter(handler.formatter)
+    others.addFilter(RequestIdFilter())
+    others.setLevel(logging.WARNING)
+    setattr(others, _OURS, True)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, _OURS, False)] + [others]
+
+
+_OURS = "signing_agent_handler"
+"""Marks the root handler ``setup_logging`` added, so a second call replaces it and leaves any other alone."""
 
 
 class ClientErrorFilter(logging.Filter):

@@ -66,8 +66,8 @@ async def test_tasks_started_inside_a_request_keep_its_context() -> None:
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    """``setup_logging`` configures two loggers; put them back as they were."""
-    loggers = [logging.getLogger(name) for name in ("signing_agent", "aiohttp.server")]
+    """``setup_logging`` configures three loggers (the root's handlers too); put them back as they were."""
+    loggers = [logging.getLogger(name) for name in ("signing_agent", "aiohttp.server", "")]
     saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
     yield
     for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
@@ -94,3 +94,19 @@ def test_every_log_line_carries_the_request_id_json_and_text() -> None:
     first, second = text.getvalue().splitlines()
     assert f"signing_agent.ccf.client [{ctx.request_id}]: polled" in first
     assert "signing_agent.ccf.client [-]: idle" in second
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_other_libraries_warnings_are_formatted_lines_and_their_info_is_not_printed() -> None:
+    stream = io.StringIO()
+    setup_logging("debug", stream=stream, json_lines=True)
+    setup_logging("debug", stream=stream, json_lines=True)  # a second set-up replaces its root handler
+    azure = logging.getLogger("azure.identity._credentials.chained")
+    azure.setLevel(logging.INFO)
+    with bound(RequestContext.for_peer("req-7", PEER)):
+        azure.warning("DefaultAzureCredential failed to retrieve a token")
+        azure.info("a request to login.microsoftonline.com")
+    (line,) = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert (entry["logger"], entry["level"], entry["request_id"]) == (azure.name, "warning", "req-7")
+    assert entry["msg"] == "DefaultAzureCredential failed to retrieve a token"
