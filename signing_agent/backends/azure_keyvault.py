@@ -982,7 +982,12 @@ class _KeyMaker(_AzureKey):
         cfg = self._cfg
         message = f"Key Vault {cfg.vault_url} refused to create key {cfg.key_name!r} ({self._new.description}): "
         message += f"HTTP {status} {detail}"
-        if status == 403:
+        # A Standard vault refuses an HSM key with "Hardware key operation not allowed on standard vault", reported
+        # as 403 Forbidden (Az PowerShell users see "Forbidden"): that is not a missing role, whatever the status.
+        standard_tier = self._new.hsm and not is_managed_hsm(cfg.vault_url)
+        if standard_tier and "standard vault" in detail.lower():
+            hint = _STANDARD_TIER_HINT
+        elif status == 403:
             hint = (
                 f"the principal of credential {cfg.credential!r} needs keys/create and keys/get on this vault (RBAC "
                 "role 'Key Vault Crypto Officer', or an access policy; on a Managed HSM the local role 'Managed HSM "
@@ -990,11 +995,14 @@ class _KeyMaker(_AzureKey):
             )
         elif status == 409:
             hint = "a deleted key still holds the name (soft delete): recover or purge it, or choose another name"
-        elif self._new.hsm and not is_managed_hsm(cfg.vault_url):
-            hint = (
-                "a Standard-tier vault makes no HSM keys: use a Premium vault or a Managed HSM, or ask for a "
-                "software-protected key (--protection software) knowingly"
-            )
+        elif standard_tier:
+            hint = _STANDARD_TIER_HINT
         else:
             hint = "check the key's parameters against what the vault offers"
         return BackendError(message, hint=hint)
+
+
+_STANDARD_TIER_HINT = (
+    "a Standard-tier vault makes no HSM keys: use a Premium vault or a Managed HSM, or ask for a software-protected "
+    "key (--protection software) knowingly"
+)

@@ -498,7 +498,9 @@ class KeyVaultDouble:
         if kty not in _KEY_TYPES:
             raise VaultError(400, "BadParameter", f"Invalid kty value: {kty}", inner="KeyTypeNotSupported")
         if hsm and self.tier == "standard":
-            raise VaultError(400, "BadParameter", "Hardware key operation not allowed on standard vault")
+            # The service's words (azure-sdk-for-net#6551, MicrosoftDocs/azure-docs#63888), as a 403: Az PowerShell
+            # reports this refusal as "Forbidden" (MicrosoftDocs/azure-docs#34948), so not as a bad parameter.
+            raise VaultError(403, "Forbidden", "Hardware key operation not allowed on standard vault")
         if not hsm and self.tier == "managedhsm":
             raise VaultError(400, "BadParameter", f"Invalid kty value: {kty}", inner="KeyTypeNotSupported")
         if kty.startswith("EC"):
