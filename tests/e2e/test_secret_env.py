@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.softhsm]
 
 PIN_VAR = "SA_TEST_DAEMON_PIN"
 SECRET_VAR = "SA_TEST_CLIENT_SECRET"
+LATE_VAR = "SA_TEST_LATE_SECRET"
+"""In the daemon's environment from the start, named only by the configuration a reload brings."""
 FAKE_AZ = """#!/bin/sh
 # A stand-in for the Azure CLI: record the environment the agent gave us, then fail as an unlogged-in az does.
 {{ env; echo "--- end of az environment ---"; }} >> {dump}
@@ -63,7 +65,7 @@ def az_environments(dump: Path) -> list[str]:
 def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pin, client_secret = secrets.token_hex(16), secrets.token_hex(24)
+    pin, client_secret, late_secret = secrets.token_hex(16), secrets.token_hex(24), secrets.token_hex(24)
     token_env, hsm_cert = make_token(workdir / "hsm", pin)
     member = make_member("kv")
     kv_key, kv_cert = member.write(workdir / "keys")
@@ -104,6 +106,7 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
             **token_env,
             PIN_VAR: pin,
             SECRET_VAR: client_secret,
+            LATE_VAR: late_secret,
             "PATH": f"{bin_dir}:/usr/bin:/bin",
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
@@ -115,6 +118,9 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
             [first] = az_environments(dump)  # the fake az really ran, as a child of the daemon
             assert "AZURE_CORE_NO_COLOR=true" in first
 
+            # The reloaded configuration names a variable the first did not: taken out before its az child runs.
+            tables["identities.cs.signing_key"]["client_secret_env"] = LATE_VAR
+            write_toml(workdir / "agent.toml", tables)
             sighup_and_wait(proc, "configuration reloaded", 1)
             # The new generation logged in to the token again (the reload dropped every session and login) with the
             # PIN the daemon kept in memory: the environment no longer has it.
@@ -122,9 +128,12 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
             assert {i["name"] for i in client.identities()} == {"hsm"}
             assert client.call("POST", "/v1/sign", {"identity": "hsm", "msg_type": "state_digest"}).status == 200
             assert len(az_environments(dump)) == 2
-        for environment in az_environments(dump):
-            for name, value in ((PIN_VAR, pin), (SECRET_VAR, client_secret)):
+        before, after = az_environments(dump)
+        assert f"{LATE_VAR}={late_secret}" in before  # no configuration had named it yet: the agent cannot know
+        named_at_start = [(PIN_VAR, pin), (SECRET_VAR, client_secret)]
+        for environment, named in ((before, named_at_start), (after, [*named_at_start, (LATE_VAR, late_secret)])):
+            for name, value in named:
                 assert f"{name}=" not in environment, f"{name} reached the az child"
                 assert value not in environment, f"the value of {name} reached the az child"
-        for value in (pin, client_secret):
+        for value in (pin, client_secret, late_secret):
             assert value not in proc.stderr
