@@ -66,6 +66,19 @@ def open_own_folder(folder: Path) -> int:
     return fd
 
 
+def read_own_file(path: Path) -> bytes:
+    """The content of a file the agent takes its trust from (its configuration, a pinned service certificate), if it
+    is the agent's own: owned by its uid or root, and no group or other may write it; else ``NotOursError``
+    (``owner`` or ``writable``). Checked on the opened file, so a swap between the check and the read cannot slip
+    through. A symlink is followed (a Kubernetes ConfigMap's files are links): the file read is the one checked."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        problem = foreign(st)
+        if problem is not None:
+            raise NotOursError(path, problem, st)
+        return f.read()
+
+
 def open_in_folder(folder_fd: int, path: Path, flags: int, mode: int = 0o600) -> int:
     """``path``'s entry in the open folder ``folder_fd``, opened with ``flags`` without following a symlink
     (``NotOursError("link")``); the caller checks what it opened."""

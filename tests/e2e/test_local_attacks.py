@@ -6,6 +6,7 @@ on the code before its fix.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from signing_agent.client import AgentClient
+from tests.component.test_policy_api import REPO
 from tests.e2e.test_attacks import as_uid
 from tests.e2e.test_peer_limits import NOBODY
 from tests.support.agent import daemon, file_identity, private_dir, write_toml
@@ -73,3 +75,81 @@ def test_a_package_planted_in_the_daemons_working_folder_never_runs_in_its_child
         assert (nobodys_folder / "ran-as").exists() is False, (nobodys_folder / "ran-as").read_text()
         assert sorted(children.values()) == ["signing_agent.workers.child", "signing_agent.workers.fsync_child"]
         assert "crypto worker" not in proc.stderr
+
+
+def reachable_by_nobody(workdir: Path, member: Member, **tables: dict[str, object]) -> Path:
+    """A configuration whose 0660 socket nobody (gid root, in ``as_uid``) can reach; nothing else is nobody's."""
+    workdir.chmod(0o750)
+    run = workdir / "run"
+    run.mkdir(mode=0o750)
+    key, cert = member.write(workdir / "keys")
+    config = {
+        "agent": {"socket": run / "a.sock", "socket_mode": "0660"},
+        "audit": {"path": workdir / "audit" / "audit.jsonl"},
+        **file_identity("m0", cert, key),
+        **tables,
+    }
+    return write_toml(workdir / "agent.toml", config)
+
+
+SIGN_AS_NOBODY = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from signing_agent.client import AgentClient
+resp = AgentClient(sys.argv[2], timeout=30).request("POST", "/v1/sign", {"identity": "m0", "msg_type": "state_digest"})
+print(json.dumps([resp.status, resp.json() if resp.status != 200 else None]))
+"""
+
+# Another user who may write the configuration (a group-writable file) grants itself everything.
+GRANT_NOBODY = r"""
+import pathlib, sys
+config = pathlib.Path(sys.argv[1])
+config.write_text(config.read_text().replace("[agent]\n", "[agent]\nallowed_uids = [65534]\n", 1))
+"""
+
+
+def test_a_configuration_another_user_can_write_is_never_loaded(workdir: Path, member: Member) -> None:
+    """The configuration decides who may sign: a file another user (here: a group) may write is theirs to grant
+    themselves every key with. The agent refuses it at a reload (and at start-up), as it refuses a PIN file or an
+    audit folder others may write; the configuration it serves stays in force."""
+    config = reachable_by_nobody(workdir, member)
+    with daemon(config) as proc:
+        [status, denied] = json.loads(as_uid(NOBODY, SIGN_AS_NOBODY, str(REPO), str(proc.socket)))
+        assert (status, denied["error"]["code"]) == (403, "PolicyDenied")
+        config.chmod(0o664)  # e.g. edited by a tool, or shared with an operators' group
+        as_uid(NOBODY, GRANT_NOBODY, str(config))
+        assert "allowed_uids = [65534]" in config.read_text()
+        reloaded = AgentClient(proc.socket, timeout=60).request("POST", "/v1/reload").json()
+        [status, denied] = json.loads(as_uid(NOBODY, SIGN_AS_NOBODY, str(REPO), str(proc.socket)))
+        assert (status, reloaded["reloaded"]) == (403, False), reloaded
+        assert f"{config}: mode 0664 lets group or others write it" in reloaded["error"]
+    with pytest.raises(RuntimeError, match="mode 0664 lets group or others write it"), daemon(config):
+        pass
+
+
+# Another user who may write the pinned service certificate puts its own there.
+REPLACE_FILE = r"""
+import pathlib, sys
+pathlib.Path(sys.argv[1]).write_text(sys.argv[2])
+"""
+
+
+def test_a_service_certificate_another_user_can_write_is_never_pinned(workdir: Path, member: Member) -> None:
+    """The pinned service certificate decides where governance, and recovery shares, may go: a file another user may
+    write is theirs to re-pin the service to an endpoint of their own (as a planted recovery state file would). The
+    agent refuses it, at a reload as at start-up, and keeps pinning the certificate it read before."""
+    service = make_member("service", "secp384r1")
+    _, service_cert = service.write(workdir / "service")
+    tables = {"services.default": {"url": "https://127.0.0.1:9", "service_certificate": service_cert}}
+    config = reachable_by_nobody(workdir, member, **tables)
+    with daemon(config) as proc:
+        service_cert.chmod(0o664)
+        (workdir / "service").chmod(0o750)
+        as_uid(NOBODY, REPLACE_FILE, str(service_cert), make_member("attacker", "secp384r1").cert_pem.decode())
+        assert service_cert.read_bytes() != service.cert_pem
+        reloaded = AgentClient(proc.socket, timeout=60).request("POST", "/v1/reload").json()
+        assert reloaded["reloaded"] is False, reloaded
+        why = f"services.default.service_certificate: {service_cert}: mode 0664 lets group or others write it"
+        assert why in reloaded["error"]
+    with pytest.raises(RuntimeError, match="mode 0664 lets group or others write it"), daemon(config):
+        pass
