@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,8 @@ from signing_agent.client import AgentClient
 from tests.component.test_policy_api import REPO
 from tests.e2e.test_attacks import as_uid
 from tests.e2e.test_peer_limits import NOBODY
-from tests.support.agent import daemon, file_identity, private_dir, write_toml
+from tests.support import procs
+from tests.support.agent import cli_env, daemon, file_identity, private_dir, write_toml
 from tests.support.pki import Member, make_member
 from tests.support.procs import running_modules
 
@@ -153,3 +157,43 @@ def test_a_service_certificate_another_user_can_write_is_never_pinned(workdir: P
         assert why in reloaded["error"]
     with pytest.raises(RuntimeError, match="mode 0664 lets group or others write it"), daemon(config):
         pass
+
+
+# Another user plants a link where the daemon writes its ready file first, to the agent's user's own file.
+PLANT_LINK = r"""
+import os, sys
+os.symlink(sys.argv[2], sys.argv[1])
+"""
+
+
+def test_a_link_planted_beside_the_ready_file_never_redirects_the_write(
+    workdir: Path, member: Member, nobodys_folder: Path
+) -> None:
+    """``serve --ready-file`` in a folder others may write (a group's, a sticky-less shared one): it wrote the socket
+    path to ``.NAME.<pid>.tmp`` first, following a link, truncating whatever file of the agent's user another user
+    pointed it at (here: a file standing for its shell profile or audit log). The ready file must still appear."""
+    nobodys_folder.chmod(0o777)
+    key, cert = member.write(workdir / "keys")
+    tables = {"agent": {"socket": workdir / "run" / "a.sock"}, "audit": {"path": workdir / "audit" / "audit.jsonl"}}
+    config = write_toml(workdir / "agent.toml", {**tables, **file_identity("m0", cert, key)})
+    precious = workdir / "precious"
+    precious.write_text("the agent's user's own file\n")
+    ready, pid_file, go = nobodys_folder / "agent.ready", workdir / "pid", workdir / "go"
+    # The daemon's pid is known before it runs: a shell writes its own, waits, then execs the daemon in its place.
+    wait_then_exec = 'echo $$ > "$0"; while [ ! -e "$1" ]; do sleep 0.02; done; shift; exec "$@"'
+    command = [sys.executable, "-m", "signing_agent", "serve", "--config", str(config), "--ready-file", str(ready)]
+    proc = subprocess.Popen(["sh", "-c", wait_then_exec, str(pid_file), str(go), *command], env=cli_env())
+    try:
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert proc.poll() is None
+            time.sleep(0.02)
+        pid = int(pid_file.read_text())
+        as_uid(NOBODY, PLANT_LINK, str(nobodys_folder / f".agent.ready.{pid}.tmp"), str(precious))
+        go.touch()
+        while not (ready.exists() and ready.read_text()):
+            assert proc.poll() is None, "the daemon exited"
+            time.sleep(0.02)
+        assert ready.read_text() == str(workdir / "run" / "a.sock")
+        assert precious.read_text() == "the agent's user's own file\n"
+    finally:
+        procs.stop(proc, 15.0)
