@@ -6,10 +6,13 @@ on the code before its fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +200,53 @@ def test_a_link_planted_beside_the_ready_file_never_redirects_the_write(
         assert precious.read_text() == "the agent's user's own file\n"
     finally:
         procs.stop(proc, 15.0)
+
+
+# Another user whom no rule admits asks for a path that holds a line break, a forged log line and terminal escapes.
+FORGE_LOG_LINE = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+forged = "\n2026-01-01 00:00:00,000 INFO    signing_agent.signer [x]: FORGED signed\x1b]0;owned\x07"
+s.sendall(b"GET /v1/health" + "".join(f"%{b:02x}" for b in forged.encode()).encode()
+          + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+print(s.recv(65536).split(b"\r\n")[0].decode())
+"""
+
+
+def test_a_peer_cannot_forge_lines_or_send_escapes_to_the_terminal_the_agent_logs_to(
+    workdir: Path, member: Member
+) -> None:
+    """The agent run in a terminal logs readable text, and every request's access line holds its path, decoded:
+    ``%0a`` started a line of the caller's choosing (a forged "signed" record for whoever reads the log), and
+    ``%1b`` wrote escape sequences to the operator's terminal. Characters that are not printable are escaped."""
+    config = reachable_by_nobody(workdir, member)
+    primary, replica = pty.openpty()
+    ready = workdir / "ready"
+    command = [sys.executable, "-m", "signing_agent", "serve", "--config", str(config), "--ready-file", str(ready)]
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=replica, env=cli_env())
+    os.close(replica)
+    output = bytearray()
+    reader = threading.Thread(target=_read_all, args=(primary, output), daemon=True)
+    reader.start()
+    try:
+        while not (ready.exists() and ready.read_text()):
+            assert proc.poll() is None, output.decode(errors="replace")
+            time.sleep(0.02)
+        assert as_uid(NOBODY, FORGE_LOG_LINE, ready.read_text()).startswith("HTTP/1.1 403")
+    finally:
+        procs.stop(proc, 15.0)
+        reader.join(10)
+    lines = output.decode(errors="replace").splitlines()
+    [access] = [line for line in lines if "GET /v1/health" in line]
+    assert "FORGED" in access
+    assert not [line for line in lines if line.startswith("2026-01-01")], lines
+    assert "\x1b" not in output.decode(errors="replace")
+
+
+def _read_all(fd: int, into: bytearray) -> None:
+    """Everything written to the terminal ``fd`` until its other end is closed."""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 65536):
+            into += chunk
+    os.close(fd)
