@@ -184,14 +184,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(sock: Path) -> None:
         """Write the socket path to ``--ready-file`` atomically: whoever waits for the file never reads it half
-        written (a temporary file beside it, renamed over it)."""
+        written (a temporary file beside it, renamed over it). Its folder may be anyone's: the temporary file is
+        never one another user could have put a link at (``files.replace_at``)."""
         if args.ready_file:
             from pathlib import Path
 
-            path = Path(args.ready_file)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(str(sock))
-            os.replace(tmp, path)
+            from signing_agent.files import replace_at
+
+            replace_at(Path(args.ready_file), str(sock).encode())
 
     asyncio.run(serve(config, on_ready=ready, allow_degraded=args.allow_degraded))
     return EXIT_OK

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar, assert_never, get_args
 
 from signing_agent.client_config import ClientSection, default_socket, parse_client_section, resolve_config_path
 from signing_agent.errors import ConfigError
+from signing_agent.files import NotOursError, read_own_file
 from signing_agent.names import AZURE_CREDENTIALS as AZURE_CREDENTIALS
 from signing_agent.names import LOG_LEVELS as LOG_LEVELS
 from signing_agent.names import MSG_TYPES as MSG_TYPES
@@ -907,13 +908,36 @@ def parse_config(data: Mapping[str, object], *, path: Path | None = None) -> Age
     )
 
 
-def load_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """Read and validate a TOML config file."""
-    p = Path(path).absolute()
+def read_trusted_file(path: Path, where: str, decides: str) -> bytes:
+    """A file the agent takes its trust from, read if it is the agent's own (``files.read_own_file``), else a
+    ``ConfigError`` that names ``where`` (the setting, or nothing for the configuration itself) and the file.
+
+    ``decides``: what whoever may write it decides, for the hint. Another user who may write the configuration grants
+    itself every key; one who may write a pinned service certificate re-pins the service, recovery shares included.
+    """
+    prefix = f"{where}: " if where else ""
     try:
-        raw = p.read_bytes()
+        return read_own_file(path)
+    except NotOursError as exc:
+        st, why = exc.st, "not a file of the agent's own"
+        if st is not None and exc.problem == "owner":
+            why = f"owned by uid {st.st_uid}, not by the agent's user (uid {os.geteuid()}) or root"
+        elif st is not None:
+            why = f"mode {st.st_mode & 0o7777:04o} lets group or others write it"
+        raise ConfigError(
+            f"{prefix}{path}: {why}",
+            hint=f"chmod go-w {path} (and chown it to the agent's user or root): whoever may "
+            f"write it decides {decides}",
+        ) from None
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the configuration: {exc.strerror}") from exc
+        what = f"{where}: cannot read {path}" if where else f"{path}: cannot read the configuration"
+        raise ConfigError(f"{what}: {exc.strerror}") from exc
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate a TOML config file, which must be the agent's own (``read_trusted_file``)."""
+    p = Path(path).absolute()
+    raw = read_trusted_file(p, "", "who may sign what")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

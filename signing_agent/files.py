@@ -66,6 +66,19 @@ def open_own_folder(folder: Path) -> int:
     return fd
 
 
+def read_own_file(path: Path) -> bytes:
+    """The content of a file the agent takes its trust from (its configuration, a pinned service certificate), if it
+    is the agent's own: owned by its uid or root, and no group or other may write it; else ``NotOursError``
+    (``owner`` or ``writable``). Checked on the opened file, so a swap between the check and the read cannot slip
+    through. A symlink is followed (a Kubernetes ConfigMap's files are links): the file read is the one checked."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        problem = foreign(st)
+        if problem is not None:
+            raise NotOursError(path, problem, st)
+        return f.read()
+
+
 def open_in_folder(folder_fd: int, path: Path, flags: int, mode: int = 0o600) -> int:
     """``path``'s entry in the open folder ``folder_fd``, opened with ``flags`` without following a symlink
     (``NotOursError("link")``); the caller checks what it opened."""
@@ -77,12 +90,12 @@ def open_in_folder(folder_fd: int, path: Path, flags: int, mode: int = 0o600) ->
         raise
 
 
-def replace_file(folder_fd: int, name: str, data: bytes) -> None:
-    """Put ``data`` at ``name`` in the open folder atomically: a fresh hidden file (mode 0600, never through a
+def replace_file(folder_fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Put ``data`` at ``name`` in the open folder atomically: a fresh hidden file (``mode``, never through a
     symlink), written and fsynced, renamed over ``name``, then the folder fsynced. On failure ``name`` keeps what it
     had, and the hidden file is removed."""
     tmp = f".{name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder_fd)
     try:
         try:
             view = memoryview(data)
@@ -97,6 +110,17 @@ def replace_file(folder_fd: int, name: str, data: bytes) -> None:
             os.unlink(tmp, dir_fd=folder_fd)
         raise
     fsync_folder(folder_fd)
+
+
+def replace_at(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """``replace_file`` at ``path``, in a folder that need not be the agent's (a ready file, wherever it is asked
+    for): the file is written under a fresh random name, never through a symlink or a file someone put at a name
+    they could guess, then renamed over ``path``. ``mode`` (less the umask): public by default."""
+    folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        replace_file(folder_fd, path.name, data, mode)
+    finally:
+        os.close(folder_fd)
 
 
 def fsync_folder(folder_fd: int) -> None:

@@ -45,13 +45,32 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (line breaks, terminal escapes, C1 controls, bidi overrides)
+    written as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    Log messages quote what callers sent (a request's decoded path, a name they chose): unescaped, ``%0a`` would start
+    a log line of the caller's choosing, and ``%1b`` would write escape sequences to the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, one line per message (``printable``); a traceback follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": printable(record.getMessage()),
         }
         request_id = getattr(record, "request_id", None)
         if isinstance(request_id, str) and request_id != _NO_REQUEST:
@@ -67,7 +86,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, json_lin
     if json_lines is None:
         json_lines = not stream.isatty()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JSONFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JSONFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())
     logger = logging.getLogger("signing_agent")
     logger.handlers[:] = [handler]

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from signing_agent.config import ServiceConfig
+from signing_agent.config import ServiceConfig, read_trusted_file
 from signing_agent.errors import (
     CCFAnswerRefusedError,
     CCFTimeoutError,
@@ -470,10 +470,8 @@ async def get_json(config: ServiceConfig, trust: ssl.SSLContext, url: str, what:
 
 
 def _read_cert(path: Path, where: str) -> bytes:
-    try:
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    """A service certificate the configuration trusts, from a file that must be the agent's own."""
+    pem = read_trusted_file(path, where, "which service the agent trusts (and sends recovery shares to)")
     if b"BEGIN CERTIFICATE" not in pem:
         raise ConfigError(f"{where}: {path} is not a PEM certificate")
     return pem

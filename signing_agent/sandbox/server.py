@@ -47,6 +47,7 @@ from typing import Any, Final, Protocol
 
 from aiohttp import web
 
+from signing_agent.files import replace_at
 from signing_agent.sandbox.auth import (
     ACTIVE_MEMBER_POLICY,
     MEMBER_POLICY,
@@ -708,9 +709,7 @@ class SandboxServer:
             previous = None
         if previous == self.service_cert_pem:
             return target
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_bytes(self.service_cert_pem)
-        partial.replace(target)
+        replace_at(target, self.service_cert_pem)
         if previous is not None:
             _logger.warning(
                 "overwrote %s, which held another service certificate: an agent pinning that file trusts this "
@@ -793,9 +792,7 @@ async def serve_until_signalled(
                 server.service_cert_out = service_cert_out
                 server.write_service_cert(service_cert_out)
             if ready_file is not None:
-                partial = ready_file.with_name(ready_file.name + ".partial")
-                partial.write_text(server.url + "\n")
-                partial.replace(ready_file)
+                replace_at(ready_file, f"{server.url}\n".encode())  # never through a link planted beside it
             if on_ready is not None:
                 await on_ready(server)
             _logger.info("CCF governance sandbox listening on %s", server.url)

@@ -31,6 +31,15 @@ def child_environment() -> dict[str, str]:
     }
 
 
+def child_command(module: str) -> tuple[str, ...]:
+    """The command line that runs ``module`` in a helper process: this interpreter with ``-P``.
+
+    ``python -m`` puts the working folder first on ``sys.path``, and the daemon's is wherever its user started it:
+    ``/tmp``, a shared checkout. A ``signing_agent`` package (or a ``socket.py``) another user put there would run as
+    the agent's user, in the very process the file keys are handed to. ``-P`` leaves the working folder out."""
+    return (sys.executable, "-P", "-m", module)
+
+
 def ignore_stop_signals() -> None:
     """A helper process ignores SIGINT, SIGTERM and SIGHUP: the daemon ends it by closing its pipe, after draining,
     so a ``systemctl stop`` (which signals every process of the unit) or a Ctrl-C cannot cut its work short."""

@@ -19,7 +19,6 @@ import contextvars
 import itertools
 import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from signing_agent.algorithms import SignatureAlgorithm, verify_digest
 from signing_agent.errors import AgentError, BackendError, error_class
 from signing_agent.workers import frames
 from signing_agent.workers.child import Worker
-from signing_agent.workers.hardening import child_environment
+from signing_agent.workers.hardening import child_command, child_environment
 
 _logger = logging.getLogger(__name__)
 
@@ -108,9 +107,9 @@ class _Worker:
 class CryptoPool:
     """Crypto worker processes for ECDSA signing with file keys and for verifying every signature.
 
-    ``size`` workers run ``python -m signing_agent.workers.child``. ``start`` spawns them without waiting for them to
-    import anything (jobs queue in the pipe), so the daemon is ready as early as before. ``aclose`` closes their
-    pipes, which ends them, and waits for them.
+    ``size`` workers run ``python -P -m signing_agent.workers.child`` (``hardening.child_command``). ``start`` spawns
+    them without waiting for them to import anything (jobs queue in the pipe), so the daemon is ready as early as
+    before. ``aclose`` closes their pipes, which ends them, and waits for them.
     """
 
     def __init__(
@@ -121,7 +120,7 @@ class CryptoPool:
         self.size = size
         self.stalled_after = stalled_after
         self._watchdog: asyncio.Task[None] | None = None
-        self._command = command or (sys.executable, "-m", "signing_agent.workers.child")
+        self._command = command or child_command("signing_agent.workers.child")
         self._workers: dict[int, _Worker] = {}
         self._here = Worker()
         """The jobs done on the event loop's thread while no worker is alive (the workers' own code), and the keys

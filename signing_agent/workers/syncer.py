@@ -18,10 +18,9 @@ import asyncio
 import contextlib
 import os
 import socket
-import sys
 
 from signing_agent.workers.fsync_child import ANSWER as _ANSWER
-from signing_agent.workers.hardening import child_environment
+from signing_agent.workers.hardening import child_command, child_environment
 
 """Bytes in an answer: 0 and two zero bytes after a good fsync, 1 and the errno (big-endian) after a failed one."""
 
@@ -43,7 +42,7 @@ class Syncer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "signing_agent.workers.fsync_child", str(theirs.fileno()),
+                *child_command("signing_agent.workers.fsync_child"), str(theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=child_environment(),
             )  # fmt: skip
         except BaseException:

@@ -144,11 +144,13 @@ def daemon(
     args: Sequence[str] = (),
     open_files: tuple[int, int] | None = None,
     wrapper: Sequence[str] = (),
+    cwd: Path | None = None,
 ) -> Iterator[DaemonProcess]:
     """Start the daemon and wait until it listens (its --ready-file appears), or fail with its stderr.
 
     ``open_files``: the daemon's RLIMIT_NOFILE (soft, hard), e.g. the usual 1,024. ``wrapper`` prefixes the command
-    (e.g. ``unshare --user ...`` for p11-kit's user configuration as root).
+    (e.g. ``unshare --user ...`` for p11-kit's user configuration as root). ``cwd``: the folder it is started in
+    (default: the test's).
     """
 
     def limit_open_files() -> None:
@@ -176,6 +178,7 @@ def daemon(
             stderr=err,
             env=cli_env(env),
             preexec_fn=limit_open_files if open_files is not None else None,
+            cwd=cwd,
         )
     deadline = time.monotonic() + timeout
     while not (ready.exists() and ready.read_text()):  # written, not only created (write_text is not atomic)

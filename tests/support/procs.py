@@ -45,8 +45,10 @@ def running_modules(pid: int, package: str) -> dict[int, str]:
     """The children of ``pid`` that run ``python -m <a module of package>``, with the module each runs."""
     found = {}
     for child, argv in children(pid).items():
-        if len(argv) >= 3 and argv[1] == "-m" and argv[2].startswith(f"{package}."):
-            found[child] = argv[2]
+        options = argv[1 : argv.index("-m")] if "-m" in argv[:-1] else None  # e.g. ``python -P -m module``
+        module = argv[len(options) + 2] if options is not None else ""
+        if options is not None and all(o.startswith("-") for o in options) and module.startswith(f"{package}."):
+            found[child] = module
     return found
 
 
