@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_no_child_sees_a_secret_variable_and_reload_still_logs_in(
         monkeypatch.delenv(var, raising=False)
     with keyvault(workdir / "vault", {"kv": kv_key}) as vault:
         kv_table = {**vault.key_table("kv"), "credential": "azure-cli"}
-        tables = {
+        tables: dict[str, dict[str, Any]] = {
             "agent": {"socket": workdir / "run" / "agent.sock"},
             "keyvault": {"max_attempts": 1, "total_timeout": 10.0},
             "identities.kv": {"certificate": kv_cert},
