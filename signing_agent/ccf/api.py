@@ -34,6 +34,7 @@ from signing_agent.ccf.client import (
     get_json,
     pem_bytes,
 )
+from signing_agent.certs import single_certificate_pem
 from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFTimeoutError, CCFTrustError, CCFUnavailableError
 
@@ -406,9 +407,13 @@ def _nothing(_: CCFResponse) -> None:
 
 
 def presented_certificate(status: int, body: object) -> bytes | None:
-    """The service certificate in a ``GET /node/network`` answer, or None."""
+    """The service certificate in a ``GET /node/network`` answer, as plain PEM; None unless it names exactly one.
+
+    Only that one certificate is ever a candidate: a bundle would smuggle trust anchors past the fingerprint a member
+    checks (``certs.single_certificate_pem``)."""
     found = _object(body)
-    return pem_bytes(found.get("service_certificate")) if found is not None and status == 200 else None
+    pem = pem_bytes(found.get("service_certificate")) if found is not None and status == 200 else None
+    return single_certificate_pem(pem) if pem is not None else None
 
 
 # --- the Protocol and its HTTP implementation ------------------------------------------------------------------------
@@ -627,7 +632,7 @@ class HttpConnector:
             raise CCFUnavailableError(f"cannot read the service identity from {url}: not JSON") from None
         pem = presented_certificate(status, data)
         if pem is None:
-            raise CCFUnavailableError(f"{url} answered {status} without a service_certificate")
+            raise CCFUnavailableError(f"{url} answered {status} without a service_certificate that is one certificate")
         return pem
 
     def connect(self, config: ServiceConfig, trusted: Sequence[bytes]) -> CCFGovernanceClient:

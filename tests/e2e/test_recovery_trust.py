@@ -149,6 +149,87 @@ def test_a_network_attacker_with_a_fabricated_accepted_transition_never_gets_a_s
             assert_no_leak(world.shares, world.folder)
 
 
+def test_an_identity_claimed_as_a_bundle_smuggles_no_trust_anchor_past_the_members_fingerprint(setup: Setup) -> None:
+    """The endpoint claims, in ``/node/network``, the real recovered service's certificate followed by a CA of its
+    own, and presents a node certificate that CA issued. Its service info and its transition proposal name the real
+    certificate, and the member approves with the real fingerprint, announced out of band: everything the member
+    checks is right. Trusting the whole claimed PEM (every certificate in it becomes a trust anchor, only the first
+    is fingerprinted) would then pin the attacker's CA too, and the share would go to it. Only the one certificate
+    the fingerprint names may ever be trusted: a bundle is no service identity, and nothing is adopted or approved."""
+    with setup.world(
+        {"m0": "file"}, service={"recovery_identities": ["m0"], "accept_transition_to": True}, recovery=WATCH
+    ) as world:
+        m0 = world.people["m0"].member
+        world.collect_shares()
+        real_share = world.sandbox.gov_get(f"/gov/recovery/encrypted-shares/{m0.member_id}")
+        pinned = world.sandbox.service_cert.read_text()
+        recovered = ServiceIdentity.generate().cert_pem.decode()  # the real new identity (public), as announced
+        with HostileCCF(pinned, {m0.member_id: real_share}) as hostile:
+            hostile.reported_certificate = recovered
+            hostile.transition_to = recovered
+            hostile.network_certificate = recovered + hostile.identity_pem
+            hostile.proposal_state = "Open"  # for the ballot that approves
+            world.config.write_text(world.config.read_text().replace(world.sandbox.url, hostile.url))
+            world.start()
+            wait_until("the watcher to read the claim", lambda: len(hostile.requests()) >= 3)
+
+            approval = world.cli("recovery", "approve-identity", hostile.proposal_id, "--sha256",
+                                 der_sha256(recovered), "--identity", "m0")  # fmt: skip
+            assert approval.returncode != 0, approval.stdout
+            assert "Conflict" in approval.stderr, approval.stderr
+            assert "no ballot was signed" in approval.stderr
+            with pytest.raises(AgentRequestError) as refused:
+                world.client.call("POST", "/v1/services/default/recovery/m0/share")
+            assert refused.value.code == "CCFTrustError"
+            count = len(hostile.requests())
+            wait_until("more polls", lambda: len(hostile.requests()) >= count + 6)
+            assert hostile.recover_posts() == []
+            assert not [r for r in hostile.requests() if r.method == "POST"]  # not even the ballot
+
+            records = audit_records(world)
+            assert not [r for r in records if r["event"] in ("identity_adopted", "identity_approved", "signed")]
+            identity = world.client.request("GET", "/v1/services/default/identity")
+            assert identity.status == 502, identity.json()  # the claim is no certificate the agent would show
+            world.stop()
+            for request in hostile.requests():
+                for share in world.shares:
+                    for form in share_forms(share):
+                        assert form not in request.body, f"a share reached the attacker in {request.path}"
+            saved = world.folder / "state" / "recovery-default.json"
+            assert not saved.exists() or "identity" not in json.loads(saved.read_text())
+
+
+def test_an_approved_bundle_kept_in_the_state_file_is_not_restored(setup: Setup) -> None:
+    """A state file written by a version that kept the claimed bundle as it came (the attack above, approved): the
+    agent restores only one certificate as an identity, never a bundle, so the attacker's CA in it carries no share
+    after the upgrade."""
+    with setup.world({"m0": "file"}, service={"recovery_identities": ["m0"]}, recovery=WATCH) as world:
+        m0 = world.people["m0"].member
+        world.collect_shares()
+        real_share = world.sandbox.gov_get(f"/gov/recovery/encrypted-shares/{m0.member_id}")
+        pinned = world.sandbox.service_cert.read_text()
+        recovered = ServiceIdentity.generate().cert_pem.decode()
+        with HostileCCF(pinned, {m0.member_id: real_share}) as hostile:
+            hostile.reported_certificate = recovered
+            record = {"certificate": recovered + hostile.identity_pem, "sha256": der_sha256(recovered),
+                      "previous_sha256": der_sha256(pinned), "configured_sha256": der_sha256(pinned),
+                      "proposal_id": hostile.proposal_id, "identity": "m0", "member_id": m0.member_id,
+                      "ballot_transaction_id": "2.99", "approved_at": 1}  # fmt: skip
+            state = world.folder / "state"
+            state.mkdir(mode=0o700)
+            saved = state / "recovery-default.json"
+            saved.write_text(json.dumps({"version": 1, "submissions": {}, "approved_identity": record}))
+            saved.chmod(0o600)
+            world.config.write_text(world.config.read_text().replace(world.sandbox.url, hostile.url))
+            world.start()
+            wait_until("a poll", lambda: watcher(world)["state"] in ("untrusted", "submitted"))
+            assert hostile.recover_posts() == []
+            assert watcher(world)["state"] == "untrusted"
+            world.stop()
+            assert not [r for r in audit_records(world) if r["event"] in ("identity_adopted", "signed")]
+            assert "is not one certificate; not restored" in "".join(world.stderr_log)
+
+
 def test_no_share_through_a_trusted_connection_to_a_service_that_reports_another_identity(setup: Setup) -> None:
     """The endpoint presents the pinned identity, but its service info names another (a connection whose handshake
     began before a recovery, still open to the recovered service): the reported identity must be trusted for shares
