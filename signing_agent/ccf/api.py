@@ -36,7 +36,7 @@ from signing_agent.ccf.client import (
 )
 from signing_agent.certs import single_certificate_pem
 from signing_agent.config import ServiceConfig
-from signing_agent.errors import CCFTimeoutError, CCFTrustError, CCFUnavailableError
+from signing_agent.errors import CCFError, CCFTimeoutError, CCFTrustError, CCFUnavailableError
 
 T = TypeVar("T")
 
@@ -70,6 +70,16 @@ class Paths:
     NODE_STATE = "/node/state"
     NODE_NETWORK = "/node/network"
     PREVIOUS_IDENTITY = "/node/service/previous_identity"
+
+
+def _path(template: str, **ids: str) -> str:
+    """``template`` with ``ids`` put in, each checked first: every id CCF puts in a path is 64 lowercase hex. An id
+    that came in an answer (a member the service lists) is never sent as it is: ``..``, ``?`` or ``#`` in it would
+    make the request another one."""
+    for name, value in ids.items():
+        if not _PROPOSAL_ID.fullmatch(value):
+            raise CCFError(f"{name} {value[:80]!r} is not a CCF id (64 lowercase hex): nothing was sent")
+    return template.format(**ids)
 
 
 # --- answers ------------------------------------------------------------------------------------------------------
@@ -528,7 +538,7 @@ class CCFGovernanceClient:
 
     async def member(self, member_id: str, *, max_attempts: int | None = None) -> Answer[Member]:
         return await self._get(
-            Paths.MEMBER.format(member_id=member_id), Member.parse_one(member_id), max_attempts=max_attempts
+            _path(Paths.MEMBER, member_id=member_id), Member.parse_one(member_id), max_attempts=max_attempts
         )
 
     async def nodes(self) -> Answer[tuple[Node, ...]]:
@@ -544,38 +554,38 @@ class CCFGovernanceClient:
         return await self._get(Paths.PROPOSALS, Proposal.parse_list, max_attempts=max_attempts)
 
     async def proposal(self, proposal_id: str) -> Answer[Proposal]:
-        return await self._get(Paths.PROPOSAL.format(proposal_id=proposal_id), Proposal.parse)
+        return await self._get(_path(Paths.PROPOSAL, proposal_id=proposal_id), Proposal.parse)
 
     async def proposal_actions(self, proposal_id: str, *, max_attempts: int | None = None) -> Answer[ProposalActions]:
         return await self._get(
-            Paths.PROPOSAL_ACTIONS.format(proposal_id=proposal_id), ProposalActions.parse, max_attempts=max_attempts
+            _path(Paths.PROPOSAL_ACTIONS, proposal_id=proposal_id), ProposalActions.parse, max_attempts=max_attempts
         )
 
     async def ballot(self, proposal_id: str, member_id: str) -> Answer[Ballot]:
-        return await self._get(Paths.BALLOT.format(proposal_id=proposal_id, member_id=member_id), Ballot.parse)
+        return await self._get(_path(Paths.BALLOT, proposal_id=proposal_id, member_id=member_id), Ballot.parse)
 
     async def create_proposal(self, cose: bytes) -> Answer[Proposal]:
         return await self._post(Paths.CREATE_PROPOSAL, cose, Proposal.parse)
 
     async def submit_ballot(self, proposal_id: str, member_id: str, cose: bytes) -> Answer[Proposal]:
         return await self._post(
-            Paths.SUBMIT_BALLOT.format(proposal_id=proposal_id, member_id=member_id), cose, Proposal.parse
+            _path(Paths.SUBMIT_BALLOT, proposal_id=proposal_id, member_id=member_id), cose, Proposal.parse
         )
 
     async def withdraw_proposal(self, proposal_id: str, cose: bytes) -> Answer[Proposal]:
-        return await self._post(Paths.WITHDRAW.format(proposal_id=proposal_id), cose, Proposal.parse)
+        return await self._post(_path(Paths.WITHDRAW, proposal_id=proposal_id), cose, Proposal.parse)
 
     async def update_state_digest(self, member_id: str, cose: bytes) -> Answer[StateDigest]:
-        return await self._post(Paths.UPDATE_STATE_DIGEST.format(member_id=member_id), cose, StateDigest.parse)
+        return await self._post(_path(Paths.UPDATE_STATE_DIGEST, member_id=member_id), cose, StateDigest.parse)
 
     async def ack_state_digest(self, member_id: str, cose: bytes) -> Answer[None]:
-        return await self._post(Paths.ACK_STATE_DIGEST.format(member_id=member_id), cose, _nothing)
+        return await self._post(_path(Paths.ACK_STATE_DIGEST, member_id=member_id), cose, _nothing)
 
     async def encrypted_share(self, member_id: str) -> Answer[EncryptedShare]:
-        return await self._get(Paths.ENCRYPTED_SHARE.format(member_id=member_id), EncryptedShare.parse)
+        return await self._get(_path(Paths.ENCRYPTED_SHARE, member_id=member_id), EncryptedShare.parse)
 
     async def submit_recovery_share(self, member_id: str, cose: bytes) -> Answer[RecoverySubmission]:
-        return await self._post(Paths.RECOVER.format(member_id=member_id), cose, RecoverySubmission.parse)
+        return await self._post(_path(Paths.RECOVER, member_id=member_id), cose, RecoverySubmission.parse)
 
     async def aclose(self) -> None:
         await self.http.aclose()

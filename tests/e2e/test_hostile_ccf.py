@@ -183,6 +183,31 @@ def test_a_redirect_is_an_error_that_names_it_and_is_never_followed(
     assert [s.path.startswith(op.ccf_path) for s in world.ccf.seen(op.ccf_method)] == [True], "sent exactly once"
 
 
+def test_an_id_from_an_answer_never_walks_a_request_elsewhere(redirecting: tuple[Stage, list[HostileCCF]]) -> None:
+    """Reviewing a proposal reads each listed member's ballot, with the member id the service listed in the path: a
+    listed "id" such as ``../../../recovery/members/<id>:recover`` must not make the request another one (the
+    service's own ids are 64 lowercase hex; anything else is left out)."""
+    world, _ = redirecting
+    world.ccf.reset()
+    member = "cd" * 32
+    walks = ["../../../../node/network", f"../../../recovery/members/{member}:recover", "x?api-version=1#", "AB" * 32]
+    world.ccf.answer(
+        "GET", rf"^/gov/members/proposals/{PID}$", json_answer({"proposalId": PID, "proposalState": "Open"})
+    )
+    world.ccf.answer("GET", rf"^/gov/members/proposals/{PID}/actions$", json_answer(PROPOSAL))
+    world.ccf.answer("GET", r"^/gov/service/members$", json_answer({"value": [{"memberId": m} for m in [
+        member, *walks]]}))  # fmt: skip
+    world.ccf.answer("GET", rf"^/gov/members/proposals/{PID}/ballots/{member}$", json_answer(BALLOT))
+
+    review = world.client.call("GET", f"/v1/services/default/proposals/{PID}").json()
+
+    assert review["ballots"] == {member: json.dumps(BALLOT)}
+    paths = sorted(s.path for s in world.ccf.seen())
+    ballot = f"/gov/members/proposals/{PID}/ballots/{member}"
+    assert paths == sorted([f"/gov/members/proposals/{PID}", f"/gov/members/proposals/{PID}/actions",
+                            "/gov/service/members", ballot]), paths  # fmt: skip
+
+
 def test_a_redirected_proposal_is_audited_as_failed(redirecting: tuple[Stage, list[HostileCCF]]) -> None:
     world, targets = redirecting
     world.ccf.reset()
