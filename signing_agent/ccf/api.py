@@ -33,6 +33,7 @@ from signing_agent.ccf.client import (
     configured_service_certificate,
     get_json,
     pem_bytes,
+    short_text,
 )
 from signing_agent.certs import single_certificate_pem
 from signing_agent.config import ServiceConfig
@@ -107,6 +108,11 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _word(value: object) -> str | None:
+    """A short word (a state) as the agent may repeat it: ``client.short_text``."""
+    return short_text(value) if isinstance(value, str) else None
+
+
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -133,7 +139,7 @@ class ServiceInfo:
         if body is None:
             return None
         return cls(
-            status=_text(body.get("status")),
+            status=_word(body.get("status")),
             certificate=_text(body.get("certificate")),
             recovery_count=_count(body.get("recoveryCount")),
             creation_transaction_id=_text(body.get("creationTransactionId")),
@@ -172,7 +178,7 @@ class Member:
     def from_object(cls, body: Mapping[str, Any], member_id: str) -> Member:
         return cls(
             member_id,
-            _text(body.get("status")),
+            _word(body.get("status")),
             _text(body.get("recoveryRole")),
             _text(body.get("publicEncryptionKey")),
             body,
@@ -214,7 +220,7 @@ class Node:
         if values is None:
             return None
         return tuple(
-            Node(node_id, _text(entry.get("status")), entry)
+            Node(node_id, _word(entry.get("status")), entry)
             for entry in values
             if (node_id := _text(entry.get("nodeId"))) is not None
         )
@@ -256,7 +262,7 @@ class NodeState:
     @classmethod
     def parse(cls, response: CCFResponse) -> NodeState:
         body = _object(response.body)
-        return cls(_text(body.get("state")) if body is not None else None)
+        return cls(_word(body.get("state")) if body is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +284,7 @@ class Proposal:
         return cls(
             proposal_id=pid if pid is not None and _PROPOSAL_ID.fullmatch(pid) else None,
             proposer_id=_text(body.get("proposerId")),
-            state=_text(body.get("proposalState")),
+            state=_word(body.get("proposalState")),
             fields=body,
         )
 
