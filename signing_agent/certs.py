@@ -56,6 +56,20 @@ def certificate_der(pem: bytes | str) -> bytes | None:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+def single_certificate_pem(pem: bytes) -> bytes | None:
+    """The one certificate in ``pem``, re-encoded as plain PEM; None when ``pem`` holds no certificate, or more.
+
+    For a service identity an endpoint claims (``/node/network``): what the agent keeps and trusts of it must be
+    exactly the certificate whose fingerprint it shows and checks. A bundle would add trust anchors no one checked
+    (every certificate in a PEM becomes one, but only the first is fingerprinted), and text around the block would
+    be kept as it came."""
+    try:
+        found = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return None
+    return found[0].public_bytes(serialization.Encoding.PEM) if len(found) == 1 else None
+
+
 def _utc(when: datetime.datetime) -> str:
     return when.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 

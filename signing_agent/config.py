@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,28 @@ def _schema_defaults(schema: type[DataclassInstance] | None) -> dict[str, object
     return defaults
 
 
+def _url_problem(url: str) -> str | None:
+    """What is wrong with an ``https://`` URL the agent sends requests to, or None.
+
+    A user name or password in it would go, as HTTP Basic authentication, to whatever answers at that address (the
+    agent also reads what an endpoint it does not trust claims to be) and into the agent's messages; a query or a
+    fragment would swallow the paths the agent appends; a port must be one."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:
+        return "must not hold a user name or password (they would be sent to any endpoint at that address)"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "must not have a query (?) or a fragment (#): the agent appends its own paths"
+    try:
+        port = parts.port  # urllib checks the port when it is read
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    if not parts.hostname:
+        return "names no host"
+    return None
+
+
 class _Table:
     """A TOML table being read into the dataclass ``schema``: typed getters, path resolution, and an unknown-key
     check at the end.
@@ -394,10 +417,16 @@ class _Table:
         return value if value is not None else self._default(key, str)
 
     def get_opt_https_url(self, key: str, *, why: str = "") -> str | None:
-        """An ``https://`` URL; ``why`` ends the error message for any other."""
+        """An ``https://`` URL of a host (and port), and maybe a path; ``why`` ends the error message for any other
+        scheme. The message never quotes the value: it may hold a password."""
         value = self.get_opt_str(key)
-        if value is not None and not value.startswith("https://"):
+        if value is None:
+            return None
+        if not value.startswith("https://"):
             raise ConfigError(f"{self._key(key)}: must be an https:// URL{why}")
+        problem = _url_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{self._key(key)}: {problem}")
         return value
 
     def get_https_url(self, key: str, *, why: str = "") -> str:

@@ -333,6 +333,8 @@ class Governance:
         ballots: dict[str, str] = {}
         members = await client.members()
         for member in members.value or ():
+            if not _PROPOSAL_ID.fullmatch(member.member_id):
+                continue  # not a member id CCF would list: never put in a path
             ballot = await client.ballot(proposal_id, member.member_id)
             if ballot.value is not None:
                 ballots[member.member_id] = ballot.value.script

@@ -33,9 +33,11 @@ from signing_agent.ccf.client import (
     configured_service_certificate,
     get_json,
     pem_bytes,
+    short_text,
 )
+from signing_agent.certs import single_certificate_pem
 from signing_agent.config import ServiceConfig
-from signing_agent.errors import CCFTimeoutError, CCFTrustError, CCFUnavailableError
+from signing_agent.errors import CCFError, CCFTimeoutError, CCFTrustError, CCFUnavailableError
 
 T = TypeVar("T")
 
@@ -71,6 +73,16 @@ class Paths:
     PREVIOUS_IDENTITY = "/node/service/previous_identity"
 
 
+def _path(template: str, **ids: str) -> str:
+    """``template`` with ``ids`` put in, each checked first: every id CCF puts in a path is 64 lowercase hex. An id
+    that came in an answer (a member the service lists) is never sent as it is: ``..``, ``?`` or ``#`` in it would
+    make the request another one."""
+    for name, value in ids.items():
+        if not _PROPOSAL_ID.fullmatch(value):
+            raise CCFError(f"{name} {value[:80]!r} is not a CCF id (64 lowercase hex): nothing was sent")
+    return template.format(**ids)
+
+
 # --- answers ------------------------------------------------------------------------------------------------------
 
 
@@ -94,6 +106,11 @@ def _object(body: object) -> dict[str, Any] | None:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _word(value: object) -> str | None:
+    """A short word (a state) as the agent may repeat it: ``client.short_text``."""
+    return short_text(value) if isinstance(value, str) else None
 
 
 def _count(value: object) -> int | None:
@@ -122,7 +139,7 @@ class ServiceInfo:
         if body is None:
             return None
         return cls(
-            status=_text(body.get("status")),
+            status=_word(body.get("status")),
             certificate=_text(body.get("certificate")),
             recovery_count=_count(body.get("recoveryCount")),
             creation_transaction_id=_text(body.get("creationTransactionId")),
@@ -161,7 +178,7 @@ class Member:
     def from_object(cls, body: Mapping[str, Any], member_id: str) -> Member:
         return cls(
             member_id,
-            _text(body.get("status")),
+            _word(body.get("status")),
             _text(body.get("recoveryRole")),
             _text(body.get("publicEncryptionKey")),
             body,
@@ -203,7 +220,7 @@ class Node:
         if values is None:
             return None
         return tuple(
-            Node(node_id, _text(entry.get("status")), entry)
+            Node(node_id, _word(entry.get("status")), entry)
             for entry in values
             if (node_id := _text(entry.get("nodeId"))) is not None
         )
@@ -245,7 +262,7 @@ class NodeState:
     @classmethod
     def parse(cls, response: CCFResponse) -> NodeState:
         body = _object(response.body)
-        return cls(_text(body.get("state")) if body is not None else None)
+        return cls(_word(body.get("state")) if body is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +284,7 @@ class Proposal:
         return cls(
             proposal_id=pid if pid is not None and _PROPOSAL_ID.fullmatch(pid) else None,
             proposer_id=_text(body.get("proposerId")),
-            state=_text(body.get("proposalState")),
+            state=_word(body.get("proposalState")),
             fields=body,
         )
 
@@ -406,9 +423,13 @@ def _nothing(_: CCFResponse) -> None:
 
 
 def presented_certificate(status: int, body: object) -> bytes | None:
-    """The service certificate in a ``GET /node/network`` answer, or None."""
+    """The service certificate in a ``GET /node/network`` answer, as plain PEM; None unless it names exactly one.
+
+    Only that one certificate is ever a candidate: a bundle would smuggle trust anchors past the fingerprint a member
+    checks (``certs.single_certificate_pem``)."""
     found = _object(body)
-    return pem_bytes(found.get("service_certificate")) if found is not None and status == 200 else None
+    pem = pem_bytes(found.get("service_certificate")) if found is not None and status == 200 else None
+    return single_certificate_pem(pem) if pem is not None else None
 
 
 # --- the Protocol and its HTTP implementation ------------------------------------------------------------------------
@@ -523,7 +544,7 @@ class CCFGovernanceClient:
 
     async def member(self, member_id: str, *, max_attempts: int | None = None) -> Answer[Member]:
         return await self._get(
-            Paths.MEMBER.format(member_id=member_id), Member.parse_one(member_id), max_attempts=max_attempts
+            _path(Paths.MEMBER, member_id=member_id), Member.parse_one(member_id), max_attempts=max_attempts
         )
 
     async def nodes(self) -> Answer[tuple[Node, ...]]:
@@ -539,38 +560,38 @@ class CCFGovernanceClient:
         return await self._get(Paths.PROPOSALS, Proposal.parse_list, max_attempts=max_attempts)
 
     async def proposal(self, proposal_id: str) -> Answer[Proposal]:
-        return await self._get(Paths.PROPOSAL.format(proposal_id=proposal_id), Proposal.parse)
+        return await self._get(_path(Paths.PROPOSAL, proposal_id=proposal_id), Proposal.parse)
 
     async def proposal_actions(self, proposal_id: str, *, max_attempts: int | None = None) -> Answer[ProposalActions]:
         return await self._get(
-            Paths.PROPOSAL_ACTIONS.format(proposal_id=proposal_id), ProposalActions.parse, max_attempts=max_attempts
+            _path(Paths.PROPOSAL_ACTIONS, proposal_id=proposal_id), ProposalActions.parse, max_attempts=max_attempts
         )
 
     async def ballot(self, proposal_id: str, member_id: str) -> Answer[Ballot]:
-        return await self._get(Paths.BALLOT.format(proposal_id=proposal_id, member_id=member_id), Ballot.parse)
+        return await self._get(_path(Paths.BALLOT, proposal_id=proposal_id, member_id=member_id), Ballot.parse)
 
     async def create_proposal(self, cose: bytes) -> Answer[Proposal]:
         return await self._post(Paths.CREATE_PROPOSAL, cose, Proposal.parse)
 
     async def submit_ballot(self, proposal_id: str, member_id: str, cose: bytes) -> Answer[Proposal]:
         return await self._post(
-            Paths.SUBMIT_BALLOT.format(proposal_id=proposal_id, member_id=member_id), cose, Proposal.parse
+            _path(Paths.SUBMIT_BALLOT, proposal_id=proposal_id, member_id=member_id), cose, Proposal.parse
         )
 
     async def withdraw_proposal(self, proposal_id: str, cose: bytes) -> Answer[Proposal]:
-        return await self._post(Paths.WITHDRAW.format(proposal_id=proposal_id), cose, Proposal.parse)
+        return await self._post(_path(Paths.WITHDRAW, proposal_id=proposal_id), cose, Proposal.parse)
 
     async def update_state_digest(self, member_id: str, cose: bytes) -> Answer[StateDigest]:
-        return await self._post(Paths.UPDATE_STATE_DIGEST.format(member_id=member_id), cose, StateDigest.parse)
+        return await self._post(_path(Paths.UPDATE_STATE_DIGEST, member_id=member_id), cose, StateDigest.parse)
 
     async def ack_state_digest(self, member_id: str, cose: bytes) -> Answer[None]:
-        return await self._post(Paths.ACK_STATE_DIGEST.format(member_id=member_id), cose, _nothing)
+        return await self._post(_path(Paths.ACK_STATE_DIGEST, member_id=member_id), cose, _nothing)
 
     async def encrypted_share(self, member_id: str) -> Answer[EncryptedShare]:
-        return await self._get(Paths.ENCRYPTED_SHARE.format(member_id=member_id), EncryptedShare.parse)
+        return await self._get(_path(Paths.ENCRYPTED_SHARE, member_id=member_id), EncryptedShare.parse)
 
     async def submit_recovery_share(self, member_id: str, cose: bytes) -> Answer[RecoverySubmission]:
-        return await self._post(Paths.RECOVER.format(member_id=member_id), cose, RecoverySubmission.parse)
+        return await self._post(_path(Paths.RECOVER, member_id=member_id), cose, RecoverySubmission.parse)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -627,7 +648,7 @@ class HttpConnector:
             raise CCFUnavailableError(f"cannot read the service identity from {url}: not JSON") from None
         pem = presented_certificate(status, data)
         if pem is None:
-            raise CCFUnavailableError(f"{url} answered {status} without a service_certificate")
+            raise CCFUnavailableError(f"{url} answered {status} without a service_certificate that is one certificate")
         return pem
 
     def connect(self, config: ServiceConfig, trusted: Sequence[bytes]) -> CCFGovernanceClient:

@@ -83,10 +83,11 @@ class CCFResponse:
 
     @property
     def error_code(self) -> str | None:
-        """CCF's OData error code, e.g. ``ProposalReplay``."""
+        """CCF's OData error code, e.g. ``ProposalReplay``; one that is no short printable word (an endpoint may send
+        megabytes, or line breaks) is cut and escaped (``short_text``): it goes into log lines and messages."""
         if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
             code = self.body["error"].get("code")
-            return code if isinstance(code, str) else None
+            return short_text(code) if isinstance(code, str) else None
         return None
 
     @property
@@ -98,6 +99,19 @@ class CCFResponse:
     def json_object(self) -> dict[str, Any] | None:
         """The body when it is a JSON object, else None."""
         return self.body if isinstance(self.body, dict) else None
+
+
+MAX_WORD_CHARS = 64
+"""The longest word (an error code, a proposal state) from an answer that the agent repeats as it came."""
+
+
+def short_text(text: str) -> str:
+    """A word from an answer as the agent may repeat it in a log line or a message: as it came when it is at most
+    ``MAX_WORD_CHARS`` printable characters (every code and state CCF sends), else its first ones escaped and its
+    length."""
+    if len(text) <= MAX_WORD_CHARS and text.isprintable():
+        return text
+    return f"{text[:MAX_WORD_CHARS]!a}...[{len(text)} chars]"
 
 
 def pinned_ssl_context(service_cert_pem: bytes) -> ssl.SSLContext:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from signing_agent.audit import Auditor, IdentityAdopted, IdentityApproved, RecoveryStateRefused, Subject
 from signing_agent.ccf.api import Answer, GovernanceAPI, ServiceInfo
-from signing_agent.certs import certificate_der, der_sha256
+from signing_agent.certs import certificate_der, der_sha256, single_certificate_pem
 from signing_agent.config import ServiceConfig
 from signing_agent.context import current_request, request_or_none
 from signing_agent.cose.governance import check_proposal_id
@@ -130,8 +130,16 @@ class ServiceTrust:
             configured: str | None = None
             for key, trust in ((APPROVED, "approved"), (ADOPTED, "provisional")):
                 record = data.get(key)
-                pem = record.get("certificate") if isinstance(record, dict) else None
-                if not isinstance(record, dict) or not isinstance(pem, str) or certificate_der(pem) is None:
+                if not isinstance(record, dict):
+                    continue
+                text = record.get("certificate")
+                # Exactly one certificate: a bundle (kept by a version that took one from an endpoint) would trust
+                # more than the fingerprint that was checked.
+                pem = single_certificate_pem(text.encode()) if isinstance(text, str) else None
+                if pem is None:
+                    if isinstance(text, str):
+                        _logger.warning("service %s: the recovery state's %s is not one certificate; not restored",
+                                        name, key)  # fmt: skip
                     continue
                 configured = configured or fingerprint(await self.governance.ccf.configured_identity(name))
                 if record.get("configured_sha256") != configured:
@@ -139,10 +147,10 @@ class ServiceTrust:
                         "service %s: the configured service_certificate changed since identity %s was adopted; "
                         "using the configured one",
                         name,
-                        fingerprint(pem.encode())[:16],
+                        fingerprint(pem)[:16],
                     )
                     continue
-                await self._trust(name, pem.encode("ascii"), trust, record, restored_from=store.path)
+                await self._trust(name, pem, trust, record, restored_from=store.path)
 
     async def _trust(
         self, service: str, pem: bytes, trust: str, record: Mapping[str, Any], *, restored_from: Path | None = None

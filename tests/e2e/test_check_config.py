@@ -140,6 +140,27 @@ def test_a_wrong_pinned_service_certificate_fails_with_what_the_endpoint_present
             assert ccf.requests() == []  # serve sends nothing at all to an endpoint it does not trust
 
 
+def test_a_service_url_with_a_password_is_refused_before_anything_is_sent(workdir: Path, member: Member) -> None:
+    """A password in a service URL would go, as HTTP Basic authentication, to whatever answers at that address: to a
+    man in the middle that does not even present the pinned identity (the agent asks such an endpoint what it claims
+    to be), and into the agent's messages. It is refused when the configuration is read, without quoting it."""
+    wrong = workdir / "wrong_cert.pem"
+    wrong.write_bytes(trustme.CA().cert_pem.bytes())
+    with hostile_ccf(workdir) as mitm:
+        url = mitm.url.replace("https://", "https://agent:s3cret-pw@")
+        service = {"url": url, "service_certificate": wrong}
+        config = write_toml(workdir / "agent.toml", tables(workdir, member, **{"services.prod": service}))
+        result = check_config(config)
+        assert mitm.seen() == [], [dict(s.headers).get("Authorization") for s in mitm.seen()]
+        assert result.returncode != 0
+        assert "services.prod.url: must not hold a user name or password" in result.stdout + result.stderr
+        assert "s3cret-pw" not in result.stdout + result.stderr
+        with pytest.raises(RuntimeError, match="must not hold a user name or password") as refused, daemon(config):
+            pass
+        assert "s3cret-pw" not in str(refused.value)
+        assert mitm.seen() == []
+
+
 def wait_for_log(path: Path, text: str, timeout: float = 15.0) -> None:
     import time
 

@@ -183,6 +183,59 @@ def test_a_redirect_is_an_error_that_names_it_and_is_never_followed(
     assert [s.path.startswith(op.ccf_path) for s in world.ccf.seen(op.ccf_method)] == [True], "sent exactly once"
 
 
+def test_an_id_from_an_answer_never_walks_a_request_elsewhere(redirecting: tuple[Stage, list[HostileCCF]]) -> None:
+    """Reviewing a proposal reads each listed member's ballot, with the member id the service listed in the path: a
+    listed "id" such as ``../../../recovery/members/<id>:recover`` must not make the request another one (the
+    service's own ids are 64 lowercase hex; anything else is left out)."""
+    world, _ = redirecting
+    world.ccf.reset()
+    member = "cd" * 32
+    walks = ["../../../../node/network", f"../../../recovery/members/{member}:recover", "x?api-version=1#", "AB" * 32]
+    world.ccf.answer(
+        "GET", rf"^/gov/members/proposals/{PID}$", json_answer({"proposalId": PID, "proposalState": "Open"})
+    )
+    world.ccf.answer("GET", rf"^/gov/members/proposals/{PID}/actions$", json_answer(PROPOSAL))
+    world.ccf.answer("GET", r"^/gov/service/members$", json_answer({"value": [{"memberId": m} for m in [
+        member, *walks]]}))  # fmt: skip
+    world.ccf.answer("GET", rf"^/gov/members/proposals/{PID}/ballots/{member}$", json_answer(BALLOT))
+
+    review = world.client.call("GET", f"/v1/services/default/proposals/{PID}").json()
+
+    assert review["ballots"] == {member: json.dumps(BALLOT)}
+    paths = sorted(s.path for s in world.ccf.seen())
+    ballot = f"/gov/members/proposals/{PID}/ballots/{member}"
+    assert paths == sorted([f"/gov/members/proposals/{PID}", f"/gov/members/proposals/{PID}/actions",
+                            "/gov/service/members", ballot]), paths  # fmt: skip
+
+
+def test_words_from_an_answer_stay_short_in_logs_and_messages() -> None:
+    """CCF's error codes and proposal states go into the agent's log lines (each retry says why) and its error
+    messages. A service (or an endpoint trusted provisionally for reads) answering with a megabyte "code" or
+    "state", line breaks included, must not make each of them a megabyte: the agent's log is on the host's disk."""
+    huge_word = "Busy\n" + "x" * MiB
+    with stage({"max_attempts": 3, "backoff_initial": 0.01, "backoff_max": 0.01}) as (world, _):
+        world.ccf.answer("GET", "^/gov/members/proposals$", json_answer({"error": {"code": huge_word}}, status=503))
+        world.ccf.answer("GET", rf"^/gov/members/proposals/{PID}$", json_answer({"proposalId": PID,
+                         "proposalState": huge_word}))  # fmt: skip
+        before = len(world.agent.stderr)
+
+        listed = world.client.request("GET", "/v1/services/default/proposals")
+        assert listed.status == 503  # CCF's answer, relayed unchanged once the attempts are spent
+        assert len(listed.body) > MiB
+        vote = world.client.request(
+            "POST", f"/v1/services/default/proposals/{PID}/ballots", {"identity": "m0", "ballot": BALLOT}
+        )
+        assert vote.status == 409
+        assert "not Open: no ballot was signed" in error_of(vote)["message"]
+        assert len(vote.body) < 4096
+        assert len(world.ccf.seen("GET")) == 4  # three attempts at the list, one read of the proposal
+
+        logged = world.agent.stderr[before:]
+        assert "Busy" in logged  # the retries say why...
+        assert len(logged) < 64 * 1024  # ...in a few short lines
+        assert "\nxxx" not in logged
+
+
 def test_a_redirected_proposal_is_audited_as_failed(redirecting: tuple[Stage, list[HostileCCF]]) -> None:
     world, targets = redirecting
     world.ccf.reset()

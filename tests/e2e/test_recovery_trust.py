@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,90 +64,171 @@ def der_sha256(pem: str | bytes) -> str:
 # -- the network attacker ---
 
 
-def test_a_network_attacker_with_a_fabricated_accepted_transition_never_gets_a_share(setup: Setup) -> None:
+@contextlib.contextmanager
+def attacked(setup: Setup) -> Iterator[tuple[World, HostileCCF]]:
+    """A world whose agent uses the proposal rule and watches m0's share, configured with a hostile endpoint in place
+    of the service (not started yet): its own identity, and the real service's public encrypted share of m0."""
     with setup.world(
         {"m0": "file"}, service={"recovery_identities": ["m0"], "accept_transition_to": True}, recovery=WATCH
     ) as world:
         m0 = world.people["m0"].member
         world.collect_shares()
         real_share = world.sandbox.gov_get(f"/gov/recovery/encrypted-shares/{m0.member_id}")
+        with HostileCCF(world.sandbox.service_cert.read_text(), {m0.member_id: real_share}) as hostile:
+            world.config.write_text(world.config.read_text().replace(world.sandbox.url, hostile.url))
+            yield world, hostile
+
+
+def test_a_network_attacker_with_a_fabricated_accepted_transition_never_gets_a_share(setup: Setup) -> None:
+    with attacked(setup) as (world, hostile):
+        m0 = world.people["m0"].member
+        world.start()
+
+        # The watcher finds the claimed identity, checks the fabricated proposal, and keeps polling.
+        def polled_after_adoption() -> bool:
+            paths = [r.path for r in hostile.requests()]
+            actions = f"/gov/members/proposals/{hostile.proposal_id}/actions"
+            return actions in paths and paths[paths.index(actions) :].count("/gov/service/info") >= 6
+
+        wait_until("the watcher to poll the hostile endpoint after reading its proposal", polled_after_adoption)
+        assert hostile.recover_posts() == []
+        # (The watcher is "recovering" while it tries, then "untrusted" until its next poll.)
+        wait_until("the watcher to say why", lambda: watcher(world)["state"] == "untrusted")
+        assert "provisionally" in watcher(world)["last_error"]
+        assert hostile.proposal_id in watcher(world)["last_error"]
+
+        # On request, through the API and the CLI: refused before anything is decrypted or sent.
+        with pytest.raises(AgentRequestError) as refused:
+            world.client.call("POST", "/v1/services/default/recovery/m0/share")
+        assert refused.value.code == "CCFTrustError"
+        assert "provisionally" in refused.value.message
+        cli = world.cli("recovery", "submit-share", "--identity", "m0")
+        assert cli.returncode != 0
+        assert "CCFTrustError" in cli.stderr, cli.stderr
+        assert hostile.proposal_id in cli.stderr, cli.stderr
+
+        # Provisional trust is for reads and ballots: the member can review the claim through the agent...
+        review = world.client.call("GET", f"/v1/services/default/proposals/{hostile.proposal_id}").json()
+        assert review["actions"][0]["args"]["next_service_identity"] == hostile.identity_pem
+        # ...and ballots approve nothing. Not even the canonical accept: the agent cannot know what the member
+        # reviewed, and the endpoint may show the member something harmless and the agent a transition (this
+        # is what broke a rule that counted the agent's own accepting ballot as the approval).
+        hostile.proposal_state = "Open"
+        harmless = {"member_id": m0.member_id, "member_data": {"team": "blue"}}
+        hostile.shown_actions = [{"name": "set_member_data", "args": harmless}]
+        shown = world.cli("proposals", hostile.proposal_id)
+        assert "set_member_data" in shown.stdout, shown.stderr
+        assert "transition_service_to_open" not in shown.stdout
+        hostile.shown_actions = None
+        voted = world.cli("vote", hostile.proposal_id, "--accept", "--identity", "m0")
+        assert voted.returncode == 0, voted.stderr
+        for ballot in (NO, YES.replace("return true }", "return true; }")):
+            world.client.call(
+                "POST",
+                f"/v1/services/default/proposals/{hostile.proposal_id}/ballots",
+                {"identity": "m0", "ballot": ballot},
+            )
+        # Approval needs the fingerprint the member was given out of band: the real new identity's is not the
+        # attacker's, so nothing is signed; a malformed one is refused too.
+        announced = der_sha256(ServiceIdentity.generate().cert_pem)
+        for fingerprint, says in ((announced, "no ballot was signed"), ("not-a-fingerprint", "64 hex digits")):
+            refused_approval = world.cli("recovery", "approve-identity", hostile.proposal_id, "--sha256",
+                                         fingerprint, "--identity", "m0")  # fmt: skip
+            assert refused_approval.returncode != 0
+            assert says in refused_approval.stderr, refused_approval.stderr
+        ballots = [r for r in hostile.requests() if r.path.endswith(f"/ballots/{m0.member_id}:submit")]
+        assert len(ballots) == 3
+        count = len(hostile.requests())
+        wait_until("more polls", lambda: len(hostile.requests()) >= count + 6)
+        assert hostile.recover_posts() == []
+
+        records = audit_records(world)
+        assert not [r for r in records if r["event"] in ("share_submitted", "identity_approved")]
+        (adopted,) = [r for r in records if r["event"] == "identity_adopted"]
+        assert adopted["trust"] == "provisional"
+        assert adopted["certificate_sha256"] == der_sha256(hostile.identity_pem)
+        assert not [r for r in records if r["event"] == "share_failed" and r.get("error") != "CCFTrustError"]
+        world.stop()
+        for request in hostile.requests():
+            for share in world.shares:
+                for form in share_forms(share):
+                    assert form not in request.body, f"a share reached the attacker in {request.path}"
+        saved = json.loads((world.folder / "state" / "recovery-default.json").read_text())
+        assert "approved_identity" not in saved
+        assert_no_leak(world.shares, world.folder)
+
+
+def test_an_identity_claimed_as_a_bundle_smuggles_no_trust_anchor_past_the_members_fingerprint(setup: Setup) -> None:
+    """The endpoint claims, in ``/node/network``, the real recovered service's certificate followed by a CA of its
+    own, and presents a node certificate that CA issued. Its service info and its transition proposal name the real
+    certificate, and the member approves with the real fingerprint, announced out of band: everything the member
+    checks is right. Trusting the whole claimed PEM (every certificate in it becomes a trust anchor, only the first
+    is fingerprinted) would then pin the attacker's CA too, and the share would go to it. Only the one certificate
+    the fingerprint names may ever be trusted: a bundle is no service identity, and nothing is adopted or approved."""
+    with attacked(setup) as (world, hostile):
+        recovered = ServiceIdentity.generate().cert_pem.decode()  # the real new identity (public), as announced
+        hostile.reported_certificate = recovered
+        hostile.transition_to = recovered
+        hostile.network_certificate = recovered + hostile.identity_pem
+        hostile.proposal_state = "Open"  # for the ballot that approves
+        world.start()
+        wait_until("the watcher to read the claim", lambda: len(hostile.requests()) >= 3)
+
+        approval = world.cli("recovery", "approve-identity", hostile.proposal_id, "--sha256",
+                             der_sha256(recovered), "--identity", "m0")  # fmt: skip
+        assert approval.returncode != 0, approval.stdout
+        assert "Conflict" in approval.stderr, approval.stderr
+        assert "no ballot was signed" in approval.stderr
+        with pytest.raises(AgentRequestError) as refused:
+            world.client.call("POST", "/v1/services/default/recovery/m0/share")
+        assert refused.value.code == "CCFTrustError"
+        count = len(hostile.requests())
+        wait_until("more polls", lambda: len(hostile.requests()) >= count + 6)
+        assert hostile.recover_posts() == []
+        assert not [r for r in hostile.requests() if r.method == "POST"]  # not even the ballot
+
+        records = audit_records(world)
+        assert not [r for r in records if r["event"] in ("identity_adopted", "identity_approved", "signed")]
+        identity = world.client.request("GET", "/v1/services/default/identity")
+        assert identity.status == 502, identity.json()  # the claim is no certificate the agent would show
+        world.stop()
+        for request in hostile.requests():
+            for share in world.shares:
+                for form in share_forms(share):
+                    assert form not in request.body, f"a share reached the attacker in {request.path}"
+        saved = world.folder / "state" / "recovery-default.json"
+        assert not saved.exists() or "identity" not in json.loads(saved.read_text())
+
+
+def test_an_approved_bundle_kept_in_the_state_file_is_not_restored(setup: Setup) -> None:
+    """A state file written by a version that kept the claimed bundle as it came (the attack above, approved): the
+    agent restores only one certificate as an identity, never a bundle, so the attacker's CA in it carries no share
+    after the upgrade."""
+    with setup.world({"m0": "file"}, service={"recovery_identities": ["m0"]}, recovery=WATCH) as world:
+        m0 = world.people["m0"].member
+        world.collect_shares()
+        real_share = world.sandbox.gov_get(f"/gov/recovery/encrypted-shares/{m0.member_id}")
         pinned = world.sandbox.service_cert.read_text()
+        recovered = ServiceIdentity.generate().cert_pem.decode()
         with HostileCCF(pinned, {m0.member_id: real_share}) as hostile:
+            hostile.reported_certificate = recovered
+            record = {"certificate": recovered + hostile.identity_pem, "sha256": der_sha256(recovered),
+                      "previous_sha256": der_sha256(pinned), "configured_sha256": der_sha256(pinned),
+                      "proposal_id": hostile.proposal_id, "identity": "m0", "member_id": m0.member_id,
+                      "ballot_transaction_id": "2.99", "approved_at": 1}  # fmt: skip
+            state = world.folder / "state"
+            state.mkdir(mode=0o700)
+            saved = state / "recovery-default.json"
+            saved.write_text(json.dumps({"version": 1, "submissions": {}, "approved_identity": record}))
+            saved.chmod(0o600)
             world.config.write_text(world.config.read_text().replace(world.sandbox.url, hostile.url))
             world.start()
-
-            # The watcher finds the claimed identity, checks the fabricated proposal, and keeps polling.
-            def polled_after_adoption() -> bool:
-                paths = [r.path for r in hostile.requests()]
-                actions = f"/gov/members/proposals/{hostile.proposal_id}/actions"
-                return actions in paths and paths[paths.index(actions) :].count("/gov/service/info") >= 6
-
-            wait_until("the watcher to poll the hostile endpoint after reading its proposal", polled_after_adoption)
+            wait_until("a poll", lambda: watcher(world)["state"] in ("untrusted", "submitted"))
             assert hostile.recover_posts() == []
-            # (The watcher is "recovering" while it tries, then "untrusted" until its next poll.)
-            wait_until("the watcher to say why", lambda: watcher(world)["state"] == "untrusted")
-            assert "provisionally" in watcher(world)["last_error"]
-            assert hostile.proposal_id in watcher(world)["last_error"]
-
-            # On request, through the API and the CLI: refused before anything is decrypted or sent.
-            with pytest.raises(AgentRequestError) as refused:
-                world.client.call("POST", "/v1/services/default/recovery/m0/share")
-            assert refused.value.code == "CCFTrustError"
-            assert "provisionally" in refused.value.message
-            cli = world.cli("recovery", "submit-share", "--identity", "m0")
-            assert cli.returncode != 0
-            assert "CCFTrustError" in cli.stderr, cli.stderr
-            assert hostile.proposal_id in cli.stderr, cli.stderr
-
-            # Provisional trust is for reads and ballots: the member can review the claim through the agent...
-            review = world.client.call("GET", f"/v1/services/default/proposals/{hostile.proposal_id}").json()
-            assert review["actions"][0]["args"]["next_service_identity"] == hostile.identity_pem
-            # ...and ballots approve nothing. Not even the canonical accept: the agent cannot know what the member
-            # reviewed, and the endpoint may show the member something harmless and the agent a transition (this
-            # is what broke a rule that counted the agent's own accepting ballot as the approval).
-            hostile.proposal_state = "Open"
-            harmless = {"member_id": m0.member_id, "member_data": {"team": "blue"}}
-            hostile.shown_actions = [{"name": "set_member_data", "args": harmless}]
-            shown = world.cli("proposals", hostile.proposal_id)
-            assert "set_member_data" in shown.stdout, shown.stderr
-            assert "transition_service_to_open" not in shown.stdout
-            hostile.shown_actions = None
-            voted = world.cli("vote", hostile.proposal_id, "--accept", "--identity", "m0")
-            assert voted.returncode == 0, voted.stderr
-            for ballot in (NO, YES.replace("return true }", "return true; }")):
-                world.client.call(
-                    "POST",
-                    f"/v1/services/default/proposals/{hostile.proposal_id}/ballots",
-                    {"identity": "m0", "ballot": ballot},
-                )
-            # Approval needs the fingerprint the member was given out of band: the real new identity's is not the
-            # attacker's, so nothing is signed; a malformed one is refused too.
-            announced = der_sha256(ServiceIdentity.generate().cert_pem)
-            for fingerprint, says in ((announced, "no ballot was signed"), ("not-a-fingerprint", "64 hex digits")):
-                refused_approval = world.cli("recovery", "approve-identity", hostile.proposal_id, "--sha256",
-                                             fingerprint, "--identity", "m0")  # fmt: skip
-                assert refused_approval.returncode != 0
-                assert says in refused_approval.stderr, refused_approval.stderr
-            ballots = [r for r in hostile.requests() if r.path.endswith(f"/ballots/{m0.member_id}:submit")]
-            assert len(ballots) == 3
-            count = len(hostile.requests())
-            wait_until("more polls", lambda: len(hostile.requests()) >= count + 6)
-            assert hostile.recover_posts() == []
-
-            records = audit_records(world)
-            assert not [r for r in records if r["event"] in ("share_submitted", "identity_approved")]
-            (adopted,) = [r for r in records if r["event"] == "identity_adopted"]
-            assert adopted["trust"] == "provisional"
-            assert adopted["certificate_sha256"] == der_sha256(hostile.identity_pem)
-            assert not [r for r in records if r["event"] == "share_failed" and r.get("error") != "CCFTrustError"]
+            assert watcher(world)["state"] == "untrusted"
             world.stop()
-            for request in hostile.requests():
-                for share in world.shares:
-                    for form in share_forms(share):
-                        assert form not in request.body, f"a share reached the attacker in {request.path}"
-            saved = json.loads((world.folder / "state" / "recovery-default.json").read_text())
-            assert "approved_identity" not in saved
-            assert_no_leak(world.shares, world.folder)
+            assert not [r for r in audit_records(world) if r["event"] in ("identity_adopted", "signed")]
+            assert "is not one certificate; not restored" in "".join(world.stderr_log)
 
 
 def test_no_share_through_a_trusted_connection_to_a_service_that_reports_another_identity(setup: Setup) -> None:

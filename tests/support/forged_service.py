@@ -46,6 +46,11 @@ class HostileCCF:
     reported_certificate: str | None = None
     """When set, the service identity its service info and ``/node/network`` report, instead of the one its TLS
     presents (a connection made before a recovery, still open to the recovered service)."""
+    network_certificate: str | None = None
+    """When set, what ``/node/network`` names as the service certificate (e.g. a bundle: another identity's
+    certificate, then its own CA), instead of the reported one."""
+    transition_to: str | None = None
+    """When set, the ``next_service_identity`` of the fabricated transition, instead of its own identity."""
     ca: trustme.CA = field(default_factory=trustme.CA)
     url: str = ""
     _requests: list[Recorded] = field(default_factory=list)
@@ -83,7 +88,8 @@ class HostileCCF:
         proposals = "/gov/members/proposals"
         routes: list[tuple[str, Any]] = [
             (r"/node/network", {"service_status": "WaitingForRecoveryShares", "service_certificate":
-                                reported, "recovery_count": 1, "current_service_create_txid": "2.1"}),
+                                self.network_certificate or reported, "recovery_count": 1,
+                                "current_service_create_txid": "2.1"}),
             (r"/node/state", {"state": "PartOfPublicNetwork"}),
             (r"/gov/service/info", waiting),
             (r"/gov/service/members", {"value": []}),
@@ -92,7 +98,7 @@ class HostileCCF:
             (rf"{proposals}/{self.proposal_id}/actions", {"actions": self.shown_actions or [{
                 "name": "transition_service_to_open", "args": {
                 "previous_service_identity": self.previous_service_cert,
-                "next_service_identity": self.identity_pem}}]}),
+                "next_service_identity": self.transition_to or self.identity_pem}}]}),
         ]  # fmt: skip
         for pattern, body in routes:
             if re.fullmatch(pattern, path):

@@ -37,6 +37,7 @@ class Seen:
     method: str
     path: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class HostileCCF:
@@ -81,7 +82,7 @@ class HostileCCF:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         with self._lock:
-            self._seen.append(Seen(request.method, request.path, body))
+            self._seen.append(Seen(request.method, request.path, body, tuple(request.headers.items())))
             chosen = next((a for m, p, a in self._answers if m == request.method and p.search(request.path)), None)
         if chosen is None:
             return web.json_response({"error": {"code": "ResourceNotFound", "message": "not scripted"}}, status=404)

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+import trustme
 
 from signing_agent.ccf.api import (
     Answer,
@@ -227,9 +228,12 @@ def test_recovery_submission() -> None:
 
 
 def test_the_presented_certificate() -> None:
-    pem = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n"
-    assert presented_certificate(200, {"service_certificate": pem}) == pem.encode()
-    assert presented_certificate(404, {"service_certificate": pem}) is None
+    one, other = trustme.CA().cert_pem.bytes().decode(), trustme.CA().cert_pem.bytes().decode()
+    assert presented_certificate(200, {"service_certificate": one}) == one.encode()
+    assert presented_certificate(200, {"service_certificate": f"padding\n{one}more\n"}) == one.encode()
+    assert presented_certificate(200, {"service_certificate": one + other}) is None  # a bundle is no identity
+    assert presented_certificate(404, {"service_certificate": one}) is None
+    assert presented_certificate(200, {"service_certificate": "-----BEGIN CERTIFICATE-----\nMII\n"}) is None
     assert presented_certificate(200, {"service_certificate": "hello"}) is None
     assert presented_certificate(200, None) is None
 

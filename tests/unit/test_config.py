@@ -176,6 +176,15 @@ def test_service_answers_are_bounded_by_default() -> None:
         ({"identities": {"bad name": {}}}, "names use letters"),
         ({"services": {"s": {"url": "http://x"}}}, "https://"),
         ({"services": {"s": {"url": "https://x"}}}, "pins"),
+        ({"services": {"s": {"url": "https://u:pw@x:8000"}}}, "services.s.url: must not hold a user name"),
+        ({"services": {"s": {"url": "https://x:8000/?a=b"}}}, "services.s.url: must not have a query"),
+        ({"services": {"s": {"url": "https://x:8000#top"}}}, "services.s.url: must not have a query"),
+        ({"services": {"s": {"url": "https://x:99999"}}}, "services.s.url: the port must be a number"),
+        ({"services": {"s": {"url": "https://:8000"}}}, "services.s.url: names no host"),
+        (
+            {"services": {"s": {"url": "https://x", "identity_url": "https://id@x/ledgerIdentity/s"}}},
+            "services.s.identity_url: must not hold a user name",
+        ),
         (
             {"services": {"s": {"url": "https://x", "service_certificate": "s.pem", "api_version": "1"}}},
             "not one of",
