@@ -276,10 +276,15 @@ class Signed(_Record):
     cose_sha256: str
 
 
+CANCELLED = "Cancelled"
+"""A ``failed`` record's ``error`` when the agent stopped waiting (``Auditor.record_cancelled``): for a signed
+message, it may have reached CCF or not."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Failed(_Record):
     """Signing failed in the key store (``rule`` set), or a signed message got no answer from CCF (``cose_sha256``
-    set)."""
+    set); ``error`` is the agent error's code, or ``CANCELLED``."""
 
     event: ClassVar[AuditEvent] = "failed"
     request: RequestContext
@@ -507,6 +512,20 @@ class Auditor:
         """Queue ``record`` for the next write without waiting for it: whatever is recorded after this call is
         written after it. The caller must wait until it is ``written`` before it records what follows from it."""
         return QueuedRecord(self.sink.enqueue(record), self._metrics)
+
+    async def record_cancelled(self, record: AuditRecord, *, after: QueuedRecord | None = None) -> None:
+        """``record`` (a ``failed`` with ``error=CANCELLED``) for a request whose task is being cancelled (its
+        deadline, ``agent.request_timeout``, ran out, or the agent stops): the outcome the request will never reach.
+        Written after ``after`` (its ``received``), and shielded, so a second cancellation does not lose it; a log
+        that cannot take it does not replace the cancellation (the failure is counted, and the log reports it)."""
+
+        async def write() -> None:
+            if after is not None:
+                await after.written()
+            await self.record(record)
+
+        with contextlib.suppress(AuditError):
+            await asyncio.shield(write())
 
     @property
     def failing(self) -> bool:

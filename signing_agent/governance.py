@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from signing_agent.audit import Auditor, Failed, Forwarded
+from signing_agent.audit import CANCELLED, Auditor, Failed, Forwarded
 from signing_agent.ccf.api import Answer, Connector, GovernanceAPI, Proposal
 from signing_agent.ccf.client import CCFResponse
 from signing_agent.ccf.connections import CCFConnections
@@ -108,6 +108,13 @@ class Governance:
         except AgentError as exc:
             await self.auditor.record(
                 Failed(request=ctx, subject=subject, payload=payload, cose_sha256=signed.cose_sha256, error=exc.code)
+            )
+            raise
+        except asyncio.CancelledError:
+            # The request's deadline (agent.request_timeout) or a stop cut the wait: the message may have reached CCF,
+            # or not. The log says the agent stopped waiting, rather than leaving a signed message without an outcome.
+            await self.auditor.record_cancelled(
+                Failed(request=ctx, subject=subject, payload=payload, cose_sha256=signed.cose_sha256, error=CANCELLED)
             )
             raise
         await self.auditor.record(

@@ -11,6 +11,7 @@ Naming: ``Signer`` is the agent's signing use case. Wherever a ``service`` is na
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -19,7 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from signing_agent.algorithms import verify_digest
-from signing_agent.audit import Auditor, Denied, Failed, Payload, QueuedRecord, Received, Signed, Subject
+from signing_agent.audit import (
+    CANCELLED,
+    Auditor,
+    Denied,
+    Failed,
+    Payload,
+    QueuedRecord,
+    Received,
+    Signed,
+    Subject,
+)
 from signing_agent.backends.base import Priority
 from signing_agent.config import DEFAULT_MAX_CREATED_AT_SKEW, msg_type_name
 from signing_agent.context import current_request
@@ -374,6 +385,12 @@ class Signer:
             await received.written()
             await self.auditor.record(
                 Failed(request=ctx, subject=subject, payload=payload, rule=decision.rule, error=exc.code)
+            )
+            raise
+        except asyncio.CancelledError:  # the request's deadline, or a stop: no signature will leave
+            await self.auditor.record_cancelled(
+                Failed(request=ctx, subject=subject, payload=payload, rule=decision.rule, error=CANCELLED),
+                after=received,
             )
             raise
         message = SignedMessage(

@@ -78,10 +78,12 @@ def stage(
     *,
     targets: int = 0,
     pin: str = "service",
+    settings: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Stage, list[HostileCCF]]]:
     """A hostile service, ``targets`` redirect targets (plain http, then HTTPS trusted like the service), and the
-    daemon configured with them. ``pin``: the agent pins the service's certificate (``service``), fetches it from
-    the service's ``/ledgerIdentity/x`` (``identity_url``), or pins an unrelated one (``other``: pinned TLS fails)."""
+    daemon configured with them (``settings``: more of its ``[agent]``). ``pin``: the agent pins the service's
+    certificate (``service``), fetches it from the service's ``/ledgerIdentity/x`` (``identity_url``), or pins an
+    unrelated one (``other``: pinned TLS fails)."""
     folder = short_dir()
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
@@ -96,7 +98,7 @@ def stage(
         }
         trust = trusts[pin]
         tables: dict[str, Any] = {
-            "agent": {"socket": folder / "run" / "agent.sock"},
+            "agent": {"socket": folder / "run" / "agent.sock", **(settings or {})},
             "audit": {"path": folder / "audit" / "audit.jsonl"},
             **file_identity("m0", cert, key),
             "services.default": {"url": ccf.url, **trust, **(service or {})},
@@ -245,6 +247,24 @@ def test_a_redirected_proposal_is_audited_as_failed(redirecting: tuple[Stage, li
     assert verify_audit([audit]).ok
     last = json.loads(audit.read_text().splitlines()[-1])
     assert (last["event"], last["error"], last["msg_type"]) == ("failed", "CCFAnswerRefused", "proposal")
+
+
+def test_a_forward_cut_by_the_request_deadline_is_audited_as_failed() -> None:
+    """agent.request_timeout (2 s) runs out while a signed proposal waits for the service (its own timeouts are
+    longer): the caller gets a 504, and the log says the agent stopped waiting, rather than ending at ``signed``."""
+    slow_service = {"request_timeout": 60.0, "read_timeout": 60.0, "total_timeout": 60.0, "max_attempts": 1}
+    with stage(slow_service, settings={"request_timeout": 2.0}) as (world, _):
+        world.ccf.answer("POST", "proposals:create", silence())
+        resp = world.client.request("POST", OPERATIONS["propose"].route, OPERATIONS["propose"].body)
+        assert resp.status == 504, resp.body
+        assert error_of(resp)["code"] == "AgentTimeout"
+        audit = world.folder / "audit" / "audit.jsonl"
+        assert verify_audit([audit]).ok
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        signed, last = records[-2], records[-1]
+        assert (signed["event"], last["event"], last["error"]) == ("signed", "failed", "Cancelled")
+        assert last["cose_sha256"] == signed["cose_sha256"]
+        assert last["request_id"] == signed["request_id"]
 
 
 @pytest.mark.parametrize("status", [302, 307])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import cbor2
 import pytest
 from ccf.cose import validate_cose_sign1
 
+from signing_agent.audit import verify_audit
 from signing_agent.client import AgentClient
 from tests.doubles.keyvault import OTHER_AZURE_ENV
 from tests.support.agent import DaemonProcess, cli_env, daemon, short_dir, write_toml
@@ -368,6 +370,12 @@ def test_a_slow_vault_is_a_timeout_that_names_the_key_store(world: World) -> Non
     with own_agent(world, "slow", {"request_timeout": 1.0}) as agent:
         world.vault.inject(status=None, delay=3.0, count=1)
         result = cli_sign(world, agent)
+        audit = agent.socket.parent / "audit.jsonl"
+        assert verify_audit([audit]).ok
+        received, failed = (json.loads(line) for line in audit.read_text().splitlines()[-2:])
+        # The log says the agent stopped waiting for the vault: the request does not end at "received".
+        assert (received["event"], failed["event"], failed["error"]) == ("received", "failed", "Cancelled")
+        assert failed["request_id"] == received["request_id"]
     assert result.returncode == 6, result.stderr
     assert "signing-agent: AgentTimeout (504)" in result.stderr
     assert "waiting for the key store (azure-keyvault, identities.m0.signing_key)" in result.stderr
