@@ -56,7 +56,7 @@ from signing_agent.algorithms import SignatureAlgorithm, verify_digest
 from signing_agent.backends._secrets import secret_env
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
-from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig
+from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig, read_trusted_file
 from signing_agent.errors import (
     BackendError,
     BackendUnavailableError,
@@ -319,10 +319,10 @@ class AzureKeyVaultRegistry:
             vault = self._vaults[host] = _Vault(host, self.settings.throttle, self._on_throttle_wait)
         return vault
 
-    async def _ssl_context(self, ca_bundle: Path | None) -> ssl.SSLContext:
+    async def _ssl_context(self, ca_bundle: Path | None, where: str) -> ssl.SSLContext:
         ctx = self._ssl_contexts.get(ca_bundle)
         if ctx is None:
-            ctx = await asyncio.to_thread(_make_ssl_context, ca_bundle)
+            ctx = await asyncio.to_thread(_make_ssl_context, ca_bundle, where)
             self._ssl_contexts[ca_bundle] = ctx
         return ctx
 
@@ -353,13 +353,18 @@ class AzureKeyVaultRegistry:
             vault.throttle.close()
 
 
-def _make_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+def _make_ssl_context(ca_bundle: Path | None, where: str) -> ssl.SSLContext:
+    """The system roots, plus ``ca_bundle``: a file that must be the agent's own (``config.read_trusted_file``), as
+    whoever may write it decides which endpoints pass for the vault, and get its access tokens."""
     ctx = ssl.create_default_context()
     if ca_bundle is not None:
+        pem = read_trusted_file(
+            ca_bundle, f"{where}.ca_bundle", "which servers pass for the vault (and get its tokens)"
+        )
         try:
-            ctx.load_verify_locations(cafile=str(ca_bundle))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"ca_bundle: cannot load {ca_bundle}: {exc}") from exc
+            ctx.load_verify_locations(cadata=pem.decode("ascii", "ignore"))  # non-ASCII only in comments
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{where}.ca_bundle: cannot load {ca_bundle}: {exc}") from exc
     return ctx
 
 
@@ -480,7 +485,7 @@ class _AzureKey:
         """A ``KeyClient`` for the key's vault (close it), with the credential and TLS context it uses."""
         cfg = self._cfg
         credential = await self._registry._credential(cfg, self._where)
-        ctx = await self._registry._ssl_context(cfg.ca_bundle)
+        ctx = await self._registry._ssl_context(cfg.ca_bundle, self._where)
         kwargs = self._client_kwargs(ctx)
         try:
             return KeyClient(cfg.vault_url, credential, **kwargs), credential, ctx

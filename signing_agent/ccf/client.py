@@ -430,6 +430,20 @@ def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int, request: s
     )
 
 
+def _identity_trust(bundle: Path, service: str) -> ssl.SSLContext:
+    """Trust in ``identity_ca_bundle`` only: a file of the agent's own (``config.read_trusted_file``), as whoever may
+    write it decides which endpoint passes for the identity service, and so which service the agent pins."""
+    where = f"services.{service}.identity_ca_bundle"
+    decides = "which endpoint passes for the identity service, and so which service the agent pins"
+    pem = read_trusted_file(bundle, where, decides).decode("ascii", "ignore")  # non-ASCII only in comments
+    if not pem.strip():  # an empty cadata would mean the system roots
+        raise ConfigError(f"{where}: {bundle} holds no certificate")
+    try:
+        return ssl.create_default_context(cadata=pem)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{where}: cannot load {bundle}: {exc}") from None
+
+
 async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     """Azure Managed CCF: ``GET identity_url`` → ``.ledgerTlsCertificate``, fetched once and then pinned.
 
@@ -441,10 +455,7 @@ async def fetch_identity_certificate(config: ServiceConfig) -> bytes:
     if url is None:  # pragma: no cover -- config guarantees one of the two
         raise ConfigError(f"services.{config.name}: neither service_certificate nor identity_url is set")
     bundle = config.identity_ca_bundle
-    try:
-        trust = ssl.create_default_context(cafile=str(bundle) if bundle is not None else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"services.{config.name}.identity_ca_bundle: cannot load {bundle}: {exc}") from None
+    trust = ssl.create_default_context() if bundle is None else _identity_trust(bundle, config.name)
     try:
         status, data = await get_json(config, trust, url, f"identity endpoint {url}")
     except (CCFTrustError, CCFTimeoutError, CCFUnavailableError) as exc:

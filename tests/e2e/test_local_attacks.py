@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import threading
@@ -159,6 +160,44 @@ def test_a_service_certificate_another_user_can_write_is_never_pinned(workdir: P
         why = f"services.default.service_certificate: {service_cert}: mode 0664 lets group or others write it"
         assert why in reloaded["error"]
     with pytest.raises(RuntimeError, match="mode 0664 lets group or others write it"), daemon(config):
+        pass
+
+
+def test_an_identity_ca_bundle_another_user_can_write_is_never_trusted(workdir: Path, member: Member) -> None:
+    """``identity_ca_bundle`` decides which endpoint passes for the identity service (Azure Managed CCF), and so which
+    service certificate the agent pins: another user who may write it adds a CA of its own, to have the agent pin a
+    service of its choosing. The agent refuses the file when it first reads it (the first talk to the service)."""
+    _, bundle = make_member("identity-ca", "secp384r1").write(workdir / "trust")
+    service = {"url": "https://127.0.0.1:9", "identity_url": "https://127.0.0.1:9/id", "identity_ca_bundle": bundle}
+    config = reachable_by_nobody(workdir, member, **{"services.default": service})
+    with daemon(config) as proc:
+        bundle.chmod(0o664)
+        (workdir / "trust").chmod(0o750)
+        as_uid(NOBODY, REPLACE_FILE, str(bundle), make_member("attacker", "secp384r1").cert_pem.decode())
+        resp = AgentClient(proc.socket, timeout=60).request("GET", "/v1/services/default/proposals")
+        assert resp.status >= 400, resp.body
+        why = f"services.default.identity_ca_bundle: {bundle}: mode 0664 lets group or others write it"
+        assert why in resp.json()["error"]["message"], resp.body
+
+
+def test_a_vault_ca_bundle_another_user_can_write_is_never_trusted(workdir: Path, member: Member) -> None:
+    """A key vault's ``ca_bundle`` decides which servers pass for the vault, and so who receives the vault's access
+    tokens (with one, anyone signs with the member key in the real vault). Another user who may write it adds a CA
+    of its own; the agent refuses the file, and the identity with it."""
+    _, bundle = make_member("vault-ca", "secp384r1").write(workdir / "trust")
+    _, cert = member.write(workdir / "kv")
+    key = {
+        "backend": "azure-keyvault", "vault_url": "https://127.0.0.1:9", "key_name": "m0", "ca_bundle": bundle,
+        "credential": "client-secret", "client_secret_env": "SA_TEST_VAULT_SECRET",
+        "tenant_id": "00000000-0000-0000-0000-000000000001", "client_id": "00000000-0000-0000-0000-000000000002",
+    }  # fmt: skip
+    tables: dict[str, dict[str, object]] = {"identities.kv": {"certificate": cert}, "identities.kv.signing_key": key}
+    config = reachable_by_nobody(workdir, member, **tables)
+    bundle.chmod(0o664)
+    (workdir / "trust").chmod(0o750)
+    as_uid(NOBODY, REPLACE_FILE, str(bundle), make_member("attacker", "secp384r1").cert_pem.decode())
+    why = f"identities.kv.signing_key.ca_bundle: {bundle}: mode 0664 lets group or others write it"
+    with pytest.raises(RuntimeError, match=re.escape(why)), daemon(config, env={"SA_TEST_VAULT_SECRET": "s"}):
         pass
 
 
