@@ -46,6 +46,10 @@ _logger = logging.getLogger("signing_agent.recovery")
 
 T = TypeVar("T")
 
+MAX_PROPOSALS_EXAMINED = 256
+"""Open or Accepted proposals whose actions adoption reads, at most, per attempt (Open ones first): a service keeps
+every accepted proposal of its life, a hostile endpoint may list any number, and each costs a request."""
+
 
 def fingerprint(pem: bytes) -> str:
     """A certificate's SHA-256 fingerprint (of its DER), as the agent prints and keeps it."""
@@ -328,12 +332,23 @@ class ServiceTrust:
         probe: GovernanceAPI, decided: set[bytes], candidate_der: bytes
     ) -> tuple[str, bytes] | None:
         """The first Open or Accepted proposal that transitions from ``decided`` to the candidate, with the previous
-        identity it names (DER)."""
+        identity it names (DER): the Open ones first, and at most ``MAX_PROPOSALS_EXAMINED`` of them (each costs a
+        request for its actions: an endpoint listing a hundred thousand must not cost as many)."""
         listed = await probe.proposals(max_attempts=1)
-        for proposal in listed.value or ():
-            pid = proposal.proposal_id
-            if proposal.state not in ("Open", "Accepted") or pid is None:
-                continue
+        candidates = [
+            (proposal.state != "Open", pid)
+            for proposal in listed.value or ()
+            if (pid := proposal.proposal_id) is not None and proposal.state in ("Open", "Accepted")
+        ]
+        candidates.sort(key=lambda candidate: candidate[0])  # Open first; stable: the service's order within each
+        if len(candidates) > MAX_PROPOSALS_EXAMINED:
+            _logger.warning(
+                "the service lists %d Open or Accepted proposals; looking for a transition_service_to_open in the "
+                "first %d only (list the new identity in accepted_service_certificates instead)",
+                len(candidates),
+                MAX_PROPOSALS_EXAMINED,
+            )
+        for _, pid in candidates[:MAX_PROPOSALS_EXAMINED]:
             previous = await _transition_from(probe, pid, decided, candidate_der)
             if previous is not None:
                 return pid, previous

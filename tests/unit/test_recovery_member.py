@@ -38,8 +38,9 @@ from signing_agent.recovery import (
     RecoveryWatcher,
     ShareResult,
 )
+from signing_agent.recovery.trust import MAX_PROPOSALS_EXAMINED
 from signing_agent.signer import Signer, SignRequest
-from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
+from tests.support.fake_ccf import FakeService, FakeWorld, fake_world, file_identity
 from tests.support.fakes import as_peer, signing_service
 from tests.support.pki import make_member
 
@@ -236,6 +237,29 @@ async def test_a_new_identity_named_by_a_transition_proposal_is_trusted_for_read
                        f"proposal {PID}: no share was decrypted or sent"):  # fmt: skip
         await recovered.recovery.submit_share("prod", "m0")
     assert "encrypted_share" not in recovered.service.calls
+
+
+def list_behind(service: FakeService, decoys: int, decoy_state: str, transition_state: str) -> None:
+    """``decoys`` proposals in ``decoy_state`` (no transition among them), then the transition, in that order."""
+    del service.proposals[PID]
+    for i in range(decoys):
+        service.add_proposal(f"{i:064x}", [{"name": "set_member"}], state=decoy_state)
+    service.add_proposal(PID, transition(OLD.cert_pem, NEW.cert_pem), state=transition_state)
+
+
+async def test_adoption_reads_the_open_proposals_first(recovered: World) -> None:
+    """A service keeps every accepted proposal of its life: the transition being voted on is found first."""
+    list_behind(recovered.service, MAX_PROPOSALS_EXAMINED + 50, "Accepted", "Open")
+    assert await recovered.recovery.adopt_by_proposal("prod")
+    assert recovered.service.calls.count("proposal_actions") == 1
+
+
+async def test_adoption_reads_a_bounded_number_of_proposals(recovered: World) -> None:
+    """An endpoint may list any number of proposals: each costs a request for its actions, so an attempt reads at
+    most ``MAX_PROPOSALS_EXAMINED`` (the operator lists an identity found past them)."""
+    list_behind(recovered.service, MAX_PROPOSALS_EXAMINED + 50, "Open", "Accepted")
+    assert not await recovered.recovery.adopt_by_proposal("prod")
+    assert recovered.service.calls.count("proposal_actions") == MAX_PROPOSALS_EXAMINED
 
 
 async def test_a_read_that_fails_pinned_tls_adopts_the_identity_on_the_way(recovered: World) -> None:
