@@ -623,10 +623,20 @@ class Connector(Protocol):
 
 
 class HttpConnector:
-    """The real ``Connector``: files, HTTPS, ``CCFClient``."""
+    """The real ``Connector``: files, HTTPS, ``CCFClient``. One per configuration generation."""
+
+    def __init__(self) -> None:
+        self._fetched: dict[str, bytes] = {}
+        """Service certificates fetched from ``identity_url``, by service: once for the configuration (a client
+        rebuilt after a recovery, or an adoption, does not ask the identity endpoint again); a reload fetches anew."""
 
     async def configured_identity(self, config: ServiceConfig) -> bytes:
-        return await configured_service_certificate(config)
+        if config.service_certificate is not None:
+            return await configured_service_certificate(config)
+        pem = self._fetched.get(config.name)
+        if pem is None:
+            pem = self._fetched[config.name] = await configured_service_certificate(config)
+        return pem
 
     async def accepted_identities(self, config: ServiceConfig) -> tuple[bytes, ...]:
         where = f"services.{config.name}.accepted_service_certificates"

@@ -46,7 +46,8 @@ class CCFConnections:
     def pin(self, service: str, pem: bytes) -> None:
         """Pin ``pem`` instead of the configured service certificate (an identity approved after a recovery).
 
-        The service's clients are rebuilt on their next use; requests already under way finish on the old ones.
+        The service's clients are rebuilt on their next use; the old ones are closed, which cuts a request still
+        under way on them (it fails, as on a network error, and is audited so).
         """
         self._pinned[service] = pem
         self._close_later(self._clients.pop(service, None))

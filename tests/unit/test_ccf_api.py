@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import trustme
 
+from signing_agent.ccf import api
 from signing_agent.ccf.api import (
     Answer,
     CCFGovernanceClient,
     EncryptedShare,
+    HttpConnector,
     Member,
     Node,
     NodeState,
@@ -242,3 +244,20 @@ def test_json_nested_deeper_than_python_parses_is_no_proposal() -> None:
     deep = b"[" * 100_000 + b"]" * 100_000
     assert ProposalActions(deep).transitions() == ()
     assert ProposalActions(b'{"actions": ' + deep + b"}").listed() == (b'{"actions": ' + deep + b"}").decode()
+
+
+async def test_an_identity_url_is_fetched_once_per_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity endpoint is asked once, however often clients are rebuilt (after an adoption, a re-pin): an
+    endpoint that changed its answer later would not change what the configuration pins."""
+    fetched: list[str] = []
+
+    async def fetch(config: ServiceConfig) -> bytes:
+        fetched.append(config.name)
+        return f"pem {len(fetched)}".encode()
+
+    monkeypatch.setattr(api, "configured_service_certificate", fetch)
+    connector = HttpConnector()
+    config = ServiceConfig(name="s", url="https://ccf", identity_url="https://identity/x")
+    assert [await connector.configured_identity(config) for _ in range(3)] == [b"pem 1"] * 3
+    assert fetched == ["s"]
+    assert await HttpConnector().configured_identity(config) == b"pem 2"  # a reload's generation fetches anew
