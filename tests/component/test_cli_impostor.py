@@ -1,0 +1,120 @@
+"""The CLI and the client library as victims: whatever listens on the socket they were pointed at (a path another
+user controls, a socket swapped under ``$SIGNING_AGENT_SOCK``) may be an impostor. It cannot sign for the member,
+but it must not be able to exhaust the client's memory or write escape sequences to the operator's terminal. Each
+attack runs the real command (``python -m signing_agent``) against a hostile server on a real Unix socket."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from signing_agent.client._http import MAX_ANSWER_BYTES
+from tests.support.agent import cli_env
+
+Answer = Callable[[socket.socket], None]
+
+
+@dataclass
+class Impostor:
+    socket: Path
+    sent: int = 0
+    """Bytes of answers written before the client hung up."""
+
+
+@contextlib.contextmanager
+def impostor(path: Path, answer: Answer) -> Iterator[Impostor]:
+    """A server on ``path`` that reads each request's first bytes and then runs ``answer`` on the connection."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    state = Impostor(path)
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            answer(conn)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield state
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+def endless(state: list[int]) -> Answer:
+    """An answer whose body never ends (no length): it streams zeros until the client hangs up."""
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        chunk = b"0" * (1 << 20)
+        while True:
+            state[0] += conn.send(chunk)
+
+    return answer
+
+
+def limit_memory() -> None:
+    """The CLI gets 1 GiB of address space: far more than it needs, far less than an endless answer fills."""
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def run_cli(sock: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "signing_agent", *args],
+        env=cli_env({"SIGNING_AGENT_SOCK": str(sock)}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        preexec_fn=limit_memory,
+    )
+
+
+def test_an_endless_answer_is_cut_at_the_cap_not_read_until_memory_runs_out(workdir: Path) -> None:
+    sent = [0]
+    with impostor(workdir / "agent.sock", endless(sent)) as fake:
+        done = run_cli(fake.socket, "identities", "--timeout", "90")
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"is larger than {MAX_ANSWER_BYTES >> 20} MiB" in done.stderr
+    assert sent[0] < MAX_ANSWER_BYTES + (16 << 20)  # it stopped reading at the cap (plus the socket's buffers)
+
+
+ASYNC_CLIENT = """\
+import asyncio, sys
+from signing_agent.client import AgentUnreachableError
+from signing_agent.client.aio import AsyncAgentClient
+try:
+    asyncio.run(AsyncAgentClient(sys.argv[1], timeout=90).identities())
+except AgentUnreachableError as exc:
+    print(exc)
+"""
+
+
+def test_the_async_client_cuts_an_endless_answer_too(workdir: Path) -> None:
+    sent = [0]
+    with impostor(workdir / "agent.sock", endless(sent)) as fake:
+        done = subprocess.run(
+            [sys.executable, "-c", ASYNC_CLIENT, str(fake.socket)],
+            capture_output=True, text=True, timeout=120, check=False, preexec_fn=limit_memory,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "is larger than" in done.stdout
+    assert sent[0] < MAX_ANSWER_BYTES + (16 << 20)
