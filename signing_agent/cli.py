@@ -37,6 +37,7 @@ from signing_agent.client_config import (
 )
 from signing_agent.errors import AgentError, ConfigError, InvalidRequestError
 from signing_agent.names import ACCEPT_BALLOT, LOG_LEVELS, MSG_TYPES, REJECT_BALLOT
+from signing_agent.text import PrintableStream
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every client command 2 ms
 if TYPE_CHECKING:
@@ -642,6 +643,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()  # no such command: argparse lists them all
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    if func is cmd_serve:  # the daemon's log lines are escaped by its formatter; it prints nothing else
+        return _run(func, args)
+    stdout, stderr = sys.stdout, sys.stderr
+    # What a command prints comes from others (the agent's answers, CCF's relayed, a log or a config being checked):
+    # no escape sequence in it reaches the operator's terminal.
+    sys.stdout, sys.stderr = PrintableStream(stdout), PrintableStream(stderr)
+    try:
+        return _run(func, args)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:

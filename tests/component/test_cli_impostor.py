@@ -6,6 +6,7 @@ attack runs the real command (``python -m signing_agent``) against a hostile ser
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import socket
 import subprocess
@@ -14,6 +15,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from signing_agent.client._http import MAX_ANSWER_BYTES
 from tests.support.agent import cli_env
@@ -118,3 +122,33 @@ def test_the_async_client_cuts_an_endless_answer_too(workdir: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "is larger than" in done.stdout
     assert sent[0] < MAX_ANSWER_BYTES + (16 << 20)
+
+
+def json_answer(status: int, body: Any) -> Answer:
+    def answer(conn: socket.socket) -> None:
+        data = json.dumps(body).encode()
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%b" % (status, len(data), data))
+
+    return answer
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\r\x9b31m\u202e"
+"""Retitle the terminal, clear it, back to the start of the line, a C1 CSI, reverse what follows."""
+CONTROLS = set("\x1b\x07\r\x9b\u202e")
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (403, {"error": {"code": "PolicyDenied", "message": f"denied{ESCAPES}ok: signed"}}),
+        (200, {"identities": [{"name": f"m0{ESCAPES}", "member_id": "a1" * 32, "algorithm": "ES384",
+                               "backend": "pkcs11", "key": "k", "warnings": [f"w{ESCAPES}"]}]}),
+    ],
+)  # fmt: skip
+def test_escape_sequences_in_an_answer_never_reach_the_terminal(workdir: Path, status: int, body: Any) -> None:
+    with impostor(workdir / "agent.sock", json_answer(status, body)) as fake:
+        done = run_cli(fake.socket, "identities")
+    assert done.returncode == (4 if status == 403 else 0), done.stderr
+    shown = done.stdout + done.stderr
+    assert not CONTROLS & set(shown)
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\r\\x9b31m\\u202e" in shown  # escaped, so the operator sees them
