@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from signing_agent import __version__
 from signing_agent.cli_exit import EXIT_CODES_HELP, Exit, report
+from signing_agent.cli_input import read_input, read_input_text
 from signing_agent.client import AgentClient, AgentRequestError, AgentUnreachableError, Proposal, WaitTimeoutError
 from signing_agent.client.results import Health, HealthCheck, ReloadOutcome, iso_utc
 from signing_agent.client_config import (
@@ -106,16 +107,8 @@ def parse_created_at(value: str) -> int:
     return int(when.timestamp())
 
 
-def _read_content(path: str | None) -> bytes:
-    if path is None:
-        return b""
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise InvalidRequestError(f"--content: cannot read {path}: {exc.strerror}") from None
+def _read_content(path: str | None, what: str = "--content") -> bytes:
+    return b"" if path is None else read_input(path, what)
 
 
 def _member_id_of_cert_file(path: str) -> str:
@@ -711,7 +704,7 @@ def _decided(args: argparse.Namespace, client: AgentClient, service: str, propos
 
 def cmd_propose(args: argparse.Namespace) -> int:
     client, service, identity = _gov_context(args)
-    created = _decided(args, client, service, client.propose(service, identity, _read_content(args.file)))
+    created = _decided(args, client, service, client.propose(service, identity, _read_content(args.file, "FILE")))
     if args.json:
         _print_json(created.raw)
     else:
@@ -721,7 +714,7 @@ def cmd_propose(args: argparse.Namespace) -> int:
 
 def cmd_vote(args: argparse.Namespace) -> int:
     if args.ballot is not None:
-        ballot = _read_content(args.ballot).decode("utf-8")
+        ballot = read_input_text(args.ballot, "--ballot")
     else:
         ballot = REJECT_BALLOT if args.reject else ACCEPT_BALLOT
     client, service, identity = _gov_context(args)

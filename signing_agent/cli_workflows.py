@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from signing_agent.cli_exit import Exit
+from signing_agent.cli_input import read_input_text
 from signing_agent.client import AgentClient, AgentNoAnswerError
 from signing_agent.client_config import IDENTITY_ENV, SERVICE_ENV, client_settings
 from signing_agent.errors import InvalidRequestError
@@ -56,14 +57,6 @@ class Context:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _read_text(path: str, option: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise InvalidRequestError(f"{option}: cannot read {path}: {reason}") from None
 
 
 def _tx(headers: dict[str, str]) -> str:
@@ -252,8 +245,8 @@ def cmd_member_add(args: argparse.Namespace, client: AgentClient) -> int:
         except ValueError as exc:
             raise InvalidRequestError(f"--member-data: not JSON: {exc}") from None
     fields = {
-        "cert": _read_text(args.cert, "--cert"),
-        "encryption_pub_key": _read_text(args.encryption_key, "--encryption-key") if args.encryption_key else None,
+        "cert": read_input_text(args.cert, "--cert"),
+        "encryption_pub_key": read_input_text(args.encryption_key, "--encryption-key") if args.encryption_key else None,
         "member_data": member_data,
         "recovery_role": args.recovery_role,
     }
@@ -261,7 +254,7 @@ def cmd_member_add(args: argparse.Namespace, client: AgentClient) -> int:
 
 
 def cmd_member_remove(args: argparse.Namespace, client: AgentClient) -> int:
-    cert = _read_text(args.cert, "--cert") if args.cert else None
+    cert = read_input_text(args.cert, "--cert") if args.cert else None
     return _propose(args, client, "member-remove", {"member_id": args.member_id, "cert": cert})
 
 
@@ -294,8 +287,8 @@ def cmd_service_open(args: argparse.Namespace, client: AgentClient) -> int:
 
 def cmd_recovery_accept(args: argparse.Namespace, client: AgentClient) -> int:
     fields = {
-        "previous_service_identity": _read_text(args.previous, "--previous") if args.previous else None,
-        "next_service_identity": _read_text(args.next, "--next") if args.next else None,
+        "previous_service_identity": read_input_text(args.previous, "--previous") if args.previous else None,
+        "next_service_identity": read_input_text(args.next, "--next") if args.next else None,
     }
     return _propose(args, client, "recovery-accept", fields)
 

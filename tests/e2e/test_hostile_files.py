@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from signing_agent.audit import GENESIS, line_hash
 from tests.support.agent import cli_env
+from tests.support.fake_agent import FakeAgent, fake_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -101,3 +103,47 @@ def test_audit_verify_prints_a_records_text_escaped(workdir: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout
     assert "\\x1b]0;owned\\x07\\rok: 9" in done.stdout
+
+
+# -- content, proposal and ballot files ----------------------------------------------------------------------------
+
+IDENTITIES = {"identities": [{"name": "m0", "member_id": "a1" * 32, "algorithm": "ES384", "backend": "pkcs11",
+                              "key": "k"}]}  # fmt: skip
+SERVICES = {"services": [{"name": "default", "url": "https://ccf:8000", "api_version": "2024-07-01"}]}
+
+
+@pytest.fixture
+def agent(workdir: Path) -> Iterator[FakeAgent]:
+    routes = {"GET /v1/identities": (200, IDENTITIES), "GET /v1/services": (200, SERVICES)}
+    with fake_agent(workdir / "agent.sock", routes) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["sign", "--ccf-gov-msg-type", "proposal", "--content", "/dev/zero", "--out", "/dev/null"], "--content"),
+        (["sign", "--ccf-gov-msg-type", "proposal", "--content", "-", "--out", "/dev/null"], "--content"),
+        (["propose", "/dev/zero"], "FILE"),
+        (["vote", "ab" * 32, "--ballot", "/dev/zero"], "--ballot"),
+        (["member", "add", "--cert", "/dev/zero"], "--cert"),
+    ],
+)
+def test_an_endless_input_file_is_refused_at_the_cap(agent: FakeAgent, argv: list[str], what: str) -> None:
+    """``/dev/zero`` (or a runaway pipe on stdin) was read whole: the CLI ran out of memory with a traceback."""
+    with open("/dev/zero", "rb") as zero:
+        done = run_cli(*argv, env={"SIGNING_AGENT_SOCK": str(agent.socket)}, stdin=zero)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"{what}: " in done.stderr
+    assert "is larger than 64 MiB" in done.stderr
+    assert not [p for p in agent.paths() if p.startswith("POST")]  # nothing was sent to be signed
+
+
+def test_a_ballot_that_is_not_utf8_is_a_clear_error(agent: FakeAgent, workdir: Path) -> None:
+    ballot = workdir / "ballot.js"
+    ballot.write_bytes(b"export function vote() { return true }\xff\n")
+    done = run_cli("vote", "ab" * 32, "--ballot", str(ballot), env={"SIGNING_AGENT_SOCK": str(agent.socket)})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"--ballot: cannot read {ballot}: not UTF-8 text" in done.stderr
