@@ -21,6 +21,8 @@ import pytest
 
 from signing_agent.client._http import MAX_ANSWER_BYTES
 from tests.support.agent import cli_env
+from tests.support.fake_agent import FakeAgent, fake_agent
+from tests.support.pki import make_member
 
 Answer = Callable[[socket.socket], None]
 
@@ -152,3 +154,51 @@ def test_escape_sequences_in_an_answer_never_reach_the_terminal(workdir: Path, s
     shown = done.stdout + done.stderr
     assert not CONTROLS & set(shown)
     assert "\\x1b]0;owned\\x07\\x1b[2J\\r\\x9b31m\\u202e" in shown  # escaped, so the operator sees them
+
+
+SERVICES = {"services": [{"name": "default", "url": "https://ccf:8000", "api_version": "2024-07-01"}]}
+
+# -- service identity --save ---------------------------------------------------------------------------------------
+
+ANNOUNCED, FORGED = make_member("service", "secp384r1"), make_member("attacker", "secp384r1")
+# Each one's member_id is its certificate's SHA-256: the fingerprint the service identity is known by.
+
+
+@contextlib.contextmanager
+def identity_answer(workdir: Path, certificate: str, sha256: str) -> Iterator[FakeAgent]:
+    body = {"certificate": certificate, "sha256": sha256, "trust": "pinned", "trusted": True, "pinned_sha256": sha256}
+    routes = {"GET /v1/services": (200, SERVICES), "GET /v1/services/default/identity": (200, body)}
+    with fake_agent(workdir / "agent.sock", routes) as agent:
+        yield agent
+
+
+def test_service_identity_never_saves_a_certificate_other_than_the_fingerprint_shown(workdir: Path) -> None:
+    """The member compares the printed fingerprint with the one announced out of band, then pins the saved file.
+    An impostor printed the announced fingerprint and had its own certificate saved."""
+    saved = workdir / "service_cert.pem"
+    with identity_answer(workdir, FORGED.cert_pem.decode(), ANNOUNCED.member_id) as agent:
+        done = run_cli(agent.socket, "service", "identity", "--save", str(saved))
+    assert done.returncode == 3, done.stderr
+    assert f"answered sha256 {ANNOUNCED.member_id} for a certificate whose SHA-256 is {FORGED.member_id}" in (
+        done.stderr
+    )
+    assert ANNOUNCED.member_id not in done.stdout
+    assert not saved.exists()
+
+
+def test_service_identity_save_never_writes_through_a_planted_link(workdir: Path) -> None:
+    """A link planted at the path (in a folder others may write) had the certificate written where it points."""
+    target, saved = workdir / "elsewhere" / "authorized_keys", workdir / "service_cert.pem"
+    target.parent.mkdir()
+    saved.symlink_to(target)
+    with identity_answer(workdir, ANNOUNCED.cert_pem.decode(), ANNOUNCED.member_id) as agent:
+        done = run_cli(agent.socket, "service", "identity", "--save", str(saved))
+        assert done.returncode == 2, done.stderr
+        assert "exists with other content (or is a link); refusing to overwrite it" in done.stderr
+        assert not target.exists()
+        saved.unlink()  # the same certificate saved again is fine, a real file is written
+        assert run_cli(agent.socket, "service", "identity", "--save", str(saved)).returncode == 0
+        again = run_cli(agent.socket, "service", "identity", "--save", str(saved))
+    assert again.returncode == 0, again.stderr
+    assert saved.read_bytes() == ANNOUNCED.cert_pem
+    assert f"presents identity sha256 {ANNOUNCED.member_id}" in again.stdout
