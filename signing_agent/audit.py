@@ -42,6 +42,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -791,10 +792,24 @@ def _first_record(folder_fd: int, name: str) -> dict[str, Any] | None:
         return None
     try:
         with os.fdopen(fd, "rb") as f:
-            record = json.loads(f.readline(1 << 20))
-    except (OSError, ValueError):
+            record = _parsed(f.readline(MAX_LINE_BYTES))
+    except OSError:
         return None
     return record if isinstance(record, dict) else None
+
+
+MAX_LINE_BYTES = 1 << 20
+"""The longest line read as a record. The agent's records are a few KiB at most (every caller-controlled string is cut
+at 512 characters, every list at 32 items); a longer line is no record of the agent's."""
+
+
+def _parsed(line: bytes) -> Any:
+    """A line as JSON, or None when it is none: ``ValueError`` for bad JSON or bytes that are not UTF-8, and
+    ``RecursionError`` for a line nested deeper than the interpreter goes (``[[[[...``), which no record is."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -1412,12 +1427,43 @@ def chain_order(paths: Sequence[Path]) -> list[Path]:
 
     def first_seq(path: Path) -> int:
         try:
-            with path.open("rb") as f:
-                return int(json.loads(f.readline())["seq"])
-        except (OSError, ValueError, KeyError, TypeError):
+            with _open_log(path) as f:
+                seq = _parsed(f.readline(MAX_LINE_BYTES))["seq"]
+        except (OSError, NotALogError, KeyError, TypeError):
             return 1 << 62
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else 1 << 62
 
     return sorted(paths, key=first_seq)
+
+
+class NotALogError(Exception):
+    """A path ``audit verify`` was given that is no file to read to its end (a FIFO, a device, a folder)."""
+
+
+def _open_log(path: Path) -> io.BufferedReader:
+    """``path`` opened to be verified: a regular file, else ``NotALogError``. Opened without blocking and checked on
+    the opened file, so that a FIFO, ``/dev/zero`` or a terminal named as a log (or swapped for one) is refused
+    instead of hanging ``audit verify`` or growing it without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise NotALogError(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _lines(f: io.BufferedReader) -> Iterator[bytes]:
+    """The file's lines, each with its newline (the last one may lack it), none longer than ``MAX_LINE_BYTES`` + 1:
+    a longer one is read no further than that, so a huge line costs no memory."""
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        yield line
+        if len(line) > MAX_LINE_BYTES:
+            return
 
 
 @dataclass
@@ -1478,64 +1524,96 @@ def verify_audit(paths: Sequence[Path]) -> AuditReport:
     a later file): anything else means its first lines were cut off. Where the agent pruned older files, the kept
     chain must begin from the hash it recorded."""
     report = AuditReport(files=[str(p) for p in paths])
-    prev: str | None = None
-    seq: int | None = None
-    start: _Start | None = None
+    state = _Chain()
     for path in paths:
         try:
-            data = path.read_bytes()
+            f = _open_log(path)
+        except NotALogError as exc:
+            report.first_break = str(exc)
+            return report
         except OSError as exc:
             report.first_break = f"{path}: cannot read: {exc.strerror}"
             return report
-        if not data:
-            report.first_break = f"{path}: empty; every audit file begins with a record"
-            return report
-        if not data.endswith(b"\n"):
-            report.first_break = f"{path}: the last record is torn (no final newline)"
-            return report
-        for number, line in enumerate(data.split(b"\n")[:-1], start=1):
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError:
-                report.first_break = f"{where}: not a JSON record"
+        with f:
+            if not _verify_file(path, f, report, state):
                 return report
-            if not isinstance(record, dict) or not isinstance(record.get("prev"), str):
-                report.first_break = f"{where}: not an audit record (no prev)"
-                return report
-            got_seq = record.get("seq")
-            if not isinstance(got_seq, int) or isinstance(got_seq, bool):
-                report.first_break = f"{where}: not an audit record (no seq)"
-                return report
-            if start is None:
-                # The first record seen: the genesis, or the head of a later file.
-                if got_seq == 0 and record["prev"] != GENESIS:
-                    report.first_break = f"{where}: the first record (seq 0) does not start from the genesis hash"
-                    return report
-                if got_seq != 0 and record.get("event") not in FILE_STARTS:
-                    report.first_break = (
-                        f"{where}: the chain begins at seq {got_seq} with a {record.get('event')!r} record: a chain "
-                        "that does not begin at seq 0 must begin with a 'rotated' record (its first lines were cut)"
-                    )
-                    return report
-                start = _Start(where, record)
-            else:
-                if record["prev"] != prev:
-                    report.first_break = (
-                        f"{where}: seq {got_seq}: prev does not match the hash of the line before "
-                        "(a line was edited, deleted, inserted or moved)"
-                    )
-                    return report
-                if got_seq != (seq or 0) + 1:
-                    report.first_break = f"{where}: seq {got_seq} follows seq {seq}"
-                    return report
-                if record.get("event") == "discontinuity":
-                    report.notes.append(f"{where}: the agent recorded a discontinuity: {record.get('reason')}")
-            start.saw(record, where)
-            prev = line_hash(line)
-            seq = got_seq
-            report.records += 1
-    if start is not None:
-        start.conclude(report)
-    report.last_hash = prev if report.ok else None
+    if state.start is not None:
+        state.start.conclude(report)
+    report.last_hash = state.prev if report.ok else None
     return report
+
+
+@dataclass
+class _Chain:
+    """Where ``verify_audit`` is in the chain: the last hash and seq, and how the chain began."""
+
+    prev: str | None = None
+    seq: int | None = None
+    start: _Start | None = None
+
+
+def _verify_file(path: Path, f: io.BufferedReader, report: AuditReport, chain: _Chain) -> bool:
+    """Check one file's lines, continuing ``chain``; False (and ``report.first_break``) at the first break."""
+    number = 0
+    try:
+        for number, raw in enumerate(_lines(f), start=1):
+            where = f"{path}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                report.first_break = f"{where}: a line of more than {MAX_LINE_BYTES} bytes is no audit record"
+                return False
+            if not raw.endswith(b"\n"):
+                report.first_break = f"{path}: the last record is torn (no final newline)"
+                return False
+            if not _verify_line(where, raw[:-1], report, chain):
+                return False
+    except OSError as exc:
+        report.first_break = f"{path}: cannot read: {exc.strerror}"
+        return False
+    if number == 0:
+        report.first_break = f"{path}: empty; every audit file begins with a record"
+        return False
+    return True
+
+
+def _verify_line(where: str, line: bytes, report: AuditReport, chain: _Chain) -> bool:
+    """Check one record against the chain so far and advance it; False (and ``report.first_break``) if it breaks."""
+    record = _parsed(line)
+    if record is None:
+        report.first_break = f"{where}: not a JSON record"
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("prev"), str):
+        report.first_break = f"{where}: not an audit record (no prev)"
+        return False
+    got_seq = record.get("seq")
+    if not isinstance(got_seq, int) or isinstance(got_seq, bool):
+        report.first_break = f"{where}: not an audit record (no seq)"
+        return False
+    if chain.start is None:
+        # The first record seen: the genesis, or the head of a later file.
+        if got_seq == 0 and record["prev"] != GENESIS:
+            report.first_break = f"{where}: the first record (seq 0) does not start from the genesis hash"
+            return False
+        if got_seq != 0 and record.get("event") not in FILE_STARTS:
+            report.first_break = (
+                f"{where}: the chain begins at seq {got_seq} with a {record.get('event')!r} record: a chain "
+                "that does not begin at seq 0 must begin with a 'rotated' record (its first lines were cut)"
+            )
+            return False
+        chain.start = _Start(where, record)
+    else:
+        if record["prev"] != chain.prev:
+            report.first_break = (
+                f"{where}: seq {got_seq}: prev does not match the hash of the line before "
+                "(a line was edited, deleted, inserted or moved)"
+            )
+            return False
+        if got_seq != (chain.seq or 0) + 1:
+            report.first_break = f"{where}: seq {got_seq} follows seq {chain.seq}"
+            return False
+        if record.get("event") == "discontinuity":
+            report.notes.append(f"{where}: the agent recorded a discontinuity: {record.get('reason')}")
+    chain.start.saw(record, where)
+    chain.prev = line_hash(line)
+    chain.seq = got_seq
+    report.records += 1
+    return True

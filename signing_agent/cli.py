@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from signing_agent import __version__
 from signing_agent.cli_exit import EXIT_CODES_HELP, Exit, report
+from signing_agent.cli_input import read_input, read_input_text
 from signing_agent.client import AgentClient, AgentRequestError, AgentUnreachableError, Proposal, WaitTimeoutError
 from signing_agent.client.results import Health, HealthCheck, ReloadOutcome, iso_utc
 from signing_agent.client_config import (
@@ -37,6 +38,7 @@ from signing_agent.client_config import (
 )
 from signing_agent.errors import AgentError, ConfigError, InvalidRequestError
 from signing_agent.names import ACCEPT_BALLOT, LOG_LEVELS, MSG_TYPES, REJECT_BALLOT
+from signing_agent.text import PrintableStream
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every client command 2 ms
 if TYPE_CHECKING:
@@ -105,16 +107,8 @@ def parse_created_at(value: str) -> int:
     return int(when.timestamp())
 
 
-def _read_content(path: str | None) -> bytes:
-    if path is None:
-        return b""
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise InvalidRequestError(f"--content: cannot read {path}: {exc.strerror}") from None
+def _read_content(path: str | None, what: str = "--content") -> bytes:
+    return b"" if path is None else read_input(path, what)
 
 
 def _member_id_of_cert_file(path: str) -> str:
@@ -642,6 +636,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()  # no such command: argparse lists them all
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    if func is cmd_serve:  # the daemon's log lines are escaped by its formatter; it prints nothing else
+        return _run(func, args)
+    stdout, stderr = sys.stdout, sys.stderr
+    # What a command prints comes from others (the agent's answers, CCF's relayed, a log or a config being checked):
+    # no escape sequence in it reaches the operator's terminal.
+    sys.stdout, sys.stderr = PrintableStream(stdout), PrintableStream(stderr)
+    try:
+        return _run(func, args)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -697,7 +704,7 @@ def _decided(args: argparse.Namespace, client: AgentClient, service: str, propos
 
 def cmd_propose(args: argparse.Namespace) -> int:
     client, service, identity = _gov_context(args)
-    created = _decided(args, client, service, client.propose(service, identity, _read_content(args.file)))
+    created = _decided(args, client, service, client.propose(service, identity, _read_content(args.file, "FILE")))
     if args.json:
         _print_json(created.raw)
     else:
@@ -707,7 +714,7 @@ def cmd_propose(args: argparse.Namespace) -> int:
 
 def cmd_vote(args: argparse.Namespace) -> int:
     if args.ballot is not None:
-        ballot = _read_content(args.ballot).decode("utf-8")
+        ballot = read_input_text(args.ballot, "--ballot")
     else:
         ballot = REJECT_BALLOT if args.reject else ACCEPT_BALLOT
     client, service, identity = _gov_context(args)

@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from signing_agent.cli_exit import Exit
-from signing_agent.client import AgentClient, AgentNoAnswerError
+from signing_agent.cli_input import read_input_text
+from signing_agent.client import AgentClient, AgentNoAnswerError, AgentUnreachableError
 from signing_agent.client_config import IDENTITY_ENV, SERVICE_ENV, client_settings
 from signing_agent.errors import InvalidRequestError
 
@@ -56,14 +59,6 @@ class Context:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _read_text(path: str, option: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise InvalidRequestError(f"{option}: cannot read {path}: {reason}") from None
 
 
 def _tx(headers: dict[str, str]) -> str:
@@ -109,8 +104,9 @@ cmd_nodes = _listing("nodes", _node_row)
 def cmd_service_identity(args: argparse.Namespace, client: AgentClient) -> int:
     ctx = Context(args, client)
     body = client.call("GET", f"{ctx.base()}/identity").json()
+    pem = _presented_certificate(client, body)
     if args.save:
-        _save(Path(args.save), body["certificate"])
+        _save(Path(args.save), pem)
     if args.json:
         _print_json(body)
         return Exit.OK
@@ -127,14 +123,52 @@ def cmd_service_identity(args: argparse.Namespace, client: AgentClient) -> int:
     return Exit.OK
 
 
+def _presented_certificate(client: AgentClient, body: Any) -> str:
+    """The certificate of a ``service identity`` answer, once its SHA-256 is checked against the ``sha256`` the
+    answer states: the fingerprint printed (and compared out of band) must be that of the certificate saved. Whatever
+    answers on the socket could otherwise show the announced fingerprint and have another certificate saved, to be
+    pinned."""
+    from signing_agent.proposals import fingerprint
+
+    pem = body.get("certificate") if isinstance(body, dict) else None
+    computed = fingerprint(pem) if isinstance(pem, str) else None
+    if not isinstance(pem, str) or computed is None or computed != body.get("sha256"):
+        said = str(body.get("sha256"))[:80] if isinstance(body, dict) else "?"
+        raise AgentUnreachableError(
+            f"the agent on {client.socket_path} answered sha256 {said} for a certificate whose SHA-256 is "
+            f"{computed or '(none: no PEM certificate)'}; nothing saved (is that socket really the agent's?)"
+        )
+    return pem
+
+
 def _save(path: Path, pem: str) -> None:
-    """Write ``pem`` to a new file (an existing one only when it already holds exactly that)."""
+    """Write ``pem`` to a new file, never through a symbolic link; an existing file only when it already holds exactly
+    that. A link planted at the path (in a folder others may write) would have had the certificate written wherever
+    it points."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        if path.exists() and path.read_text() != pem:
-            raise InvalidRequestError(f"--save: {path} exists with other content; refusing to overwrite it")
-        path.write_text(pem)
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        if _holds(path, pem):
+            return
+        raise InvalidRequestError(
+            f"--save: {path} exists with other content (or is a link); refusing to overwrite it"
+        ) from None
     except OSError as exc:
         raise InvalidRequestError(f"--save: cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(pem)
+
+
+def _holds(path: Path, pem: str) -> bool:
+    """Whether ``path`` is a regular file (not a link) holding exactly ``pem``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(len(pem.encode()) + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+    return data == pem.encode()
 
 
 def cmd_pending(args: argparse.Namespace, client: AgentClient) -> int:
@@ -252,8 +286,8 @@ def cmd_member_add(args: argparse.Namespace, client: AgentClient) -> int:
         except ValueError as exc:
             raise InvalidRequestError(f"--member-data: not JSON: {exc}") from None
     fields = {
-        "cert": _read_text(args.cert, "--cert"),
-        "encryption_pub_key": _read_text(args.encryption_key, "--encryption-key") if args.encryption_key else None,
+        "cert": read_input_text(args.cert, "--cert"),
+        "encryption_pub_key": read_input_text(args.encryption_key, "--encryption-key") if args.encryption_key else None,
         "member_data": member_data,
         "recovery_role": args.recovery_role,
     }
@@ -261,7 +295,7 @@ def cmd_member_add(args: argparse.Namespace, client: AgentClient) -> int:
 
 
 def cmd_member_remove(args: argparse.Namespace, client: AgentClient) -> int:
-    cert = _read_text(args.cert, "--cert") if args.cert else None
+    cert = read_input_text(args.cert, "--cert") if args.cert else None
     return _propose(args, client, "member-remove", {"member_id": args.member_id, "cert": cert})
 
 
@@ -294,8 +328,8 @@ def cmd_service_open(args: argparse.Namespace, client: AgentClient) -> int:
 
 def cmd_recovery_accept(args: argparse.Namespace, client: AgentClient) -> int:
     fields = {
-        "previous_service_identity": _read_text(args.previous, "--previous") if args.previous else None,
-        "next_service_identity": _read_text(args.next, "--next") if args.next else None,
+        "previous_service_identity": read_input_text(args.previous, "--previous") if args.previous else None,
+        "next_service_identity": read_input_text(args.next, "--next") if args.next else None,
     }
     return _propose(args, client, "recovery-accept", fields)
 

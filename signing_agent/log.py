@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from signing_agent import context
+from signing_agent.text import printable as text_printable
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -51,9 +52,7 @@ def printable(text: str) -> str:
 
     Log messages quote what callers sent (a request's decoded path, a name they chose): unescaped, ``%0a`` would start
     a log line of the caller's choosing, and ``%1b`` would write escape sequences to the operator's terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text_printable(text)
 
 
 class TextFormatter(logging.Formatter):

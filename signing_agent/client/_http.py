@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 SOCKET_HINT = "start one with 'signing-agent serve' or set SIGNING_AGENT_SOCK"
 MAX_HEAD_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""The most a client reads of one answer, head and body. The agent's own answers are far smaller (CCF's are cut at
+each service's ``max_response_bytes``, 4 MiB by default); without a cap, whatever listens on the socket (an impostor
+on a path another user controls, a socket swapped under ``$SIGNING_AGENT_SOCK``) could stream until the client runs
+out of memory, well within the timeout."""
 
 
 class Response(Record):
@@ -111,6 +116,13 @@ def talk_failed(path: str, exc: OSError | ValueError) -> AgentUnreachableError:
     return AgentUnreachableError(f"talking to the agent on {path} failed: {getattr(exc, 'strerror', None) or exc}")
 
 
+def too_large(path: str) -> AgentUnreachableError:
+    return AgentUnreachableError(
+        f"the answer of the agent on {path} is larger than {MAX_ANSWER_BYTES >> 20} MiB; not read further "
+        "(is that socket really the agent's?)"
+    )
+
+
 def no_answer(path: str, timeout: float) -> AgentNoAnswerError:
     return AgentNoAnswerError(f"the agent on {path} did not answer within {timeout:g} s")
 
@@ -136,6 +148,7 @@ def exchange(path: str, request: bytes, timeout: float) -> Response:
         except OSError as exc:
             raise unreachable(path, exc) from None
         chunks: list[bytes] = []
+        size = 0
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -151,6 +164,9 @@ def exchange(path: str, request: bytes, timeout: float) -> Response:
                 raise talk_failed(path, exc) from None
             if not chunk:
                 break
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise too_large(path)
             chunks.append(chunk)
     finally:
         sock.close()

@@ -10,12 +10,14 @@ from collections.abc import Mapping
 from signing_agent.client import _calls
 from signing_agent.client._calls import BaseClient, Sleep, checked
 from signing_agent.client._http import (
+    MAX_ANSWER_BYTES,
     MalformedAnswerError,
     Response,
     decode_response,
     encode_request,
     no_answer,
     talk_failed,
+    too_large,
     unreachable,
 )
 from signing_agent.client.results import (
@@ -43,6 +45,18 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 
+async def _read_bounded(reader: asyncio.StreamReader, path: str) -> bytes:
+    """The answer to its end, refused once it grows past ``MAX_ANSWER_BYTES`` (see ``_http``)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await reader.read(65536):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise too_large(path)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class AsyncAgentClient(BaseClient):
     """An asyncio client of the agent's socket API; see ``AgentClient`` for the arguments and each method."""
 
@@ -63,7 +77,7 @@ class AsyncAgentClient(BaseClient):
                     # The agent may have answered (a 413, a 503) and closed before reading all of it: read that.
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         await writer.drain()
-                    raw = await reader.read()
+                    raw = await _read_bounded(reader, path_)
                 except OSError as exc:
                     raise talk_failed(path_, exc) from None
                 finally:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import pytest
 
 from signing_agent.audit import verify_audit
 from signing_agent.client import AgentClient, Response
-from tests.support.agent import DaemonProcess, daemon, file_identity, short_dir, write_toml
+from tests.support.agent import DaemonProcess, cli_env, daemon, file_identity, short_dir, write_toml
 from tests.support.hostile_ccf import (
     HostileCCF,
     drip,
@@ -413,3 +415,37 @@ def test_the_recovery_watcher_stays_bounded_against_an_endless_answer() -> None:
         assert world.ccf.sent_body_bytes < polls * 48 * MiB
         assert world.peak_rss_mib() < RSS_LIMIT_MIB
         world.still_serves()
+
+
+# --- What the CLI prints of CCF's answers -------------------------------------------------------------------------
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\r\u202e"
+"""Retitle the terminal, clear it, return to the start of the line, reverse the text that follows."""
+CONTROLS = set("\x1b\x07\r\u202e")
+
+
+def test_ccf_text_relayed_to_the_cli_reaches_the_terminal_escaped() -> None:
+    """CCF's error messages and proposals are relayed by the agent unchanged (as the README says), and the CLI prints
+    them: a service must not be able to write escape sequences to the operator's terminal through them."""
+    with stage() as (world, _):
+        world.ccf.answer(
+            "GET", r"^/gov/members/proposals$",
+            json_answer({"error": {"code": "Busy", "message": f"try later{ESCAPES}fake: all good"}}, status=400),
+        )  # fmt: skip
+        env = cli_env({"SIGNING_AGENT_SOCK": str(world.agent.socket)})
+        argv = [sys.executable, "-m", "signing_agent", "proposals"]
+        refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert refused.returncode == 5, refused.stderr
+        assert "try later" in refused.stderr
+        assert not CONTROLS & set(refused.stderr + refused.stdout)
+        assert "\\x1b]0;owned\\x07\\x1b[2J\\r\\u202efake: all good" in refused.stderr
+
+        listing = {"value": [{"proposalId": PID, "proposalState": f"Open{ESCAPES}", "ballotCount": 0}]}
+        world.ccf.answer("GET", r"^/gov/members/proposals$", json_answer(listing))
+        world.ccf.answer("GET", rf"^/gov/members/proposals/{PID}/actions$",
+                         json_answer({"actions": [{"name": f"set_member{ESCAPES}"}]}))  # fmt: skip
+        listed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert listed.returncode == 0, listed.stderr
+        assert PID in listed.stdout
+        assert not CONTROLS & set(listed.stdout + listed.stderr)
+        assert "set_member\\x1b]0;owned" in listed.stdout
