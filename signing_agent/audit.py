@@ -1471,22 +1471,116 @@ class _Start:
         report.notes.append(f"{self.where}: starts at seq {seq}, continuing {earlier} that was not given; not checked")
 
 
+MAX_FOLLOWED = 32
+"""Files ``verify_audit`` follows back through ``prev_file``, at most, to join a log that rotated while it read."""
+_ROTATED_NAME = re.compile(r".+\.\d{8}T\d{6}Z-\d+")
+"""A rotated file's name (``<name>.<UTC time>-<seq>``): the only kind of file the agent deletes (``keep_rotated``)."""
+
+
+@dataclass
+class _Files:
+    """The files ``verify_audit`` reads, as the agent may change them while it reads: a rotated file pruned since it
+    was named, a second name of the live file left by a rotation cut short (a crash), and a rotation since the files
+    were named (the live file's predecessor is then a file nobody named)."""
+
+    queue: list[Path]
+    report: AuditReport
+    seen: dict[tuple[int, int], Path] = field(default_factory=dict)
+    handled: set[Path] = field(default_factory=set)
+    read: int = 0
+    current: Path | None = None
+
+    def next(self) -> tuple[Path, bytes, tuple[int, int]] | None:
+        """The next file to verify and its bytes, or None at the end; a file that cannot be read ends the run."""
+        while self.queue:
+            path = self.current = self.queue.pop(0)
+            self.handled.add(path)
+            try:
+                with path.open("rb") as f:
+                    st = os.fstat(f.fileno())
+                    data = f.read()
+            except FileNotFoundError:
+                if not _ROTATED_NAME.fullmatch(path.name):
+                    raise
+                self.report.notes.append(
+                    f"{path}: gone before it was read (the agent deletes the oldest rotated files, "
+                    "audit.keep_rotated); verified without it"
+                )
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in self.seen:
+                self.report.notes.append(
+                    f"{path}: the same file as {self.seen[key]} (a rotation cut short left the live file a second "
+                    "name; the agent removes it when it starts); verified once"
+                )
+                continue
+            self.seen[key] = path
+            self.read += 1
+            return path, data, key
+        return None
+
+    def predecessors(self, path: Path, key: tuple[int, int], record: dict[str, Any], prev: str | None) -> bool:
+        """Whether the log rotated after the files were named: ``path`` begins with a ``rotated`` record that does
+        not continue the chain (whose last hash is ``prev``), and the files its ``prev_file`` names lead back, beside
+        it, to one that continues the chain exactly. Those are then verified first, and ``path`` after them (it was
+        not counted)."""
+        walk: list[Path] = []
+        head = record
+        while len(walk) < MAX_FOLLOWED:
+            name = head.get("prev_file")
+            if head.get("event") != "rotated" or not isinstance(name, str) or "/" in name or name in (".", ".."):
+                return False
+            earlier = path.parent / name
+            if earlier in self.handled or earlier in walk or not earlier.is_file():
+                return False
+            try:
+                with earlier.open("rb") as f:
+                    head = json.loads(f.readline(1 << 20))
+            except (OSError, ValueError):
+                return False
+            if not isinstance(head, dict):
+                return False
+            walk.insert(0, earlier)
+            if head.get("prev") == prev:
+                break
+        else:
+            return False
+        del self.seen[key]
+        self.read -= 1
+        self.queue[:0] = [*walk, path]
+        self.report.files.extend(str(p) for p in walk)
+        self.report.notes.append(
+            f"{path}: the log rotated while it was verified; followed prev_file back through "
+            + ", ".join(str(p) for p in reversed(walk))
+        )
+        return True
+
+
 def verify_audit(paths: Sequence[Path]) -> AuditReport:
     """Check the chain through ``paths`` in order (oldest first). Reports the first break; never raises on content.
 
     A chain must begin at seq 0 from the genesis hash, or with a ``rotated`` or ``discontinuity`` record (the head of
     a later file): anything else means its first lines were cut off. Where the agent pruned older files, the kept
-    chain must begin from the hash it recorded."""
+    chain must begin from the hash it recorded.
+
+    A live log can be verified while the agent writes it (``_Files``): a rotated file pruned since it was named is
+    left out (as if it had not been named), a second name of the same file is read once, and a file that begins
+    with a ``rotated`` record whose predecessors were not named (the log rotated meanwhile) has them verified first,
+    found through their ``prev_file`` names beside it, if they join the chain exactly."""
     report = AuditReport(files=[str(p) for p in paths])
+    files = _Files(list(paths), report)
     prev: str | None = None
     seq: int | None = None
     start: _Start | None = None
-    for path in paths:
+    while True:
         try:
-            data = path.read_bytes()
+            got = files.next()
         except OSError as exc:
-            report.first_break = f"{path}: cannot read: {exc.strerror}"
+            report.first_break = f"{files.current}: cannot read: {exc.strerror}"
             return report
+        if got is None:
+            break
+        path, data, key = got
         if not data:
             report.first_break = f"{path}: empty; every audit file begins with a record"
             return report
@@ -1521,6 +1615,8 @@ def verify_audit(paths: Sequence[Path]) -> AuditReport:
                 start = _Start(where, record)
             else:
                 if record["prev"] != prev:
+                    if number == 1 and files.predecessors(path, key, record, prev):
+                        break
                     report.first_break = (
                         f"{where}: seq {got_seq}: prev does not match the hash of the line before "
                         "(a line was edited, deleted, inserted or moved)"
@@ -1535,6 +1631,9 @@ def verify_audit(paths: Sequence[Path]) -> AuditReport:
             prev = line_hash(line)
             seq = got_seq
             report.records += 1
+    if files.read == 0:
+        report.first_break = "no audit file to verify: every file named is gone"
+        return report
     if start is not None:
         start.conclude(report)
     report.last_hash = prev if report.ok else None
