@@ -1510,8 +1510,8 @@ class _Files:
             key = (st.st_dev, st.st_ino)
             if key in self.seen:
                 self.report.notes.append(
-                    f"{path}: the same file as {self.seen[key]} (a rotation cut short left the live file a second "
-                    "name; the agent removes it when it starts); verified once"
+                    f"{path}: the same file as {self.seen[key]}, verified once (a rotation cut short by a crash "
+                    "leaves the live file under its rotated name too, until the agent next starts)"
                 )
                 continue
             self.seen[key] = path
