@@ -41,6 +41,7 @@ import contextvars
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -50,7 +51,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -1517,29 +1518,127 @@ class _Start:
         report.notes.append(f"{self.where}: starts at seq {seq}, continuing {earlier} that was not given; not checked")
 
 
+MAX_FOLLOWED = 32
+"""Files ``verify_audit`` follows back through ``prev_file``, at most, to join a log that rotated while it read."""
+_ROTATED_NAME = re.compile(r".+\.\d{8}T\d{6}Z-\d+")
+"""A rotated file's name (``<name>.<UTC time>-<seq>``): the only kind of file the agent deletes (``keep_rotated``)."""
+
+
+@dataclass
+class _Files:
+    """The files ``verify_audit`` reads, as the agent may change them while it reads: a rotated file pruned since it
+    was named, a second name of the live file left by a rotation cut short (a crash), and a rotation since the files
+    were named (the live file's predecessor is then a file nobody named)."""
+
+    queue: list[Path]
+    report: AuditReport
+    seen: dict[tuple[int, int], Path] = field(default_factory=dict)
+    handled: set[Path] = field(default_factory=set)
+    read: int = 0
+    current: Path | None = None
+
+    def next(self) -> tuple[Path, io.BufferedReader, tuple[int, int]] | None:
+        """The next file to verify, open (``_open_log``: the caller closes it), or None at the end; a file that
+        cannot be read, or is no regular file, ends the run (``OSError``, ``NotALogError``)."""
+        while self.queue:
+            path = self.current = self.queue.pop(0)
+            self.handled.add(path)
+            try:
+                f = _open_log(path)
+            except FileNotFoundError:
+                if not _ROTATED_NAME.fullmatch(path.name):
+                    raise
+                self.report.notes.append(
+                    f"{path}: gone before it was read (the agent deletes the oldest rotated files, "
+                    "audit.keep_rotated); verified without it"
+                )
+                continue
+            st = os.fstat(f.fileno())
+            key = (st.st_dev, st.st_ino)
+            if key in self.seen:
+                f.close()
+                self.report.notes.append(
+                    f"{path}: the same file as {self.seen[key]}, verified once (a rotation cut short by a crash "
+                    "leaves the live file under its rotated name too, until the agent next starts)"
+                )
+                continue
+            self.seen[key] = path
+            self.read += 1
+            return path, f, key
+        return None
+
+    def predecessors(self, path: Path, key: tuple[int, int], record: dict[str, Any], prev: str | None) -> bool:
+        """Whether the log rotated after the files were named: ``path`` begins with a ``rotated`` record that does
+        not continue the chain (whose last hash is ``prev``), and the files its ``prev_file`` names lead back, beside
+        it, to one that continues the chain exactly. Those are then verified first, and ``path`` after them (it was
+        not counted)."""
+        walk: list[Path] = []
+        head = record
+        while len(walk) < MAX_FOLLOWED:
+            name = head.get("prev_file")
+            if head.get("event") != "rotated" or not isinstance(name, str) or "/" in name or name in (".", ".."):
+                return False
+            earlier = path.parent / name
+            if earlier in self.handled or earlier in walk or not earlier.is_file():
+                return False
+            try:
+                with _open_log(earlier) as f:
+                    head = _parsed(f.readline(MAX_LINE_BYTES + 1))
+            except (OSError, NotALogError):
+                return False
+            if not isinstance(head, dict):
+                return False
+            walk.insert(0, earlier)
+            if head.get("prev") == prev:
+                break
+        else:
+            return False
+        del self.seen[key]
+        self.read -= 1
+        self.queue[:0] = [*walk, path]
+        self.report.files.extend(str(p) for p in walk)
+        self.report.notes.append(
+            f"{path}: the log rotated while it was verified; followed prev_file back through "
+            + ", ".join(str(p) for p in reversed(walk))
+        )
+        return True
+
+
 def verify_audit(paths: Sequence[Path]) -> AuditReport:
     """Check the chain through ``paths`` in order (oldest first). Reports the first break; never raises on content.
 
     A chain must begin at seq 0 from the genesis hash, or with a ``rotated`` or ``discontinuity`` record (the head of
     a later file): anything else means its first lines were cut off. Where the agent pruned older files, the kept
-    chain must begin from the hash it recorded."""
+    chain must begin from the hash it recorded.
+
+    A live log can be verified while the agent writes it (``_Files``): a rotated file pruned since it was named is
+    left out (as if it had not been named), a second name of the same file is read once, and a file that begins
+    with a ``rotated`` record whose predecessors were not named (the log rotated meanwhile) has them verified first,
+    found through their ``prev_file`` names beside it, if they join the chain exactly."""
     report = AuditReport(files=[str(p) for p in paths])
-    state = _Chain()
-    for path in paths:
+    chain = _Chain()
+    files = _Files(list(paths), report)
+    while True:
         try:
-            f = _open_log(path)
+            got = files.next()
         except NotALogError as exc:
             report.first_break = str(exc)
             return report
         except OSError as exc:
-            report.first_break = f"{path}: cannot read: {exc.strerror}"
+            report.first_break = f"{files.current}: cannot read: {exc.strerror}"
             return report
+        if got is None:
+            break
+        path, f, key = got
         with f:
-            if not _verify_file(path, f, report, state):
+            if not _verify_file(path, f, report, chain, functools.partial(files.predecessors, path, key)):
                 return report
-    if state.start is not None:
-        state.start.conclude(report)
-    report.last_hash = state.prev if report.ok else None
+    if files.read == 0:
+        report.first_break = "no audit file to verify: every file named is gone"
+        return report
+    if chain.start is not None:
+        chain.start.conclude(report)
+    report.last_hash = chain.prev if report.ok else None
     return report
 
 
@@ -1552,8 +1651,17 @@ class _Chain:
     start: _Start | None = None
 
 
-def _verify_file(path: Path, f: io.BufferedReader, report: AuditReport, chain: _Chain) -> bool:
-    """Check one file's lines, continuing ``chain``; False (and ``report.first_break``) at the first break."""
+def _verify_file(
+    path: Path,
+    f: io.BufferedReader,
+    report: AuditReport,
+    chain: _Chain,
+    rejoin: Callable[[dict[str, Any], str | None], bool],
+) -> bool:
+    """Check one file's lines, continuing ``chain``; False (and ``report.first_break``) at the first break.
+
+    ``rejoin``: asked about the file's first record when it does not continue the chain; True when the files
+    between were found and queued before this one (``_Files.predecessors``), which is then read again after them."""
     number = 0
     try:
         for number, raw in enumerate(_lines(f), start=1):
@@ -1564,6 +1672,10 @@ def _verify_file(path: Path, f: io.BufferedReader, report: AuditReport, chain: _
             if not raw.endswith(b"\n"):
                 report.first_break = f"{path}: the last record is torn (no final newline)"
                 return False
+            if number == 1 and chain.start is not None:
+                head = _parsed(raw[:-1])
+                if isinstance(head, dict) and head.get("prev") != chain.prev and rejoin(head, chain.prev):
+                    return True
             if not _verify_line(where, raw[:-1], report, chain):
                 return False
     except OSError as exc:

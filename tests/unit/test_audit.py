@@ -143,9 +143,17 @@ async def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
     alone = verify_audit([path])
     assert alone.ok
     assert "continuing" in alone.notes[0]
-    # A missing middle file is a break.
-    if len(rotated) >= 2:
-        assert not verify_audit([rotated[0], path]).ok
+    # Middle files not named but there (the log rotated after the names were taken) are followed and verified...
+    assert len(rotated) >= 3
+    followed = verify_audit([rotated[0], path])
+    assert followed.ok, followed.first_break
+    assert followed.records == report.records
+    assert "the log rotated while it was verified" in followed.notes[-1]
+    # ...a missing middle file is a break, and so is one whose content was changed.
+    rotated[-1].write_bytes(rotated[-1].read_bytes().replace(b'"seq"', b'"seq" ', 1))
+    assert not verify_audit([rotated[0], path]).ok
+    rotated[1].unlink()
+    assert not verify_audit([rotated[0], path]).ok
 
 
 async def test_an_unwritable_log_fails_closed_at_open(tmp_path: Path) -> None:
