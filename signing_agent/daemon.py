@@ -508,6 +508,12 @@ class Reloader:
                             old.in_flight.count, limit)  # fmt: skip
         await self._generations.close(old)
         _logger.info("configuration generation %d closed", old.number)
+        # A recovery approval (or adoption) its last requests made is in the state file, not yet in the generation
+        # that serves: which restored the state files before those requests wrote them.
+        try:
+            await self.runtime.current.recovery.catch_up()
+        except AgentError as exc:
+            _logger.error("recovery trust after generation %d closed: %s", old.number, exc.diagnostics())  # noqa: TRY400
 
     async def aclose(self) -> None:
         """Wait for a running reload and for old generations to close."""

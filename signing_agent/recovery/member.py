@@ -90,6 +90,10 @@ class RecoveryMember:
         """Restore the trust kept in the state files (``ServiceTrust.restore``)."""
         await self.trust.restore()
 
+    async def catch_up(self) -> None:
+        """Put to use what the generation a reload replaced wrote to the state files since (``ServiceTrust``)."""
+        await self.trust.catch_up()
+
     # -- trust ---
 
     async def adopt_by_proposal(self, service: str) -> bool:

@@ -107,6 +107,8 @@ class ServiceTrust:
         self.auditor = auditor
         self._adopt_lock = asyncio.Lock()
         self._provisional_proposal: dict[str, str] = {}
+        self._applied: dict[tuple[str, str], dict[str, Any]] = {}
+        """The state file records this generation put to use, by service and key (``APPROVED``, ``ADOPTED``)."""
 
     def store(self, service: str) -> RecoveryStateStore:
         """The state file of the CCF service ``service``."""
@@ -124,37 +126,52 @@ class ServiceTrust:
         for name in self.governance.services:
             store = self.store(name)
             try:
-                data = await store.load()
+                await self._restore_service(name, store, changed_only=False)
             except ConfigError as exc:
                 _logger.error("service %s: recovery state refused, nothing restored from it: %s", name, exc.message)  # noqa: TRY400
                 await self.auditor.record(
                     RecoveryStateRefused(subject=Subject(service=name), path=str(store.path), reason=exc.message)
                 )
+
+    async def catch_up(self) -> None:
+        """Put to use what an older generation wrote to the state files after this one restored them: an approval
+        (or adoption) made by a request that was still running in the generation a reload replaced would otherwise
+        stay in the state file and the audit log only, not in the configuration that serves. The daemon calls this
+        once the old generation has closed, so no request of it can write after."""
+        for name in self.governance.services:
+            try:
+                await self._restore_service(name, self.store(name), changed_only=True)
+            except ConfigError as exc:
+                _logger.error("service %s: recovery state refused: %s", name, exc.message)  # noqa: TRY400
+
+    async def _restore_service(self, name: str, store: RecoveryStateStore, *, changed_only: bool) -> None:
+        """The trust in ``name``'s state file put to use (``changed_only``: what differs from what this generation
+        put to use); ``ConfigError`` for a state file the agent cannot trust."""
+        data = await store.load()
+        configured: str | None = None
+        for key, trust in ((APPROVED, "approved"), (ADOPTED, "provisional")):
+            record = data.get(key)
+            if not isinstance(record, dict) or (changed_only and record == self._applied.get((name, key))):
                 continue
-            configured: str | None = None
-            for key, trust in ((APPROVED, "approved"), (ADOPTED, "provisional")):
-                record = data.get(key)
-                if not isinstance(record, dict):
-                    continue
-                text = record.get("certificate")
-                # Exactly one certificate: a bundle (kept by a version that took one from an endpoint) would trust
-                # more than the fingerprint that was checked.
-                pem = single_certificate_pem(text.encode()) if isinstance(text, str) else None
-                if pem is None:
-                    if isinstance(text, str):
-                        _logger.warning("service %s: the recovery state's %s is not one certificate; not restored",
-                                        name, key)  # fmt: skip
-                    continue
-                configured = configured or fingerprint(await self.governance.ccf.configured_identity(name))
-                if record.get("configured_sha256") != configured:
-                    _logger.warning(
-                        "service %s: the configured service_certificate changed since identity %s was adopted; "
-                        "using the configured one",
-                        name,
-                        fingerprint(pem)[:16],
-                    )
-                    continue
-                await self._trust(name, pem, trust, record, restored_from=store.path)
+            text = record.get("certificate")
+            # Exactly one certificate: a bundle (kept by a version that took one from an endpoint) would trust
+            # more than the fingerprint that was checked.
+            pem = single_certificate_pem(text.encode()) if isinstance(text, str) else None
+            if pem is None:
+                if isinstance(text, str):
+                    _logger.warning("service %s: the recovery state's %s is not one certificate; not restored",
+                                    name, key)  # fmt: skip
+                continue
+            configured = configured or fingerprint(await self.governance.ccf.configured_identity(name))
+            if record.get("configured_sha256") != configured:
+                _logger.warning(
+                    "service %s: the configured service_certificate changed since identity %s was adopted; "
+                    "using the configured one",
+                    name,
+                    fingerprint(pem)[:16],
+                )
+                continue
+            await self._trust(name, pem, trust, record, restored_from=store.path)
 
     async def _trust(
         self, service: str, pem: bytes, trust: str, record: Mapping[str, Any], *, restored_from: Path | None = None
@@ -171,6 +188,7 @@ class ServiceTrust:
             request=request_or_none(),
         )
         await self.auditor.record(adopted)
+        self._applied[(service, APPROVED if trust == "approved" else ADOPTED)] = dict(record)
         if trust == "approved":
             self.governance.ccf.pin(service, pem)
             self.governance.ccf.trust_provisionally(service, None)
@@ -466,6 +484,8 @@ class ServiceTrust:
         self.governance.ccf.pin(service, candidate)
         self.governance.ccf.trust_provisionally(service, None)
         self._provisional_proposal.pop(service, None)
+        self._applied[(service, APPROVED)] = dict(record)
+        self._applied.pop((service, ADOPTED), None)
         _logger.warning(
             "service %s: the new service identity %s (was %s) is approved for recovery shares by %s's accepting "
             "ballot on proposal %s",

@@ -28,7 +28,7 @@ from signing_agent.errors import (
     InvalidRequestError,
     PolicyDeniedError,
 )
-from signing_agent.governance import Relay
+from signing_agent.governance import Governance, Relay
 from signing_agent.metrics import METRICS, Metrics
 from signing_agent.policy import Action, Policy
 from signing_agent.recovery import (
@@ -260,6 +260,32 @@ async def test_adoption_reads_a_bounded_number_of_proposals(recovered: World) ->
     list_behind(recovered.service, MAX_PROPOSALS_EXAMINED + 50, "Open", "Accepted")
     assert not await recovered.recovery.adopt_by_proposal("prod")
     assert recovered.service.calls.count("proposal_actions") == MAX_PROPOSALS_EXAMINED
+
+
+async def test_a_generation_catches_up_with_trust_an_older_one_wrote_after_it_restored(
+    recovered: World, tmp_path: Path
+) -> None:
+    """A reload opens the new generation (which restores the state files) while the old one still serves: an
+    adoption or approval the old one's last requests make lands in the state file after that. Once the old one has
+    closed, the daemon has the new one catch up, or it would serve without the trust the log says was given."""
+    gov = Governance(
+        recovered.gov.signer,
+        {"prod": recovered.ccf.config("prod", accept_transition_to=True)},
+        auditor=recovered.gov.auditor,
+        connector=recovered.ccf,
+    )
+    newer = RecoveryMember(gov.signer, gov, RecoveryConfig(state_dir=tmp_path / "state"), auditor=gov.auditor)
+    await newer.open()  # restored: nothing yet
+    assert await recovered.recovery.adopt_by_proposal("prod")  # the older generation's request, still running
+    assert gov.ccf.provisional_identity("prod") is None
+    adopted = recovered.events().count("identity_adopted")
+
+    await newer.catch_up()
+    assert gov.ccf.provisional_identity("prod") == NEW.cert_pem
+    assert recovered.events().count("identity_adopted") == adopted + 1
+    await newer.catch_up()  # nothing new: nothing done, nothing audited again
+    assert recovered.events().count("identity_adopted") == adopted + 1
+    await gov.aclose()
 
 
 async def test_a_read_that_fails_pinned_tls_adopts_the_identity_on_the_way(recovered: World) -> None:
