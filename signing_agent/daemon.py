@@ -116,6 +116,8 @@ async def open_identities(
     the ones already open when it unwinds). An encryption key that fails its round trip does not fail its identity
     (which still signs): it is logged as an error, with its hint, and carried as ``Identity.encryption_error``."""
     take_configured_secrets(config)  # all of them, before the first identity can spawn a credential process
+    if not config.identities:  # a slip (a file cut short, a table renamed) more often than a wish
+        _logger.warning("the configuration (%s) has no identities: the agent signs nothing", config.path or "built in")
     expiry_warning = datetime.timedelta(days=config.agent.certificate_expiry_warning_days)
     identities: dict[str, Identity] = {}
     failed: dict[str, AgentError] = {}

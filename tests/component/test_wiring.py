@@ -132,3 +132,14 @@ async def test_the_audit_log_is_locked_for_the_process_and_starts_with_started(
         assert await sink.problem() is None
     (started,) = [json.loads(line) for line in config.audit.path.read_text().splitlines()]
     assert (started["event"], started["config"]) == ("started", str(config.path))
+
+
+async def test_a_configuration_without_identities_opens_with_a_warning(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Allowed (an agent for reads), but said: at a reload it is more often a file cut short than a wish."""
+    config = config_for(workdir, {})
+    with caplog.at_level("WARNING", logger="signing_agent"):
+        async with dry_resources(config) as resources, open_generation(config, resources) as gen:
+            assert gen.signer.identities == {}
+    assert "has no identities: the agent signs nothing" in caplog.text
