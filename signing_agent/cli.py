@@ -655,6 +655,20 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         return Exit.INTERRUPTED
     except (AgentError, AgentRequestError, AgentUnreachableError, WaitTimeoutError) as exc:
         return report(exc, verbose=args.verbose)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        return report(_unreadable_answer(exc), verbose=args.verbose)
+
+
+def _unreadable_answer(exc: Exception) -> AgentUnreachableError:
+    """What a command says when an answer has a shape it does not read (a missing field, a list for an object):
+    whatever listens on the socket may be an agent of another version, or no agent at all. One line that says so,
+    not a traceback (``--verbose`` shows it, this error's cause)."""
+    error = AgentUnreachableError(
+        f"the answer on the socket is not one this command reads ({type(exc).__name__}: {str(exc)[:200]}); is the "
+        "socket this version's agent?"
+    )
+    error.__cause__ = exc
+    return error
 
 
 # -- governance with a CCF service ---------------------------------------------------------------------------------

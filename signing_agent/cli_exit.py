@@ -49,7 +49,8 @@ class Exit(enum.IntEnum):
     """Usage or configuration error: bad arguments (argparse's own 2), an invalid configuration, a PIN the token
     refused, a request the agent refused as malformed or naming an unknown identity or service."""
     UNREACHABLE = 3
-    """No agent on the socket: missing, nobody listening, or no permission to connect."""
+    """No agent on the socket: missing, nobody listening, no permission to connect, or whatever answers is no agent
+    this command can read (an answer over the client's cap, or of another shape)."""
     POLICY = 4
     """Refused by the agent's policy: ``PolicyDenied`` (403), or ``TooManyRequests`` (429) after too many denials."""
     CCF = 5
@@ -67,7 +68,7 @@ exit codes (the same for every command):
   1    other failure, or the answer is no (health not ok, --explain denied, broken audit chain, check-config)
   2    usage or configuration error (bad arguments, invalid config or one `reload` refused, PIN refused,
        InvalidRequest, UnknownIdentity, UnknownService, PayloadTooLarge, an ambiguous id prefix)
-  3    agent unreachable (no socket, connection refused, permission denied)
+  3    agent unreachable (no socket, connection refused, permission denied, an answer it cannot read)
   4    refused by the agent's policy (PolicyDenied 403, TooManyRequests 429)
   5    refused by CCF (CCF's error answer, relayed)
   6    timeout (RequestTimeout 408, AgentTimeout 504, CCFTimeout 504, no answer within --timeout, --wait ran out)

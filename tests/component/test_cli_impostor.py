@@ -160,6 +160,17 @@ SERVICES = {"services": [{"name": "default", "url": "https://ccf:8000", "api_ver
 
 # -- service identity --save ---------------------------------------------------------------------------------------
 
+
+def test_an_answer_of_another_shape_is_a_clear_error_not_a_traceback(workdir: Path) -> None:
+    """An impostor, or an agent of another version, answers 200 with a body of a shape the command does not read."""
+    with impostor(workdir / "agent.sock", json_answer(200, ["a list", "not an object"])) as fake:
+        done = run_cli(fake.socket, "identities")
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert "is not one this command reads (TypeError:" in done.stderr
+    assert "is the socket this version's agent?" in done.stderr
+
+
 ANNOUNCED, FORGED = make_member("service", "secp384r1"), make_member("attacker", "secp384r1")
 # Each one's member_id is its certificate's SHA-256: the fingerprint the service identity is known by.
 
