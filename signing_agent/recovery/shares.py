@@ -21,7 +21,6 @@ Must not import aiohttp or the API.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
@@ -143,7 +142,6 @@ class ShareSubmitter:
         self.trust = trust
         self.auditor = auditor
         self._metrics = metrics
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._stats = _Stats()
 
     async def submit_share(self, service: str, identity: str, *, unattended: bool = False) -> ShareResult:
@@ -161,8 +159,7 @@ class ShareSubmitter:
             )
         # Decide before any key is used: a caller the policy refuses never makes the key store decrypt.
         await self.signer.precheck(Action.recovery_share(identity, service))
-        lock = self._locks.setdefault((service, identity), asyncio.Lock())
-        async with lock:
+        async with self.trust.store(service).share_lock(identity):
             return await self._submit_locked(service, identity, unattended=unattended)
 
     async def _submit_locked(self, service: str, identity: str, *, unattended: bool) -> ShareResult:

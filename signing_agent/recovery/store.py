@@ -65,6 +65,13 @@ class RecoveryStateStore:
         self.path = path
         self._lock = asyncio.Lock()
         self._data: dict[str, Any] | None = None
+        self._share_locks: dict[str, asyncio.Lock] = {}
+
+    def share_lock(self, identity: str) -> asyncio.Lock:
+        """Held while ``identity``'s share for this service is fetched, decrypted and submitted: one at a time in
+        the process, whichever configuration generation asks (a watcher of the new one, a request still running in
+        the old one), since the store, like the file, is one per process."""
+        return self._share_locks.setdefault(identity, asyncio.Lock())
 
     @classmethod
     def for_path(cls, path: Path) -> RecoveryStateStore:

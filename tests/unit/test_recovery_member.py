@@ -15,6 +15,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ from signing_agent.recovery import (
 )
 from signing_agent.recovery.trust import MAX_PROPOSALS_EXAMINED
 from signing_agent.signer import Signer, SignRequest
-from tests.support.fake_ccf import FakeService, FakeWorld, fake_world, file_identity
+from tests.support.fake_ccf import FakeGovernanceAPI, FakeService, FakeWorld, fake_world, file_identity
 from tests.support.fakes import as_peer, signing_service
 from tests.support.pki import make_member
 
@@ -237,6 +238,31 @@ async def test_a_new_identity_named_by_a_transition_proposal_is_trusted_for_read
                        f"proposal {PID}: no share was decrypted or sent"):  # fmt: skip
         await recovered.recovery.submit_share("prod", "m0")
     assert "encrypted_share" not in recovered.service.calls
+
+
+async def test_one_share_submission_at_a_time_per_identity_across_generations(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reload, a request still running in the old generation and the new generation's watcher may ask for
+    the same share at once: the lock is the state file's (one per process), so the second sees the first's
+    submission and skips, rather than decrypting and submitting it again."""
+    gov = Governance(world.gov.signer, {"prod": world.ccf.config("prod")}, auditor=world.gov.auditor,
+                     connector=world.ccf)  # fmt: skip
+    newer = RecoveryMember(gov.signer, gov, RecoveryConfig(state_dir=tmp_path / "state"), auditor=gov.auditor)
+    await newer.open()
+    real = FakeGovernanceAPI.encrypted_share
+
+    async def slow(self: FakeGovernanceAPI, member_id: str) -> Any:
+        await asyncio.sleep(0.01)  # a real service takes a moment: the other submission runs meanwhile
+        return await real(self, member_id)
+
+    monkeypatch.setattr(FakeGovernanceAPI, "encrypted_share", slow)
+    results = await asyncio.gather(
+        world.recovery.submit_share("prod", "m0", unattended=True), newer.submit_share("prod", "m0", unattended=True)
+    )
+    assert sorted(result.skipped for result in results) == [False, True]
+    assert world.service.calls.count("submit_recovery_share") == 1
+    await gov.aclose()
 
 
 def list_behind(service: FakeService, decoys: int, decoy_state: str, transition_state: str) -> None:
