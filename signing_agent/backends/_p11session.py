@@ -343,6 +343,37 @@ def _text(value: object) -> str:
     return raw.strip().strip("\0").strip()
 
 
+MAX_SHOWN_LABEL = 64
+"""At most this many characters of a label a token shows go into a message: the token's objects are not ours."""
+
+
+def object_label(obj: Any) -> str:
+    """An object's ``CKA_LABEL`` as text, whatever bytes it holds.
+
+    python-pkcs11 decodes labels as strict UTF-8; a label that is not (anyone who can open a session can create a
+    public object, without the PIN) would otherwise end a key search or ``keys list`` with a ``UnicodeDecodeError``.
+    Such a label comes back with its bytes escaped (``\\xff``): shown for what it is, and never equal to a label
+    a configuration names, which is UTF-8.
+    """
+    try:
+        return str(obj[pkcs11.Attribute.LABEL] or "")
+    except UnicodeDecodeError as exc:
+        return bytes(exc.object).decode("utf-8", "backslashreplace")
+
+
+def shown_label(label: str) -> str:
+    """``label`` for a message: quoted, escaped, and cut at ``MAX_SHOWN_LABEL`` characters."""
+    if len(label) <= MAX_SHOWN_LABEL:
+        return repr(label)
+    return f"{label[:MAX_SHOWN_LABEL]!r}... ({len(label)} characters)"
+
+
+def shown_id(key_id: bytes) -> str:
+    """A ``CKA_ID`` for a message: hex, cut at ``MAX_SHOWN_LABEL`` digits (``-`` when empty)."""
+    text = key_id.hex() or "-"
+    return text if len(text) <= MAX_SHOWN_LABEL else f"{text[:MAX_SHOWN_LABEL]}... ({len(key_id)} bytes)"
+
+
 def _initialised(token: Any) -> bool:
     return bool(token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED)
 

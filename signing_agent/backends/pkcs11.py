@@ -62,12 +62,16 @@ from signing_agent.backends import _p11module, _p11session
 from signing_agent.backends._p11session import (
     DECRYPTION_FAILED,
     DEFAULT_MODULE_DIRS,
+    MAX_SHOWN_LABEL,
     PinSource,
     TokenLostError,
     check_module_path,
     describe_error,
     map_pkcs11_errors,
+    object_label,
     require_pkcs11,
+    shown_id,
+    shown_label,
 )
 from signing_agent.backends.base import DecryptionKey, KeyInfo, Priority, SigningKey
 from signing_agent.config import PKCS11KeyConfig
@@ -435,8 +439,9 @@ def describe_private_keys(session: Any, *, near: str | None = None, limit: int =
     keys: list[tuple[str, str]] = []
     try:
         for obj in session.get_objects({a.CLASS: p11.ObjectClass.PRIVATE_KEY}):
-            label, key_id = str(obj[a.LABEL] or ""), bytes(obj[a.ID] or b"")
-            keys.append((label, f"{label!r} (id {key_id.hex() or '-'}, {names.get(obj[a.KEY_TYPE], 'other')})"))
+            label, key_id = object_label(obj), bytes(obj[a.ID] or b"")
+            kind = names.get(obj[a.KEY_TYPE], "other")
+            keys.append((label[:MAX_SHOWN_LABEL], f"{shown_label(label)} (id {shown_id(key_id)}, {kind})"))
     except p11.exceptions.PKCS11Error as exc:
         return f"its private keys cannot be listed ({describe_error(exc)})"
     if not keys:
@@ -490,7 +495,12 @@ def read_public_key(session: Any, key: Any, *, where: str) -> ec.EllipticCurvePu
     if key_id:
         template[attr.ID] = key_id
     else:
-        template[attr.LABEL] = key[attr.LABEL]
+        try:
+            template[attr.LABEL] = key[attr.LABEL]
+        except UnicodeDecodeError:
+            raise KeyNotFoundError(
+                f"{where}: the key has no CKA_ID and its label is not UTF-8: its public key cannot be found"
+            ) from None
     publics = list(session.get_objects(template))
     if key_type == p11.KeyType.RSA:
         source = publics[0] if len(publics) == 1 else key

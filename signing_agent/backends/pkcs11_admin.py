@@ -372,7 +372,7 @@ def list_keys(target: TokenTarget, *, certificates: Sequence[x509.Certificate] =
     }
     with admin_session(target, rw=False) as session:
         for obj in list(session.get_objects({a.CLASS: p11.ObjectClass.PRIVATE_KEY})):
-            label = str(obj[a.LABEL] or "")
+            label = _p11session.object_label(obj)
             key_id = bytes(obj[a.ID] or b"")
             kt = obj[a.KEY_TYPE]
             key_type: Literal["EC", "RSA", "other"] = (
