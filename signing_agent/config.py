@@ -83,6 +83,11 @@ class PKCS11KeyConfig:
     backend: PKCS11Backend = "pkcs11"
     module: Path
     token_label: str | None = None
+    token_serial: str | None = None
+    token_manufacturer: str | None = None
+    token_model: str | None = None
+    slot_id: int | None = None
+    """The uri's ``serial``, ``manufacturer``, ``model`` and ``slot-id``: each set one must match the token too."""
     key_label: str | None = None
     key_id: bytes | None = None
     """With ``key_label``, or instead of it: at least one of the two is set."""
@@ -683,6 +688,10 @@ def _pkcs11_key(t: _Table) -> PKCS11KeyConfig:
     return PKCS11KeyConfig(
         module=module,
         token_label=_agree(t, "token_label", t.get_opt_str("token_label"), "token", uri.token),
+        token_serial=uri.serial,
+        token_manufacturer=uri.manufacturer,
+        token_model=uri.model,
+        slot_id=uri.slot_id,
         key_label=key_label,
         key_id=key_id,
         pin_file=pin_file,

@@ -4,8 +4,9 @@ A URI has path attributes separated by ``;`` (which object: ``token``, ``object`
 query attributes separated by ``&`` (how to get there: ``module-path``, ``pin-source``). Values are
 percent-encoded; ``id`` is raw bytes, everything else is UTF-8 text. ``pin-value`` is refused: a PIN is never
 written inline, and ``pin-source`` may only name a file (``file:/path`` or ``/path``). Unknown standard
-attributes are refused so a typo cannot widen a key selection; vendor attributes (``x-...``) are kept but
-unused.
+attributes are refused so a typo cannot widen a key selection, and so are those the agent would not match (the
+module's ``library-*`` and the slot's ``slot-description`` and ``slot-manufacturer``): every attribute a URI gives
+selects, none is ignored. Vendor attributes (``x-...``) are kept but unused.
 
 Below ``config`` in the layers: the configuration parser reads a key's ``uri`` with it, and the PKCS#11 backend
 formats the URIs it logs.
@@ -39,6 +40,9 @@ PATH_ATTRIBUTES = frozenset(
 )
 QUERY_ATTRIBUTES = frozenset({"module-path", "module-name", "pin-source", "pin-value"})
 OBJECT_TYPES = frozenset({"public", "private", "cert", "secret-key", "data"})
+
+_UNMATCHED = ("library-manufacturer", "library-description", "library-version", "slot-description", "slot-manufacturer")
+"""Standard attributes the agent would not match against the module or slot: refused rather than ignored."""
 
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 # RFC 3986 unreserved characters never need encoding; everything else is percent-encoded by format_uri().
@@ -150,10 +154,12 @@ def parse_uri(text: str) -> PKCS11URI:
     query_values = _attributes(query, "query")
 
     other: dict[str, str] = {}
-    for name in ("library-manufacturer", "library-description", "library-version", "slot-description",
-                 "slot-manufacturer"):  # fmt: skip
+    for name in _UNMATCHED:
         if name in values:
-            other[name] = _text(values[name], what=name)
+            raise ConfigError(
+                f"pkcs11 URI: {name} is not supported: a key's token is selected by token, serial, manufacturer, "
+                "model and slot-id; remove it (the module is module-path)"
+            )
     for name, value in (*values.items(), *query_values.items()):
         if name.startswith("x-"):
             other[name] = _text(value, what=name)
@@ -210,6 +216,7 @@ def parse_uri(text: str) -> PKCS11URI:
 def format_uri(
     *,
     token: str | None = None,
+    serial: str | None = None,
     object: str | None = None,
     id: bytes | None = None,
     type: str | None = None,
@@ -220,6 +227,8 @@ def format_uri(
     path: list[str] = []
     if token is not None:
         path.append("token=" + percent_encode(token.encode("utf-8")))
+    if serial is not None:
+        path.append("serial=" + percent_encode(serial.encode("utf-8")))
     if object is not None:
         path.append("object=" + percent_encode(object.encode("utf-8")))
     if id is not None:

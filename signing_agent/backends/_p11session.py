@@ -400,22 +400,52 @@ def describe_tokens(lib: Any, *, limit: int = 12) -> str:
     return "the module shows " + ", ".join(shown[:limit]) + more
 
 
-def find_token(lib: Any, token_label: str | None, *, where: str) -> Any:
-    """The token with this label (or the only initialised one when no label is given).
+@dataclass(frozen=True, slots=True)
+class TokenMatch:
+    """What else a token must show to be the one, besides its label: the ``serial``, ``manufacturer``, ``model`` and
+    ``slot-id`` of a key's RFC 7512 URI. Each one given restricts the match; none is ignored, so a look-alike token
+    with the same label (plugged in while the real one is away) never gets the PIN when the URI names the serial."""
+
+    serial: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    slot_id: int | None = None
+
+    def matches(self, slot: Any, token: Any) -> bool:
+        shown = {"serial": _text(token.serial), "manufacturer": _text(token.manufacturer_id),
+                 "model": _text(token.model)}  # fmt: skip
+        wanted = {"serial": self.serial, "manufacturer": self.manufacturer, "model": self.model}
+        if any(value is not None and shown[name] != value for name, value in wanted.items()):
+            return False
+        return self.slot_id is None or slot.slot_id == self.slot_id
+
+    def describe(self) -> str:
+        """`` with serial '3a9c'`` and the like, for messages; empty when nothing is asked."""
+        parts = [f"{name} {value!r}" for name, value in (("serial", self.serial), ("manufacturer", self.manufacturer),
+                 ("model", self.model), ("slot-id", self.slot_id)) if value is not None]  # fmt: skip
+        return f" with {', '.join(parts)}" if parts else ""
+
+
+def find_token(lib: Any, token_label: str | None, *, where: str, match: TokenMatch | None = None) -> Any:
+    """The token with this label (or the only initialised one when no label is given) that shows what ``match``
+    asks for.
 
     None found is ``BackendUnavailableError`` (a removable token may come back), and its message lists the
     tokens the module does show (label, serial, slot), so a typo or the wrong module is plain to see.
     """
+    match = match or TokenMatch()
     tokens = []
     for slot in lib.get_slots(token_present=True):
         try:
             token = slot.get_token()
         except p11exc.PKCS11Error:  # pragma: no cover -- a slot that went away between the two calls
             continue
-        if (token.label == token_label) if token_label is not None else _initialised(token):
+        labelled = (token.label == token_label) if token_label is not None else _initialised(token)
+        if labelled and match.matches(slot, token):
             tokens.append(token)
     if not tokens:
         what = f"no token labelled {token_label!r}" if token_label is not None else "no initialised token"
+        what += match.describe()
         raise BackendUnavailableError(
             f"{where}: {what} in {lib.so}; {describe_tokens(lib)}",
             hint="check token_label (tokens are found by label, because slot ids change), that the token is "

@@ -65,6 +65,7 @@ from signing_agent.backends._p11session import (
     MAX_SHOWN_LABEL,
     PinSource,
     TokenLostError,
+    TokenMatch,
     check_module_path,
     describe_error,
     map_pkcs11_errors,
@@ -103,6 +104,8 @@ class KeySelector:
     """The module's realpath (already checked)."""
     init_params: str | None
     token_label: str | None
+    token: TokenMatch
+    """What else the token must show (the URI's serial, manufacturer, model, slot-id)."""
     key_label: str | None
     key_id: bytes | None
     pin: PinSource
@@ -112,6 +115,7 @@ class KeySelector:
         """A ``pkcs11:`` URI for logs and ``KeyInfo.location`` (no PIN, ever)."""
         return format_uri(
             token=self.token_label,
+            serial=self.token.serial,
             object=self.key_label,
             id=self.key_id,
             type="private",
@@ -134,6 +138,7 @@ def resolve_key_config(
         module=real,
         init_params=cfg.init_params,
         token_label=cfg.token_label,
+        token=TokenMatch(cfg.token_serial, cfg.token_manufacturer, cfg.token_model, cfg.slot_id),
         key_label=cfg.key_label,
         key_id=cfg.key_id,
         pin=pin,
@@ -205,10 +210,11 @@ class _TokenConnection:
 
     def __init__(self, module: str, init_params: str | None, token_label: str | None, pin: PinSource,
                  allowed_module_dirs: tuple[str, ...] | None, *, retry_seconds: float = RETRY_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, match: TokenMatch | None = None) -> None:  # fmt: skip
         self.module = module
         self.init_params = init_params
         self.token_label = token_label
+        self.match = match or TokenMatch()
         self.pin = pin
         self._allowed = allowed_module_dirs
         self._retry_seconds = retry_seconds
@@ -344,7 +350,7 @@ class _TokenConnection:
             return self._session
         if self._refused is not None:
             raise PinRejectedError(self._refused.message, hint=self._refused.hint)
-        token = _p11session.find_token(module.lib, self.token_label, where=where)
+        token = _p11session.find_token(module.lib, self.token_label, where=where, match=self.match)
         try:
             session = _p11session.open_session(token, self.pin, rw=False, where=where)
         except PinRejectedError as exc:
@@ -717,10 +723,10 @@ class PKCS11Registry:
         require_pkcs11()
         self._allowed = allowed_module_dirs
         self._retry_seconds = retry_seconds
-        self._tokens: dict[tuple[str, str | None, str | None], _TokenConnection] = {}
+        self._tokens: dict[tuple[str, str | None, str | None, TokenMatch], _TokenConnection] = {}
 
     def _connection(self, sel: KeySelector, *, name: str) -> _TokenConnection:
-        key = (sel.module, sel.init_params, sel.token_label)
+        key = (sel.module, sel.init_params, sel.token_label, sel.token)
         conn = self._tokens.get(key)
         for other in self._tokens.values():
             if other.module == sel.module and other.init_params != sel.init_params:
@@ -730,7 +736,7 @@ class PKCS11Registry:
                 )
         if conn is None:
             conn = _TokenConnection(sel.module, sel.init_params, sel.token_label, sel.pin, self._allowed,
-                                    retry_seconds=self._retry_seconds)  # fmt: skip
+                                    retry_seconds=self._retry_seconds, match=sel.token)  # fmt: skip
             self._tokens[key] = conn
         elif conn.pin != sel.pin:
             raise ConfigError(

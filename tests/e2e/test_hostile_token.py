@@ -133,3 +133,32 @@ def test_a_missing_key_is_reported_clearly_and_briefly_whatever_the_token_holds(
     assert "Traceback" not in served.stderr
     assert "no EC private key with label 'm0x'" in served.stderr
     assert len(served.stderr) < 10_000
+
+
+def _serial(env: dict[str, str]) -> str:
+    shown = subprocess.run(["softhsm2-util", "--show-slots"], env=env, capture_output=True, text=True, check=True)
+    serials = [line.split(":", 1)[1].strip() for line in shown.stdout.splitlines() if "Serial number" in line]
+    return next(s for s in serials if s)
+
+
+@pytest.mark.parametrize("attribute", ["serial", "manufacturer", "model", "slot-id"])
+def test_every_token_attribute_of_a_uri_must_match_the_token(
+    token: tuple[Path, dict[str, str]], attribute: str
+) -> None:
+    """An operator pins the token by serial (a URI from ``p11tool --list-all-privkeys``): a look-alike token with the
+    same label (plugged in while the real one is away) must never get the PIN. Each token attribute the URI gives
+    restricts the match; it was parsed, then ignored."""
+    folder, env = token
+    right = {"serial": _serial(env), "manufacturer": "SoftHSM project", "model": "SoftHSM v2"}
+    wrong = {"serial": "0000000000000000", "manufacturer": "Nobody", "model": "None", "slot-id": "1"}
+    config = _config(folder, "m0")
+    for value, ok in ((wrong[attribute], False), (right.get(attribute), True)):
+        if value is None:  # SoftHSM2's slot ids are not known beforehand: only a wrong one is tried
+            continue
+        uri = f"pkcs11:token={TOKEN};{attribute}={value.replace(' ', '%20')};object=m0;type=private"
+        text = config.read_text().replace(f'token_label = "{TOKEN}"', f'uri = "{uri}"')
+        (folder / "uri.toml").write_text(text.replace('key_label = "m0"\n', ""))
+        checked = _cli(env, "check-config", "--config", str(folder / "uri.toml"))
+        assert (checked.returncode == 0) is ok, checked.stdout + checked.stderr
+        if not ok:
+            assert f"no token labelled {TOKEN!r} with {attribute} " in checked.stdout

@@ -55,6 +55,9 @@ def test_minimal_and_pin_source_forms() -> None:
         ("pkcs11:object=%ff", "not UTF-8"),
         ("pkcs11:type=secret", "is not one of"),
         ("pkcs11:slot-id=x", "decimal"),
+        # attributes the agent would not match against the module or the slot: refused, never ignored
+        ("pkcs11:token=t;library-manufacturer=SoftHSM", "library-manufacturer is not supported"),
+        ("pkcs11:token=t;slot-description=x", "slot-description is not supported"),
         ("pkcs11:object", "no '=value'"),
         ("pkcs11:?pin-source=|/bin/cat", "not supported"),
         ("pkcs11:?pin-source=file://host/pin", "local"),
