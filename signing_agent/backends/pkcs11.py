@@ -460,13 +460,22 @@ def describe_private_keys(session: Any, *, near: str | None = None, limit: int =
     return "its private keys: " + ", ".join(text for _, text in keys[:limit]) + more
 
 
-def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, key_type: Any, where: str) -> Any:
-    """The one private key of ``key_type`` with this label and/or id, else ``KeyNotFoundError``."""
+def find_private_key(
+    session: Any, *, label: str | None, key_id: bytes | None, key_type: Any, where: str, logged_in: bool = False
+) -> Any:
+    """The one private key of ``key_type`` with this label and/or id, else ``KeyNotFoundError``.
+
+    ``logged_in``: only an object the login protects (``CKA_PRIVATE`` true) is a candidate. Anyone who may open a
+    session to the token can create public objects in it without the PIN, a "private key" among them, with the
+    member key's label and id: it would make the selection ambiguous (the identity stops) or, where the real key is
+    absent, be used."""
     p11 = require_pkcs11()
     template: dict[Any, Any] = {
         p11.Attribute.CLASS: p11.ObjectClass.PRIVATE_KEY,
         p11.Attribute.KEY_TYPE: key_type,
     }
+    if logged_in:
+        template[p11.Attribute.PRIVATE] = True
     if label is not None:
         template[p11.Attribute.LABEL] = label
     if key_id is not None:
@@ -485,7 +494,9 @@ def find_private_key(session: Any, *, label: str | None, key_id: bytes | None, k
     if len(found) > 1:
         raise KeyNotFoundError(
             f"{where}: {len(found)} {kind} private keys match {what}",
-            hint="select the key by key_id as well (see `signing-agent keys list`)",
+            hint="select the key by key_id as well (see `signing-agent keys list`)"
+            if key_id is None
+            else "the token holds several keys with this id: remove the copies (`signing-agent keys list`)",
         )
     return found[0]
 
@@ -590,6 +601,7 @@ class _PKCS11Key:
                 key_id=self._sel.key_id,
                 key_type=key_type,
                 where=self._name,
+                logged_in=self._sel.pin.pin_file is not None or self._sel.pin.pin_env is not None,
             )
             self._conn.handles[cache_key] = key
         return key

@@ -69,7 +69,19 @@ def token() -> Iterator[tuple[Path, dict[str, str]]]:
         made = _cli(env, "keys", "generate", "--module", SOFTHSM_MODULE, "--token-label", TOKEN, "--pin-file",
                     str(pin), "--label", "m0", "--cert-out", str(folder / "m0_cert.pem"))  # fmt: skip
         assert made.returncode == 0, made.stderr
-        plant = [sys.executable, "-c", _PLANT, SOFTHSM_MODULE, TOKEN, "fffe41", "98", ("6d30" * (HUGE // 2)), "97"]
+        plant = [
+            sys.executable,
+            "-c",
+            _PLANT,
+            SOFTHSM_MODULE,
+            TOKEN,
+            "fffe41",
+            "98",
+            ("6d30" * (HUGE // 2)),
+            "97",
+            "6d30",
+            "99",
+        ]  # fmt: skip -- the last: a public look-alike of the member key, labelled "m0"
         subprocess.run(plant, env=env, check=True, capture_output=True, timeout=60)
         yield folder, env
     finally:
@@ -162,3 +174,11 @@ def test_every_token_attribute_of_a_uri_must_match_the_token(
         assert (checked.returncode == 0) is ok, checked.stdout + checked.stderr
         if not ok:
             assert f"no token labelled {TOKEN!r} with {attribute} " in checked.stdout
+
+
+def test_a_public_object_labelled_as_the_member_key_is_no_candidate(token: tuple[Path, dict[str, str]]) -> None:
+    """Planted without the PIN: a public "private key" labelled ``m0``, as the member key is. Selected by label, the
+    identity stopped (two keys matched); the key the login protects is the only candidate."""
+    folder, env = token
+    checked = _cli(env, "check-config", "--config", str(_config(folder, "m0")))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
