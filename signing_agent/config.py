@@ -963,6 +963,17 @@ def read_trusted_file(path: Path, where: str, decides: str) -> bytes:
         raise ConfigError(f"{what}: {exc.strerror}") from exc
 
 
+def read_trusted_pem(path: Path, where: str, decides: str) -> str:
+    """A CA bundle the agent trusts for TLS (``identity_ca_bundle``, a key vault's ``ca_bundle``), read as
+    ``read_trusted_file`` does, as ``cadata`` text; a ``ConfigError`` when it holds no PEM certificate. Empty
+    ``cadata`` is no error of ``ssl``'s own: ``create_default_context`` takes it for the system roots, and
+    ``load_verify_locations`` raises a bare ``ValueError``."""
+    pem = read_trusted_file(path, where, decides).decode("ascii", "ignore")  # non-ASCII only in comments
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(f"{where}: {path} holds no PEM certificate")
+    return pem
+
+
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     """Read and validate a TOML config file, which must be the agent's own (``read_trusted_file``)."""
     p = Path(path).absolute()

@@ -382,3 +382,28 @@ def test_a_softhsm_encryption_key_without_oaep_host_fails_with_a_hint(
     result = check_config(host, env=softhsm.env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"\xc3\xa9\n"], ids=["empty", "non-ascii only"])
+def test_a_vault_ca_bundle_with_no_certificate_is_a_clear_error(workdir: Path, member: Member, content: bytes) -> None:
+    """A key vault's ``ca_bundle`` that holds nothing (a file cut short, the wrong file) is a configuration error that
+    names it, at start-up and in check-config: it was an uncaught ``ValueError`` ("Empty certificate data"), as
+    ``ssl`` refuses empty ``cadata`` with no error of its own."""
+    bundle = workdir / "trust" / "vault-ca.pem"
+    bundle.parent.mkdir()
+    bundle.write_bytes(content)
+    _, cert = member.write(workdir / "kv")
+    key = {
+        "backend": "azure-keyvault", "vault_url": "https://127.0.0.1:9", "key_name": "m0", "ca_bundle": bundle,
+        "credential": "client-secret", "client_secret_env": "SA_TEST_VAULT_SECRET",
+        "tenant_id": "00000000-0000-0000-0000-000000000001", "client_id": "00000000-0000-0000-0000-000000000002",
+    }  # fmt: skip
+    extra = {"identities.kv": {"certificate": cert}, "identities.kv.signing_key": key}
+    config = write_toml(workdir / "agent.toml", tables(workdir, member, **extra))
+    why = f"identities.kv.signing_key.ca_bundle: {bundle} holds no PEM certificate"
+    result = check_config(config, env={"SA_TEST_VAULT_SECRET": "s"})
+    assert why in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    with pytest.raises(RuntimeError, match=why) as refused, daemon(config, env={"SA_TEST_VAULT_SECRET": "s"}):
+        pass
+    assert "Traceback" not in str(refused.value)
