@@ -949,6 +949,8 @@ def read_trusted_file(path: Path, where: str, decides: str) -> bytes:
         return read_own_file(path)
     except NotOursError as exc:
         st, why = exc.st, "not a file of the agent's own"
+        if exc.problem == "special":
+            raise ConfigError(f"{prefix}{path}: not a regular file") from None
         if st is not None and exc.problem == "owner":
             why = f"owned by uid {st.st_uid}, not by the agent's user (uid {os.geteuid()}) or root"
         elif st is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -407,3 +409,18 @@ def test_a_vault_ca_bundle_with_no_certificate_is_a_clear_error(workdir: Path, m
     with pytest.raises(RuntimeError, match=why) as refused, daemon(config, env={"SA_TEST_VAULT_SECRET": "s"}):
         pass
     assert "Traceback" not in str(refused.value)
+
+
+def test_a_service_certificate_that_is_a_fifo_is_refused_not_waited_on(workdir: Path, member: Member) -> None:
+    """A trust file is read when the configuration is, and the pinned service certificate again on the event loop:
+    a FIFO at its path (a slip, or whoever may write the folder) hung check-config, and serve before it was ready,
+    waiting for a writer that never comes. It is no regular file, and is refused at once."""
+    fifo = workdir / "service_cert.pem"
+    os.mkfifo(fifo, 0o600)
+    service = {"url": "https://127.0.0.1:9", "service_certificate": fifo}
+    config = write_toml(workdir / "agent.toml", tables(workdir, member, **{"services.prod": service}))
+    why = f"services.prod.service_certificate: {fifo}: not a regular file"
+    result = check_config(config)
+    assert why in result.stdout + result.stderr, result.stdout + result.stderr
+    with pytest.raises(RuntimeError, match=re.escape(why)), daemon(config):
+        pass
