@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signing_agent.certs import der_sha256
 from signing_agent.client import AgentClient
+from tests.e2e.test_local_attacks import vault_identity
 from tests.support import p11kit, tokens
 from tests.support.agent import cli_env, daemon, file_identity, write_toml
 from tests.support.hostile_ccf import hostile_ccf
@@ -394,14 +395,7 @@ def test_a_vault_ca_bundle_with_no_certificate_is_a_clear_error(workdir: Path, m
     bundle = workdir / "trust" / "vault-ca.pem"
     bundle.parent.mkdir()
     bundle.write_bytes(content)
-    _, cert = member.write(workdir / "kv")
-    key = {
-        "backend": "azure-keyvault", "vault_url": "https://127.0.0.1:9", "key_name": "m0", "ca_bundle": bundle,
-        "credential": "client-secret", "client_secret_env": "SA_TEST_VAULT_SECRET",
-        "tenant_id": "00000000-0000-0000-0000-000000000001", "client_id": "00000000-0000-0000-0000-000000000002",
-    }  # fmt: skip
-    extra = {"identities.kv": {"certificate": cert}, "identities.kv.signing_key": key}
-    config = write_toml(workdir / "agent.toml", tables(workdir, member, **extra))
+    config = write_toml(workdir / "agent.toml", tables(workdir, member, **vault_identity(workdir, member, bundle)))
     why = f"identities.kv.signing_key.ca_bundle: {bundle} holds no PEM certificate"
     result = check_config(config, env={"SA_TEST_VAULT_SECRET": "s"})
     assert why in result.stdout, result.stdout + result.stderr
