@@ -124,21 +124,29 @@ def cmd_service_identity(args: argparse.Namespace, client: AgentClient) -> int:
 
 
 def _presented_certificate(client: AgentClient, body: Any) -> str:
-    """The certificate of a ``service identity`` answer, once its SHA-256 is checked against the ``sha256`` the
-    answer states: the fingerprint printed (and compared out of band) must be that of the certificate saved. Whatever
-    answers on the socket could otherwise show the announced fingerprint and have another certificate saved, to be
-    pinned."""
+    """The certificate of a ``service identity`` answer, as plain PEM, once it is known to be exactly one certificate
+    whose SHA-256 is the ``sha256`` the answer states: the fingerprint printed (and compared out of band) must be that
+    of what is saved, and pinned. Whatever answers on the socket could otherwise show the announced fingerprint and
+    have another certificate saved, or the announced one followed by its own CA (only the first certificate of a PEM
+    is fingerprinted, and every one in a pinned file is a trust anchor)."""
+    from signing_agent.certs import single_certificate_pem
     from signing_agent.proposals import fingerprint
 
-    pem = body.get("certificate") if isinstance(body, dict) else None
-    computed = fingerprint(pem) if isinstance(pem, str) else None
-    if not isinstance(pem, str) or computed is None or computed != body.get("sha256"):
-        said = str(body.get("sha256"))[:80] if isinstance(body, dict) else "?"
+    text = body.get("certificate") if isinstance(body, dict) else None
+    pem = single_certificate_pem(text.encode()) if isinstance(text, str) else None
+    if pem is None:
+        raise AgentUnreachableError(
+            f"the agent on {client.socket_path} answered a certificate that is not exactly one PEM certificate; "
+            "nothing saved (is that socket really the agent's?)"
+        )
+    computed = fingerprint(pem.decode())
+    if computed != body.get("sha256"):
+        said = str(body.get("sha256"))[:80]
         raise AgentUnreachableError(
             f"the agent on {client.socket_path} answered sha256 {said} for a certificate whose SHA-256 is "
-            f"{computed or '(none: no PEM certificate)'}; nothing saved (is that socket really the agent's?)"
+            f"{computed}; nothing saved (is that socket really the agent's?)"
         )
-    return pem
+    return pem.decode()
 
 
 def _save(path: Path, pem: str) -> None:

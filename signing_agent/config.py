@@ -958,6 +958,8 @@ def read_trusted_file(path: Path, where: str, decides: str) -> bytes:
         return read_own_file(path)
     except NotOursError as exc:
         st, why = exc.st, "not a file of the agent's own"
+        if exc.problem == "special":
+            raise ConfigError(f"{prefix}{path}: not a regular file") from None
         if st is not None and exc.problem == "owner":
             why = f"owned by uid {st.st_uid}, not by the agent's user (uid {os.geteuid()}) or root"
         elif st is not None:
@@ -970,6 +972,17 @@ def read_trusted_file(path: Path, where: str, decides: str) -> bytes:
     except OSError as exc:
         what = f"{where}: cannot read {path}" if where else f"{path}: cannot read the configuration"
         raise ConfigError(f"{what}: {exc.strerror}") from exc
+
+
+def read_trusted_pem(path: Path, where: str, decides: str) -> str:
+    """A CA bundle the agent trusts for TLS (``identity_ca_bundle``, a key vault's ``ca_bundle``), read as
+    ``read_trusted_file`` does, as ``cadata`` text; a ``ConfigError`` when it holds no PEM certificate. Empty
+    ``cadata`` is no error of ``ssl``'s own: ``create_default_context`` takes it for the system roots, and
+    ``load_verify_locations`` raises a bare ``ValueError``."""
+    pem = read_trusted_file(path, where, decides).decode("ascii", "ignore")  # non-ASCII only in comments
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(f"{where}: {path} holds no PEM certificate")
+    return pem
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:

@@ -17,12 +17,13 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Literal
 
-Problem = Literal["link", "owner", "writable"]
+Problem = Literal["link", "owner", "writable", "special"]
 """``link``: a symbolic link (or, for a folder, not a folder); ``owner``: owned by neither the agent's uid nor
-root; ``writable``: group or others may write it."""
+root; ``writable``: group or others may write it; ``special``: a file that is no regular file (a FIFO, a device)."""
 
 
 class NotOursError(Exception):
@@ -70,10 +71,13 @@ def read_own_file(path: Path) -> bytes:
     """The content of a file the agent takes its trust from (its configuration, a pinned service certificate), if it
     is the agent's own: owned by its uid or root, and no group or other may write it; else ``NotOursError``
     (``owner`` or ``writable``). Checked on the opened file, so a swap between the check and the read cannot slip
-    through. A symlink is followed (a Kubernetes ConfigMap's files are links): the file read is the one checked."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        problem = foreign(st)
+    through. A symlink is followed (a Kubernetes ConfigMap's files are links): the file read is the one checked. It
+    must be a regular file (else ``special``), opened without blocking: a FIFO at the path would hang whoever reads
+    it (the event loop, for a service certificate read again), a device would be read without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        problem = foreign(st) if stat.S_ISREG(st.st_mode) else "special"
         if problem is not None:
             raise NotOursError(path, problem, st)
         return f.read()

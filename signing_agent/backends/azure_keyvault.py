@@ -56,7 +56,7 @@ from signing_agent.algorithms import SignatureAlgorithm, verify_digest
 from signing_agent.backends._secrets import secret_env
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
-from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig, read_trusted_file
+from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig, read_trusted_pem
 from signing_agent.errors import (
     BackendError,
     BackendUnavailableError,
@@ -354,15 +354,13 @@ class AzureKeyVaultRegistry:
 
 
 def _make_ssl_context(ca_bundle: Path | None, where: str) -> ssl.SSLContext:
-    """The system roots, plus ``ca_bundle``: a file that must be the agent's own (``config.read_trusted_file``), as
+    """The system roots, plus ``ca_bundle``: a file that must be the agent's own (``config.read_trusted_pem``), as
     whoever may write it decides which endpoints pass for the vault, and get its access tokens."""
     ctx = ssl.create_default_context()
     if ca_bundle is not None:
-        pem = read_trusted_file(
-            ca_bundle, f"{where}.ca_bundle", "which servers pass for the vault (and get its tokens)"
-        )
+        pem = read_trusted_pem(ca_bundle, f"{where}.ca_bundle", "which servers pass for the vault (and get its tokens)")
         try:
-            ctx.load_verify_locations(cadata=pem.decode("ascii", "ignore"))  # non-ASCII only in comments
+            ctx.load_verify_locations(cadata=pem)
         except ssl.SSLError as exc:
             raise ConfigError(f"{where}.ca_bundle: cannot load {ca_bundle}: {exc}") from exc
     return ctx

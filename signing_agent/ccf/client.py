@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from signing_agent.config import ServiceConfig, read_trusted_file
+from signing_agent.config import ServiceConfig, read_trusted_file, read_trusted_pem
 from signing_agent.errors import (
     CCFAnswerRefusedError,
     CCFTimeoutError,
@@ -431,13 +431,11 @@ def _response(resp: aiohttp.ClientResponse, raw: bytes, attempt: int, request: s
 
 
 def _identity_trust(bundle: Path, service: str) -> ssl.SSLContext:
-    """Trust in ``identity_ca_bundle`` only: a file of the agent's own (``config.read_trusted_file``), as whoever may
+    """Trust in ``identity_ca_bundle`` only: a file of the agent's own (``config.read_trusted_pem``), as whoever may
     write it decides which endpoint passes for the identity service, and so which service the agent pins."""
     where = f"services.{service}.identity_ca_bundle"
     decides = "which endpoint passes for the identity service, and so which service the agent pins"
-    pem = read_trusted_file(bundle, where, decides).decode("ascii", "ignore")  # non-ASCII only in comments
-    if not pem.strip():  # an empty cadata would mean the system roots
-        raise ConfigError(f"{where}: {bundle} holds no certificate")
+    pem = read_trusted_pem(bundle, where, decides)
     try:
         return ssl.create_default_context(cadata=pem)
     except ssl.SSLError as exc:

@@ -213,3 +213,27 @@ def test_service_identity_save_never_writes_through_a_planted_link(workdir: Path
     assert again.returncode == 0, again.stderr
     assert saved.read_bytes() == ANNOUNCED.cert_pem
     assert f"presents identity sha256 {ANNOUNCED.member_id}" in again.stdout
+
+
+def test_service_identity_never_saves_a_bundle_behind_the_fingerprint_shown(workdir: Path) -> None:
+    """The fingerprint is of the first certificate in the answer's PEM; every certificate in a pinned file is a
+    trust anchor. An impostor answered the announced certificate followed by its own CA: the member saw the right
+    fingerprint, pinned the file, and the agent trusted the impostor's CA for the service (recovery shares too)."""
+    saved = workdir / "service_cert.pem"
+    bundle = (ANNOUNCED.cert_pem + FORGED.cert_pem).decode()
+    with identity_answer(workdir, bundle, ANNOUNCED.member_id) as agent:
+        done = run_cli(agent.socket, "service", "identity", "--save", str(saved))
+    assert done.returncode == 3, done.stderr
+    assert "answered a certificate that is not exactly one PEM certificate" in done.stderr
+    assert ANNOUNCED.member_id not in done.stdout
+    assert not saved.exists()
+
+
+def test_service_identity_saves_the_certificate_alone(workdir: Path) -> None:
+    """Text around the one certificate (a comment, a header an impostor chose) is not saved: only the certificate."""
+    saved = workdir / "service_cert.pem"
+    wrapped = f"Subject: a note\n{ANNOUNCED.cert_pem.decode()}trailing words\n"
+    with identity_answer(workdir, wrapped, ANNOUNCED.member_id) as agent:
+        done = run_cli(agent.socket, "service", "identity", "--save", str(saved))
+    assert done.returncode == 0, done.stderr
+    assert saved.read_bytes() == ANNOUNCED.cert_pem

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signing_agent.certs import der_sha256
 from signing_agent.client import AgentClient
+from tests.e2e.test_local_attacks import vault_identity
 from tests.support import p11kit, tokens
 from tests.support.agent import cli_env, daemon, file_identity, write_toml
 from tests.support.hostile_ccf import hostile_ccf
@@ -382,3 +385,36 @@ def test_a_softhsm_encryption_key_without_oaep_host_fails_with_a_hint(
     result = check_config(host, env=softhsm.env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"\xc3\xa9\n"], ids=["empty", "non-ascii only"])
+def test_a_vault_ca_bundle_with_no_certificate_is_a_clear_error(workdir: Path, member: Member, content: bytes) -> None:
+    """A key vault's ``ca_bundle`` that holds nothing (a file cut short, the wrong file) is a configuration error that
+    names it, at start-up and in check-config: it was an uncaught ``ValueError`` ("Empty certificate data"), as
+    ``ssl`` refuses empty ``cadata`` with no error of its own."""
+    bundle = workdir / "trust" / "vault-ca.pem"
+    bundle.parent.mkdir()
+    bundle.write_bytes(content)
+    config = write_toml(workdir / "agent.toml", tables(workdir, member, **vault_identity(workdir, member, bundle)))
+    why = f"identities.kv.signing_key.ca_bundle: {bundle} holds no PEM certificate"
+    result = check_config(config, env={"SA_TEST_VAULT_SECRET": "s"})
+    assert why in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    with pytest.raises(RuntimeError, match=why) as refused, daemon(config, env={"SA_TEST_VAULT_SECRET": "s"}):
+        pass
+    assert "Traceback" not in str(refused.value)
+
+
+def test_a_service_certificate_that_is_a_fifo_is_refused_not_waited_on(workdir: Path, member: Member) -> None:
+    """A trust file is read when the configuration is, and the pinned service certificate again on the event loop:
+    a FIFO at its path (a slip, or whoever may write the folder) hung check-config, and serve before it was ready,
+    waiting for a writer that never comes. It is no regular file, and is refused at once."""
+    fifo = workdir / "service_cert.pem"
+    os.mkfifo(fifo, 0o600)
+    service = {"url": "https://127.0.0.1:9", "service_certificate": fifo}
+    config = write_toml(workdir / "agent.toml", tables(workdir, member, **{"services.prod": service}))
+    why = f"services.prod.service_certificate: {fifo}: not a regular file"
+    result = check_config(config)
+    assert why in result.stdout + result.stderr, result.stdout + result.stderr
+    with pytest.raises(RuntimeError, match=re.escape(why)), daemon(config):
+        pass

@@ -180,19 +180,24 @@ def test_an_identity_ca_bundle_another_user_can_write_is_never_trusted(workdir: 
         assert why in resp.json()["error"]["message"], resp.body
 
 
+def vault_identity(workdir: Path, member: Member, ca_bundle: Path) -> dict[str, dict[str, object]]:
+    """The tables of an identity ``kv`` whose key is in a vault that no one answers for (port 9), trusted through
+    ``ca_bundle``; its secret is ``SA_TEST_VAULT_SECRET``."""
+    _, cert = member.write(workdir / "kv")
+    key = {
+        "backend": "azure-keyvault", "vault_url": "https://127.0.0.1:9", "key_name": "m0", "ca_bundle": ca_bundle,
+        "credential": "client-secret", "client_secret_env": "SA_TEST_VAULT_SECRET",
+        "tenant_id": "00000000-0000-0000-0000-000000000001", "client_id": "00000000-0000-0000-0000-000000000002",
+    }  # fmt: skip
+    return {"identities.kv": {"certificate": cert}, "identities.kv.signing_key": key}
+
+
 def test_a_vault_ca_bundle_another_user_can_write_is_never_trusted(workdir: Path, member: Member) -> None:
     """A key vault's ``ca_bundle`` decides which servers pass for the vault, and so who receives the vault's access
     tokens (with one, anyone signs with the member key in the real vault). Another user who may write it adds a CA
     of its own; the agent refuses the file, and the identity with it."""
     _, bundle = make_member("vault-ca", "secp384r1").write(workdir / "trust")
-    _, cert = member.write(workdir / "kv")
-    key = {
-        "backend": "azure-keyvault", "vault_url": "https://127.0.0.1:9", "key_name": "m0", "ca_bundle": bundle,
-        "credential": "client-secret", "client_secret_env": "SA_TEST_VAULT_SECRET",
-        "tenant_id": "00000000-0000-0000-0000-000000000001", "client_id": "00000000-0000-0000-0000-000000000002",
-    }  # fmt: skip
-    tables: dict[str, dict[str, object]] = {"identities.kv": {"certificate": cert}, "identities.kv.signing_key": key}
-    config = reachable_by_nobody(workdir, member, **tables)
+    config = reachable_by_nobody(workdir, member, **vault_identity(workdir, member, bundle))
     bundle.chmod(0o664)
     (workdir / "trust").chmod(0o750)
     as_uid(NOBODY, REPLACE_FILE, str(bundle), make_member("attacker", "secp384r1").cert_pem.decode())

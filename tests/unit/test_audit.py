@@ -149,11 +149,19 @@ async def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
     assert followed.ok, followed.first_break
     assert followed.records == report.records
     assert "the log rotated while it was verified" in followed.notes[-1]
-    # ...a missing middle file is a break, and so is one whose content was changed.
-    rotated[-1].write_bytes(rotated[-1].read_bytes().replace(b'"seq"', b'"seq" ', 1))
-    assert not verify_audit([rotated[0], path]).ok
+    # ...one whose content was changed is a break, and so is a missing one (each on its own: the changed file is
+    # put back first, or it would break the chain whatever became of the missing one).
+    original = rotated[-1].read_bytes()
+    rotated[-1].write_bytes(original.replace(b'"seq"', b'"seq" ', 1))
+    changed = verify_audit([rotated[0], path])
+    assert not changed.ok
+    assert f"{rotated[-1]}:2: seq" in str(changed.first_break)
+    rotated[-1].write_bytes(original)
+    assert verify_audit([rotated[0], path]).ok
     rotated[1].unlink()
-    assert not verify_audit([rotated[0], path]).ok
+    missing = verify_audit([rotated[0], path])
+    assert not missing.ok
+    assert f"{path}:1: seq" in str(missing.first_break)
 
 
 async def test_an_unwritable_log_fails_closed_at_open(tmp_path: Path) -> None:
