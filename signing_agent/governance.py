@@ -101,9 +101,10 @@ class Governance:
         """Send a signed message to ``service`` (``send`` posts the COSE bytes where they go) and audit the outcome:
         ``forwarded`` with CCF's status and transaction id (CCF's errors included: they are answers), or ``failed``
         when no answer came. ``provisional``: as for ``CCFConnections.client`` (ballots only)."""
-        client = await self.ccf.client(service, provisional=provisional)
         ctx, subject, payload = current_request(), signed.subject, signed.payload_digest
         try:
+            # Inside: a client that cannot be had now (a trust file gone bad since the last read) is an outcome too.
+            client = await self.ccf.client(service, provisional=provisional)
             resp = await send(client, signed.cose)
         except AgentError as exc:
             await self.auditor.record(

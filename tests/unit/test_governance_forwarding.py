@@ -10,11 +10,19 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from signing_agent.cose.governance import HEADER_MSG_TYPE, HEADER_PROPOSAL_ID
-from signing_agent.errors import CCFError, CCFTrustError, CCFUnavailableError, ConflictError, UnknownServiceError
+from signing_agent.errors import (
+    CCFError,
+    CCFTrustError,
+    CCFUnavailableError,
+    ConfigError,
+    ConflictError,
+    UnknownServiceError,
+)
 from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
 from tests.support.fakes import as_peer, signing_service
 
@@ -69,6 +77,26 @@ async def test_no_answer_is_audited_as_failed(world: FakeWorld) -> None:
         await world.gov.propose("prod", "m0", json.dumps(PROPOSAL).encode())
     assert world.events() == ["received", "signed", "failed"]
     assert world.audit.records[-1]["error"] == "CCFUnavailable"
+
+
+async def test_a_client_that_cannot_be_had_after_signing_is_audited_as_failed(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the signature and its forwarding, the service's client may have to be rebuilt (an identity pinned
+    meanwhile) from a trust file gone bad: the signed message's outcome is ``failed``, as for no answer."""
+    real, calls = world.gov.ccf.client, []
+
+    async def client(service: str, *, provisional: bool = False) -> Any:
+        calls.append(service)
+        if len(calls) > 1:  # the first: propose's own check, before anything is signed
+            raise ConfigError("services.prod.service_certificate: not a regular file")
+        return await real(service, provisional=provisional)
+
+    monkeypatch.setattr(world.gov.ccf, "client", client)
+    with pytest.raises(ConfigError):
+        await world.gov.propose("prod", "m0", json.dumps(PROPOSAL).encode())
+    assert world.events() == ["received", "signed", "failed"]
+    assert world.audit.records[-1]["error"] == "ConfigError"
 
 
 async def test_a_proposal_whose_answer_was_lost_is_recovered_from_ccf_s_replay_answer(world: FakeWorld) -> None:
