@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -307,11 +308,16 @@ def cmd_member_remove(args: argparse.Namespace, client: AgentClient) -> int:
     return _propose(args, client, "member-remove", {"member_id": args.member_id, "cert": cert})
 
 
+_CCF_TIME = re.compile(r"\d{12}(?:\d{2})?Z?")
+"""CCF's own forms (``YYMMDDHHMMSSZ``, ``YYYYMMDDHHMMSSZ``): digits that ``fromisoformat`` misreads, taking the
+ninth for the date-time separator (``20250101123456Z`` is 2025-01-01 23:45:00 to it)."""
+
+
 def valid_from(text: str | None) -> str | None:
-    """``--valid-from``: ISO 8601 (no offset means UTC) as ``YYYYMMDDHHMMSSZ``; other text is sent as written (the
-    agent checks that CCF reads it)."""
-    if text is None:
-        return None
+    """``--valid-from``: ISO 8601 (no offset means UTC) as ``YYYYMMDDHHMMSSZ``; CCF's own forms and other text are
+    sent as written (the agent checks that CCF reads them as meant)."""
+    if text is None or _CCF_TIME.fullmatch(text):
+        return text
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:

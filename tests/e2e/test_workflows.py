@@ -294,6 +294,22 @@ def test_node_trust_then_retire(world: World) -> None:
     assert world.sandbox.gov_get(f"/gov/service/nodes/{node}")["status"] == "Retired"
 
 
+
+def test_node_trust_signs_ccf_s_own_time_form_as_written(world: World) -> None:
+    """``--valid-from 20250101123456Z``, the form CCF's tooling (and the agent's default) writes: read as ISO 8601,
+    its ninth digit was taken for the date-time separator and 2025-01-01 23:45:00 was signed instead."""
+    node = world.sandbox.join_node()
+    when = ("node", "trust", node, "--valid-from", "20250101123456Z", "--identity", "m0")
+    shown = json.loads(world.ok(*when, "--dry-run", "--json"))
+    assert shown["proposal"]["actions"][0]["args"]["valid_from"] == "20250101123456Z"
+    pid = world.proposal(*when)
+    (action,) = world.sandbox.gov_get(f"/gov/members/proposals/{pid}/actions")["actions"]
+    assert action["args"]["valid_from"] == "20250101123456Z"
+    short = json.loads(world.ok("node", "trust", node, "--valid-from", "250101123456Z", "--dry-run", "--json",
+                                "--identity", "m0"))  # fmt: skip
+    assert short["proposal"]["actions"][0]["args"]["valid_from"] == "250101123456Z"
+
+
 # -- proposals waiting for a ballot ---
 
 

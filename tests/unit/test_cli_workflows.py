@@ -13,7 +13,10 @@ def test_valid_from_iso_8601_becomes_ccf_s_form() -> None:
     assert valid_from("2025-01-01T00:00:00Z") == "20250101000000Z"
     assert valid_from("2025-01-01 02:30:00+02:30") == "20250101000000Z"
     assert valid_from("2025-01-01") == "20250101000000Z"  # no offset: UTC
-    assert valid_from("20250101000000Z") == "20250101000000Z"  # CCF's own form goes as written
+    assert valid_from("20250101000000Z") == "20250101000000Z"  # CCF's own forms go as written
+    assert valid_from("20250101123456Z") == "20250101123456Z"  # not 23:45:00, as fromisoformat reads it
+    assert valid_from("250101123456Z") == "250101123456Z"
+    assert valid_from("20250101123456") == "20250101123456"  # the agent refuses it, naming valid_from
     assert valid_from("whenever") == "whenever"  # the agent refuses it, naming valid_from
     assert valid_from(None) is None
 
