@@ -426,11 +426,13 @@ def test_the_commands_refuse_what_ccf_would_refuse(open_world: World) -> None:
     w = open_world
     cert = w.file("m2_cert.pem", w.members["m2"].cert_pem)
     not_cert = w.file("not_cert.pem", "hello")
+    bad_bundle = w.file("bad_bundle.pem", w.members["m2"].cert_pem.decode() + BAD_BLOCK)
     ec_key = w.file("ec_pub.pem", _ec_public_pem())
     small = w.file("rsa1024.pem", pem_public(make_rsa_key(1024).public_key()))
     node = w.sandbox.join_node()
     cases: list[tuple[tuple[str, ...], int, tuple[str, ...]]] = [
         (("member", "add", "--cert", not_cert), 400, ("args.cert: is not a PEM X.509 certificate",)),
+        (("member", "add", "--cert", bad_bundle), 400, ("args.cert", "certificate 2 of the bundle")),
         (("member", "add", "--cert", cert, "--recovery-role", "Owner"), 400,
          ("args.recovery_role: needs encryption_pub_key", "Cannot specify a recovery_role value")),
         (("member", "add", "--cert", cert, "--encryption-key", ec_key), 400, ("args.encryption_pub_key", "not an RSA")),
@@ -459,7 +461,12 @@ HAND_WRITTEN: list[tuple[dict[str, Any], tuple[str, ...]]] = [
      ("args.cert: is not a PEM X.509 certificate",)),
     ({"name": "transition_node_to_trusted", "args": {"node_id": "ab" * 32, "valid_from": "2024-01-01T00:00:00-05:30"}},
      ("args.valid_from",)),
+    # CCF: checkType(args.member_data, "object") -- required, unlike set_member's "object?" (null is an object to JS)
+    ({"name": "set_member_data", "args": {"member_id": "ab" * 32}},
+     ("args.member_data: is required", "member_data must be of type object but is undefined")),
 ]  # fmt: skip
+BAD_BLOCK = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+"""A certificate block that does not parse: CCF's ``isValidX509CertBundle`` refuses a bundle holding one."""
 
 
 def test_hand_written_proposals_get_the_same_checks(open_world: World) -> None:
@@ -479,6 +486,8 @@ def test_hand_written_proposals_get_the_same_checks(open_world: World) -> None:
          ("args.previous_service_identity", "is Open, not Recovering")),
         ({"name": "transition_service_to_open", "args": {"next_service_identity": rewrapped}},
          ("not the same PEM text", "byte for byte")),
+        ({"name": "set_member", "args": {"cert": cert + BAD_BLOCK}},
+         ("args.cert", "must be a valid X509 certificate (bundle)")),
     ]  # fmt: skip
     for i, (action, expected) in enumerate(cases):
         proposal = {"actions": [action]}
