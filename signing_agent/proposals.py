@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from signing_agent import strict_json
-from signing_agent.certs import certificate_der, der_sha256
+from signing_agent.certs import bundle_ders, certificate_der, der_sha256
 from signing_agent.errors import InvalidRequestError
 
 SET_MEMBER: Final = "set_member"
@@ -188,9 +188,6 @@ def _entity_id(args: Mapping[str, Any], field: str) -> str:
     return value
 
 
-_END_CERTIFICATE: Final = "-----END CERTIFICATE-----"
-
-
 def _certificate(args: Mapping[str, Any], field: str, *, ccf_name: str | None = None) -> str:
     """A PEM certificate, or a bundle of them: CCF's ``isValidX509CertBundle`` reads every certificate in the text,
     and refuses the whole argument when one of them is not a certificate (the first alone would pass here)."""
@@ -198,9 +195,8 @@ def _certificate(args: Mapping[str, Any], field: str, *, ccf_name: str | None = 
     ccf = f"{field} must be a valid X509 certificate (bundle) in PEM format"
     if "-----BEGIN CERTIFICATE-----" not in value or certificate_der(value) is None:
         raise _RefusedError(field, "is not a PEM X.509 certificate", ccf)
-    for i, block in enumerate(value.split(_END_CERTIFICATE)[:-1], start=1):
-        if certificate_der(block + _END_CERTIFICATE) is None:
-            raise _RefusedError(field, f"certificate {i} of the bundle is not a readable X.509 certificate", ccf)
+    if bundle_ders(value) is None:
+        raise _RefusedError(field, "holds a certificate block that is not a readable X.509 certificate", ccf)
     return value
 
 
