@@ -199,15 +199,30 @@ def cmd_pending(args: argparse.Namespace, client: AgentClient) -> int:
 
 
 def _shortened(value: Any) -> Any:
-    """For reading: a PEM in an action shown by its kind and length (``--json`` shows it whole)."""
+    """For reading: a PEM in an action shown by its kind and length, a certificate (or each one of a bundle) by its
+    SHA-256, which a reviewer compares with the fingerprint announced out of band (``--json`` shows it whole)."""
     if isinstance(value, dict):
         return {k: _shortened(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_shortened(v) for v in value]
     if isinstance(value, str) and value.startswith("-----BEGIN "):
         kind = value[len("-----BEGIN ") :].split("-----", 1)[0]
-        return f"<{kind} PEM, {len(value)} characters>"
+        return _certificates(value) if kind == "CERTIFICATE" else f"<{kind} PEM, {len(value)} characters>"
     return value
+
+
+def _certificates(pem: str) -> str:
+    from signing_agent.certs import bundle_ders, der_sha256
+
+    ders = bundle_ders(pem)
+    if ders is None:
+        return f"<CERTIFICATE PEM that does not read as one, {len(pem)} characters>"
+    fingerprints = ", ".join(der_sha256(der) for der in ders)
+    return (
+        f"<CERTIFICATE PEM sha256 {fingerprints}>"
+        if len(ders) == 1
+        else f"<CERTIFICATE PEM bundle, sha256 {fingerprints}>"
+    )
 
 
 # -- proposals -----------------------------------------------------------------------------------------------------

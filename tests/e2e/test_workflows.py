@@ -326,6 +326,21 @@ def test_proposals_pending_lists_what_an_identity_has_not_voted_on(world: World)
     assert "transition_node_to_trusted" in text
 
 
+def test_proposals_pending_shows_which_certificate_a_proposal_names(world: World) -> None:
+    """A reviewer must be able to tell which certificate it is asked to accept (a member, a service identity), and
+    compare it with the fingerprint announced out of band: its length alone tells nothing."""
+    m2 = world.members["m2"]
+    world.proposal("member", "add", "--cert", world.file("m2.pem", m2.cert_pem), "--identity", "m0")
+    text = world.ok("proposals", "--pending", "--identity", "m1")
+    assert f"<CERTIFICATE PEM sha256 {m2.member_id}>" in text, text
+    bundle = (m2.cert_pem + world.members["m1"].cert_pem).decode()
+    world.client.call("POST", "/v1/services/default/proposals", {
+        "identity": "m0", "proposal": {"actions": [{"name": "set_member", "args": {"cert": bundle}}]}})  # fmt: skip
+    text = world.ok("proposals", "--pending", "--identity", "m1")
+    both = f"<CERTIFICATE PEM bundle, sha256 {m2.member_id}, {world.members['m1'].member_id}>"
+    assert both in text, text
+
+
 # -- opening a new service, a recovered one, and refreshing shares ---
 
 

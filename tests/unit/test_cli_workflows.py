@@ -7,6 +7,7 @@ import pytest
 
 from signing_agent.cli import build_parser
 from signing_agent.cli_workflows import _shortened, valid_from
+from tests.support.pki import make_member
 
 
 def test_valid_from_iso_8601_becomes_ccf_s_form() -> None:
@@ -21,14 +22,17 @@ def test_valid_from_iso_8601_becomes_ccf_s_form() -> None:
     assert valid_from(None) is None
 
 
-def test_pems_are_shown_by_kind_and_length() -> None:
+def test_pems_are_shown_by_kind_and_length_certificates_by_fingerprint() -> None:
     pem = "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n"
-    action = {"name": "x", "args": {"cert": pem, "n": [pem, 3]}}
+    key = "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----\n"
+    member = make_member()
+    action = {"name": "x", "args": {"cert": pem, "n": [key, 3], "m": member.cert_pem.decode()}}
     assert _shortened(action) == {
         "name": "x",
         "args": {
-            "cert": f"<CERTIFICATE PEM, {len(pem)} characters>",
-            "n": [f"<CERTIFICATE PEM, {len(pem)} characters>", 3],
+            "cert": f"<CERTIFICATE PEM that does not read as one, {len(pem)} characters>",
+            "n": [f"<PUBLIC KEY PEM, {len(key)} characters>", 3],
+            "m": f"<CERTIFICATE PEM sha256 {member.member_id}>",
         },
     }
 
