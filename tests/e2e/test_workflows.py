@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def make_world(
     *,
     sandbox_args: tuple[str, ...] = (),
     accepted: bytes | None = None,
+    rules: list[dict[str, Any]] | None = None,
 ) -> Iterator[World]:
     """m0 and m1 are Active recovery members of the sandbox; m2 is an identity of the agent but no member yet.
     ``accepted``: a service identity the configuration also trusts (the one the service will recover with)."""
@@ -120,6 +122,8 @@ def make_world(
             }
             for name, (key, cert) in paths.items():
                 tables.update(file_identity(name, cert, key))
+            if rules is not None:
+                tables["policy.rules"] = rules
             with daemon(write_toml(folder / "agent.toml", tables)) as agent:
                 yield World(folder, sb, agent, members)
     finally:
@@ -307,6 +311,32 @@ def test_node_trust_signs_ccf_s_own_time_form_as_written(world: World) -> None:
     short = json.loads(world.ok("node", "trust", node, "--valid-from", "250101123456Z", "--dry-run", "--json",
                                 "--identity", "m0"))  # fmt: skip
     assert short["proposal"]["actions"][0]["args"]["valid_from"] == "250101123456Z"
+
+
+def test_a_caller_allowed_one_action_gets_no_other_through_a_workflow(members: dict[str, Member]) -> None:
+    """Every workflow signs through the same policy as a raw proposal: the rule judges the action it builds, so a
+    caller allowed only to trust nodes gets nothing else signed through another workflow's parameters."""
+    rule = {"name": "trust-only", "uids": [os.getuid()], "actions_allow": ["transition_node_to_trusted"]}
+    with make_world(members, rules=[rule]) as world:
+        node = world.sandbox.join_node()
+        cert = world.file("m2.pem", world.members["m2"].cert_pem)
+        pid = world.proposal("node", "trust", node, "--identity", "m0")
+        refused: list[tuple[str, ...]] = [
+            ("member", "add", "--cert", cert),
+            ("member", "remove", "--member-id", world.members["m1"].member_id),
+            ("node", "retire", node),
+            ("recovery", "refresh-shares"),
+        ]
+        signed, created = world.signed(), len(world.created())
+        for args in refused:
+            dry = world.cli(*args, "--identity", "m0", "--dry-run")
+            assert dry.returncode == 1, dry.stderr
+            assert "policy: DENIED by rule trust-only" in dry.stdout, dry.stdout
+            result = world.cli(*args, "--identity", "m0")
+            assert result.returncode != 0
+            assert "denied by rule 'trust-only'" in result.stderr, result.stderr
+        assert (world.signed(), len(world.created())) == (signed, created)
+        assert world.sandbox.gov_get(f"/gov/members/proposals/{pid}")["proposalState"] == "Open"
 
 
 # -- proposals waiting for a ballot ---
