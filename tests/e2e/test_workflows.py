@@ -114,7 +114,7 @@ def make_world(
             if accepted is not None:
                 (folder / "accepted_cert.pem").write_bytes(accepted)
                 service["accepted_service_certificates"] = [folder / "accepted_cert.pem"]
-            tables: dict[str, dict[str, Any]] = {
+            tables: dict[str, Any] = {
                 # Many refusals on purpose: more than the default budget of denied requests a minute.
                 "agent": {"socket": folder / "run" / "agent.sock", "denial_rate_limit": 10_000},
                 "audit": {"path": folder / "audit" / "audit.jsonl"},
