@@ -56,6 +56,19 @@ def certificate_der(pem: bytes | str) -> bytes | None:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+_END_CERTIFICATE = "-----END CERTIFICATE-----"
+
+
+def bundle_ders(pem: str) -> list[bytes] | None:
+    """The DER of each certificate of a PEM bundle, split as CCF splits one (after each ``-----END
+    CERTIFICATE-----``); None when one of them is not a certificate, or there is none. CCF reads every certificate of
+    a bundle it is given (``isValidX509CertBundle``), so a bundle is only as good as its worst block."""
+    ders = [certificate_der(block + _END_CERTIFICATE) for block in pem.split(_END_CERTIFICATE)[:-1]]
+    if not ders or any(der is None for der in ders):
+        return None
+    return [der for der in ders if der is not None]
+
+
 def single_certificate_pem(pem: bytes) -> bytes | None:
     """The one certificate in ``pem``, re-encoded as plain PEM; None when ``pem`` holds no certificate, or more.
 

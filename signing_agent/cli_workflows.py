@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -198,15 +199,30 @@ def cmd_pending(args: argparse.Namespace, client: AgentClient) -> int:
 
 
 def _shortened(value: Any) -> Any:
-    """For reading: a PEM in an action shown by its kind and length (``--json`` shows it whole)."""
+    """For reading: a PEM in an action shown by its kind and length, a certificate (or each one of a bundle) by its
+    SHA-256, which a reviewer compares with the fingerprint announced out of band (``--json`` shows it whole)."""
     if isinstance(value, dict):
         return {k: _shortened(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_shortened(v) for v in value]
     if isinstance(value, str) and value.startswith("-----BEGIN "):
         kind = value[len("-----BEGIN ") :].split("-----", 1)[0]
-        return f"<{kind} PEM, {len(value)} characters>"
+        return _certificates(value) if kind == "CERTIFICATE" else f"<{kind} PEM, {len(value)} characters>"
     return value
+
+
+def _certificates(pem: str) -> str:
+    from signing_agent.certs import bundle_ders, der_sha256
+
+    ders = bundle_ders(pem)
+    if ders is None:
+        return f"<CERTIFICATE PEM that does not read as one, {len(pem)} characters>"
+    fingerprints = ", ".join(der_sha256(der) for der in ders)
+    return (
+        f"<CERTIFICATE PEM sha256 {fingerprints}>"
+        if len(ders) == 1
+        else f"<CERTIFICATE PEM bundle, sha256 {fingerprints}>"
+    )
 
 
 # -- proposals -----------------------------------------------------------------------------------------------------
@@ -307,11 +323,16 @@ def cmd_member_remove(args: argparse.Namespace, client: AgentClient) -> int:
     return _propose(args, client, "member-remove", {"member_id": args.member_id, "cert": cert})
 
 
+_CCF_TIME = re.compile(r"\d{12}(?:\d{2})?Z?")
+"""CCF's own forms (``YYMMDDHHMMSSZ``, ``YYYYMMDDHHMMSSZ``): digits that ``fromisoformat`` misreads, taking the
+ninth for the date-time separator (``20250101123456Z`` is 2025-01-01 23:45:00 to it)."""
+
+
 def valid_from(text: str | None) -> str | None:
-    """``--valid-from``: ISO 8601 (no offset means UTC) as ``YYYYMMDDHHMMSSZ``; other text is sent as written (the
-    agent checks that CCF reads it)."""
-    if text is None:
-        return None
+    """``--valid-from``: ISO 8601 (no offset means UTC) as ``YYYYMMDDHHMMSSZ``; CCF's own forms and other text are
+    sent as written (the agent checks that CCF reads them as meant)."""
+    if text is None or _CCF_TIME.fullmatch(text):
+        return text
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:

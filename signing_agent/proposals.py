@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from signing_agent import strict_json
-from signing_agent.certs import certificate_der, der_sha256
+from signing_agent.certs import bundle_ders, certificate_der, der_sha256
 from signing_agent.errors import InvalidRequestError
 
 SET_MEMBER: Final = "set_member"
@@ -189,10 +189,14 @@ def _entity_id(args: Mapping[str, Any], field: str) -> str:
 
 
 def _certificate(args: Mapping[str, Any], field: str, *, ccf_name: str | None = None) -> str:
+    """A PEM certificate, or a bundle of them: CCF's ``isValidX509CertBundle`` reads every certificate in the text,
+    and refuses the whole argument when one of them is not a certificate (the first alone would pass here)."""
     value = _string(args, field, ccf_name=ccf_name)
+    ccf = f"{field} must be a valid X509 certificate (bundle) in PEM format"
     if "-----BEGIN CERTIFICATE-----" not in value or certificate_der(value) is None:
-        ccf = f"{field} must be a valid X509 certificate (bundle) in PEM format"
         raise _RefusedError(field, "is not a PEM X.509 certificate", ccf)
+    if bundle_ders(value) is None:
+        raise _RefusedError(field, "holds a certificate block that is not a readable X.509 certificate", ccf)
     return value
 
 
@@ -265,8 +269,13 @@ def _remove_member(action: Mapping[str, Any], facts: ServiceFacts | None) -> Non
 
 
 def _set_member_data(action: Mapping[str, Any], facts: ServiceFacts | None) -> None:
+    """``member_data`` is required here (CCF checks it as an ``object``, where ``set_member`` has ``object?``); JSON
+    null passes, as ``typeof null`` is ``"object"`` to CCF."""
     args = _args(action)
     _entity_id(args, "member_id")
+    if "member_data" not in args:
+        ccf = "member_data must be of type object but is undefined"
+        raise _RefusedError("member_data", "is required: set_member_data replaces the member's data with it", ccf)
     _json_object(args, "member_data")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def make_world(
     *,
     sandbox_args: tuple[str, ...] = (),
     accepted: bytes | None = None,
+    rules: list[dict[str, Any]] | None = None,
 ) -> Iterator[World]:
     """m0 and m1 are Active recovery members of the sandbox; m2 is an identity of the agent but no member yet.
     ``accepted``: a service identity the configuration also trusts (the one the service will recover with)."""
@@ -112,7 +114,7 @@ def make_world(
             if accepted is not None:
                 (folder / "accepted_cert.pem").write_bytes(accepted)
                 service["accepted_service_certificates"] = [folder / "accepted_cert.pem"]
-            tables: dict[str, dict[str, Any]] = {
+            tables: dict[str, Any] = {
                 # Many refusals on purpose: more than the default budget of denied requests a minute.
                 "agent": {"socket": folder / "run" / "agent.sock", "denial_rate_limit": 10_000},
                 "audit": {"path": folder / "audit" / "audit.jsonl"},
@@ -120,6 +122,8 @@ def make_world(
             }
             for name, (key, cert) in paths.items():
                 tables.update(file_identity(name, cert, key))
+            if rules is not None:
+                tables["policy.rules"] = rules
             with daemon(write_toml(folder / "agent.toml", tables)) as agent:
                 yield World(folder, sb, agent, members)
     finally:
@@ -294,6 +298,47 @@ def test_node_trust_then_retire(world: World) -> None:
     assert world.sandbox.gov_get(f"/gov/service/nodes/{node}")["status"] == "Retired"
 
 
+def test_node_trust_signs_ccf_s_own_time_form_as_written(world: World) -> None:
+    """``--valid-from 20250101123456Z``, the form CCF's tooling (and the agent's default) writes: read as ISO 8601,
+    its ninth digit was taken for the date-time separator and 2025-01-01 23:45:00 was signed instead."""
+    node = world.sandbox.join_node()
+    when = ("node", "trust", node, "--valid-from", "20250101123456Z", "--identity", "m0")
+    shown = json.loads(world.ok(*when, "--dry-run", "--json"))
+    assert shown["proposal"]["actions"][0]["args"]["valid_from"] == "20250101123456Z"
+    pid = world.proposal(*when)
+    (action,) = world.sandbox.gov_get(f"/gov/members/proposals/{pid}/actions")["actions"]
+    assert action["args"]["valid_from"] == "20250101123456Z"
+    short = json.loads(world.ok("node", "trust", node, "--valid-from", "250101123456Z", "--dry-run", "--json",
+                                "--identity", "m0"))  # fmt: skip
+    assert short["proposal"]["actions"][0]["args"]["valid_from"] == "250101123456Z"
+
+
+def test_a_caller_allowed_one_action_gets_no_other_through_a_workflow(members: dict[str, Member]) -> None:
+    """Every workflow signs through the same policy as a raw proposal: the rule judges the action it builds, so a
+    caller allowed only to trust nodes gets nothing else signed through another workflow's parameters."""
+    rule = {"name": "trust-only", "uids": [os.getuid()], "actions_allow": ["transition_node_to_trusted"]}
+    with make_world(members, rules=[rule]) as world:
+        node = world.sandbox.join_node()
+        cert = world.file("m2.pem", world.members["m2"].cert_pem)
+        pid = world.proposal("node", "trust", node, "--identity", "m0")
+        refused: list[tuple[str, ...]] = [
+            ("member", "add", "--cert", cert),
+            ("member", "remove", "--member-id", world.members["m1"].member_id),
+            ("node", "retire", node),
+            ("recovery", "refresh-shares"),
+        ]
+        signed, created = world.signed(), len(world.created())
+        for args in refused:
+            dry = world.cli(*args, "--identity", "m0", "--dry-run")
+            assert dry.returncode == 1, dry.stderr
+            assert "policy: DENIED by rule trust-only" in dry.stdout, dry.stdout
+            result = world.cli(*args, "--identity", "m0")
+            assert result.returncode != 0
+            assert "denied by rule 'trust-only'" in result.stderr, result.stderr
+        assert (world.signed(), len(world.created())) == (signed, created)
+        assert world.sandbox.gov_get(f"/gov/members/proposals/{pid}")["proposalState"] == "Open"
+
+
 # -- proposals waiting for a ballot ---
 
 
@@ -309,6 +354,21 @@ def test_proposals_pending_lists_what_an_identity_has_not_voted_on(world: World)
     text = world.ok("proposals", "--pending", "--identity", "m1")
     assert text.splitlines()[0] == pid
     assert "transition_node_to_trusted" in text
+
+
+def test_proposals_pending_shows_which_certificate_a_proposal_names(world: World) -> None:
+    """A reviewer must be able to tell which certificate it is asked to accept (a member, a service identity), and
+    compare it with the fingerprint announced out of band: its length alone tells nothing."""
+    m2 = world.members["m2"]
+    world.proposal("member", "add", "--cert", world.file("m2.pem", m2.cert_pem), "--identity", "m0")
+    text = world.ok("proposals", "--pending", "--identity", "m1")
+    assert f"<CERTIFICATE PEM sha256 {m2.member_id}>" in text, text
+    bundle = (m2.cert_pem + world.members["m1"].cert_pem).decode()
+    world.client.call("POST", "/v1/services/default/proposals", {
+        "identity": "m0", "proposal": {"actions": [{"name": "set_member", "args": {"cert": bundle}}]}})  # fmt: skip
+    text = world.ok("proposals", "--pending", "--identity", "m1")
+    both = f"<CERTIFICATE PEM bundle, sha256 {m2.member_id}, {world.members['m1'].member_id}>"
+    assert both in text, text
 
 
 # -- opening a new service, a recovered one, and refreshing shares ---
@@ -410,11 +470,13 @@ def test_the_commands_refuse_what_ccf_would_refuse(open_world: World) -> None:
     w = open_world
     cert = w.file("m2_cert.pem", w.members["m2"].cert_pem)
     not_cert = w.file("not_cert.pem", "hello")
+    bad_bundle = w.file("bad_bundle.pem", w.members["m2"].cert_pem.decode() + BAD_BLOCK)
     ec_key = w.file("ec_pub.pem", _ec_public_pem())
     small = w.file("rsa1024.pem", pem_public(make_rsa_key(1024).public_key()))
     node = w.sandbox.join_node()
     cases: list[tuple[tuple[str, ...], int, tuple[str, ...]]] = [
         (("member", "add", "--cert", not_cert), 400, ("args.cert: is not a PEM X.509 certificate",)),
+        (("member", "add", "--cert", bad_bundle), 400, ("args.cert: holds a certificate block that is not",)),
         (("member", "add", "--cert", cert, "--recovery-role", "Owner"), 400,
          ("args.recovery_role: needs encryption_pub_key", "Cannot specify a recovery_role value")),
         (("member", "add", "--cert", cert, "--encryption-key", ec_key), 400, ("args.encryption_pub_key", "not an RSA")),
@@ -443,7 +505,12 @@ HAND_WRITTEN: list[tuple[dict[str, Any], tuple[str, ...]]] = [
      ("args.cert: is not a PEM X.509 certificate",)),
     ({"name": "transition_node_to_trusted", "args": {"node_id": "ab" * 32, "valid_from": "2024-01-01T00:00:00-05:30"}},
      ("args.valid_from",)),
+    # CCF: checkType(args.member_data, "object") -- required, unlike set_member's "object?" (null is an object to JS)
+    ({"name": "set_member_data", "args": {"member_id": "ab" * 32}},
+     ("args.member_data: is required", "member_data must be of type object but is undefined")),
 ]  # fmt: skip
+BAD_BLOCK = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+"""A certificate block that does not parse: CCF's ``isValidX509CertBundle`` refuses a bundle holding one."""
 
 
 def test_hand_written_proposals_get_the_same_checks(open_world: World) -> None:
@@ -463,6 +530,8 @@ def test_hand_written_proposals_get_the_same_checks(open_world: World) -> None:
          ("args.previous_service_identity", "is Open, not Recovering")),
         ({"name": "transition_service_to_open", "args": {"next_service_identity": rewrapped}},
          ("not the same PEM text", "byte for byte")),
+        ({"name": "set_member", "args": {"cert": cert + BAD_BLOCK}},
+         ("args.cert", "must be a valid X509 certificate (bundle)")),
     ]  # fmt: skip
     for i, (action, expected) in enumerate(cases):
         proposal = {"actions": [action]}

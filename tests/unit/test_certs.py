@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from signing_agent.certs import certificate_der, der_sha256, load_certificate, member_id, read_certificate
+from signing_agent.certs import (
+    bundle_ders,
+    certificate_der,
+    der_sha256,
+    load_certificate,
+    member_id,
+    read_certificate,
+)
 from signing_agent.errors import ConfigError, IdentityError, InvalidRequestError
 from tests.support.pki import make_member
 
@@ -67,3 +74,13 @@ def test_validity_says_when_a_certificate_is_not_valid_or_expires_soon() -> None
     assert validity.seconds_left(start + datetime.timedelta(days=99)) == 86400.0
     member = make_member(valid_from=datetime.timedelta(days=-1), valid_until=datetime.timedelta(days=5))
     assert Validity.of(member.cert) == Validity(member.cert.not_valid_before_utc, member.cert.not_valid_after_utc)
+
+
+def test_a_bundle_is_every_certificate_in_it_or_nothing() -> None:
+    a, b = make_member("a"), make_member("b")
+    der_a, der_b = (m.cert.public_bytes(serialization.Encoding.DER) for m in (a, b))
+    assert bundle_ders(a.cert_pem.decode()) == [der_a]
+    assert bundle_ders((a.cert_pem + b"\n" + b.cert_pem).decode()) == [der_a, der_b]
+    unreadable = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    assert bundle_ders(a.cert_pem.decode() + unreadable) is None  # the first alone would read
+    assert bundle_ders("no certificate") is None
