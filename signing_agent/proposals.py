@@ -353,6 +353,10 @@ def _refresh_shares(action: Mapping[str, Any], facts: ServiceFacts | None) -> No
 def _open_service(action: Mapping[str, Any], facts: ServiceFacts | None) -> None:
     args = _args(action)
     following = _certificate(args, "next_service_identity", ccf_name="next service identity (PEM certificate)")
+    if len(bundle_ders(following) or ()) != 1:
+        # A service identity is one certificate: members voting for a bundle would trust every certificate in it
+        # (a service, even a compromised one, reporting its identity as one is no reason to).
+        raise _RefusedError("next_service_identity", "is a bundle: a service identity is exactly one certificate")
     previous = None
     if "previous_service_identity" in args:
         ccf_name = "previous service identity (PEM certificate)"

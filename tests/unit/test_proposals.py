@@ -95,6 +95,8 @@ def facts(**fields: Any) -> ServiceFacts:
         ({"name": "transition_service_to_open", "args": {"next_service_identity": SERVICE,
                                                          "previous_service_identity": None}},
          "args.previous_service_identity: must be a string"),
+        ({"name": "transition_service_to_open", "args": {"next_service_identity": SERVICE + CERT}},
+         "args.next_service_identity: is a bundle: a service identity is exactly one certificate"),
     ],
 )  # fmt: skip
 def test_arguments_ccf_would_refuse(action: dict[str, Any], expected: str) -> None:
@@ -291,3 +293,11 @@ def make_member_id(pem: str) -> str:
     der = certificate_der(pem)
     assert der is not None
     return der_sha256(der)
+
+
+def test_a_service_reporting_its_identity_as_a_bundle_gets_no_transition_to_it() -> None:
+    """Even a pinned service (a compromised one) that reports a bundle beginning with the trusted certificate: the
+    members would vote every certificate in it into trust."""
+    bundle = SERVICE + CERT
+    refusal = refused(payload(proposals.open_service(bundle)), facts(identity=bundle))
+    assert "is a bundle: a service identity is exactly one certificate" in refusal
