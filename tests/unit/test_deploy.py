@@ -156,6 +156,19 @@ def test_the_kubernetes_sidecar_shares_its_socket_and_uses_workload_identity() -
     assert not re.search(r"(?i)(secret|pin)\s*=", config)
 
 
+def test_only_the_agent_container_gets_the_workload_identity_token() -> None:
+    """The workload identity webhook mounts the federated token (and so the managed identity's vault rights) into
+    every container of the pod unless ``azure.workload.identity/skip-containers`` names it: a client holding it could
+    sign with the member key in the vault itself, past the agent's policy and audit log. No container needs a
+    Kubernetes API token either (the webhook projects its own for the agent)."""
+    docs = {d["kind"]: d for d in manifests()}
+    pod = docs["Deployment"]["spec"]["template"]
+    names = {c["name"] for c in pod["spec"]["containers"]}
+    skipped = set(pod["metadata"].get("annotations", {}).get("azure.workload.identity/skip-containers", "").split(";"))
+    assert skipped == names - {"signing-agent"}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
 def test_the_dockerfile_runs_unprivileged_without_secrets() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     final = text.split("\nFROM ")[-1]
