@@ -620,9 +620,7 @@ def open_own_folder(
     write it (they could swap its files or plant their own; ``signing_agent.files``). Other failures raise
     ``error``."""
     try:
-        folder.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
+        files.make_private_folder(folder)
     except OSError as exc:
         raise error(f"{setting}: cannot create the folder {folder}: {exc.strerror}") from None
     try:

@@ -42,6 +42,7 @@ from signing_agent.backends.keystores import KeyStores, take_configured_secrets
 from signing_agent.config import AgentConfig, FileKeyConfig, load_config
 from signing_agent.denials import DenialThrottle
 from signing_agent.errors import AgentError, ConfigError
+from signing_agent.files import make_private_folder
 from signing_agent.governance import Governance
 from signing_agent.health import HealthChecker
 from signing_agent.identity import Identity, open_identity
@@ -79,7 +80,7 @@ def bind_unix_socket(path: Path, mode: int = 0o600, group: str | None = None) ->
     check_socket_path(path)
     folder = path.parent
     if not os.path.lexists(folder):
-        folder.mkdir(mode=0o700, parents=True)
+        make_private_folder(folder)
     warning = check_socket_folder(folder, group_access=group is not None)
     if warning is not None:
         _logger.warning("%s", warning)

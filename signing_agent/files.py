@@ -67,6 +67,28 @@ def open_own_folder(folder: Path) -> int:
     return fd
 
 
+def make_private_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each mode 0700 whatever the umask; one that exists is left as it
+    is (the caller checks it). ``mkdir``'s mode is cut by the umask, and the systemd unit's ``UMask=0177`` would
+    leave 0600 folders that their own user cannot enter: the agent could then neither make nor open its files
+    there. Each folder made is set to 0700 through a descriptor opened without following a symlink."""
+    missing: list[Path] = []
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile, by someone else: not ours to change
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+
+
 def read_own_file(path: Path) -> bytes:
     """The content of a file the agent takes its trust from (its configuration, a pinned service certificate), if it
     is the agent's own: owned by its uid or root, and no group or other may write it; else ``NotOursError``

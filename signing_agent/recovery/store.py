@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from signing_agent.errors import ConfigError
-from signing_agent.files import NotOursError, open_in_folder, open_own_folder, replace_file
+from signing_agent.files import NotOursError, make_private_folder, open_in_folder, open_own_folder, replace_file
 
 STATE_VERSION = 1
 MAX_STATE_BYTES = 1 << 20
@@ -155,7 +155,7 @@ class RecoveryStateStore:
 
     def _write_sync(self, data: Mapping[str, Any]) -> None:
         encoded = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(self.path.parent)
         folder = self._open_folder(self.path.parent)
         try:
             replace_file(folder, self.path.name, encoded)

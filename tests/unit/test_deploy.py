@@ -3,7 +3,9 @@ Kubernetes sidecar manifest and the Dockerfile. They are data the project ships,
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 import tomllib
@@ -14,7 +16,7 @@ import yaml
 
 from signing_agent.api.connections import FD_HEADROOM
 from signing_agent.config import AgentSection
-from tests.support.prereq import require_executable
+from tests.support.prereq import missing, require_executable
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -102,6 +104,40 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
     assert result.stdout + result.stderr == ""
 
 
+def test_sysusers_and_tmpfiles_make_the_folders_the_units_and_the_agent_expect(tmp_path: Path) -> None:
+    """Applied to an empty root, as on a fresh host: the user, and each folder owned and moded as the units set them
+    (``check-config`` runs before the first start, as the agent's user) and writable by no one but the agent, which
+    refuses a socket or audit folder others may write."""
+    for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+        require_executable(tool)
+    if os.geteuid() != 0:
+        missing("systemd-tmpfiles --root gives folders to another user: it needs root")
+    conf = DEPLOY / "systemd"
+    (tmp_path / "etc").mkdir()
+    for command in (
+        ["systemd-sysusers", f"--root={tmp_path}", str(conf / "signing-agent.sysusers.conf")],
+        ["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(conf / "signing-agent.tmpfiles.conf")],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+    (entry,) = [
+        line for line in (tmp_path / "etc" / "passwd").read_text().splitlines() if line.startswith("signing-agent:")
+    ]
+    uid, gid = (int(n) for n in entry.split(":")[2:4])
+    service = unit("signing-agent.service")["Service"]
+    socket_folder = Path(one(unit("signing-agent.socket")["Socket"], "ListenStream")).parent
+    expected = {
+        "/etc/" + one(service, "ConfigurationDirectory"): (0, gid, int(one(service, "ConfigurationDirectoryMode"), 8)),
+        "/var/lib/" + one(service, "StateDirectory"): (uid, gid, int(one(service, "StateDirectoryMode"), 8)),
+        "/run/" + one(service, "RuntimeDirectory"): (uid, gid, int(one(service, "RuntimeDirectoryMode"), 8)),
+    }
+    assert "/run/" + one(service, "RuntimeDirectory") == str(socket_folder)
+    for folder, (owner, group, mode) in expected.items():
+        st = (tmp_path / folder.lstrip("/")).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (owner, group, mode), folder
+        assert not mode & 0o022, folder
+
+
 def manifests() -> list[dict[str, Any]]:
     docs = []
     for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
@@ -154,6 +190,19 @@ def test_the_kubernetes_sidecar_shares_its_socket_and_uses_workload_identity() -
     assert audit_folder != Path(state["mountPath"])
     assert all(m["name"] != state["name"] for m in client["volumeMounts"])
     assert not re.search(r"(?i)(secret|pin)\s*=", config)
+
+
+def test_only_the_agent_container_gets_the_workload_identity_token() -> None:
+    """The workload identity webhook mounts the federated token (and so the managed identity's vault rights) into
+    every container of the pod unless ``azure.workload.identity/skip-containers`` names it: a client holding it could
+    sign with the member key in the vault itself, past the agent's policy and audit log. No container needs a
+    Kubernetes API token either (the webhook projects its own for the agent)."""
+    docs = {d["kind"]: d for d in manifests()}
+    pod = docs["Deployment"]["spec"]["template"]
+    names = {c["name"] for c in pod["spec"]["containers"]}
+    skipped = set(pod["metadata"].get("annotations", {}).get("azure.workload.identity/skip-containers", "").split(";"))
+    assert skipped == names - {"signing-agent"}
+    assert pod["spec"]["automountServiceAccountToken"] is False
 
 
 def test_the_dockerfile_runs_unprivileged_without_secrets() -> None:
