@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, verify_digest
-from signing_agent.backends._secrets import secret_env
+from signing_agent.backends._secrets import read_secret_file, secret_env
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
 from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig, read_trusted_pem
@@ -402,8 +402,11 @@ def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCrede
                 raise ConfigError(
                     f"{where}: credential 'client-certificate' needs tenant_id, client_id and client_certificate"
                 )
+            # Read as a secret file (ours, mode 0600): it holds the private key that gets the vault's tokens, and
+            # whoever may read it can use the vault key past the agent's policy and audit log.
+            pem = read_secret_file(cfg.client_certificate, f"{where}.client_certificate:")
             try:
-                return CertificateCredential(cfg.tenant_id, cfg.client_id, str(cfg.client_certificate))
+                return CertificateCredential(cfg.tenant_id, cfg.client_id, certificate_data=pem)
             except (OSError, ValueError) as exc:
                 raise ConfigError(
                     f"{where}.client_certificate: cannot load {cfg.client_certificate}: {_redact(str(exc))}"
