@@ -93,7 +93,7 @@ async def test_client_certificate(tmp_path: Path) -> None:
     credential = await built(cfg(credential="client-certificate", tenant_id=TENANT, client_id=CLIENT,
                                  client_certificate=pem))  # fmt: skip
     assert isinstance(credential, CertificateCredential)
-    with pytest.raises(ConfigError, match="missing.pem: No such file"):
+    with pytest.raises(ConfigError, match=r"missing\.pem: No such file"):
         _make_credential(cfg(credential="client-certificate", tenant_id=TENANT, client_id=CLIENT,
                              client_certificate=tmp_path / "missing.pem"), WHERE)  # fmt: skip
     garbage = tmp_path / "garbage.pem"
