@@ -12,7 +12,8 @@ Design notes (why it is built this way):
   SDK would GET the key before the first operation, and before *every* operation while that GET fails. The
   client is bound to the key's versioned id, so an unpinned key keeps using the version resolved at start-up:
   the public key we cached (and that the identity layer compared with the certificate) is the one that signs
-  until the agent restarts.
+  until the agent restarts. The answer must name the configured vault host, key and (pinned) version
+  (``_check_kid``): the client sends every later request, and its bearer token, to the answer's key id.
 - **Our retry loop, not the SDK's.** The SDK's ``AsyncRetryPolicy`` retries POST only for 500/503/504, retries
   a 429 only when ``Retry-After`` is present, and retries a failing GET with 0.8 s, 1.6 s, ... backoff up to
   10 times. That makes throttling behaviour depend on a header. We set ``retry_total=0`` on every client and
@@ -53,7 +54,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signing_agent.algorithms import SignatureAlgorithm, verify_digest
-from signing_agent.backends._secrets import secret_env
+from signing_agent.backends._secrets import read_secret_file, secret_env
 from signing_agent.backends.base import KeyInfo, Priority
 from signing_agent.backends.ratelimit import PriorityThrottle, ThrottleSettings
 from signing_agent.config import AzureKeyVaultKeyConfig, KeyVaultConfig, read_trusted_pem
@@ -88,7 +89,7 @@ try:
         ManagedIdentityCredential,
         WorkloadIdentityCredential,
     )
-    from azure.keyvault.keys import KeyVaultKey
+    from azure.keyvault.keys import KeyVaultKey, KeyVaultKeyIdentifier
     from azure.keyvault.keys.aio import KeyClient
     from azure.keyvault.keys.crypto import EncryptionAlgorithm
     from azure.keyvault.keys.crypto import SignatureAlgorithm as AzureSignatureAlgorithm
@@ -204,7 +205,7 @@ def _jwk_bytes(jwk: object, name: str) -> bytes | None:
     return bytes(value) if isinstance(value, bytes | bytearray) else None
 
 
-def _public_key_from_jwk(key: KeyVaultKey) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+def _jwk_public_key(key: KeyVaultKey) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     jwk = key.key
     kty = _jwk_text(jwk, "kty")
     if kty.startswith("EC"):
@@ -226,6 +227,52 @@ def _public_key_from_jwk(key: KeyVaultKey) -> ec.EllipticCurvePublicKey | rsa.RS
     if kty.startswith("RSA") and n is not None and e is not None:
         return rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
     raise IdentityError(f"Key Vault key {key.id} has key type {kty or '?'}: expected EC or RSA")
+
+
+def _public_key_from_jwk(key: KeyVaultKey) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """The public key of a vault's answer, or an ``IdentityError`` naming the key: a point off its curve or an RSA
+    modulus ``cryptography`` refuses is the vault's (or whoever answered for it) mistake, not a crash."""
+    try:
+        return _jwk_public_key(key)
+    except ValueError as exc:
+        raise IdentityError(f"Key Vault key {key.id}: the vault's public key is not valid: {exc}") from None
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or 443
+
+
+def _check_kid(key: KeyVaultKey, cfg: AzureKeyVaultKeyConfig, where: str) -> None:
+    """The vault's answer names the key the configuration asked for: on ``vault_url``'s host, under ``key_name``, with
+    a version (the pinned one if ``key_version`` is set).
+
+    The ``CryptographyClient`` is built from the answer and sends every later signature, decryption and bearer token
+    to the answer's key id: an answer naming another host (or another version, or none) would take them elsewhere
+    than the configured vault and version for as long as the agent runs.
+    """
+    kid = str(key.id or "")
+    try:
+        named = KeyVaultKeyIdentifier(kid)
+        vault, name, version = named.vault_url, named.name, named.version or ""
+    except (ValueError, TypeError):
+        vault, name, version = "", "", ""
+    problems = []
+    if _origin(vault) != _origin(cfg.vault_url):
+        problems.append(f"not on {cfg.vault_url}")
+    if name.lower() != cfg.key_name.lower():
+        problems.append(f"not key {cfg.key_name!r}")
+    if not version:
+        problems.append("no version")
+    elif cfg.key_version and version.lower() != cfg.key_version.lower():
+        problems.append(f"not the pinned version {cfg.key_version}")
+    if problems:
+        raise IdentityError(
+            f"{where}: Key Vault {cfg.vault_url} answered for key {cfg.key_name!r} with key id {kid or '(none)'}: "
+            + ", ".join(problems),
+            hint="the agent signs only with the configured vault, key and version: check vault_url, key_name and "
+            "key_version, and whatever answers for the vault (a private endpoint, a proxy)",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,8 +449,11 @@ def _make_credential(cfg: AzureKeyVaultKeyConfig, where: str) -> AsyncTokenCrede
                 raise ConfigError(
                     f"{where}: credential 'client-certificate' needs tenant_id, client_id and client_certificate"
                 )
+            # Read as a secret file (ours, mode 0600): it holds the private key that gets the vault's tokens, and
+            # whoever may read it can use the vault key past the agent's policy and audit log.
+            pem = read_secret_file(cfg.client_certificate, f"{where}.client_certificate:")
             try:
-                return CertificateCredential(cfg.tenant_id, cfg.client_id, str(cfg.client_certificate))
+                return CertificateCredential(cfg.tenant_id, cfg.client_id, certificate_data=pem)
             except (OSError, ValueError) as exc:
                 raise ConfigError(
                     f"{where}.client_certificate: cannot load {cfg.client_certificate}: {_redact(str(exc))}"
@@ -497,6 +547,7 @@ class _AzureKey:
         try:
             version = cfg.key_version or None
             key = await self._call("get key", lambda: key_client.get_key(cfg.key_name, version), priority=Priority.HIGH)
+            _check_kid(key, cfg, self._where)
             public_key = _public_key_from_jwk(key)
             warnings = self._check_key(key, public_key)
             if cfg.key_version:
@@ -950,6 +1001,7 @@ class _KeyMaker(_AzureKey):
     def _checked(self, key: KeyVaultKey) -> CreatedKey:
         """What the vault made is what was asked for (some tools silently got a software key for an HSM one)."""
         new = self._new
+        _check_kid(key, self._cfg, self._where)
         public_key = _public_key_from_jwk(key)
         kty = _jwk_text(key.key, "kty")
         problems = []

@@ -5,6 +5,7 @@ agent."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import traceback
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from signing_agent.errors import (
     KeyNotFoundError,
     SigningFailedError,
 )
-from tests.doubles.keyvault import Fault, RunningKeyVault
+from tests.doubles.keyvault import Fault, RunningKeyVault, running_keyvault
 from tests.support.pki import make_member, make_rsa_key
 
 FAST = AzureKeyVaultSettings(
@@ -57,10 +58,10 @@ async def registry(kv: RunningKeyVault) -> AsyncIterator[AzureKeyVaultRegistry]:
 
 def _cfg(kv: RunningKeyVault, key_name: str, **kwargs: object) -> AzureKeyVaultKeyConfig:
     kwargs.setdefault("credential", "managed-identity")
+    kwargs.setdefault("ca_bundle", kv.ca_bundle)
     return AzureKeyVaultKeyConfig(
         vault_url=kv.vault_url,
         key_name=key_name,
-        ca_bundle=kv.ca_bundle,
         **kwargs,  # type: ignore[arg-type]  # test helper: keyword pass-through
     )
 
@@ -179,6 +180,63 @@ async def test_a_key_that_does_not_match_the_certificate_is_visible(
     kv.vault.add_key("m0", make_member("other").key)
     info = await registry.signing_key(_cfg(kv, "m0"), name=WHERE).describe()
     assert info.public_key.public_numbers() != registered.key.public_key().public_numbers()
+
+
+async def _describe_and_sign(key: SigningKey) -> None:
+    await key.describe()
+    await key.sign_digest(ES384, ES384.digest(b"x"))
+
+
+async def test_an_answer_naming_another_vault_is_refused_before_any_token_goes_there(
+    kv: RunningKeyVault, tmp_path: Path
+) -> None:
+    """The vault's GET answer names the key on another host (trusted by the same CA bundle, accepting the same
+    tokens): the SDK would send every signature and its bearer token there. The agent refuses the key instead."""
+    async with running_keyvault(tmp_path / "other") as other:
+        other.vault.token_endpoint = kv.token_endpoint
+        version = kv.vault.add_key("m0", "P-384")
+        other.vault.add_key("m0", version.private_key).version = version.version
+        kv.vault.jwk_overrides["kid"] = other.vault.kid(other.vault.latest("m0"))
+        both = tmp_path / "both-ca.pem"
+        both.write_bytes(kv.ca_bundle.read_bytes() + other.ca_bundle.read_bytes())
+        registry = AzureKeyVaultRegistry(settings=FAST)
+        try:
+            key = registry.signing_key(_cfg(kv, "m0", key_version=version.version, ca_bundle=both), name=WHERE)
+            with pytest.raises(IdentityError, match=f"not on {kv.vault_url}") as info:
+                await _describe_and_sign(key)
+        finally:
+            await registry.aclose()
+        assert other.vault_url in info.value.message
+        assert other.vault.requests == []
+        _assert_no_secrets(kv, info.value)
+
+
+@pytest.mark.parametrize("answer", ["other-version", "no-version", "other-name", "off-curve"])
+async def test_an_answer_for_another_key_or_an_invalid_key_is_refused(
+    kv: RunningKeyVault, registry: AzureKeyVaultRegistry, answer: str
+) -> None:
+    """A pinned key whose GET answer names another version (the SDK would sign with that one), no version (it would
+    sign with whatever is current), another key, or carries a point off its curve: a clear ``IdentityError`` naming
+    the key, and no signature is asked for."""
+    pinned = kv.vault.add_key("m0", "P-384")
+    current = kv.vault.add_key("m0", "P-384")
+    kv.vault.add_key("m1", "P-384")
+    expected = {
+        "other-version": (kv.vault.kid(current), f"not the pinned version {pinned.version}"),
+        "no-version": (f"{kv.vault_url}/keys/m0", "no version"),
+        "other-name": (kv.vault.kid(kv.vault.latest("m1")), "not key 'm0'"),
+        "off-curve": (None, "the vault's public key is not valid"),
+    }
+    kid, problem = expected[answer]
+    if kid is not None:
+        kv.vault.jwk_overrides["kid"] = kid
+    else:
+        kv.vault.jwk_overrides["x"] = kv.vault.jwk_overrides["y"] = pinned.jwk(kv.vault_url)["y"]
+    key = registry.signing_key(_cfg(kv, "m0", key_version=pinned.version), name=WHERE)
+    with pytest.raises(IdentityError, match=re.escape(problem)) as info:
+        await _describe_and_sign(key)
+    assert "m0" in info.value.message
+    assert kv.vault.requests_for("sign") == []
 
 
 async def test_decrypt_rsa_oaep_256(kv: RunningKeyVault, registry: AzureKeyVaultRegistry) -> None:

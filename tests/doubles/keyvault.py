@@ -283,6 +283,9 @@ class KeyVaultDouble:
         """Every ``create`` request body, with the key's name under ``name``."""
         self.downgrade_hsm = False
         """Misbehave: make a software key when asked for an HSM one (a client must notice)."""
+        self.jwk_overrides: dict[str, Any] = {}
+        """Misbehave: fields that replace the JWK's in every ``GET`` answer (a ``kid`` on another host or version, a
+        point off its curve)."""
         self.requests: list[RequestRecord] = []
         self.operations: collections.Counter[str] = collections.Counter()
         """Authenticated requests per op (what Key Vault bills and throttles)."""
@@ -477,7 +480,9 @@ class KeyVaultDouble:
 
     async def _get_key(self, request: web.Request) -> web.Response:
         kv = self._find(request.match_info["name"], request.match_info.get("version", ""))
-        return web.json_response(kv.bundle(self.base_url))
+        bundle = kv.bundle(self.base_url)
+        bundle["key"].update(self.jwk_overrides)
+        return web.json_response(bundle)
 
     async def _create_key(self, request: web.Request) -> web.Response:
         """``POST /keys/{name}/create``: Key Vault's ``KeyCreateParameters`` checked as the service does (the

@@ -472,3 +472,30 @@ def test_each_credential_kind_is_refused_when_its_proof_is_wrong(
     assert [(g["ok"], g["error"]) for g in grants_for(vault, cred.client_id)] == expected
     assert len(vault.created()) == before
     assert not (workdir / "never_cert.pem").exists()
+
+
+def test_a_client_certificate_others_may_read_or_own_is_refused(vault: KeyVaultProcess, folder: Path) -> None:
+    """The client certificate file holds the private key that gets the vault's tokens: one that group or others may
+    read (anyone on the host could use the vault key past the agent's policy and audit log), or that another user
+    owns (and may swap for a certificate of their own), is refused like a ``pin_file``, before any token is asked
+    for."""
+    workdir, cred = prepared(vault, folder / "cred-cert-mode", lambda v, f: client_certificate(v, f))
+    pem = Path(cred.flags[cred.flags.index("--client-certificate") + 1])
+    config = config_with(snippet(generate(vault, workdir, "certmode", cred.env, *cred.flags)), workdir)
+    granted = len(grants_for(vault, cred.client_id))
+    before = len(vault.created())
+    pem.chmod(0o644)
+    refused = generate(vault, workdir, "certmode2", cred.env, *cred.flags)
+    assert refused.returncode == 2, refused.stderr
+    assert f"client_certificate: {pem}: mode 0644 lets group or others read or write it" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    checked = run(["check-config", "--config", str(config)], cred.env, workdir)
+    assert checked.returncode != 0, checked.stdout
+    assert "mode 0644 lets group or others read or write it" in checked.stdout + checked.stderr
+    pem.chmod(0o600)
+    shutil.chown(pem, user=65534, group=65534)
+    checked = run(["check-config", "--config", str(config)], cred.env, workdir)
+    assert checked.returncode != 0, checked.stdout
+    assert "owned by uid 65534, not by the agent's user or root" in checked.stdout + checked.stderr
+    assert len(grants_for(vault, cred.client_id)) == granted  # no token was asked for with either file
+    assert len(vault.created()) == before

@@ -89,9 +89,16 @@ async def test_client_certificate(tmp_path: Path) -> None:
     key = make_rsa_key()  # Entra ID signs client assertions with RS256
     pem = tmp_path / "sp.pem"
     pem.write_bytes(pem_private(key) + self_signed_cert(key, "sp").public_bytes(serialization.Encoding.PEM))
+    pem.chmod(0o600)
     credential = await built(cfg(credential="client-certificate", tenant_id=TENANT, client_id=CLIENT,
                                  client_certificate=pem))  # fmt: skip
     assert isinstance(credential, CertificateCredential)
-    with pytest.raises(ConfigError, match="cannot load"):
+    with pytest.raises(ConfigError, match=r"missing\.pem: No such file"):
         _make_credential(cfg(credential="client-certificate", tenant_id=TENANT, client_id=CLIENT,
                              client_certificate=tmp_path / "missing.pem"), WHERE)  # fmt: skip
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"not a certificate")
+    garbage.chmod(0o600)
+    with pytest.raises(ConfigError, match="cannot load"):
+        _make_credential(cfg(credential="client-certificate", tenant_id=TENANT, client_id=CLIENT,
+                             client_certificate=garbage), WHERE)  # fmt: skip
