@@ -7,8 +7,6 @@ milliseconds, and CCF's odd answers (a lost answer's ProposalReplay, a :update w
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,12 @@ from signing_agent.errors import (
     ConflictError,
     UnknownServiceError,
 )
-from tests.support.fake_ccf import FakeWorld, fake_world, file_identity
-from tests.support.fakes import as_peer, signing_service
+from tests.support.fake_ccf import FakeWorld, file_identity
+from tests.support.fakes import signing_service
 
+pytestmark = pytest.mark.usefixtures("own_peer")
 PID = "c" * 64
 PROPOSAL = {"actions": [{"name": "set_constitution", "args": {"constitution": "x"}}]}
-
-
-@pytest.fixture(autouse=True)
-def peer() -> Iterator[None]:
-    """Every call here acts for a socket peer (the test's own uid), as the API's middleware binds it."""
-    with as_peer(os.getuid()):
-        yield
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[FakeWorld]:
-    w = await fake_world(tmp_path)
-    yield w
-    await w.gov.aclose()
-    assert all(c.closed for c in w.ccf.connections)
 
 
 async def test_a_proposal_is_signed_once_forwarded_audited_and_ccf_s_answer_relayed(world: FakeWorld) -> None:

@@ -12,7 +12,7 @@ import base64
 import json
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,18 +42,12 @@ from signing_agent.recovery import (
 from signing_agent.recovery.trust import MAX_PROPOSALS_EXAMINED
 from signing_agent.signer import Signer, SignRequest
 from tests.support.fake_ccf import FakeGovernanceAPI, FakeService, FakeWorld, fake_world, file_identity
-from tests.support.fakes import as_peer, signing_service
+from tests.support.fakes import signing_service
 from tests.support.pki import make_member
 
+pytestmark = pytest.mark.usefixtures("own_peer")
 SHARE = bytes(range(44))
 PID = "d" * 64
-
-
-@pytest.fixture(autouse=True)
-def peer() -> Iterator[None]:
-    """Every call here acts for a socket peer (the test's own uid), as the API's middleware binds it."""
-    with as_peer(os.getuid()):
-        yield
 
 
 @dataclass

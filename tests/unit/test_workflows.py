@@ -7,9 +7,6 @@ The same commands through the daemon against the sandbox are in tests/e2e/test_w
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,26 +15,13 @@ from signing_agent.errors import CCFError, ConflictError, InvalidRequestError
 from signing_agent.proposals import Needs
 from signing_agent.sandbox.identity import ServiceIdentity
 from signing_agent.workflows import Workflows
-from tests.support.fake_ccf import FakeWorld, fake_world
-from tests.support.fakes import as_peer
+from tests.support.fake_ccf import FakeWorld
 from tests.support.pki import make_member
 
+pytestmark = pytest.mark.usefixtures("own_peer")
 PID = "c" * 64
 NODE = "ab" * 32
 NOW = 1_735_689_600.0  # 2025-01-01T00:00:00Z
-
-
-@pytest.fixture(autouse=True)
-def peer() -> Iterator[None]:
-    with as_peer(os.getuid()):
-        yield
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[FakeWorld]:
-    w = await fake_world(tmp_path)
-    yield w
-    await w.gov.aclose()
 
 
 def workflows(world: FakeWorld) -> Workflows:
