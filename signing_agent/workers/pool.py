@@ -32,6 +32,7 @@ from signing_agent.errors import AgentError, BackendError, error_class
 from signing_agent.workers import frames
 from signing_agent.workers.child import Worker
 from signing_agent.workers.hardening import child_command, child_environment
+from signing_agent.workers.reaping import reap
 
 _logger = logging.getLogger(__name__)
 
@@ -171,12 +172,7 @@ class CryptoPool:
             if worker.proc.stdin is not None:
                 worker.proc.stdin.close()
         for worker in workers:
-            try:
-                await asyncio.wait_for(worker.proc.wait(), 5.0)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.kill()
-                await worker.proc.wait()
+            await reap(worker.proc)
             if worker.reader is not None:
                 worker.reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -15,12 +15,12 @@ on a thread for good (and says so once): a helper process is a speed-up, never a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 
 from signing_agent.workers.fsync_child import ANSWER as _ANSWER
 from signing_agent.workers.hardening import child_command, child_environment
+from signing_agent.workers.reaping import reap
 
 """Bytes in an answer: 0 and two zero bytes after a good fsync, 1 and the errno (big-endian) after a failed one."""
 
@@ -83,9 +83,4 @@ class Syncer:
     async def aclose(self) -> None:
         self.gone = True
         self._sock.close()  # the child sees EOF and exits
-        try:
-            await asyncio.wait_for(self._proc.wait(), 5.0)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            await self._proc.wait()
+        await reap(self._proc)
