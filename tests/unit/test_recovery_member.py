@@ -234,16 +234,23 @@ async def test_a_new_identity_named_by_a_transition_proposal_is_trusted_for_read
     assert "encrypted_share" not in recovered.service.calls
 
 
+async def next_generation(world: World, tmp_path: Path, **settings: object) -> RecoveryMember:
+    """What a reload opens beside the serving generation: its own governance and recovery, on the same signer, fake
+    service and state folder, with the state files restored. The caller closes ``.governance``."""
+    gov = Governance(world.gov.signer, {"prod": world.ccf.config("prod", **settings)}, auditor=world.gov.auditor,
+                     connector=world.ccf)  # fmt: skip
+    newer = RecoveryMember(gov.signer, gov, RecoveryConfig(state_dir=tmp_path / "state"), auditor=gov.auditor)
+    await newer.open()
+    return newer
+
+
 async def test_one_share_submission_at_a_time_per_identity_across_generations(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a reload, a request still running in the old generation and the new generation's watcher may ask for
     the same share at once: the lock is the state file's (one per process), so the second sees the first's
     submission and skips, rather than decrypting and submitting it again."""
-    gov = Governance(world.gov.signer, {"prod": world.ccf.config("prod")}, auditor=world.gov.auditor,
-                     connector=world.ccf)  # fmt: skip
-    newer = RecoveryMember(gov.signer, gov, RecoveryConfig(state_dir=tmp_path / "state"), auditor=gov.auditor)
-    await newer.open()
+    newer = await next_generation(world, tmp_path)
     real = FakeGovernanceAPI.encrypted_share
 
     async def slow(self: FakeGovernanceAPI, member_id: str) -> Any:
@@ -256,7 +263,7 @@ async def test_one_share_submission_at_a_time_per_identity_across_generations(
     )
     assert sorted(result.skipped for result in results) == [False, True]
     assert world.service.calls.count("submit_recovery_share") == 1
-    await gov.aclose()
+    await newer.governance.aclose()
 
 
 def list_behind(service: FakeService, decoys: int, decoy_state: str, transition_state: str) -> None:
@@ -288,14 +295,8 @@ async def test_a_generation_catches_up_with_trust_an_older_one_wrote_after_it_re
     """A reload opens the new generation (which restores the state files) while the old one still serves: an
     adoption or approval the old one's last requests make lands in the state file after that. Once the old one has
     closed, the daemon has the new one catch up, or it would serve without the trust the log says was given."""
-    gov = Governance(
-        recovered.gov.signer,
-        {"prod": recovered.ccf.config("prod", accept_transition_to=True)},
-        auditor=recovered.gov.auditor,
-        connector=recovered.ccf,
-    )
-    newer = RecoveryMember(gov.signer, gov, RecoveryConfig(state_dir=tmp_path / "state"), auditor=gov.auditor)
-    await newer.open()  # restored: nothing yet
+    newer = await next_generation(recovered, tmp_path, accept_transition_to=True)  # restored: nothing yet
+    gov = newer.governance
     assert await recovered.recovery.adopt_by_proposal("prod")  # the older generation's request, still running
     assert gov.ccf.provisional_identity("prod") is None
     adopted = recovered.events().count("identity_adopted")
