@@ -103,6 +103,18 @@ class BaseClient:
         self.on_wait = on_wait
         self.notice_after = notice_after
 
+    def parsed(self, call: Call[T], resp: Response) -> T:
+        """``call``'s result from its (2xx) answer. An answer of a shape the call does not read (a list for an object,
+        a field missing, not JSON) is ``AgentUnreachableError``: whatever answers on the socket may be an agent of
+        another version, or no agent at all; either way its answer is no result."""
+        try:
+            return call.parse(resp)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise AgentUnreachableError(
+                f"the answer on {self.socket_path} is not one this client reads ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); is that socket this version's agent?"
+            ) from exc
+
 
 def checked(resp: Response) -> Response:
     """A 2xx answer as it came; any other raised as the agent's typed error (``AgentRequestError``)."""

@@ -97,7 +97,7 @@ class AsyncAgentClient(BaseClient):
         if self.on_wait is not None:
             notice = asyncio.get_running_loop().call_later(self.notice_after, self.on_wait, call.waiting_for)
         try:
-            return call.parse(await self.call(call.method, call.path, call.body))
+            return self.parsed(call, await self.call(call.method, call.path, call.body))
         finally:
             if notice is not None:
                 notice.cancel()

@@ -70,7 +70,7 @@ class AgentClient(BaseClient):
 
     def run(self, call: Call[T]) -> T:
         with self._notice(call.waiting_for):
-            return call.parse(self.call(call.method, call.path, call.body))
+            return self.parsed(call, self.call(call.method, call.path, call.body))
 
     def drive(self, flow: Flow[T]) -> T:
         """Run a flow of calls (``signing_agent.client._calls``) to its result."""

@@ -5,6 +5,7 @@ attack runs the real command (``python -m signing_agent``) against a hostile ser
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import resource
@@ -19,7 +20,9 @@ from typing import Any
 
 import pytest
 
+from signing_agent.client import AgentClient, AgentUnreachableError
 from signing_agent.client._http import MAX_ANSWER_BYTES
+from signing_agent.client.aio import AsyncAgentClient
 from tests.support.agent import cli_env
 from tests.support.fake_agent import FakeAgent, fake_agent
 from tests.support.pki import make_member
@@ -162,13 +165,34 @@ SERVICES = {"services": [{"name": "default", "url": "https://ccf:8000", "api_ver
 
 
 def test_an_answer_of_another_shape_is_a_clear_error_not_a_traceback(workdir: Path) -> None:
-    """An impostor, or an agent of another version, answers 200 with a body of a shape the command does not read."""
+    """An impostor, or an agent of another version, answers 200 with a body of a shape the command does not read:
+    through the client library's typed results (``identities``), and in a command that reads the raw JSON itself
+    (``service identity``: no ``trust`` field)."""
     with impostor(workdir / "agent.sock", json_answer(200, ["a list", "not an object"])) as fake:
         done = run_cli(fake.socket, "identities")
     assert done.returncode == 3, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
-    assert "is not one this command reads (TypeError:" in done.stderr
+    assert "is not one this client reads (TypeError:" in done.stderr
+    assert "is that socket this version's agent?" in done.stderr
+
+    body = {"certificate": ANNOUNCED.cert_pem.decode(), "sha256": ANNOUNCED.member_id}
+    routes = {"GET /v1/services": (200, SERVICES), "GET /v1/services/default/identity": (200, body)}
+    with fake_agent(workdir / "raw.sock", routes) as agent:
+        done = run_cli(agent.socket, "service", "identity")
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert "is not one this command reads (KeyError:" in done.stderr
     assert "is the socket this version's agent?" in done.stderr
+
+
+def test_the_client_library_turns_an_answer_of_another_shape_into_an_error(workdir: Path) -> None:
+    """For every program that uses the library, not only the CLI: ``AgentUnreachableError``, never a bare
+    ``TypeError`` from inside a typed result."""
+    with impostor(workdir / "agent.sock", json_answer(200, ["a list", "not an object"])) as fake:
+        with pytest.raises(AgentUnreachableError, match="is not one this client reads"):
+            AgentClient(fake.socket, timeout=30).identities()
+        with pytest.raises(AgentUnreachableError, match="is not one this client reads"):
+            asyncio.run(AsyncAgentClient(fake.socket, timeout=30).identities())
 
 
 ANNOUNCED, FORGED = make_member("service", "secp384r1"), make_member("attacker", "secp384r1")
