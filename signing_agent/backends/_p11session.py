@@ -122,6 +122,11 @@ class PinSource:
     pin_file: Path | None = None
     pin_env: str | None = None
 
+    @property
+    def logs_in(self) -> bool:
+        """Whether a session with this source logs in (else it sees the token's public objects only)."""
+        return self.pin_file is not None or self.pin_env is not None
+
     def describe(self) -> str:
         if self.pin_file is not None:
             return f"pin_file {self.pin_file}"

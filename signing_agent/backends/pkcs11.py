@@ -601,7 +601,7 @@ class _PKCS11Key:
                 key_id=self._sel.key_id,
                 key_type=key_type,
                 where=self._name,
-                logged_in=self._sel.pin.pin_file is not None or self._sel.pin.pin_env is not None,
+                logged_in=self._sel.pin.logs_in,
             )
             self._conn.handles[cache_key] = key
         return key

@@ -272,7 +272,9 @@ def sign_digest(target: TokenTarget, *, label: str | None, key_id: bytes | None,
     """Sign a digest with CKM_ECDSA in the token (raw ``r||s``); used for certificates and self-tests."""
     p11 = require_pkcs11()
     with admin_session(target, rw=False) as session:
-        key = find_private_key(session, label=label, key_id=key_id, key_type=p11.KeyType.EC, where="key")
+        key = find_private_key(
+            session, label=label, key_id=key_id, key_type=p11.KeyType.EC, where="key", logged_in=target.pin.logs_in
+        )
         return bytes(key.sign(digest, mechanism=p11.Mechanism.ECDSA))
 
 
@@ -293,7 +295,10 @@ def oaep_mode(target: TokenTarget, key: TokenKey) -> OaepMode:
     ciphertext = public.encrypt(message, oaep)
     size = (public.key_size + 7) // 8
     with admin_session(target, rw=False) as session:
-        private = find_private_key(session, label=key.label, key_id=key.key_id, key_type=p11.KeyType.RSA, where="key")
+        private = find_private_key(
+            session, label=key.label, key_id=key.key_id, key_type=p11.KeyType.RSA, where="key",
+            logged_in=target.pin.logs_in,
+        )  # fmt: skip
         try:
             decrypted = private.decrypt(
                 ciphertext,
