@@ -1,9 +1,15 @@
-"""Files the agent keeps of its own (the audit log, the recovery state): the one way they are opened and checked.
+"""Files the agent keeps of its own (the audit log, the recovery state) and files it takes its trust from (its
+configuration, a pinned service certificate, a CA bundle): the one way they are opened and checked.
 
-A folder the agent keeps files in is opened without following a symlink, and used only if it belongs to the agent's
-uid or root and no group or other may write in it (they could swap its files or plant their own). Files in it are
-opened relative to that folder's descriptor, again without following a symlink, and checked on the opened
-descriptor, so a swap between a check and a use cannot slip through.
+The rule is ``foreign``'s: the agent's uid or root owns it, and no group or other may write it. A folder the agent
+keeps files in is opened without following a symlink, and used only if it passes (others could swap its files or
+plant their own). Files in it are opened relative to that folder's descriptor, again without following a symlink, and
+checked on the opened descriptor, so a swap between a check and a use cannot slip through. A trust file is only read
+(``read_own_file``): a symlink to it is followed, and the file it reaches is checked as opened.
+
+Two stricter rules live beside what they guard: a secret file (a key, a PIN) must not be readable by others either
+(``backends._secrets``, ssh's rule), and the recovery state file must be the agent's uid's alone, mode 0600 at most
+(``recovery.store``).
 
 What is wrong is raised as a ``NotOursError`` naming the problem; each caller words the refusal in its own terms (its
 setting's name, its hint), because its messages are part of what it promises. Other ``OSError`` pass through.

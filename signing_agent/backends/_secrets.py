@@ -46,10 +46,13 @@ def check_secret_file(path: Path, what: str) -> None:
 
 
 def read_secret_file(path: Path, what: str) -> bytes:
-    """The content of a private secret file (at most 1 MiB), checked as it is opened."""
+    """The content of a private secret file (at most 1 MiB), checked as it is opened. Opened without blocking, as
+    ``files.read_own_file`` opens a trust file: a FIFO at the path would hang whoever reads it (start-up, a reload)
+    waiting for a writer; it is refused as no regular file instead."""
     try:
-        with open(path, "rb") as f:
-            _check(os.fstat(f.fileno()), path, what)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            _check(os.fstat(fd), path, what)
             return f.read(MAX_SECRET_BYTES)
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror}") from None

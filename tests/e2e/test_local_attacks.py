@@ -116,22 +116,28 @@ config.write_text(config.read_text().replace("[agent]\n", "[agent]\nallowed_uids
 """
 
 
-def test_a_configuration_another_user_can_write_is_never_loaded(workdir: Path, member: Member) -> None:
-    """The configuration decides who may sign: a file another user (here: a group) may write is theirs to grant
-    themselves every key with. The agent refuses it at a reload (and at start-up), as it refuses a PIN file or an
-    audit folder others may write; the configuration it serves stays in force."""
+@pytest.mark.parametrize("whose", ["a group's", "another user's"])
+def test_a_configuration_another_user_can_write_is_never_loaded(workdir: Path, member: Member, whose: str) -> None:
+    """The configuration decides who may sign: a file another user may write (a group's, or one that user owns) is
+    theirs to grant themselves every key with. The agent refuses it at a reload (and at start-up), as it refuses a
+    PIN file or an audit folder others may write; the configuration it serves stays in force."""
     config = reachable_by_nobody(workdir, member)
     with daemon(config) as proc:
         [status, denied] = json.loads(as_uid(NOBODY, SIGN_AS_NOBODY, str(REPO), str(proc.socket)))
         assert (status, denied["error"]["code"]) == (403, "PolicyDenied")
-        config.chmod(0o664)  # e.g. edited by a tool, or shared with an operators' group
+        if whose == "a group's":
+            config.chmod(0o664)  # e.g. edited by a tool, or shared with an operators' group
+            why = "mode 0664 lets group or others write it"
+        else:
+            os.chown(config, NOBODY, -1)  # e.g. copied in by another user, mode kept
+            why = f"owned by uid {NOBODY}, not by the agent's user (uid {os.geteuid()}) or root"
         as_uid(NOBODY, GRANT_NOBODY, str(config))
         assert "allowed_uids = [65534]" in config.read_text()
         reloaded = AgentClient(proc.socket, timeout=60).request("POST", "/v1/reload").json()
         [status, denied] = json.loads(as_uid(NOBODY, SIGN_AS_NOBODY, str(REPO), str(proc.socket)))
         assert (status, reloaded["reloaded"]) == (403, False), reloaded
-        assert f"{config}: mode 0664 lets group or others write it" in reloaded["error"]
-    with pytest.raises(RuntimeError, match="mode 0664 lets group or others write it"), daemon(config):
+        assert f"{config}: {why}" in reloaded["error"]
+    with pytest.raises(RuntimeError, match=re.escape(why)), daemon(config):
         pass
 
 

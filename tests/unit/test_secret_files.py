@@ -47,6 +47,17 @@ def test_not_a_regular_file_or_missing(tmp_path: Path) -> None:
         read_secret_file(tmp_path / "nope", "pin_file")
 
 
+@pytest.mark.timeout(20)  # before the fix, the open waited for a writer until the timeout failed the test
+def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO at a key's or a PIN file's path (a slip, or whoever may write its folder) hung start-up, check-config
+    and a reload, waiting for a writer that never comes; as a trust file (``files.read_own_file``), it is no regular
+    file and is refused at once."""
+    fifo = tmp_path / "pin"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError, match=f"pin_file {fifo}: not a regular file"):
+        read_secret_file(fifo, "pin_file")
+
+
 def test_a_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     if os.getuid() != 0:
         missing("changing a file's owner needs root")
