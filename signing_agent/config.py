@@ -32,6 +32,7 @@ from signing_agent.names import MSG_TYPES as MSG_TYPES
 from signing_agent.names import AzureCredential as AzureCredential
 from signing_agent.names import LogLevel as LogLevel
 from signing_agent.names import MsgTypeName as MsgTypeName
+from signing_agent.names import is_ccf_id
 from signing_agent.pkcs11_uri import PKCS11URI, parse_uri
 
 if TYPE_CHECKING:
@@ -185,7 +186,6 @@ class AgentSection:
 
 DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_AUDIT_KEEP_ROTATED = 10
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 BALLOT_ALIASES = ("accept", "reject")
 
 
@@ -822,7 +822,7 @@ def _policy_rule(t: _Table, index: int, known_services: Mapping[str, ServiceConf
         if not exe.startswith("/"):
             raise ConfigError(f"{t._key('executables')}: {exe!r} is not an absolute path")
     for ballot in rule.ballots or ():
-        if ballot not in BALLOT_ALIASES and not _HEX64_RE.match(ballot):
+        if ballot not in BALLOT_ALIASES and not is_ccf_id(ballot):
             raise ConfigError(
                 f"{t._key('ballots')}: {ballot!r} is neither 'accept', 'reject' nor a lowercase hex SHA-256"
             )

@@ -28,13 +28,13 @@ from signing_agent.config import ServiceConfig
 from signing_agent.context import current_request
 from signing_agent.cose.governance import MsgType, check_proposal_id, compact_json, summarise_payload
 from signing_agent.errors import AgentError, CCFError, ConflictError, InvalidRequestError
+from signing_agent.names import is_ccf_id
 from signing_agent.proposals import ServiceFacts, needs
 from signing_agent.signer import SignedMessage, Signer, SignRequest, VotedProposal
 
 _logger = logging.getLogger(__name__)
 
 _REPLAY_ID = re.compile(r"\b([0-9a-f]{64})\b")
-_PROPOSAL_ID = re.compile(r"[0-9a-f]{64}")
 PROPOSAL_READS_AT_ONCE = 8
 """Proposals whose actions are read from a service at the same time (``proposals(with_actions=True)``)."""
 
@@ -316,7 +316,7 @@ class Governance:
 
         async def with_its_actions(entry: Any) -> Any:
             pid = entry.get("proposalId") if isinstance(entry, dict) else None
-            if not isinstance(pid, str) or not _PROPOSAL_ID.fullmatch(pid):
+            if not is_ccf_id(pid):
                 return entry
             async with limit:
                 actions = await client.proposal_actions(pid, max_attempts=1)
@@ -341,7 +341,7 @@ class Governance:
         ballots: dict[str, str] = {}
         members = await client.members()
         for member in members.value or ():
-            if not _PROPOSAL_ID.fullmatch(member.member_id):
+            if not is_ccf_id(member.member_id):
                 continue  # not a member id CCF would list: never put in a path
             ballot = await client.ballot(proposal_id, member.member_id)
             if ballot.value is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every client command 2 ms
 if TYPE_CHECKING:
-    from typing import Literal
+    from typing import Literal, TypeGuard
 
     MsgTypeName = Literal["proposal", "ballot", "withdrawal", "state_digest", "ack", "recovery_share"]
     """The governance message types, as policy rules, the API and the CLI name them."""
@@ -33,3 +33,12 @@ ACCEPT_BALLOT = "export function vote (proposal, proposerId) { return true }"
 alias is its SHA-256."""
 REJECT_BALLOT = "export function vote (proposal, proposerId) { return false }"
 """The canonical rejecting ballot (``--reject``, the ``"reject"`` alias)."""
+
+
+_LOWER_HEX = frozenset("0123456789abcdef")
+
+
+def is_ccf_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a CCF proposal or member id, or a SHA-256 as the policy names one: exactly 64 lowercase
+    hex digits, nothing around them (not even a final line break, which ``re.match`` with ``$`` lets through)."""
+    return isinstance(value, str) and len(value) == 64 and _LOWER_HEX.issuperset(value)

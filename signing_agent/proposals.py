@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from signing_agent import strict_json
 from signing_agent.certs import bundle_ders, certificate_der, der_sha256
 from signing_agent.errors import InvalidRequestError
+from signing_agent.names import is_ccf_id
 
 SET_MEMBER: Final = "set_member"
 REMOVE_MEMBER: Final = "remove_member"
@@ -44,7 +45,6 @@ REKEY_LEDGER: Final = "trigger_ledger_rekey"
 
 RECOVERY_ROLES: Final = ("NonParticipant", "Participant", "Owner")
 MIN_RSA_BITS: Final = 2048
-_ID = re.compile(r"[0-9a-f]{64}")
 _ANY_CASE_ID = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -182,7 +182,7 @@ def _entity_id(args: Mapping[str, Any], field: str) -> str:
     if not _ANY_CASE_ID.fullmatch(value):
         why = f"{value[:80]!r} is not 64 hex characters"
         raise _RefusedError(field, why, f"{field} must contain exactly 64 characters")
-    if not _ID.fullmatch(value):
+    if not is_ccf_id(value):
         why = "must be lower case: CCF keys members and nodes by the lower-case id, so the proposal would do nothing"
         raise _RefusedError(field, why)
     return value

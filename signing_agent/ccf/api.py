@@ -20,7 +20,6 @@ import base64
 import binascii
 import dataclasses
 import json
-import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,10 +37,10 @@ from signing_agent.ccf.client import (
 from signing_agent.certs import single_certificate_pem
 from signing_agent.config import ServiceConfig
 from signing_agent.errors import CCFError, CCFTimeoutError, CCFTrustError, CCFUnavailableError
+from signing_agent.names import is_ccf_id
 
 T = TypeVar("T")
 
-_PROPOSAL_ID = re.compile(r"[0-9a-f]{64}")
 TRANSITION_ACTION = "transition_service_to_open"
 
 
@@ -78,7 +77,7 @@ def _path(template: str, **ids: str) -> str:
     that came in an answer (a member the service lists) is never sent as it is: ``..``, ``?`` or ``#`` in it would
     make the request another one."""
     for name, value in ids.items():
-        if not _PROPOSAL_ID.fullmatch(value):
+        if not is_ccf_id(value):
             raise CCFError(f"{name} {value[:80]!r} is not a CCF id (64 lowercase hex): nothing was sent")
     return template.format(**ids)
 
@@ -282,7 +281,7 @@ class Proposal:
     def from_object(cls, body: Mapping[str, Any]) -> Proposal:
         pid = _text(body.get("proposalId"))
         return cls(
-            proposal_id=pid if pid is not None and _PROPOSAL_ID.fullmatch(pid) else None,
+            proposal_id=pid if is_ccf_id(pid) else None,
             proposer_id=_text(body.get("proposerId")),
             state=_word(body.get("proposalState")),
             fields=body,

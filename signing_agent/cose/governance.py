@@ -15,7 +15,6 @@ import binascii
 import enum
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +23,12 @@ from signing_agent import strict_json
 from signing_agent.algorithms import SignatureAlgorithm
 from signing_agent.cose.sign1 import HEADER_KID, HeaderLabel, ToBeSigned, prepare
 from signing_agent.errors import InvalidRequestError
+from signing_agent.names import is_ccf_id
 
 HEADER_MSG_TYPE = "ccf.gov.msg.type"
 HEADER_CREATED_AT = "ccf.gov.msg.created_at"
 HEADER_PROPOSAL_ID = "ccf.gov.msg.proposal_id"
 MAX_CREATED_AT = 9_999_999_999
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class MsgType(enum.StrEnum):
@@ -126,7 +124,7 @@ def compact_json(value: Any) -> bytes:
 
 
 def check_proposal_id(value: object) -> str:
-    if not isinstance(value, str) or not _HEX64.match(value):
+    if not isinstance(value, str) or not is_ccf_id(value):
         raise InvalidRequestError("proposal_id must be the 64 lowercase hex characters of a CCF proposal id")
     return value
 
@@ -170,6 +168,6 @@ def protected_headers(member: str, request: GovernanceRequest) -> dict[HeaderLab
 
 def prepare_governance(alg: SignatureAlgorithm, member: str, request: GovernanceRequest) -> ToBeSigned:
     """The digest to sign for a governance message from ``member`` (its id) with ``alg``."""
-    if not _HEX64.match(member):
+    if not is_ccf_id(member):
         raise ValueError("member id must be 64 lowercase hex characters")
     return prepare(alg, protected_headers(member, request), request.payload)

@@ -104,8 +104,11 @@ async def test_created_at_defaults_to_now(agent: Path) -> None:
         ({"identity": "m0", "msg_type": "proposal", "payload_base64": "%%%"}, 400, "InvalidRequest"),
         ({"identity": "m0", "msg_type": "proposal", "surprise": 1}, 400, "InvalidRequest"),
         ({"identity": ["m0"], "msg_type": "proposal"}, 400, "InvalidRequest"),
+        # a proposal id with a final line break: signed into the ballot's header, it passed a `$`-anchored match
+        ({"identity": "m0", "msg_type": "ballot", "proposal_id": "c" * 64 + "\n",
+          "payload": {"ballot": "export function vote (proposal, proposerId) { return true }"}}, 400, "InvalidRequest"),
     ],
-)
+)  # fmt: skip
 async def test_errors_are_json_with_a_code(agent: Path, body: object, status: int, code: str) -> None:
     got, headers, raw = await call(agent, "POST", "/v1/sign", body)
     assert got == status
