@@ -1199,16 +1199,19 @@ class FileAuditSink:
         whole, as before."""
         with self._thread_lock:
             self._check_usable()
-            with self._reporting():
+            with self._reporting(done=False):
                 before = self._write_here(records)
+            if before is not None and not sync:  # done; a synced group is done once its fsync is (_sync_written)
+                self._written_again()
         if before is None:
             await asyncio.to_thread(self._append_sync, records, sync=sync)
         elif sync:
             await self._sync_written(before)
 
     @contextlib.contextmanager
-    def _reporting(self) -> Iterator[None]:
-        """Log the first of a run of failed writes, and the write that ends the run."""
+    def _reporting(self, *, done: bool = True) -> Iterator[None]:
+        """Log the first of a run of failed writes, and (``done``: the records are written and synced when the block
+        is) the write that ends the run. A write whose fsync is still to come ends no run: the log stays ``failing``."""
         try:
             yield
         except AuditError as exc:
@@ -1216,6 +1219,10 @@ class FileAuditSink:
                 _logger.error("audit log %s: %s", self.path, exc.message)  # noqa: TRY400 -- no traceback needed
             self._failure = exc.message
             raise
+        if done:
+            self._written_again()
+
+    def _written_again(self) -> None:
         if self._failure is not None:
             _logger.warning("audit log %s: records are written again", self.path)
             self._failure = None

@@ -569,8 +569,6 @@ async def serve(
     metrics = metrics or METRICS
     notifier = Notifier()
     notifier.status("starting: opening identities")
-    # Before the first child (the fsync helper, the crypto workers): a child's environment is a copy of ours.
-    take_configured_secrets(config)
     async with contextlib.AsyncExitStack() as stack:
         audit = await stack.enter_async_context(open_audit(config))
         resources = await stack.enter_async_context(

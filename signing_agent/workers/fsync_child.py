@@ -15,6 +15,7 @@ import sys
 from signing_agent.workers.hardening import child_main
 
 ANSWER = 3
+"""Bytes in an answer: 0 and two zero bytes after a good fsync, 1 and the errno (big-endian) after a failed one."""
 
 
 def serve(sock: socket.socket) -> None:

@@ -22,8 +22,6 @@ from signing_agent.workers.fsync_child import ANSWER as _ANSWER
 from signing_agent.workers.hardening import child_command, child_environment
 from signing_agent.workers.reaping import reap
 
-"""Bytes in an answer: 0 and two zero bytes after a good fsync, 1 and the errno (big-endian) after a failed one."""
-
 
 class SyncerUnavailableError(RuntimeError):
     """The helper cannot fsync (it died, or answered nonsense): fsync some other way."""

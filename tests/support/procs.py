@@ -74,6 +74,15 @@ def ignored_signals(pid: int) -> set[int]:
     raise AssertionError(f"no SigIgn in /proc/{pid}/status")
 
 
+def core_limit(pid: int) -> tuple[str, str]:
+    """``pid``'s core file size limit (soft, hard), as ``/proc/<pid>/limits`` shows it (``"0"``, ``"unlimited"``)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            soft, hard = line.split()[4:6]
+            return soft, hard
+    raise AssertionError(f"no core file size in /proc/{pid}/limits")
+
+
 def unread_stdin(pid: int) -> int:
     """Bytes waiting in the pipe that is ``pid``'s stdin (sent to it, not yet read)."""
     fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)

@@ -31,7 +31,7 @@ from signing_agent.workers.child import Worker, serve
 from signing_agent.workers.hardening import child_environment
 from signing_agent.workers.pool import CryptoPool
 from tests.support.pki import make_member
-from tests.support.procs import gone, ignored_signals, private_proc_files
+from tests.support.procs import core_limit, gone, ignored_signals, private_proc_files
 
 KEYS = {alg.name: ec.generate_private_key(alg.curve()) for alg in ALGORITHMS}
 """One key per algorithm (P-256, P-384, P-521), made once."""
@@ -195,6 +195,19 @@ async def test_workers_ignore_the_signals_of_a_service_stop(pool: CryptoPool) ->
         await asyncio.gather(*(pool.sign(handle, ES256, ES256.digest(b"%d" % i)) for i in range(20)))
     assert pool.pids == before
     assert not any(gone(pid) for pid in before)
+
+
+async def test_a_worker_that_holds_keys_can_leave_no_core_dump(pool: CryptoPool) -> None:
+    """Each worker turns core dumps off itself (``hardening.harden_process``) before it reads its pipe: a core file
+    of a worker would hold the file keys it was handed. Both limits, so the worker cannot raise its soft one again;
+    a limit inherited from this process would not do (its hard limit is not 0, as the check below makes sure)."""
+    assert core_limit(os.getpid())[1] != "0"
+    handle = pool.add_key(KEYS["ES256"])
+    async with asyncio.timeout(BOUND):  # one job each: both workers have read their pipe, so both are hardened
+        await asyncio.gather(*(pool.sign(handle, ES256, ES256.digest(b"%d" % i)) for i in range(2)))
+    assert pool.alive == 2
+    for pid in pool.pids:
+        assert core_limit(pid) == ("0", "0")
 
 
 async def test_a_file_key_signs_in_the_pool_and_drops_its_key_there_on_close(

@@ -223,3 +223,39 @@ async def test_a_record_that_is_not_durable_is_written_without_the_helper(tmp_pa
         await sink.aclose()
     assert len(lines(path)) == 5
     assert verify_audit([path]).ok
+
+
+async def test_a_run_of_failed_fsyncs_is_one_failure_until_a_group_is_durable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A group whose write lands but whose fsync fails is no success: while fsyncs keep failing, the log stays
+    ``failing`` (a request then waits for its ``received`` record before any key store) and says so once, not once
+    per group with a "written again" between; the first durable group ends the run."""
+    caplog.set_level(logging.WARNING, "signing_agent.audit")
+    path = tmp_path / "audit.jsonl"
+    fsyncer = FailingFsyncer()
+    sink = await FileAuditSink.open(path, max_bytes=1 << 20, fsyncer=fsyncer)
+    failing_while_syncing: list[bool] = []
+    fsync = fsyncer.fsync
+
+    async def watched(fd: int) -> None:
+        failing_while_syncing.append(sink.failing)  # the group is written, its fsync not done
+        await fsync(fd)
+
+    fsyncer.fsync = watched  # type: ignore[method-assign]
+    try:
+        fsyncer.failing = True
+        async with asyncio.timeout(BOUND):
+            for i in range(3):
+                with pytest.raises(AuditError):
+                    await sink.record(signed(f"lost{i}"))
+        fsyncer.failing = False
+        await record_all(sink, "b", 1)
+        assert not sink.failing
+    finally:
+        await sink.aclose()
+    assert failing_while_syncing == [False, True, True, True]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("Input/output error" in m for m in messages) == 1, messages
+    assert sum("records are written again" in m for m in messages) == 1, messages
+    assert verify_audit([path]).ok
