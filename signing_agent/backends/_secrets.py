@@ -46,9 +46,10 @@ def check_secret_file(path: Path, what: str) -> None:
 
 
 def read_secret_file(path: Path, what: str) -> bytes:
-    """The content of a private secret file (at most 1 MiB), checked as it is opened."""
+    """The content of a private secret file (at most 1 MiB), checked as it is opened. Opened without blocking: a FIFO
+    or a device is refused, never waited on."""
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             _check(os.fstat(f.fileno()), path, what)
             return f.read(MAX_SECRET_BYTES)
     except OSError as exc:

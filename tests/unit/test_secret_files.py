@@ -47,6 +47,16 @@ def test_not_a_regular_file_or_missing(tmp_path: Path) -> None:
         read_secret_file(tmp_path / "nope", "pin_file")
 
 
+@pytest.mark.timeout(10)
+def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO at a secret file's path (nobody writing it) held ``open`` for ever: start-up or a reload hung instead of
+    refusing the file, as the trust files already refuse one."""
+    fifo = tmp_path / "pin"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_secret_file(fifo, "pin_file")
+
+
 def test_a_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     if os.getuid() != 0:
         missing("changing a file's owner needs root")
