@@ -112,11 +112,10 @@ def _read_content(path: str | None, what: str = "--content") -> bytes:
 
 
 def _member_id_of_cert_file(path: str) -> str:
-    from pathlib import Path
+    from signing_agent.certs import load_certificate, member_id
 
-    from signing_agent.certs import member_id, read_certificate
-
-    return member_id(read_certificate(Path(path), "--signing-cert", error=InvalidRequestError))
+    data = read_input(path, "--signing-cert")
+    return member_id(load_certificate(data, f"--signing-cert: {path}", error=InvalidRequestError))
 
 
 def resolve_identity(client: AgentClient, identity: str | None, signing_cert: str | None) -> str:

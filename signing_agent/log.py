@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from signing_agent import context
-from signing_agent.text import printable as text_printable
+from signing_agent.text import printable
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -46,17 +46,11 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def printable(text: str) -> str:
-    """``text`` with each character that is not printable (line breaks, terminal escapes, C1 controls, bidi overrides)
-    written as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``).
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, one line per message (``text.printable``); a traceback follows on its own lines.
 
     Log messages quote what callers sent (a request's decoded path, a name they chose): unescaped, ``%0a`` would start
     a log line of the caller's choosing, and ``%1b`` would write escape sequences to the operator's terminal."""
-    return text_printable(text)
-
-
-class TextFormatter(logging.Formatter):
-    """``TEXT_FORMAT``, one line per message (``printable``); a traceback follows on its own lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
         record.message = printable(record.message)

@@ -127,6 +127,10 @@ def agent(workdir: Path) -> Iterator[FakeAgent]:
         (["propose", "/dev/zero"], "FILE"),
         (["vote", "ab" * 32, "--ballot", "/dev/zero"], "--ballot"),
         (["member", "add", "--cert", "/dev/zero"], "--cert"),
+        (
+            ["sign", "--ccf-gov-msg-type", "proposal", "--signing-cert", "/dev/zero", "--out", "/dev/null"],
+            "--signing-cert",
+        ),
     ],
 )
 def test_an_endless_input_file_is_refused_at_the_cap(agent: FakeAgent, argv: list[str], what: str) -> None:
