@@ -27,6 +27,7 @@ from signing_agent import __version__
 from signing_agent.cli_exit import EXIT_CODES_HELP, Exit, report
 from signing_agent.cli_input import read_input, read_input_text
 from signing_agent.client import AgentClient, AgentRequestError, AgentUnreachableError, Proposal, WaitTimeoutError
+from signing_agent.client.errors import UNREADABLE_ANSWER, unreadable_answer
 from signing_agent.client.results import Health, HealthCheck, ReloadOutcome, iso_utc
 from signing_agent.client_config import (
     CONFIG_ENV,
@@ -89,6 +90,7 @@ def _notice(waiting_for: str) -> None:
 def _client(args: argparse.Namespace, settings: ClientSettings | None = None) -> AgentClient:
     settings = settings or _settings(args)
     on_wait = _notice if sys.stderr.isatty() else None
+    args.agent_socket = settings.socket  # the command talks to an agent: see _run
     return AgentClient(settings.socket, timeout=settings.timeout, on_wait=on_wait)
 
 
@@ -654,20 +656,13 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         return Exit.INTERRUPTED
     except (AgentError, AgentRequestError, AgentUnreachableError, WaitTimeoutError) as exc:
         return report(exc, verbose=args.verbose)
-    except (KeyError, TypeError, AttributeError, IndexError) as exc:
-        return report(_unreadable_answer(exc), verbose=args.verbose)
-
-
-def _unreadable_answer(exc: Exception) -> AgentUnreachableError:
-    """What a command says when an answer has a shape it does not read (a missing field, a list for an object):
-    whatever listens on the socket may be an agent of another version, or no agent at all. One line that says so,
-    not a traceback (``--verbose`` shows it, this error's cause)."""
-    error = AgentUnreachableError(
-        f"the answer on the socket is not one this command reads ({type(exc).__name__}: {str(exc)[:200]}); is the "
-        "socket this version's agent?"
-    )
-    error.__cause__ = exc
-    return error
+    except UNREADABLE_ANSWER as exc:
+        # A command that reads an agent's raw JSON itself (``service identity``) meets an answer of another shape
+        # here; a command that never talked to an agent has a bug, and shows its traceback.
+        socket_path = getattr(args, "agent_socket", None)
+        if socket_path is None:
+            raise
+        return report(unreadable_answer(socket_path, exc), verbose=args.verbose)
 
 
 # -- governance with a CCF service ---------------------------------------------------------------------------------

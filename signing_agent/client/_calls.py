@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 
 from signing_agent.client._http import Response
-from signing_agent.client.errors import AgentUnreachableError, WaitTimeoutError, answered_error
+from signing_agent.client.errors import (
+    UNREADABLE_ANSWER,
+    AgentUnreachableError,
+    WaitTimeoutError,
+    answered_error,
+    unreadable_answer,
+)
 from signing_agent.client.results import (
     Activation,
     Explanation,
@@ -109,11 +115,8 @@ class BaseClient:
         another version, or no agent at all; either way its answer is no result."""
         try:
             return call.parse(resp)
-        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
-            raise AgentUnreachableError(
-                f"the answer on {self.socket_path} is not one this client reads ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); is that socket this version's agent?"
-            ) from exc
+        except UNREADABLE_ANSWER as exc:
+            raise unreadable_answer(self.socket_path, exc) from exc
 
 
 def checked(resp: Response) -> Response:

@@ -32,6 +32,21 @@ class AgentUnreachableError(Exception):
     """The agent's socket cannot be reached."""
 
 
+UNREADABLE_ANSWER = (KeyError, TypeError, AttributeError, IndexError, ValueError)
+"""What reading a result out of an answer of another shape raises (a list for an object, a field missing, not JSON)."""
+
+
+def unreadable_answer(socket_path: str, exc: Exception) -> AgentUnreachableError:
+    """The error for an answer of a shape the client does not read: whatever answers on the socket may be an agent of
+    another version, or no agent at all; either way its answer is no result. ``exc`` is its cause (``--verbose``)."""
+    error = AgentUnreachableError(
+        f"the answer on {socket_path} is not one this client reads ({type(exc).__name__}: {str(exc)[:200]}); is that "
+        "socket this version's agent?"
+    )
+    error.__cause__ = exc
+    return error
+
+
 class AgentNoAnswerError(AgentUnreachableError):
     """The agent took the request but sent no (complete) answer within the client's ``timeout``."""
 

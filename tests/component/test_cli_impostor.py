@@ -181,8 +181,8 @@ def test_an_answer_of_another_shape_is_a_clear_error_not_a_traceback(workdir: Pa
         done = run_cli(agent.socket, "service", "identity")
     assert done.returncode == 3, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
-    assert "is not one this command reads (KeyError:" in done.stderr
-    assert "is the socket this version's agent?" in done.stderr
+    assert "is not one this client reads (KeyError:" in done.stderr
+    assert "is that socket this version's agent?" in done.stderr
 
 
 def test_the_client_library_turns_an_answer_of_another_shape_into_an_error(workdir: Path) -> None:

@@ -127,3 +127,18 @@ def test_a_wait_that_ran_out_is_a_timeout_and_answered_errors_keep_their_status_
     err = io.StringIO()
     assert report(typed, err=err) == Exit.POLICY
     assert err.getvalue() == "signing-agent: PolicyDenied (403): rule x\n"  # ...printed as the answer it was
+
+
+def test_a_bug_in_a_command_that_talks_to_no_agent_is_not_passed_off_as_a_strange_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI reports a ``KeyError`` (and the like) as an unreadable answer only for a command that talked to an
+    agent; anywhere else it is a bug of ours, and its traceback shows."""
+    from signing_agent import cli
+
+    def broken(args: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_version", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["version"])
