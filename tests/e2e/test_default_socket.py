@@ -1,5 +1,5 @@
 """A user's agent with no ``agent.socket`` listens on ``$XDG_RUNTIME_DIR/signing-agent/agent.sock``, and the CLI
-finds it there with neither ``--socket`` nor ``SIGNING_AGENT_SOCKET``: the two defaults agree, as ssh-agent's and
+finds it there with neither ``--socket`` nor ``SIGNING_AGENT_SOCK``: the two defaults agree, as ssh-agent's and
 gpg-agent's do.
 
 The suite runs as root, whose default is ``/run/signing-agent/``; the daemon and the CLI run in a user namespace
