@@ -583,8 +583,8 @@ async def test_a_symlinked_log_or_folder_is_refused_and_its_target_untouched(tmp
     assert target.stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("what", ["file", "folder", "lock"])
-async def test_files_of_another_user_or_writable_by_others_are_refused(tmp_path: Path, what: str) -> None:
+def _planted(tmp_path: Path, what: str) -> tuple[Path, Path]:
+    """The audit log's path, and the one of its file, lock or folder the test makes another's."""
     folder = tmp_path / "audit"
     folder.mkdir(mode=0o700)
     path = folder / "audit.jsonl"
@@ -592,12 +592,23 @@ async def test_files_of_another_user_or_writable_by_others_are_refused(tmp_path:
     if what != "folder":
         planted.write_bytes(b"")
         planted.chmod(0o644)
-    if os.geteuid() == 0:
-        os.chown(planted, 65534, 65534)
-        with pytest.raises(ConfigError, match="owned by uid 65534"):
-            await FileAuditSink.open(path, max_bytes=1 << 20)
-        assert planted.stat().st_mode & 0o777 == (0o700 if what == "folder" else 0o644)  # no chmod on theirs
-        os.chown(planted, 0, 0)
+    return path, planted
+
+
+@pytest.mark.parametrize("what", ["file", "folder", "lock"])
+async def test_files_of_another_user_are_refused(tmp_path: Path, what: str) -> None:
+    if os.geteuid() != 0:
+        missing("giving a file to another uid needs root")
+    path, planted = _planted(tmp_path, what)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        await FileAuditSink.open(path, max_bytes=1 << 20)
+    assert planted.stat().st_mode & 0o777 == (0o700 if what == "folder" else 0o644)  # no chmod on theirs
+
+
+@pytest.mark.parametrize("what", ["file", "folder", "lock"])
+async def test_files_writable_by_others_are_refused(tmp_path: Path, what: str) -> None:
+    path, planted = _planted(tmp_path, what)
     planted.chmod(0o770 if what == "folder" else 0o620)
     with pytest.raises(ConfigError, match="group- or world-writable"):
         await FileAuditSink.open(path, max_bytes=1 << 20)
